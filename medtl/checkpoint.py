@@ -1,0 +1,55 @@
+"""Saving and loading fine-tuned models as safetensors, with their preprocessing record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medtl.errors import RunError
+from medtl.models.encoders import Preprocessing, create_encoder
+
+FORMAT_VERSION = "1"
+
+
+def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_names: list[str],
+               preprocessing: Preprocessing) -> None:
+    """Write weights and everything needed to rebuild and feed the model to one safetensors file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
+        "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),
+    }
+    save_file(state, str(path), metadata=meta)
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns (model in eval mode, metadata).
+
+    The metadata holds ``encoder``, ``class_names`` and ``preprocessing`` (a :class:`Preprocessing`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise RunError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    if meta.get("format") != "medtl-classifier":
+        raise RunError(f"{path}: not a medtl model (no medtl metadata)")
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in json.loads(meta["preprocessing"]).items()})
+    class_names = json.loads(meta["class_names"])
+    model = create_encoder(meta["encoder"], pretrained=False, num_classes=len(class_names), in_chans=pre.in_chans)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RunError(f"{path}: weights do not fit {meta['encoder']}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre}

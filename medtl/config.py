@@ -1,0 +1,183 @@
+"""Experiment configuration: one frozen dataclass per part, one YAML file per experiment.
+
+Every field carries a comment saying what it does. Unknown keys are rejected with a
+"did you mean" hint, and the resolved configuration is saved next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtl.errors import ConfigError, did_you_mean
+
+# Named CT windows in Hounsfield units: (level, width). Standard radiology presets.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "soft_tissue": (40.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images are read and how their intensities are prepared."""
+
+    manifest: str | None = None  # CSV with columns image,label,patient_id (paths relative to it)
+    modality: str = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": picks the intensity preset
+    ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS) used when modality is CT
+    percentiles: tuple[float, float] = (0.5, 99.5)  # non-CT intensity scaling percentiles
+    volume_mode: str = "middle"  # how a 3D volume becomes a 2D input: "middle" slice or "mip"
+    val_fraction: float = 0.2  # share of patients held out for validation (model selection)
+    test_fraction: float = 0.2  # share of patients held out for the final test
+    augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, noise) in training
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which pretrained encoder is used and at what input size."""
+
+    name: str = "efficientnet_lite0"  # registered encoder name (medtl.models.list_encoders())
+    pretrained: bool = True  # load ImageNet weights (offline for the EfficientNet-Lite family)
+    weights_file: str | None = None  # local weight file for encoders without offline weights
+    input_size: int | None = None  # square input side in pixels; None = the weights' own (224)
+    drop_rate: float = 0.2  # dropout before the classification head
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the encoder is fine-tuned."""
+
+    strategy: str = "fine_tune"  # "linear_probe", "fine_tune" (frozen then unfrozen) or "full"
+    frozen_epochs: int = 4  # epochs training the head alone before unfreezing ("fine_tune")
+    epochs: int = 12  # epochs with the encoder trainable ("fine_tune", "full") or head ("linear_probe")
+    batch_size: int = 8  # images per optimisation step
+    lr: float = 1e-3  # peak learning rate of the head
+    encoder_lr_mult: float = 0.1  # encoder learning rate = lr * this (discriminative rates)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: float = 0.5  # linear warm-up length at the start of every stage, in epochs
+    label_smoothing: float = 0.05  # cross-entropy label smoothing
+    class_weighting: bool = True  # weight the loss by inverse class frequency
+    patience: int = 5  # stop a stage after this many epochs without a better validation score
+    precision: str = "auto"  # "auto" (bf16 where the CPU/GPU supports it), "bf16" or "fp32"
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on CPU)
+    seed: int = 0  # seed of every random generator (weights, sampling, augmentation)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How saliency maps are made and drawn."""
+
+    method: str = "gradcam"  # saliency method (MONAI GradCAM on the encoder's last feature map)
+    n_overlays: int = 6  # test images written as overlays after training
+    alpha: float = 0.45  # overlay opacity
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: data, encoder, training and explanation settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+
+    def replace(self, **parts: dict[str, Any]) -> "ExperimentConfig":
+        """Return a copy with some fields changed: ``cfg.replace(train={"epochs": 2})``."""
+        return _from_dict(ExperimentConfig, _merge(to_dict(self), parts), "")
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(None, f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(
+                None,
+                f"unknown config key {name!r}{did_you_mean(key, fields)}",
+                expected="one of " + ", ".join(fields),
+            )
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            value = _from_dict(f.default_factory, value or {}, f"{where}.{key}" if where else key)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> ExperimentConfig:
+    """Read an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(p, "config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(p, f"not valid YAML: {e}") from None
+    cfg = _from_dict(ExperimentConfig, _merge(values, overrides), "")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Reject values that would fail later, with the valid options."""
+    from medtl.errors import look_up_option
+
+    look_up_option(cfg.data.modality, ["auto", "CT", "MR", "XR", "other"], "modality")
+    look_up_option(cfg.data.ct_window, CT_WINDOWS, "CT window")
+    look_up_option(cfg.data.volume_mode, ["middle", "mip"], "volume mode")
+    look_up_option(cfg.train.strategy, ["linear_probe", "fine_tune", "full"], "strategy")
+    look_up_option(cfg.train.precision, ["auto", "bf16", "fp32"], "precision")
+    look_up_option(cfg.train.device, ["auto", "cpu", "cuda"], "device")
+    look_up_option(cfg.explain.method, ["gradcam"], "saliency method")
+    for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
+        if not 0.0 < v < 0.5:
+            raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.train.frozen_epochs < 0:
+        raise ConfigError(None, "train.batch_size must be >= 1 and epochs >= 0")
+    from medtl.models import list_encoders
+
+    look_up_option(cfg.encoder.name, list_encoders(), "encoder")

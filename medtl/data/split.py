@@ -1,0 +1,51 @@
+"""Patient-level, label-stratified train/validation/test splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from medtl.errors import MedtlInputError
+
+
+def split_by_patient(
+    labels: Sequence[int], patients: Sequence[str], val_fraction: float = 0.2,
+    test_fraction: float = 0.2, seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Split image indices into ``train``/``val``/``test`` so that no patient is in two parts.
+
+    Uses scikit-learn's ``StratifiedGroupKFold`` twice (test off the whole set, then validation
+    off the rest), so class proportions are kept as far as patient grouping allows.
+
+    Raises:
+        MedtlInputError: a part would lack a class (too few patients of that class).
+    """
+    labels, patients = np.asarray(labels), np.asarray(patients)
+    if len(labels) != len(patients):
+        raise MedtlInputError(None, f"{len(labels)} labels but {len(patients)} patient ids")
+    idx = np.arange(len(labels))
+    test_rel, rest = _one_fold(idx, labels, patients, test_fraction, seed)
+    val_rel, train_rel = _one_fold(rest, labels[rest], patients[rest], val_fraction / (1 - test_fraction), seed + 1)
+    parts = {"train": np.sort(train_rel), "val": np.sort(val_rel), "test": np.sort(test_rel)}
+    classes = np.unique(labels)
+    for name, part in parts.items():
+        missing = sorted(set(classes.tolist()) - set(labels[part].tolist()))
+        if missing:
+            per_class = {int(c): len(set(patients[labels == c])) for c in classes}
+            raise MedtlInputError(
+                None, f"the {name} split has no example of class index {missing}; patients per class: {per_class}",
+                "at least 3 patients of every class (more for a meaningful test)")
+    return parts
+
+
+def _one_fold(idx, labels, patients, fraction, seed):
+    n_splits = max(2, int(round(1.0 / fraction)))
+    n_patients = len(set(patients.tolist()))
+    if n_patients < n_splits:
+        raise MedtlInputError(None, f"only {n_patients} patients: too few for a {fraction:.0%} hold-out",
+                              f"at least {n_splits} patients")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest_rel, held_rel = next(sgkf.split(idx, labels, groups=patients))
+    return idx[held_rel], idx[rest_rel]
