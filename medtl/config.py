@@ -59,16 +59,17 @@ class TrainConfig:
     """How the encoder is fine-tuned."""
 
     strategy: str = "fine_tune"  # "linear_probe", "fine_tune" (frozen then unfrozen) or "full"
-    frozen_epochs: int = 4  # epochs training the head alone before unfreezing ("fine_tune")
-    epochs: int = 12  # epochs with the encoder trainable ("fine_tune", "full") or head ("linear_probe")
+    frozen_epochs: int = 6  # epochs training the head alone before unfreezing ("fine_tune")
+    epochs: int = 16  # epochs with the encoder trainable ("fine_tune", "full") or head ("linear_probe")
     batch_size: int = 8  # images per optimisation step
-    lr: float = 1e-3  # peak learning rate of the head
-    encoder_lr_mult: float = 0.1  # encoder learning rate = lr * this (discriminative rates)
+    lr: float = 3e-3  # peak learning rate of the head
+    encoder_lr_mult: float = 0.03  # encoder learning rate = lr * this (discriminative rates)
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: float = 0.5  # linear warm-up length at the start of every stage, in epochs
     label_smoothing: float = 0.05  # cross-entropy label smoothing
+    freeze_bn: bool = True  # keep encoder BatchNorm statistics at their ImageNet values (small batches)
     class_weighting: bool = True  # weight the loss by inverse class frequency
-    patience: int = 5  # stop a stage after this many epochs without a better validation score
+    patience: int = 6  # stop a stage after this many epochs without a better validation score
     precision: str = "auto"  # "auto" (bf16 where the CPU/GPU supports it), "bf16" or "fp32"
     channels_last: bool = True  # NHWC memory layout (faster convolutions on CPU)
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation)

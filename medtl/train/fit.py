@@ -84,9 +84,9 @@ def set_trainable(model: torch.nn.Module, train_encoder: bool) -> None:
         p.requires_grad_(train_encoder or id(p) in head)
 
 
-def _train_mode(model: torch.nn.Module, train_encoder: bool) -> None:
+def _train_mode(model: torch.nn.Module, train_encoder: bool, freeze_bn: bool) -> None:
     model.train()
-    if not train_encoder:  # a frozen encoder keeps its BatchNorm statistics too
+    if freeze_bn or not train_encoder:  # a frozen encoder keeps its BatchNorm statistics too
         for m in encoder_modules(model):
             if isinstance(m, _BatchNorm):
                 m.eval()
@@ -154,7 +154,7 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
         for _ in range(stage.epochs):
             epoch += 1
             t0 = time.perf_counter()
-            _train_mode(model, stage.train_encoder)
+            _train_mode(model, stage.train_encoder, cfg.freeze_bn)
             losses = []
             for batch in loader:
                 x, y = batch["image"].to(device), torch.as_tensor(batch["label"]).long().to(device)
