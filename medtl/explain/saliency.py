@@ -11,6 +11,14 @@ from medtl.errors import MedtlInputError
 from medtl.models.encoders import cam_layer_name
 
 
+def normalize_map(x: torch.Tensor) -> torch.Tensor:
+    """Scale each map to [0, 1] with high = salient (MONAI's default_normalizer maps max to 0)."""
+    flat = x.reshape(x.shape[0], -1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (x - lo.view(shape)) / (hi - lo).clamp_min(1e-12).view(shape)
+
+
 def compute_gradcam(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None) -> np.ndarray:
     """Grad-CAM of ``class_idx`` (default: the predicted class) for one input (1, C, H, W).
 
@@ -20,7 +28,7 @@ def compute_gradcam(model: torch.nn.Module, x: torch.Tensor, class_idx: int | No
     if class_idx is not None and not 0 <= class_idx < n_classes:
         raise MedtlInputError(None, f"target class {class_idx} does not exist", f"0..{n_classes - 1}")
     model.eval()
-    cam = GradCAM(nn_module=model, target_layers=cam_layer_name(model))
+    cam = GradCAM(nn_module=model, target_layers=cam_layer_name(model), postprocessing=normalize_map)
     with torch.enable_grad():
         result = cam(x.float(), class_idx=class_idx)
     return result[0, 0].detach().cpu().numpy().astype(np.float32)

@@ -164,10 +164,16 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
         return f"{path.name} (sha256 {digest[:12]})"
     if weights_file is not None:
         sd = load_state_dict_file(weights_file)
+        head = {f"{model.pretrained_cfg.get('classifier', 'fc')}.{k}" for k in model.get_classifier().state_dict()}
+        expected = set(model.state_dict())
+        missing, unexpected = expected - set(sd), set(sd) - expected
+        if unexpected or (missing and missing != head):  # an encoder-only file (no ImageNet head) is fine
+            raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: missing {sorted(missing)[:3]}, "
+                               f"unexpected {sorted(unexpected)[:3]}")
         try:
-            model.load_state_dict(sd, strict=True)
+            model.load_state_dict(sd, strict=not missing)
         except RuntimeError as e:
-            raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[0][:200]}") from None
+            raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[-1][:200]}") from None
         return f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
     try:  # the ordinary timm route: its cache, or the hub when there is a network
         donor = timm.create_model(spec.timm_name, pretrained=True)

@@ -1,0 +1,194 @@
+"""The ``medtl`` command line: sample-data, train, predict, explain, info, encoders, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medtl.errors import MedtlError
+
+log = logging.getLogger("medtl")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def cmd_sample_data(args) -> int:
+    from medtl.data import create_sample_data
+
+    manifest = create_sample_data(args.out, n_patients=args.patients, seed=args.seed, force=args.force)
+    log.info("sample data written: %s", manifest)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from medtl.config import load_config
+    from medtl.train import run_experiment
+
+    overrides: dict = {"data": {}, "encoder": {}, "train": {}}
+    if args.manifest:
+        overrides["data"]["manifest"] = str(args.manifest)
+    for key, value, part in [("name", args.encoder, "encoder"), ("weights_file", args.weights_file, "encoder"),
+                             ("input_size", args.input_size, "encoder"), ("strategy", args.strategy, "train"),
+                             ("epochs", args.epochs, "train"), ("frozen_epochs", args.frozen_epochs, "train"),
+                             ("batch_size", args.batch_size, "train"), ("seed", args.seed, "train"),
+                             ("lr", args.lr, "train")]:
+        if value is not None:
+            overrides[part][key] = value
+    if args.no_pretrained:
+        overrides["encoder"]["pretrained"] = False
+    cfg = load_config(args.config, **{k: v for k, v in overrides.items() if v})
+    out = run_experiment(cfg, args.out, force=args.force)
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
+    print(f"{out}: test AUC {auc}, accuracy {test['accuracy']:.3f} "
+          f"({test['n_images']} images, {test['n_patients']} patients)")
+    return 0
+
+
+def _each_file(paths, fn) -> int:
+    """Run ``fn`` on every file; report a bad one and go on. Exit code 1 if any failed."""
+    from medtl.errors import MedtlInputError
+
+    failed = 0
+    for path in paths:
+        try:
+            fn(path)
+        except MedtlInputError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_predict(args) -> int:
+    from medtl.inference import load_run
+
+    predictor = load_run(args.run)
+    if args.json:
+        return _each_file(args.images, lambda p: print(json.dumps(vars(predictor.predict(p)))))
+    return _each_file(args.images, lambda p: print(predictor.predict(p)))
+
+
+def cmd_explain(args) -> int:
+    from medtl.inference import load_run
+
+    predictor = load_run(args.run)
+    out = Path(args.out) if args.out else None
+
+    def one(path):
+        expl = predictor.explain(path, class_name=args.target)
+        target = out if out and len(args.images) == 1 and out.suffix == ".png" else \
+            (out or Path(".")) / f"{Path(path).name.split('.')[0]}_gradcam.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not args.force:
+            raise MedtlError(f"{target} exists; pass --force to replace it")
+        expl.save(target)
+        print(f"{expl.prediction}\t-> {target}")
+
+    return _each_file(args.images, one)
+
+
+def cmd_info(args) -> int:
+    from medtl.io import read_image
+
+    def one(path):
+        print(json.dumps(read_image(path).summary(), indent=2, default=str))
+
+    paths = []
+    for p in args.paths:
+        p = Path(p)
+        paths += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return _each_file(paths, one) if paths else 1
+
+
+def cmd_encoders(args) -> int:
+    from medtl.models import get_encoder_spec, list_encoders
+
+    for name in list_encoders():
+        print(f"{name:18s} {get_encoder_spec(name).description}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ui.app import launch
+
+    launch(args.run, host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample-data", help="write the synthetic labelled CT sample set")
+    s.add_argument("out", type=Path)
+    s.add_argument("--patients", type=int, default=48, help="patients with 2D DICOM images (default 48)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="write over an existing sample set")
+    s.set_defaults(fn=cmd_sample_data)
+
+    s = sub.add_parser("train", help="fine-tune an ImageNet encoder on a manifest and write a run folder")
+    s.add_argument("--manifest", type=Path, help="CSV with image,label,patient_id columns")
+    s.add_argument("--config", type=Path, help="experiment YAML (fields of medtl.config.ExperimentConfig)")
+    s.add_argument("--out", type=Path, required=True, help="run folder to create")
+    s.add_argument("--encoder", help="encoder name (see `medtl encoders`)")
+    s.add_argument("--weights-file", help="local ImageNet weight file for encoders without bundled weights")
+    s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
+    s.add_argument("--strategy", help="linear_probe, fine_tune or full")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--frozen-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--input-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--force", action="store_true", help="replace an existing run folder")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("predict", help="print class probabilities for image files")
+    s.add_argument("run", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("explain", help="write Grad-CAM overlays for image files")
+    s.add_argument("run", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--out", help="output .png (one image) or folder (default: current folder)")
+    s.add_argument("--target", help="class to explain (default: the predicted one)")
+    s.add_argument("--force", action="store_true", help="replace existing overlay files")
+    s.set_defaults(fn=cmd_explain)
+
+    s = sub.add_parser("info", help="show what medtl reads from files or folders (no patient identifiers)")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("encoders", help="list the registered encoders")
+    s.set_defaults(fn=cmd_encoders)
+
+    s = sub.add_parser("serve", help="start the web UI for a run")
+    s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", help="USER:PASS required to open the page")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except MedtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

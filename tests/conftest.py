@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny generated data and one tiny trained run, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medtl.config import load_config
+from medtl.data import create_sample_data
+
+SHARED = Path(os.environ.get("MEDTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def tiny_config(manifest: Path, **train):
+    """A config small enough to train in seconds: 64 px inputs, one epoch per stage."""
+    return load_config(data={"manifest": str(manifest), "augment": False},
+                       encoder={"input_size": 64},
+                       train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train},
+                       explain={"n_overlays": 2})
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    create_sample_data(out, n_patients=16, images_per_patient=2, n_volumes=4, size=48, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sample_dir, tmp_path_factory) -> Path:
+    from medtl.train import run_experiment
+
+    return run_experiment(tiny_config(sample_dir / "manifest.csv"), tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data not found at {SHARED} (set MEDTL_SHARED_DATA)")
+    return SHARED
