@@ -53,13 +53,11 @@ def cmd_train(args) -> int:
 
 def _each_file(paths, fn) -> int:
     """Run ``fn`` on every file; report a bad one and go on. Exit code 1 if any failed."""
-    from medtl.errors import MedtlInputError
-
     failed = 0
     for path in paths:
         try:
             fn(path)
-        except MedtlInputError as e:
+        except MedtlError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
     return 1 if failed else 0

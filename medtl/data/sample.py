@@ -115,7 +115,7 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
         spacing = float(rng.uniform(0.65, 0.9))
         for i in range(images_per_patient):
             hu = synthetic_ct_slice(rng, size, lesion=bool(label))
-            name = f"dicom/{patient}_{i + 1:02d}.dcm"
+            name = f"dicom/img_{len(rows) + 1:04d}.dcm"  # file names carry no patient identifier
             _write_ct_dicom(out / name, hu, patient, seed, i, spacing)
             rows.append({"image": name, "label": label, "patient_id": patient, "modality": "CT"})
     for v in range(n_volumes):
@@ -129,7 +129,7 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
         data = vol[:, ::-1, ::-1].transpose(2, 1, 0)  # display (slices, rows, cols) -> RAS (x, y, z)
         img = nib.Nifti1Image(np.round(data).astype(np.int16), np.diag([spacing, spacing, 3.0, 1.0]))
         img.header.set_xyzt_units("mm")
-        name = f"nifti/{patient}.nii.gz"
+        name = f"nifti/vol_{v + 1:03d}.nii.gz"
         nib.save(img, out / name)
         rows.append({"image": name, "label": label, "patient_id": patient, "modality": "CT"})
     with open(manifest, "w", newline="") as f:

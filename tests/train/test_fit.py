@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medtl.checkpoint import load_model, save_model
+from medtl.data import create_dataset, decode_records, read_manifest
+from medtl.models import create_encoder, resolve_preprocessing
+from medtl.train import fit, plan_stages, predict_probs
+from medtl.transforms import create_transforms
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_data(sample_dir):
+    cfg = tiny_config(sample_dir / "manifest.csv")
+    m = read_manifest(cfg.data.manifest)
+    model = create_encoder("efficientnet_lite0", num_classes=2)
+    pre = resolve_preprocessing(model, 64)
+    det, final = create_transforms(cfg.data, pre, train=True)
+    samples, problems = decode_records(m.records, det)
+    assert not problems
+    return cfg, samples[:24], samples[24:], final
+
+
+def test_frozen_stage_leaves_encoder_bit_identical(tiny_data):
+    cfg, train, val, final = tiny_data
+    model = create_encoder("efficientnet_lite0", num_classes=2)
+    head = {k for k in model.state_dict() if k.startswith("classifier.")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "linear_probe", "epochs": 2, "freeze_bn": False})
+    fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
+    after = model.state_dict()
+    for k in before:  # parameters and BatchNorm running statistics alike
+        if k in head:
+            continue
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_fine_tune_stage_moves_encoder(tiny_data):
+    cfg, train, val, final = tiny_data
+    model = create_encoder("efficientnet_lite0", num_classes=2)
+    before = model.conv_stem.weight.detach().clone()
+    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "full", "epochs": 1, "patience": 5})
+    result = fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
+    assert [r["stage"] for r in result.history] == ["full"]
+    assert not torch.equal(before, model.conv_stem.weight)
+
+
+def test_strategies_are_stage_lists():
+    cfg = tiny_config("x.csv").train
+    assert [s.name for s in plan_stages(cfg)] == ["head", "fine_tune"]
+    assert [s.train_encoder for s in plan_stages(cfg)] == [False, True]
+
+
+def test_two_seeded_runs_give_identical_weights(tiny_data):
+    cfg, train, val, final = tiny_data
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_encoder("efficientnet_lite0", num_classes=2)
+        tc = cfg.train.__class__(**{**cfg.train.__dict__, "epochs": 1, "frozen_epochs": 1})
+        _, final_aug = create_transforms(cfg.data.__class__(**{**cfg.data.__dict__, "augment": True}),
+                                         resolve_preprocessing(model, 64), train=True)
+        fit(model, create_dataset(train, final_aug), create_dataset(val, final), tc, num_classes=2)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path, tiny_data):
+    cfg, train, val, final = tiny_data
+    model = create_encoder("efficientnet_lite0", num_classes=2).eval()
+    torch.nn.init.normal_(model.classifier.weight)
+    pre = resolve_preprocessing(model, 64)
+    save_model(model, tmp_path / "m.safetensors", "efficientnet_lite0", ["a", "b"], pre)
+    loaded, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["class_names"] == ["a", "b"] and meta["preprocessing"] == pre
+    ds = create_dataset(val, final)
+    _, p1 = predict_probs(model, ds)
+    _, p2 = predict_probs(loaded, ds)
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_run_folder_contents(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.yaml", "model.safetensors", "metrics.json", "history.csv", "splits.csv", "overlays"} <= names
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for part in ("train", "val", "test"):
+        assert metrics[part]["n_images"] > 0 and metrics[part]["n_patients"] > 0
+    for key in ("auc", "accuracy", "sensitivity", "specificity"):
+        assert key in metrics["test"]
+    assert len(list((tiny_run / "overlays").glob("*.png"))) == 2
+    exported = [*tiny_run.glob("*.csv"), tiny_run / "metrics.json", tiny_run / "config.yaml"]
+    assert not any("SYN" in p.read_text() for p in exported)  # no patient identifier leaves the data
+
+
+def test_no_patient_in_two_splits_of_a_run(tiny_run, sample_dir):
+    import csv
+
+    patient = {}
+    with open(sample_dir / "manifest.csv") as f:
+        for row in csv.DictReader(f):
+            patient[str((sample_dir / row["image"]))] = row["patient_id"]
+    split_of = {}
+    with open(tiny_run / "splits.csv") as f:
+        for row in csv.DictReader(f):
+            pid = patient[row["image"]]
+            assert split_of.setdefault(pid, row["split"]) == row["split"]
