@@ -1,0 +1,35 @@
+# medtl: two commands do all the set-up on a fresh machine.
+#   make demo   -> venv + install, sample data, fine-tune, predict, explain, then serve the web UI
+#   make test   -> venv + install, then the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SERVE  ?= 1
+RUN    ?= runs/demo
+
+.PHONY: demo test test-all clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medtl sample-data sample_data --force
+	$(BIN)/medtl train --manifest sample_data/manifest.csv --out $(RUN) --force
+	$(BIN)/medtl predict $(RUN) sample_data/dicom/img_0001.dcm sample_data/dicom/img_0003.dcm sample_data/nifti/vol_001.nii.gz
+	$(BIN)/medtl explain $(RUN) sample_data/dicom/img_0003.dcm --out $(RUN)/example_gradcam.png --force
+	@if [ "$(SERVE)" != "0" ]; then echo "Serving $(RUN) on http://127.0.0.1:7860 (Ctrl-C to stop)"; \
+		$(BIN)/medtl serve $(RUN); fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# everything, including slow and browser tests (what CI runs)
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "" 
+
+clean:
+	rm -rf $(VENV) runs sample_data/dicom sample_data/nifti sample_data/manifest.csv
