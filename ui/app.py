@@ -32,6 +32,18 @@ def find_runs(path: str | Path) -> list[Path]:
     return runs
 
 
+def for_display(array: np.ndarray, min_side: int = 448) -> np.ndarray:
+    """Enlarge a small image for the page (nearest neighbour: no invented detail)."""
+    from PIL import Image
+
+    h, w = array.shape[:2]
+    scale = min_side / max(h, w)
+    if scale <= 1:
+        return array
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.NEAREST))
+
+
 def analyse(predictor: Predictor, file_path: str | None) -> tuple:
     """The page's handler: (image, probabilities, overlay, message) for one uploaded file."""
     if not file_path:
@@ -51,7 +63,7 @@ def analyse(predictor: Predictor, file_path: str | None) -> tuple:
     p = pred.probabilities[pred.label]
     message = (f"**Predicted class: {pred.label}** (probability {p:.2f}). "
                f"Saliency: Grad-CAM for class {expl.class_name}.")
-    return image, pred.probabilities, expl.overlay, message
+    return for_display(image), pred.probabilities, for_display(expl.overlay), message
 
 
 def create_app(run: str | Path):
@@ -79,9 +91,10 @@ def create_app(run: str | Path):
             upload = gr.File(label="Scan (DICOM, NIfTI, PNG/JPEG)", type="filepath")
         message = gr.Markdown("Upload a DICOM, NIfTI or PNG/JPEG file.", elem_id="message")
         with gr.Row():
-            image = gr.Image(label="Image", type="numpy", elem_id="scan", interactive=False)
+            image = gr.Image(label="Image", type="numpy", elem_id="scan", interactive=False, height=420,
+                             buttons=["fullscreen"])
             overlay = gr.Image(label="Saliency overlay (Grad-CAM)", type="numpy", elem_id="overlay",
-                               interactive=False)
+                               interactive=False, height=420, buttons=["fullscreen", "download"])
         probs = gr.Label(label="Class probabilities", elem_id="probabilities")
         upload.change(lambda run_name, f: analyse(get(run_name), f), [model_choice, upload],
                       [image, probs, overlay, message], concurrency_limit=2)

@@ -1,0 +1,46 @@
+"""End-to-end check in a real browser (Debian's chromium, driven by Playwright).
+
+Marked ``browser``: not in the default run. Needs ``/usr/bin/chromium`` and the ``playwright``
+Python package (``pip install -e '.[browser]'``).
+"""
+
+import shutil
+import socket
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from ui.app import launch
+
+    port = _free_port()
+    app, _, _ = launch(tiny_run, port=port, prevent_thread_lock=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+            page.locator("input[type=file]").first.set_input_files(str(sample_dir / "dicom" / "img_0001.dcm"))
+            page.get_by_text("Predicted class").wait_for(timeout=60_000)
+            page.locator("#overlay img").first.wait_for(state="visible", timeout=30_000)
+            assert page.locator("#probabilities").inner_text().count("%") >= 1
+            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+            shutil.copy(tmp_path / "ui.png", "/tmp/medtl_ui_screenshot.png")
+            browser.close()
+    finally:
+        import gradio as gr
+
+        gr.close_all()
