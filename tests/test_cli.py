@@ -67,3 +67,13 @@ def test_encoder_names(argv, capsys, tmp_path):
         assert code == 0 and "efficientnet_lite0" in text.out
     else:
         assert code == 2 and "did you mean" in text.err
+
+
+def test_ui_is_installed_with_the_package(tmp_path):
+    """`medtl serve` imports the ui package; it must work outside the source tree too."""
+    import subprocess
+    import sys
+
+    code = "import ui.app, medtl.cli; print(ui.app.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
