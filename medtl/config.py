@@ -94,25 +94,30 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
 
-    def replace(self, **parts: dict[str, Any]) -> "ExperimentConfig":
-        """Return a copy with some fields changed: ``cfg.replace(train={"epochs": 2})``."""
-        return _from_dict(ExperimentConfig, _merge(to_dict(self), parts), "")
-
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
 
 
+def to_plain(obj: Any) -> Any:
+    """Plain YAML/JSON-ready values: tuples to lists, numpy scalars and str subclasses to builtins."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return to_plain(dataclasses.asdict(cfg))
 
 
 def _merge(base: dict, update: dict) -> dict:

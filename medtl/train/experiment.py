@@ -11,11 +11,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 
 from medtl.checkpoint import save_model
-from medtl.config import ExperimentConfig, to_dict, validate_config
+from medtl.config import ExperimentConfig, to_dict, to_plain, validate_config
 from medtl.data import create_dataset, decode_records, read_manifest, split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
@@ -87,8 +87,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     resolved["resolved"] = {"class_names": manifest.class_names, "preprocessing": asdict(pre),
                             "weights_source": model.pretrained_cfg["weights_source"], "precision": result.precision,
                             "medtl_version": _version(), "torch": torch.__version__, "python": platform.python_version()}
-    import yaml
-    (out / "config.yaml").write_text(yaml.safe_dump(_plain(resolved), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
     _write_csv(out / "history.csv", result.history)
     _write_csv(out / "splits.csv", [{"image": s["path"], "label": manifest.class_names[s["label"]], "split": name}
                                     for name, part in sets.items() for s in part])
@@ -103,7 +102,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         name = f"test_{k:02d}_true-{manifest.class_names[s['label']]}_pred-{expl.prediction.label}.png"
         expl.save(overlays / name)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=2))
+    (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
     log.info("test AUC %s, accuracy %.3f on %d images of %d patients; run written to %s",
              _fmt(metrics["test"]["auc"]), metrics["test"]["accuracy"], metrics["test"]["n_images"],
              metrics["test"]["n_patients"], out)
@@ -117,20 +116,6 @@ def _version() -> str:
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, str):
-        return str(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
