@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/medtl sample-data sample_data --force
-	$(BIN)/medtl train --manifest sample_data/manifest.csv --out $(RUN) --force
+	$(BIN)/medtl train --data sample_data/manifest.csv --out $(RUN) --force
 	$(BIN)/medtl predict $(RUN) sample_data/dicom/img_0001.dcm sample_data/dicom/img_0003.dcm sample_data/nifti/vol_001.nii.gz
 	$(BIN)/medtl explain $(RUN) sample_data/dicom/img_0003.dcm --out $(RUN)/example_gradcam.png --force
 	@if [ "$(SERVE)" != "0" ]; then echo "Serving $(RUN) on http://127.0.0.1:7860 (Ctrl-C to stop)"; \

@@ -1,4 +1,4 @@
-"""The ``medtl`` command line: sample-data, train, predict, explain, info, encoders, serve."""
+"""The ``medtl`` command line: sample-data, train, lr-find, predict, explain, info, encoders, serve."""
 
 from __future__ import annotations
 
@@ -29,25 +29,49 @@ def cmd_train(args) -> int:
     from medtl.config import load_config
     from medtl.train import run_experiment
 
-    overrides: dict = {"data": {}, "encoder": {}, "train": {}}
-    if args.manifest:
-        overrides["data"]["manifest"] = str(args.manifest)
-    for key, value, part in [("name", args.encoder, "encoder"), ("weights_file", args.weights_file, "encoder"),
-                             ("input_size", args.input_size, "encoder"), ("strategy", args.strategy, "train"),
-                             ("epochs", args.epochs, "train"), ("frozen_epochs", args.frozen_epochs, "train"),
-                             ("batch_size", args.batch_size, "train"), ("seed", args.seed, "train"),
-                             ("lr", args.lr, "train")]:
-        if value is not None:
-            overrides[part][key] = value
-    if args.no_pretrained:
-        overrides["encoder"]["pretrained"] = False
-    cfg = load_config(args.config, **{k: v for k, v in overrides.items() if v})
+    cfg = _train_config(args)
     out = run_experiment(cfg, args.out, force=args.force)
+    if not (out / "metrics.json").is_file():  # a torchrun worker other than rank 0
+        return 0
     metrics = json.loads((out / "metrics.json").read_text())
     test = metrics["test"]
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
     print(f"{out}: test AUC {auc}, accuracy {test['accuracy']:.3f} "
           f"({test['n_images']} images, {test['n_patients']} patients)")
+    return 0
+
+
+def _train_config(args):
+    from medtl.config import load_config
+
+    overrides: dict = {"data": {}, "encoder": {}, "train": {}}
+    data = args.data or args.manifest
+    if data:
+        overrides["data"]["path"] = str(data)
+    for key, value, part in [("name", args.encoder, "encoder"), ("weights_file", args.weights_file, "encoder"),
+                             ("input_size", args.input_size, "encoder"), ("strategy", args.strategy, "train"),
+                             ("epochs", args.epochs, "train"), ("frozen_epochs", args.frozen_epochs, "train"),
+                             ("batch_size", args.batch_size, "train"), ("seed", args.seed, "train"),
+                             ("lr", args.lr, "train"), ("volume_mode", args.volume_mode, "data"),
+                             ("modality", args.modality, "data"), ("ct_window", args.ct_window, "data"),
+                             ("cache_dir", args.cache_dir, "data")]:
+        if value is not None:
+            overrides[part][key] = value
+    if args.no_pretrained:
+        overrides["encoder"]["pretrained"] = False
+    return load_config(args.config, **{k: v for k, v in overrides.items() if v})
+
+
+def cmd_lr_find(args) -> int:
+    from medtl.train import find_lr
+
+    cfg = _train_config(args)
+    found = find_lr(cfg)
+    print(f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
+          f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})")
+    if args.plot:
+        found.plot(args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -92,16 +116,14 @@ def cmd_explain(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from medtl.io import read_image
+    from medtl.io import describe_path
 
-    def one(path):
-        print(json.dumps(read_image(path).summary(), indent=2, default=str))
-
-    paths = []
+    usable = 0
     for p in args.paths:
-        p = Path(p)
-        paths += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return _each_file(paths, one) if paths else 1
+        report = describe_path(p, series_uid=args.series, modality=args.modality, volume_index=args.volume_index)
+        usable += report["usable"]
+        print(json.dumps(report, indent=2, default=str))
+    return 0 if usable else 1
 
 
 def cmd_encoders(args) -> int:
@@ -119,6 +141,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_train_options(s, run_folder: bool) -> None:
+    s.add_argument("--data", type=Path, help="manifest .csv (image,label,patient_id), image folder or MedMNIST .npz")
+    s.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)  # the name --data had before
+    s.add_argument("--config", type=Path, help="experiment YAML (fields of medtl.config.ExperimentConfig)")
+    if run_folder:
+        s.add_argument("--out", type=Path, required=True, help="run folder to create")
+        s.add_argument("--force", action="store_true", help="replace an existing run folder")
+        s.set_defaults(fn=cmd_train)
+    s.add_argument("--encoder", help="encoder name (see `medtl encoders`)")
+    s.add_argument("--weights-file", help="local ImageNet weight file for encoders without bundled weights")
+    s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
+    s.add_argument("--strategy", help="auto, linear_probe, partial, fine_tune, gradual or full")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--frozen-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--input-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--volume-mode", help="3D into 2D: middle, mip, 2.5d, slices or slices_2.5d")
+    s.add_argument("--modality", help="override the files' modality: CT, MR, XR or other")
+    s.add_argument("--ct-window", help="CT window name (brain, lung, mediastinum, bone, ...) or multi")
+    s.add_argument("--cache-dir", help="keep decoded inputs on disk here (MONAI PersistentDataset)")
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,22 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="write over an existing sample set")
     s.set_defaults(fn=cmd_sample_data)
 
-    s = sub.add_parser("train", help="fine-tune an ImageNet encoder on a manifest and write a run folder")
-    s.add_argument("--manifest", type=Path, help="CSV with image,label,patient_id columns")
-    s.add_argument("--config", type=Path, help="experiment YAML (fields of medtl.config.ExperimentConfig)")
-    s.add_argument("--out", type=Path, required=True, help="run folder to create")
-    s.add_argument("--encoder", help="encoder name (see `medtl encoders`)")
-    s.add_argument("--weights-file", help="local ImageNet weight file for encoders without bundled weights")
-    s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
-    s.add_argument("--strategy", help="linear_probe, fine_tune or full")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--frozen-epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--input-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--force", action="store_true", help="replace an existing run folder")
-    s.set_defaults(fn=cmd_train)
+    for name, help_ in [("train", "fine-tune an ImageNet encoder on a data set and write a run folder"),
+                        ("lr-find", "sweep the head learning rate and suggest one (fastai-style)")]:
+        s = sub.add_parser(name, help=help_)
+        _add_train_options(s, run_folder=name == "train")
+    s.add_argument("--plot", type=Path, help="write the loss-vs-learning-rate curve to this PNG")
+    s.set_defaults(fn=cmd_lr_find)
 
     s = sub.add_parser("predict", help="print class probabilities for image files")
     s.add_argument("run", type=Path)
@@ -162,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace existing overlay files")
     s.set_defaults(fn=cmd_explain)
 
-    s = sub.add_parser("info", help="show what medtl reads from files or folders (no patient identifiers)")
+    s = sub.add_parser("info", help="show what medtl reads from a file, folder or zip (no patient identifiers)")
     s.add_argument("paths", nargs="+")
+    s.add_argument("--series", help="SeriesInstanceUID to use instead of the automatic choice")
+    s.add_argument("--modality", help="only consider series of this modality")
+    s.add_argument("--volume-index", type=int, help="volume of a 4D NIfTI")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("encoders", help="list the registered encoders")

@@ -28,19 +28,28 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
+VOLUME_MODES = ("middle", "mip", "2.5d", "slices", "slices_2.5d")
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images are read and how their intensities are prepared."""
 
-    manifest: str | None = None  # CSV with columns image,label,patient_id (paths relative to it)
-    modality: str = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": picks the intensity preset
-    ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS) used when modality is CT
-    percentiles: tuple[float, float] = (0.5, 99.5)  # non-CT intensity scaling percentiles
-    volume_mode: str = "middle"  # how a 3D volume becomes a 2D input: "middle" slice or "mip"
-    val_fraction: float = 0.2  # share of patients held out for validation (model selection)
-    test_fraction: float = 0.2  # share of patients held out for the final test
-    augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, noise) in training
+    path: str | None = None  # manifest CSV, image folder (one sub-folder per class) or MedMNIST .npz
+    modality: str = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
+    intensity: str = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
+    ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
+    ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
+    percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
+    volume_mode: str = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d"
+    slice_aggregation: str = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
+    top_k: int = 3  # slices averaged by slice_aggregation "topk"
+    volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)
+    val_fraction: float = 0.2  # share of patients held out for validation (ignored when the data has its own split)
+    test_fraction: float = 0.2  # share of patients held out for the final test (ditto)
+    augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
+    flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
+    cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
 
 
 @dataclass(frozen=True)
@@ -54,25 +63,36 @@ class EncoderConfig:
     drop_rate: float = 0.2  # dropout before the classification head
 
 
+STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: str = "fine_tune"  # "linear_probe", "fine_tune" (frozen then unfrozen) or "full"
-    frozen_epochs: int = 6  # epochs training the head alone before unfreezing ("fine_tune")
-    epochs: int = 16  # epochs with the encoder trainable ("fine_tune", "full") or head ("linear_probe")
-    batch_size: int = 8  # images per optimisation step
+    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why
+    frozen_epochs: int = 6  # epochs training the head alone before unfreezing (partial, fine_tune, gradual)
+    epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
+    unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
+    gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
+    batch_size: int = 8  # images per optimisation step (global, over all processes under torchrun)
     lr: float = 3e-3  # peak learning rate of the head
-    encoder_lr_mult: float = 0.03  # encoder learning rate = lr * this (discriminative rates)
+    encoder_lr_mult: float = 0.05  # top encoder layer group's learning rate = lr * this
+    layer_decay: float = 0.8  # each lower layer group's rate = the one above's * this (1.0: one rate)
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_epochs: float = 0.5  # linear warm-up length at the start of every stage, in epochs
     label_smoothing: float = 0.05  # cross-entropy label smoothing
     freeze_bn: bool = True  # keep encoder BatchNorm statistics at their ImageNet values (small batches)
     class_weighting: bool = True  # weight the loss by inverse class frequency
+    mixup: float = 0.0  # mixup Beta(alpha, alpha) on inputs and targets; 0 turns it off
+    tta: bool = False  # evaluation and prediction average the image and its left-right flip
+    cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
     patience: int = 6  # stop a stage after this many epochs without a better validation score
-    precision: str = "auto"  # "auto" (bf16 where the CPU/GPU supports it), "bf16" or "fp32"
-    channels_last: bool = True  # NHWC memory layout (faster convolutions on CPU)
-    seed: int = 0  # seed of every random generator (weights, sampling, augmentation)
+    precision: str = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
+    channels_last: bool = True  # NHWC memory layout (about 2x faster convolutions on CPU)
+    compile: bool = False  # torch.compile the model for stages that train the encoder
+    seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
+    deterministic: bool = False  # torch deterministic algorithms (slower; bit-identical reruns on GPU too)
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
 
@@ -173,10 +193,20 @@ def validate_config(cfg: ExperimentConfig) -> None:
     from medtl.errors import look_up_option
 
     look_up_option(cfg.data.modality, ["auto", "CT", "MR", "XR", "other"], "modality")
-    look_up_option(cfg.data.ct_window, CT_WINDOWS, "CT window")
-    look_up_option(cfg.data.volume_mode, ["middle", "mip"], "volume mode")
-    look_up_option(cfg.train.strategy, ["linear_probe", "fine_tune", "full"], "strategy")
-    look_up_option(cfg.train.precision, ["auto", "bf16", "fp32"], "precision")
+    look_up_option(cfg.data.ct_window, [*CT_WINDOWS, "multi"], "CT window")
+    look_up_option(cfg.data.volume_mode, VOLUME_MODES, "volume mode")
+    look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
+    look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
+    if cfg.data.ct_window == "multi":
+        if len(cfg.data.ct_multi_windows) != 3:
+            raise ConfigError(None, f"data.ct_multi_windows needs 3 windows, got {len(cfg.data.ct_multi_windows)}")
+        for w in cfg.data.ct_multi_windows:
+            look_up_option(w, CT_WINDOWS, "CT window")
+        if cfg.data.volume_mode.endswith("2.5d"):
+            raise ConfigError(None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels",
+                              "one of the two")
+    look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
+    look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
     look_up_option(cfg.train.device, ["auto", "cpu", "cuda"], "device")
     look_up_option(cfg.explain.method, ["gradcam"], "saliency method")
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:

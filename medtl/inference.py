@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from monai.transforms import Compose
 from PIL import Image
 
 from medtl.checkpoint import load_model
 from medtl.config import ExperimentConfig, _from_dict
 from medtl.errors import RunError, find_input_error
 from medtl.explain import compute_gradcam, create_overlay
-from medtl.transforms import create_transforms, input_to_original
+from medtl.transforms import aggregate_slices, create_transforms, input_to_original, split_slices
 
 
 @dataclass
@@ -23,8 +22,10 @@ class Prediction:
     """A model's answer for one file."""
 
     file: str  # file name (not the full path)
-    probabilities: dict[str, float]  # class name -> probability
+    probabilities: dict[str, float]  # class name -> probability (aggregated over slices for volumes)
     label: str  # most probable class
+    slice_scores: list[float] | None = None  # "slices" volume modes: probability of ``label`` per slice
+    slice_index: int | None = None  # slice shown / most suspicious slice of a volume (None for 2D images)
 
     def __str__(self) -> str:
         probs = "  ".join(f"{k}: {v:.3f}" for k, v in self.probabilities.items())
@@ -61,13 +62,13 @@ class Predictor:
         self.class_names: list[str] = meta["class_names"]
         self.preprocessing = meta["preprocessing"]
         self.encoder = meta["encoder"]
-        deterministic, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
-        self._read, self._resize = deterministic.transforms[0], Compose(deterministic.transforms[1:])
+        self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
 
     def __repr__(self) -> str:
         return f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names})"
 
-    def _prepare(self, path: str | Path) -> tuple[torch.Tensor, dict]:
+    def _prepare(self, path: str | Path) -> tuple[torch.Tensor, list[dict]]:
+        """Model inputs (n, C, size, size) for a file: one, or one per slice in the "slices" modes."""
         try:
             sample = self._read({"image": str(path), "label": 0})
         except Exception as e:  # report the input error itself, not MONAI's wrapper
@@ -75,34 +76,57 @@ class Predictor:
             if cause is None:
                 raise
             raise cause from None
-        sample["original"] = np.asarray(sample["image"][0])  # windowed, at the file's own size
-        resized = self._resize({"image": sample["image"]})
-        x = self._final({"image": resized["image"], "label": 0})["image"][None]
-        return x, sample
+        parts = split_slices(sample)
+        x = torch.stack([self._final({"image": p["image"], "label": 0})["image"] for p in parts])
+        return x, parts
 
-    def _prediction(self, path: str | Path, x: torch.Tensor) -> Prediction:
+    def _probs(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            p = self.model(x).softmax(dim=1)[0].numpy()
+            p = self.model(x).softmax(dim=1)
+            if self.config.train.tta:
+                p = (p + self.model(torch.flip(x, dims=[3])).softmax(dim=1)) / 2
+        return p.numpy()
+
+    def _prediction(self, path: str | Path, x: torch.Tensor, parts: list[dict]) -> Prediction:
+        per_input = self._probs(x)
+        data = self.config.data
+        p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
+        label = int(p.argmax())
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
-        return Prediction(file=Path(path).name, probabilities=probs, label=self.class_names[int(p.argmax())])
+        pred = Prediction(file=Path(path).name, probabilities=probs, label=self.class_names[label])
+        if len(parts) > 1:
+            pred.slice_scores = [round(float(v), 4) for v in per_input[:, label]]
+            pred.slice_index = int(parts[int(per_input[:, label].argmax())]["slice_index"])
+        elif parts[0]["slice_index"] >= 0:
+            pred.slice_index = int(parts[0]["slice_index"])
+        return pred
 
     def predict(self, path: str | Path) -> Prediction:
-        """Class probabilities for one DICOM/NIfTI/PNG file."""
-        x, _ = self._prepare(path)
-        return self._prediction(path, x)
+        """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG."""
+        x, parts = self._prepare(path)
+        return self._prediction(path, x, parts)
 
     def explain(self, path: str | Path, class_name: str | None = None) -> Explanation:
-        """Grad-CAM of ``class_name`` (default: the predicted class) drawn on the original image."""
-        x, sample = self._prepare(path)
-        pred = self._prediction(path, x)
+        """Grad-CAM of ``class_name`` (default: the predicted class) drawn on the original image.
+
+        For a volume read slice by slice, the map is drawn on the slice that scores highest for
+        that class.
+        """
+        x, parts = self._prepare(path)
+        pred = self._prediction(path, x, parts)
         target = class_name or pred.label
         if target not in self.class_names:
             from medtl.errors import look_up_option
             look_up_option(target, self.class_names, "class")
-        cam = compute_gradcam(self.model, x, self.class_names.index(target))
-        saliency = input_to_original(cam, sample["original_shape"], self.preprocessing.input_size)
-        image = sample["original"]
+        k = self.class_names.index(target)
+        best = int(self._probs(x)[:, k].argmax()) if len(parts) > 1 else 0
+        cam = compute_gradcam(self.model, x[best:best + 1], k)
+        channels = parts[best]["image"]
+        image = np.asarray(channels[channels.shape[0] // 2])  # the middle channel: the slice itself in 2.5d
+        saliency = input_to_original(cam, image.shape, self.preprocessing.input_size)
         overlay = create_overlay(image, saliency, self.config.explain.alpha)
+        if len(parts) > 1:
+            pred.slice_index = int(parts[best]["slice_index"])
         return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target)
 
 

@@ -1,12 +1,18 @@
 """MONAI transform chains built from the data config and the encoder's preprocessing record.
 
 The same function builds the training and the inference chain, so a saved model is always fed
-exactly as it was trained. Samples are dicts: ``{"image": path, "label": int, "modality": str}``.
+exactly as it was trained. Samples are dicts: ``{"image": path or array, "label": int, "modality": str}``.
+
+Intensity presets by modality (CT HU windows, including a 3-window channel stack; the file's own
+VOI window for X-ray; percentiles for MR; type range for pictures) and the ways a volume feeds a
+2D encoder (middle slice, MIP, 2.5D, every slice with aggregation back to a study score) are
+chosen here from :class:`medtl.config.DataConfig`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,11 +21,11 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandAffined,
     RandFlipd,
     RandGaussianNoised,
-    RandRotated,
-    RandZoomd,
-    RepeatChanneld,
+    Resize,
     Resized,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
@@ -27,98 +33,212 @@ from monai.transforms import (
 )
 
 from medtl.config import CT_WINDOWS, DataConfig
+from medtl.errors import ConfigError, MedtlInputError
 from medtl.io import Scan, read_image
 from medtl.models.encoders import Preprocessing
 
 
-def intensity_preset(modality: str, data: DataConfig) -> str:
-    """Which intensity handling a sample gets: "ct_window" or "percentile"."""
-    if data.modality != "auto":
-        modality = data.modality
-    return "ct_window" if modality.upper() == "CT" else "percentile"
+XRAY_MODALITIES = ("CR", "DX", "DR", "MG", "RF", "XA", "PX", "IO", "XR", "DF")
 
 
-def to_2d(scan: Scan, mode: str) -> np.ndarray:
-    """One 2D image from a scan: the image itself, a volume's middle slice or its MIP."""
-    a = scan.array
-    if a.ndim == 2:
-        return a
-    if mode == "mip":
-        return a.max(axis=0)
-    return a[a.shape[0] // 2]
+def intensity_preset(scan: Scan, modality: str, data: DataConfig) -> str:
+    """Which intensity scaling a scan gets: "ct_window", "file_window", "percentile" or "dtype".
+
+    ``auto``: CT → its HU window; X-ray (CR/DX/MG...) → the file's own VOI window where it has
+    one, else percentiles; MR and volumes without a modality → percentiles; pictures and arrays
+    (PNG/JPEG, MedMNIST) → divided by their type's full scale (255 for 8-bit).
+    """
+    if data.intensity != "auto":
+        if data.intensity == "file_window" and scan.window is None:
+            raise MedtlInputError(scan.path, "intensity 'file_window' but the file has no VOI window",
+                                  "a DICOM with WindowCenter/WindowWidth, or another data.intensity")
+        if data.intensity == "dtype" and scan.value_max is None:
+            raise MedtlInputError(scan.path, "intensity 'dtype' needs an 8/16-bit picture or array")
+        return data.intensity
+    modality = (data.modality if data.modality != "auto" else modality).upper()
+    if modality == "CT":
+        return "ct_window"
+    if modality in XRAY_MODALITIES:
+        return "file_window" if scan.window is not None else "percentile"
+    if scan.source in ("image", "array") and scan.value_max is not None:
+        return "dtype"
+    return "percentile"
 
 
-def scale_intensity(image: np.ndarray, preset: str, data: DataConfig) -> np.ndarray:
-    """Map raw values to [0, 1]: a CT window in HU, or robust percentiles for other modalities."""
+def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan) -> np.ndarray:
+    """Map raw values to [0, 1], as a (channels, ...) array (3 channels for ``ct_window: multi``)."""
+    def window(level, width):
+        return ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
+
     if preset == "ct_window":
-        level, width = CT_WINDOWS[data.ct_window]
-        t = ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
+        names = data.ct_multi_windows if data.ct_window == "multi" else (data.ct_window,)
+        return np.stack([np.asarray(window(*CT_WINDOWS[n])(image), np.float32) for n in names])
+    if preset == "file_window":
+        t = window(*scan.window)
+    elif preset == "dtype":
+        t = ScaleIntensityRange(a_min=0.0, a_max=float(scan.value_max), b_min=0.0, b_max=1.0, clip=True)
     else:
         lo, hi = data.percentiles
         t = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(t(image), dtype=np.float32)
+    return np.asarray(t(image), dtype=np.float32)[None]
+
+
+def volume_inputs(volume: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs from a scaled (C, slices, rows, columns) volume and the slice each one shows.
+
+    Returns ``(inputs, slice_index)``: inputs is (n_inputs, channels, rows, columns);
+    "middle"/"mip" give one input, "2.5d" one input of 3 adjacent slices, "slices" every slice,
+    "slices_2.5d" every slice with its two neighbours as channels (edges repeat).
+    """
+    c, n = volume.shape[:2]
+    middle = n // 2
+    if mode == "mip":
+        return volume.max(axis=1)[None], np.array([-1])
+    if mode == "middle":
+        return volume[:, middle][None], np.array([middle])
+    idx = np.arange(n)
+    if mode == "slices":
+        return volume.transpose(1, 0, 2, 3), idx
+    if c != 1:
+        raise ConfigError(None, "2.5d volume modes need single-window intensities", "volume_mode 'slices' or 'middle'")
+    neighbours = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1)
+    stacks = volume[0][neighbours]  # (n, 3, rows, columns)
+    if mode == "2.5d":
+        return stacks[middle][None], np.array([middle])
+    return stacks, idx
+
+
+def scan_from_array(array: np.ndarray, name: str, modality: str = "") -> Scan:
+    """A :class:`Scan` for an in-memory image (a MedMNIST entry): 2D (H, W) or 3D (D, H, W)."""
+    value_max = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else None
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:  # (H, W, RGB)
+        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return Scan(array=np.asarray(array, np.float32), spacing=(1.0,) * array.ndim, modality=modality,
+                source="array", path=Path(name), value_max=value_max)
 
 
 class LoadScan2Dd(MapTransform):
-    """Read ``d[key]`` (a path) into a (1, rows, columns) float32 image in [0, 1].
+    """Read ``d[key]`` (a path, or an in-memory array) into scaled 2D model inputs.
 
-    Volumes become 2D by ``data.volume_mode``; intensities are scaled by the modality preset
-    (``d["modality"]`` from the manifest, else the file's own). ``d["original_shape"]`` keeps the
-    2D size before resizing and ``d["path"]`` the file, so saliency maps can be drawn back on the original pixels.
+    Output: ``d[key]`` is (channels, rows, columns) in [0, 1] — or, for the "slices" volume
+    modes, (slices * channels, rows, columns) with ``d["n_inputs"]`` slices, to be split by
+    :func:`split_slices`. Images larger than ``max_size`` on their longest side are shrunk
+    (aspect kept) so cached inputs stay small. Kept for drawing results on the original:
+    ``d["path"]``, ``d["original_shape"]`` (2D size before shrinking), ``d["slice_index"]``.
     """
 
-    def __init__(self, keys, data: DataConfig):
+    def __init__(self, keys, data: DataConfig, max_size: int | None = None):
         super().__init__(keys)
         self.data = data
+        self.max_size = max_size
+
+    def read(self, d: Mapping) -> Scan:
+        item = d[self.keys[0]]
+        if isinstance(item, np.ndarray):
+            return scan_from_array(item, str(d.get("path", "array")), str(d.get("modality") or ""))
+        return read_image(item, volume_index=self.data.volume_index)
 
     def __call__(self, d: Mapping[Hashable, object]) -> dict:
         d = dict(d)
         for key in self.key_iterator(d):
-            d["path"] = str(d[key])
-            scan = read_image(d[key])
-            image = to_2d(scan, self.data.volume_mode)
-            preset = intensity_preset(str(d.get("modality") or scan.modality), self.data)
-            d[key] = scale_intensity(image, preset, self.data)[None]
-            d["original_shape"] = np.asarray(image.shape)
+            scan = self.read(d)
+            d["path"] = str(d.get("path") or d[key])
+            preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
+            scaled = scale_intensity(scan.array, preset, self.data, scan)  # (C, [slices,] rows, columns)
+            if scaled.ndim == 4:
+                inputs, index = volume_inputs(scaled, self.data.volume_mode)
+            else:
+                inputs, index = scaled[None], np.array([-1])
+            d["original_shape"] = np.asarray(inputs.shape[-2:])
+            d["slice_index"] = index
+            d["n_inputs"] = len(inputs)
+            flat = inputs.reshape(-1, *inputs.shape[-2:])
+            if self.max_size and max(flat.shape[-2:]) > self.max_size:
+                flat = np.asarray(Resize(self.max_size, size_mode="longest", mode="area")(flat), np.float32)
+            d[key] = flat
         return d
+
+
+def split_slices(sample: dict) -> list[dict]:
+    """One sample per model input of a decoded sample (several for the "slices" volume modes)."""
+    n = int(sample.get("n_inputs", 1))
+    if n == 1:
+        out = dict(sample)
+        out["slice_index"] = int(np.asarray(sample.get("slice_index", [-1]))[0])
+        return [out]
+    image = sample["image"]
+    c = image.shape[0] // n
+    return [{**sample, "image": image[i * c:(i + 1) * c], "slice_index": int(sample["slice_index"][i]),
+             "n_inputs": 1} for i in range(n)]
+
+
+def aggregate_slices(probs: np.ndarray, how: str, k: int = 3) -> np.ndarray:
+    """A study's class probabilities from its slices' (n_slices, n_classes) probabilities."""
+    if len(probs) == 1:
+        return probs[0]
+    if how == "mean":
+        return probs.mean(axis=0)
+    if how == "max":  # each class its highest slice score, renormalised
+        p = probs.max(axis=0)
+        return p / p.sum()
+    top = np.sort(probs, axis=0)[-min(k, len(probs)):]  # top-k mean per class, renormalised
+    p = top.mean(axis=0)
+    return p / p.sum()
 
 
 def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tuple[Compose, Compose]:
     """Return ``(deterministic, final)`` chains.
 
-    ``deterministic`` reads and resizes (its output can be cached); ``final`` adds the training
-    augmentation (when ``train``) and the encoder's channel repeat and mean/std normalisation.
+    ``deterministic`` reads, scales and shrinks (its output can be cached); ``final`` resizes
+    to the encoder's input (aspect kept, padded to a square), adds the training augmentation
+    (when ``train``) and the encoder's channel repeat and mean/std normalisation.
     """
     size = pre.input_size
-    mode = "bilinear" if pre.interpolation not in ("bicubic", "nearest") else pre.interpolation
-    deterministic = Compose([
-        LoadScan2Dd("image", data),
-        # keep the aspect ratio: longest side to `size`, then pad to a square
-        Resized("image", spatial_size=size, size_mode="longest", mode="area"),
-        SpatialPadd("image", spatial_size=(size, size), mode="constant"),
+    deterministic = Compose([LoadScan2Dd("image", data, max_size=size)])
+    final: list = [
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-    ])
-    final = []
+        Resized("image", spatial_size=size, size_mode="longest", mode="bilinear", anti_aliasing=False),
+        SpatialPadd("image", spatial_size=(size, size), mode="constant"),
+    ]
     if train and data.augment:
         final += [
-            RandRotated("image", range_x=np.deg2rad(10), prob=0.5, padding_mode="zeros"),
-            RandZoomd("image", min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="constant"),
-            RandFlipd("image", spatial_axis=1, prob=0.5),
+            RandAffined("image", prob=0.5, rotate_range=np.deg2rad(10), scale_range=0.1, translate_range=size * 0.05,
+                        padding_mode="zeros"),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
             RandGaussianNoised("image", prob=0.3, std=0.02),
         ]
-    if pre.in_chans > 1:
-        final.append(RepeatChanneld("image", repeats=pre.in_chans))
+        if data.flip:
+            final.append(RandFlipd("image", spatial_axis=1, prob=0.5))
     final += [
+        RepeatToChannelsd("image", pre.in_chans),
         NormalizeIntensityd("image", subtrahend=np.array(pre.mean), divisor=np.array(pre.std), channel_wise=True),
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return deterministic, Compose(final)
 
 
+class RepeatToChannelsd(MapTransform):
+    """Repeat a 1-channel image to the encoder's channel count (3-channel inputs pass through)."""
+
+    def __init__(self, keys, channels: int):
+        super().__init__(keys)
+        self.channels = channels
+
+    def __call__(self, d):
+        d = dict(d)
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.shape[0] != self.channels:
+                if x.shape[0] != 1:
+                    raise ConfigError(None, f"{x.shape[0]}-channel inputs for an encoder with {self.channels}",
+                                      "1-channel inputs, or an encoder with as many input channels")
+                x = x.repeat(self.channels, 1, 1) if isinstance(x, torch.Tensor) else np.repeat(x, self.channels, 0)
+            d[key] = x
+        return d
+
+
 def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], size: int) -> np.ndarray:
     """Undo the pad-to-square and resize of :func:`create_transforms` on a (size, size) map."""
-    from monai.transforms import Resize
-
     h, w = (int(v) for v in original_shape)
     scale = size / max(h, w)
     rh, rw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))

@@ -15,7 +15,7 @@ SHARED = Path(os.environ.get("MEDTL_SHARED_DATA", Path(__file__).resolve().paren
 
 def tiny_config(manifest: Path, **train):
     """A config small enough to train in seconds: 64 px inputs, one epoch per stage."""
-    return load_config(data={"manifest": str(manifest), "augment": False},
+    return load_config(data={"path": str(manifest), "augment": False},
                        encoder={"input_size": 64},
                        train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train},
                        explain={"n_overlays": 2})

@@ -1,11 +1,13 @@
-"""Datasets over manifest records: decoded once, augmented on the fly."""
+"""Datasets over data-set records: decoded once (in memory, or on disk with MONAI's
+``PersistentDataset``), augmented on the fly."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-from monai.data import Dataset
+import numpy as np
+from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose
 
 from medtl.data.manifest import Problem
@@ -13,27 +15,57 @@ from medtl.errors import find_input_error
 
 log = logging.getLogger("medtl.data")
 
+KEEP = ("image", "label", "patient_id", "path", "original_shape", "slice_index", "n_inputs", "study_id", "site")
 
-def decode_records(records: Sequence[dict], deterministic: Compose) -> tuple[list[dict], list[Problem]]:
-    """Apply the deterministic (read + resize) chain once to every record.
 
-    A file that cannot be read is reported (logged, returned as a :class:`Problem`) and skipped;
-    the others are kept in memory so no scan is decoded twice.
+def decode_records(records: Sequence[dict], deterministic: Compose,
+                   cache_dir: str | None = None) -> tuple[list[dict], list[Problem]]:
+    """Apply the deterministic (read + scale + shrink) chain once to every record.
+
+    With ``cache_dir``, results are also stored on disk by MONAI's ``PersistentDataset`` (keyed
+    by a hash of the record and reused by later runs). A file that cannot be read is reported
+    (logged, returned as a :class:`Problem`) and skipped; the others are kept.
     """
+    source = PersistentDataset(list(records), deterministic, cache_dir=cache_dir) if cache_dir else None
     samples, problems = [], []
-    for rec in records:
+    for i, rec in enumerate(records):
         try:
-            samples.append(deterministic(rec))
+            out = source[i] if source is not None else deterministic(rec)
         except Exception as e:  # MONAI wraps transform errors; find ours underneath
             cause = find_input_error(e)
             if cause is None:
                 raise
-            problems.append(Problem(str(rec["image"]), f"{type(cause).__name__}: {cause.problem}"))
+            where = str(rec.get("path") or rec["image"])
+            problems.append(Problem(where, f"{type(cause).__name__}: {cause.problem}"))
             log.warning("skipped %s", problems[-1])
+            continue
+        samples.append({k: out[k] for k in KEEP if k in out})
     return samples, problems
 
 
-def create_dataset(samples: list[dict], final: Compose) -> Dataset:
-    """A MONAI dataset over decoded samples that applies ``final`` (augmentation, normalisation)."""
-    keep = ("image", "label")
-    return Dataset([{k: s[k] for k in keep if k in s} for s in samples], transform=final)
+def expand_inputs(studies: Sequence[dict]) -> list[dict]:
+    """One sample per model input; each keeps ``study`` (its index in ``studies``) for aggregation."""
+    from medtl.transforms import split_slices
+
+    out = []
+    for i, s in enumerate(studies):
+        for part in split_slices(s):
+            part["study"] = i
+            out.append(part)
+    return out
+
+
+def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3)) -> Dataset:
+    """A MONAI dataset of model inputs (slices of volumes in the "slices" modes) applying ``final``.
+
+    ``aggregation`` (rule, k) tells evaluation how slice scores make a study score.
+    """
+    keep = ("image", "label", "study", "slice_index")
+    ds = Dataset([{k: s[k] for k in keep if k in s} for s in expand_inputs(studies)], transform=final)
+    ds.aggregation = aggregation
+    return ds
+
+
+def study_index(dataset: Dataset) -> np.ndarray:
+    """The study each sample of a :func:`create_dataset` dataset belongs to."""
+    return np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])

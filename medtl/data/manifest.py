@@ -27,20 +27,31 @@ class Problem:
 
 @dataclass
 class Manifest:
-    """The usable rows of a manifest and the ones that were skipped."""
+    """A labelled data set: its usable records, class names, skipped rows and any fixed split.
+
+    Built from a manifest CSV (:func:`read_manifest`), an image folder or a MedMNIST ``.npz``
+    (see :func:`medtl.data.read_dataset`).
+    """
 
     path: Path
-    records: list[dict]  # {"image": absolute path, "label": class index, "patient_id": str, ...}
+    records: list[dict]  # {"image": absolute path or array, "label": class index, "patient_id": str, ...}
     class_names: list[str]  # label value of each class index
     problems: list[Problem] = field(default_factory=list)
+    splits: dict[str, list[int]] | None = None  # fixed train/val/test record indices (MedMNIST), else None
+    kind: str = "manifest"  # "manifest", "folder" or "medmnist"
+
+    def label_counts(self, indices=None) -> dict[str, int]:
+        counts = {name: 0 for name in self.class_names}
+        for i in (range(len(self.records)) if indices is None else indices):
+            counts[self.class_names[self.records[i]["label"]]] += 1
+        return counts
 
     def __repr__(self) -> str:
-        counts = {name: 0 for name in self.class_names}
-        for r in self.records:
-            counts[self.class_names[r["label"]]] += 1
         patients = len({r["patient_id"] for r in self.records})
-        return (f"Manifest({self.path.name}: {len(self.records)} images, {patients} patients, "
-                f"labels {counts}, {len(self.problems)} skipped)")
+        split = f", fixed split {{{', '.join(f'{k}: {len(v)}' for k, v in self.splits.items())}}}" \
+            if self.splits else ""
+        return (f"Manifest({self.path.name} [{self.kind}]: {len(self.records)} images, {patients} patients, "
+                f"labels {self.label_counts()}, {len(self.problems)} skipped{split})")
 
 
 def _class_order(values: list[str]) -> list[str]:

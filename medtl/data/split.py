@@ -49,3 +49,32 @@ def _one_fold(idx, labels, patients, fraction, seed):
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest_rel, held_rel = next(sgkf.split(idx, labels, groups=patients))
     return idx[held_rel], idx[rest_rel]
+
+
+def kfold_by_patient(labels: Sequence[int], patients: Sequence[str], k: int = 5,
+                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (train+val, test) index pairs; every patient is tested exactly once, in one fold.
+
+    Raises:
+        MedtlInputError: fewer patients of a class than folds.
+    """
+    labels, patients = np.asarray(labels), np.asarray(patients)
+    for c in np.unique(labels):
+        n = len(set(patients[labels == c].tolist()))
+        if n < k:
+            raise MedtlInputError(None, f"class index {int(c)} has {n} patients: too few for {k} folds",
+                                  f"at least {k} patients per class, or fewer folds")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(np.sort(a), np.sort(b)) for a, b in sgkf.split(np.arange(len(labels)), labels, groups=patients)]
+
+
+def check_split_classes(labels: Sequence[int], parts: dict[str, np.ndarray], n_classes: int,
+                        minimum: int = 2) -> None:
+    """Refuse, before training, a split in which a class has fewer than ``minimum`` examples."""
+    labels = np.asarray(labels)
+    for name, idx in parts.items():
+        counts = np.bincount(labels[idx], minlength=n_classes)
+        low = {int(c): int(counts[c]) for c in range(n_classes) if counts[c] < minimum}
+        if low:
+            raise MedtlInputError(None, f"the {name} split has fewer than {minimum} examples of class index(es) "
+                                  f"{low} (counts {counts.tolist()})", f"at least {minimum} per class in every split")

@@ -9,11 +9,13 @@ from medtl.io.dicom import read_dicom
 from medtl.io.image import read_picture
 from medtl.io.nifti import read_nifti
 from medtl.io.scan import Scan
+from medtl.io.series import read_series
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
-ACCEPTED = "DICOM (.dcm or no suffix), NIfTI (.nii, .nii.gz) or PNG/JPEG/TIFF"
+ACCEPTED = ("DICOM (.dcm or no suffix; a folder or .zip of a series), NIfTI (.nii, .nii.gz) "
+            "or PNG/JPEG/TIFF")
 
 
 def sniff_format(path: Path) -> str:
@@ -34,13 +36,19 @@ def sniff_format(path: Path) -> str:
     raise UnsupportedFormatError(path, "unrecognised file type", ACCEPTED)
 
 
-def read_image(path: str | Path, volume_index: int | None = None) -> Scan:
-    """Read a DICOM file, NIfTI volume or PNG/JPEG/TIFF image into a :class:`Scan`.
+def read_image(path: str | Path, volume_index: int | None = None, series_uid: str | None = None,
+               modality: str | None = None) -> Scan:
+    """Read a DICOM file, a DICOM series (folder or .zip), a NIfTI volume or a PNG/JPEG/TIFF image.
+
+    For a folder or zip, the series is chosen by :data:`medtl.io.series.SERIES_RULES`
+    (``series_uid`` or ``modality`` override them). A 4D NIfTI needs ``volume_index``.
 
     Raises a subclass of :class:`medtl.errors.MedtlInputError` naming the file when it is
     missing, of an unsupported kind or damaged.
     """
     path = Path(path)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
+        return read_series(path, series_uid=series_uid, modality=modality)
     if not path.is_file():
         raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
     kind = sniff_format(path)

@@ -1,6 +1,19 @@
-"""Training: the fine-tuning loop, its strategies, and whole experiments."""
+"""Training: one ``fit()`` loop, strategies as stages, run folders, a learning-rate finder."""
 
-from medtl.train.experiment import run_experiment
-from medtl.train.fit import FitResult, Stage, fit, plan_stages, predict_probs, set_trainable
+from medtl.train.experiment import PreparedData, prepare_data, read_data, run_experiment
+from medtl.train.fit import (
+    FitResult,
+    Stage,
+    choose_strategy,
+    encoder_groups,
+    extract_features,
+    fit,
+    plan_stages,
+    predict_probs,
+    set_trainable,
+)
+from medtl.train.lr_find import LRFindResult, find_lr, lr_sweep
 
-__all__ = ["fit", "plan_stages", "Stage", "FitResult", "predict_probs", "set_trainable", "run_experiment"]
+__all__ = ["run_experiment", "prepare_data", "read_data", "PreparedData", "fit", "FitResult", "Stage", "plan_stages",
+           "choose_strategy", "predict_probs", "extract_features", "set_trainable", "encoder_groups", "find_lr",
+           "lr_sweep", "LRFindResult"]

@@ -1,45 +1,98 @@
-"""One training loop; fine-tuning strategies are data (a list of stages), not copies of the loop."""
+"""One training loop; fine-tuning strategies are data (a list of stages), not copies of the loop.
+
+A :class:`Stage` says which encoder layer groups train and at what learning rates. Layer
+groups come from timm's ``group_matcher`` (stem, each stage of blocks, head), so "partial",
+"gradual" unfreezing and layer-wise learning-rate decay work the same for every encoder.
+Head-only stages train on encoder features extracted once (``cache_features``), which turns a
+linear probe into seconds of work. Under ``torchrun`` the same loop runs data-parallel
+(DistributedDataParallel, gloo on CPU, NCCL on GPU).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.config import TrainConfig
+from medtl.errors import ConfigError
 from medtl.eval.metrics import compute_auc
 
 log = logging.getLogger("medtl.train")
+
+ALL = -1  # Stage.trainable value meaning "every encoder layer group"
 
 
 @dataclass(frozen=True)
 class Stage:
     """A phase of training with one set of trainable parameters and learning rates."""
 
-    name: str  # "head" (encoder frozen), "fine_tune" or "full"
+    name: str  # "head", "partial", "fine_tune", "unfreeze_3", "full"
     epochs: int  # number of epochs in this stage
-    train_encoder: bool  # whether encoder weights are updated (False: frozen, BN statistics too)
+    trainable: int  # encoder layer groups trained, counted from the top: 0 = head only, ALL = every group
     head_lr: float  # peak learning rate of the classification head
-    encoder_lr: float  # peak learning rate of the encoder (ignored when frozen)
+    encoder_lr: float  # peak learning rate of the top trainable encoder group
+    layer_decay: float = 1.0  # each lower group's rate = the one above's * this
+
+    @property
+    def head_only(self) -> bool:
+        return self.trainable == 0
 
 
-def plan_stages(cfg: TrainConfig) -> list[Stage]:
-    """The stages of a strategy: linear probe, fine_tune (fastai-style freeze then unfreeze) or full."""
+def choose_strategy(label_counts: dict, cfg: TrainConfig) -> tuple[str, str]:
+    """The strategy for ``cfg.strategy == "auto"`` from the training labels per class, and why.
+
+    Fewer than 10 examples in the smallest class: a linear probe (too few to move the encoder
+    without overfitting); 10-49: partial fine-tuning of the top layer groups; 50 or more: full
+    fine-tuning with layer-wise learning-rate decay after a head warm-up.
+    """
+    if cfg.strategy != "auto":
+        return cfg.strategy, "set in the configuration"
+    smallest = min(label_counts.values())
+    if smallest < 10:
+        return "linear_probe", f"smallest class has {smallest} training examples (< 10): linear probe"
+    if smallest < 50:
+        return "partial", (f"smallest class has {smallest} training examples (10-49): partial fine-tuning of the "
+                           f"top {cfg.unfreeze_groups} layer groups")
+    return "fine_tune", f"smallest class has {smallest} training examples (>= 50): fine-tuning with layer-wise decay"
+
+
+def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) -> list[Stage]:
+    """The stages of a strategy, for an encoder with ``n_groups`` layer groups."""
+    strategy = strategy or cfg.strategy
+    if strategy == "auto":
+        raise ConfigError(None, "strategy 'auto' must be resolved with choose_strategy() first")
     enc_lr = cfg.lr * cfg.encoder_lr_mult
-    if cfg.strategy == "linear_probe":
-        return [Stage("head", cfg.epochs, False, cfg.lr, 0.0)]
-    if cfg.strategy == "full":
-        return [Stage("full", cfg.epochs, True, cfg.lr, enc_lr)]
-    stages = [Stage("head", cfg.frozen_epochs, False, cfg.lr, 0.0)] if cfg.frozen_epochs else []
-    return stages + [Stage("fine_tune", cfg.epochs, True, cfg.lr / 2, enc_lr)]
+    head = [Stage("head", cfg.frozen_epochs, 0, cfg.lr, 0.0)] if cfg.frozen_epochs else []
+    if strategy == "linear_probe":
+        return [Stage("head", cfg.epochs, 0, cfg.lr, 0.0)]
+    if strategy == "full":
+        return [Stage("full", cfg.epochs, ALL, cfg.lr, enc_lr, cfg.layer_decay)]
+    if strategy == "partial":
+        return head + [Stage("partial", cfg.epochs, min(cfg.unfreeze_groups, n_groups), cfg.lr / 2, enc_lr,
+                             cfg.layer_decay)]
+    if strategy == "gradual":  # fastai/ULMFiT: one more group from the top every `gradual_epochs`
+        stages, left = list(head), cfg.epochs
+        for k in range(1, n_groups + 1):
+            n = cfg.gradual_epochs if k < n_groups else left
+            if n <= 0:
+                break
+            stages.append(Stage(f"unfreeze_{k}", n, k if k < n_groups else ALL, cfg.lr / 2, enc_lr, cfg.layer_decay))
+            left -= n
+        return stages
+    return head + [Stage("fine_tune", cfg.epochs, ALL, cfg.lr / 2, enc_lr, cfg.layer_decay)]
 
 
 @dataclass
@@ -51,7 +104,13 @@ class FitResult:
     best_score: float = -math.inf  # validation AUC (or -loss where AUC is undefined) of that epoch
     precision: str = "fp32"  # numeric precision actually used
     device: str = "cpu"
+    strategy: str = ""  # strategy actually used
+    strategy_reason: str = ""  # why (for "auto")
+    train_images_per_s: float = 0.0  # throughput of the stages that trained the encoder
+    world_size: int = 1  # processes that trained (torchrun)
 
+
+# -- devices, precision, distributed ---------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -68,8 +127,40 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun (process group initialised on first use), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEDTL_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+# -- layer groups and freezing --------------------------------------------------------------------
+
 def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(model.get_classifier().parameters())
+
+
+def encoder_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """Encoder parameters in layer groups, bottom (stem) to top, from timm's coarse group matcher."""
+    from timm.models._manipulate import group_parameters
+
+    head = set(map(id, head_parameters(model)))
+    named = dict(model.named_parameters())
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    out = []
+    for _, names in sorted(groups.items()):
+        params = [named[n] for n in names if id(named[n]) not in head]
+        if params:
+            out.append(params)
+    return out
 
 
 def encoder_modules(model: torch.nn.Module):
@@ -77,36 +168,94 @@ def encoder_modules(model: torch.nn.Module):
     return [m for m in model.modules() if id(m) not in head and m is not model]
 
 
-def set_trainable(model: torch.nn.Module, train_encoder: bool) -> None:
-    """Freeze or unfreeze every parameter outside the head; the head always trains."""
-    head = set(map(id, head_parameters(model)))
+def set_trainable(model: torch.nn.Module, trainable: int | bool) -> None:
+    """Train the head and the top ``trainable`` encoder groups (ALL or True: every group); freeze the rest."""
+    groups = encoder_groups(model)
+    if trainable is True or trainable == ALL:
+        k = len(groups)
+    else:
+        k = min(int(trainable), len(groups))
+    train = set(map(id, head_parameters(model)))
+    for g in groups[len(groups) - k:] if k else []:
+        train.update(map(id, g))
     for p in model.parameters():
-        p.requires_grad_(train_encoder or id(p) in head)
+        p.requires_grad_(id(p) in train)
 
 
-def _train_mode(model: torch.nn.Module, train_encoder: bool, freeze_bn: bool) -> None:
+def _train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """Training mode; BatchNorm layers of frozen parts (or all, with ``freeze_bn``) keep their statistics."""
     model.train()
-    if freeze_bn or not train_encoder:  # a frozen encoder keeps its BatchNorm statistics too
-        for m in encoder_modules(model):
-            if isinstance(m, _BatchNorm):
-                m.eval()
+    for m in encoder_modules(model):
+        if isinstance(m, _BatchNorm) and (freeze_bn or not any(p.requires_grad for p in m.parameters())):
+            m.eval()
+
+
+def _param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
+    groups = [{"params": head_parameters(model), "lr": stage.head_lr}]
+    enc = encoder_groups(model)
+    k = len(enc) if stage.trainable == ALL else stage.trainable
+    for depth, params in enumerate(reversed(enc[len(enc) - k:])):
+        groups.append({"params": params, "lr": stage.encoder_lr * stage.layer_decay ** depth})
+    return groups
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+def _aggregate(labels: np.ndarray, probs: np.ndarray, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Slice-level results to one per study, when the dataset holds several inputs per study."""
+    studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
+    if len(np.unique(studies)) == len(studies):
+        return labels, probs
+    from medtl.transforms import aggregate_slices
+
+    how, k = getattr(dataset, "aggregation", ("mean", 3))
+    order = np.unique(studies)
+    return (np.asarray([labels[studies == s][0] for s in order]),
+            np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
 
 
 def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
-                  precision: str = "fp32", channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of a dataset of {"image", "label"} samples, in order."""
+                  precision: str = "fp32", channels_last: bool = False, tta: bool = False,
+                  per_study: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of a dataset of {"image", "label"} samples, in order.
+
+    With ``per_study`` (default), slices of one study are aggregated into one row by the
+    dataset's ``aggregation`` rule. ``tta`` averages the image and its left-right flip.
+    """
     device = torch.device(device)
     model.eval()
     labels, probs = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for batch in loader:
-            x = batch["image"].to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            probs.append(model(x).float().softmax(dim=1).cpu().numpy())
+            x = _to_input(batch["image"], device, channels_last)
+            p = model(x).float().softmax(dim=1)
+            if tta:
+                p = (p + model(torch.flip(x, dims=[3])).float().softmax(dim=1)) / 2
+            probs.append(p.cpu().numpy())
             labels.append(np.asarray(batch["label"]))
-    return np.concatenate(labels), np.concatenate(probs)
+    labels, probs = np.concatenate(labels), np.concatenate(probs)
+    return _aggregate(labels, probs, dataset) if per_study else (labels, probs)
+
+
+def extract_features(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
+                     precision: str = "fp32", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels): the encoder's pooled output (what the head sees) for every sample, in eval mode."""
+    device = torch.device(device)
+    model.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for batch in loader:
+            x = _to_input(batch["image"], device, channels_last)
+            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+            labels.append(torch.as_tensor(batch["label"]).long())
+    return torch.cat(feats), torch.cat(labels).to(device)
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -115,83 +264,236 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int) -> FitResult:
-    """Train ``model`` through the stages of ``cfg.strategy``; keep the best validation epoch.
+def _soft_cross_entropy(logits, target, weight, smoothing):
+    """Cross-entropy against (mixed) soft targets, with class weights and label smoothing."""
+    n = logits.shape[1]
+    target = target * (1 - smoothing) + smoothing / n
+    per_sample = -(target * logits.log_softmax(dim=1)).sum(dim=1)
+    if weight is not None:
+        w = target @ weight
+        return (per_sample * w).sum() / w.sum()
+    return per_sample.mean()
 
-    Validation AUC (or, where undefined, minus validation loss) picks the epoch whose weights
-    are restored at the end. Every stage restarts AdamW with warm-up + cosine decay.
-    """
-    set_determinism(seed=cfg.seed)
-    if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
-        train_ds.transform.set_random_state(seed=cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_labels = np.asarray([s["label"] for s in train_ds.data])
-    weights = _class_weights(train_labels, num_classes).to(device) if cfg.class_weighting else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator,
-                        drop_last=len(train_ds) > cfg.batch_size)
-    result = FitResult(precision=precision, device=str(device))
-    best_state = copy.deepcopy(model.state_dict())
-    stages = [s for s in plan_stages(cfg) if s.epochs > 0]
-    total_epochs, epoch = sum(s.epochs for s in stages), 0
-    for stage in stages:
-        set_trainable(model, stage.train_encoder)
-        groups = [{"params": head_parameters(model), "lr": stage.head_lr}]
-        if stage.train_encoder:
-            head = set(map(id, groups[0]["params"]))
-            groups.append({"params": [p for p in model.parameters() if id(p) not in head], "lr": stage.encoder_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        steps = stage.epochs * len(loader)
-        warmup = max(1, int(cfg.warmup_epochs * len(loader)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+
+# -- the loop -------------------------------------------------------------------------------------
+
+class _Trainer:
+    """State shared by the stages of one :func:`fit` call."""
+
+    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes: int, on_improve):
+        self.model, self.train_ds, self.val_ds, self.cfg = model, train_ds, val_ds, cfg
+        self.num_classes, self.on_improve = num_classes, on_improve
+        self.rank, self.world = distributed()
+        self.device = resolve_device(cfg.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.batch_size % self.world:
+            raise ConfigError(None, f"train.batch_size {cfg.batch_size} is not a multiple of the {self.world} "
+                              "processes", "a global batch size divisible by the number of processes")
+        labels = np.asarray([s["label"] for s in train_ds.data])
+        self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
+        self.result = FitResult(precision=self.precision, device=str(self.device), world_size=self.world)
+        self.best_state = copy.deepcopy(model.state_dict())
+        self.epoch, self.total_epochs = 0, 0
+        self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
+        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.precision == "fp16" \
+            else None
+        self._features = None
+        self.encoder_images, self.encoder_seconds = 0, 0.0
+
+    def loader(self):
+        sampler = DistributedSampler(self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=self.world > 1)
+        per_rank = self.cfg.batch_size // self.world
+        return DataLoader(self.train_ds, batch_size=per_rank, sampler=sampler, num_workers=0,
+                          drop_last=len(self.train_ds) > self.cfg.batch_size,
+                          pin_memory=self.device.type == "cuda"), sampler
+
+    def schedule(self, optimizer, steps_per_epoch: int, epochs: int):
+        steps = max(1, epochs * steps_per_epoch)
+        warmup = max(1, int(self.cfg.warmup_epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, s / steps))))
+
+    def loss(self, logits, y):
+        target = F.one_hot(y, self.num_classes).float() if y.ndim == 1 else y
+        return _soft_cross_entropy(logits.float(), target, self.weight, self.cfg.label_smoothing)
+
+    def mix(self, x, y):
+        target = F.one_hot(y, self.num_classes).float()
+        if self.cfg.mixup <= 0:
+            return x, target
+        lam = float(torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup).sample())
+        perm = torch.randperm(x.shape[0], generator=self.rng).to(x.device)
+        return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
+
+    def run_stage(self, stage: Stage) -> None:
+        cfg, model = self.cfg, self.model
+        set_trainable(model, stage.trainable)
+        if stage.head_only and cfg.cache_features:
+            return self.run_head_on_features(stage)
+        net = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                          else None)
+        if cfg.compile and not stage.head_only:
+            net = torch.compile(net)
+        optimizer = torch.optim.AdamW(_param_groups(model, stage), weight_decay=cfg.weight_decay)
+        loader, sampler = self.loader()
+        schedule = self.schedule(optimizer, len(loader), stage.epochs)
         stale = 0
         for _ in range(stage.epochs):
-            epoch += 1
+            self.epoch += 1
+            sampler.set_epoch(self.epoch)
             t0 = time.perf_counter()
-            _train_mode(model, stage.train_encoder, cfg.freeze_bn)
+            _train_mode(model, cfg.freeze_bn)
             losses = []
-            for batch in loader:
-                x, y = batch["image"].to(device), torch.as_tensor(batch["label"]).long().to(device)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
+            for batch in _progress(loader, self.rank, f"epoch {self.epoch}/{self.total_epochs}"):
+                x = _to_input(batch["image"], self.device, cfg.channels_last)
+                x, target = self.mix(x, torch.as_tensor(batch["label"]).long().to(self.device))
+                with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16"
+                                    else torch.float16, enabled=self.precision in ("bf16", "fp16")):
+                    logits = net(x)
+                loss = self.loss(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            seconds = time.perf_counter() - t0
+            if not stage.head_only:
+                self.encoder_images += len(losses) * cfg.batch_size
+                self.encoder_seconds += seconds
+            if self.end_epoch(stage, losses, seconds):
+                stale = 0
+            else:
+                stale += 1
+            if stale >= cfg.patience:
+                self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, stale)
+                break
+
+    def run_head_on_features(self, stage: Stage) -> None:
+        """A head-only stage on features extracted once from the (frozen) encoder."""
+        cfg, model = self.cfg, self.model
+        if self._features is None:
+            t0 = time.perf_counter()
+            args = dict(batch_size=max(32, cfg.batch_size), device=self.device, precision=self.precision,
+                        channels_last=cfg.channels_last)
+            self._features = (extract_features(model, self.train_ds, **args), extract_features(model, self.val_ds, **args))
+            self.log("encoder features cached for %d + %d inputs in %.1fs", len(self._features[0][0]),
+                     len(self._features[1][0]), time.perf_counter() - t0)
+        (xf, yf), (vf, vy) = self._features
+        head = model.get_classifier()
+        drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_lr, weight_decay=cfg.weight_decay)
+        n, bs = len(xf), cfg.batch_size
+        steps = n // bs if n > bs else 1
+        schedule = self.schedule(optimizer, steps, stage.epochs)
+        stale = 0
+        for _ in range(stage.epochs):
+            self.epoch += 1
+            t0 = time.perf_counter()
+            head.train()
+            order = torch.randperm(n, generator=self.rng).to(xf.device)
+            losses = []
+            for s in range(steps):
+                idx = order[s * bs:(s + 1) * bs]
+                f, target = self.mix(xf[idx], yf[idx])
+                loss = self.loss(head(F.dropout(f, drop, training=True)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 losses.append(float(loss.detach()))
-            y_val, p_val = predict_probs(model, val_ds, cfg.batch_size, device, precision, cfg.channels_last)
-            val_loss = float(torch.nn.functional.cross_entropy(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)),
-                                                               torch.from_numpy(y_val).long()))
-            val_auc = compute_auc(y_val, p_val)
-            score = val_auc if val_auc is not None else -val_loss
-            row = {"epoch": epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
-                   "val_loss": val_loss, "val_auc": val_auc, "seconds": time.perf_counter() - t0}
-            result.history.append(row)
-            improved = score > result.best_score
-            if improved:
-                result.best_score, result.best_epoch, stale = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+            head.eval()
+            with torch.no_grad():
+                probs = head(vf).softmax(dim=1).cpu().numpy()
+            y_val, p_val = _aggregate(vy.cpu().numpy(), probs, self.val_ds)
+            if self.end_epoch(stage, losses, time.perf_counter() - t0, (y_val, p_val)):
+                stale = 0
             else:
                 stale += 1
-            log.info("epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s", epoch, total_epochs,
-                     stage.name, row["train_loss"] or float("nan"), val_loss,
-                     f"{val_auc:.3f}" if val_auc is not None else "n/a", row["seconds"], "  *" if improved else "")
             if stale >= cfg.patience:
-                log.info("stage %s stopped early: no better validation score for %d epochs", stage.name, stale)
+                self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, stale)
                 break
-    model.load_state_dict(best_state)
-    set_trainable(model, True)
+
+    def end_epoch(self, stage: Stage, losses, seconds, val=None) -> bool:
+        """Validate, record the epoch and keep the weights if they are the best so far."""
+        cfg = self.cfg
+        y_val, p_val = val or predict_probs(self.model, self.val_ds, max(32, cfg.batch_size), self.device,
+                                            self.precision, cfg.channels_last, cfg.tta)
+        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)), torch.from_numpy(y_val).long()))
+        val_auc = compute_auc(y_val, p_val)
+        score = val_auc if val_auc is not None else -val_loss
+        row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
+               "val_loss": val_loss, "val_auc": val_auc, "seconds": round(seconds, 3)}
+        self.result.history.append(row)
+        improved = score > self.result.best_score
+        if improved:
+            self.result.best_score, self.result.best_epoch = score, self.epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            if self.on_improve is not None and self.rank == 0:
+                self.on_improve(self.model, row)
+        self.log("epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s", self.epoch,
+                 self.total_epochs, stage.name, row["train_loss"] or float("nan"), val_loss,
+                 f"{val_auc:.3f}" if val_auc is not None else "n/a", seconds, "  *" if improved else "")
+        return improved
+
+    def log(self, *args):
+        if self.rank == 0:
+            log.info(*args)
+
+
+def _progress(loader, rank: int, desc: str):
+    """A tqdm bar on an interactive terminal (rank 0 only); the plain loader otherwise."""
+    if rank != 0 or not sys.stderr.isatty():
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, unit="batch")
+
+
+def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
+        on_improve: Callable | None = None) -> FitResult:
+    """Train ``model`` through the stages of its strategy; keep the best validation epoch.
+
+    Validation AUC (or, where undefined, minus validation loss) picks the epoch whose weights
+    are restored at the end; ``on_improve(model, row)`` is called at each new best (to write a
+    checkpoint, so an interrupted run keeps its last good weights). Every stage restarts AdamW
+    with warm-up + cosine decay.
+    """
+    set_determinism(seed=cfg.seed)
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
+        train_ds.transform.set_random_state(seed=cfg.seed)
+    trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve)
+    labels = np.bincount([s["label"] for s in train_ds.data], minlength=num_classes)
+    strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(labels)}, cfg)
+    trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
+    trainer.log("strategy %s (%s)", strategy, reason)
+    model.to(trainer.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    stages = [s for s in plan_stages(cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
+    trainer.total_epochs = sum(s.epochs for s in stages)
+    for stage in stages:
+        trainer.run_stage(stage)
+    model.load_state_dict(trainer.best_state)
+    set_trainable(model, ALL)
     model.eval()
+    result = trainer.result
+    if trainer.encoder_seconds:
+        result.train_images_per_s = trainer.encoder_images / trainer.encoder_seconds
     return result
 
 
-__all__ = ["Stage", "plan_stages", "fit", "FitResult", "predict_probs", "set_trainable"]
+__all__ = ["Stage", "plan_stages", "choose_strategy", "fit", "FitResult", "predict_probs", "extract_features",
+           "set_trainable", "encoder_groups"]

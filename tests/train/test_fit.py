@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="module")
 def tiny_data(sample_dir):
     cfg = tiny_config(sample_dir / "manifest.csv")
-    m = read_manifest(cfg.data.manifest)
+    m = read_manifest(cfg.data.path)
     model = create_encoder("efficientnet_lite0", num_classes=2)
     pre = resolve_preprocessing(model, 64)
     det, final = create_transforms(cfg.data, pre, train=True)
@@ -51,8 +51,11 @@ def test_fine_tune_stage_moves_encoder(tiny_data):
 
 def test_strategies_are_stage_lists():
     cfg = tiny_config("x.csv").train
-    assert [s.name for s in plan_stages(cfg)] == ["head", "fine_tune"]
-    assert [s.train_encoder for s in plan_stages(cfg)] == [False, True]
+    assert [s.name for s in plan_stages(cfg, 8)] == ["head", "fine_tune"]
+    assert [s.trainable for s in plan_stages(cfg, 8)] == [0, -1]
+    assert [s.trainable for s in plan_stages(cfg, 8, "partial")] == [0, 2]
+    gradual = plan_stages(cfg.__class__(**{**cfg.__dict__, "epochs": 5}), 4, "gradual")
+    assert [s.trainable for s in gradual] == [0, 1, 2, 3, -1] and sum(s.epochs for s in gradual[1:]) == 5
 
 
 def test_two_seeded_runs_give_identical_weights(tiny_data):

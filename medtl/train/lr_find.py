@@ -1,0 +1,88 @@
+"""A learning-rate finder (Smith 2015; fastai's ``lr_find``) for the head of a frozen encoder.
+
+The head is trained on cached encoder features while the learning rate grows exponentially;
+the suggestion is the rate where the smoothed loss falls fastest. Nothing is kept: the model
+used is thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medtl.config import ExperimentConfig
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]  # learning rate of each step
+    losses: list[float]  # smoothed training loss of each step
+    suggestion: float  # rate at the steepest descent of the smoothed loss
+
+    def plot(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+        ax.plot(self.lrs, self.losses)
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.2g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return Path(path)
+
+
+def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, start: float = 1e-5,
+             end: float = 10.0, steps: int = 100, batch_size: int = 8, seed: int = 0) -> LRFindResult:
+    """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features; stops when the loss diverges."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=start)
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    for step in range(steps):
+        lr = start * factor ** step
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(features), (batch_size,), generator=gen)
+        loss = F.cross_entropy(head(features[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        avg = 0.9 * avg + 0.1 * float(loss)
+        smooth = avg / (1 - 0.9 ** (step + 1))
+        lrs.append(lr)
+        losses.append(smooth)
+        best = min(best, smooth)
+        if step > 10 and (smooth > 4 * best or not math.isfinite(smooth)):
+            break
+    grads = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
+    skip = min(5, len(grads) - 1)  # the first steps are dominated by the smoothing warm-up
+    suggestion = lrs[skip + int(np.argmin(grads[skip:]))]
+    return LRFindResult(lrs, losses, suggestion)
+
+
+def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
+    """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
+    from medtl.models import create_encoder, resolve_preprocessing
+    from medtl.train.experiment import prepare_data, read_data
+    from medtl.train.fit import extract_features
+
+    manifest = read_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=len(manifest.class_names),
+                           weights_file=cfg.encoder.weights_file)
+    pre = resolve_preprocessing(model, cfg.encoder.input_size)
+    prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
+    train_ds, _, _ = prepared.datasets(cfg.data, pre)
+    features, labels = extract_features(model, train_ds, channels_last=cfg.train.channels_last)
+    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size,
+                    seed=cfg.train.seed)
