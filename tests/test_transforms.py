@@ -1,0 +1,108 @@
+"""Intensity presets, multi-window CT, 3D-to-2D modes and slice aggregation."""
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtl.config import CT_WINDOWS, load_config
+from medtl.errors import ConfigError
+from medtl.io import Scan
+from medtl.models import Preprocessing
+from medtl.transforms import (
+    aggregate_slices,
+    create_transforms,
+    intensity_preset,
+    scale_intensity,
+    split_slices,
+    volume_inputs,
+)
+
+
+def _scan(array, modality="", source="dicom", window=None, value_max=None):
+    from pathlib import Path
+
+    return Scan(array=np.asarray(array, np.float32), spacing=(1.0,) * np.ndim(array), modality=modality,
+                source=source, path=Path("x"), window=window, value_max=value_max)
+
+
+def test_presets_follow_the_modality():
+    data = load_config().data
+    assert intensity_preset(_scan([[0]]), "CT", data) == "ct_window"
+    assert intensity_preset(_scan([[0]], window=(50, 100)), "CR", data) == "file_window"
+    assert intensity_preset(_scan([[0]]), "DX", data) == "percentile"  # no window in the file
+    assert intensity_preset(_scan([[0]]), "MR", data) == "percentile"
+    assert intensity_preset(_scan([[0]], source="image", value_max=255.0), "", data) == "dtype"
+
+
+def test_ct_windows_in_hounsfield_units_and_multi_window_channels():
+    hu = np.array([[-1000.0, 40.0, 1000.0]])
+    data = load_config(data={"ct_window": "brain"}).data
+    out = scale_intensity(hu, "ct_window", data, _scan(hu))
+    level, width = CT_WINDOWS["brain"]
+    np.testing.assert_allclose(out[0], np.clip((hu - (level - width / 2)) / width, 0, 1))
+    multi = load_config(data={"ct_window": "multi"}).data
+    out = scale_intensity(hu, "ct_window", multi, _scan(hu))
+    assert out.shape == (3, 1, 3)
+    assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])
+    with pytest.raises(ConfigError, match="3 input channels"):
+        load_config(data={"ct_window": "multi", "volume_mode": "2.5d"})
+
+
+def test_file_window_and_dtype_scaling():
+    data = load_config().data
+    a = np.array([[0.0, 50.0, 100.0]])
+    np.testing.assert_allclose(scale_intensity(a, "file_window", data, _scan(a, window=(50, 100)))[0], [[0, .5, 1]])
+    np.testing.assert_allclose(scale_intensity(a, "dtype", data, _scan(a, value_max=100.0))[0], [[0, .5, 1]])
+
+
+def test_volume_modes_keep_their_slice():
+    vol = np.arange(5)[None, :, None, None] * np.ones((1, 5, 4, 4))  # slice k holds k
+    x, idx = volume_inputs(vol, "middle")
+    assert x.shape == (1, 1, 4, 4) and idx.tolist() == [2] and x[0, 0, 0, 0] == 2
+    x, idx = volume_inputs(vol, "mip")
+    assert x[0, 0, 0, 0] == 4
+    x, idx = volume_inputs(vol, "2.5d")
+    assert x.shape == (1, 3, 4, 4) and x[0, :, 0, 0].tolist() == [1, 2, 3]
+    x, idx = volume_inputs(vol, "slices")
+    assert x.shape == (5, 1, 4, 4) and idx.tolist() == [0, 1, 2, 3, 4]
+    x, idx = volume_inputs(vol, "slices_2.5d")
+    assert x.shape == (5, 3, 4, 4) and x[0, :, 0, 0].tolist() == [0, 0, 1] and x[4, :, 0, 0].tolist() == [3, 4, 4]
+
+
+def test_slice_aggregation():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])
+    np.testing.assert_allclose(aggregate_slices(p, "mean"), p.mean(0))
+    assert aggregate_slices(p, "max")[1] == pytest.approx(0.9 / 1.8)
+    top = aggregate_slices(p, "topk", k=1)
+    assert top[1] == pytest.approx(0.9 / 1.8)
+
+
+def test_volume_read_slice_by_slice_through_the_chain(tmp_path):
+    import nibabel as nib
+
+    vol = np.zeros((20, 24, 6), np.float32)
+    vol[..., 3] = 100.0
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    pre = Preprocessing(input_size=32)
+    data = load_config(data={"volume_mode": "slices"}).data
+    det, final = create_transforms(data, pre, train=False)
+    sample = det({"image": str(tmp_path / "v.nii.gz"), "label": 1})
+    parts = split_slices(sample)
+    assert len(parts) == 6 and [p["slice_index"] for p in parts] == list(range(6))
+    assert parts[3]["image"].max() > parts[0]["image"].max()
+    x = final({"image": parts[0]["image"], "label": 1})["image"]
+    assert tuple(x.shape) == (3, 32, 32)
+
+
+def test_monochrome1_xray_gets_its_own_window_through_the_chain(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.Modality, ds.PhotometricInterpretation = "CR", "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 600, 400
+    ds.save_as(tmp_path / "cr.dcm")
+    det, _ = create_transforms(load_config().data, Preprocessing(input_size=64), train=False)
+    img = det({"image": str(tmp_path / "cr.dcm"), "label": 0})["image"][0]
+    raw = ds.pixel_array.astype(np.float32)
+    # inverted (bright where stored values are low) and windowed to [0, 1]
+    assert img[raw == raw.min()].mean() > img[raw == raw.max()].mean()
+    assert img.min() >= 0 and img.max() <= 1
