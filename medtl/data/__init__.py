@@ -2,10 +2,10 @@
 
 from medtl.data.dataset import create_dataset, decode_records
 from medtl.data.manifest import Manifest, Problem, read_manifest
-from medtl.data.sample import create_sample_data
+from medtl.data.sample import create_sample_data, create_sample_series
 from medtl.data.sources import read_dataset, read_image_folder, read_medmnist
 from medtl.data.split import check_split_classes, kfold_by_patient, split_by_patient
 
 __all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist",
            "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
-           "create_sample_data"]
+           "create_sample_data", "create_sample_series"]

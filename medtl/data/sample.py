@@ -137,3 +137,21 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def create_sample_series(out_dir: str | Path, n_slices: int = 100, size: int = 128, seed: int = 0,
+                         lesion: bool = True) -> Path:
+    """Write one synthetic axial CT series (``n_slices`` DICOM files, 5 mm apart) into ``out_dir``.
+
+    File names are shuffled with respect to slice position, as they often are in exports; with
+    ``lesion`` the middle third of the slices shows the lesion.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = rng.permutation(n_slices)
+    for k in range(n_slices):
+        show = lesion and n_slices // 3 <= k < 2 * n_slices // 3
+        hu = synthetic_ct_slice(rng, size, lesion=show)
+        _write_ct_dicom(out / f"IM{names[k]:05d}", hu, f"SYNS{seed:03d}", seed, k, 0.75)
+    return out

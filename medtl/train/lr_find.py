@@ -57,7 +57,7 @@ def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
         opt.zero_grad()
         loss.backward()
         opt.step()
-        avg = 0.9 * avg + 0.1 * float(loss)
+        avg = 0.9 * avg + 0.1 * float(loss.detach())
         smooth = avg / (1 - 0.9 ** (step + 1))
         lrs.append(lr)
         losses.append(smooth)

@@ -143,21 +143,3 @@ def test_png_8_and_16_bit_grey_and_rgb(tmp_path):
     rgb = np.stack([grey] * 3, axis=-1)
     Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=100)
     assert read_image(tmp_path / "c.jpg").array.shape == (32, 64)
-
-
-@pytest.mark.shared_data
-def test_real_dicom_files_match_pydicom(shared_data):
-    from pydicom.pixels import apply_modality_lut
-
-    for path in sorted((shared_data / "dicom").glob("*/*.dcm")):
-        ds = pydicom.dcmread(path)
-        try:
-            scan = read_image(path)
-        except MedtlInputError as e:  # a refusal must name the file
-            assert path.name in str(e)
-            continue
-        if ds.get("PhotometricInterpretation") in ("MONOCHROME2",) and int(ds.get("NumberOfFrames", 1)) == 1:
-            np.testing.assert_allclose(scan.array, apply_modality_lut(ds.pixel_array, ds).astype(np.float32),
-                                       err_msg=path.name)
-        if ds.get("Modality") == "CT":
-            assert scan.units == "HU", path.name

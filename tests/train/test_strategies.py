@@ -1,0 +1,154 @@
+"""The fine-tuning ladder: exact freezing, cached features, layer-wise rates, auto, DDP, LR finder."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from medtl.config import load_config
+from medtl.data import read_dataset
+from medtl.models import create_encoder, resolve_preprocessing
+from medtl.train import choose_strategy, encoder_groups, extract_features, fit, lr_sweep, predict_probs, prepare_data
+from medtl.train.fit import ALL, Stage, _param_groups
+from tests.data.test_sources import write_medmnist
+
+
+def _config(path, **train):
+    return load_config(data={"path": str(path), "augment": False}, encoder={"input_size": 32, "drop_rate": 0.0},
+                       train={"epochs": 1, "frozen_epochs": 0, "batch_size": 4, "class_weighting": False, **train})
+
+
+def _data(path, cfg, shuffle_labels=False):
+    model = create_encoder("efficientnet_lite0", num_classes=2, drop_rate=0.0)
+    pre = resolve_preprocessing(model, 32)
+    prepared = prepare_data(cfg.data, pre, 0, read_dataset(path))
+    if shuffle_labels:
+        rng = np.random.default_rng(0)
+        labels = rng.permutation([s["label"] for s in prepared.sets["train"]])
+        for s, y in zip(prepared.sets["train"], labels):
+            s["label"] = int(y)
+    return model, prepared.datasets(cfg.data, pre)
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return write_medmnist(tmp_path_factory.mktemp("mm") / "tiny.npz", n=(24, 8, 8))
+
+
+def test_partial_trains_only_the_top_groups_exactly(npz):
+    cfg = _config(npz, strategy="partial", unfreeze_groups=1, freeze_bn=False)
+    model, (train, val, _) = _data(npz, cfg)
+    groups = encoder_groups(model)
+    frozen = {id(p) for g in groups[:-1] for p in g}
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen_names = {names[i] for i in frozen}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, train, val, cfg.train, num_classes=2)
+    after = model.state_dict()
+    for k in frozen_names:
+        assert torch.equal(before[k], after[k]), k
+    # BatchNorm statistics of frozen groups stay too, even with freeze_bn off
+    assert torch.equal(before["blocks.0.0.bn1.running_mean"], after["blocks.0.0.bn1.running_mean"])
+    top = [names[id(p)] for p in groups[-1]]
+    assert any(not torch.equal(before[k], after[k]) for k in top)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_layerwise_learning_rates_decay_from_the_top():
+    model = create_encoder("efficientnet_lite0", num_classes=2, pretrained=False)
+    groups = _param_groups(model, Stage("full", 1, ALL, head_lr=1e-3, encoder_lr=1e-4, layer_decay=0.5))
+    lrs = [g["lr"] for g in groups]
+    assert lrs[0] == 1e-3 and lrs[1] == 1e-4 and lrs[2] == pytest.approx(5e-5)
+    assert len(groups) == 1 + len(encoder_groups(model)) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_cached_features_equal_the_live_encoder(npz):
+    cfg = _config(npz)
+    model, (_, val, _) = _data(npz, cfg)
+    model.eval()
+    feats, labels = extract_features(model, val, channels_last=True)
+    x = torch.stack([val[i]["image"] for i in range(len(val))])
+    with torch.no_grad():
+        live = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(feats, live, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.get_classifier()(feats), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_strategy_follows_the_label_count():
+    cfg = load_config(train={"strategy": "auto"}).train
+    assert choose_strategy({0: 5, 1: 40}, cfg)[0] == "linear_probe"
+    assert choose_strategy({0: 30, 1: 40}, cfg)[0] == "partial"
+    strategy, reason = choose_strategy({0: 80, 1: 400}, cfg)
+    assert strategy == "fine_tune" and "80" in reason
+
+
+def test_shuffled_labels_score_near_chance_and_real_labels_do_not(tmp_path):
+    from medtl.eval.metrics import compute_auc
+
+    path = write_medmnist(tmp_path / "s.npz", n=(120, 40, 200), seed=3)
+    aucs = {}
+    for shuffled in (False, True):
+        cfg = _config(path, strategy="linear_probe", epochs=15, lr=1e-2, batch_size=16)
+        torch.manual_seed(0)
+        model, (train, val, test) = _data(path, cfg, shuffle_labels=shuffled)
+        fit(model, train, val, cfg.train, num_classes=2)
+        y, p = predict_probs(model, test)
+        aucs[shuffled] = compute_auc(y, p)
+    assert aucs[False] > 0.9
+    assert abs(aucs[True] - 0.5) < 0.15, aucs
+
+
+def _ddp_worker(rank, world, path, out, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MEDTL_DDP_BACKEND="gloo")
+    torch.set_num_threads(1)
+    cfg = _config(path, strategy="full", epochs=2, batch_size=4, channels_last=False)
+    torch.manual_seed(0)
+    model, (train, val, _) = _data(path, cfg)
+    fit(model, train, val, cfg.train, num_classes=2)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_ddp_on_two_gloo_processes_matches_one_process(npz, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(npz), str(tmp_path / "ddp.pt"), port), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    cfg = _config(npz, strategy="full", epochs=2, batch_size=4, channels_last=False)
+    torch.manual_seed(0)
+    model, (train, val, _) = _data(npz, cfg)
+    fit(model, train, val, cfg.train, num_classes=2)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single = model.state_dict()
+    moved = [k for k in single if k.endswith("weight")]
+    for k in moved:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_lr_finder_suggests_a_rate_inside_the_sweep(npz):
+    torch.manual_seed(0)
+    feats = torch.randn(64, 16)
+    labels = (feats[:, 0] > 0).long()
+    head = torch.nn.Linear(16, 2)
+    found = lr_sweep(feats, labels, head, steps=60)
+    assert found.lrs[0] <= found.suggestion <= found.lrs[-1]
+    assert len(found.lrs) == len(found.losses) >= 12
+
+
+def test_mixup_and_tta_run_and_best_checkpoint_is_reported(npz):
+    cfg = _config(npz, strategy="fine_tune", frozen_epochs=1, epochs=1, mixup=0.4, tta=True)
+    model, (train, val, _) = _data(npz, cfg)
+    calls = []
+    result = fit(model, train, val, cfg.train, num_classes=2, on_improve=lambda m, row: calls.append(row["epoch"]))
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert calls and calls[-1] == result.best_epoch
