@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-browser test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# everything, including slow and browser tests (what CI runs)
+# the end-to-end browser test (needs Debian's chromium: apt-get install chromium)
+test-browser: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,browser]'
+	$(BIN)/python -m pytest -m browser
+
+# everything, including slow and browser tests
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" 
 

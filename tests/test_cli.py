@@ -77,3 +77,34 @@ def test_ui_is_installed_with_the_package(tmp_path):
     code = "import ui.app, medtl.cli; print(ui.app.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
+
+
+def test_train_on_a_medmnist_npz_uses_its_split(tmp_path):
+    from tests.data.test_sources import write_medmnist
+
+    npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--out", str(run), "--input-size", "32", "--epochs", "1",
+                 "--frozen-epochs", "1", "--strategy", "partial"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"].startswith("fixed") and metrics["test"]["n_images"] == 10
+    assert metrics["strategy"] == "partial"
+
+
+def test_volumes_read_slice_by_slice_give_a_study_score_and_a_slice_profile(tmp_path, sample_dir):
+    from medtl.inference import load_run
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(sample_dir / "manifest.csv")
+    cfg = cfg.__class__(data=cfg.data.__class__(**{**cfg.data.__dict__, "volume_mode": "slices_2.5d"}),
+                        encoder=cfg.encoder, train=cfg.train, explain=cfg.explain)
+    from medtl.train import run_experiment
+
+    run = run_experiment(cfg, tmp_path / "run")
+    predictor = load_run(run)
+    volume = sorted((sample_dir / "nifti").glob("*.nii.gz"))[0]
+    pred = predictor.predict(volume)
+    assert len(pred.slice_scores) == 12 and 0 <= pred.slice_index < 12
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
+    expl = predictor.explain(volume)
+    assert expl.saliency.shape == expl.image.shape and expl.prediction.slice_index is not None

@@ -78,7 +78,9 @@ def _write_ct_dicom(path: Path, hu: np.ndarray, patient: str, seed: int, index: 
     ds.Manufacturer = "medtl synthetic"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient = [-spacing * hu.shape[1] / 2, -spacing * hu.shape[0] / 2, float(index) * 5.0]
+    spacing = round(spacing, 6)  # DS values hold at most 16 characters
+    ds.ImagePositionPatient = [round(-spacing * hu.shape[1] / 2, 4), round(-spacing * hu.shape[0] / 2, 4),
+                               float(index) * 5.0]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [spacing, spacing]
     ds.SliceThickness = 5.0

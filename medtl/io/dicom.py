@@ -33,12 +33,17 @@ _LPS = ("L", "P", "S")  # DICOM patient axes: +x toward the patient's left, +y p
 _OPPOSITE = {"L": "R", "P": "A", "S": "I"}
 
 
-def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool = False) -> pydicom.Dataset:
-    """Parse a DICOM file (a path, or its bytes from a zip) with a typed error on failure."""
+def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool = False,
+               defer_pixels: bool = False) -> pydicom.Dataset:
+    """Parse a DICOM file (a path, or its bytes from a zip) with a typed error on failure.
+
+    ``header_only`` stops before the pixel data; ``defer_pixels`` parses everything but reads
+    large values (the pixel data) from the source only when they are used.
+    """
     path = Path(name)
     try:
         fp = BytesIO(source) if isinstance(source, bytes) else source
-        return pydicom.dcmread(fp, stop_before_pixels=header_only)
+        return pydicom.dcmread(fp, stop_before_pixels=header_only, defer_size="256 KB" if defer_pixels else None)
     except InvalidDicomError:
         raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
                                      "a DICOM Part 10 file") from None

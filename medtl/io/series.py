@@ -40,7 +40,7 @@ class Instance:
     """One DICOM file of a study (its header, without pixels)."""
 
     name: str  # file name inside the folder or zip (no patient data)
-    ds: object  # pydicom Dataset, header only
+    ds: object  # pydicom Dataset; its pixel data is read from the file only when decoded
     data: bytes | None = None  # the file's bytes when it came from a zip
     file: Path | None = None  # the file on disk when it came from a folder
 
@@ -100,7 +100,7 @@ def _iter_sources(path: Path):
 
 
 def list_series(path: str | Path) -> StudyListing:
-    """Group every DICOM file of a folder or zip into series (headers only; pixels are not read)."""
+    """Group every DICOM file of a folder or zip into series (pixel data is read only when a series is decoded)."""
     path = Path(path)
     if not path.exists():
         raise FileMissingError(path, "not found")
@@ -108,7 +108,7 @@ def list_series(path: str | Path) -> StudyListing:
     problems = []
     for name, src in _iter_sources(path):
         try:
-            ds = open_dicom(src, name, header_only=True)
+            ds = open_dicom(src, name, defer_pixels=True)
         except MedtlInputError as e:
             problems.append((name, e.problem))
             continue
@@ -180,10 +180,7 @@ def read_series(path: str | Path, series_uid: str | None = None, modality: str |
 
 def read_instances(series: Series, path: Path) -> Scan:
     """Decode and stack the instances of one series, sorted along the slice normal."""
-    scans = []
-    for inst in series.instances:
-        ds = open_dicom(inst.data if inst.data is not None else inst.file, inst.name)
-        scans.append(dataset_to_scan(ds, Path(inst.name)))
+    scans = [dataset_to_scan(inst.ds, Path(inst.name)) for inst in series.instances]
     if len(scans) == 1:
         scan = scans[0]
         scan.path, scan.source = path, "dicom-series"
