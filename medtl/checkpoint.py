@@ -17,13 +17,22 @@ FORMAT_VERSION = "1"
 
 
 def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_names: list[str],
-               preprocessing: Preprocessing) -> None:
-    """Write weights and everything needed to rebuild and feed the model to one safetensors file."""
+               preprocessing: Preprocessing, temperature: float | None = None,
+               operating_point: dict | None = None) -> None:
+    """Write weights and everything needed to rebuild and feed the model to one safetensors file.
+
+    ``temperature`` (fitted on validation data) calibrates the probabilities; ``operating_point``
+    (``{"threshold": t, "rule": ...}`` on the class-1 probability) is the decision rule for binary models.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
         "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),
     }
+    if temperature is not None:
+        meta["temperature"] = json.dumps(float(temperature))
+    if operating_point is not None:
+        meta["operating_point"] = json.dumps(operating_point)
     save_file(state, str(path), metadata=meta)
 
 
@@ -52,4 +61,6 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as e:
         raise RunError(f"{path}: weights do not fit {meta['encoder']}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
-    return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre}
+    return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre,
+                   "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
+                   "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None}

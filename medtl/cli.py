@@ -126,6 +126,24 @@ def cmd_info(args) -> int:
     return 0 if usable else 1
 
 
+def cmd_evaluate(args) -> int:
+    from medtl.eval.report import evaluate_run
+
+    methods = tuple(args.methods.split(",")) if args.methods else ("gradcam", "gradcampp", "occlusion",
+                                                                     "integrated_gradients")
+    result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
+                          methods=methods, data_randomisation=not args.no_data_randomisation)
+    auc = result["auc"]
+    ci = auc["auc_ci"]
+    print(f"{args.run}: test AUC {auc['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
+          f"; ECE {result['calibration']['test_ece_before']:.3f} -> {result['calibration']['test_ece_after']:.3f} "
+          f"(T = {result['calibration']['temperature']:.2f})")
+    for s in result["saliency_sanity"]:
+        print(f"  {s['method']:22s} {s['verdict']}")
+    print(f"report: {Path(args.run) / 'evaluation' / 'report.html'}")
+    return 0
+
+
 def cmd_encoders(args) -> int:
     from medtl.models import get_encoder_spec, list_encoders
 
@@ -205,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", help="only consider series of this modality")
     s.add_argument("--volume-index", type=int, help="volume of a 4D NIfTI")
     s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("evaluate", help="test metrics with CIs, calibration, saliency sanity checks, report.html")
+    s.add_argument("run", type=Path)
+    s.add_argument("--data", help="evaluate on this data set instead of the run's own test split")
+    s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
+    s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
+    s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four)")
+    s.add_argument("--no-data-randomisation", action="store_true",
+                   help="skip training a shuffled-label model for the data randomisation test")
+    s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("encoders", help="list the registered encoders")
     s.set_defaults(fn=cmd_encoders)

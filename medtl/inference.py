@@ -22,8 +22,8 @@ class Prediction:
     """A model's answer for one file."""
 
     file: str  # file name (not the full path)
-    probabilities: dict[str, float]  # class name -> probability (aggregated over slices for volumes)
-    label: str  # most probable class
+    probabilities: dict[str, float]  # class name -> probability (calibrated when the run has a temperature)
+    label: str  # decided class: at the run's operating point when it has one, else the most probable
     slice_scores: list[float] | None = None  # "slices" volume modes: probability of ``label`` per slice
     slice_index: int | None = None  # slice shown / most suspicious slice of a volume (None for 2D images)
 
@@ -63,6 +63,8 @@ class Predictor:
         self.class_names: list[str] = meta["class_names"]
         self.preprocessing = meta["preprocessing"]
         self.encoder = meta["encoder"]
+        self.temperature: float | None = meta["temperature"]  # set by `medtl evaluate` (calibration)
+        self.operating_point: dict | None = meta["operating_point"]  # decision threshold chosen on validation
         self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
 
     def __repr__(self) -> str:
@@ -86,9 +88,10 @@ class Predictor:
         with torch.no_grad():
             for chunk in torch.split(x, batch_size):
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-                p = self.model(chunk).softmax(dim=1)
+                t = self.temperature or 1.0
+                p = (self.model(chunk) / t).softmax(dim=1)
                 if self.config.train.tta:
-                    p = (p + self.model(torch.flip(chunk, dims=[3])).softmax(dim=1)) / 2
+                    p = (p + (self.model(torch.flip(chunk, dims=[3])) / t).softmax(dim=1)) / 2
                 out.append(p)
         return torch.cat(out).numpy()
 
@@ -96,6 +99,8 @@ class Predictor:
         data = self.config.data
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
         label = int(p.argmax())
+        if self.operating_point is not None and len(p) == 2:
+            label = int(p[1] >= self.operating_point["threshold"])
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
         pred = Prediction(file=Path(path).name, probabilities=probs, label=self.class_names[label])
         if len(parts) > 1:
