@@ -61,7 +61,11 @@ def analyse(predictor: Predictor, file_path: str | None) -> tuple:
     pred = expl.prediction
     image = (np.clip(expl.image, 0, 1) * 255).astype(np.uint8)
     p = pred.probabilities[pred.label]
-    message = (f"**Predicted class: {pred.label}** (probability {p:.2f}). "
+    calibrated = "calibrated " if predictor.temperature else ""
+    rule = (f" Decision at the model's operating point ({predictor.operating_point['rule']})."
+            if predictor.operating_point else "")
+    where = f" Slice {pred.slice_index} shown (most suspicious)." if pred.slice_scores else ""
+    message = (f"**Predicted class: {pred.label}** ({calibrated}probability {p:.2f}).{rule}{where} "
                f"Saliency: Grad-CAM for class {expl.class_name}.")
     return for_display(image), pred.probabilities, for_display(expl.overlay), message
 

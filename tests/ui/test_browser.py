@@ -44,3 +44,24 @@ def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_pat
         import gradio as gr
 
         gr.close_all()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_evaluation_report_opens_offline_in_a_browser(tiny_run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from medtl.eval.report import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    evaluate_run(run, n_boot=50, methods=("gradcam",), data_randomisation=False)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.route("http*://**", lambda route: route.abort())  # offline: nothing may be fetched
+        page.goto((run / "evaluation" / "report.html").as_uri())
+        assert "Test AUC" in page.locator("#auc").inner_text()
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert len(widths) >= 4 and all(w > 0 for w in widths)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        shutil.copy(tmp_path / "report.png", "/tmp/medtl_report_screenshot.png")
+        browser.close()
