@@ -62,6 +62,17 @@ def _class_order(values: list[str]) -> list[str]:
         return unique
 
 
+def index_labels(records: list[dict], problems: list[Problem]) -> list[str]:
+    """Replace each record's ``label_value`` by a class index; log the skipped rows; return the class names."""
+    class_names = _class_order([r["label_value"] for r in records])
+    index = {name: i for i, name in enumerate(class_names)}
+    for r in records:
+        r["label"] = index[r.pop("label_value")]
+    for p in problems:
+        log.warning("skipped %s", p)
+    return class_names
+
+
 def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     """Read a manifest CSV. Image paths are relative to the manifest's folder unless absolute.
 
@@ -105,10 +116,4 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         records.append(rec)
     if not records:
         raise ManifestError(path, f"no usable rows ({len(problems)} skipped)")
-    class_names = _class_order([r["label_value"] for r in records])
-    index = {name: i for i, name in enumerate(class_names)}
-    for r in records:
-        r["label"] = index[r.pop("label_value")]
-    for p in problems:
-        log.warning("skipped %s", p)
-    return Manifest(path=path, records=records, class_names=class_names, problems=problems)
+    return Manifest(path=path, records=records, class_names=index_labels(records, problems), problems=problems)

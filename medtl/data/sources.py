@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.data.manifest import Manifest, Problem, _class_order, read_manifest
+from medtl.data.manifest import Manifest, Problem, index_labels, read_manifest
 from medtl.errors import FileMissingError, ManifestError, UnsupportedFormatError
 
 log = logging.getLogger("medtl.data")
@@ -58,12 +58,7 @@ def read_image_folder(root: str | Path) -> Manifest:
             records.append({"image": str(f), "label_value": name, "patient_id": rel.with_suffix("").as_posix()})
     if not records:
         raise ManifestError(root, "no image files in the class folders")
-    class_names = _class_order([r["label_value"] for r in records])
-    index = {c: i for i, c in enumerate(class_names)}
-    for r in records:
-        r["label"] = index[r.pop("label_value")]
-    for p in problems:
-        log.warning("skipped %s", p)
+    class_names = index_labels(records, problems)
     log.info("%s: image folder without patient ids; each image is treated as its own patient", root.name)
     return Manifest(path=root, records=records, class_names=class_names, problems=problems, kind="folder")
 

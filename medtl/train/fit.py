@@ -219,6 +219,16 @@ def _aggregate(labels: np.ndarray, probs: np.ndarray, dataset) -> tuple[np.ndarr
             np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
 
 
+def _eval_batches(model, dataset, batch_size, device, precision, channels_last):
+    """Yield (input batch, labels) of a dataset in order, with the model in eval mode and no gradients."""
+    device = torch.device(device)
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for batch in loader:
+            yield _to_input(batch["image"], device, channels_last), torch.as_tensor(batch["label"]).long()
+
+
 def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
                   precision: str = "fp32", channels_last: bool = False, tta: bool = False,
                   per_study: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -227,18 +237,13 @@ def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device:
     With ``per_study`` (default), slices of one study are aggregated into one row by the
     dataset's ``aggregation`` rule. ``tta`` averages the image and its left-right flip.
     """
-    device = torch.device(device)
-    model.eval()
     labels, probs = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for batch in loader:
-            x = _to_input(batch["image"], device, channels_last)
-            p = model(x).float().softmax(dim=1)
-            if tta:
-                p = (p + model(torch.flip(x, dims=[3])).float().softmax(dim=1)) / 2
-            probs.append(p.cpu().numpy())
-            labels.append(np.asarray(batch["label"]))
+    for x, y in _eval_batches(model, dataset, batch_size, device, precision, channels_last):
+        p = model(x).float().softmax(dim=1)
+        if tta:
+            p = (p + model(torch.flip(x, dims=[3])).float().softmax(dim=1)) / 2
+        probs.append(p.cpu().numpy())
+        labels.append(y.numpy())
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     return _aggregate(labels, probs, dataset) if per_study else (labels, probs)
 
@@ -246,16 +251,11 @@ def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device:
 def extract_features(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
                      precision: str = "fp32", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels): the encoder's pooled output (what the head sees) for every sample, in eval mode."""
-    device = torch.device(device)
-    model.eval()
     feats, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for batch in loader:
-            x = _to_input(batch["image"], device, channels_last)
-            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-            labels.append(torch.as_tensor(batch["label"]).long())
-    return torch.cat(feats), torch.cat(labels).to(device)
+    for x, y in _eval_batches(model, dataset, batch_size, device, precision, channels_last):
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels).to(torch.device(device))
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -344,7 +344,7 @@ class _Trainer:
         optimizer = torch.optim.AdamW(_param_groups(model, stage), weight_decay=cfg.weight_decay)
         loader, sampler = self.loader()
         schedule = self.schedule(optimizer, len(loader), stage.epochs)
-        stale = 0
+        self.stale = 0
         for _ in range(stage.epochs):
             self.epoch += 1
             sampler.set_epoch(self.epoch)
@@ -373,11 +373,6 @@ class _Trainer:
                 self.encoder_images += len(losses) * cfg.batch_size
                 self.encoder_seconds += seconds
             if self.end_epoch(stage, losses, seconds):
-                stale = 0
-            else:
-                stale += 1
-            if stale >= cfg.patience:
-                self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, stale)
                 break
 
     def run_head_on_features(self, stage: Stage) -> None:
@@ -397,7 +392,7 @@ class _Trainer:
         n, bs = len(xf), cfg.batch_size
         steps = n // bs if n > bs else 1
         schedule = self.schedule(optimizer, steps, stage.epochs)
-        stale = 0
+        self.stale = 0
         for _ in range(stage.epochs):
             self.epoch += 1
             t0 = time.perf_counter()
@@ -418,15 +413,10 @@ class _Trainer:
                 probs = head(vf).softmax(dim=1).cpu().numpy()
             y_val, p_val = _aggregate(vy.cpu().numpy(), probs, self.val_ds)
             if self.end_epoch(stage, losses, time.perf_counter() - t0, (y_val, p_val)):
-                stale = 0
-            else:
-                stale += 1
-            if stale >= cfg.patience:
-                self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, stale)
                 break
 
     def end_epoch(self, stage: Stage, losses, seconds, val=None) -> bool:
-        """Validate, record the epoch and keep the weights if they are the best so far."""
+        """Validate, record the epoch, keep the weights if they are the best so far; True: stop the stage."""
         cfg = self.cfg
         y_val, p_val = val or predict_probs(self.model, self.val_ds, max(32, cfg.batch_size), self.device,
                                             self.precision, cfg.channels_last, cfg.tta)
@@ -445,7 +435,11 @@ class _Trainer:
         self.log("epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s", self.epoch,
                  self.total_epochs, stage.name, row["train_loss"] or float("nan"), val_loss,
                  f"{val_auc:.3f}" if val_auc is not None else "n/a", seconds, "  *" if improved else "")
-        return improved
+        self.stale = 0 if improved else self.stale + 1
+        if self.stale >= cfg.patience:
+            self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, self.stale)
+            return True
+        return False
 
     def log(self, *args):
         if self.rank == 0:
