@@ -103,9 +103,9 @@ def cmd_explain(args) -> int:
     out = Path(args.out) if args.out else None
 
     def one(path):
-        expl = predictor.explain(path, class_name=args.target)
+        expl = predictor.explain(path, class_name=args.target, method=args.method)
         target = out if out and len(args.images) == 1 and out.suffix == ".png" else \
-            (out or Path(".")) / f"{Path(path).name.split('.')[0]}_gradcam.png"
+            (out or Path(".")) / f"{Path(path).name.split('.')[0]}_{expl.method}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not args.force:
             raise MedtlError(f"{target} exists; pass --force to replace it")
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--out", help="output .png (one image) or folder (default: current folder)")
     s.add_argument("--target", help="class to explain (default: the predicted one)")
+    s.add_argument("--method", help="gradcam (default), gradcampp, occlusion or integrated_gradients")
     s.add_argument("--force", action="store_true", help="replace existing overlay files")
     s.set_defaults(fn=cmd_explain)
 

@@ -100,7 +100,7 @@ class TrainConfig:
 class ExplainConfig:
     """How saliency maps are made and drawn."""
 
-    method: str = "gradcam"  # saliency method (MONAI GradCAM on the encoder's last feature map)
+    method: str = "gradcam"  # default saliency method: gradcam, gradcampp, occlusion or integrated_gradients
     n_overlays: int = 6  # test images written as overlays after training
     alpha: float = 0.45  # overlay opacity
 
@@ -208,7 +208,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
     look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
     look_up_option(cfg.train.device, ["auto", "cpu", "cuda"], "device")
-    look_up_option(cfg.explain.method, ["gradcam"], "saliency method")
+    look_up_option(cfg.explain.method, ["gradcam", "gradcampp", "occlusion", "integrated_gradients"],
+                   "saliency method")
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
         if not 0.0 < v < 0.5:
             raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")

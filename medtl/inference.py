@@ -13,7 +13,7 @@ from PIL import Image
 from medtl.checkpoint import load_model
 from medtl.config import ExperimentConfig, _from_dict
 from medtl.errors import RunError, find_input_error
-from medtl.explain import compute_gradcam, create_overlay
+from medtl.explain import compute_saliency, create_overlay
 from medtl.transforms import aggregate_slices, create_transforms, input_to_original, split_slices
 
 
@@ -41,6 +41,7 @@ class Explanation:
     saliency: np.ndarray  # (H, W) in [0, 1]
     overlay: np.ndarray  # (H, W, 3) uint8 RGB
     class_name: str  # class the map explains
+    method: str = "gradcam"  # saliency method that made the map
 
     def save(self, path: str | Path) -> Path:
         Image.fromarray(self.overlay).save(path)
@@ -56,7 +57,8 @@ class Predictor:
         if not cfg_path.is_file():
             raise RunError(f"{self.run_dir}: not a medtl run (no config.yaml)")
         raw = yaml.safe_load(cfg_path.read_text()) or {}
-        raw.pop("resolved", None)
+        resolved = raw.pop("resolved", None) or {}
+        self.input_record: dict = resolved.get("input_record", {})  # modalities and dimensions seen in training
         self.config: ExperimentConfig = _from_dict(ExperimentConfig, raw, "")
         self.model, meta = load_model(self.run_dir / "model.safetensors")
         self.model.to(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
@@ -115,7 +117,7 @@ class Predictor:
         x, parts = self._prepare(path)
         return self._prediction(path, self._probs(x), parts)
 
-    def explain(self, path: str | Path, class_name: str | None = None) -> Explanation:
+    def explain(self, path: str | Path, class_name: str | None = None, method: str | None = None) -> Explanation:
         """Grad-CAM of ``class_name`` (default: the predicted class) drawn on the original image.
 
         For a volume read slice by slice, the map is drawn on the slice that scores highest for
@@ -130,14 +132,15 @@ class Predictor:
             look_up_option(target, self.class_names, "class")
         k = self.class_names.index(target)
         best = int(per_input[:, k].argmax())
-        cam = compute_gradcam(self.model, x[best:best + 1], k)
+        cam = compute_saliency(self.model, x[best:best + 1], k, method or self.config.explain.method)
         channels = parts[best]["image"]
         image = np.asarray(channels[channels.shape[0] // 2])  # the middle channel: the slice itself in 2.5d
         saliency = input_to_original(cam, image.shape, self.preprocessing.input_size)
         overlay = create_overlay(image, saliency, self.config.explain.alpha)
         if len(parts) > 1:
             pred.slice_index = int(parts[best]["slice_index"])
-        return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target)
+        return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target,
+                           method=method or self.config.explain.method)
 
 
 def load_run(run_dir: str | Path) -> Predictor:

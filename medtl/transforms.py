@@ -152,6 +152,8 @@ class LoadScan2Dd(MapTransform):
             d["original_shape"] = np.asarray(inputs.shape[-2:])
             d["slice_index"] = index
             d["n_inputs"] = len(inputs)
+            d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
+            d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
             flat = inputs.reshape(-1, *inputs.shape[-2:])
             if self.max_size and max(flat.shape[-2:]) > self.max_size:
                 flat = np.asarray(Resize(self.max_size, size_mode="longest", mode="area")(flat), np.float32)

@@ -15,7 +15,8 @@ from medtl.errors import find_input_error
 
 log = logging.getLogger("medtl.data")
 
-KEEP = ("image", "label", "patient_id", "path", "original_shape", "slice_index", "n_inputs", "study_id", "site")
+KEEP = ("image", "label", "patient_id", "path", "original_shape", "slice_index", "n_inputs", "study_id", "site",
+        "modality", "scan_ndim", "scan_modality")
 
 
 def decode_records(records: Sequence[dict], deterministic: Compose,

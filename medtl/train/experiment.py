@@ -146,6 +146,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     resolved["data"]["path"] = str(Path(cfg.data.path).resolve())
     resolved["resolved"] = {"class_names": manifest.class_names, "preprocessing": asdict(pre),
                             "strategy": result.strategy, "strategy_reason": result.strategy_reason,
+                            "input_record": {  # what the model was trained on: inputs outside it are refused by the UI
+                                "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
+                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]})},
                             "weights_source": model.pretrained_cfg["weights_source"], "precision": result.precision,
                             "environment": environment()}
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))

@@ -32,7 +32,8 @@ def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_pat
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+            page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
             page.locator("input[type=file]").first.set_input_files(str(sample_dir / "dicom" / "img_0001.dcm"))
             page.get_by_text("Predicted class").wait_for(timeout=60_000)
             page.locator("#overlay img").first.wait_for(state="visible", timeout=30_000)
