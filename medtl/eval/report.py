@@ -317,6 +317,11 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, predictor) -> dict:
         limits.append("Trained on MedMNIST images (28 px originals, upscaled): far below clinical resolution.")
     if not result.get("subgroups"):
         limits.append("No site, sex or scanner columns: performance across subgroups is unknown.")
+    cal = result["calibration"]
+    if cal["test_ece_after"] > cal["test_ece_before"]:
+        limits.append(f"Temperature scaling fitted on {sum(len(p) for n, p in prepared.sets.items() if n == 'val')} "
+                      f"validation images raised the test ECE ({cal['test_ece_before']:.3f} → "
+                      f"{cal['test_ece_after']:.3f}): the validation set is too small to calibrate reliably.")
     for s in result.get("saliency_sanity", []):
         if not s["passed"]:
             limits.append(f"Saliency method {s['method']} failed its randomisation sanity check: do not rely on it.")
