@@ -399,7 +399,7 @@ def _describe(predictor: Predictor) -> str:
 
 
 def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           prevent_thread_lock: bool = False):
+           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
@@ -413,5 +413,5 @@ def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str
         credentials = (user, password)
     demo = create_app(run, workdir)
     return demo.launch(server_name=host, server_port=port, share=False, auth=credentials,
-                       max_file_size=MAX_FILE_SIZE, show_error=False, prevent_thread_lock=prevent_thread_lock,
+                       max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,
                        footer_links=[], ssr_mode=False, allowed_paths=[])

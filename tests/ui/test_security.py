@@ -1,0 +1,64 @@
+"""The running app's safe defaults: no file access outside the app, upload limit, authentication."""
+
+import socket
+
+import httpx
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tiny_run):
+    from ui.app import launch
+
+    import gradio as gr
+
+    def start(**kwargs):
+        port = _free_port()
+        launch(tiny_run, port=port, prevent_thread_lock=True, **kwargs)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    gr.close_all()
+
+
+def test_path_traversal_and_absolute_paths_are_refused(served):
+    base = served()
+    for attempt in ["/gradio_api/file=../../../../etc/passwd", "/gradio_api/file=/etc/passwd",
+                    "/file=../../etc/passwd", "/file=/etc/passwd", "/gradio_api/file=%2e%2e/%2e%2e/etc/passwd"]:
+        r = httpx.get(base + attempt, follow_redirects=True)
+        assert r.status_code in (400, 403, 404), (attempt, r.status_code)
+        assert "root:" not in r.text
+
+
+def test_oversize_upload_gets_413(served):
+    base = served(max_file_size="1kb")
+    r = httpx.post(base + "/gradio_api/upload", files={"files": ("big.dcm", b"0" * 20_000)})
+    assert r.status_code == 413
+    ok = httpx.post(base + "/gradio_api/upload", files={"files": ("small.dcm", b"0" * 100)})
+    assert ok.status_code == 200
+
+
+def test_auth_refuses_unauthenticated_requests(served):
+    base = served(auth="doctor:s3cret-pass")
+    assert httpx.get(base + "/config").status_code in (401, 403)
+    r = httpx.post(base + "/gradio_api/upload", files={"files": ("x.dcm", b"0")})
+    assert r.status_code in (401, 403)
+    login = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"})
+    assert login.status_code == 200
+    assert httpx.get(base + "/config", cookies=login.cookies).status_code == 200
+
+
+def test_server_binds_to_loopback_only(served):
+    base = served()
+    assert base.startswith("http://127.0.0.1")
+    host_ip = socket.gethostbyname(socket.gethostname())
+    if host_ip.startswith("127."):
+        pytest.skip("no non-loopback address on this machine")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(base.replace("127.0.0.1", host_ip), timeout=2)
