@@ -200,13 +200,18 @@ def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: fl
         log.error("analysis failed: %s", type(e).__name__)
         return None, None, None, f"**Analysis failed** for {name} ({type(e).__name__}). The file may be damaged.", None
     pred = expl.prediction
-    p = pred.probabilities[pred.label]
     calibrated = "calibrated " if predictor.temperature else ""
-    rule = (f" Decision at the model's operating point ({predictor.operating_point['rule']})."
-            if predictor.operating_point else "")
     where = f" Slice {pred.slice_index} shown (most suspicious)." if pred.slice_scores else ""
-    message = (f"**Predicted class: {pred.label}** ({calibrated}probability {p:.2f}).{rule}{where} "
-               f"Saliency: {expl.method} for class {expl.class_name}.")
+    op = predictor.operating_point
+    if op and len(predictor.class_names) == 2:
+        positive = predictor.class_names[1]
+        p1 = pred.probabilities[positive]
+        side = "at or above" if p1 >= op["threshold"] else "below"
+        decision = (f"**Predicted class: {pred.label}** — {calibrated}probability of {positive} {p1:.2f}, {side} the "
+                    f"model's operating threshold {op['threshold']:.2f} ({op['rule']}).")
+    else:
+        decision = f"**Predicted class: {pred.label}** ({calibrated}probability {pred.probabilities[pred.label]:.2f})."
+    message = f"{decision}{where} Saliency: {expl.method} for class {expl.class_name}."
     case = Case(path=path, scan=scan, prediction=vars(pred), image=expl.image, saliency=expl.saliency,
                 slice_index=int(pred.slice_index or 0), message=message)
     image = (np.clip(expl.image, 0, 1) * 255).astype(np.uint8)
@@ -333,7 +338,8 @@ def create_app(run: str | Path, workdir: Path | None = None):
                 overlay = gr.Image(label="Saliency overlay (model's view)", type="numpy", elem_id="overlay",
                                    interactive=False, height=420, buttons=["fullscreen", "download"])
                 sanity = gr.Markdown("", elem_id="sanity")
-        probs = gr.Label(label="Class probabilities", elem_id="probabilities")
+        probs = gr.Label(label="Class probabilities (the decision, at the operating point, is stated above)",
+                         elem_id="probabilities", show_heading=False)
         profile = gr.Image(label="Per-slice score", type="numpy", interactive=False, visible=False)
         jump = gr.Button("Jump to the most suspicious slice", visible=False)
         header = gr.JSON(label="Header (de-identified)")

@@ -42,6 +42,13 @@ def test_oversize_upload_gets_413(served):
     assert r.status_code == 413
     ok = httpx.post(base + "/gradio_api/upload", files={"files": ("small.dcm", b"0" * 100)})
     assert ok.status_code == 200
+    import os
+    import stat
+    from pathlib import Path
+
+    private = Path(os.environ["GRADIO_TEMP_DIR"])  # the app's own folder, removed at exit
+    assert Path(ok.json()[0]).resolve().is_relative_to(private.resolve())
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
 
 
 def test_auth_refuses_unauthenticated_requests(served):
