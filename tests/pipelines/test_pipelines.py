@@ -44,3 +44,17 @@ def test_study_writes_results_and_resumes(tmp_path, capsys):
     assert mod.main(args) == 0  # nothing left to run: resumed, not redone
     assert "4 cells done, 0 to run" in capsys.readouterr().out
     assert len(list(csv.DictReader(open(tmp_path / "study" / "results.csv")))) == 4
+
+
+@pytest.mark.timeout(300)
+def test_cross_validation_tests_every_image_once(tmp_path):
+    spec = importlib.util.spec_from_file_location("cross_validate", ROOT / "pipelines" / "cross_validate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    npz = write_medmnist(tmp_path / "mm.npz", n=(30, 6, 9))
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("encoder:\n  input_size: 32\ntrain:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "cv"), "--folds", "3", "--config", str(cfg)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cv" / "folds.csv")))
+    assert len(rows) == 3 and sum(int(r["n_test"]) for r in rows) == 45
+    assert "| auc |" in (tmp_path / "cv" / "summary.md").read_text()
