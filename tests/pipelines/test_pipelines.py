@@ -58,3 +58,32 @@ def test_cross_validation_tests_every_image_once(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "cv" / "folds.csv")))
     assert len(rows) == 3 and sum(int(r["n_test"]) for r in rows) == 45
     assert "| auc |" in (tmp_path / "cv" / "summary.md").read_text()
+
+
+def test_shifts_are_deterministic_and_change_the_image():
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("domain_shift", ROOT / "pipelines" / "domain_shift.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    for name in mod.SHIFTS:
+        a = mod.shifted([{"image": image, "label": 0}], mod.create_shift(name))[0]["image"]
+        b = mod.shifted([{"image": image, "label": 0}], mod.create_shift(name))[0]["image"]
+        assert a.shape == image.shape and np.array_equal(a, b), name
+        assert not np.allclose(a, image, atol=1e-3), name
+
+
+@pytest.mark.timeout(300)
+def test_domain_shift_study_runs_end_to_end(tmp_path):
+    spec = importlib.util.spec_from_file_location("domain_shift", ROOT / "pipelines" / "domain_shift.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0,3",
+                     "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
+    assert [r["method"] for r in rows] == ["source_only", "fine_tune", "retrain"]
+    assert (tmp_path / "ds" / "adaptation.png").is_file() and "fine_tune" in (tmp_path / "ds" / "results.md").read_text()
