@@ -31,6 +31,7 @@ from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBi
 from medtl.config import load_config
 from medtl.data import create_dataset
 from medtl.eval import compute_auc
+from medtl.eval.report import save_study
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.train import fit, predict_probs, prepare_data, read_data
 from medtl.transforms import create_transforms
@@ -192,11 +193,7 @@ def summarise(rows: list[dict], out: Path) -> None:
                 lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
                 ax.plot(xs, means, "o-", label=f"{method} ({shift})")
     ax.set(xlabel="labelled target examples per class", ylabel="target test AUC", title="Adaptation to a shift")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "adaptation.png")
-    plt.close(fig)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_study(fig, ax, out / "adaptation.png", lines, out / "results.md")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from medtl.config import load_config
 from medtl.data import create_dataset
 from medtl.eval import compute_auc
+from medtl.eval.report import save_study
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.train import fit, predict_probs, prepare_data, read_data
 from medtl.transforms import create_transforms
@@ -109,11 +110,7 @@ def summarise(rows: list[dict], out: Path) -> None:
         ax.fill_between(xs, means - halfs, means + halfs, alpha=0.2)
     ax.set_xticks(range(len(ns)), ns)
     ax.set(xlabel="labelled training examples per class", ylabel="test AUC", title="Label efficiency")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curve.png")
-    plt.close(fig)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_study(fig, ax, out / "learning_curve.png", lines, out / "results.md")
 
 
 def main(argv=None) -> int:

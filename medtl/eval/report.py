@@ -68,6 +68,17 @@ def _study_probs(labels, logits, studies, temperature, aggregation):
             np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
 
 
+def save_study(fig, ax, png: Path, table_lines: list[str], markdown: Path) -> None:
+    """Finish a study's plot (legend, layout), write it as PNG, and its Markdown table next to it."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    markdown.write_text("\n".join(table_lines) + "\n")
+
+
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -11,8 +11,9 @@ from tests.data.test_sources import write_medmnist
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "pipelines" / "label_efficiency.py")
+def _load(name: str = "label_efficiency"):
+    """A pipeline script imported as a module (pipelines/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -48,9 +49,7 @@ def test_study_writes_results_and_resumes(tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_cross_validation_tests_every_image_once(tmp_path):
-    spec = importlib.util.spec_from_file_location("cross_validate", ROOT / "pipelines" / "cross_validate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("cross_validate")
     npz = write_medmnist(tmp_path / "mm.npz", n=(30, 6, 9))
     cfg = tmp_path / "fast.yaml"
     cfg.write_text("encoder:\n  input_size: 32\ntrain:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
@@ -63,9 +62,7 @@ def test_cross_validation_tests_every_image_once(tmp_path):
 def test_shifts_are_deterministic_and_change_the_image():
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("domain_shift", ROOT / "pipelines" / "domain_shift.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("domain_shift")
     image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
     for name in mod.SHIFTS:
         a = mod.shifted([{"image": image, "label": 0}], mod.create_shift(name))[0]["image"]
@@ -76,9 +73,7 @@ def test_shifts_are_deterministic_and_change_the_image():
 
 @pytest.mark.timeout(300)
 def test_domain_shift_study_runs_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location("domain_shift", ROOT / "pipelines" / "domain_shift.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("domain_shift")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     cfg = tmp_path / "fast.yaml"
     cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
