@@ -90,11 +90,10 @@ class Predictor:
         with torch.no_grad():
             for chunk in torch.split(x, batch_size):
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-                t = self.temperature or 1.0
-                p = (self.model(chunk) / t).softmax(dim=1)
-                if self.config.train.tta:
-                    p = (p + (self.model(torch.flip(chunk, dims=[3])) / t).softmax(dim=1)) / 2
-                out.append(p)
+                z = self.model(chunk)
+                if self.config.train.tta:  # the logits of the image and its flip, averaged (as `medtl evaluate`)
+                    z = (z + self.model(torch.flip(chunk, dims=[3]))) / 2
+                out.append((z / (self.temperature or 1.0)).softmax(dim=1))
         return torch.cat(out).numpy()
 
     def _prediction(self, path: str | Path, per_input: np.ndarray, parts: list[dict]) -> Prediction:

@@ -40,8 +40,8 @@ INTENDED_USE = ("Research on transfer learning for medical image classification.
                 "not for diagnosis, triage or any clinical decision.")
 
 
-def _logits(model, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, logits, study index) for every model input of a dataset."""
+def _logits(model, dataset, batch_size: int = 64, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits, study index) for every model input; ``tta`` averages the logits of the image and its flip."""
     from torch.utils.data import DataLoader
 
     model.eval()
@@ -49,7 +49,10 @@ def _logits(model, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarra
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size):
             x = batch["image"].contiguous(memory_format=torch.channels_last)
-            zs.append(model(x).float().numpy())
+            z = model(x).float()
+            if tta:
+                z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+            zs.append(z.numpy())
             ys.append(np.asarray(batch["label"]))
     studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
     return np.concatenate(ys), np.concatenate(zs), studies
@@ -206,8 +209,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     out.mkdir(exist_ok=True)
     figures: dict[str, bytes] = {}
 
-    yv, zv, sv = _logits(model, val_ds)
-    yt, zt, st = _logits(model, test_ds)
+    yv, zv, sv = _logits(model, val_ds, tta=cfg.train.tta)
+    yt, zt, st = _logits(model, test_ds, tta=cfg.train.tta)
     temperature = fit_temperature(zv, yv)
     val_y, val_p_raw = _study_probs(yv, zv, sv, 1.0, agg)
     _, val_p_cal = _study_probs(yv, zv, sv, temperature, agg)
