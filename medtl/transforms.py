@@ -188,6 +188,16 @@ def aggregate_slices(probs: np.ndarray, how: str, k: int = 3) -> np.ndarray:
     return p / p.sum()
 
 
+def aggregate_studies(labels: np.ndarray, probs: np.ndarray, studies: np.ndarray, how: str = "mean",
+                      k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One row per study (in order of first appearance) from per-input labels and probabilities."""
+    order = list(dict.fromkeys(np.asarray(studies).tolist()))
+    if len(order) == len(studies):
+        return labels, probs
+    return (np.asarray([labels[studies == s][0] for s in order]),
+            np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
+
+
 def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tuple[Compose, Compose]:
     """Return ``(deterministic, final)`` chains.
 

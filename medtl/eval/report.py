@@ -42,33 +42,24 @@ INTENDED_USE = ("Research on transfer learning for medical image classification.
 
 def _logits(model, dataset, batch_size: int = 64, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, logits, study index) for every model input; ``tta`` averages the logits of the image and its flip."""
-    from torch.utils.data import DataLoader
+    from medtl.train.fit import _eval_batches
 
-    model.eval()
     ys, zs = [], []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size):
-            x = batch["image"].contiguous(memory_format=torch.channels_last)
-            z = model(x).float()
-            if tta:
-                z = (z + model(torch.flip(x, dims=[3])).float()) / 2
-            zs.append(z.numpy())
-            ys.append(np.asarray(batch["label"]))
+    for x, y in _eval_batches(model, dataset, batch_size, "cpu", "fp32", channels_last=True):
+        z = model(x).float()
+        if tta:
+            z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+        zs.append(z.numpy())
+        ys.append(y.numpy())
     studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
     return np.concatenate(ys), np.concatenate(zs), studies
 
 
 def _study_probs(labels, logits, studies, temperature, aggregation):
-    from medtl.transforms import aggregate_slices
+    from medtl.transforms import aggregate_studies
 
-    z = torch.as_tensor(logits) / temperature
-    probs = z.softmax(dim=1).numpy()
-    order = list(dict.fromkeys(studies.tolist()))
-    if len(order) == len(studies):
-        return labels, probs
-    how, k = aggregation
-    return (np.asarray([labels[studies == s][0] for s in order]),
-            np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
+    probs = (torch.as_tensor(logits) / temperature).softmax(dim=1).numpy()
+    return aggregate_studies(labels, probs, studies, *aggregation)
 
 
 def save_study(fig, ax, png: Path, table_lines: list[str], markdown: Path) -> None:

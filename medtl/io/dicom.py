@@ -73,7 +73,7 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
         raise CorruptImageError(path, f"header declares {declared / 2**30:.1f} GiB of pixels "
                                 f"({rows}x{cols}x{frames}); refused before allocating")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        if len(ds.PixelData) < declared * (int(bits_alloc or 8) % 8 == 0):
+        if int(bits_alloc or 8) % 8 == 0 and len(ds.PixelData) < declared:
             raise CorruptImageError(
                 path, f"pixel data holds {len(ds.PixelData)} bytes, fewer than Rows x Columns x frames "
                 f"needs ({declared})")
@@ -112,7 +112,7 @@ def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
         notes.append("MONOCHROME1 (white = low values) inverted to MONOCHROME2")
         log.info("%s: MONOCHROME1 inverted to MONOCHROME2", path.name)
     row_spacing, col_spacing = _pixel_spacing(ds, 0)
-    orientation_cosines = _orientation(ds, 0)
+    orientation_cosines = image_orientation(ds, 0)
     positions: tuple[float, ...] = ()
     if _is_mosaic(ds):
         array, spacing, orient = _demosaic(ds, array[0], path)
@@ -219,7 +219,7 @@ def _pixel_spacing(ds, frame: int) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _orientation(ds, frame: int) -> tuple[float, ...] | None:
+def image_orientation(ds, frame: int = 0) -> tuple[float, ...] | None:
     item = _shared_item(ds, "PlaneOrientationSequence", frame)
     src = item if item is not None and "ImageOrientationPatient" in item else ds
     iop = src.get("ImageOrientationPatient")
@@ -278,7 +278,7 @@ def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path:
 
 def _frame_order(ds, frames: int, iop, path: Path, notes: list[str]):
     positions = [_position(ds, i) for i in range(frames)]
-    orients = [_orientation(ds, i) for i in range(frames)]
+    orients = [image_orientation(ds, i) for i in range(frames)]
     if iop is None or any(p is None for p in positions):
         between = float(ds.get("SpacingBetweenSlices", 0) or 0)
         notes.append(f"{frames} frames without per-frame position: kept in stored order; slice spacing "

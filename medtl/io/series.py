@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
-from medtl.io.dicom import dataset_to_scan, open_dicom, orientation_letters, sort_along_normal
+from medtl.io.dicom import dataset_to_scan, image_orientation, open_dicom, orientation_letters, sort_along_normal
 from medtl.io.scan import Scan
 
 log = logging.getLogger("medtl.io")
@@ -150,7 +150,8 @@ def choose_series(listing: StudyListing, series_uid: str | None = None,
         if not kept:
             raise MedtlInputError(listing.path, f"no {modality} series",
                                   "one of the modalities " + ", ".join(sorted({s.modality for s in candidates})))
-        candidates, _ = kept, reasons.append(f"modality {modality.upper()}")
+        candidates = kept
+        reasons.append(f"modality {modality.upper()}")
     primary = [s for s in candidates if not any(t in s.image_type.upper() for t in _EXCLUDED_TYPES)]
     if primary and len(primary) < len(candidates):
         reasons.append(f"{len(candidates) - len(primary)} localizer/projection series left out")
@@ -188,7 +189,7 @@ def read_instances(series: Series, path: Path) -> Scan:
     if any(s.array.ndim != 2 for s in scans):
         raise CorruptImageError(path, f"series {series.number} holds {len(scans)} instances that are each a volume "
                                 "(multi-frame or mosaic: time points or repeats)", "one of its files, read alone")
-    iops = [_iop(inst.ds) for inst in series.instances]
+    iops = [image_orientation(inst.ds) for inst in series.instances]
     positions = [inst.ds.get("ImagePositionPatient") for inst in series.instances]
     if any(i is None for i in iops) or any(p is None or len(p) != 3 for p in positions):
         raise CorruptImageError(path, f"series {series.number}: slices lack ImagePositionPatient/"
@@ -209,8 +210,3 @@ def read_instances(series: Series, path: Path) -> Scan:
     return Scan(array=array, spacing=(spacing, *first.spacing), modality=first.modality, source="dicom-series",
                 path=path, units=first.units, header=first.header, window=first.window,
                 orientation=orientation_letters(iops[0], volume=True), slice_positions=pos, notes=notes)
-
-
-def _iop(ds) -> tuple[float, ...] | None:
-    v = ds.get("ImageOrientationPatient")
-    return tuple(float(x) for x in v) if v is not None and len(v) == 6 else None

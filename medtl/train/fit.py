@@ -208,15 +208,10 @@ def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 
 def _aggregate(labels: np.ndarray, probs: np.ndarray, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Slice-level results to one per study, when the dataset holds several inputs per study."""
-    studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
-    if len(np.unique(studies)) == len(studies):
-        return labels, probs
-    from medtl.transforms import aggregate_slices
+    from medtl.transforms import aggregate_studies
 
-    how, k = getattr(dataset, "aggregation", ("mean", 3))
-    order = np.unique(studies)
-    return (np.asarray([labels[studies == s][0] for s in order]),
-            np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
+    studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
+    return aggregate_studies(labels, probs, studies, *getattr(dataset, "aggregation", ("mean", 3)))
 
 
 def _eval_batches(model, dataset, batch_size, device, precision, channels_last):
@@ -295,7 +290,7 @@ class _Trainer:
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
         self.result = FitResult(precision=self.precision, device=str(self.device), world_size=self.world)
         self.best_state = copy.deepcopy(model.state_dict())
-        self.epoch, self.total_epochs = 0, 0
+        self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
         self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.precision == "fp16" \
             else None
