@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from medtl.errors import MedtlError
+from medtl.errors import FileMissingError, MedtlError
 
 log = logging.getLogger("medtl")
 
@@ -247,14 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_errors(fn, *args) -> int:
+    """``fn(*args)``'s exit code; a medtl error is printed as one line (no traceback) and gives 2."""
+    try:
+        return fn(*args)
+    except MedtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, FileMissingError) and "shared" in str(e.path or ""):
+            print("  the project's real data sets are in ../shared/data next to a developer's clone (see its "
+                  "README); a user's clone has none: pass your own manifest, image folder or .npz", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        return args.fn(args)
-    except MedtlError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(args.fn, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
-VOLUME_MODES = ("middle", "mip", "2.5d", "slices", "slices_2.5d")
+VOLUME_MODES = ("middle", "mip", "2.5d", "slices", "slices_2.5d", "3d")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class DataConfig:
     ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
     ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
     percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
-    volume_mode: str = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d"
+    volume_mode: str = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
+    #   or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
     slice_aggregation: str = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
     top_k: int = 3  # slices averaged by slice_aggregation "topk"
     volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)

@@ -12,8 +12,9 @@ from PIL import Image
 
 from medtl.checkpoint import load_model
 from medtl.config import ExperimentConfig, _from_dict
-from medtl.errors import RunError, find_input_error
+from medtl.errors import ConfigError, RunError, find_input_error
 from medtl.explain import compute_saliency, create_overlay
+from medtl.models.volumetric import is_volume_model
 from medtl.transforms import aggregate_slices, create_transforms, input_to_original, split_slices
 
 
@@ -61,7 +62,8 @@ class Predictor:
         self.input_record: dict = resolved.get("input_record", {})  # modalities and dimensions seen in training
         self.config: ExperimentConfig = _from_dict(ExperimentConfig, raw, "")
         self.model, meta = load_model(self.run_dir / "model.safetensors")
-        self.model.to(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
+        self._layout = torch.contiguous_format if is_volume_model(self.model) else torch.channels_last
+        self.model.to(memory_format=self._layout)  # channels-last: about 2x faster 2D convolutions on CPU
         self.class_names: list[str] = meta["class_names"]
         self.preprocessing = meta["preprocessing"]
         self.encoder = meta["encoder"]
@@ -89,10 +91,10 @@ class Predictor:
         out = []
         with torch.no_grad():
             for chunk in torch.split(x, batch_size):
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
+                chunk = chunk.contiguous(memory_format=self._layout)
                 z = self.model(chunk)
                 if self.config.train.tta:  # the logits of the image and its flip, averaged (as `medtl evaluate`)
-                    z = (z + self.model(torch.flip(chunk, dims=[3]))) / 2
+                    z = (z + self.model(torch.flip(chunk, dims=[-1]))) / 2
                 out.append((z / (self.temperature or 1.0)).softmax(dim=1))
         return torch.cat(out).numpy()
 
@@ -122,6 +124,9 @@ class Predictor:
         For a volume read slice by slice, the map is drawn on the slice that scores highest for
         that class.
         """
+        if is_volume_model(self.model):
+            raise ConfigError(None, f"saliency maps of 3D models ({self.encoder}) are not drawn",
+                              "a run of a 2D encoder; use predict() for this one")
         x, parts = self._prepare(path)
         per_input = self._probs(x)
         pred = self._prediction(path, per_input, parts)

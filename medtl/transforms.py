@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 
 from medtl.config import CT_WINDOWS, DataConfig
-from medtl.errors import ConfigError, MedtlInputError
+from medtl.errors import ConfigError, CorruptImageError, MedtlInputError
 from medtl.io import Scan, read_image
 from medtl.models.encoders import Preprocessing
 
@@ -145,6 +145,18 @@ class LoadScan2Dd(MapTransform):
             d["path"] = str(d.get("path") or d[key])
             preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
             scaled = scale_intensity(scan.array, preset, self.data, scan)  # (C, [slices,] rows, columns)
+            d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
+            d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
+            if self.data.volume_mode == "3d":  # the whole volume is one input of a 3D network
+                if scaled.ndim != 4 or scan.array.shape[0] < 2:
+                    raise CorruptImageError(d["path"], f"a {scan.array.ndim}D image where volume_mode '3d' "
+                                            "needs a volume", "a 3D scan (or a 2D volume mode)")
+                d["original_shape"] = np.asarray(scaled.shape[-3:])
+                d["slice_index"], d["n_inputs"] = np.array([-1]), 1
+                if self.max_size and max(scaled.shape[-3:]) > self.max_size:
+                    scaled = np.asarray(Resize(self.max_size, size_mode="longest", mode="area")(scaled), np.float32)
+                d[key] = scaled
+                continue
             if scaled.ndim == 4:
                 inputs, index = volume_inputs(scaled, self.data.volume_mode)
             else:
@@ -152,8 +164,6 @@ class LoadScan2Dd(MapTransform):
             d["original_shape"] = np.asarray(inputs.shape[-2:])
             d["slice_index"] = index
             d["n_inputs"] = len(inputs)
-            d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
-            d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
             flat = inputs.reshape(-1, *inputs.shape[-2:])
             if self.max_size and max(flat.shape[-2:]) > self.max_size:
                 flat = np.asarray(Resize(self.max_size, size_mode="longest", mode="area")(flat), np.float32)
@@ -205,22 +215,28 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     to the encoder's input (aspect kept, padded to a square), adds the training augmentation
     (when ``train``) and the encoder's channel repeat and mean/std normalisation.
     """
-    size = pre.input_size
+    size, dims = pre.input_size, pre.spatial_dims
+    if (dims == 3) != (data.volume_mode == "3d"):
+        raise ConfigError(None, f"volume_mode {data.volume_mode!r} with a {dims}D encoder",
+                          "volume_mode '3d' with a 3D encoder (resnet18_3d, ...), any other mode with a 2D one")
     deterministic = Compose([LoadScan2Dd("image", data, max_size=size)])
     final: list = [
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-        Resized("image", spatial_size=size, size_mode="longest", mode="bilinear", anti_aliasing=False),
-        SpatialPadd("image", spatial_size=(size, size), mode="constant"),
+        Resized("image", spatial_size=size, size_mode="longest", mode="bilinear" if dims == 2 else "trilinear",
+                anti_aliasing=False),
+        SpatialPadd("image", spatial_size=(size,) * dims, mode="constant"),
     ]
     if train and data.augment:
+        # 2D: rotation in plane; 3D: about the slice axis (in-plane) only, as acquisitions vary most there.
+        ranges = dict(rotate_range=np.deg2rad(10), scale_range=0.1, translate_range=size * 0.05) if dims == 2 else \
+            dict(rotate_range=(np.deg2rad(10), 0.0, 0.0), scale_range=(0.1,) * 3, translate_range=(size * 0.05,) * 3)
         final += [
-            RandAffined("image", prob=0.5, rotate_range=np.deg2rad(10), scale_range=0.1, translate_range=size * 0.05,
-                        padding_mode="zeros"),
+            RandAffined("image", prob=0.5, padding_mode="zeros", **ranges),
             RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
             RandGaussianNoised("image", prob=0.3, std=0.02),
         ]
         if data.flip:
-            final.append(RandFlipd("image", spatial_axis=1, prob=0.5))
+            final.append(RandFlipd("image", spatial_axis=-1, prob=0.5))  # left-right (columns)
     final += [
         RepeatToChannelsd("image", pre.in_chans),
         NormalizeIntensityd("image", subtrahend=np.array(pre.mean), divisor=np.array(pre.std), channel_wise=True),

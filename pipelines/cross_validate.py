@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from medtl.cli import report_errors
 from medtl.config import load_config
 from medtl.data import create_dataset, kfold_by_patient, split_by_patient
 from medtl.eval import compute_classification_metrics
@@ -91,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_errors(main))

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, Resize
 
+from medtl.cli import report_errors
 from medtl.config import load_config
-from medtl.data import create_dataset
+from medtl.data import TooFewExamplesError, create_dataset, sample_per_class
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study
 from medtl.models import create_encoder, resolve_preprocessing
@@ -73,14 +74,6 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
         image = np.clip(np.asarray(shift(np.asarray(s["image"], np.float32))), 0, 1).astype(np.float32)
         out.append({**s, "image": image})
     return out
-
-
-def pick(studies: list[dict], k: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    labels = np.array([s["label"] for s in studies])
-    idx = [i for c in np.unique(labels) for i in rng.choice(np.where(labels == c)[0], min(k, (labels == c).sum()),
-                                                             replace=False)]
-    return [studies[i] for i in sorted(idx)]
 
 
 def evaluate(model, studies, final, agg) -> tuple[float | None, float]:
@@ -151,7 +144,12 @@ def main(argv=None) -> int:
                     if method == "source_only":
                         model = src_model
                     else:
-                        few = pick(target["train"], k, seed)
+                        labels = [s["label"] for s in target["train"]]
+                        try:
+                            few = [target["train"][i] for i in sample_per_class(labels, k, seed)]
+                        except TooFewExamplesError as e:
+                            print(f"skipped k={k} per class: {e.problem}", flush=True)
+                            continue
                         torch.manual_seed(seed)
                         model = copy.deepcopy(src_model) if method == "fine_tune" else create_encoder(
                             cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
@@ -197,4 +195,4 @@ def summarise(rows: list[dict], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_errors(main))

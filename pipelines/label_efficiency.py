@@ -2,13 +2,16 @@
 
     python pipelines/label_efficiency.py --data DATA --out DIR [--n-per-class 5,10,25,50,100,all]
         [--strategies scratch,linear_probe,partial,full,auto] [--seeds 0,1,2] [--input-size 64]
-        [--config exp.yaml]
+        [--config exp.yaml] [--volume-mode 2.5d] [--encoder-3d resnet10_3d --input-size-3d 28]
 
 DATA is a manifest CSV, an image folder or a MedMNIST .npz. The validation and test splits stay
-fixed; the N training examples per class are drawn with the seed. "scratch" is the full strategy
-from random initialisation. Writes DIR/results.csv (one row per cell and seed, appended as soon
-as a cell finishes, so an interrupted study resumes where it stopped), DIR/results.md (mean ± std
-per cell) and DIR/learning_curve.png (test AUC vs labels per class, one line per strategy, 95% CI
+fixed; the N training examples per class are drawn with the seed (the same draw for every
+strategy). "scratch" is the 2D encoder trained from random initialisation (every layer at the
+head's learning rate, BatchNorm statistics learnt); "scratch_3d" is a MONAI 3D ResNet trained from
+scratch on whole volumes (3D data only). A label count that a class cannot fill is reported with
+the counts and skipped. Writes DIR/results.csv (one row per cell and seed, appended as soon as a
+cell finishes, so an interrupted study resumes where it stopped), DIR/results.md (mean ± std per
+cell) and DIR/learning_curve.png (test AUC vs labels per class, one line per strategy, 95% CI
 bands over seeds).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import sys
 import time
@@ -24,29 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtl.config import load_config
-from medtl.data import create_dataset
+from medtl.cli import report_errors
+from medtl.config import ExperimentConfig, load_config
+from medtl.data import TooFewExamplesError, sample_per_class
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import fit, predict_probs, prepare_data, read_data
-from medtl.transforms import create_transforms
+from medtl.train import PreparedData, fit, from_scratch, predict_probs, prepare_data, read_data
 
 FIELDS = ["strategy", "n_per_class", "seed", "test_auc", "test_acc", "seconds"]
 log = logging.getLogger("medtl.pipelines")
-
-
-def subsample(labels: list[int], n_per_class: int | None, seed: int) -> list[int]:
-    """Indices of ``n_per_class`` examples of every class (all of them when None), drawn with ``seed``."""
-    labels = np.asarray(labels)
-    if n_per_class is None:
-        return list(range(len(labels)))
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        idx = np.where(labels == c)[0]
-        picked += rng.choice(idx, size=min(n_per_class, len(idx)), replace=False).tolist()
-    return sorted(picked)
 
 
 def read_done(path: Path) -> set[tuple[str, str, int]]:
@@ -56,22 +47,28 @@ def read_done(path: Path) -> set[tuple[str, str, int]]:
         return {(r["strategy"], r["n_per_class"], int(r["seed"])) for r in csv.DictReader(f)}
 
 
-def run_cell(cfg, prepared, pre, n_classes: int, strategy: str, train_idx: list[int], seed: int) -> dict:
-    scratch = strategy == "scratch"
-    train_cfg = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "full" if scratch else strategy,
-                                       "seed": seed})
-    torch.manual_seed(seed)
-    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained and not scratch,
-                           num_classes=n_classes, weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
-    _, final_train = create_transforms(cfg.data, pre, train=True)
-    _, final_eval = create_transforms(cfg.data, pre, train=False)
-    agg = (cfg.data.slice_aggregation, cfg.data.top_k)
-    train = create_dataset([prepared.sets["train"][i] for i in train_idx], final_train, agg)
-    val = create_dataset(prepared.sets["val"], final_eval, agg)
-    test = create_dataset(prepared.sets["test"], final_eval, agg)
+def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str, size_3d: int) -> ExperimentConfig:
+    """The experiment of one study cell: the strategy's encoder, weights, input and training settings."""
+    train = dataclasses.replace(cfg.train, seed=seed)
+    if strategy == "scratch_3d":
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, volume_mode="3d"), train=from_scratch(train),
+            encoder=dataclasses.replace(cfg.encoder, name=encoder_3d, pretrained=False, input_size=size_3d))
+    if strategy == "scratch":
+        return dataclasses.replace(cfg, train=from_scratch(train), encoder=dataclasses.replace(cfg.encoder,
+                                                                                              pretrained=False))
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, strategy=strategy))
+
+
+def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre, n_classes: int, train_idx: list[int]) -> dict:
+    """Train one cell's model on ``train_idx`` of the training split; its test AUC and accuracy."""
+    torch.manual_seed(cfg.train.seed)
+    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
+                           weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
+    train, val, test = prepared.datasets(cfg.data, pre, train_idx)
     t0 = time.perf_counter()
-    fit(model, train, val, train_cfg, n_classes)
-    y, p = predict_probs(model, test, 64, "cpu", "fp32", train_cfg.channels_last, train_cfg.tta)
+    fit(model, train, val, cfg.train, n_classes)
+    y, p = predict_probs(model, test, 64, "cpu", "fp32", cfg.train.channels_last, cfg.train.tta)
     return {"test_auc": compute_auc(y, p), "test_acc": float((p.argmax(1) == y).mean()),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -121,14 +118,18 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default="scratch,linear_probe,partial,full,auto")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
+    p.add_argument("--volume-mode", help="3D data into 2D encoders (data.volume_mode: 2.5d, mip, slices, ...)")
+    p.add_argument("--encoder-3d", default="resnet10_3d", help="3D network of the scratch_3d strategy")
+    p.add_argument("--input-size-3d", type=int, default=28, help="volume side of the scratch_3d strategy")
     p.add_argument("--config", help="experiment YAML for everything else (epochs, learning rates, ...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    cfg = load_config(args.config, data={"path": args.data}, encoder={"input_size": args.input_size})
+    data = {"path": args.data, **({"volume_mode": args.volume_mode} if args.volume_mode else {})}
+    cfg = load_config(args.config, data=data, encoder={"input_size": args.input_size})
     strategies = args.strategies.split(",")
     for s in strategies:
-        if s != "scratch":
+        if s not in ("scratch", "scratch_3d"):
             load_config(train={"strategy": s})  # unknown names fail here, with "did you mean"
     ns = args.n_per_class.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -137,11 +138,28 @@ def main(argv=None) -> int:
     done = read_done(results)
 
     manifest = read_data(cfg.data)
-    probe = create_encoder(cfg.encoder.name, pretrained=False, num_classes=len(manifest.class_names))
-    pre = resolve_preprocessing(probe, cfg.encoder.input_size)
-    prepared = prepare_data(cfg.data, pre, 0, manifest)
-    labels = [s["label"] for s in prepared.sets["train"]]
-    todo = [(s, n, seed) for n in ns for s in strategies for seed in seeds if (s, n, seed) not in done]
+    n_classes = len(manifest.class_names)
+    prepared: dict[str, tuple] = {}  # "2d" / "3d" -> (PreparedData, Preprocessing), decoded once each
+
+    def prepare(cell: ExperimentConfig):
+        key = "3d" if cell.data.volume_mode == "3d" else "2d"
+        if key not in prepared:
+            probe = create_encoder(cell.encoder.name, pretrained=False, num_classes=n_classes)
+            pre = resolve_preprocessing(probe, cell.encoder.input_size)
+            prepared[key] = (prepare_data(cell.data, pre, 0, manifest), pre)
+        return prepared[key]
+
+    labels = [s["label"] for s in prepare(cell_config(cfg, strategies[0], 0, args.encoder_3d,
+                                                      args.input_size_3d))[0].sets["train"]]
+    todo = []
+    for n in ns:
+        try:
+            draws = {seed: sample_per_class(labels, None if n == "all" else int(n), seed, manifest.class_names)
+                     for seed in seeds}
+        except TooFewExamplesError as e:
+            print(f"skipped n={n} per class: {e.problem}", flush=True)
+            continue
+        todo += [(s, n, seed, draws[seed]) for s in strategies for seed in seeds if (s, n, seed) not in done]
     print(f"{len(done)} cells done, {len(todo)} to run ({len(strategies)} strategies x {len(ns)} label counts x "
           f"{len(seeds)} seeds)", flush=True)
     t_start = time.perf_counter()
@@ -150,10 +168,10 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        for k, (strategy, n, seed) in enumerate(todo, 1):
-            idx = subsample(labels, None if n == "all" else int(n), seed)
-            row = {"strategy": strategy, "n_per_class": n, "seed": seed,
-                   **run_cell(cfg, prepared, pre, len(manifest.class_names), strategy, idx, seed)}
+        for k, (strategy, n, seed, idx) in enumerate(todo, 1):
+            cell = cell_config(cfg, strategy, seed, args.encoder_3d, args.input_size_3d)
+            data, pre = prepare(cell)
+            row = {"strategy": strategy, "n_per_class": n, "seed": seed, **run_cell(cell, data, pre, n_classes, idx)}
             writer.writerow(row)
             f.flush()
             elapsed = time.perf_counter() - t_start
@@ -162,6 +180,9 @@ def main(argv=None) -> int:
             print(f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: test AUC {auc}, acc "
                   f"{row['test_acc']:.3f}, {row['seconds']:.0f}s; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
                   flush=True)
+    if not results.is_file() or not read_done(results):
+        print("no cell could run", file=sys.stderr)
+        return 1
     with open(results) as f:
         rows = list(csv.DictReader(f))
     summarise(rows, args.out)
@@ -170,4 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_errors(main))

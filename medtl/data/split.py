@@ -78,3 +78,28 @@ def check_split_classes(labels: Sequence[int], parts: dict[str, np.ndarray], n_c
         if low:
             raise MedtlInputError(None, f"the {name} split has fewer than {minimum} examples of class index(es) "
                                   f"{low} (counts {counts.tolist()})", f"at least {minimum} per class in every split")
+
+
+class TooFewExamplesError(MedtlInputError):
+    """A class has fewer examples than a study asks for."""
+
+
+def sample_per_class(labels: Sequence[int], n_per_class: int | None, seed: int,
+                     class_names: Sequence[str] | None = None) -> list[int]:
+    """Indices of ``n_per_class`` examples of every class (all of them when None), drawn with ``seed``.
+
+    A class with fewer than ``n_per_class`` examples raises :class:`TooFewExamplesError` with
+    every class's count; the sample is never silently shrunk.
+    """
+    labels = np.asarray(labels)
+    if n_per_class is None:
+        return list(range(len(labels)))
+    classes, counts = np.unique(labels, return_counts=True)
+    if (counts < n_per_class).any():
+        names = [str(class_names[c]) if class_names is not None else str(c) for c in classes]
+        have = ", ".join(f"class {n}: {k}" for n, k in zip(names, counts))
+        raise TooFewExamplesError(None, f"{n_per_class} examples per class asked for, the data has {have}",
+                                  f"at most {counts.min()} per class")
+    rng = np.random.default_rng(seed)
+    picked = [i for c in classes for i in rng.choice(np.where(labels == c)[0], size=n_per_class, replace=False)]
+    return sorted(int(i) for i in picked)

@@ -48,7 +48,7 @@ def _logits(model, dataset, batch_size: int = 64, tta: bool = False) -> tuple[np
     for x, y in _eval_batches(model, dataset, batch_size, "cpu", "fp32", channels_last=True):
         z = model(x).float()
         if tta:
-            z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+            z = (z + model(torch.flip(x, dims=[-1])).float()) / 2
         zs.append(z.numpy())
         ys.append(y.numpy())
     studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])

@@ -9,6 +9,8 @@ from medtl.models.encoders import (
     load_state_dict_file,
     resolve_preprocessing,
 )
+from medtl.models.volumetric import is_volume_model
 
 __all__ = ["create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "list_encoders",
-           "register_encoder", "get_encoder_spec", "EncoderSpec", "cam_layer_name", "load_state_dict_file"]
+           "register_encoder", "get_encoder_spec", "EncoderSpec", "cam_layer_name", "load_state_dict_file",
+           "is_volume_model"]

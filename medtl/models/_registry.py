@@ -17,6 +17,7 @@ class EncoderSpec:
     description: str  # one line for `medtl encoders` and error messages
     offline_weights: Callable[[], "object"] | None = None  # returns (path, sha256 or prefix) of bundled weights
     cam_layer: str | None = None  # module whose output Grad-CAM uses; None = the last feature stage
+    spatial_dims: int = 2  # 2: a timm image encoder; 3: a MONAI volume CNN (medtl.models.volumetric)
 
 
 _ENCODERS: dict[str, EncoderSpec] = {}

@@ -18,6 +18,7 @@ from timm.models import adapt_input_conv
 
 from medtl.errors import ConfigError, MedtlError
 from medtl.models._registry import EncoderSpec, get_encoder_spec, register_encoder
+from medtl.models.volumetric import RESNET_3D_DEPTHS, create_volume_encoder
 
 log = logging.getLogger("medtl.models")
 
@@ -35,6 +36,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel divisor after subtracting the mean
     interpolation: str = "bicubic"  # resize interpolation the weights were trained with
+    spatial_dims: int = 2  # 2: image inputs (C, H, W); 3: volume inputs (C, D, H, W), size**3
 
 
 def _lite_weights(n: int):
@@ -72,6 +74,11 @@ for _name, _timm, _desc in [
     ("vit_small", "vit_small_patch16_224", "ViT-S/16 (timm); weights from a local file or the timm/HF cache"),
 ]:
     register_encoder(EncoderSpec(name=_name, timm_name=_timm, description=_desc))
+for _name in RESNET_3D_DEPTHS:
+    register_encoder(EncoderSpec(
+        name=_name, timm_name="", spatial_dims=3,
+        description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]} for whole volumes (data.volume_mode '3d'), "
+                    "trained from scratch or from a local weight file"))
 
 
 def _sha256(path: Path) -> str:
@@ -135,6 +142,8 @@ def create_encoder(
     The returned model's ``pretrained_cfg`` holds the preprocessing record of its weights.
     """
     spec = get_encoder_spec(name)
+    if spec.spatial_dims == 3:
+        return _create_volume_encoder(spec, pretrained, num_classes, in_chans, weights_file, drop_rate)
     model = timm.create_model(spec.timm_name, pretrained=False, in_chans=3, drop_rate=drop_rate)
     source = "random initialisation"
     if pretrained:
@@ -147,6 +156,33 @@ def create_encoder(
     cfg.update(medtl_encoder=spec.name, weights_source=source, in_chans=in_chans,
                input_size=(in_chans, *cfg.get("input_size", (3, 224, 224))[1:]))
     model.pretrained_cfg = cfg
+    return model
+
+
+def _create_volume_encoder(spec: EncoderSpec, pretrained: bool, num_classes: int, in_chans: int,
+                           weights_file: str | Path | None, drop_rate: float) -> torch.nn.Module:
+    in_chans = 1 if in_chans == 3 else in_chans  # volumes are single-channel unless asked otherwise
+    model = create_volume_encoder(spec.name, num_classes, in_chans, drop_rate)
+    source = "random initialisation"
+    if pretrained and weights_file is None:
+        raise WeightsError(f"{spec.name} has no bundled weights: train it from scratch (encoder.pretrained: false, "
+                           "the way the 3D baselines are meant) or pass weights_file=PATH (MONAI/MedicalNet layout)")
+    if weights_file is not None:
+        sd = load_state_dict_file(weights_file)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}  # MedicalNet saves a DataParallel model
+        sd = {k if k.startswith("net.") else f"net.{k}": v for k, v in sd.items()
+              if not k.startswith(("fc.", "net.fc."))}  # the classification head is always new
+        try:
+            result = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            raise WeightsError(f"{weights_file}: does not fit {spec.name}: {str(e).splitlines()[-1][:200]}") from None
+        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        if missing or result.unexpected_keys:
+            raise WeightsError(f"{weights_file}: does not fit {spec.name}: missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]}")
+        source = f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
+    model.pretrained_cfg.update(medtl_encoder=spec.name, weights_source=source, in_chans=in_chans,
+                                input_size=(in_chans, *model.pretrained_cfg["input_size"][1:]))
     return model
 
 
@@ -213,10 +249,14 @@ def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None)
     if in_chans == 1:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     size = int(input_size or cfg.get("input_size", (3, 224, 224))[-1])
-    if size < 32:
+    dims = int(cfg.get("spatial_dims", 2))
+    if dims == 3 and size < 16:
+        raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", "at least 16")
+    elif dims == 2 and size < 32:
         raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", "at least 32")
     return Preprocessing(input_size=size, in_chans=in_chans, mean=tuple(map(float, mean)),
-                         std=tuple(map(float, std)), interpolation=str(cfg.get("interpolation", "bilinear")))
+                         std=tuple(map(float, std)), interpolation=str(cfg.get("interpolation", "bilinear")),
+                         spatial_dims=dims)
 
 
 def cam_layer_name(model: torch.nn.Module) -> str:

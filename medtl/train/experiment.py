@@ -22,7 +22,7 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
-from medtl.models import Preprocessing, create_encoder, resolve_preprocessing
+from medtl.models import Preprocessing, create_encoder, is_volume_model, resolve_preprocessing
 from medtl.train.fit import distributed, fit, predict_probs
 from medtl.transforms import create_transforms
 
@@ -158,7 +158,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
                ["where", "reason"])
 
-    if manifest.kind != "medmnist":  # overlays need files to draw on
+    if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
         from medtl.inference import load_run
         predictor = load_run(out)
         overlays = out / "overlays"

@@ -11,6 +11,7 @@ linear probe into seconds of work. Under ``torchrun`` the same loop runs data-pa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from medtl.config import TrainConfig
 from medtl.errors import ConfigError
 from medtl.eval.metrics import compute_auc
+from medtl.models.volumetric import is_volume_model
 
 log = logging.getLogger("medtl.train")
 
@@ -67,6 +69,12 @@ def choose_strategy(label_counts: dict, cfg: TrainConfig) -> tuple[str, str]:
         return "partial", (f"smallest class has {smallest} training examples (10-49): partial fine-tuning of the "
                            f"top {cfg.unfreeze_groups} layer groups")
     return "fine_tune", f"smallest class has {smallest} training examples (>= 50): fine-tuning with layer-wise decay"
+
+
+def from_scratch(cfg: TrainConfig) -> TrainConfig:
+    """Settings for training a randomly initialised network: every layer trained at the head's
+    learning rate (no layer-wise decay) and BatchNorm statistics learnt (nothing to keep)."""
+    return dataclasses.replace(cfg, strategy="full", encoder_lr_mult=1.0, layer_decay=1.0, freeze_bn=False)
 
 
 def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) -> list[Stage]:
@@ -236,7 +244,7 @@ def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device:
     for x, y in _eval_batches(model, dataset, batch_size, device, precision, channels_last):
         p = model(x).float().softmax(dim=1)
         if tta:
-            p = (p + model(torch.flip(x, dims=[3])).float().softmax(dim=1)) / 2
+            p = (p + model(torch.flip(x, dims=[-1])).float().softmax(dim=1)) / 2
         probs.append(p.cpu().numpy())
         labels.append(y.numpy())
     labels, probs = np.concatenate(labels), np.concatenate(probs)
@@ -469,7 +477,7 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
     trainer.log("strategy %s (%s)", strategy, reason)
     model.to(trainer.device)
-    if cfg.channels_last:
+    if cfg.channels_last and not is_volume_model(model):  # (3D convolutions keep the default layout)
         model.to(memory_format=torch.channels_last)
     stages = [s for s in plan_stages(cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
     trainer.total_epochs = sum(s.epochs for s in stages)
@@ -484,5 +492,5 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     return result
 
 
-__all__ = ["Stage", "plan_stages", "choose_strategy", "fit", "FitResult", "predict_probs", "extract_features",
+__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "predict_probs", "extract_features",
            "set_trainable", "encoder_groups"]

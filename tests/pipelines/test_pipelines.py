@@ -19,13 +19,72 @@ def _load(name: str = "label_efficiency"):
     return mod
 
 
-def test_subsample_takes_n_per_class_reproducibly():
-    mod = _load()
+def test_sample_per_class_takes_n_per_class_reproducibly():
+    from medtl.data import sample_per_class
+
     labels = [0] * 10 + [1] * 6
-    a, b = mod.subsample(labels, 3, seed=1), mod.subsample(labels, 3, seed=1)
+    a, b = sample_per_class(labels, 3, seed=1), sample_per_class(labels, 3, seed=1)
     assert a == b and len(a) == 6 and sum(labels[i] for i in a) == 3
-    assert mod.subsample(labels, 3, seed=2) != a
-    assert mod.subsample(labels, None, 0) == list(range(16))
+    assert sample_per_class(labels, 3, seed=2) != a
+    assert sample_per_class(labels, None, 0) == list(range(16))
+
+
+def test_sample_per_class_refuses_to_shrink_a_class():
+    from medtl.data import TooFewExamplesError, sample_per_class
+
+    with pytest.raises(TooFewExamplesError, match="7 examples per class.*class benign: 10, class malignant: 6"):
+        sample_per_class([0] * 10 + [1] * 6, 7, 0, ["benign", "malignant"])
+
+
+@pytest.mark.timeout(300)
+def test_study_skips_a_label_count_a_class_cannot_fill(tmp_path, capsys):
+    mod = _load()
+    npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2,50", "--strategies",
+                     "linear_probe", "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped n=50 per class: 50 examples per class asked for, the data has class 0: 6, class 1: 6" in out
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [r["n_per_class"] for r in rows] == ["2"]
+
+
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    from medtl.cli import report_errors
+
+    mod = _load()
+    missing = tmp_path / "shared" / "data" / "medmnist" / "breastmnist.npz"
+    assert report_errors(mod.main, ["--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "breastmnist.npz: data not found" in err and "../shared/data" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_3d_study_trains_a_2d_encoder_on_2_5d_and_a_3d_cnn_from_scratch(tmp_path):
+    mod = _load()
+    npz = write_medmnist(tmp_path / "v.npz", shape=(12, 16, 16), n=(12, 6, 6))
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "all", "--strategies",
+                     "linear_probe,scratch_3d", "--seeds", "0", "--input-size", "32", "--volume-mode", "2.5d",
+                     "--input-size-3d", "16", "--config", str(cfg)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [r["strategy"] for r in rows] == ["linear_probe", "scratch_3d"]
+    assert all(0.0 <= float(r["test_auc"]) <= 1.0 for r in rows)
+
+
+def test_scratch_cells_learn_every_layer_and_batchnorm():
+    from medtl.config import load_config
+
+    mod = _load()
+    cfg = load_config()
+    cell = mod.cell_config(cfg, "scratch", 3, "resnet10_3d", 28)
+    assert not cell.encoder.pretrained and cell.train.seed == 3 and cell.train.strategy == "full"
+    assert cell.train.encoder_lr_mult == 1.0 and cell.train.layer_decay == 1.0 and not cell.train.freeze_bn
+    cell3 = mod.cell_config(cfg, "scratch_3d", 0, "resnet10_3d", 28)
+    assert cell3.data.volume_mode == "3d" and cell3.encoder.name == "resnet10_3d" and cell3.encoder.input_size == 28
+    assert mod.cell_config(cfg, "partial", 0, "resnet10_3d", 28).train.strategy == "partial"
 
 
 @pytest.mark.timeout(300)
