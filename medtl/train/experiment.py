@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import platform
@@ -23,7 +24,7 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
 from medtl.models import Preprocessing, create_encoder, is_volume_model, resolve_preprocessing
-from medtl.train.fit import distributed, fit, predict_probs
+from medtl.train.fit import distributed, fit, from_scratch, predict_probs
 from medtl.transforms import create_transforms
 
 log = logging.getLogger("medtl.train")
@@ -103,6 +104,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     Under ``torchrun`` every process trains and only rank 0 writes.
     """
     validate_config(cfg)
+    if not cfg.encoder.pretrained and cfg.encoder.weights_file is None:
+        cfg = dataclasses.replace(cfg, train=from_scratch(cfg.train))
+        log.info("random initialisation: every layer trains at train.lr and BatchNorm statistics are learnt "
+                 "(strategy full)")
     t_start = time.perf_counter()
     rank, _ = distributed()
     out = prepare_run_dir(out, force) if rank == 0 else Path(out)

@@ -19,6 +19,13 @@ def _load(name: str = "label_efficiency"):
     return mod
 
 
+def _fast_config(tmp_path: Path) -> Path:
+    """An experiment YAML of one epoch per stage."""
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    return cfg
+
+
 def test_sample_per_class_takes_n_per_class_reproducibly():
     from medtl.data import sample_per_class
 
@@ -40,8 +47,7 @@ def test_sample_per_class_refuses_to_shrink_a_class():
 def test_study_skips_a_label_count_a_class_cannot_fill(tmp_path, capsys):
     mod = _load()
     npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2,50", "--strategies",
                      "linear_probe", "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
@@ -64,8 +70,7 @@ def test_missing_data_is_one_clear_line(tmp_path, capsys):
 def test_3d_study_trains_a_2d_encoder_on_2_5d_and_a_3d_cnn_from_scratch(tmp_path):
     mod = _load()
     npz = write_medmnist(tmp_path / "v.npz", shape=(12, 16, 16), n=(12, 6, 6))
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "all", "--strategies",
                      "linear_probe,scratch_3d", "--seeds", "0", "--input-size", "32", "--volume-mode", "2.5d",
                      "--input-size-3d", "16", "--config", str(cfg)]) == 0
@@ -91,8 +96,7 @@ def test_scratch_cells_learn_every_layer_and_batchnorm():
 def test_study_writes_results_and_resumes(tmp_path, capsys):
     mod = _load()
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    cfg = _fast_config(tmp_path)
     args = ["--data", str(npz), "--out", str(tmp_path / "study"), "--n-per-class", "3,all",
             "--strategies", "scratch,linear_probe", "--seeds", "0", "--input-size", "32", "--config", str(cfg)]
     assert mod.main(args) == 0
@@ -134,8 +138,7 @@ def test_shifts_are_deterministic_and_change_the_image():
 def test_domain_shift_study_runs_end_to_end(tmp_path):
     mod = _load("domain_shift")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
-    cfg = tmp_path / "fast.yaml"
-    cfg.write_text("train:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
+    cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0,3",
                      "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
