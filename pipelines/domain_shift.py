@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     if results.is_file():
         done = {(r["shift"], r["k_per_class"], r["method"], r["seed"]) for r in csv.DictReader(open(results))}
     ks = [int(k) for k in args.k.split(",")]
+    target_labels = [s["label"] for s in target["train"]]
     new_file = not results.is_file()
     with open(results, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -144,9 +145,8 @@ def main(argv=None) -> int:
                     if method == "source_only":
                         model = src_model
                     else:
-                        labels = [s["label"] for s in target["train"]]
                         try:
-                            few = [target["train"][i] for i in sample_per_class(labels, k, seed)]
+                            few = [target["train"][i] for i in sample_per_class(target_labels, k, seed)]
                         except TooFewExamplesError as e:
                             print(f"skipped k={k} per class: {e.problem}", flush=True)
                             continue

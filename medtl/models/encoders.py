@@ -250,10 +250,9 @@ def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None)
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     size = int(input_size or cfg.get("input_size", (3, 224, 224))[-1])
     dims = int(cfg.get("spatial_dims", 2))
-    if dims == 3 and size < 16:
-        raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", "at least 16")
-    elif dims == 2 and size < 32:
-        raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", "at least 32")
+    minimum = 16 if dims == 3 else 32
+    if size < minimum:
+        raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", f"at least {minimum}")
     return Preprocessing(input_size=size, in_chans=in_chans, mean=tuple(map(float, mean)),
                          std=tuple(map(float, std)), interpolation=str(cfg.get("interpolation", "bilinear")),
                          spatial_dims=dims)

@@ -26,7 +26,7 @@ class ResNet3D(nn.Module):
         # The stride-2 stem of the 2D ResNets (MONAI's 3D default keeps full resolution, 8x the cost).
         self.net = build(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2, num_classes=1,
                          feed_forward=False)
-        self.num_features = self.net.layer4[-1].conv2.out_channels if depth < 50 else self.net.layer4[-1].conv3.out_channels
+        self.num_features = self.net.layer4[-1].conv2.out_channels  # basic blocks (depths 10-34)
         self.drop_rate = drop_rate
         self.num_classes = num_classes
         self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
