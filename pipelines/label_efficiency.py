@@ -2,13 +2,13 @@
 
     python pipelines/label_efficiency.py --data DATA --out DIR [--n-per-class 5,10,25,50,100,all]
         [--strategies scratch,linear_probe,partial,full,auto] [--seeds 0,1,2] [--input-size 64]
-        [--config exp.yaml] [--volume-mode 2.5d] [--encoder-3d resnet10_3d --input-size-3d 28]
+        [--config exp.yaml] [--volume-mode 2.5d] [--encoder-3d resnet10_3d_gn --input-size-3d 28]
 
 DATA is a manifest CSV, an image folder or a MedMNIST .npz. The validation and test splits stay
 fixed; the N training examples per class are drawn with the seed (the same draw for every
 strategy). "scratch" is the 2D encoder trained from random initialisation (every layer at the
-head's learning rate, BatchNorm statistics learnt); "scratch_3d" is a MONAI 3D ResNet trained from
-scratch on whole volumes (3D data only). A label count that a class cannot fill is reported with
+head's learning rate, BatchNorm statistics learnt); "scratch_3d" is a MONAI 3D ResNet (GroupNorm by default) trained
+from scratch on whole volumes (3D data only). A label count that a class cannot fill is reported with
 the counts and skipped. Writes DIR/results.csv (one row per cell and seed, appended as soon as a
 cell finishes, so an interrupted study resumes where it stopped), DIR/results.md (mean ± std per
 cell) and DIR/learning_curve.png (test AUC vs labels per class, one line per strategy, 95% CI
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
     p.add_argument("--volume-mode", help="3D data into 2D encoders (data.volume_mode: 2.5d, mip, slices, ...)")
-    p.add_argument("--encoder-3d", default="resnet10_3d", help="3D network of the scratch_3d strategy")
+    p.add_argument("--encoder-3d", default="resnet10_3d_gn", help="3D network of the scratch_3d strategy")
     p.add_argument("--input-size-3d", type=int, default=28, help="volume side of the scratch_3d strategy")
     p.add_argument("--config", help="experiment YAML for everything else (epochs, learning rates, ...)")
     args = p.parse_args(argv)

@@ -77,8 +77,9 @@ for _name, _timm, _desc in [
 for _name in RESNET_3D_DEPTHS:
     register_encoder(EncoderSpec(
         name=_name, timm_name="", spatial_dims=3,
-        description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]} for whole volumes (data.volume_mode '3d'), "
-                    "trained from scratch or from a local weight file"))
+        description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]}"
+                    + (" with GroupNorm" if _name.endswith("_gn") else "")
+                    + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file"))
 
 
 def _sha256(path: Path) -> str:

@@ -55,6 +55,22 @@ def test_3d_encoder_has_no_bundled_weights_but_loads_a_file(tmp_path):
         create_encoder("resnet10_3d", pretrained=True, num_classes=2, weights_file=tmp_path / "bad.pth")
 
 
+def test_group_norm_variant_has_no_batch_statistics(tmp_path):
+    """resnet*_3d_gn: GroupNorm in the stem *and* the residual blocks (MONAI passes ``norm`` to the stem
+    only), so a volume's output does not depend on the rest of its batch, in training mode too."""
+    torch.manual_seed(0)
+    model = create_encoder("resnet10_3d_gn", pretrained=False, num_classes=2)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 12  # stem 1, 4 blocks x 2, 3 shortcuts
+    x = torch.randn(3, 1, 16, 16, 16)
+    model.train()
+    torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-4, atol=1e-5)
+    bn = create_encoder("resnet10_3d", pretrained=False, num_classes=2)
+    torch.save({k[4:]: v for k, v in bn.state_dict().items() if k.startswith("net.")}, tmp_path / "bn.pth")
+    with pytest.raises(WeightsError, match="bn.pth: does not fit resnet10_3d_gn"):
+        create_encoder("resnet10_3d_gn", pretrained=True, num_classes=2, weights_file=tmp_path / "bn.pth")
+
+
 def test_volume_mode_and_encoder_dimensions_must_agree():
     pre2 = resolve_preprocessing(create_encoder("efficientnet_lite0", pretrained=False), 64)
     with pytest.raises(ConfigError, match="volume_mode '3d' with a 2D encoder"):
