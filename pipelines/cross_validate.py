@@ -1,6 +1,6 @@
 """Patient-level stratified k-fold cross-validation, for data sets where one test split is too noisy.
 
-    python pipelines/cross_validate.py --data DATA --out DIR [--folds 5] [--config exp.yaml] [--seed 0]
+    python pipelines/cross_validate.py --data DATA --out DIR [--folds 5] [--input-size 64] [--config exp.yaml] [--seed 0]
 
 Every patient is tested exactly once. In each fold, a validation share of the training patients
 picks the epoch. Writes DIR/folds.csv (metrics per fold) and DIR/summary.md (the mean of each
@@ -38,10 +38,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-size", type=int, help="encoder input side in pixels (default: the configuration's)")
     p.add_argument("--config")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = load_config(args.config, data={"path": args.data})
+    cfg = load_config(args.config, data={"path": args.data},
+                      **({"encoder": {"input_size": args.input_size}} if args.input_size else {}))
     manifest = read_data(cfg.data)
     manifest.splits = None  # pool everything: the folds are the splits
     n_classes = len(manifest.class_names)

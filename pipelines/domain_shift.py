@@ -32,7 +32,7 @@ from medtl.cli import report_errors
 from medtl.config import load_config
 from medtl.data import TooFewExamplesError, create_dataset, sample_per_class
 from medtl.eval import compute_auc
-from medtl.eval.report import save_study
+from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.train import fit, predict_probs, prepare_data, read_data
 from medtl.transforms import create_transforms
@@ -178,19 +178,33 @@ def summarise(rows: list[dict], out: Path) -> None:
     lines = ["| shift | method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for shift in sorted({r["shift"] for r in rows}):
+        src = [float(r["source_auc"]) for r in rows if r["shift"] == shift and r["method"] == "source_only"]
+        if src:
+            ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
+            lines.append(f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
+                         + " — |" * (len(ks) - 1))
         for method in ("source_only", "fine_tune", "retrain"):
-            cells, xs, means = [], [], []
+            cells, xs, means, halfs = [], [], [], []
             for k in ks:
                 v = np.array([float(r["target_auc"]) for r in rows if r["shift"] == shift and r["method"] == method
                               and int(r["k_per_class"]) == k and r["target_auc"] not in ("", "None")])
                 cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "—")
                 if len(v):
+                    mean, half = seed_mean_ci(v)
                     xs.append(k)
-                    means.append(v.mean())
-            if xs:
-                lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
-                ax.plot(xs, means, "o-", label=f"{method} ({shift})")
-    ax.set(xlabel="labelled target examples per class", ylabel="target test AUC", title="Adaptation to a shift")
+                    means.append(mean)
+                    halfs.append(half)
+            if not xs:
+                continue
+            lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
+            if method == "source_only":  # no target labels: a level to beat, not a curve
+                ax.axhline(means[0], ls="--", color="black", label=f"source model on shifted test ({shift})")
+                continue
+            means, halfs = np.array(means), np.array(halfs)
+            ax.plot(xs, means, "o-", label=f"{method} ({shift})")
+            ax.fill_between(xs, means - halfs, means + halfs, alpha=0.2)
+    ax.set(xlabel="labelled target examples per class", ylabel="target test AUC (95% CI over seeds)",
+           title="Adaptation to a shift")
     save_study(fig, ax, out / "adaptation.png", lines, out / "results.md")
 
 

@@ -32,7 +32,7 @@ from medtl.cli import report_errors
 from medtl.config import ExperimentConfig, load_config
 from medtl.data import TooFewExamplesError, sample_per_class
 from medtl.eval import compute_auc
-from medtl.eval.report import save_study
+from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.train import PreparedData, fit, from_scratch, predict_probs, prepare_data, read_data
 
@@ -98,9 +98,10 @@ def summarise(rows: list[dict], out: Path) -> None:
                 continue
             cols.append(f"AUC {aucs.mean():.3f} ± {aucs.std():.3f}, acc {accs.mean():.3f} ± {accs.std():.3f} "
                         f"(n={len(aucs)})")
+            mean, half = seed_mean_ci(aucs)
             xs.append(k)
-            means.append(aucs.mean())
-            halfs.append(1.96 * aucs.std(ddof=1) / np.sqrt(len(aucs)) if len(aucs) > 1 else 0.0)
+            means.append(mean)
+            halfs.append(half)
         lines.append(f"| {s} | " + " | ".join(cols) + " |")
         means, halfs = np.array(means), np.array(halfs)
         ax.plot(xs, means, "o-", label=s)

@@ -62,6 +62,12 @@ def _study_probs(labels, logits, studies, temperature, aggregation):
     return aggregate_studies(labels, probs, studies, *aggregation)
 
 
+def seed_mean_ci(values) -> tuple[float, float]:
+    """Mean over seeds and the half-width of its normal 95% interval (0 for a single seed)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def save_study(fig, ax, png: Path, table_lines: list[str], markdown: Path) -> None:
     """Finish a study's plot (legend, layout), write it as PNG, and its Markdown table next to it."""
     import matplotlib.pyplot as plt
