@@ -61,6 +61,10 @@ class RunError(MedtlError):
     """A run folder is missing files or does not match this version of medtl."""
 
 
+class TrainingDivergedError(MedtlError, ArithmeticError):
+    """The training loss or the model's outputs became NaN or infinite (learning rate too high)."""
+
+
 def find_input_error(exc: BaseException) -> "MedtlInputError | None":
     """The MedtlInputError behind ``exc`` (MONAI wraps errors raised inside transforms), or None."""
     seen = set()

@@ -32,6 +32,7 @@ from medtl.cli import report_errors
 from medtl.config import ExperimentConfig, load_config
 from medtl.data import TooFewExamplesError, sample_per_class
 from medtl.eval import compute_auc
+from medtl.errors import TrainingDivergedError
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.train import PreparedData, fit, from_scratch, predict_probs, prepare_data, read_data
@@ -47,12 +48,14 @@ def read_done(path: Path) -> set[tuple[str, str, int]]:
         return {(r["strategy"], r["n_per_class"], int(r["seed"])) for r in csv.DictReader(f)}
 
 
-def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str, size_3d: int) -> ExperimentConfig:
+def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str, size_3d: int,
+                lr_3d: float | None = None) -> ExperimentConfig:
     """The experiment of one study cell: the strategy's encoder, weights, input and training settings."""
     train = dataclasses.replace(cfg.train, seed=seed)
     if strategy == "scratch_3d":
         return dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, volume_mode="3d"), train=from_scratch(train),
+            cfg, data=dataclasses.replace(cfg.data, volume_mode="3d"),
+            train=from_scratch(dataclasses.replace(train, lr=lr_3d or train.lr)),
             encoder=dataclasses.replace(cfg.encoder, name=encoder_3d, pretrained=False, input_size=size_3d))
     if strategy == "scratch":
         return dataclasses.replace(cfg, train=from_scratch(train), encoder=dataclasses.replace(cfg.encoder,
@@ -122,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--volume-mode", help="3D data into 2D encoders (data.volume_mode: 2.5d, mip, slices, ...)")
     p.add_argument("--encoder-3d", default="resnet10_3d_gn", help="3D network of the scratch_3d strategy")
     p.add_argument("--input-size-3d", type=int, default=28, help="volume side of the scratch_3d strategy")
+    p.add_argument("--lr-3d", type=float, default=1e-3, help="peak learning rate of the scratch_3d strategy")
     p.add_argument("--config", help="experiment YAML for everything else (epochs, learning rates, ...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         return prepared[key]
 
     labels = [s["label"] for s in prepare(cell_config(cfg, strategies[0], 0, args.encoder_3d,
-                                                      args.input_size_3d))[0].sets["train"]]
+                                                      args.input_size_3d, args.lr_3d))[0].sets["train"]]
     todo = []
     for n in ns:
         try:
@@ -164,15 +168,22 @@ def main(argv=None) -> int:
     print(f"{len(done)} cells done, {len(todo)} to run ({len(strategies)} strategies x {len(ns)} label counts x "
           f"{len(seeds)} seeds)", flush=True)
     t_start = time.perf_counter()
+    failed = 0
     new_file = not results.is_file()
     with open(results, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
         for k, (strategy, n, seed, idx) in enumerate(todo, 1):
-            cell = cell_config(cfg, strategy, seed, args.encoder_3d, args.input_size_3d)
+            cell = cell_config(cfg, strategy, seed, args.encoder_3d, args.input_size_3d, args.lr_3d)
             data, pre = prepare(cell)
-            row = {"strategy": strategy, "n_per_class": n, "seed": seed, **run_cell(cell, data, pre, n_classes, idx)}
+            try:
+                row = {"strategy": strategy, "n_per_class": n, "seed": seed,
+                       **run_cell(cell, data, pre, n_classes, idx)}
+            except TrainingDivergedError as e:  # reported, not written: a rerun with other settings resumes it
+                failed += 1
+                print(f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: failed, {e}", flush=True)
+                continue
             writer.writerow(row)
             f.flush()
             elapsed = time.perf_counter() - t_start
@@ -188,6 +199,9 @@ def main(argv=None) -> int:
         rows = list(csv.DictReader(f))
     summarise(rows, args.out)
     print(f"written: {results}, {args.out / 'results.md'}, {args.out / 'learning_curve.png'}")
+    if failed:
+        print(f"{failed} cells failed (see above); they are not in the results and rerun on resume", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.config import TrainConfig
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
 from medtl.models.volumetric import is_volume_model
 
@@ -371,6 +371,8 @@ class _Trainer:
                     optimizer.step()
                 schedule.step()
                 losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
             seconds = time.perf_counter() - t0
             if not stage.head_only:
                 self.encoder_images += len(losses) * cfg.batch_size
@@ -411,6 +413,8 @@ class _Trainer:
                 optimizer.step()
                 schedule.step()
                 losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
             head.eval()
             with torch.no_grad():
                 probs = head(vf).softmax(dim=1).cpu().numpy()
@@ -423,6 +427,8 @@ class _Trainer:
         cfg = self.cfg
         y_val, p_val = val or predict_probs(self.model, self.val_ds, max(32, cfg.batch_size), self.device,
                                             self.precision, cfg.channels_last, cfg.tta)
+        if not np.all(np.isfinite(p_val)):
+            self.diverged(stage, "non-finite validation outputs")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)), torch.from_numpy(y_val).long()))
         val_auc = compute_auc(y_val, p_val)
         score = val_auc if val_auc is not None else -val_loss
@@ -443,6 +449,12 @@ class _Trainer:
             self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, self.stale)
             return True
         return False
+
+    def diverged(self, stage: Stage, what: str) -> None:
+        raise TrainingDivergedError(
+            f"training diverged in epoch {self.epoch} ({stage.name} stage): {what}; lower train.lr "
+            f"(now {self.cfg.lr:g}), or for a network trained from scratch in small batches use GroupNorm "
+            "(e.g. the *_3d_gn encoders)")
 
     def log(self, *args):
         if self.rank == 0:

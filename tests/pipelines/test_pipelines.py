@@ -90,6 +90,32 @@ def test_scratch_cells_learn_every_layer_and_batchnorm():
     cell3 = mod.cell_config(cfg, "scratch_3d", 0, "resnet10_3d", 28)
     assert cell3.data.volume_mode == "3d" and cell3.encoder.name == "resnet10_3d" and cell3.encoder.input_size == 28
     assert mod.cell_config(cfg, "partial", 0, "resnet10_3d", 28).train.strategy == "partial"
+    assert cell3.train.lr == cfg.train.lr and mod.cell_config(cfg, "scratch_3d", 0, "r", 28, 1e-3).train.lr == 1e-3
+    assert mod.cell_config(cfg, "full", 0, "r", 28, 1e-3).train.lr == cfg.train.lr  # the 3D rate is for 3D only
+
+
+@pytest.mark.timeout(300)
+def test_a_diverged_cell_is_reported_and_the_study_goes_on(tmp_path, capsys, monkeypatch):
+    from medtl.errors import TrainingDivergedError
+
+    mod = _load()
+    real = mod.run_cell
+
+    def run_cell(cell, *args):
+        if cell.train.strategy == "full":
+            raise TrainingDivergedError("training diverged in epoch 1 (full stage): training loss nan at step 3")
+        return real(cell, *args)
+
+    monkeypatch.setattr(mod, "run_cell", run_cell)
+    npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
+    args = ["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2", "--strategies",
+            "linear_probe,full", "--seeds", "0", "--input-size", "32", "--config", str(_fast_config(tmp_path))]
+    assert mod.main(args) == 1
+    captured = capsys.readouterr()
+    assert "full         n=   2 seed=0: failed, training diverged in epoch 1" in captured.out
+    assert "1 cells failed" in captured.err
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [r["strategy"] for r in rows] == ["linear_probe"]  # the failed cell is not written: a resume reruns it
 
 
 @pytest.mark.timeout(300)

@@ -49,6 +49,19 @@ def test_fine_tune_stage_moves_encoder(tiny_data):
     assert not torch.equal(before, model.conv_stem.weight)
 
 
+def test_a_diverging_run_stops_with_a_typed_error(tiny_data):
+    """A NaN loss stops training at once with TrainingDivergedError (epoch, stage, lr, what to do),
+    not several epochs later as a metrics error about the model's own NaN outputs."""
+    from medtl.errors import TrainingDivergedError
+
+    cfg, train, val, final = tiny_data
+    bad = [dict(s, image=np.full_like(np.asarray(s["image"]), np.nan)) for s in train]
+    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "full", "epochs": 2})
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1 \(full stage\): training loss nan at step 1.*lower train.lr"):
+        fit(create_encoder("efficientnet_lite0", num_classes=2), create_dataset(bad, final),
+            create_dataset(val, final), tc, num_classes=2)
+
+
 def test_strategies_are_stage_lists():
     cfg = tiny_config("x.csv").train
     assert [s.name for s in plan_stages(cfg, 8)] == ["head", "fine_tune"]
