@@ -370,9 +370,7 @@ class _Trainer:
                     loss.backward()
                     optimizer.step()
                 schedule.step()
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
+                self.record_loss(stage, losses, loss)
             seconds = time.perf_counter() - t0
             if not stage.head_only:
                 self.encoder_images += len(losses) * cfg.batch_size
@@ -412,9 +410,7 @@ class _Trainer:
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
+                self.record_loss(stage, losses, loss)
             head.eval()
             with torch.no_grad():
                 probs = head(vf).softmax(dim=1).cpu().numpy()
@@ -449,6 +445,12 @@ class _Trainer:
             self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, self.stale)
             return True
         return False
+
+    def record_loss(self, stage: Stage, losses: list[float], loss: torch.Tensor) -> None:
+        """Append a step's loss; a NaN or infinite one stops training (TrainingDivergedError)."""
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
 
     def diverged(self, stage: Stage, what: str) -> None:
         raise TrainingDivergedError(
