@@ -16,7 +16,7 @@ RESNET_3D_DEPTHS = {"resnet10_3d": 10, "resnet18_3d": 18, "resnet34_3d": 34,
                     "resnet10_3d_gn": 10, "resnet18_3d_gn": 18, "resnet34_3d_gn": 34}
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def _group_norm_layer(channels: int) -> nn.GroupNorm:
     """GroupNorm (Wu & He, 2018) with up to 32 groups of at least 4 channels: batch-size independent."""
     return nn.GroupNorm(min(32, channels // 4), channels)
 
@@ -24,7 +24,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 def _batch_to_group_norm(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm3d):
-            setattr(module, name, group_norm(child.num_features))
+            setattr(module, name, _group_norm_layer(child.num_features))
         else:
             _batch_to_group_norm(child)
 
@@ -32,14 +32,14 @@ def _batch_to_group_norm(module: nn.Module) -> None:
 class ResNet3D(nn.Module):
     """A MONAI 3D ResNet (single-channel input) with timm's classifier interface.
 
-    ``norm="group"`` replaces every BatchNorm with GroupNorm. Trained from scratch on a few
+    ``group_norm=True`` replaces every BatchNorm with GroupNorm. Trained from scratch on a few
     hundred small volumes in batches of 8-16, BatchNorm's running statistics (estimated from 8-16
     values per channel at the 1x1x1 last stage of a 28^3 input) can be far from the batch
     statistics, and the network in eval mode then outputs one saturated class for every volume.
     """
 
     def __init__(self, depth: int, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0,
-                 norm: str = "batch"):
+                 group_norm: bool = False):
         super().__init__()
         from monai.networks.nets import resnet
 
@@ -47,12 +47,10 @@ class ResNet3D(nn.Module):
         # The stride-2 stem of the 2D ResNets (MONAI's 3D default keeps full resolution, 8x the cost).
         self.net = build(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2, num_classes=1,
                          feed_forward=False)
-        if norm == "group":
+        if group_norm:
             # Swapped after construction: MONAI's ResNet passes its ``norm`` argument to the stem
             # only, its residual blocks keep BatchNorm (Project-MONAI/MONAI PR #9028).
             _batch_to_group_norm(self.net)
-        elif norm != "batch":
-            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
         self.num_features = self.net.layer4[-1].conv2.out_channels  # basic blocks (depths 10-34)
         self.drop_rate = drop_rate
         self.num_classes = num_classes
@@ -86,11 +84,11 @@ class ResNet3D(nn.Module):
 
 def create_volume_encoder(name: str, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0) -> ResNet3D:
     """A randomly initialised MONAI 3D ResNet with medtl's preprocessing record (inputs scaled to [-1, 1]);
-    names ending in ``_gn`` use GroupNorm (the stable choice from scratch on small data)."""
-    norm = "group" if name.endswith("_gn") else "batch"
-    model = ResNet3D(RESNET_3D_DEPTHS[name], num_classes, in_chans, drop_rate, norm)
+    names ending in ``_gn`` use GroupNorm (batch-size independent: the choice from scratch in small batches)."""
+    gn = name.endswith("_gn")
+    model = ResNet3D(RESNET_3D_DEPTHS[name], num_classes, in_chans, drop_rate, group_norm=gn)
     model.pretrained_cfg = {"architecture": f"monai.networks.nets.resnet{RESNET_3D_DEPTHS[name]}(spatial_dims=3)"
-                                            + (", GroupNorm" if norm == "group" else ""),
+                                            + (", GroupNorm" if gn else ""),
                             "input_size": (in_chans, 64, 64, 64), "mean": (0.5,), "std": (0.5,),
                             "interpolation": "trilinear", "spatial_dims": 3, "first_conv": "net.conv1"}
     model.feature_info = [{"module": "net.layer4", "num_chs": model.num_features}]
