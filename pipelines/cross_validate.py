@@ -26,7 +26,8 @@ from medtl.config import load_config
 from medtl.data import create_dataset, kfold_by_patient, split_by_patient
 from medtl.eval import compute_classification_metrics
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import fit, predict_probs, prepare_data, read_data
+from medtl.predict import predict_probs
+from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity")
@@ -66,9 +67,10 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
                                weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
-        fit(model, create_dataset([studies[i] for i in train_idx], final_train, agg),
-            create_dataset([studies[i] for i in val_idx], final_eval, agg), cfg.train, n_classes)
-        y, prob = predict_probs(model, create_dataset([studies[i] for i in test], final_eval, agg), 64)
+        result = fit(model, create_dataset([studies[i] for i in train_idx], final_train, agg),
+                     create_dataset([studies[i] for i in val_idx], final_eval, agg), cfg.train, n_classes)
+        y, prob = predict_probs(model, create_dataset([studies[i] for i in test], final_eval, agg),
+                                result.eval_runtime(), 64)
         m = compute_classification_metrics(y, prob)
         row = {"fold": k, "n_test": len(test), **{name: m.get(name) for name in METRICS},
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -34,7 +34,8 @@ from medtl.data import TooFewExamplesError, create_dataset, sample_per_class
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import fit, predict_probs, prepare_data, read_data
+from medtl.predict import predict_probs
+from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms
 
 FIELDS = ["shift", "k_per_class", "method", "seed", "target_auc", "target_acc", "source_auc", "seconds"]
@@ -76,8 +77,8 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
     return out
 
 
-def evaluate(model, studies, final, agg) -> tuple[float | None, float]:
-    y, p = predict_probs(model, create_dataset(studies, final, agg), 64)
+def evaluate(model, studies, final, agg, runtime) -> tuple[float | None, float]:
+    y, p = predict_probs(model, create_dataset(studies, final, agg), runtime, 64)
     return compute_auc(y, p), float((p.argmax(1) == y).mean())
 
 
@@ -132,9 +133,9 @@ def main(argv=None) -> int:
             src_model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
                                        weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
             tc = cfg.train.__class__(**{**cfg.train.__dict__, "seed": seed})
-            fit(src_model, create_dataset(source["train"], final_train, agg),
-                create_dataset(source["val"], final_eval, agg), tc, n_classes)
-            source_auc, _ = evaluate(src_model, source["test"], final_eval, agg)
+            runtime = fit(src_model, create_dataset(source["train"], final_train, agg),
+                          create_dataset(source["val"], final_eval, agg), tc, n_classes).eval_runtime()
+            source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime)
             base_seconds = time.perf_counter() - t0
             for k in ks:
                 methods = ["source_only"] if k == 0 else ["fine_tune", "retrain"]
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
                             weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
                         fit(model, create_dataset(few, final_train, agg), create_dataset(target["val"], final_eval, agg),
                             tc, n_classes)
-                    auc, acc = evaluate(model, target["test"], final_eval, agg)
+                    auc, acc = evaluate(model, target["test"], final_eval, agg, runtime)
                     row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
                            "target_acc": acc, "source_auc": source_auc,
                            "seconds": round(time.perf_counter() - t1 + (base_seconds if k == 0 else 0), 1)}

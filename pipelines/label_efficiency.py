@@ -35,7 +35,8 @@ from medtl.eval import compute_auc
 from medtl.errors import TrainingDivergedError
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import PreparedData, fit, from_scratch, predict_probs, prepare_data, read_data
+from medtl.predict import predict_probs
+from medtl.train import PreparedData, fit, from_scratch, prepare_data, read_data
 
 FIELDS = ["strategy", "n_per_class", "seed", "test_auc", "test_acc", "seconds"]
 log = logging.getLogger("medtl.pipelines")
@@ -70,8 +71,8 @@ def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre, n_classes: int,
                            weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
     train, val, test = prepared.datasets(cfg.data, pre, train_idx)
     t0 = time.perf_counter()
-    fit(model, train, val, cfg.train, n_classes)
-    y, p = predict_probs(model, test, 64, "cpu", "fp32", cfg.train.channels_last, cfg.train.tta)
+    result = fit(model, train, val, cfg.train, n_classes)
+    y, p = predict_probs(model, test, result.eval_runtime(), 64)
     return {"test_auc": compute_auc(y, p), "test_acc": float((p.argmax(1) == y).mean()),
             "seconds": round(time.perf_counter() - t0, 1)}
 

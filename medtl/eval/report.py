@@ -22,6 +22,7 @@ import torch
 
 from medtl.config import to_plain
 from medtl.errors import RunError
+from medtl.predict import predict_logits
 from medtl.eval.metrics import (
     bootstrap_ci,
     choose_threshold,
@@ -38,28 +39,6 @@ log = logging.getLogger("medtl.eval")
 
 INTENDED_USE = ("Research on transfer learning for medical image classification. Not a medical device: "
                 "not for diagnosis, triage or any clinical decision.")
-
-
-def _logits(model, dataset, batch_size: int = 64, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, logits, study index) for every model input; ``tta`` averages the logits of the image and its flip."""
-    from medtl.train.fit import _eval_batches
-
-    ys, zs = [], []
-    for x, y in _eval_batches(model, dataset, batch_size, "cpu", "fp32", channels_last=True):
-        z = model(x).float()
-        if tta:
-            z = (z + model(torch.flip(x, dims=[-1])).float()) / 2
-        zs.append(z.numpy())
-        ys.append(y.numpy())
-    studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
-    return np.concatenate(ys), np.concatenate(zs), studies
-
-
-def _study_probs(labels, logits, studies, temperature, aggregation):
-    from medtl.transforms import aggregate_studies
-
-    probs = (torch.as_tensor(logits) / temperature).softmax(dim=1).numpy()
-    return aggregate_studies(labels, probs, studies, *aggregation)
 
 
 def seed_mean_ci(values) -> tuple[float, float]:
@@ -201,18 +180,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
         raise RunError(f"{cfg.data.path}: classes {manifest.class_names} differ from the model's {class_names}")
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     _, val_ds, test_ds = prepared.datasets(cfg.data, pre)
-    agg = (cfg.data.slice_aggregation, cfg.data.top_k)
     out = run_dir / "evaluation"
     out.mkdir(exist_ok=True)
     figures: dict[str, bytes] = {}
 
-    yv, zv, sv = _logits(model, val_ds, tta=cfg.train.tta)
-    yt, zt, st = _logits(model, test_ds, tta=cfg.train.tta)
-    temperature = fit_temperature(zv, yv)
-    val_y, val_p_raw = _study_probs(yv, zv, sv, 1.0, agg)
-    _, val_p_cal = _study_probs(yv, zv, sv, temperature, agg)
-    test_y, test_p_raw = _study_probs(yt, zt, st, 1.0, agg)
-    _, test_p = _study_probs(yt, zt, st, temperature, agg)
+    runtime = predictor.runtime
+    val_logits, test_logits = (predict_logits(model, ds, runtime, 64) for ds in (val_ds, test_ds))
+    temperature = fit_temperature(val_logits.logits, val_logits.labels)
+    val_y, val_p_raw = val_logits.study_probs()
+    _, val_p_cal = val_logits.study_probs(temperature)
+    test_y, test_p_raw = test_logits.study_probs()
+    _, test_p = test_logits.study_probs(temperature)
     test_studies = prepared.sets["test"]
     patients = np.asarray([s["patient_id"] for s in test_studies])
     binary = len(class_names) == 2
@@ -265,7 +243,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
         parts = [p for p in test_ds.data if p.get("study") == i]
         x = test_ds.transform(parts[len(parts) // 2])["image"][None]
         inputs.append(x)
-        cam = compute_saliency(model, x, int(pred[i]), "gradcam")
+        cam = compute_saliency(model, x, int(pred[i]), "gradcam", runtime=runtime)
         img = np.asarray(s["image"][len(s["image"]) // 2])  # the middle channel: the slice itself
         sal = input_to_original(cam, img.shape, pre.input_size)
         cases.append({"image": img, "overlay": create_overlay(img, sal), "true": class_names[int(test_y[i])],
@@ -277,7 +255,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     sanity = []
     for method in methods:
         res = run_sanity_checks(model, inputs[:sanity_images],
-                                lambda m, x, c, meth=method: compute_saliency(m, x, c, meth), method, shuffled, seed)
+                                lambda m, x, c, meth=method: compute_saliency(m, x, c, meth, runtime=runtime), method,
+                                shuffled, seed, runtime=runtime)
         sanity.append(res.to_dict())
         log.info("saliency %s: %s", method, res.verdict)
     result["saliency_sanity"] = sanity

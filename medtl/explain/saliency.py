@@ -15,12 +15,14 @@ from monai.visualize.utils import blend_images
 
 from medtl.errors import MedtlInputError, look_up_option
 from medtl.models.encoders import cam_layer_name
+from medtl.runtime import Runtime
 
 METHODS = ("gradcam", "gradcampp", "occlusion", "integrated_gradients")
 
 
 def normalize_map(x: torch.Tensor) -> torch.Tensor:
     """Scale each map to [0, 1] with high = salient (MONAI's default_normalizer maps max to 0)."""
+    x = x.float()  # (maps computed under bf16/fp16 autocast)
     flat = x.reshape(x.shape[0], -1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     shape = (-1,) + (1,) * (x.ndim - 1)
@@ -42,7 +44,7 @@ def compute_gradcam(model: torch.nn.Module, x: torch.Tensor, class_idx: int | No
     cam = cls(nn_module=model, target_layers=cam_layer_name(model), postprocessing=normalize_map)
     with torch.enable_grad():
         result = cam(x.float(), class_idx=class_idx)
-    return result[0, 0].detach().cpu().numpy().astype(np.float32)
+    return result[0, 0].detach().float().cpu().numpy()
 
 
 def compute_occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
@@ -78,27 +80,34 @@ def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, class_idx: int
                          batch_size: int = 24) -> torch.Tensor:
     """Signed IG attributions (1, C, H, W) of the class logit; they sum to logit(x) - logit(baseline)."""
     baseline = torch.zeros_like(x)
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint Riemann sum
+    alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps  # midpoint Riemann sum
     grads = torch.zeros_like(x)
     with torch.enable_grad():
         for chunk in torch.split(alphas, batch_size):
             path = (baseline + chunk.view(-1, 1, 1, 1) * (x - baseline)).requires_grad_(True)
-            out = model(path)[:, class_idx].sum()
+            out = model(path)[:, class_idx].float().sum()
             grads += torch.autograd.grad(out, path)[0].sum(dim=0, keepdim=True)
     return ((x - baseline) * grads / steps).detach()
 
 
 def compute_saliency(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
-                     method: str = "gradcam") -> np.ndarray:
-    """A saliency map of one input (1, C, H, W) by ``method`` (one of :data:`METHODS`)."""
+                     method: str = "gradcam", runtime: Runtime | None = None) -> np.ndarray:
+    """A saliency map of one input (1, C, H, W) by ``method`` (one of :data:`METHODS`).
+
+    The model must already be on ``runtime.device``; the input is moved there and the model's
+    forward passes run under the runtime's autocast (default: CPU, fp32).
+    """
     look_up_option(method, METHODS, "saliency method")
-    if method == "gradcam":
-        return compute_gradcam(model, x, class_idx)
-    if method == "gradcampp":
-        return compute_gradcam(model, x, class_idx, plus_plus=True)
-    if method == "occlusion":
-        return compute_occlusion(model, x, class_idx)
-    return compute_integrated_gradients(model, x, class_idx)
+    runtime = runtime or Runtime()
+    x = runtime.to_input(x)
+    with runtime.autocast():
+        if method == "gradcam":
+            return compute_gradcam(model, x, class_idx)
+        if method == "gradcampp":
+            return compute_gradcam(model, x, class_idx, plus_plus=True)
+        if method == "occlusion":
+            return compute_occlusion(model, x, class_idx)
+        return compute_integrated_gradients(model, x, class_idx)
 
 
 def create_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.45) -> np.ndarray:

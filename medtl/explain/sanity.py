@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from medtl.predict import forward_logits
+from medtl.runtime import Runtime
+
 PASS_THRESHOLD = 0.5  # maps of a fully randomised model must correlate below this with the trained model's
 
 
@@ -70,15 +73,17 @@ def _group_modules(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
 
 
 def run_sanity_checks(model: torch.nn.Module, inputs: Sequence[torch.Tensor], saliency_fn: Callable, method: str,
-                      random_label_model: torch.nn.Module | None = None, seed: int = 0) -> SanityResult:
+                      random_label_model: torch.nn.Module | None = None, seed: int = 0,
+                      runtime: Runtime | None = None) -> SanityResult:
     """Cascading randomisation (and, given ``random_label_model``, data randomisation) for one method.
 
     ``saliency_fn(model, x, class_idx) -> (H, W) map``; ``inputs`` are (1, C, H, W) tensors. Maps
-    are computed for the class the trained model predicts, so only the model changes.
+    are computed for the class the trained model predicts, so only the model changes. Models run
+    on ``runtime`` (default: CPU, fp32).
     """
+    runtime = (runtime or Runtime()).replace(tta=False)
     model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        targets = [int(model(x).argmax(dim=1)[0]) for x in inputs]
+    targets = [int(forward_logits(model, x, runtime).argmax(dim=1)[0]) for x in inputs]
     reference = [saliency_fn(model, x, t) for x, t in zip(inputs, targets)]
     result = SanityResult(method=method)
     groups = _group_modules(model)
@@ -89,7 +94,7 @@ def run_sanity_checks(model: torch.nn.Module, inputs: Sequence[torch.Tensor], sa
         label = "head" if k == 0 else f"head + top {k} encoder group{'s' if k > 1 else ''}"
         result.cascade.append({"randomised": label, "spearman": round(r, 4)})
     if random_label_model is not None:
-        shuffled = copy.deepcopy(random_label_model).eval()
+        shuffled = runtime.prepare(copy.deepcopy(random_label_model)).eval()
         maps = [saliency_fn(shuffled, x, t) for x, t in zip(inputs, targets)]
         result.data_randomisation = round(float(np.mean([rank_correlation(a, b) for a, b in zip(reference, maps)])), 4)
     final = result.cascade[-1]["spearman"]

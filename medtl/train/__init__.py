@@ -6,15 +6,13 @@ from medtl.train.fit import (
     Stage,
     choose_strategy,
     encoder_groups,
-    extract_features,
     fit,
     from_scratch,
     plan_stages,
-    predict_probs,
     set_trainable,
 )
 from medtl.train.lr_find import LRFindResult, find_lr, lr_sweep
 
 __all__ = ["run_experiment", "prepare_data", "read_data", "PreparedData", "fit", "FitResult", "Stage", "plan_stages",
-           "choose_strategy", "from_scratch", "predict_probs", "extract_features", "set_trainable", "encoder_groups", "find_lr",
+           "choose_strategy", "from_scratch", "set_trainable", "encoder_groups", "find_lr",
            "lr_sweep", "LRFindResult"]

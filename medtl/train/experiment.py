@@ -24,7 +24,9 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
 from medtl.models import Preprocessing, create_encoder, is_volume_model, resolve_preprocessing
-from medtl.train.fit import distributed, fit, from_scratch, predict_probs
+from medtl.predict import predict_logits
+from medtl.runtime import distributed
+from medtl.train.fit import fit, from_scratch
 from medtl.transforms import create_transforms
 
 log = logging.getLogger("medtl.train")
@@ -130,12 +132,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         return out
 
     metrics = {"class_names": manifest.class_names, "best_epoch": result.best_epoch, "strategy": result.strategy,
-               "strategy_reason": result.strategy_reason, "precision": result.precision, "device": result.device,
+               "strategy_reason": result.strategy_reason, "precision": result.precision,
+               "precision_choice": result.precision_choice, "device": result.device,
                "world_size": result.world_size, "split": prepared.split_source,
                "train_images_per_s": round(result.train_images_per_s, 2)}
+    runtime = result.eval_runtime()
     for name, ds in (("val", val_ds), ("test", test_ds)):
-        y, p = predict_probs(model, ds, max(32, cfg.train.batch_size), result.device, "fp32",
-                             cfg.train.channels_last, cfg.train.tta)
+        y, p = predict_logits(model, ds, runtime, max(32, cfg.train.batch_size)).study_probs()
         metrics[name] = compute_classification_metrics(y, p)
     for name, part in sets.items():
         metrics.setdefault(name, {})

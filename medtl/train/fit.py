@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,8 +28,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.config import TrainConfig
 from medtl.errors import ConfigError, TrainingDivergedError
+from medtl.data.dataset import study_index
 from medtl.eval.metrics import compute_auc
-from medtl.models.volumetric import is_volume_model
+from medtl.predict import Logits, extract_features, predict_logits
+from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
 
 log = logging.getLogger("medtl.train")
 
@@ -111,43 +112,18 @@ class FitResult:
     best_epoch: int = 0  # 1-based epoch whose weights were kept
     best_score: float = -math.inf  # validation AUC (or -loss where AUC is undefined) of that epoch
     precision: str = "fp32"  # numeric precision actually used
+    precision_choice: dict = field(default_factory=dict)  # how it was chosen (and each candidate's images/s)
     device: str = "cpu"
     strategy: str = ""  # strategy actually used
     strategy_reason: str = ""  # why (for "auto")
     train_images_per_s: float = 0.0  # throughput of the stages that trained the encoder
     world_size: int = 1  # processes that trained (torchrun)
+    runtime: Runtime = field(default_factory=Runtime)  # device, precision, layout and flip averaging of training
 
-
-# -- devices, precision, distributed ---------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """bf16 only where the hardware runs it natively (AVX-512 BF16/AMX on CPU, or a bf16 GPU)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun (process group initialised on first use), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEDTL_DDP_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+    def eval_runtime(self) -> Runtime:
+        """The runtime to evaluate the trained model with: its device, layout and flip averaging, at the
+        precision of prediction (:func:`medtl.runtime.inference_precision`)."""
+        return self.runtime.replace(precision=inference_precision(None))
 
 
 # -- layer groups and freezing --------------------------------------------------------------------
@@ -207,60 +183,6 @@ def _param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
     return groups
 
 
-# -- evaluation -----------------------------------------------------------------------------------
-
-def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-
-
-def _aggregate(labels: np.ndarray, probs: np.ndarray, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Slice-level results to one per study, when the dataset holds several inputs per study."""
-    from medtl.transforms import aggregate_studies
-
-    studies = np.asarray([s.get("study", i) for i, s in enumerate(dataset.data)])
-    return aggregate_studies(labels, probs, studies, *getattr(dataset, "aggregation", ("mean", 3)))
-
-
-def _eval_batches(model, dataset, batch_size, device, precision, channels_last):
-    """Yield (input batch, labels) of a dataset in order, with the model in eval mode and no gradients."""
-    device = torch.device(device)
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for batch in loader:
-            yield _to_input(batch["image"], device, channels_last), torch.as_tensor(batch["label"]).long()
-
-
-def predict_probs(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
-                  precision: str = "fp32", channels_last: bool = False, tta: bool = False,
-                  per_study: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of a dataset of {"image", "label"} samples, in order.
-
-    With ``per_study`` (default), slices of one study are aggregated into one row by the
-    dataset's ``aggregation`` rule. ``tta`` averages the image and its left-right flip.
-    """
-    labels, probs = [], []
-    for x, y in _eval_batches(model, dataset, batch_size, device, precision, channels_last):
-        p = model(x).float().softmax(dim=1)
-        if tta:
-            p = (p + model(torch.flip(x, dims=[-1])).float().softmax(dim=1)) / 2
-        probs.append(p.cpu().numpy())
-        labels.append(y.numpy())
-    labels, probs = np.concatenate(labels), np.concatenate(probs)
-    return _aggregate(labels, probs, dataset) if per_study else (labels, probs)
-
-
-def extract_features(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
-                     precision: str = "fp32", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels): the encoder's pooled output (what the head sees) for every sample, in eval mode."""
-    feats, labels = [], []
-    for x, y in _eval_batches(model, dataset, batch_size, device, precision, channels_last):
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels).to(torch.device(device))
-
-
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
@@ -287,16 +209,23 @@ class _Trainer:
         self.model, self.train_ds, self.val_ds, self.cfg = model, train_ds, val_ds, cfg
         self.num_classes, self.on_improve = num_classes, on_improve
         self.rank, self.world = distributed()
-        self.device = resolve_device(cfg.device)
-        if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.device = local_device(resolve_device(cfg.device), self.world)
+        self.runtime = Runtime(self.device, "fp32", cfg.channels_last, cfg.tta)
+        self.runtime.prepare(model)
+        choice = choose_precision(cfg.precision, model, tuple(train_ds[0]["image"].shape),
+                                  max(1, cfg.batch_size // self.world), self.runtime,
+                                  model.pretrained_cfg.get("medtl_encoder", ""))
+        self.runtime = self.runtime.replace(precision=choice.precision)
+        self.precision = choice.precision
+        self.log("precision %s (%s)%s", choice.precision, choice.reason, "".join(
+            f"; {p} {v:.1f} img/s" for p, v in choice.img_per_s.items()))
         if cfg.batch_size % self.world:
             raise ConfigError(None, f"train.batch_size {cfg.batch_size} is not a multiple of the {self.world} "
                               "processes", "a global batch size divisible by the number of processes")
         labels = np.asarray([s["label"] for s in train_ds.data])
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
-        self.result = FitResult(precision=self.precision, device=str(self.device), world_size=self.world)
+        self.result = FitResult(precision=self.precision, precision_choice=choice.as_record(),
+                                device=str(self.device), world_size=self.world, runtime=self.runtime)
         self.best_state = copy.deepcopy(model.state_dict())
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
         self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
@@ -355,10 +284,9 @@ class _Trainer:
             _train_mode(model, cfg.freeze_bn)
             losses = []
             for batch in _progress(loader, self.rank, f"epoch {self.epoch}/{self.total_epochs}"):
-                x = _to_input(batch["image"], self.device, cfg.channels_last)
+                x = self.runtime.to_input(batch["image"])
                 x, target = self.mix(x, torch.as_tensor(batch["label"]).long().to(self.device))
-                with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16"
-                                    else torch.float16, enabled=self.precision in ("bf16", "fp16")):
+                with self.runtime.autocast():
                     logits = net(x)
                 loss = self.loss(logits, target)
                 optimizer.zero_grad(set_to_none=True)
@@ -383,9 +311,8 @@ class _Trainer:
         cfg, model = self.cfg, self.model
         if self._features is None:
             t0 = time.perf_counter()
-            args = dict(batch_size=max(32, cfg.batch_size), device=self.device, precision=self.precision,
-                        channels_last=cfg.channels_last)
-            self._features = (extract_features(model, self.train_ds, **args), extract_features(model, self.val_ds, **args))
+            bs, rt = max(32, cfg.batch_size), self.runtime
+            self._features = (extract_features(model, self.train_ds, rt, bs), extract_features(model, self.val_ds, rt, bs))
             self.log("encoder features cached for %d + %d inputs in %.1fs", len(self._features[0][0]),
                      len(self._features[1][0]), time.perf_counter() - t0)
         (xf, yf), (vf, vy) = self._features
@@ -413,16 +340,17 @@ class _Trainer:
                 self.record_loss(stage, losses, loss)
             head.eval()
             with torch.no_grad():
-                probs = head(vf).softmax(dim=1).cpu().numpy()
-            y_val, p_val = _aggregate(vy.cpu().numpy(), probs, self.val_ds)
-            if self.end_epoch(stage, losses, time.perf_counter() - t0, (y_val, p_val)):
+                logits = head(vf).float().cpu().numpy()
+            val = Logits(vy.cpu().numpy(), logits, study_index(self.val_ds),
+                         getattr(self.val_ds, "aggregation", ("mean", 3)))
+            if self.end_epoch(stage, losses, time.perf_counter() - t0, val.study_probs()):
                 break
 
     def end_epoch(self, stage: Stage, losses, seconds, val=None) -> bool:
         """Validate, record the epoch, keep the weights if they are the best so far; True: stop the stage."""
         cfg = self.cfg
-        y_val, p_val = val or predict_probs(self.model, self.val_ds, max(32, cfg.batch_size), self.device,
-                                            self.precision, cfg.channels_last, cfg.tta)
+        y_val, p_val = val or predict_logits(self.model, self.val_ds, self.runtime,
+                                             max(32, cfg.batch_size)).study_probs()
         if not np.all(np.isfinite(p_val)):
             self.diverged(stage, "non-finite validation outputs")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)), torch.from_numpy(y_val).long()))
@@ -490,9 +418,6 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(labels)}, cfg)
     trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
     trainer.log("strategy %s (%s)", strategy, reason)
-    model.to(trainer.device)
-    if cfg.channels_last and not is_volume_model(model):  # (3D convolutions keep the default layout)
-        model.to(memory_format=torch.channels_last)
     stages = [s for s in plan_stages(cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
     trainer.total_epochs = sum(s.epochs for s in stages)
     for stage in stages:
@@ -506,5 +431,5 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     return result
 
 
-__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "predict_probs", "extract_features",
-           "set_trainable", "encoder_groups"]
+__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "set_trainable",
+           "encoder_groups"]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from medtl.config import ExperimentConfig
+from medtl.predict import extract_features
+from medtl.runtime import Runtime, inference_precision, resolve_device
 
 
 @dataclass
@@ -74,7 +76,6 @@ def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
     from medtl.models import create_encoder, resolve_preprocessing
     from medtl.train.experiment import prepare_data, read_data
-    from medtl.train.fit import extract_features
 
     manifest = read_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
@@ -83,6 +84,9 @@ def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     pre = resolve_preprocessing(model, cfg.encoder.input_size)
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     train_ds, _, _ = prepared.datasets(cfg.data, pre)
-    features, labels = extract_features(model, train_ds, channels_last=cfg.train.channels_last)
+    runtime = Runtime(resolve_device(cfg.train.device), inference_precision(cfg.train.precision),
+                      cfg.train.channels_last)
+    runtime.prepare(model)
+    features, labels = extract_features(model, train_ds, runtime)
     return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size,
                     seed=cfg.train.seed)

@@ -7,7 +7,8 @@ import torch
 from medtl.checkpoint import load_model, save_model
 from medtl.data import create_dataset, decode_records, read_manifest
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import fit, plan_stages, predict_probs
+from medtl.predict import predict_probs
+from medtl.train import fit, plan_stages
 from medtl.transforms import create_transforms
 from tests.conftest import tiny_config
 

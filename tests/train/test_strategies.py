@@ -10,7 +10,9 @@ import torch.multiprocessing as mp
 from medtl.config import load_config
 from medtl.data import read_dataset
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.train import choose_strategy, encoder_groups, extract_features, fit, lr_sweep, predict_probs, prepare_data
+from medtl.predict import extract_features, predict_probs
+from medtl.runtime import Runtime
+from medtl.train import choose_strategy, encoder_groups, fit, lr_sweep, prepare_data
 from medtl.train.fit import ALL, Stage, _param_groups
 from tests.data.test_sources import write_medmnist
 
@@ -68,7 +70,7 @@ def test_cached_features_equal_the_live_encoder(npz):
     cfg = _config(npz)
     model, (_, val, _) = _data(npz, cfg)
     model.eval()
-    feats, labels = extract_features(model, val, channels_last=True)
+    feats, labels = extract_features(model, val, Runtime(channels_last=True))
     x = torch.stack([val[i]["image"] for i in range(len(val))])
     with torch.no_grad():
         live = model.forward_head(model.forward_features(x), pre_logits=True)
