@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
 
-.PHONY: demo test test-browser test-all clean
+.PHONY: demo test test-bf16 test-browser test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# training and inference tests with bf16 forced (emulated where the CPU has no native bf16), so every
+# machine covers the path that native-bf16 machines choose
+test-bf16: $(STAMP)
+	MEDTL_PRECISION=bf16 $(BIN)/python -m pytest tests/train tests/test_runtime.py tests/test_cli.py tests/eval \
+		tests/explain tests/pipelines tests/ui/test_app.py
 
 # the end-to-end browser test (needs Debian's chromium: apt-get install chromium)
 test-browser: $(STAMP)

@@ -13,8 +13,9 @@ from medtl.errors import FileMissingError, MedtlError
 log = logging.getLogger("medtl")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
 def cmd_sample_data(args) -> int:
@@ -54,7 +55,8 @@ def _train_config(args):
                              ("batch_size", args.batch_size, "train"), ("seed", args.seed, "train"),
                              ("lr", args.lr, "train"), ("volume_mode", args.volume_mode, "data"),
                              ("modality", args.modality, "data"), ("ct_window", args.ct_window, "data"),
-                             ("cache_dir", args.cache_dir, "data")]:
+                             ("cache_dir", args.cache_dir, "data"), ("device", args.device, "train"),
+                             ("precision", args.precision, "train")]:
         if value is not None:
             overrides[part][key] = value
     if args.no_pretrained:
@@ -90,7 +92,7 @@ def _each_file(paths, fn) -> int:
 def cmd_predict(args) -> int:
     from medtl.inference import load_run
 
-    predictor = load_run(args.run)
+    predictor = load_run(args.run, device=args.device)
     if args.json:
         return _each_file(args.images, lambda p: print(json.dumps(vars(predictor.predict(p)))))
     return _each_file(args.images, lambda p: print(predictor.predict(p)))
@@ -99,7 +101,7 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from medtl.inference import load_run
 
-    predictor = load_run(args.run)
+    predictor = load_run(args.run, device=args.device)
     out = Path(args.out) if args.out else None
 
     def one(path):
@@ -132,7 +134,7 @@ def cmd_evaluate(args) -> int:
     methods = tuple(args.methods.split(",")) if args.methods else ("gradcam", "gradcampp", "occlusion",
                                                                      "integrated_gradients")
     result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
-                          methods=methods, data_randomisation=not args.no_data_randomisation)
+                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device)
     auc = result["auc"]
     ci = auc["auc_ci"]
     print(f"{args.run}: test AUC {auc['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
@@ -155,7 +157,7 @@ def cmd_encoders(args) -> int:
 def cmd_serve(args) -> int:
     from ui.app import launch
 
-    launch(args.run, host=args.host, port=args.port, auth=args.auth)
+    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device)
     return 0
 
 
@@ -181,12 +183,23 @@ def _add_train_options(s, run_folder: bool) -> None:
     s.add_argument("--modality", help="override the files' modality: CT, MR, XR or other")
     s.add_argument("--ct-window", help="CT window name (brain, lung, mediastinum, bone, ...) or multi")
     s.add_argument("--cache-dir", help="keep decoded inputs on disk here (MONAI PersistentDataset)")
+    s.add_argument("--device", help="auto (a GPU where one can be reached), cpu, cuda or cuda:N")
+    s.add_argument("--precision", help="auto (measured: the fastest of fp32 and native bf16), fp32, bf16 or fp16")
 
+
+
+def _add_device(s) -> None:
+    s.add_argument("--device", default="auto", help="auto (a GPU where one can be reached; default), cpu, cuda or "
+                   "cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medtl import __version__
+
     p = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
+    p.add_argument("--version", action="version", version=f"medtl {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample-data", help="write the synthetic labelled CT sample set")
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_device(s)
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("explain", help="write Grad-CAM overlays for image files")
@@ -216,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", help="class to explain (default: the predicted one)")
     s.add_argument("--method", help="gradcam (default), gradcampp, occlusion or integrated_gradients")
     s.add_argument("--force", action="store_true", help="replace existing overlay files")
+    _add_device(s)
     s.set_defaults(fn=cmd_explain)
 
     s = sub.add_parser("info", help="show what medtl reads from a file, folder or zip (no patient identifiers)")
@@ -233,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four)")
     s.add_argument("--no-data-randomisation", action="store_true",
                    help="skip training a shuffled-label model for the data randomisation test")
+    _add_device(s)
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("encoders", help="list the registered encoders")
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", help="USER:PASS required to open the page")
+    _add_device(s)
     s.set_defaults(fn=cmd_serve)
     return p
 
@@ -261,7 +278,7 @@ def report_errors(fn, *args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     return report_errors(args.fn, args)
 
 

@@ -7,13 +7,16 @@ Every field carries a comment saying what it does. Unknown keys are rejected wit
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medtl.errors import ConfigError, did_you_mean
+from medtl.errors import ConfigError, did_you_mean, look_up_option
 
 # Named CT windows in Hounsfield units: (level, width). Standard radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -151,25 +154,85 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+def _expected(hint: Any) -> str:
+    """A type hint in words: "a number", "an integer", "true or false", "a list of 2 numbers"..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + " (or null)"
+    if origin is tuple:
+        item = "strings" if args[0] is str else "numbers"
+        return f"a list of {item}" if args[-1] is Ellipsis else f"a list of {len(args)} {item}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_type(value: Any, hint: Any) -> Any:
+    """``value`` as the type of ``hint``, or raise ``TypeError``. Numbers written as ``1e-4`` (strings to
+    YAML 1.1) are numbers; an integer field refuses 2.5 and a number field refuses "abc"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _check_type(value, a)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise TypeError
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_check_type(v, a) for v, a in zip(value, items))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise TypeError from None
+            if math.isfinite(number):
+                return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise TypeError
+
+
+def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source: str | Path | None = None) -> Any:
+    """A config dataclass from a (nested) dict: unknown keys refused with a "did you mean" hint,
+    every value checked against its field's annotation. ``source`` (the YAML file) is named in errors."""
     if not isinstance(values, dict):
-        raise ConfigError(None, f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(source, f"{where or 'config'} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        name = f"{where}.{key}" if where else key
         if key not in fields:
-            name = f"{where}.{key}" if where else key
             raise ConfigError(
-                None,
+                source,
                 f"unknown config key {name!r}{did_you_mean(key, fields)}",
                 expected="one of " + ", ".join(fields),
             )
         f = fields[key]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            value = _from_dict(f.default_factory, value or {}, f"{where}.{key}" if where else key)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
+            kwargs[key] = config_from_dict(f.default_factory, value or {}, name, source)
+            continue
+        try:
+            kwargs[key] = _check_type(value, hints[key])
+        except TypeError:
+            raise ConfigError(source, f"{name}: {value!r} is not {_expected(hints[key])}",
+                              _expected(hints[key])) from None
     return cls(**kwargs)
 
 
@@ -184,14 +247,53 @@ def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> 
             values = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(p, f"not valid YAML: {e}") from None
-    cfg = _from_dict(ExperimentConfig, _merge(values, overrides), "")
-    validate_config(cfg)
+    cfg = config_from_dict(ExperimentConfig, _merge(values, overrides), "", path)
+    validate_config(cfg, path)
     return cfg
 
 
-def validate_config(cfg: ExperimentConfig) -> None:
-    """Reject values that would fail later, with the valid options."""
-    from medtl.errors import look_up_option
+# (section.field, lowest, highest, lowest allowed itself): numeric limits checked by validate_config
+LIMITS = [
+    ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True),
+    ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
+    ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
+    ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
+    ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
+    ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
+    ("train.label_smoothing", 0.0, 1.0, True), ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
+    ("explain.n_overlays", 0, None, True), ("explain.alpha", 0.0, 1.0, True),
+]
+
+
+def _check_limits(cfg: ExperimentConfig, source) -> None:
+    for name, lo, hi, lo_inclusive in LIMITS:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        low_ok = value >= lo if lo_inclusive else value > lo
+        if not low_ok or (hi is not None and value > hi):
+            bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(source, f"{name}: {value!r} is out of range", f"a value {bound}")
+    lo, hi = cfg.data.percentiles
+    if not 0 <= lo < hi <= 100:
+        raise ConfigError(source, f"data.percentiles: {list(cfg.data.percentiles)} is out of range",
+                          "two percentiles 0 <= low < high <= 100")
+
+
+def validate_config(cfg: ExperimentConfig, source: str | Path | None = None) -> None:
+    """Reject values that would fail later, with the valid options (``source``: the YAML file, named
+    in the error)."""
+    try:
+        _validate(cfg)
+        _check_limits(cfg, source)
+    except ConfigError as e:
+        if source is None or e.path is not None:
+            raise
+        raise ConfigError(source, e.problem, e.expected) from None
+
+
+def _validate(cfg: ExperimentConfig) -> None:
 
     look_up_option(cfg.data.modality, ["auto", "CT", "MR", "XR", "other"], "modality")
     look_up_option(cfg.data.ct_window, [*CT_WINDOWS, "multi"], "CT window")
@@ -214,8 +316,6 @@ def validate_config(cfg: ExperimentConfig) -> None:
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
         if not 0.0 < v < 0.5:
             raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.train.frozen_epochs < 0:
-        raise ConfigError(None, "train.batch_size must be >= 1 and epochs >= 0")
-    from medtl.models import list_encoders
+    from medtl.models import list_encoders  # the registry (imports torch): here, not at start-up
 
     look_up_option(cfg.encoder.name, list_encoders(), "encoder")

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from medtl.checkpoint import load_model
-from medtl.config import ExperimentConfig, _from_dict
+from medtl.config import ExperimentConfig, config_from_dict
 from medtl.errors import ConfigError, RunError, find_input_error
 from medtl.explain import compute_saliency, create_overlay
 from medtl.models.volumetric import is_volume_model
@@ -64,7 +64,7 @@ class Predictor:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
         resolved = raw.pop("resolved", None) or {}
         self.input_record: dict = resolved.get("input_record", {})  # modalities and dimensions seen in training
-        self.config: ExperimentConfig = _from_dict(ExperimentConfig, raw, "")
+        self.config: ExperimentConfig = config_from_dict(ExperimentConfig, raw, source=cfg_path)
         self.model, meta = load_model(self.run_dir / "model.safetensors")
         # channels-last (2D only): about 2x faster convolutions on CPU
         self.runtime = Runtime(resolve_device(device), inference_precision(precision),

@@ -21,6 +21,18 @@ def tiny_config(manifest: Path, **train):
                        explain={"n_overlays": 2})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """The precision probe's answers go to a fresh folder, not the user's ~/.cache."""
+    old = os.environ.get("MEDTL_CACHE_DIR")
+    os.environ["MEDTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("medtl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEDTL_CACHE_DIR", None)
+    else:
+        os.environ["MEDTL_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")

@@ -22,3 +22,42 @@ def test_yaml_round_trip(tmp_path):
     cfg = load_config(train={"epochs": 3}, data={"ct_window": "lung"})
     cfg.to_yaml(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_numbers_written_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; a number field takes it as the number it means."""
+    cfg = load_config(_yaml(tmp_path, "train:\n  lr: 1e-4\n  weight_decay: 5e-2\n"))
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.weight_decay == 0.05
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  batch_size: 2.5\n", r"train.batch_size: 2.5 is not an integer"),
+    ("train:\n  lr: abc\n", r"train.lr: 'abc' is not a number"),
+    ("train:\n  epochs: -1\n", r"train.epochs: -1 is out of range \(expected a value >= 0\)"),
+    ("train:\n  lr: 0\n", r"train.lr: 0.0 is out of range"),
+    ("train:\n  freeze_bn: 'no'\n", r"train.freeze_bn: 'no' is not true or false"),
+    ("data:\n  percentiles: [1]\n", r"data.percentiles: \[1\] is not a list of 2 numbers"),
+    ("encoder:\n  input_size: big\n", r"encoder.input_size: 'big' is not an integer \(or null\)"),
+    ("data:\n  augment: 1\n", r"data.augment: 1 is not true or false"),
+    ("train:\n  strategy: 3\n", r"train.strategy: 3 is not a string"),
+])
+def test_a_value_of_the_wrong_type_or_range_names_file_key_value_and_expectation(tmp_path, text, words):
+    p = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=words) as e:
+        load_config(p)
+    assert str(e.value).startswith(str(p))
+
+
+def test_a_bad_value_gives_one_line_and_exit_2_on_the_command_line(tmp_path, capsys):
+    from medtl.cli import main
+
+    p = _yaml(tmp_path, "train:\n  batch_size: 2.5\n")
+    assert main(["train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run"), "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: train.batch_size: 2.5 is not an integer") and "Traceback" not in err

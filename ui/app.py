@@ -291,8 +291,8 @@ def _sanity(predictor: Predictor) -> dict:
     return {s["method"]: s["verdict"] for s in json.loads(ev.read_text()).get("saliency_sanity", [])}
 
 
-def create_app(run: str | Path, workdir: Path | None = None):
-    """Build the Gradio Blocks app for a run folder (or a folder of runs)."""
+def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto"):
+    """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device``."""
     import gradio as gr
 
     runs = find_runs(run)
@@ -301,7 +301,7 @@ def create_app(run: str | Path, workdir: Path | None = None):
 
     def get(run_name: str) -> Predictor:
         if run_name not in cache:
-            cache[run_name] = load_run(next(r for r in runs if r.name == run_name))
+            cache[run_name] = load_run(next(r for r in runs if r.name == run_name), device=device)
         return cache[run_name]
 
     first = runs[0].name
@@ -405,7 +405,7 @@ def _describe(predictor: Predictor) -> str:
 
 
 def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE):
+           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto"):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
@@ -417,7 +417,7 @@ def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str
         if not sep or not user or not password:
             raise MedtlError("--auth must be USER:PASS")
         credentials = (user, password)
-    demo = create_app(run, workdir)
+    demo = create_app(run, workdir, device=device)
     return demo.launch(server_name=host, server_port=port, share=False, auth=credentials,
                        max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,
                        footer_links=[], ssr_mode=False, allowed_paths=[])

@@ -159,8 +159,10 @@ def _case_grid(cases):
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 1000, operating_point: str = "youden",
                  methods: tuple[str, ...] = ("gradcam", "gradcampp", "occlusion", "integrated_gradients"),
-                 sanity_images: int = 3, data_randomisation: bool = True, seed: int = 0) -> dict:
-    """Evaluate a run on its test split; write the report, figures and model card (see module doc)."""
+                 sanity_images: int = 3, data_randomisation: bool = True, seed: int = 0,
+                 device: str = "auto") -> dict:
+    """Evaluate a run on its test split; write the report, figures and model card (see module doc).
+    Models run on ``device``."""
     from medtl.checkpoint import save_model
     from medtl.explain.sanity import run_sanity_checks
     from medtl.explain.saliency import compute_saliency, create_overlay
@@ -169,7 +171,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     from medtl.transforms import input_to_original
 
     run_dir = Path(run_dir)
-    predictor = load_run(run_dir)
+    predictor = load_run(run_dir, device=device)
     cfg = predictor.config
     if data:
         cfg = cfg.__class__(data=cfg.data.__class__(**{**cfg.data.__dict__, "path": str(data)}), encoder=cfg.encoder,
