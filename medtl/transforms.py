@@ -16,15 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.layers import AffineTransform
 from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
     Resize,
     Resized,
     ScaleIntensityRange,
@@ -212,8 +209,10 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     """Return ``(deterministic, final)`` chains.
 
     ``deterministic`` reads, scales and shrinks (its output can be cached); ``final`` resizes
-    to the encoder's input (aspect kept, padded to a square), adds the training augmentation
-    (when ``train``) and the encoder's channel repeat and mean/std normalisation.
+    to the encoder's input (aspect kept, padded to a square) and applies the encoder's channel
+    repeat and mean/std normalisation: the same for training and inference. With ``train``,
+    ``final`` is a :class:`TrainingTransform` whose :class:`BatchAugment` (``data.augment``) the
+    training loop applies to whole batches on its device.
     """
     size, dims = pre.input_size, pre.spatial_dims
     if (dims == 3) != (data.volume_mode == "3d"):
@@ -226,23 +225,103 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
                 anti_aliasing=False),
         SpatialPadd("image", spatial_size=(size,) * dims, mode="constant"),
     ]
-    if train and data.augment:
-        # 2D: rotation in plane; 3D: about the slice axis (in-plane) only, as acquisitions vary most there.
-        ranges = dict(rotate_range=np.deg2rad(10), scale_range=0.1, translate_range=size * 0.05) if dims == 2 else \
-            dict(rotate_range=(np.deg2rad(10), 0.0, 0.0), scale_range=(0.1,) * 3, translate_range=(size * 0.05,) * 3)
-        final += [
-            RandAffined("image", prob=0.5, padding_mode="zeros", **ranges),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
-            RandGaussianNoised("image", prob=0.3, std=0.02),
-        ]
-        if data.flip:
-            final.append(RandFlipd("image", spatial_axis=-1, prob=0.5))  # left-right (columns)
     final += [
         RepeatToChannelsd("image", pre.in_chans),
         NormalizeIntensityd("image", subtrahend=np.array(pre.mean), divisor=np.array(pre.std), channel_wise=True),
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
-    return deterministic, Compose(final)
+    if not train:
+        return deterministic, Compose(final)
+    augment = BatchAugment(pre, flip=data.flip) if data.augment else None
+    return deterministic, TrainingTransform(final, augment)
+
+
+class BatchAugment:
+    """Training augmentation of whole batches, on the device the model trains on.
+
+    Per sample: with probability 0.5 a random affine (MONAI's ``AffineTransform``: rotation up to
+    10 degrees in plane, zoom of each axis by up to 10 %, shift by up to 5 % of the side; zeros
+    outside), with 0.3 a contrast gamma in [0.8, 1.25], with 0.3 Gaussian noise (sigma up to 0.02),
+    and with 0.5 a left-right flip (``flip``). The batch arrives normalised by the encoder's mean and
+    std; it is augmented on the [0, 1] intensities (as MONAI's per-sample chain did) and normalised
+    again. 3D volumes rotate in the slice plane only. One batched call costs a fraction of the
+    per-sample chain, so it hides behind the training step. Random parameters come from the
+    object's own generator (``set_random_state``), so seeded runs repeat exactly.
+    """
+
+    def __init__(self, pre: Preprocessing, flip: bool = True, rotate_deg: float = 10.0, zoom: float = 0.1,
+                 shift: float = 0.05, seed: int = 0):
+        self.pre, self.flip = pre, flip
+        self.rotate, self.zoom, self.shift = np.deg2rad(rotate_deg), zoom, shift
+        self.warp = AffineTransform(normalized=False, zero_centered=True, align_corners=False, padding_mode="zeros")
+        self.set_random_state(seed)
+
+    def set_random_state(self, seed: int) -> "BatchAugment":
+        self.R = torch.Generator().manual_seed(int(seed))
+        return self
+
+    def _uniform(self, *shape, low=-1.0, high=1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(*shape, generator=self.R)
+
+    def affines(self, n: int, dims: int, size: int) -> torch.Tensor:
+        """(n, dims + 1, dims + 1) random affines in array index order, about the centre."""
+        affine = torch.eye(dims + 1).repeat(n, 1, 1)
+        angle = self._uniform(n) * self.rotate
+        a, b = dims - 2, dims - 1  # the in-plane axes (rows, columns)
+        rot = affine.clone()
+        rot[:, a, a], rot[:, a, b], rot[:, b, a], rot[:, b, b] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
+        affine[:, range(dims), range(dims)] = 1 + self._uniform(n, dims) * self.zoom
+        affine = rot @ affine
+        affine[:, :dims, dims] = self._uniform(n, dims) * self.shift * size
+        return affine
+
+    def _chosen(self, n: int, p: float, device) -> torch.Tensor:
+        """Indices of the samples (drawn with probability ``p``) that get an augmentation."""
+        return torch.nonzero(torch.rand(n, generator=self.R) < p).flatten().to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, dims = x.shape[0], x.ndim - 2
+        view = (1, -1) + (1,) * dims
+        mean = torch.as_tensor(self.pre.mean, dtype=x.dtype, device=x.device).view(view)
+        std = torch.as_tensor(self.pre.std, dtype=x.dtype, device=x.device).view(view)
+        x = x * std + mean  # back to [0, 1] intensities (a new tensor: the batch itself is not changed)
+        # each step touches only the samples it was drawn for
+        idx = self._chosen(n, 0.5, x.device)
+        if len(idx):
+            x[idx] = self.warp(x[idx].contiguous(), self.affines(len(idx), dims, x.shape[-1]).to(x.device))
+        idx = self._chosen(n, 0.3, x.device)
+        if len(idx):  # contrast: MONAI's RandAdjustContrast, per sample over its own range
+            part = x[idx]
+            flat = part.reshape(len(idx), -1)
+            shape = (len(idx),) + (1,) * (dims + 1)
+            lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
+            span = hi - lo + 1e-7
+            gamma = self._uniform(len(idx), low=0.8, high=1.25).to(x.device).view(shape)
+            x[idx] = ((part - lo) / span).clamp_min(0) ** gamma * span + lo
+        idx = self._chosen(n, 0.3, x.device)
+        if len(idx):  # noise, the same in every channel (as on the single-channel image before the repeat)
+            sigma = self._uniform(len(idx), low=0.0, high=0.02).view((len(idx),) + (1,) * (dims + 1))
+            x[idx] += (sigma * torch.randn((len(idx), 1) + x.shape[2:], generator=self.R)).to(x.device)
+        if self.flip:
+            idx = self._chosen(n, 0.5, x.device)
+            if len(idx):
+                x[idx] = x[idx].flip(-1)
+        return (x - mean) / std
+
+
+class TrainingTransform(Compose):
+    """A training set's per-sample chain (the same as inference's) plus the :class:`BatchAugment`
+    that :func:`medtl.train.fit` applies to each of its batches on the training device."""
+
+    def __init__(self, transforms, batch_augment: BatchAugment | None):
+        self.batch_augment = batch_augment  # (before Compose's __init__, which seeds every part)
+        super().__init__(transforms)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        if self.batch_augment is not None and seed is not None:
+            self.batch_augment.set_random_state(seed)
+        return self
 
 
 class RepeatToChannelsd(MapTransform):

@@ -8,16 +8,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose, Transform
 
 import medtl.runtime as runtime_mod
 from medtl.config import load_config
-from medtl.data import read_dataset
+from medtl.data import create_dataset, read_dataset
 from medtl.errors import ConfigError
 from medtl.inference import load_run
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.predict import predict_logits
 from medtl.runtime import Runtime, choose_precision, inference_precision
 from medtl.train import fit, prepare_data
+from medtl.transforms import TrainingTransform, create_transforms
 from tests.data.test_sources import write_medmnist
 
 
@@ -35,40 +37,59 @@ def _setup(path, augment=False, **train):
     return cfg, model, prepare_data(cfg.data, pre, 0, read_dataset(path)).datasets(cfg.data, pre)
 
 
-class _AutocastSpy:
-    """A transform that records whether it ever ran under autocast."""
+class _AutocastSpy(Transform):
+    """A transform (or batch augmentation) that records whether it ever ran under autocast."""
 
-    def __init__(self, inner):
+    def __init__(self, inner=None):
         self.inner, self.seen = inner, []
 
     def __call__(self, d):
         self.seen.append(torch.is_autocast_enabled("cpu"))
-        return self.inner(d)
+        return self.inner(d) if self.inner else d
+
+    def set_random_state(self, seed=None, state=None):
+        if self.inner is not None:
+            self.inner.set_random_state(seed)
+        return self
+
+
+def _spied(cfg, model, path):
+    """Training and validation sets whose per-sample chains and batch augmentation record autocast."""
+    pre = resolve_preprocessing(model, 32)
+    prepared = prepare_data(cfg.data, pre, 0, read_dataset(path))
+    _, train_final = create_transforms(cfg.data, pre, train=True)
+    _, eval_final = create_transforms(cfg.data, pre, train=False)
+    spies = [_AutocastSpy(), _AutocastSpy(), _AutocastSpy(train_final.batch_augment)]
+    train = create_dataset(prepared.sets["train"], TrainingTransform([*train_final.transforms, spies[0]], spies[2]))
+    val = create_dataset(prepared.sets["val"], Compose([*eval_final.transforms, spies[1]]))
+    return train, val, spies
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "partial", "fine_tune", "gradual", "full"])
 def test_every_strategy_trains_in_bf16_with_augmentation_outside_autocast(npz, strategy, monkeypatch):
-    """The bf16 crash of the last round: MONAI's random affine ran inside autocast. Transforms must
-    never see autocast, and every strategy (feature caching included) must train in bf16."""
+    """The bf16 crash of the last round: MONAI's random affine ran inside autocast. Transforms and
+    the batch augmentation must never see autocast, and every strategy (feature caching included)
+    must train in bf16."""
     monkeypatch.delenv("MEDTL_PRECISION", raising=False)
-    cfg, model, (train, val, _) = _setup(npz, augment=True, strategy=strategy, precision="bf16")
-    train.transform, val.transform = _AutocastSpy(train.transform), _AutocastSpy(val.transform)
+    cfg, model, _ = _setup(npz, augment=True, strategy=strategy, precision="bf16")
+    train, val, spies = _spied(cfg, model, npz)
     before = model.classifier.weight.detach().clone()
     result = fit(model, train, val, cfg.train, num_classes=2)
     assert result.precision == "bf16" and result.precision_choice["reason"] == "set in the configuration"
-    assert train.transform.seen and val.transform.seen and not any(train.transform.seen + val.transform.seen)
+    assert spies[0].seen and spies[1].seen and not any(spies[0].seen + spies[1].seen + spies[2].seen)
+    assert bool(spies[2].seen) == (strategy != "linear_probe")  # (a linear probe trains on cached features)
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in result.history)
     assert not torch.equal(before, model.classifier.weight)
     assert next(model.parameters()).dtype == torch.float32  # autocast, not a bf16 copy of the weights
 
 
 def test_prediction_runs_the_model_under_autocast_and_the_data_outside(npz):
-    cfg, model, (_, val, _) = _setup(npz)
-    val.transform = _AutocastSpy(val.transform)
+    cfg, model, _ = _setup(npz)
+    _, val, spies = _spied(cfg, model, npz)
     dtypes = []
     model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     out = predict_logits(model, val, Runtime(precision="bf16", tta=True), batch_size=4)
-    assert dtypes and set(dtypes) == {torch.bfloat16} and not any(val.transform.seen)
+    assert dtypes and set(dtypes) == {torch.bfloat16} and spies[1].seen and not any(spies[1].seen)
     assert out.logits.dtype == np.float32 and out.logits.shape == (len(val), 2)
     fp32 = predict_logits(model, val, Runtime(precision="fp32", tta=True), batch_size=4)
     np.testing.assert_allclose(out.logits, fp32.logits, atol=0.1)  # bf16 rounding, same answers

@@ -3,6 +3,7 @@
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 
 from medtl.config import CT_WINDOWS, load_config
@@ -10,6 +11,7 @@ from medtl.errors import ConfigError
 from medtl.io import Scan
 from medtl.models import Preprocessing
 from medtl.transforms import (
+    BatchAugment,
     aggregate_slices,
     create_transforms,
     intensity_preset,
@@ -106,3 +108,57 @@ def test_monochrome1_xray_gets_its_own_window_through_the_chain(tmp_path):
     # inverted (bright where stored values are low) and windowed to [0, 1]
     assert img[raw == raw.min()].mean() > img[raw == raw.max()].mean()
     assert img.min() >= 0 and img.max() <= 1
+
+
+def _square_batch(n=8, size=32, channels=3, dims=2):
+    x = torch.zeros((n, channels) + (size,) * dims)
+    x[(slice(None), slice(None)) + (slice(size // 4, size // 2),) * dims] = 1.0  # a bright block off centre
+    return (x - 0.5) / 0.5  # normalised as the encoder's mean = std = 0.5
+
+
+def test_batch_augmentation_is_seeded_varied_and_leaves_its_input_alone():
+    x = _square_batch()
+    kept = x.clone()
+    pre = Preprocessing(input_size=32)
+    a, b, c = (BatchAugment(pre, seed=s)(x) for s in (1, 1, 2))
+    assert torch.equal(x, kept) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    changed = [(a[i] - x[i]).abs().max() > 1e-3 for i in range(len(x))]
+    assert 0 < sum(changed) <= len(x)  # each step is drawn per sample
+    assert float(a.min()) >= -1.2 and float(a.max()) <= 1.2  # still normalised [0, 1] intensities (+ noise)
+
+
+def test_batch_augmentation_flips_left_right_and_turns_3d_volumes_in_plane_only():
+    pre = Preprocessing(input_size=16)
+    x = _square_batch(n=16, size=16)
+    flip_only = BatchAugment(pre, rotate_deg=0, zoom=0, shift=0, seed=0)
+    flip_only._chosen = lambda n, p, device: torch.arange(n) if p == 0.5 else torch.arange(0)  # flips alone
+    assert torch.allclose(flip_only(x), x.flip(-1), atol=1e-5)
+    vol = _square_batch(n=4, size=16, channels=1, dims=3)
+    turn = BatchAugment(Preprocessing(input_size=16, in_chans=1, mean=(0.5,), std=(0.5,), spatial_dims=3),
+                        rotate_deg=10, zoom=0, shift=0, flip=False, seed=0)
+    turn._chosen = lambda n, p, device: torch.arange(n) if p == 0.5 else torch.arange(0)  # the affine alone
+    out = turn(vol)
+    # a rotation about the slice axis moves voxels within each slice, never between slices
+    assert torch.allclose(out.sum(dim=(-1, -2)), vol.sum(dim=(-1, -2)), rtol=0.1, atol=1.0)
+    assert not torch.allclose(out, vol, atol=1e-3)
+
+
+def test_small_data_sets_keep_their_final_inputs_in_memory():
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, Lambda
+
+    from medtl.data.dataset import create_dataset
+
+    calls = []
+    final = Compose([Lambda(lambda d: (calls.append(1), {**d, "image": torch.zeros(3, 8, 8)})[1])])
+    studies = [{"image": np.zeros((1, 8, 8), np.float32), "label": i % 2, "slice_index": np.array([-1])}
+               for i in range(6)]
+    cached = create_dataset(studies, final)
+    assert isinstance(cached, CacheDataset)
+    calls.clear()
+    for _ in range(3):
+        [cached[i] for i in range(len(cached))]
+    assert len(calls) == 6  # each input prepared once, at its first use
+    big = create_dataset(studies, final, memory_cache_bytes=1000)  # 6 inputs of 768 bytes do not fit
+    assert not isinstance(big, CacheDataset)

@@ -7,8 +7,8 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from monai.data import Dataset, PersistentDataset
-from monai.transforms import Compose
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose, Randomizable
 
 from medtl.data.manifest import Problem
 from medtl.errors import find_input_error
@@ -56,15 +56,31 @@ def expand_inputs(studies: Sequence[dict]) -> list[dict]:
     return out
 
 
-def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3)) -> Dataset:
+MEMORY_CACHE_BYTES = 1 << 30  # a data set's final model inputs are kept in memory when they fit in this
+
+
+def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3),
+                   memory_cache_bytes: int = MEMORY_CACHE_BYTES) -> Dataset:
     """A MONAI dataset of model inputs (slices of volumes in the "slices" modes) applying ``final``.
 
-    ``aggregation`` (rule, k) tells evaluation how slice scores make a study score.
+    ``aggregation`` (rule, k) tells evaluation how slice scores make a study score. ``final`` is
+    deterministic (training augmentation runs on whole batches, see
+    :class:`medtl.transforms.BatchAugment`), so when all inputs fit in ``memory_cache_bytes`` each
+    one is computed once, at its first use, and kept (MONAI ``CacheDataset``, runtime cache): epochs
+    after the first spend no time on per-sample transforms.
     """
     keep = ("image", "label", "study", "slice_index")
-    ds = Dataset([{k: s[k] for k in keep if k in s} for s in expand_inputs(studies)], transform=final)
+    items = [{k: s[k] for k in keep if k in s} for s in expand_inputs(studies)]
+    ds = Dataset(items, transform=final)
+    if items and isinstance(final, Compose) and final.get_index_of_first(lambda t: isinstance(t, Randomizable)) \
+            is None and len(items) * _nbytes(ds[0]["image"]) <= memory_cache_bytes:
+        ds = CacheDataset(items, transform=final, progress=False, copy_cache=False, runtime_cache=True)
     ds.aggregation = aggregation
     return ds
+
+
+def _nbytes(x) -> int:
+    return int(x.element_size() * x.nelement()) if hasattr(x, "element_size") else int(np.asarray(x).nbytes)
 
 
 def study_index(dataset: Dataset) -> np.ndarray:

@@ -14,9 +14,11 @@ import copy
 import dataclasses
 import logging
 import math
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,11 +29,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.config import TrainConfig
-from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.data.dataset import study_index
+from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
 from medtl.predict import Logits, extract_features, predict_logits
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
+from medtl.transforms import TrainingTransform
 
 log = logging.getLogger("medtl.train")
 
@@ -232,6 +235,9 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.precision == "fp16" \
             else None
         self._features = None
+        self.prefetch = use_prefetch(self.device)
+        transform = getattr(train_ds, "transform", None)
+        self.augment = transform.batch_augment if isinstance(transform, TrainingTransform) else None
         self.encoder_images, self.encoder_seconds = 0, 0.0
 
     def loader(self):
@@ -283,9 +289,12 @@ class _Trainer:
             t0 = time.perf_counter()
             _train_mode(model, cfg.freeze_bn)
             losses = []
-            for batch in _progress(loader, self.rank, f"epoch {self.epoch}/{self.total_epochs}"):
-                x = self.runtime.to_input(batch["image"])
-                x, target = self.mix(x, torch.as_tensor(batch["label"]).long().to(self.device))
+            batches = prefetch(loader) if self.prefetch else loader
+            for batch in _progress(batches, self.rank, f"epoch {self.epoch}/{self.total_epochs}"):
+                x = batch["image"].to(self.device, non_blocking=True)
+                if self.augment is not None:  # whole-batch augmentation on the device, outside autocast
+                    x = self.augment(x)
+                x, target = self.mix(self.runtime.to_input(x), torch.as_tensor(batch["label"]).long().to(self.device))
                 with self.runtime.autocast():
                     logits = net(x)
                 loss = self.loss(logits, target)
@@ -389,6 +398,50 @@ class _Trainer:
     def log(self, *args):
         if self.rank == 0:
             log.info(*args)
+
+
+def use_prefetch(device: torch.device) -> bool:
+    """Prepare batches in a background thread? On a GPU yes: it computes apart from the CPU, which can
+    then read the next batch. On a CPU no: both would share the same cores (measured on 2 cores:
+    8 % slower with the thread)."""
+    return device.type != "cpu"
+
+
+def prefetch(batches: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``batches`` with the next ``depth`` ones prepared in a background thread, so reading and
+    collating a batch overlaps the model's step on the previous one (torch and numpy release the GIL).
+    An error raised while preparing a batch is raised here, in order."""
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                slots.put(item)
+            slots.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            slots.put(e)
+
+    thread = threading.Thread(target=work, name="medtl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def _progress(loader, rank: int, desc: str):

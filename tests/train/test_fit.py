@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -125,3 +126,40 @@ def test_no_patient_in_two_splits_of_a_run(tiny_run, sample_dir):
         for row in csv.DictReader(f):
             pid = patient[row["image"]]
             assert split_of.setdefault(pid, row["split"]) == row["split"]
+
+
+def test_prefetching_batches_trains_the_same_weights(tiny_data, monkeypatch):
+    """The GPU branch (batches prepared in a background thread), forced on the CPU: same weights."""
+    import importlib
+
+    fit_module = importlib.import_module("medtl.train.fit")
+    cfg, train, val, final = tiny_data
+    states = []
+    for threaded in (False, True):
+        monkeypatch.setattr(fit_module, "use_prefetch", lambda device, t=threaded: t)
+        torch.manual_seed(0)
+        model = create_encoder("efficientnet_lite0", num_classes=2)
+        _, final_aug = create_transforms(dataclasses.replace(cfg.data, augment=True), resolve_preprocessing(model, 64),
+                                         train=True)
+        tc = dataclasses.replace(cfg.train, strategy="full", epochs=2, precision="fp32")
+        fit(model, create_dataset(train, final_aug), create_dataset(val, final), tc, num_classes=2)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_prefetch_keeps_order_and_raises_a_batch_error_in_place():
+    from medtl.train.fit import prefetch
+
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise ValueError("bad file")
+
+    got = []
+    with pytest.raises(ValueError, match="bad file"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [1]
+    for item in prefetch(iter(range(100)), depth=1):  # leaving early ends the producer thread
+        break
