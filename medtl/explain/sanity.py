@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from medtl.models.groups import encoder_groups
 from medtl.predict import forward_logits
 from medtl.runtime import Runtime
 
@@ -60,8 +61,6 @@ def _reinitialise(modules: Sequence[torch.nn.Module], seed: int) -> None:
 
 def _group_modules(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
     """The model's modules in layer groups, head first, then encoder groups from the top down."""
-    from medtl.train.fit import encoder_groups
-
     owner = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):

@@ -32,13 +32,13 @@ from medtl.config import TrainConfig
 from medtl.data.dataset import study_index
 from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
+from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.predict import Logits, extract_features, predict_logits
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
 from medtl.transforms import TrainingTransform
 
 log = logging.getLogger("medtl.train")
 
-ALL = -1  # Stage.trainable value meaning "every encoder layer group"
 
 
 @dataclass(frozen=True)
@@ -131,44 +131,6 @@ class FitResult:
 
 # -- layer groups and freezing --------------------------------------------------------------------
 
-def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list(model.get_classifier().parameters())
-
-
-def encoder_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
-    """Encoder parameters in layer groups, bottom (stem) to top, from timm's coarse group matcher."""
-    from timm.models._manipulate import group_parameters
-
-    head = set(map(id, head_parameters(model)))
-    named = dict(model.named_parameters())
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    out = []
-    for _, names in sorted(groups.items()):
-        params = [named[n] for n in names if id(named[n]) not in head]
-        if params:
-            out.append(params)
-    return out
-
-
-def encoder_modules(model: torch.nn.Module):
-    head = set(map(id, model.get_classifier().modules()))
-    return [m for m in model.modules() if id(m) not in head and m is not model]
-
-
-def set_trainable(model: torch.nn.Module, trainable: int | bool) -> None:
-    """Train the head and the top ``trainable`` encoder groups (ALL or True: every group); freeze the rest."""
-    groups = encoder_groups(model)
-    if trainable is True or trainable == ALL:
-        k = len(groups)
-    else:
-        k = min(int(trainable), len(groups))
-    train = set(map(id, head_parameters(model)))
-    for g in groups[len(groups) - k:] if k else []:
-        train.update(map(id, g))
-    for p in model.parameters():
-        p.requires_grad_(id(p) in train)
-
-
 def _train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
     """Training mode; BatchNorm layers of frozen parts (or all, with ``freeze_bn``) keep their statistics."""
     model.train()
@@ -177,7 +139,9 @@ def _train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
             m.eval()
 
 
-def _param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
+def param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
+    """AdamW parameter groups of a stage: the head at its rate, each trainable encoder group at the rate
+    of the one above times the stage's layer decay."""
     groups = [{"params": head_parameters(model), "lr": stage.head_lr}]
     enc = encoder_groups(model)
     k = len(enc) if stage.trainable == ALL else stage.trainable
@@ -279,7 +243,7 @@ class _Trainer:
                                           else None)
         if cfg.compile and not stage.head_only:
             net = torch.compile(net)
-        optimizer = torch.optim.AdamW(_param_groups(model, stage), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
         loader, sampler = self.loader()
         schedule = self.schedule(optimizer, len(loader), stage.epochs)
         self.stale = 0
@@ -484,5 +448,5 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     return result
 
 
-__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "set_trainable",
-           "encoder_groups"]
+__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
+           "use_prefetch", "ALL"]

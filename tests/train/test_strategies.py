@@ -12,8 +12,9 @@ from medtl.data import read_dataset
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.predict import extract_features, predict_probs
 from medtl.runtime import Runtime
-from medtl.train import choose_strategy, encoder_groups, fit, lr_sweep, prepare_data
-from medtl.train.fit import ALL, Stage, _param_groups
+from medtl.models import encoder_groups
+from medtl.train import choose_strategy, fit, lr_sweep, prepare_data
+from medtl.train import ALL, Stage, param_groups
 from tests.data.test_sources import write_medmnist
 
 
@@ -60,7 +61,7 @@ def test_partial_trains_only_the_top_groups_exactly(npz):
 
 def test_layerwise_learning_rates_decay_from_the_top():
     model = create_encoder("efficientnet_lite0", num_classes=2, pretrained=False)
-    groups = _param_groups(model, Stage("full", 1, ALL, head_lr=1e-3, encoder_lr=1e-4, layer_decay=0.5))
+    groups = param_groups(model, Stage("full", 1, ALL, head_lr=1e-3, encoder_lr=1e-4, layer_decay=0.5))
     lrs = [g["lr"] for g in groups]
     assert lrs[0] == 1e-3 and lrs[1] == 1e-4 and lrs[2] == pytest.approx(5e-5)
     assert len(groups) == 1 + len(encoder_groups(model)) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))

@@ -11,7 +11,8 @@ from medtl.checkpoint import load_model, save_model
 from medtl.config import load_config
 from medtl.errors import ConfigError, CorruptImageError
 from medtl.models import WeightsError, create_encoder, resolve_preprocessing
-from medtl.train import encoder_groups, run_experiment
+from medtl.models import encoder_groups
+from medtl.train import run_experiment
 from medtl.transforms import create_transforms
 
 
