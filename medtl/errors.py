@@ -61,6 +61,10 @@ class RunError(MedtlError):
     """A run folder is missing files or does not match this version of medtl."""
 
 
+class WeightsError(MedtlError):
+    """Pretrained weights are missing, or do not match the architecture or their checksum."""
+
+
 class TrainingDivergedError(MedtlError, ArithmeticError):
     """The training loss or the model's outputs became NaN or infinite (learning rate too high)."""
 

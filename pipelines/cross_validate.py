@@ -25,7 +25,7 @@ from medtl.cli import report_errors
 from medtl.config import load_config
 from medtl.data import create_dataset, kfold_by_patient, split_by_patient
 from medtl.eval import compute_classification_metrics
-from medtl.models import create_encoder, resolve_preprocessing
+from medtl.models import create_model
 from medtl.predict import predict_probs
 from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     manifest = read_data(cfg.data)
     manifest.splits = None  # pool everything: the folds are the splits
     n_classes = len(manifest.class_names)
-    pre = resolve_preprocessing(create_encoder(cfg.encoder.name, pretrained=False, num_classes=n_classes),
-                                cfg.encoder.input_size)
+    _, pre = create_model(cfg.encoder, n_classes, pretrained=False)
     prepared = prepare_data(cfg.data, pre, args.seed, manifest)
     studies = [s for part in prepared.sets.values() for s in part]
     labels = np.array([s["label"] for s in studies])
@@ -65,8 +64,7 @@ def main(argv=None) -> int:
         train_idx = rest[np.concatenate([inner["train"], inner["test"]])]  # the inner test goes back to training
         val_idx = rest[inner["val"]]
         torch.manual_seed(args.seed)
-        model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
-                               weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
+        model, _ = create_model(cfg.encoder, n_classes)
         result = fit(model, create_dataset([studies[i] for i in train_idx], final_train, agg),
                      create_dataset([studies[i] for i in val_idx], final_eval, agg), cfg.train, n_classes)
         y, prob = predict_probs(model, create_dataset([studies[i] for i in test], final_eval, agg),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import logging
 import sys
 import time
@@ -33,7 +34,7 @@ from medtl.config import load_config
 from medtl.data import TooFewExamplesError, create_dataset, sample_per_class
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study, seed_mean_ci
-from medtl.models import create_encoder, resolve_preprocessing
+from medtl.models import create_model
 from medtl.predict import predict_probs
 from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms
@@ -98,8 +99,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, data={"path": args.data}, encoder={"input_size": args.input_size})
     manifest = read_data(cfg.data)
     n_classes = len(manifest.class_names)
-    pre = resolve_preprocessing(create_encoder(cfg.encoder.name, pretrained=False, num_classes=n_classes),
-                                cfg.encoder.input_size)
+    _, pre = create_model(cfg.encoder, n_classes, pretrained=False)
     prepared = prepare_data(cfg.data, pre, 0, manifest)
     if args.site_column:
         def by_site(part, source):
@@ -130,9 +130,8 @@ def main(argv=None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            src_model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
-                                       weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
-            tc = cfg.train.__class__(**{**cfg.train.__dict__, "seed": seed})
+            src_model, _ = create_model(cfg.encoder, n_classes)
+            tc = dataclasses.replace(cfg.train, seed=seed)
             runtime = fit(src_model, create_dataset(source["train"], final_train, agg),
                           create_dataset(source["val"], final_eval, agg), tc, n_classes).eval_runtime()
             source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime)
@@ -152,9 +151,8 @@ def main(argv=None) -> int:
                             print(f"skipped k={k} per class: {e.problem}", flush=True)
                             continue
                         torch.manual_seed(seed)
-                        model = copy.deepcopy(src_model) if method == "fine_tune" else create_encoder(
-                            cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
-                            weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
+                        model = copy.deepcopy(src_model) if method == "fine_tune" else \
+                            create_model(cfg.encoder, n_classes)[0]
                         fit(model, create_dataset(few, final_train, agg), create_dataset(target["val"], final_eval, agg),
                             tc, n_classes)
                     auc, acc = evaluate(model, target["test"], final_eval, agg, runtime)

@@ -34,7 +34,7 @@ from medtl.data import TooFewExamplesError, sample_per_class
 from medtl.eval import compute_auc
 from medtl.errors import TrainingDivergedError
 from medtl.eval.report import save_study, seed_mean_ci
-from medtl.models import create_encoder, resolve_preprocessing
+from medtl.models import create_model
 from medtl.predict import predict_probs
 from medtl.train import PreparedData, fit, from_scratch, prepare_data, read_data
 
@@ -67,8 +67,7 @@ def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str
 def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre, n_classes: int, train_idx: list[int]) -> dict:
     """Train one cell's model on ``train_idx`` of the training split; its test AUC and accuracy."""
     torch.manual_seed(cfg.train.seed)
-    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
-                           weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
+    model, _ = create_model(cfg.encoder, n_classes)
     train, val, test = prepared.datasets(cfg.data, pre, train_idx)
     t0 = time.perf_counter()
     result = fit(model, train, val, cfg.train, n_classes)
@@ -150,8 +149,7 @@ def main(argv=None) -> int:
     def prepare(cell: ExperimentConfig):
         key = "3d" if cell.data.volume_mode == "3d" else "2d"
         if key not in prepared:
-            probe = create_encoder(cell.encoder.name, pretrained=False, num_classes=n_classes)
-            pre = resolve_preprocessing(probe, cell.encoder.input_size)
+            _, pre = create_model(cell.encoder, n_classes, pretrained=False)
             prepared[key] = (prepare_data(cell.data, pre, 0, manifest), pre)
         return prepared[key]
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -96,8 +97,7 @@ def test_volumes_read_slice_by_slice_give_a_study_score_and_a_slice_profile(tmp_
     from tests.conftest import tiny_config
 
     cfg = tiny_config(sample_dir / "manifest.csv")
-    cfg = cfg.__class__(data=cfg.data.__class__(**{**cfg.data.__dict__, "volume_mode": "slices_2.5d"}),
-                        encoder=cfg.encoder, train=cfg.train, explain=cfg.explain)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, volume_mode="slices_2.5d"))
     from medtl.train import run_experiment
 
     run = run_experiment(cfg, tmp_path / "run")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtl import __version__
 from medtl.config import CT_WINDOWS
 from medtl.errors import MedtlError, MedtlInputError
 from medtl.explain import METHODS, create_overlay
@@ -261,7 +262,7 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
     for a in axes[:2]:
         a.set_axis_off()
     text = (f"Decision: {case.prediction['label']}   Model: {predictor.run_dir.name} ({predictor.encoder}, "
-            f"medtl {_version()})   Date: {datetime.date.today().isoformat()}\n"
+            f"medtl {__version__})   Date: {datetime.date.today().isoformat()}\n"
             "Research software — not for diagnostic use.")
     fig.suptitle(text, fontsize=9)
     fig.tight_layout()
@@ -269,11 +270,6 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
     fig.savefig(out)
     plt.close(fig)
     return str(out)
-
-
-def _version() -> str:
-    from medtl import __version__
-    return __version__
 
 
 def _trust_panel(predictor: Predictor) -> str:

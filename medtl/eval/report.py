@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import datetime
 import html
 import io
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medtl import __version__
 from medtl.config import to_plain
 from medtl.errors import RunError
 from medtl.predict import predict_logits
@@ -174,8 +176,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     predictor = load_run(run_dir, device=device)
     cfg = predictor.config
     if data:
-        cfg = cfg.__class__(data=cfg.data.__class__(**{**cfg.data.__dict__, "path": str(data)}), encoder=cfg.encoder,
-                            train=cfg.train, explain=cfg.explain)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
     model, pre, class_names = predictor.model, predictor.preprocessing, predictor.class_names
     manifest = read_data(cfg.data)
     if manifest.class_names != class_names:
@@ -277,7 +278,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
 
 def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed):
     """The same encoder and strategy trained on permuted training labels (data randomisation test)."""
-    from medtl.models import create_encoder
+    from medtl.models import create_model
     from medtl.train.fit import fit
 
     rng = np.random.default_rng(seed + 99)
@@ -290,10 +291,9 @@ def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed):
     _, final_train = create_transforms(cfg.data, pre, train=True)
     _, final_eval = create_transforms(cfg.data, pre, train=False)
     torch.manual_seed(seed)
-    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=n_classes,
-                           weights_file=cfg.encoder.weights_file)
-    short = cfg.train.__class__(**{**cfg.train.__dict__, "frozen_epochs": min(cfg.train.frozen_epochs, 2),
-                                   "epochs": min(cfg.train.epochs, 3)})
+    model, _ = create_model(cfg.encoder, n_classes)  # the same network as the run's (drop_rate too)
+    short = dataclasses.replace(cfg.train, frozen_epochs=min(cfg.train.frozen_epochs, 2),
+                                epochs=min(cfg.train.epochs, 3))
     log.info("training on shuffled labels for the data randomisation test (%d + %d epochs)", short.frozen_epochs,
              short.epochs)
     fit(model, create_dataset(train, final_train), create_dataset(prepared.sets["val"], final_eval), short, n_classes)
@@ -319,7 +319,7 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, predictor) -> dict:
             limits.append(f"Saliency method {s['method']} failed its randomisation sanity check: do not rely on it.")
     counts = {name: {c: sum(s["label"] == i for s in part) for i, c in enumerate(m.class_names)}
               for name, part in prepared.sets.items()}
-    return {"model": run_dir.name, "encoder": predictor.encoder, "version": _version(),
+    return {"model": run_dir.name, "encoder": predictor.encoder, "version": __version__,
             "date": result["date"], "intended_use": INTENDED_USE,
             "training_data": {"source": Path(cfg.data.path).name, "kind": m.kind, "split": prepared.split_source,
                               "label_counts": counts,
@@ -333,10 +333,6 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, predictor) -> dict:
             "saliency": [{"method": s["method"], "passed": s["passed"]} for s in result.get("saliency_sanity", [])],
             "known_limits": limits}
 
-
-def _version() -> str:
-    from medtl import __version__
-    return __version__
 
 
 def _fmt_ci(v, ci, digits=3) -> str:

@@ -1,4 +1,9 @@
-"""The encoder registry: every encoder medtl can build, registered by name with a decorator."""
+"""The encoder registry: every encoder medtl can build, registered by name.
+
+``register_encoder(EncoderSpec(...))`` adds one; it returns the spec, so a module can keep it. As a
+decorator, ``@register_encoder`` takes a function that returns an ``EncoderSpec`` and registers
+what it returns.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,12 @@ class EncoderSpec:
 _ENCODERS: dict[str, EncoderSpec] = {}
 
 
-def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+def register_encoder(spec: "EncoderSpec | Callable[[], EncoderSpec]") -> EncoderSpec:
+    """Register an encoder by its spec, or (used as a decorator) by a function returning its spec."""
+    if callable(spec) and not isinstance(spec, EncoderSpec):
+        spec = spec()
+    if not isinstance(spec, EncoderSpec):
+        raise TypeError(f"register_encoder needs an EncoderSpec, got {type(spec).__name__}")
     if spec.name in _ENCODERS:
         raise ValueError(f"encoder {spec.name!r} registered twice")
     _ENCODERS[spec.name] = spec

@@ -16,15 +16,12 @@ import timm
 import torch
 from timm.models import adapt_input_conv
 
-from medtl.errors import ConfigError, MedtlError
+from medtl.config import EncoderConfig
+from medtl.errors import ConfigError, WeightsError
 from medtl.models._registry import EncoderSpec, get_encoder_spec, register_encoder
 from medtl.models.volumetric import RESNET_3D_DEPTHS, create_volume_encoder
 
 log = logging.getLogger("medtl.models")
-
-
-class WeightsError(MedtlError):
-    """Pretrained weights are missing, or do not match the architecture or their checksum."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,6 @@ for _name, _timm, _desc in [
     ("densenet121", "densenet121", "DenseNet-121 (timm); weights from a local file or the timm/HF cache"),
     ("convnext_tiny", "convnext_tiny", "ConvNeXt-Tiny (timm); weights from a local file or the timm/HF cache"),
     ("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm); weights from a local file or the timm/HF cache"),
-    ("vit_small", "vit_small_patch16_224", "ViT-S/16 (timm); weights from a local file or the timm/HF cache"),
 ]:
     register_encoder(EncoderSpec(name=_name, timm_name=_timm, description=_desc))
 for _name in RESNET_3D_DEPTHS:
@@ -240,6 +236,17 @@ def _adapt_first_conv(model: torch.nn.Module, in_chans: int) -> None:
             new.bias.copy_(conv.bias)
     parent_name, _, child = conv_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def create_model(encoder: EncoderConfig, num_classes: int,
+                 pretrained: bool | None = None) -> tuple[torch.nn.Module, Preprocessing]:
+    """The network an experiment's ``encoder`` section describes, with a fresh head of ``num_classes``,
+    and its preprocessing record at ``encoder.input_size``. The one builder from configuration to
+    encoder, so no caller forgets a field; ``pretrained`` overrides the section's (False: only the
+    preprocessing record is wanted)."""
+    model = create_encoder(encoder.name, pretrained=encoder.pretrained if pretrained is None else pretrained,
+                           num_classes=num_classes, weights_file=encoder.weights_file, drop_rate=encoder.drop_rate)
+    return model, resolve_preprocessing(model, encoder.input_size)
 
 
 def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None) -> Preprocessing:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from medtl import __version__
 from medtl.checkpoint import save_model
 import numpy as np
 
@@ -23,7 +24,7 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
-from medtl.models import Preprocessing, create_encoder, is_volume_model, resolve_preprocessing
+from medtl.models import Preprocessing, create_model, is_volume_model
 from medtl.predict import predict_logits
 from medtl.runtime import distributed
 from medtl.train.fit import fit, from_scratch
@@ -115,9 +116,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     out = prepare_run_dir(out, force) if rank == 0 else Path(out)
     manifest = read_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=len(manifest.class_names),
-                           weights_file=cfg.encoder.weights_file, drop_rate=cfg.encoder.drop_rate)
-    pre = resolve_preprocessing(model, cfg.encoder.input_size)
+    model, pre = create_model(cfg.encoder, len(manifest.class_names))
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     sets = prepared.sets
     log.info("encoder %s (%s), input %d px; split %s", cfg.encoder.name, model.pretrained_cfg["weights_source"],
@@ -188,17 +187,13 @@ def environment() -> dict:
     import monai
     import timm
 
-    env = {"medtl": _version(), "python": platform.python_version(), "torch": torch.__version__,
+    env = {"medtl": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "timm": timm.__version__, "monai": monai.__version__, "machine": platform.machine(),
            "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
 
-
-def _version() -> str:
-    from medtl import __version__
-    return __version__
 
 
 def _fmt(v):

@@ -74,14 +74,12 @@ def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
 
 def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
-    from medtl.models import create_encoder, resolve_preprocessing
+    from medtl.models import create_model
     from medtl.train.experiment import prepare_data, read_data
 
     manifest = read_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    model = create_encoder(cfg.encoder.name, pretrained=cfg.encoder.pretrained, num_classes=len(manifest.class_names),
-                           weights_file=cfg.encoder.weights_file)
-    pre = resolve_preprocessing(model, cfg.encoder.input_size)
+    model, pre = create_model(cfg.encoder, len(manifest.class_names))
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     train_ds, _, _ = prepared.datasets(cfg.data, pre)
     runtime = Runtime(resolve_device(cfg.train.device), inference_precision(cfg.train.precision),

@@ -31,7 +31,7 @@ def test_frozen_stage_leaves_encoder_bit_identical(tiny_data):
     model = create_encoder("efficientnet_lite0", num_classes=2)
     head = {k for k in model.state_dict() if k.startswith("classifier.")}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "linear_probe", "epochs": 2, "freeze_bn": False})
+    tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False)
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     after = model.state_dict()
     for k in before:  # parameters and BatchNorm running statistics alike
@@ -45,7 +45,7 @@ def test_fine_tune_stage_moves_encoder(tiny_data):
     cfg, train, val, final = tiny_data
     model = create_encoder("efficientnet_lite0", num_classes=2)
     before = model.conv_stem.weight.detach().clone()
-    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "full", "epochs": 1, "patience": 5})
+    tc = dataclasses.replace(cfg.train, strategy="full", epochs=1, patience=5)
     result = fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     assert [r["stage"] for r in result.history] == ["full"]
     assert not torch.equal(before, model.conv_stem.weight)
@@ -58,7 +58,7 @@ def test_a_diverging_run_stops_with_a_typed_error(tiny_data):
 
     cfg, train, val, final = tiny_data
     bad = [dict(s, image=np.full_like(np.asarray(s["image"]), np.nan)) for s in train]
-    tc = cfg.train.__class__(**{**cfg.train.__dict__, "strategy": "full", "epochs": 2})
+    tc = dataclasses.replace(cfg.train, strategy="full", epochs=2)
     with pytest.raises(TrainingDivergedError, match=r"epoch 1 \(full stage\): training loss nan at step 1.*lower train.lr"):
         fit(create_encoder("efficientnet_lite0", num_classes=2), create_dataset(bad, final),
             create_dataset(val, final), tc, num_classes=2)
@@ -69,7 +69,7 @@ def test_strategies_are_stage_lists():
     assert [s.name for s in plan_stages(cfg, 8)] == ["head", "fine_tune"]
     assert [s.trainable for s in plan_stages(cfg, 8)] == [0, -1]
     assert [s.trainable for s in plan_stages(cfg, 8, "partial")] == [0, 2]
-    gradual = plan_stages(cfg.__class__(**{**cfg.__dict__, "epochs": 5}), 4, "gradual")
+    gradual = plan_stages(dataclasses.replace(cfg, epochs=5), 4, "gradual")
     assert [s.trainable for s in gradual] == [0, 1, 2, 3, -1] and sum(s.epochs for s in gradual[1:]) == 5
 
 
@@ -79,8 +79,8 @@ def test_two_seeded_runs_give_identical_weights(tiny_data):
     for _ in range(2):
         torch.manual_seed(0)
         model = create_encoder("efficientnet_lite0", num_classes=2)
-        tc = cfg.train.__class__(**{**cfg.train.__dict__, "epochs": 1, "frozen_epochs": 1})
-        _, final_aug = create_transforms(cfg.data.__class__(**{**cfg.data.__dict__, "augment": True}),
+        tc = dataclasses.replace(cfg.train, epochs=1, frozen_epochs=1)
+        _, final_aug = create_transforms(dataclasses.replace(cfg.data, augment=True),
                                          resolve_preprocessing(model, 64), train=True)
         fit(model, create_dataset(train, final_aug), create_dataset(val, final), tc, num_classes=2)
         states.append(model.state_dict())
