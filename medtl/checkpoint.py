@@ -1,15 +1,18 @@
-"""Saving and loading fine-tuned models as safetensors, with their preprocessing record."""
+"""Saving and loading fine-tuned models as safetensors, with their preprocessing record, and
+reading a run folder back (:func:`load_saved_run`: its configuration and model)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medtl.config import ExperimentConfig, config_from_dict
 from medtl.errors import RunError
 from medtl.models.encoders import Preprocessing, create_encoder
 
@@ -64,3 +67,32 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre,
                    "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
                    "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None}
+
+
+@dataclass
+class SavedRun:
+    """A run folder written by :func:`medtl.train.run_experiment`, read back."""
+
+    run_dir: Path
+    config: ExperimentConfig  # the run's resolved configuration (config.yaml)
+    model: torch.nn.Module  # in eval mode, on the CPU
+    encoder: str  # registered encoder name
+    class_names: list[str]
+    preprocessing: Preprocessing  # how inputs must be prepared for this model
+    temperature: float | None = None  # set by `medtl evaluate` (calibration)
+    operating_point: dict | None = None  # decision threshold chosen on validation by `medtl evaluate`
+    input_record: dict = field(default_factory=dict)  # modalities and dimensions seen in training
+
+
+def load_saved_run(run_dir: str | Path) -> SavedRun:
+    """The configuration and model of a run folder (``config.yaml`` and ``model.safetensors``)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunError(f"{run_dir}: not a medtl run (no config.yaml)")
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    resolved = raw.pop("resolved", None) or {}
+    config = config_from_dict(ExperimentConfig, raw, source=cfg_path)
+    model, meta = load_model(run_dir / "model.safetensors")
+    return SavedRun(run_dir, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],
+                    meta["temperature"], meta["operating_point"], resolved.get("input_record", {}))

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
-from medtl.checkpoint import load_model
-from medtl.config import ExperimentConfig, config_from_dict
-from medtl.errors import ConfigError, RunError, find_input_error
-from medtl.explain import compute_saliency, create_overlay
+from medtl.checkpoint import load_saved_run
+from medtl.errors import ConfigError, find_input_error, look_up_option
+from medtl.explain import explain_input
 from medtl.models.volumetric import is_volume_model
 from medtl.predict import forward_logits
 from medtl.runtime import Runtime, inference_precision, resolve_device
-from medtl.transforms import aggregate_slices, create_transforms, input_to_original, split_slices
+from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
 
 
 @dataclass
@@ -57,24 +55,18 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None):
         """``device``: "auto" (a GPU where one can be reached), "cpu", "cuda", ...; ``precision``:
         of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides)."""
-        self.run_dir = Path(run_dir)
-        cfg_path = self.run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise RunError(f"{self.run_dir}: not a medtl run (no config.yaml)")
-        raw = yaml.safe_load(cfg_path.read_text()) or {}
-        resolved = raw.pop("resolved", None) or {}
-        self.input_record: dict = resolved.get("input_record", {})  # modalities and dimensions seen in training
-        self.config: ExperimentConfig = config_from_dict(ExperimentConfig, raw, source=cfg_path)
-        self.model, meta = load_model(self.run_dir / "model.safetensors")
+        saved = load_saved_run(run_dir)
+        self.run_dir, self.config, self.model = saved.run_dir, saved.config, saved.model
+        self.input_record: dict = saved.input_record  # modalities and dimensions seen in training
         # channels-last (2D only): about 2x faster convolutions on CPU
         self.runtime = Runtime(resolve_device(device), inference_precision(precision),
                                channels_last=not is_volume_model(self.model), tta=self.config.train.tta)
         self.runtime.prepare(self.model)
-        self.class_names: list[str] = meta["class_names"]
-        self.preprocessing = meta["preprocessing"]
-        self.encoder = meta["encoder"]
-        self.temperature: float | None = meta["temperature"]  # set by `medtl evaluate` (calibration)
-        self.operating_point: dict | None = meta["operating_point"]  # decision threshold chosen on validation
+        self.class_names: list[str] = saved.class_names
+        self.preprocessing = saved.preprocessing
+        self.encoder = saved.encoder
+        self.temperature: float | None = saved.temperature  # set by `medtl evaluate` (calibration)
+        self.operating_point: dict | None = saved.operating_point  # decision threshold chosen on validation
         self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
 
     def __repr__(self) -> str:
@@ -89,9 +81,7 @@ class Predictor:
             if cause is None:
                 raise
             raise cause from None
-        parts = split_slices(sample)
-        x = torch.stack([self._final({"image": p["image"], "label": 0})["image"] for p in parts])
-        return x, parts
+        return prepare_inputs(sample, self._final)
 
     def _probs(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
         self.model.eval()
@@ -132,16 +122,12 @@ class Predictor:
         pred = self._prediction(path, per_input, parts)
         target = class_name or pred.label
         if target not in self.class_names:
-            from medtl.errors import look_up_option
             look_up_option(target, self.class_names, "class")
         k = self.class_names.index(target)
         best = int(per_input[:, k].argmax())
-        cam = compute_saliency(self.model, x[best:best + 1], k, method or self.config.explain.method,
-                               runtime=self.runtime)
-        channels = parts[best]["image"]
-        image = np.asarray(channels[channels.shape[0] // 2])  # the middle channel: the slice itself in 2.5d
-        saliency = input_to_original(cam, image.shape, self.preprocessing.input_size)
-        overlay = create_overlay(image, saliency, self.config.explain.alpha)
+        image = display_image(parts[best])
+        saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method or self.config.explain.method,
+                                          self.runtime, self.config.explain.alpha)
         if len(parts) > 1:
             pred.slice_index = int(parts[best]["slice_index"])
         return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target,

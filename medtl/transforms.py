@@ -181,6 +181,19 @@ def split_slices(sample: dict) -> list[dict]:
              "n_inputs": 1} for i in range(n)]
 
 
+def prepare_inputs(sample: dict, final: Compose) -> tuple[torch.Tensor, list[dict]]:
+    """Model inputs (n, C, size, size) of a decoded sample, one per slice in the "slices" modes, and
+    the parts they came from (each with its ``slice_index``)."""
+    parts = split_slices(sample)
+    return torch.stack([torch.as_tensor(final({"image": p["image"], "label": 0})["image"]) for p in parts]), parts
+
+
+def display_image(part: dict) -> np.ndarray:
+    """The (H, W) image in [0, 1] to draw a result on: the middle channel (the slice itself in 2.5d)."""
+    channels = part["image"]
+    return np.asarray(channels[channels.shape[0] // 2])
+
+
 def aggregate_slices(probs: np.ndarray, how: str, k: int = 3) -> np.ndarray:
     """A study's class probabilities from its slices' (n_slices, n_classes) probabilities."""
     if len(probs) == 1:

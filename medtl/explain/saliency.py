@@ -16,6 +16,7 @@ from monai.visualize.utils import blend_images
 from medtl.errors import MedtlInputError, look_up_option
 from medtl.models.encoders import cam_layer_name
 from medtl.runtime import Runtime
+from medtl.transforms import input_to_original
 
 METHODS = ("gradcam", "gradcampp", "occlusion", "integrated_gradients")
 
@@ -108,6 +109,16 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, class_idx: int | N
         if method == "occlusion":
             return compute_occlusion(model, x, class_idx)
         return compute_integrated_gradients(model, x, class_idx)
+
+
+def explain_input(model: torch.nn.Module, x: torch.Tensor, image: np.ndarray, class_idx: int | None = None,
+                  method: str = "gradcam", runtime: Runtime | None = None,
+                  alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """``(saliency, overlay)`` of one model input (1, C, S, S) drawn on its original (H, W) image: the map
+    of ``method`` with the pad-to-square and resize undone, and its colour overlay."""
+    cam = compute_saliency(model, x, class_idx, method, runtime=runtime)
+    saliency = input_to_original(cam, image.shape, x.shape[-1])
+    return saliency, create_overlay(image, saliency, alpha)
 
 
 def create_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.45) -> np.ndarray:

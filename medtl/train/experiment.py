@@ -12,23 +12,26 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import monai
+import numpy as np
+import timm
 import torch
 import yaml
+from PIL import Image
 
 from medtl import __version__
 from medtl.checkpoint import save_model
-import numpy as np
-
 from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, validate_config
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
+from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
-from medtl.predict import predict_logits
-from medtl.runtime import distributed
+from medtl.predict import forward_logits, predict_logits
+from medtl.runtime import Runtime, distributed
 from medtl.train.fit import fit, from_scratch
-from medtl.transforms import create_transforms
+from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
 
 log = logging.getLogger("medtl.train")
 
@@ -146,6 +149,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
                                            for i, c in enumerate(manifest.class_names)})
     metrics["n_skipped"] = len(prepared.problems)
 
+    if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
+        write_overlays(model, sets["test"][: cfg.explain.n_overlays], create_transforms(cfg.data, pre, train=False)[1],
+                       runtime, manifest.class_names, cfg, out / "overlays")
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
     save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
@@ -165,15 +171,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
                ["where", "reason"])
 
-    if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
-        from medtl.inference import load_run
-        predictor = load_run(out)
-        overlays = out / "overlays"
-        overlays.mkdir()
-        for k, s in enumerate(sets["test"][: cfg.explain.n_overlays]):
-            expl = predictor.explain(s["path"])
-            name = f"test_{k:02d}_true-{manifest.class_names[s['label']]}_pred-{expl.prediction.label}.png"
-            expl.save(overlays / name)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
     log.info("test AUC %s, accuracy %.3f on %d images of %d patients; run written to %s",
@@ -182,11 +179,24 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     return out
 
 
+def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: Runtime, class_names: list[str],
+                   cfg: ExperimentConfig, out: Path) -> None:
+    """Saliency overlays of decoded test studies, named by true and predicted class. A volume read slice
+    by slice is drawn on the slice that scores highest for the predicted class."""
+    out.mkdir(exist_ok=True)
+    for k, study in enumerate(studies):
+        x, parts = prepare_inputs(study, final)
+        per_input = forward_logits(model, x, runtime).softmax(dim=1).cpu().numpy()
+        label = int(aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k).argmax())
+        best = int(per_input[:, label].argmax())
+        _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), label, cfg.explain.method,
+                                   runtime, cfg.explain.alpha)
+        name = f"test_{k:02d}_true-{class_names[study['label']]}_pred-{class_names[label]}.png"
+        Image.fromarray(overlay).save(out / name)
+
+
 def environment() -> dict:
     """Versions that decide a run's numbers: medtl, Python, torch, timm, MONAI, the CPU/GPU."""
-    import monai
-    import timm
-
     env = {"medtl": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "timm": timm.__version__, "monai": monai.__version__, "machine": platform.machine(),
            "torch_threads": torch.get_num_threads()}

@@ -31,3 +31,29 @@ def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir
     after = predictor.predict(image)
     if abs(t - 1) > 1e-3:
         assert after.probabilities != before.probabilities
+
+
+def test_run_metrics_and_evaluate_report_the_same_test_auc(tiny_run, tmp_path):
+    """One prediction path: the test AUC that training wrote and the one `medtl evaluate` measures agree."""
+    from medtl.eval.report import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    written = json.loads((run / "metrics.json").read_text())["test"]["auc"]
+    measured = evaluate_run(run, n_boot=20, methods=(), data_randomisation=False)["auc"]["auc"]
+    assert measured == written
+
+
+def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_path):
+    from medtl.eval.report import model_card_markdown, report_html
+
+    result = {"run": "<script>x</script>", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4,
+              "n_test_patients": 2, "auc": {"auc": 0.75, "auc_ci": [0.5, 1.0], "resampled": "patients", "n_boot": 10},
+              "calibration": {"temperature": 1.5, "val_nll_before": 0.7, "val_nll_after": 0.6, "test_ece_before": 0.2,
+                              "test_ece_after": 0.1, "test_ece_after_ci": [0.05, 0.3]},
+              "subgroups": {"site": [{"value": "A", "n": 2, "auc": None}]}, "saliency_sanity": []}
+    card = {"encoder": "efficientnet_lite0", "version": "0.1.0", "known_limits": ["small <test> set"]}
+    html = report_html(result, card, {"roc": b"\x89PNG"})
+    assert "<script>x</script>" not in html and "&lt;script&gt;" in html and "small &lt;test&gt; set" in html
+    assert "Test AUC 0.750 (95% CI 0.500–1.000)" in html and 'src="data:image/png;base64,iVBORw=="' in html
+    assert "<td>site</td><td>A</td><td>2</td><td>n/a</td>" in html
