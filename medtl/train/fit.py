@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.config import TrainConfig
@@ -231,53 +233,39 @@ class _Trainer:
         return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
 
     def run_stage(self, stage: Stage) -> None:
+        """The stage's epochs over the training set (the encoder's trainable groups with the head)."""
         cfg, model = self.cfg, self.model
         set_trainable(model, stage.trainable)
         if stage.head_only and cfg.cache_features:
             return self.run_head_on_features(stage)
         net = model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                           else None)
         if cfg.compile and not stage.head_only:
             net = torch.compile(net)
         optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
         loader, sampler = self.loader()
-        schedule = self.schedule(optimizer, len(loader), stage.epochs)
-        self.stale = 0
-        for _ in range(stage.epochs):
-            self.epoch += 1
+
+        def batches():
             sampler.set_epoch(self.epoch)
-            t0 = time.perf_counter()
-            _train_mode(model, cfg.freeze_bn)
-            losses = []
-            batches = prefetch(loader) if self.prefetch else loader
-            for batch in _progress(batches, self.rank, f"epoch {self.epoch}/{self.total_epochs}"):
-                x = batch["image"].to(self.device, non_blocking=True)
-                if self.augment is not None:  # whole-batch augmentation on the device, outside autocast
-                    x = self.augment(x)
-                x, target = self.mix(self.runtime.to_input(x), torch.as_tensor(batch["label"]).long().to(self.device))
-                with self.runtime.autocast():
-                    logits = net(x)
-                loss = self.loss(logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(optimizer)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                schedule.step()
-                self.record_loss(stage, losses, loss)
-            seconds = time.perf_counter() - t0
-            if not stage.head_only:
-                self.encoder_images += len(losses) * cfg.batch_size
-                self.encoder_seconds += seconds
-            if self.end_epoch(stage, losses, seconds):
-                break
+            return _progress(prefetch(loader) if self.prefetch else loader, self.rank,
+                             f"epoch {self.epoch}/{self.total_epochs}")
+
+        def step(batch):
+            x = batch["image"].to(self.device, non_blocking=True)
+            if self.augment is not None:  # whole-batch augmentation on the device, outside autocast
+                x = self.augment(x)
+            x, target = self.mix(self.runtime.to_input(x), torch.as_tensor(batch["label"]).long().to(self.device))
+            with self.runtime.autocast():
+                logits = net(x)
+            return self.loss(logits, target)
+
+        def validate():
+            return predict_logits(model, self.val_ds, self.runtime, max(32, cfg.batch_size)).study_probs()
+
+        self.run_epochs(stage, optimizer, len(loader), batches, step, validate,
+                        lambda: _train_mode(model, cfg.freeze_bn))
 
     def run_head_on_features(self, stage: Stage) -> None:
         """A head-only stage on features extracted once from the (frozen) encoder."""
@@ -293,37 +281,46 @@ class _Trainer:
         drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
         optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_lr, weight_decay=cfg.weight_decay)
         n, bs = len(xf), cfg.batch_size
-        steps = n // bs if n > bs else 1
-        schedule = self.schedule(optimizer, steps, stage.epochs)
+
+        def step(idx):
+            f, target = self.mix(xf[idx], yf[idx])
+            return self.loss(head(F.dropout(f, drop, training=True)), target)
+
+        def validate():
+            head.eval()
+            with torch.no_grad():
+                logits = head(vf).float().cpu().numpy()
+            return Logits(vy.cpu().numpy(), logits, study_index(self.val_ds),
+                          getattr(self.val_ds, "aggregation", ("mean", 3))).study_probs()
+
+        self.run_epochs(stage, optimizer, n // bs if n > bs else 1,
+                        lambda: feature_batches(n, bs, self.rng, xf.device), step, validate, head.train)
+
+    def run_epochs(self, stage: Stage, optimizer, steps_per_epoch: int, batches: Callable[[], Iterable],
+                   step: Callable[[Any], torch.Tensor], validate: Callable[[], tuple], train_mode: Callable) -> None:
+        """The epoch skeleton every stage shares: warm-up + cosine schedule, :func:`train_epoch` over
+        ``batches()`` with ``step`` (a batch to its loss), the divergence check, validation, early stopping
+        and the best-epoch checkpoint. Encoder stages' throughput is recorded."""
+        schedule = self.schedule(optimizer, steps_per_epoch, stage.epochs)
         self.stale = 0
         for _ in range(stage.epochs):
             self.epoch += 1
             t0 = time.perf_counter()
-            head.train()
-            order = torch.randperm(n, generator=self.rng).to(xf.device)
-            losses = []
-            for s in range(steps):
-                idx = order[s * bs:(s + 1) * bs]
-                f, target = self.mix(xf[idx], yf[idx])
-                loss = self.loss(head(F.dropout(f, drop, training=True)), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                self.record_loss(stage, losses, loss)
-            head.eval()
-            with torch.no_grad():
-                logits = head(vf).float().cpu().numpy()
-            val = Logits(vy.cpu().numpy(), logits, study_index(self.val_ds),
-                         getattr(self.val_ds, "aggregation", ("mean", 3)))
-            if self.end_epoch(stage, losses, time.perf_counter() - t0, val.study_probs()):
+            train_mode()
+            losses = train_epoch(batches(), step, optimizer, schedule, self.scaler,
+                                 on_loss=lambda losses: self.check_loss(stage, losses))
+            seconds = time.perf_counter() - t0
+            if not stage.head_only:
+                self.encoder_images += len(losses) * self.cfg.batch_size
+                self.encoder_seconds += seconds
+            if self.end_epoch(stage, losses, seconds, validate()):
                 break
 
-    def end_epoch(self, stage: Stage, losses, seconds, val=None) -> bool:
-        """Validate, record the epoch, keep the weights if they are the best so far; True: stop the stage."""
+    def end_epoch(self, stage: Stage, losses, seconds, val: tuple[np.ndarray, np.ndarray]) -> bool:
+        """Record the epoch and its validation (labels, probabilities); keep the weights if they are the best
+        so far; True: stop the stage."""
         cfg = self.cfg
-        y_val, p_val = val or predict_logits(self.model, self.val_ds, self.runtime,
-                                             max(32, cfg.batch_size)).study_probs()
+        y_val, p_val = val
         if not np.all(np.isfinite(p_val)):
             self.diverged(stage, "non-finite validation outputs")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)), torch.from_numpy(y_val).long()))
@@ -347,11 +344,11 @@ class _Trainer:
             return True
         return False
 
-    def record_loss(self, stage: Stage, losses: list[float], loss: torch.Tensor) -> None:
-        """Append a step's loss; a NaN or infinite one stops training (TrainingDivergedError)."""
-        losses.append(float(loss.detach()))
+    def check_loss(self, stage: Stage, losses: list[float]) -> bool:
+        """A NaN or infinite step loss stops training (TrainingDivergedError)."""
         if not math.isfinite(losses[-1]):
             self.diverged(stage, f"training loss {losses[-1]} at step {len(losses)}")
+        return False
 
     def diverged(self, stage: Stage, what: str) -> None:
         raise TrainingDivergedError(
@@ -362,6 +359,38 @@ class _Trainer:
     def log(self, *args):
         if self.rank == 0:
             log.info(*args)
+
+
+def train_epoch(batches: Iterable, step: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer,
+                schedule=None, scaler: torch.amp.GradScaler | None = None,
+                on_loss: Callable[[list[float]], bool] | None = None) -> list[float]:
+    """One pass of the training loop: for each batch, ``step(batch)`` gives the loss; backward, optimizer
+    step (through ``scaler`` for fp16), then ``schedule`` steps. ``on_loss(losses so far)`` returning True
+    ends the pass early. Every stage of :func:`fit` and the learning-rate finder run through here."""
+    losses: list[float] = []
+    for batch in batches:
+        loss = step(batch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(float(loss.detach()))
+        if on_loss is not None and on_loss(losses):
+            break
+    return losses
+
+
+def feature_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None):
+    """Index batches over ``n`` cached feature rows in a fresh random order (one epoch; ``n`` < batch size: one)."""
+    order = torch.randperm(n, generator=generator).to(device)
+    steps = n // batch_size if n > batch_size else 1
+    return (order[s * batch_size:(s + 1) * batch_size] for s in range(steps))
 
 
 def use_prefetch(device: torch.device) -> bool:
@@ -449,4 +478,4 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
 
 
 __all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
-           "use_prefetch", "ALL"]
+           "use_prefetch", "train_epoch", "feature_batches", "ALL"]

@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from medtl.config import ExperimentConfig
+from medtl.models import create_model
 from medtl.predict import extract_features
 from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.train.experiment import prepare_data, read_data
+from medtl.train.fit import train_epoch
 
 
 @dataclass
@@ -27,7 +30,7 @@ class LRFindResult:
     suggestion: float  # rate at the steepest descent of the smoothed loss
 
     def plot(self, path: str | Path) -> Path:
-        import matplotlib
+        import matplotlib  # heavy optional import, on use
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -45,38 +48,35 @@ class LRFindResult:
 
 def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, start: float = 1e-5,
              end: float = 10.0, steps: int = 100, batch_size: int = 8, seed: int = 0) -> LRFindResult:
-    """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features; stops when the loss diverges."""
+    """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features, through the training loop's
+    :func:`medtl.train.fit.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
+    stops when the smoothed loss diverges."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=start)
     factor = (end / start) ** (1 / max(1, steps - 1))
-    lrs, losses, avg, best = [], [], 0.0, math.inf
-    for step in range(steps):
-        lr = start * factor ** step
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(0, len(features), (batch_size,), generator=gen)
-        loss = F.cross_entropy(head(features[idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        avg = 0.9 * avg + 0.1 * float(loss.detach())
-        smooth = avg / (1 - 0.9 ** (step + 1))
-        lrs.append(lr)
-        losses.append(smooth)
-        best = min(best, smooth)
-        if step > 10 and (smooth > 4 * best or not math.isfinite(smooth)):
-            break
-    grads = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor ** s)
+    lrs, smoothed, best = [], [], [math.inf]
+
+    def step(idx):
+        lrs.append(opt.param_groups[0]["lr"])
+        return F.cross_entropy(head(features[idx]), labels[idx])
+
+    def on_loss(losses: list[float]) -> bool:
+        avg = 0.9 * (smoothed[-1] * (1 - 0.9 ** (len(losses) - 1)) if smoothed else 0.0) + 0.1 * losses[-1]
+        smoothed.append(avg / (1 - 0.9 ** len(losses)))  # bias-corrected running mean
+        best[0] = min(best[0], smoothed[-1])
+        return len(losses) > 11 and (smoothed[-1] > 4 * best[0] or not math.isfinite(smoothed[-1]))
+
+    batches = (torch.randint(0, len(features), (batch_size,), generator=gen) for _ in range(steps))
+    train_epoch(batches, step, opt, schedule, on_loss=on_loss)
+    grads = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
     skip = min(5, len(grads) - 1)  # the first steps are dominated by the smoothing warm-up
     suggestion = lrs[skip + int(np.argmin(grads[skip:]))]
-    return LRFindResult(lrs, losses, suggestion)
+    return LRFindResult(lrs, smoothed, suggestion)
 
 
 def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
-    from medtl.models import create_model
-    from medtl.train.experiment import prepare_data, read_data
-
     manifest = read_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model, pre = create_model(cfg.encoder, len(manifest.class_names))
