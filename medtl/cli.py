@@ -1,4 +1,8 @@
-"""The ``medtl`` command line: sample-data, train, lr-find, predict, explain, info, encoders, serve."""
+"""The ``medtl`` command line: sample-data, train, lr-find, predict, explain, info, encoders, serve.
+
+Each command imports what it needs when it runs (the imports inside the ``cmd_*`` functions), so
+``medtl --help`` and ``--version`` load no torch, MONAI or timm, and ``medtl info`` only the readers.
+"""
 
 from __future__ import annotations
 
@@ -155,7 +159,7 @@ def cmd_encoders(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ui.app import launch
+    from medtl_ui.app import launch
 
     launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device)
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from medtl.errors import ConfigError, did_you_mean, look_up_option
@@ -124,8 +125,6 @@ class ExperimentConfig:
 
 def to_plain(obj: Any) -> Any:
     """Plain YAML/JSON-ready values: tuples to lists, numpy scalars and str subclasses to builtins."""
-    import numpy as np
-
     if isinstance(obj, dict):
         return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

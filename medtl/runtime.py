@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from medtl.errors import ConfigError
 
@@ -247,8 +248,6 @@ def distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist  # only under torchrun
-
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEDTL_DDP_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend)

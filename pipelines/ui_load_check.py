@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import gradio as gr
     from gradio_client import Client, handle_file
 
-    from ui.app import launch
+    from medtl_ui.app import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

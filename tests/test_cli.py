@@ -75,7 +75,7 @@ def test_ui_is_installed_with_the_package(tmp_path):
     import subprocess
     import sys
 
-    code = "import ui.app, medtl.cli; print(ui.app.__name__)"
+    code = "import medtl_ui.app, medtl.cli; print(medtl_ui.app.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
 

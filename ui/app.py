@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from medtl import __version__
 from medtl.config import CT_WINDOWS
@@ -55,8 +56,6 @@ def for_display(array: np.ndarray, min_side: int = 448, aspect: float = 1.0) -> 
     ``aspect`` is row spacing / column spacing: rows are stretched so the image shows at its true
     physical proportions.
     """
-    from PIL import Image
-
     h, w = array.shape[:2]
     h_true = h * aspect
     scale = max(1.0, min_side / max(h_true, w))
@@ -106,8 +105,6 @@ def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
 
 
 def _is_colour_photo(path: Path) -> bool:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):

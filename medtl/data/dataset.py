@@ -12,6 +12,7 @@ from monai.transforms import Compose, Randomizable
 
 from medtl.data.manifest import Problem
 from medtl.errors import find_input_error
+from medtl.transforms import split_slices
 
 log = logging.getLogger("medtl.data")
 
@@ -46,8 +47,6 @@ def decode_records(records: Sequence[dict], deterministic: Compose,
 
 def expand_inputs(studies: Sequence[dict]) -> list[dict]:
     """One sample per model input; each keeps ``study`` (its index in ``studies``) for aggregation."""
-    from medtl.transforms import split_slices
-
     out = []
     for i, s in enumerate(studies):
         for part in split_slices(s):

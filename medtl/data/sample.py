@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy.ndimage import gaussian_filter
 
 from medtl.errors import RunExistsError
 
@@ -23,8 +24,6 @@ UID_ROOT = "1.2.826.0.1.3680043.10.1511."  # synthetic-data UIDs, deterministic 
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
     n = gaussian_filter(rng.standard_normal(shape), sigma=scale)
     return n / (n.std() + 1e-8)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, \
     roc_curve
 
@@ -201,8 +202,6 @@ def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15
 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on validation data (Guo et al. 2017)."""
-    import torch
-
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

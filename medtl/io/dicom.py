@@ -10,13 +10,14 @@ leave this module.
 from __future__ import annotations
 
 import logging
+import warnings
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
 
 from medtl.errors import CorruptImageError, UnsupportedFormatError
 from medtl.io.scan import Scan
@@ -148,10 +149,8 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples > 1 or photometric == "PALETTE COLOR":
         if photometric.startswith("YBR") and photometric not in ("YBR_RCT", "YBR_ICT"):
-            from pydicom.pixels import convert_color_space
             pixels = convert_color_space(pixels, photometric, "RGB")
         elif photometric == "PALETTE COLOR":
-            from pydicom.pixels import apply_color_lut
             pixels = apply_color_lut(pixels, ds)
         grey = np.asarray(pixels, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         grey = grey.reshape(frames, *grey.shape[-2:])
@@ -298,12 +297,10 @@ def _is_mosaic(ds) -> bool:
 
 
 def _demosaic(ds, tiled: np.ndarray, path: Path):
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
-            from nibabel.nicom import dicomwrappers
+            from nibabel.nicom import dicomwrappers  # imported here: it warns when imported (only for mosaics)
 
             wrapper = dicomwrappers.wrapper_from_data(ds)
             data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (columns, rows, slices), rescale applied

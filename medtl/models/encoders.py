@@ -14,6 +14,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 
 from medtl.config import EncoderConfig
@@ -93,8 +94,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: weight file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
+            return load_safetensors(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e)[:160]})") from None

@@ -10,6 +10,7 @@ model: ``forward_features`` / ``forward_head``, ``get_classifier`` / ``reset_cla
 from __future__ import annotations
 
 import torch
+from monai.networks.nets import resnet
 from torch import nn
 
 RESNET_3D_DEPTHS = {"resnet10_3d": 10, "resnet18_3d": 18, "resnet34_3d": 34,
@@ -41,8 +42,6 @@ class ResNet3D(nn.Module):
     def __init__(self, depth: int, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0,
                  group_norm: bool = False):
         super().__init__()
-        from monai.networks.nets import resnet
-
         build = getattr(resnet, f"resnet{depth}")
         # The stride-2 stem of the 2D ResNets (MONAI's 3D default keeps full resolution, 8x the cost).
         self.net = build(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2, num_classes=1,

@@ -441,7 +441,7 @@ def _progress(loader, rank: int, desc: str):
     """A tqdm bar on an interactive terminal (rank 0 only); the plain loader otherwise."""
     if rank != 0 or not sys.stderr.isatty():
         return loader
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: a progress bar only on an interactive terminal
 
     return tqdm(loader, desc=desc, leave=False, unit="batch")
 

@@ -2,7 +2,7 @@ import numpy as np
 from PIL import Image
 
 from medtl.inference import load_run
-from ui.app import analyse, create_app, find_runs
+from medtl_ui.app import analyse, create_app, find_runs
 
 
 def test_dicom_nifti_and_png_uploads(tiny_run, sample_dir, tmp_path):
@@ -38,7 +38,7 @@ def test_refusals_give_the_reason(tiny_run, sample_dir, tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from ui.app import run_case
+    from medtl_ui.app import run_case
 
     predictor = load_run(tiny_run)
     assert predictor.input_record["modalities"] == ["CT"]
@@ -67,7 +67,7 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
     import zipfile
 
     from medtl.data import create_sample_series
-    from ui.app import export_report, run_case, slice_profile, window_slice
+    from medtl_ui.app import export_report, run_case, slice_profile, window_slice
 
     series = create_sample_series(tmp_path / "series", n_slices=6, size=48)
     files = sorted(str(p) for p in series.iterdir())

@@ -23,7 +23,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    from ui.app import launch
+    from medtl_ui.app import launch
 
     port = _free_port()
     app, _, _ = launch(tiny_run, port=port, prevent_thread_lock=True)

@@ -14,7 +14,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tiny_run):
-    from ui.app import launch
+    from medtl_ui.app import launch
 
     import gradio as gr
 

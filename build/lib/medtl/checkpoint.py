@@ -1,0 +1,98 @@
+"""Saving and loading fine-tuned models as safetensors, with their preprocessing record, and
+reading a run folder back (:func:`load_saved_run`: its configuration and model)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medtl.config import ExperimentConfig, config_from_dict
+from medtl.errors import RunError
+from medtl.models.encoders import Preprocessing, create_encoder
+
+FORMAT_VERSION = "1"
+
+
+def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_names: list[str],
+               preprocessing: Preprocessing, temperature: float | None = None,
+               operating_point: dict | None = None) -> None:
+    """Write weights and everything needed to rebuild and feed the model to one safetensors file.
+
+    ``temperature`` (fitted on validation data) calibrates the probabilities; ``operating_point``
+    (``{"threshold": t, "rule": ...}`` on the class-1 probability) is the decision rule for binary models.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
+        "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),
+    }
+    if temperature is not None:
+        meta["temperature"] = json.dumps(float(temperature))
+    if operating_point is not None:
+        meta["operating_point"] = json.dumps(operating_point)
+    save_file(state, str(path), metadata=meta)
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns (model in eval mode, metadata).
+
+    The metadata holds ``encoder``, ``class_names`` and ``preprocessing`` (a :class:`Preprocessing`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise RunError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    if meta.get("format") != "medtl-classifier":
+        raise RunError(f"{path}: not a medtl model (no medtl metadata)")
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in json.loads(meta["preprocessing"]).items()})
+    class_names = json.loads(meta["class_names"])
+    model = create_encoder(meta["encoder"], pretrained=False, num_classes=len(class_names), in_chans=pre.in_chans)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RunError(f"{path}: weights do not fit {meta['encoder']}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre,
+                   "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
+                   "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None}
+
+
+@dataclass
+class SavedRun:
+    """A run folder written by :func:`medtl.train.run_experiment`, read back."""
+
+    run_dir: Path
+    config: ExperimentConfig  # the run's resolved configuration (config.yaml)
+    model: torch.nn.Module  # in eval mode, on the CPU
+    encoder: str  # registered encoder name
+    class_names: list[str]
+    preprocessing: Preprocessing  # how inputs must be prepared for this model
+    temperature: float | None = None  # set by `medtl evaluate` (calibration)
+    operating_point: dict | None = None  # decision threshold chosen on validation by `medtl evaluate`
+    input_record: dict = field(default_factory=dict)  # modalities and dimensions seen in training
+
+
+def load_saved_run(run_dir: str | Path) -> SavedRun:
+    """The configuration and model of a run folder (``config.yaml`` and ``model.safetensors``)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunError(f"{run_dir}: not a medtl run (no config.yaml)")
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    resolved = raw.pop("resolved", None) or {}
+    config = config_from_dict(ExperimentConfig, raw, source=cfg_path)
+    model, meta = load_model(run_dir / "model.safetensors")
+    return SavedRun(run_dir, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],
+                    meta["temperature"], meta["operating_point"], resolved.get("input_record", {}))

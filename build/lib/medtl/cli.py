@@ -1,0 +1,290 @@
+"""The ``medtl`` command line: sample-data, train, lr-find, predict, explain, info, encoders, serve.
+
+Each command imports what it needs when it runs (the imports inside the ``cmd_*`` functions), so
+``medtl --help`` and ``--version`` load no torch, MONAI or timm, and ``medtl info`` only the readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medtl.errors import FileMissingError, MedtlError
+
+log = logging.getLogger("medtl")
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def cmd_sample_data(args) -> int:
+    from medtl.data import create_sample_data
+
+    manifest = create_sample_data(args.out, n_patients=args.patients, seed=args.seed, force=args.force)
+    log.info("sample data written: %s", manifest)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from medtl.config import load_config
+    from medtl.train import run_experiment
+
+    cfg = _train_config(args)
+    out = run_experiment(cfg, args.out, force=args.force)
+    if not (out / "metrics.json").is_file():  # a torchrun worker other than rank 0
+        return 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
+    print(f"{out}: test AUC {auc}, accuracy {test['accuracy']:.3f} "
+          f"({test['n_images']} images, {test['n_patients']} patients)")
+    return 0
+
+
+def _train_config(args):
+    from medtl.config import load_config
+
+    overrides: dict = {"data": {}, "encoder": {}, "train": {}}
+    data = args.data or args.manifest
+    if data:
+        overrides["data"]["path"] = str(data)
+    for key, value, part in [("name", args.encoder, "encoder"), ("weights_file", args.weights_file, "encoder"),
+                             ("input_size", args.input_size, "encoder"), ("strategy", args.strategy, "train"),
+                             ("epochs", args.epochs, "train"), ("frozen_epochs", args.frozen_epochs, "train"),
+                             ("batch_size", args.batch_size, "train"), ("seed", args.seed, "train"),
+                             ("lr", args.lr, "train"), ("volume_mode", args.volume_mode, "data"),
+                             ("modality", args.modality, "data"), ("ct_window", args.ct_window, "data"),
+                             ("cache_dir", args.cache_dir, "data"), ("device", args.device, "train"),
+                             ("precision", args.precision, "train")]:
+        if value is not None:
+            overrides[part][key] = value
+    if args.no_pretrained:
+        overrides["encoder"]["pretrained"] = False
+    return load_config(args.config, **{k: v for k, v in overrides.items() if v})
+
+
+def cmd_lr_find(args) -> int:
+    from medtl.train import find_lr
+
+    cfg = _train_config(args)
+    found = find_lr(cfg)
+    print(f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
+          f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})")
+    if args.plot:
+        found.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _each_file(paths, fn) -> int:
+    """Run ``fn`` on every file; report a bad one and go on. Exit code 1 if any failed."""
+    failed = 0
+    for path in paths:
+        try:
+            fn(path)
+        except MedtlError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_predict(args) -> int:
+    from medtl.inference import load_run
+
+    predictor = load_run(args.run, device=args.device)
+    if args.json:
+        return _each_file(args.images, lambda p: print(json.dumps(vars(predictor.predict(p)))))
+    return _each_file(args.images, lambda p: print(predictor.predict(p)))
+
+
+def cmd_explain(args) -> int:
+    from medtl.inference import load_run
+
+    predictor = load_run(args.run, device=args.device)
+    out = Path(args.out) if args.out else None
+
+    def one(path):
+        expl = predictor.explain(path, class_name=args.target, method=args.method)
+        target = out if out and len(args.images) == 1 and out.suffix == ".png" else \
+            (out or Path(".")) / f"{Path(path).name.split('.')[0]}_{expl.method}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not args.force:
+            raise MedtlError(f"{target} exists; pass --force to replace it")
+        expl.save(target)
+        print(f"{expl.prediction}\t-> {target}")
+
+    return _each_file(args.images, one)
+
+
+def cmd_info(args) -> int:
+    from medtl.io import describe_path
+
+    usable = 0
+    for p in args.paths:
+        report = describe_path(p, series_uid=args.series, modality=args.modality, volume_index=args.volume_index)
+        usable += report["usable"]
+        print(json.dumps(report, indent=2, default=str))
+    return 0 if usable else 1
+
+
+def cmd_evaluate(args) -> int:
+    from medtl.eval.report import evaluate_run
+
+    methods = tuple(args.methods.split(",")) if args.methods else ("gradcam", "gradcampp", "occlusion",
+                                                                     "integrated_gradients")
+    result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
+                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device)
+    auc = result["auc"]
+    ci = auc["auc_ci"]
+    print(f"{args.run}: test AUC {auc['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
+          f"; ECE {result['calibration']['test_ece_before']:.3f} -> {result['calibration']['test_ece_after']:.3f} "
+          f"(T = {result['calibration']['temperature']:.2f})")
+    for s in result["saliency_sanity"]:
+        print(f"  {s['method']:22s} {s['verdict']}")
+    print(f"report: {Path(args.run) / 'evaluation' / 'report.html'}")
+    return 0
+
+
+def cmd_encoders(args) -> int:
+    from medtl.models import get_encoder_spec, list_encoders
+
+    for name in list_encoders():
+        print(f"{name:18s} {get_encoder_spec(name).description}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from medtl_ui.app import launch
+
+    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device)
+    return 0
+
+
+def _add_train_options(s, run_folder: bool) -> None:
+    s.add_argument("--data", type=Path, help="manifest .csv (image,label,patient_id), image folder or MedMNIST .npz")
+    s.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)  # the name --data had before
+    s.add_argument("--config", type=Path, help="experiment YAML (fields of medtl.config.ExperimentConfig)")
+    if run_folder:
+        s.add_argument("--out", type=Path, required=True, help="run folder to create")
+        s.add_argument("--force", action="store_true", help="replace an existing run folder")
+        s.set_defaults(fn=cmd_train)
+    s.add_argument("--encoder", help="encoder name (see `medtl encoders`)")
+    s.add_argument("--weights-file", help="local ImageNet weight file for encoders without bundled weights")
+    s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
+    s.add_argument("--strategy", help="auto, linear_probe, partial, fine_tune, gradual or full")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--frozen-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--input-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--volume-mode", help="3D into 2D: middle, mip, 2.5d, slices or slices_2.5d")
+    s.add_argument("--modality", help="override the files' modality: CT, MR, XR or other")
+    s.add_argument("--ct-window", help="CT window name (brain, lung, mediastinum, bone, ...) or multi")
+    s.add_argument("--cache-dir", help="keep decoded inputs on disk here (MONAI PersistentDataset)")
+    s.add_argument("--device", help="auto (a GPU where one can be reached), cpu, cuda or cuda:N")
+    s.add_argument("--precision", help="auto (measured: the fastest of fp32 and native bf16), fp32, bf16 or fp16")
+
+
+
+def _add_device(s) -> None:
+    s.add_argument("--device", default="auto", help="auto (a GPU where one can be reached; default), cpu, cuda or "
+                   "cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medtl import __version__
+
+    p = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
+    p.add_argument("--version", action="version", version=f"medtl {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample-data", help="write the synthetic labelled CT sample set")
+    s.add_argument("out", type=Path)
+    s.add_argument("--patients", type=int, default=48, help="patients with 2D DICOM images (default 48)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="write over an existing sample set")
+    s.set_defaults(fn=cmd_sample_data)
+
+    for name, help_ in [("train", "fine-tune an ImageNet encoder on a data set and write a run folder"),
+                        ("lr-find", "sweep the head learning rate and suggest one (fastai-style)")]:
+        s = sub.add_parser(name, help=help_)
+        _add_train_options(s, run_folder=name == "train")
+    s.add_argument("--plot", type=Path, help="write the loss-vs-learning-rate curve to this PNG")
+    s.set_defaults(fn=cmd_lr_find)
+
+    s = sub.add_parser("predict", help="print class probabilities for image files")
+    s.add_argument("run", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_device(s)
+    s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("explain", help="write Grad-CAM overlays for image files")
+    s.add_argument("run", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--out", help="output .png (one image) or folder (default: current folder)")
+    s.add_argument("--target", help="class to explain (default: the predicted one)")
+    s.add_argument("--method", help="gradcam (default), gradcampp, occlusion or integrated_gradients")
+    s.add_argument("--force", action="store_true", help="replace existing overlay files")
+    _add_device(s)
+    s.set_defaults(fn=cmd_explain)
+
+    s = sub.add_parser("info", help="show what medtl reads from a file, folder or zip (no patient identifiers)")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--series", help="SeriesInstanceUID to use instead of the automatic choice")
+    s.add_argument("--modality", help="only consider series of this modality")
+    s.add_argument("--volume-index", type=int, help="volume of a 4D NIfTI")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("evaluate", help="test metrics with CIs, calibration, saliency sanity checks, report.html")
+    s.add_argument("run", type=Path)
+    s.add_argument("--data", help="evaluate on this data set instead of the run's own test split")
+    s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
+    s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
+    s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four)")
+    s.add_argument("--no-data-randomisation", action="store_true",
+                   help="skip training a shuffled-label model for the data randomisation test")
+    _add_device(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("encoders", help="list the registered encoders")
+    s.set_defaults(fn=cmd_encoders)
+
+    s = sub.add_parser("serve", help="start the web UI for a run")
+    s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", help="USER:PASS required to open the page")
+    _add_device(s)
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def report_errors(fn, *args) -> int:
+    """``fn(*args)``'s exit code; a medtl error is printed as one line (no traceback) and gives 2."""
+    try:
+        return fn(*args)
+    except MedtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, FileMissingError) and "shared" in str(e.path or ""):
+            print("  the project's real data sets are in ../shared/data next to a developer's clone (see its "
+                  "README); a user's clone has none: pass your own manifest, image folder or .npz", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    return report_errors(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

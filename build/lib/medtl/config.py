@@ -1,0 +1,320 @@
+"""Experiment configuration: one frozen dataclass per part, one YAML file per experiment.
+
+Every field carries a comment saying what it does. Unknown keys are rejected with a
+"did you mean" hint, and the resolved configuration is saved next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medtl.errors import ConfigError, did_you_mean, look_up_option
+
+# Named CT windows in Hounsfield units: (level, width). Standard radiology presets.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "soft_tissue": (40.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+}
+
+VOLUME_MODES = ("middle", "mip", "2.5d", "slices", "slices_2.5d", "3d")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images are read and how their intensities are prepared."""
+
+    path: str | None = None  # manifest CSV, image folder (one sub-folder per class) or MedMNIST .npz
+    modality: str = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
+    intensity: str = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
+    ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
+    ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
+    percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
+    volume_mode: str = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
+    #   or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
+    slice_aggregation: str = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
+    top_k: int = 3  # slices averaged by slice_aggregation "topk"
+    volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)
+    val_fraction: float = 0.2  # share of patients held out for validation (ignored when the data has its own split)
+    test_fraction: float = 0.2  # share of patients held out for the final test (ditto)
+    augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
+    flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
+    cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which pretrained encoder is used and at what input size."""
+
+    name: str = "efficientnet_lite0"  # registered encoder name (medtl.models.list_encoders())
+    pretrained: bool = True  # load ImageNet weights (offline for the EfficientNet-Lite family)
+    weights_file: str | None = None  # local weight file for encoders without offline weights
+    input_size: int | None = None  # square input side in pixels; None = the weights' own (224)
+    drop_rate: float = 0.2  # dropout before the classification head
+
+
+STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the encoder is fine-tuned."""
+
+    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why
+    frozen_epochs: int = 6  # epochs training the head alone before unfreezing (partial, fine_tune, gradual)
+    epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
+    unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
+    gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
+    batch_size: int = 8  # images per optimisation step (global, over all processes under torchrun)
+    lr: float = 3e-3  # peak learning rate of the head
+    encoder_lr_mult: float = 0.05  # top encoder layer group's learning rate = lr * this
+    layer_decay: float = 0.8  # each lower layer group's rate = the one above's * this (1.0: one rate)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: float = 0.5  # linear warm-up length at the start of every stage, in epochs
+    label_smoothing: float = 0.05  # cross-entropy label smoothing
+    freeze_bn: bool = True  # keep encoder BatchNorm statistics at their ImageNet values (small batches)
+    class_weighting: bool = True  # weight the loss by inverse class frequency
+    mixup: float = 0.0  # mixup Beta(alpha, alpha) on inputs and targets; 0 turns it off
+    tta: bool = False  # evaluation and prediction average the image and its left-right flip
+    cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
+    patience: int = 6  # stop a stage after this many epochs without a better validation score
+    precision: str = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
+    channels_last: bool = True  # NHWC memory layout (about 2x faster convolutions on CPU)
+    compile: bool = False  # torch.compile the model for stages that train the encoder
+    seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
+    deterministic: bool = False  # torch deterministic algorithms (slower; bit-identical reruns on GPU too)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How saliency maps are made and drawn."""
+
+    method: str = "gradcam"  # default saliency method: gradcam, gradcampp, occlusion or integrated_gradients
+    n_overlays: int = 6  # test images written as overlays after training
+    alpha: float = 0.45  # overlay opacity
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: data, encoder, training and explanation settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
+
+
+def to_plain(obj: Any) -> Any:
+    """Plain YAML/JSON-ready values: tuples to lists, numpy scalars and str subclasses to builtins."""
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
+    return to_plain(dataclasses.asdict(cfg))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _expected(hint: Any) -> str:
+    """A type hint in words: "a number", "an integer", "true or false", "a list of 2 numbers"..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + " (or null)"
+    if origin is tuple:
+        item = "strings" if args[0] is str else "numbers"
+        return f"a list of {item}" if args[-1] is Ellipsis else f"a list of {len(args)} {item}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_type(value: Any, hint: Any) -> Any:
+    """``value`` as the type of ``hint``, or raise ``TypeError``. Numbers written as ``1e-4`` (strings to
+    YAML 1.1) are numbers; an integer field refuses 2.5 and a number field refuses "abc"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _check_type(value, a)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise TypeError
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_check_type(v, a) for v, a in zip(value, items))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise TypeError from None
+            if math.isfinite(number):
+                return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise TypeError
+
+
+def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source: str | Path | None = None) -> Any:
+    """A config dataclass from a (nested) dict: unknown keys refused with a "did you mean" hint,
+    every value checked against its field's annotation. ``source`` (the YAML file) is named in errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(source, f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(
+                source,
+                f"unknown config key {name!r}{did_you_mean(key, fields)}",
+                expected="one of " + ", ".join(fields),
+            )
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = config_from_dict(f.default_factory, value or {}, name, source)
+            continue
+        try:
+            kwargs[key] = _check_type(value, hints[key])
+        except TypeError:
+            raise ConfigError(source, f"{name}: {value!r} is not {_expected(hints[key])}",
+                              _expected(hints[key])) from None
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> ExperimentConfig:
+    """Read an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(p, "config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(p, f"not valid YAML: {e}") from None
+    cfg = config_from_dict(ExperimentConfig, _merge(values, overrides), "", path)
+    validate_config(cfg, path)
+    return cfg
+
+
+# (section.field, lowest, highest, lowest allowed itself): numeric limits checked by validate_config
+LIMITS = [
+    ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True),
+    ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
+    ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
+    ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
+    ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
+    ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
+    ("train.label_smoothing", 0.0, 1.0, True), ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
+    ("explain.n_overlays", 0, None, True), ("explain.alpha", 0.0, 1.0, True),
+]
+
+
+def _check_limits(cfg: ExperimentConfig, source) -> None:
+    for name, lo, hi, lo_inclusive in LIMITS:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        low_ok = value >= lo if lo_inclusive else value > lo
+        if not low_ok or (hi is not None and value > hi):
+            bound = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(source, f"{name}: {value!r} is out of range", f"a value {bound}")
+    lo, hi = cfg.data.percentiles
+    if not 0 <= lo < hi <= 100:
+        raise ConfigError(source, f"data.percentiles: {list(cfg.data.percentiles)} is out of range",
+                          "two percentiles 0 <= low < high <= 100")
+
+
+def validate_config(cfg: ExperimentConfig, source: str | Path | None = None) -> None:
+    """Reject values that would fail later, with the valid options (``source``: the YAML file, named
+    in the error)."""
+    try:
+        _validate(cfg)
+        _check_limits(cfg, source)
+    except ConfigError as e:
+        if source is None or e.path is not None:
+            raise
+        raise ConfigError(source, e.problem, e.expected) from None
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+
+    look_up_option(cfg.data.modality, ["auto", "CT", "MR", "XR", "other"], "modality")
+    look_up_option(cfg.data.ct_window, [*CT_WINDOWS, "multi"], "CT window")
+    look_up_option(cfg.data.volume_mode, VOLUME_MODES, "volume mode")
+    look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
+    look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
+    if cfg.data.ct_window == "multi":
+        if len(cfg.data.ct_multi_windows) != 3:
+            raise ConfigError(None, f"data.ct_multi_windows needs 3 windows, got {len(cfg.data.ct_multi_windows)}")
+        for w in cfg.data.ct_multi_windows:
+            look_up_option(w, CT_WINDOWS, "CT window")
+        if cfg.data.volume_mode.endswith("2.5d"):
+            raise ConfigError(None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels",
+                              "one of the two")
+    look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
+    look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
+    look_up_option(cfg.train.device, ["auto", "cpu", "cuda"], "device")
+    look_up_option(cfg.explain.method, ["gradcam", "gradcampp", "occlusion", "integrated_gradients"],
+                   "saliency method")
+    for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
+        if not 0.0 < v < 0.5:
+            raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")
+    from medtl.models import list_encoders  # the registry (imports torch): here, not at start-up
+
+    look_up_option(cfg.encoder.name, list_encoders(), "encoder")

@@ -1,0 +1,17 @@
+"""Data: manifests, image folders and MedMNIST files, patient-level splits, datasets, sample data."""
+
+from medtl.data.dataset import create_dataset, decode_records
+from medtl.data.manifest import Manifest, Problem, read_manifest
+from medtl.data.sample import create_sample_data, create_sample_series
+from medtl.data.sources import read_dataset, read_image_folder, read_medmnist
+from medtl.data.split import (
+    TooFewExamplesError,
+    check_split_classes,
+    kfold_by_patient,
+    sample_per_class,
+    split_by_patient,
+)
+
+__all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist",
+           "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
+           "create_sample_data", "create_sample_series", "sample_per_class", "TooFewExamplesError"]

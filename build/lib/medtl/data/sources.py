@@ -1,0 +1,99 @@
+"""Labelled data sets from a manifest CSV, an image folder or a MedMNIST ``.npz``.
+
+``read_dataset(path)`` recognises the kind and returns a :class:`Manifest` either way, so the
+rest of medtl does not care where the labels came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medtl.data.manifest import Manifest, Problem, index_labels, read_manifest
+from medtl.errors import FileMissingError, ManifestError, UnsupportedFormatError
+
+log = logging.getLogger("medtl.data")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
+MEDMNIST_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
+
+
+def read_dataset(path: str | Path) -> Manifest:
+    """Read a labelled data set: a manifest ``.csv``, a MedMNIST ``.npz`` or an image folder.
+
+    An image folder holds one sub-folder per class (``root/<class>/<image>``); every image
+    is then its own patient (say so with a manifest when patients have several images).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileMissingError(path, "data not found", "a manifest .csv, an image folder or a MedMNIST .npz")
+    if path.is_dir():
+        return read_image_folder(path)
+    if path.suffix.lower() == ".npz":
+        return read_medmnist(path)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return read_manifest(path)
+    raise UnsupportedFormatError(path, f"unrecognised data set file {path.name!r}",
+                                 "a manifest .csv, an image folder or a MedMNIST .npz")
+
+
+def read_image_folder(root: str | Path) -> Manifest:
+    """One sub-folder per class; files that are not images are reported and skipped."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ManifestError(root, f"image folder has {len(classes)} class sub-folder(s)",
+                            "one sub-folder per class (at least 2), each holding images")
+    records, problems = [], []
+    for name in classes:
+        for f in sorted(q for q in (root / name).rglob("*") if q.is_file()):
+            if f.name.startswith("."):
+                continue
+            if not f.name.lower().endswith(IMAGE_SUFFIXES):
+                problems.append(Problem(str(f.relative_to(root)), "not an image file (by suffix)"))
+                continue
+            rel = f.relative_to(root)
+            records.append({"image": str(f), "label_value": name, "patient_id": rel.with_suffix("").as_posix()})
+    if not records:
+        raise ManifestError(root, "no image files in the class folders")
+    class_names = index_labels(records, problems)
+    log.info("%s: image folder without patient ids; each image is treated as its own patient", root.name)
+    return Manifest(path=root, records=records, class_names=class_names, problems=problems, kind="folder")
+
+
+def read_medmnist(path: str | Path) -> Manifest:
+    """A MedMNIST ``.npz`` (2D or 3D) with its own train/val/test split, held in memory.
+
+    Images keep their uint8 values (scaled by the type's range); multi-label files are refused.
+    """
+    path = Path(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        missing = [k for k in MEDMNIST_KEYS if k not in npz.files]
+        if missing:
+            raise UnsupportedFormatError(path, f"not a MedMNIST file: missing {', '.join(missing)}",
+                                         "keys " + ", ".join(MEDMNIST_KEYS))
+        arrays = {k: npz[k] for k in MEDMNIST_KEYS}
+    except (UnsupportedFormatError, FileMissingError):
+        raise
+    except Exception as e:
+        raise UnsupportedFormatError(path, f"cannot be read as .npz ({type(e).__name__}: {str(e)[:120]})") from None
+    records, splits = [], {}
+    for split in ("train", "val", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            raise UnsupportedFormatError(path, f"multi-label file ({labels.shape[1]} labels per image)",
+                                         "a single-label MedMNIST set")
+        labels = labels.reshape(-1)
+        if len(images) != len(labels):
+            raise ManifestError(path, f"{split}: {len(images)} images but {len(labels)} labels")
+        start = len(records)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            records.append({"image": image, "label": int(label), "patient_id": f"{split}-{i}",
+                            "path": f"{path.name}:{split}/{i}"})
+        splits[split] = list(range(start, len(records)))
+    n_classes = int(max(r["label"] for r in records)) + 1
+    return Manifest(path=path, records=records, class_names=[str(c) for c in range(n_classes)], splits=splits,
+                    kind="medmnist")

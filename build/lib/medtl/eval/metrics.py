@@ -1,0 +1,222 @@
+"""Classification metrics computed with scikit-learn (pure functions, no I/O).
+
+Confidence intervals come from a bootstrap that resamples patients (or studies), not images,
+so that several images of one patient do not make an interval look narrower than it is.
+Operating points are chosen on validation data and then applied to the test set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, \
+    roc_curve
+
+from medtl.errors import MedtlInputError
+
+
+def compute_auc(labels: Sequence[int], probs: np.ndarray, strict: bool = False) -> float | None:
+    """ROC AUC: of class 1 for binary tasks, one-vs-rest macro for more classes.
+
+    Returns None when ``labels`` hold a single class (AUC is undefined); with ``strict`` that
+    is an error saying so.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    _check(labels, probs)
+    if len(np.unique(labels)) < 2:
+        if strict:
+            raise MedtlInputError(None, f"AUC is undefined: all {len(labels)} labels are class "
+                                  f"{int(labels[0]) if len(labels) else '-'}", "labels of at least two classes")
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    present = np.unique(labels)
+    if len(present) < probs.shape[1]:
+        return None
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def compute_classification_metrics(labels: Sequence[int], probs: np.ndarray) -> dict:
+    """AUC, accuracy, and for binary tasks sensitivity/specificity of class 1 at argmax.
+
+    Args:
+        labels: true class index of each image.
+        probs: (n_images, n_classes) predicted probabilities.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    _check(labels, probs)
+    pred = probs.argmax(axis=1)
+    out = {
+        "n_images": int(len(labels)),
+        "auc": compute_auc(labels, probs),
+        "accuracy": float(accuracy_score(labels, pred)),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(probs.shape[1]))).tolist(),
+    }
+    if probs.shape[1] == 2:
+        tn, fp, fn, tp = np.asarray(out["confusion_matrix"]).ravel()
+        out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else None
+        out["specificity"] = float(tn / (tn + fp)) if tn + fp else None
+        out["operating_point"] = "argmax (class-1 probability >= 0.5)"
+    return out
+
+
+def _check(labels: np.ndarray, probs: np.ndarray) -> None:
+    if probs.ndim != 2 or len(labels) != len(probs):
+        raise MedtlInputError(None, f"{len(labels)} labels but scores of shape {probs.shape}",
+                              "one row of class probabilities per label")
+    if not np.all(np.isfinite(probs)):
+        raise MedtlInputError(None, "scores contain NaN or infinity")
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise MedtlInputError(None, f"labels outside 0..{probs.shape[1] - 1}")
+
+
+# -- operating points ------------------------------------------------------------------------------
+
+def choose_threshold(labels: Sequence[int], scores: Sequence[float], rule: str = "youden") -> tuple[float, str]:
+    """A decision threshold on class-1 scores chosen on validation data, and its description.
+
+    ``rule``: "youden" (max sensitivity + specificity - 1), "sensitivity:0.9" (the highest
+    threshold reaching that sensitivity) or "specificity:0.9" (the lowest reaching that specificity).
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise MedtlInputError(None, "an operating point needs validation labels of both classes")
+    fpr, tpr, thr = roc_curve(labels, scores)
+    thr = np.minimum(thr, 1.0)
+    if rule == "youden":
+        i = int(np.argmax(tpr - fpr))
+        return float(thr[i]), f"Youden on validation (sens {tpr[i]:.2f}, spec {1 - fpr[i]:.2f})"
+    kind, _, value = rule.partition(":")
+    try:
+        target = float(value)
+    except ValueError:
+        raise MedtlInputError(None, f"unknown operating-point rule {rule!r}",
+                              "'youden', 'sensitivity:0.9' or 'specificity:0.9'") from None
+    if kind == "sensitivity":
+        i = int(np.argmax(tpr >= target))
+    elif kind == "specificity":
+        ok = np.where(1 - fpr >= target)[0]
+        i = int(ok[-1])
+    else:
+        raise MedtlInputError(None, f"unknown operating-point rule {rule!r}",
+                              "'youden', 'sensitivity:0.9' or 'specificity:0.9'")
+    return float(thr[i]), f"{kind} >= {target:g} on validation (sens {tpr[i]:.2f}, spec {1 - fpr[i]:.2f})"
+
+
+def compute_binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict:
+    """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy at ``threshold`` on class-1 scores."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    pred = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+
+    def ratio(a, b):
+        return float(a / b) if b else None
+
+    return {"threshold": float(threshold), "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "f1": float(f1_score(labels, pred, zero_division=0)),
+            "accuracy": float(accuracy_score(labels, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+            "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]}
+
+
+# -- aggregation and bootstrap ---------------------------------------------------------------------
+
+def aggregate_by_group(labels: Sequence[int], probs: np.ndarray, groups: Sequence) -> tuple[np.ndarray, np.ndarray, list]:
+    """Patient- or study-level results: mean probability per group (labels must agree within a group)."""
+    labels, probs, groups = np.asarray(labels), np.asarray(probs, np.float64), np.asarray(groups)
+    keys = list(dict.fromkeys(groups.tolist()))
+    out_l, out_p = [], []
+    for k in keys:
+        m = groups == k
+        if len(np.unique(labels[m])) > 1:
+            raise MedtlInputError(None, f"group {k!r} has images with different labels", "one label per patient/study")
+        out_l.append(labels[m][0])
+        out_p.append(probs[m].mean(axis=0))
+    return np.asarray(out_l), np.stack(out_p), keys
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: Sequence, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of ``statistic(indices)`` over resamples of whole groups (patients).
+
+    ``statistic`` takes image indices and may return None (undefined on that resample: skipped).
+    """
+    groups = np.asarray(groups)
+    keys, inverse = np.unique(groups, return_inverse=True)
+    members = [np.where(inverse == g)[0] for g in range(len(keys))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(keys), len(keys))
+        v = statistic(np.concatenate([members[g] for g in pick]))
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    if len(values) < n_boot // 2:
+        return None
+    a = (1 - level) / 2
+    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
+
+
+def compute_auc_ci(labels: Sequence[int], probs: np.ndarray, groups: Sequence | None = None, n_boot: int = 1000,
+                   seed: int = 0) -> dict:
+    """AUC with a 95% bootstrap interval resampling ``groups`` (patients; each image its own without)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    auc = compute_auc(labels, probs, strict=True)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    ci = bootstrap_ci(lambda idx: compute_auc(labels[idx], probs[idx]), groups, n_boot, seed)
+    return {"auc": auc, "auc_ci": ci, "n_boot": n_boot, "resampled": "patients" if len(set(groups.tolist())) <
+            len(groups) else "images (one per patient)"}
+
+
+# -- calibration -----------------------------------------------------------------------------------
+
+def compute_ece(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-class confidence, ``n_bins`` equal-width bins."""
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    _check(labels, probs)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == labels).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> dict:
+    """Per-bin mean confidence, accuracy and count (for a reliability diagram)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int((bins == b).sum()),
+             "confidence": float(conf[bins == b].mean()) if (bins == b).any() else None,
+             "accuracy": float(correct[bins == b].mean()) if (bins == b).any() else None} for b in range(n_bins)]
+    return {"bins": rows}
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` on validation data (Guo et al. 2017)."""
+    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def compute_nll(labels: Sequence[int], probs: np.ndarray) -> float:
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))

@@ -1,0 +1,83 @@
+"""One prediction path: a model's logits for a batch or a data set, then probabilities per study.
+
+Training's validation, a run's test metrics, ``medtl evaluate``, :class:`medtl.inference.Predictor`
+and the pipelines all call these functions, so test-time flip averaging (on logits), the
+temperature and the aggregation of slices into studies are applied in one place, the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medtl.data.dataset import study_index
+from medtl.runtime import Runtime
+from medtl.transforms import aggregate_studies
+
+
+def forward_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """fp32 logits of a batch (no gradients; autocast around the forward pass only); with
+    ``runtime.tta`` the mean of the logits of the batch and its left-right flip."""
+    x = runtime.to_input(x)
+    with torch.no_grad():
+        with runtime.autocast():
+            z = model(x)
+            if runtime.tta:
+                z = (z.float() + model(torch.flip(x, dims=[-1])).float()) / 2
+    return z.float()
+
+
+@dataclass
+class Logits:
+    """A model's outputs over a data set, one row per model input, in the data set's order."""
+
+    labels: np.ndarray  # (n,) int: each input's label
+    logits: np.ndarray  # (n, classes) float32
+    studies: np.ndarray  # (n,): the study each input belongs to (several inputs per study in "slices" modes)
+    aggregation: tuple[str, int] = ("mean", 3)  # how a study's score is made from its inputs' (rule, k)
+
+    def study_probs(self, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities), one row per study: softmax(logits / temperature), then aggregated."""
+        probs = torch.as_tensor(self.logits / temperature).softmax(dim=1).numpy()
+        return aggregate_studies(self.labels, probs, self.studies, *self.aggregation)
+
+
+def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32) -> Logits:
+    """The logits of every input of a :func:`medtl.data.create_dataset` data set, with the model in
+    eval mode on ``runtime.device`` (data loading runs outside autocast)."""
+    runtime = runtime or Runtime()
+    model.eval()
+    labels, logits = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        logits.append(forward_logits(model, batch["image"], runtime).cpu().numpy())
+        labels.append(torch.as_tensor(batch["label"]).long().numpy())
+    return Logits(np.concatenate(labels), np.concatenate(logits), study_index(dataset),
+                  tuple(getattr(dataset, "aggregation", ("mean", 3))))
+
+
+def predict_probs(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32,
+                  temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) per study of a data set: :func:`predict_logits` then :meth:`Logits.study_probs`."""
+    return predict_logits(model, dataset, runtime, batch_size).study_probs(temperature)
+
+
+def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = None,
+                     batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) on ``runtime.device``: the encoder's pooled output (what the head sees)
+    for every input, in eval mode, as fp32."""
+    runtime = runtime or Runtime()
+    model.eval()
+    feats, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        x = runtime.to_input(batch["image"])
+        with torch.no_grad(), runtime.autocast():
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float())
+        labels.append(torch.as_tensor(batch["label"]).long())
+    return torch.cat(feats), torch.cat(labels).to(runtime.device)
+
+
+__all__ = ["forward_logits", "predict_logits", "predict_probs", "extract_features", "Logits"]

@@ -1,0 +1,218 @@
+"""``run_experiment``: a data set in, a complete run folder out (config, model, metrics, overlays)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import monai
+import numpy as np
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from medtl import __version__
+from medtl.checkpoint import save_model
+from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, validate_config
+from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
+    split_by_patient
+from medtl.errors import ConfigError, MedtlInputError, RunExistsError
+from medtl.eval.metrics import compute_classification_metrics
+from medtl.explain import explain_input
+from medtl.models import Preprocessing, create_model, is_volume_model
+from medtl.predict import forward_logits, predict_logits
+from medtl.runtime import Runtime, distributed
+from medtl.train.fit import fit, from_scratch
+from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
+
+log = logging.getLogger("medtl.train")
+
+
+def prepare_run_dir(out: str | Path, force: bool) -> Path:
+    """Create ``out``; refuse to touch a non-empty folder unless ``force`` (then it is emptied)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RunExistsError(f"{out} already holds a run; choose another --out or pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class PreparedData:
+    """A data set decoded once and split: what :func:`fit` and the evaluation need."""
+
+    manifest: Manifest
+    sets: dict[str, list[dict]]  # "train"/"val"/"test" -> decoded studies
+    problems: list[Problem]  # rows and files that were skipped
+    split_source: str  # "fixed (from the file)" or "patient-level stratified, seed N"
+
+    def datasets(self, data: DataConfig, pre: Preprocessing, train_subset: list[int] | None = None):
+        """(train, val, test) MONAI datasets; ``train_subset`` picks training studies by index."""
+        _, final_train = create_transforms(data, pre, train=True)
+        _, final_eval = create_transforms(data, pre, train=False)
+        train = self.sets["train"] if train_subset is None else [self.sets["train"][i] for i in train_subset]
+        agg = (data.slice_aggregation, data.top_k)
+        return (create_dataset(train, final_train, agg), create_dataset(self.sets["val"], final_eval, agg),
+                create_dataset(self.sets["test"], final_eval, agg))
+
+
+def read_data(data: DataConfig) -> Manifest:
+    """The data set named by ``data.path`` (a manifest .csv, an image folder or a MedMNIST .npz)."""
+    if not data.path:
+        raise ConfigError(None, "no data given", "data.path (CLI: --data PATH: a manifest .csv, image folder or .npz)")
+    return read_dataset(data.path)
+
+
+def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None) -> PreparedData:
+    """Read the data set of ``data.path``, decode every image once and split it by patient.
+
+    A MedMNIST file keeps its own split; other data sets get a patient-level, label-stratified
+    split. Every class must have at least 2 examples in every split (refused otherwise).
+    """
+    manifest = manifest or read_data(data)
+    deterministic, _ = create_transforms(data, pre, train=False)
+    log.info("%r; decoding images", manifest)
+    samples, problems = decode_records(manifest.records, deterministic, data.cache_dir)
+    problems = manifest.problems + problems
+    if not samples:
+        raise MedtlInputError(manifest.path, "no image in the data set could be read")
+    labels = [s["label"] for s in samples]
+    if manifest.splits:
+        kept = {s["path"]: i for i, s in enumerate(samples)}
+        parts = {name: np.asarray([kept[manifest.records[i]["path"]] for i in idx
+                                   if manifest.records[i]["path"] in kept]) for name, idx in manifest.splits.items()}
+        how = "fixed (from the file)"
+    else:
+        parts = split_by_patient(labels, [s["patient_id"] for s in samples], data.val_fraction, data.test_fraction,
+                                 seed)
+        how = f"patient-level stratified, seed {seed}"
+    check_split_classes(labels, parts, len(manifest.class_names))
+    sets = {name: [samples[i] for i in idx] for name, idx in parts.items()}
+    return PreparedData(manifest, sets, problems, how)
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
+    """Fine-tune, evaluate on the held-out patients and explain; write everything to ``out``.
+
+    ``out`` receives ``config.yaml``, ``model.safetensors`` (written at every new best epoch, so
+    an interrupted run keeps its last good weights), ``metrics.json``, ``history.csv``,
+    ``splits.csv``, ``skipped.csv`` (files or rows that could not be used) and ``overlays/``.
+    Under ``torchrun`` every process trains and only rank 0 writes.
+    """
+    validate_config(cfg)
+    if not cfg.encoder.pretrained and cfg.encoder.weights_file is None:
+        cfg = dataclasses.replace(cfg, train=from_scratch(cfg.train))
+        log.info("random initialisation: every layer trains at train.lr and BatchNorm statistics are learnt "
+                 "(strategy full)")
+    t_start = time.perf_counter()
+    rank, _ = distributed()
+    out = prepare_run_dir(out, force) if rank == 0 else Path(out)
+    manifest = read_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model, pre = create_model(cfg.encoder, len(manifest.class_names))
+    prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
+    sets = prepared.sets
+    log.info("encoder %s (%s), input %d px; split %s", cfg.encoder.name, model.pretrained_cfg["weights_source"],
+             pre.input_size, prepared.split_source)
+    train_ds, val_ds, test_ds = prepared.datasets(cfg.data, pre)
+
+    def checkpoint(m, row):
+        save_model(m, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
+
+    result = fit(model, train_ds, val_ds, cfg.train, num_classes=len(manifest.class_names), on_improve=checkpoint)
+    if rank != 0:
+        return out
+
+    metrics = {"class_names": manifest.class_names, "best_epoch": result.best_epoch, "strategy": result.strategy,
+               "strategy_reason": result.strategy_reason, "precision": result.precision,
+               "precision_choice": result.precision_choice, "device": result.device,
+               "world_size": result.world_size, "split": prepared.split_source,
+               "train_images_per_s": round(result.train_images_per_s, 2)}
+    runtime = result.eval_runtime()
+    for name, ds in (("val", val_ds), ("test", test_ds)):
+        y, p = predict_logits(model, ds, runtime, max(32, cfg.train.batch_size)).study_probs()
+        metrics[name] = compute_classification_metrics(y, p)
+    for name, part in sets.items():
+        metrics.setdefault(name, {})
+        metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
+                             label_counts={c: sum(s["label"] == i for s in part)
+                                           for i, c in enumerate(manifest.class_names)})
+    metrics["n_skipped"] = len(prepared.problems)
+
+    if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
+        write_overlays(model, sets["test"][: cfg.explain.n_overlays], create_transforms(cfg.data, pre, train=False)[1],
+                       runtime, manifest.class_names, cfg, out / "overlays")
+    model.cpu()
+    model.to(memory_format=torch.contiguous_format)
+    save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
+    resolved = to_dict(cfg)
+    resolved["data"]["path"] = str(Path(cfg.data.path).resolve())
+    resolved["resolved"] = {"class_names": manifest.class_names, "preprocessing": asdict(pre),
+                            "strategy": result.strategy, "strategy_reason": result.strategy_reason,
+                            "input_record": {  # what the model was trained on: inputs outside it are refused by the UI
+                                "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
+                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]})},
+                            "weights_source": model.pretrained_cfg["weights_source"], "precision": result.precision,
+                            "environment": environment()}
+    (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
+    _write_csv(out / "history.csv", result.history)
+    _write_csv(out / "splits.csv", [{"image": s["path"], "label": manifest.class_names[s["label"]], "split": name}
+                                    for name, part in sets.items() for s in part])
+    _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
+               ["where", "reason"])
+
+    metrics["seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
+    log.info("test AUC %s, accuracy %.3f on %d images of %d patients; run written to %s",
+             _fmt(metrics["test"]["auc"]), metrics["test"]["accuracy"], metrics["test"]["n_images"],
+             metrics["test"]["n_patients"], out)
+    return out
+
+
+def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: Runtime, class_names: list[str],
+                   cfg: ExperimentConfig, out: Path) -> None:
+    """Saliency overlays of decoded test studies, named by true and predicted class. A volume read slice
+    by slice is drawn on the slice that scores highest for the predicted class."""
+    out.mkdir(exist_ok=True)
+    for k, study in enumerate(studies):
+        x, parts = prepare_inputs(study, final)
+        per_input = forward_logits(model, x, runtime).softmax(dim=1).cpu().numpy()
+        label = int(aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k).argmax())
+        best = int(per_input[:, label].argmax())
+        _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), label, cfg.explain.method,
+                                   runtime, cfg.explain.alpha)
+        name = f"test_{k:02d}_true-{class_names[study['label']]}_pred-{class_names[label]}.png"
+        Image.fromarray(overlay).save(out / name)
+
+
+def environment() -> dict:
+    """Versions that decide a run's numbers: medtl, Python, torch, timm, MONAI, the CPU/GPU."""
+    env = {"medtl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "timm": timm.__version__, "monai": monai.__version__, "machine": platform.machine(),
+           "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    fields = fields or (list(rows[0]) if rows else [])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,90 @@
+"""A learning-rate finder (Smith 2015; fastai's ``lr_find``) for the head of a frozen encoder.
+
+The head is trained on cached encoder features while the learning rate grows exponentially;
+the suggestion is the rate where the smoothed loss falls fastest. Nothing is kept: the model
+used is thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medtl.config import ExperimentConfig
+from medtl.models import create_model
+from medtl.predict import extract_features
+from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.train.experiment import prepare_data, read_data
+from medtl.train.fit import train_epoch
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]  # learning rate of each step
+    losses: list[float]  # smoothed training loss of each step
+    suggestion: float  # rate at the steepest descent of the smoothed loss
+
+    def plot(self, path: str | Path) -> Path:
+        import matplotlib  # heavy optional import, on use
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+        ax.plot(self.lrs, self.losses)
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.2g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return Path(path)
+
+
+def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, start: float = 1e-5,
+             end: float = 10.0, steps: int = 100, batch_size: int = 8, seed: int = 0) -> LRFindResult:
+    """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features, through the training loop's
+    :func:`medtl.train.fit.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
+    stops when the smoothed loss diverges."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=start)
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor ** s)
+    lrs, smoothed, best = [], [], [math.inf]
+
+    def step(idx):
+        lrs.append(opt.param_groups[0]["lr"])
+        return F.cross_entropy(head(features[idx]), labels[idx])
+
+    def on_loss(losses: list[float]) -> bool:
+        avg = 0.9 * (smoothed[-1] * (1 - 0.9 ** (len(losses) - 1)) if smoothed else 0.0) + 0.1 * losses[-1]
+        smoothed.append(avg / (1 - 0.9 ** len(losses)))  # bias-corrected running mean
+        best[0] = min(best[0], smoothed[-1])
+        return len(losses) > 11 and (smoothed[-1] > 4 * best[0] or not math.isfinite(smoothed[-1]))
+
+    batches = (torch.randint(0, len(features), (batch_size,), generator=gen) for _ in range(steps))
+    train_epoch(batches, step, opt, schedule, on_loss=on_loss)
+    grads = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
+    skip = min(5, len(grads) - 1)  # the first steps are dominated by the smoothing warm-up
+    suggestion = lrs[skip + int(np.argmin(grads[skip:]))]
+    return LRFindResult(lrs, smoothed, suggestion)
+
+
+def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
+    """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
+    manifest = read_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model, pre = create_model(cfg.encoder, len(manifest.class_names))
+    prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
+    train_ds, _, _ = prepared.datasets(cfg.data, pre)
+    runtime = Runtime(resolve_device(cfg.train.device), inference_precision(cfg.train.precision),
+                      cfg.train.channels_last)
+    runtime.prepare(model)
+    features, labels = extract_features(model, train_ds, runtime)
+    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size,
+                    seed=cfg.train.seed)

@@ -1,0 +1,1 @@
+"""The medtl web UI (Gradio). It calls only the public ``medtl`` API."""
