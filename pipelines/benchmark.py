@@ -34,7 +34,7 @@ import torch
 from medtl.config import load_config
 from medtl.data import create_sample_data, create_sample_series, read_dataset
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.runtime import Runtime, native_bf16, precision_candidates
+from medtl.runtime import Runtime, measure_training_speed, native_bf16, precision_candidates
 from medtl.train import fit, prepare_data
 from medtl.transforms import create_transforms
 
@@ -110,33 +110,14 @@ def plain_loop(train_ds, size: int, epochs: int, batch_size: int) -> float:
 
 def raw_train_speed(size: int, batch_size: int, precision: str, channels_last: bool, compile_: bool,
                     steps: int = 6, repeats: int = 3) -> float:
-    """Images/s of the training computation alone: synthetic tensors already in memory, the whole
-    model trainable, BatchNorm statistics frozen (as medtl's default ``freeze_bn``), AdamW. After an
-    untimed warm-up (two steps when compiling), ``steps`` consecutive steps are timed together, the
-    best of ``repeats`` runs (the least disturbed by other work on the machine)."""
+    """Images/s of the training computation alone (medtl.runtime.measure_training_speed): synthetic
+    tensors already in memory, the whole model trainable, BatchNorm statistics frozen (as medtl's
+    default ``freeze_bn``), AdamW; ``steps`` consecutive steps timed together, the best of ``repeats``."""
     torch.manual_seed(0)
     model = create_encoder("efficientnet_lite0", num_classes=2)
-    rt = Runtime(precision=precision, channels_last=channels_last)
-    rt.prepare(model).train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    net = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = rt.to_input(torch.randn(batch_size, 3, size, size))
-    y = torch.randint(0, 2, (batch_size,))
-
-    def step():
-        with rt.autocast():
-            logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(2 if compile_ else 1):
-        step()
-    return batch_size * steps / timed(lambda: [step() for _ in range(steps)], repeats)
+    return measure_training_speed(model, (3, size, size), batch_size, Runtime(precision=precision,
+                                  channels_last=channels_last), steps, repeats, frozen_bn=True,
+                                  compile_model=compile_)
 
 
 def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True) -> dict:

@@ -1,1 +1,0 @@
-"""The medtl web UI (Gradio). It calls only the public ``medtl`` API."""
