@@ -96,3 +96,6 @@ def load_saved_run(run_dir: str | Path) -> SavedRun:
     model, meta = load_model(run_dir / "model.safetensors")
     return SavedRun(run_dir, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],
                     meta["temperature"], meta["operating_point"], resolved.get("input_record", {}))
+
+
+__all__ = ["save_model", "load_model", "load_saved_run", "SavedRun", "FORMAT_VERSION"]

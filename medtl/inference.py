@@ -137,3 +137,6 @@ class Predictor:
 def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None) -> Predictor:
     """Load a run folder written by ``medtl train`` for prediction and explanation on ``device``."""
     return Predictor(run_dir, device=device, precision=precision)
+
+
+__all__ = ["Predictor", "Prediction", "Explanation", "load_run"]

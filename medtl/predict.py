@@ -55,7 +55,7 @@ def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = No
         logits.append(forward_logits(model, batch["image"], runtime).cpu().numpy())
         labels.append(torch.as_tensor(batch["label"]).long().numpy())
     return Logits(np.concatenate(labels), np.concatenate(logits), study_index(dataset),
-                  tuple(getattr(dataset, "aggregation", ("mean", 3))))
+                  tuple(dataset.aggregation))
 
 
 def predict_probs(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32,

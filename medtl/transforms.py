@@ -365,3 +365,8 @@ def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], siz
     top, left = (size - rh) // 2, (size - rw) // 2
     crop = saliency[top:top + rh, left:left + rw]
     return np.asarray(Resize((h, w), mode="bilinear")(crop[None]))[0]
+
+
+__all__ = ["intensity_preset", "scale_intensity", "volume_inputs", "scan_from_array", "LoadScan2Dd", "split_slices",
+           "prepare_inputs", "display_image", "aggregate_slices", "aggregate_studies", "create_transforms",
+           "BatchAugment", "TrainingTransform", "RepeatToChannelsd", "input_to_original", "XRAY_MODALITIES"]

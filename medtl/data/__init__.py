@@ -1,6 +1,14 @@
 """Data: manifests, image folders and MedMNIST files, patient-level splits, datasets, sample data."""
 
-from medtl.data.dataset import create_dataset, decode_records
+from medtl.data.dataset import (
+    MEMORY_CACHE_BYTES,
+    CachedInputDataset,
+    InputDataset,
+    create_dataset,
+    decode_records,
+    expand_inputs,
+    study_index,
+)
 from medtl.data.manifest import Manifest, Problem, read_manifest
 from medtl.data.sample import create_sample_data, create_sample_series
 from medtl.data.sources import read_dataset, read_image_folder, read_medmnist
@@ -14,4 +22,5 @@ from medtl.data.split import (
 
 __all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist",
            "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
-           "create_sample_data", "create_sample_series", "sample_per_class", "TooFewExamplesError"]
+           "create_sample_data", "create_sample_series", "sample_per_class", "TooFewExamplesError", "InputDataset",
+           "CachedInputDataset", "expand_inputs", "study_index", "MEMORY_CACHE_BYTES"]

@@ -58,23 +58,38 @@ def expand_inputs(studies: Sequence[dict]) -> list[dict]:
 MEMORY_CACHE_BYTES = 1 << 30  # a data set's final model inputs are kept in memory when they fit in this
 
 
+class InputDataset(Dataset):
+    """Model inputs of studies (MONAI ``Dataset``), and how a study's score is made from its inputs'."""
+
+    def __init__(self, data: Sequence[dict], transform: Compose, aggregation: tuple[str, int] = ("mean", 3)):
+        super().__init__(data, transform)
+        self.aggregation = aggregation  # (rule, k): "mean", "max" or "topk" over a study's slice scores
+
+
+class CachedInputDataset(CacheDataset):
+    """:class:`InputDataset` whose inputs are kept in memory after their first use (MONAI runtime cache)."""
+
+    def __init__(self, data: Sequence[dict], transform: Compose, aggregation: tuple[str, int] = ("mean", 3)):
+        super().__init__(data, transform, progress=False, copy_cache=False, runtime_cache=True)
+        self.aggregation = aggregation  # (rule, k): "mean", "max" or "topk" over a study's slice scores
+
+
 def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3),
-                   memory_cache_bytes: int = MEMORY_CACHE_BYTES) -> Dataset:
-    """A MONAI dataset of model inputs (slices of volumes in the "slices" modes) applying ``final``.
+                   memory_cache_bytes: int = MEMORY_CACHE_BYTES) -> InputDataset | CachedInputDataset:
+    """The model inputs of ``studies`` (slices of volumes in the "slices" modes) applying ``final``.
 
     ``aggregation`` (rule, k) tells evaluation how slice scores make a study score. ``final`` is
     deterministic (training augmentation runs on whole batches, see
     :class:`medtl.transforms.BatchAugment`), so when all inputs fit in ``memory_cache_bytes`` each
-    one is computed once, at its first use, and kept (MONAI ``CacheDataset``, runtime cache): epochs
-    after the first spend no time on per-sample transforms.
+    one is computed once, at its first use, and kept: epochs after the first spend no time on
+    per-sample transforms.
     """
     keep = ("image", "label", "study", "slice_index")
     items = [{k: s[k] for k in keep if k in s} for s in expand_inputs(studies)]
-    ds = Dataset(items, transform=final)
+    ds = InputDataset(items, final, aggregation)
     if items and isinstance(final, Compose) and final.get_index_of_first(lambda t: isinstance(t, Randomizable)) \
             is None and len(items) * _nbytes(ds[0]["image"]) <= memory_cache_bytes:
-        ds = CacheDataset(items, transform=final, progress=False, copy_cache=False, runtime_cache=True)
-    ds.aggregation = aggregation
+        return CachedInputDataset(items, final, aggregation)
     return ds
 
 

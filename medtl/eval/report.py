@@ -407,3 +407,7 @@ def report_html(result: dict, card: dict, figures: dict[str, bytes]) -> str:
     encoded = {name: base64.b64encode(png).decode() for name, png in figures.items()}
     return _TEMPLATES.get_template("report.html.j2").render(result=result, card=card, figures=encoded,
                                                           intended_use=INTENDED_USE)
+
+
+__all__ = ["evaluate_run", "compute_evaluation", "Evaluation", "evaluation_figures", "model_card",
+           "model_card_markdown", "report_html", "seed_mean_ci", "save_study", "INTENDED_USE"]

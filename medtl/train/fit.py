@@ -291,7 +291,7 @@ class _Trainer:
             with torch.no_grad():
                 logits = head(vf).float().cpu().numpy()
             return Logits(vy.cpu().numpy(), logits, study_index(self.val_ds),
-                          getattr(self.val_ds, "aggregation", ("mean", 3))).study_probs()
+                          self.val_ds.aggregation).study_probs()
 
         self.run_epochs(stage, optimizer, n // bs if n > bs else 1,
                         lambda: feature_batches(n, bs, self.rng, xf.device), step, validate, head.train)
