@@ -30,7 +30,7 @@ from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
 from medtl.predict import forward_logits, predict_logits
 from medtl.runtime import Runtime, distributed
-from medtl.train.fit import fit, from_scratch
+from medtl.train.fit import FitResult, fit, from_scratch
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
 
 log = logging.getLogger("medtl.train")
@@ -133,50 +133,64 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     if rank != 0:
         return out
 
-    metrics = {"class_names": manifest.class_names, "best_epoch": result.best_epoch, "strategy": result.strategy,
-               "strategy_reason": result.strategy_reason, "precision": result.precision,
-               "precision_choice": result.precision_choice, "device": result.device,
-               "world_size": result.world_size, "split": prepared.split_source,
-               "train_images_per_s": round(result.train_images_per_s, 2)}
     runtime = result.eval_runtime()
-    for name, ds in (("val", val_ds), ("test", test_ds)):
-        y, p = predict_logits(model, ds, runtime, max(32, cfg.train.batch_size)).study_probs()
-        metrics[name] = compute_classification_metrics(y, p)
-    for name, part in sets.items():
-        metrics.setdefault(name, {})
-        metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
-                             label_counts={c: sum(s["label"] == i for s in part)
-                                           for i, c in enumerate(manifest.class_names)})
-    metrics["n_skipped"] = len(prepared.problems)
-
+    metrics = run_metrics(model, result, prepared, (val_ds, test_ds), runtime, max(32, cfg.train.batch_size))
     if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
         write_overlays(model, sets["test"][: cfg.explain.n_overlays], create_transforms(cfg.data, pre, train=False)[1],
                        runtime, manifest.class_names, cfg, out / "overlays")
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
     save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
-    resolved = to_dict(cfg)
-    resolved["data"]["path"] = str(Path(cfg.data.path).resolve())
-    resolved["resolved"] = {"class_names": manifest.class_names, "preprocessing": asdict(pre),
-                            "strategy": result.strategy, "strategy_reason": result.strategy_reason,
-                            "input_record": {  # what the model was trained on: inputs outside it are refused by the UI
-                                "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
-                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]})},
-                            "weights_source": model.pretrained_cfg["weights_source"], "precision": result.precision,
-                            "environment": environment()}
-    (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
-    _write_csv(out / "history.csv", result.history)
-    _write_csv(out / "splits.csv", [{"image": s["path"], "label": manifest.class_names[s["label"]], "split": name}
-                                    for name, part in sets.items() for s in part])
-    _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
-               ["where", "reason"])
-
+    write_run_files(out, cfg, prepared, result, pre, model.pretrained_cfg["weights_source"])
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
     log.info("test AUC %s, accuracy %.3f on %d images of %d patients; run written to %s",
              _fmt(metrics["test"]["auc"]), metrics["test"]["accuracy"], metrics["test"]["n_images"],
              metrics["test"]["n_patients"], out)
     return out
+
+
+def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedData, datasets: tuple, runtime: Runtime,
+                batch_size: int) -> dict:
+    """``metrics.json``'s content: how training went, validation and test metrics per study (through
+    the one prediction path), and images, patients and labels per split."""
+    names = prepared.manifest.class_names
+    metrics = {"class_names": names, "best_epoch": result.best_epoch, "strategy": result.strategy,
+               "strategy_reason": result.strategy_reason, "precision": result.precision,
+               "precision_choice": result.precision_choice, "device": result.device,
+               "world_size": result.world_size, "split": prepared.split_source,
+               "train_images_per_s": round(result.train_images_per_s, 2)}
+    for name, ds in zip(("val", "test"), datasets):
+        y, p = predict_logits(model, ds, runtime, batch_size).study_probs()
+        metrics[name] = compute_classification_metrics(y, p)
+    for name, part in prepared.sets.items():
+        metrics.setdefault(name, {})
+        metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
+                             label_counts={c: sum(s["label"] == i for s in part) for i, c in enumerate(names)})
+    metrics["n_skipped"] = len(prepared.problems)
+    return metrics
+
+
+def write_run_files(out: Path, cfg: ExperimentConfig, prepared: PreparedData, result: FitResult, pre: Preprocessing,
+                    weights_source: str) -> None:
+    """``config.yaml`` (the resolved configuration and what the run resolved), ``history.csv``,
+    ``splits.csv`` and ``skipped.csv``."""
+    sets, names = prepared.sets, prepared.manifest.class_names
+    resolved = to_dict(cfg)
+    resolved["data"]["path"] = str(Path(cfg.data.path).resolve())
+    resolved["resolved"] = {"class_names": names, "preprocessing": asdict(pre),
+                            "strategy": result.strategy, "strategy_reason": result.strategy_reason,
+                            "input_record": {  # what the model was trained on: inputs outside it are refused by the UI
+                                "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
+                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]})},
+                            "weights_source": weights_source, "precision": result.precision,
+                            "environment": environment()}
+    (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
+    _write_csv(out / "history.csv", result.history)
+    _write_csv(out / "splits.csv", [{"image": s["path"], "label": names[s["label"]], "split": name}
+                                    for name, part in sets.items() for s in part])
+    _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
+               ["where", "reason"])
 
 
 def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: Runtime, class_names: list[str],
