@@ -95,11 +95,9 @@ def test_3d_transforms_keep_the_volume_and_augment_it(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_3d_run_trains_saves_reloads_and_predicts(tmp_path, monkeypatch):
-    """Pinned to fp32 (MEDTL_PRECISION unset too): this BatchNorm net trained from scratch in batches of 4
-    diverged now and then in bf16 on a native-bf16 CPU (1 of 6 runs at lr 3e-3; 2 of 8 runs with
-    precision auto at lr 1e-3), 0 of 10 in fp32. The 3D bf16 path is checked with the GroupNorm net below."""
-    monkeypatch.delenv("MEDTL_PRECISION", raising=False)
+def test_3d_run_trains_saves_reloads_and_predicts(tmp_path):
+    """(In bf16 this net diverged now and then on a native-bf16 CPU, 0 of 10 times in fp32: 3D nets
+    now train in fp32 on a CPU, see the test below.)"""
     manifest = write_volumes(tmp_path)
     cfg = load_config(data={"path": str(manifest), "volume_mode": "3d", "augment": False},
                       encoder={"name": "resnet10_3d", "pretrained": False, "input_size": 16},
@@ -121,15 +119,22 @@ def test_3d_run_trains_saves_reloads_and_predicts(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_3d_groupnorm_net_trains_in_bf16(tmp_path, monkeypatch):
-    monkeypatch.delenv("MEDTL_PRECISION", raising=False)
+@pytest.mark.parametrize("asked", ["config", "env"])
+def test_3d_nets_train_in_fp32_on_a_cpu_even_when_bf16_is_asked(tmp_path, monkeypatch, asked):
+    """bf16 3D convolutions on a CPU gave non-finite, unrepeatable gradients (measured on an AMX CPU), so
+    a 3D net trains in fp32 there, with the reason recorded; the 3D batch augmentation runs too."""
+    if asked == "env":
+        monkeypatch.setenv("MEDTL_PRECISION", "bf16")
+    else:
+        monkeypatch.delenv("MEDTL_PRECISION", raising=False)
     manifest = write_volumes(tmp_path)
     cfg = load_config(data={"path": str(manifest), "volume_mode": "3d", "augment": True},
                       encoder={"name": "resnet10_3d_gn", "pretrained": False, "input_size": 16},
-                      train={"strategy": "full", "epochs": 2, "batch_size": 4, "lr": 1e-3, "precision": "bf16"})
+                      train={"strategy": "full", "epochs": 2, "batch_size": 4, "lr": 1e-3, "device": "cpu",
+                             "precision": "bf16" if asked == "config" else "auto"})
     run = run_experiment(cfg, tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["precision"] == "bf16" and metrics["test"]["n_images"] > 0
+    assert metrics["precision"] == "fp32" and "3D convolutions train in fp32" in metrics["precision_choice"]["reason"]
     history = list(csv.DictReader(open(run / "history.csv")))
     assert len(history) == 2 and all(np.isfinite(float(r["train_loss"])) for r in history)
 
