@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for stages that train the encoder
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
     deterministic: bool = False  # torch deterministic algorithms (slower; bit-identical reruns on GPU too)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    device: str = "auto"  # "auto" (a GPU where one can be reached), "cpu", "cuda" or "cuda:N"
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,10 @@ def _validate(cfg: ExperimentConfig) -> None:
                               "one of the two")
     look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
     look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
-    look_up_option(cfg.train.device, ["auto", "cpu", "cuda"], "device")
+    device = cfg.train.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(None, f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",
+                          "'auto', 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index)")
     look_up_option(cfg.explain.method, ["gradcam", "gradcampp", "occlusion", "integrated_gradients"],
                    "saliency method")
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:

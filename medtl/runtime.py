@@ -108,9 +108,10 @@ def precision_override() -> str | None:
 
 
 def precision_candidates(device: torch.device) -> tuple[str, ...]:
-    """Precisions worth measuring on ``device``: fp32, plus bf16 where native; on CUDA also fp16."""
+    """Precisions worth measuring on ``device``: fp32, plus bf16 where native; on a CUDA GPU without bf16,
+    fp16 (with a gradient scaler) instead."""
     if device.type == "cuda":
-        return ("fp32", "bf16", "fp16") if native_bf16(device) else ("fp32", "fp16")
+        return ("fp32", "bf16") if native_bf16(device) else ("fp32", "fp16")
     return ("fp32", "bf16") if native_bf16(device) else ("fp32",)
 
 

@@ -61,3 +61,9 @@ def test_a_bad_value_gives_one_line_and_exit_2_on_the_command_line(tmp_path, cap
     assert main(["train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run"), "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {p}: train.batch_size: 2.5 is not an integer") and "Traceback" not in err
+
+
+def test_a_gpu_index_is_a_device_and_a_typo_is_not():
+    assert load_config(train={"device": "cuda:1"}).train.device == "cuda:1"
+    with pytest.raises(ConfigError, match="unknown device 'gpu'; did you mean 'cpu'"):
+        load_config(train={"device": "gpu"})

@@ -224,7 +224,8 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
     result["subgroups"] = _subgroups(test_studies, test_y, test_p, patients, n_boot, seed)
     pred = (test_p[:, 1] >= op["threshold"]).astype(int) if op else test_p.argmax(1)
     inputs, cases = _cases(model, test_ds, test_studies, test_y, test_p, pred, class_names, runtime)
-    shuffled = _train_on_shuffled_labels(cfg, prepared, pre, len(class_names), seed) if data_randomisation else None
+    shuffled = _train_on_shuffled_labels(cfg, prepared, pre, len(class_names), seed, runtime) \
+        if data_randomisation else None
     result["saliency_sanity"] = []
     for method in methods:
         res = run_sanity_checks(model, inputs[:sanity_images],
@@ -331,7 +332,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     return ev.result
 
 
-def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed):
+def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed, runtime: Runtime):
     """The same encoder and strategy trained on permuted training labels (data randomisation test)."""
     rng = np.random.default_rng(seed + 99)
     train = [dict(s) for s in prepared.sets["train"]]
@@ -342,7 +343,7 @@ def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed):
     torch.manual_seed(seed)
     model, _ = create_model(cfg.encoder, n_classes)  # the same network as the run's (drop_rate too)
     short = dataclasses.replace(cfg.train, frozen_epochs=min(cfg.train.frozen_epochs, 2),
-                                epochs=min(cfg.train.epochs, 3))
+                                epochs=min(cfg.train.epochs, 3), device=str(runtime.device))
     log.info("training on shuffled labels for the data randomisation test (%d + %d epochs)", short.frozen_epochs,
              short.epochs)
     fit(model, create_dataset(train, final_train), create_dataset(prepared.sets["val"], final_eval), short, n_classes)

@@ -200,7 +200,8 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
     out.mkdir(exist_ok=True)
     for k, study in enumerate(studies):
         x, parts = prepare_inputs(study, final)
-        per_input = forward_logits(model, x, runtime).softmax(dim=1).cpu().numpy()
+        per_input = torch.cat([forward_logits(model, chunk, runtime).cpu()  # (volumes: 32 slices at a time)
+                               for chunk in torch.split(x, 32)]).softmax(dim=1).numpy()
         label = int(aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k).argmax())
         best = int(per_input[:, label].argmax())
         _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), label, cfg.explain.method,

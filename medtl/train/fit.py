@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -181,9 +182,13 @@ class _Trainer:
         self.device = local_device(resolve_device(cfg.device), self.world)
         self.runtime = Runtime(self.device, "fp32", cfg.channels_last, cfg.tta)
         self.runtime.prepare(model)
-        choice = choose_precision(cfg.precision, model, tuple(train_ds[0]["image"].shape),
-                                  max(1, cfg.batch_size // self.world), self.runtime,
-                                  model.pretrained_cfg.get("medtl_encoder", ""))
+        # rank 0 decides (a probe per rank could pick different precisions by timing noise) and tells the others
+        choice = [choose_precision(cfg.precision, model, tuple(train_ds[0]["image"].shape),
+                                   max(1, cfg.batch_size // self.world), self.runtime,
+                                   model.pretrained_cfg.get("medtl_encoder", "")) if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        choice = choice[0]
         self.runtime = self.runtime.replace(precision=choice.precision)
         self.precision = choice.precision
         self.log("precision %s (%s)%s", choice.precision, choice.reason, "".join(

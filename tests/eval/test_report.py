@@ -57,3 +57,16 @@ def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_pat
     assert "<script>x</script>" not in html and "&lt;script&gt;" in html and "small &lt;test&gt; set" in html
     assert "Test AUC 0.750 (95% CI 0.500–1.000)" in html and 'src="data:image/png;base64,iVBORw=="' in html
     assert "<td>site</td><td>A</td><td>2</td><td>n/a</td>" in html
+
+
+def test_a_subgroup_without_both_classes_renders_without_an_auc():
+    from medtl.eval.report import report_html
+
+    result = {"run": "r", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4, "n_test_patients": 2,
+              "auc": {"auc": 0.75, "auc_ci": None, "resampled": "patients", "n_boot": 10},
+              "calibration": {"temperature": 1.0, "val_nll_before": 0.7, "val_nll_after": 0.6, "test_ece_before": 0.2,
+                              "test_ece_after": 0.1, "test_ece_after_ci": None},
+              "subgroups": {"site": [{"value": "A", "n": 2}, {"value": "B", "n": 2, "auc": 0.5, "auc_ci": None}]},
+              "saliency_sanity": []}
+    html = report_html(result, {"encoder": "e", "version": "0", "known_limits": []}, {})
+    assert "<td>site</td><td>A</td><td>2</td><td>n/a</td>" in html and "<td>B</td><td>2</td><td>0.500</td>" in html
