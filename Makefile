@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
 
-.PHONY: demo test test-bf16 test-browser test-all clean
+.PHONY: demo test test-bf16 test-slow test-browser test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 test-bf16: $(STAMP)
 	MEDTL_PRECISION=bf16 $(BIN)/python -m pytest tests/train tests/test_runtime.py tests/test_cli.py tests/eval \
 		tests/explain tests/pipelines tests/ui/test_app.py
+
+# slow tests (torch.compile training: about a minute on 2 cores)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 # the end-to-end browser test (needs Debian's chromium: apt-get install chromium)
 test-browser: $(STAMP)

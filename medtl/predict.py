@@ -30,6 +30,11 @@ def forward_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime) ->
     return z.float()
 
 
+def batched_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, batch_size: int = 32) -> torch.Tensor:
+    """:func:`forward_logits` of many inputs (a volume's slices) ``batch_size`` at a time, on the CPU."""
+    return torch.cat([forward_logits(model, chunk, runtime).cpu() for chunk in torch.split(x, batch_size)])
+
+
 @dataclass
 class Logits:
     """A model's outputs over a data set, one row per model input, in the data set's order."""
@@ -80,4 +85,4 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
     return torch.cat(feats), torch.cat(labels).to(runtime.device)
 
 
-__all__ = ["forward_logits", "predict_logits", "predict_probs", "extract_features", "Logits"]
+__all__ = ["forward_logits", "batched_logits", "predict_logits", "predict_probs", "extract_features", "Logits"]

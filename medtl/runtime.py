@@ -71,19 +71,26 @@ class Runtime:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move ``model`` to the device and layout (3D networks keep the default layout)."""
         model.to(self.device)
-        volume = any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
-        layout = torch.channels_last if self.channels_last and not volume else torch.contiguous_format
+        layout = torch.channels_last if self.channels_last and not has_conv3d(model) else torch.contiguous_format
         return model.to(memory_format=layout)
 
     def replace(self, **changes) -> "Runtime":
         return dataclasses.replace(self, **changes)
 
 
+def has_conv3d(model: torch.nn.Module) -> bool:
+    """Whether ``model`` convolves volumes (its inputs are (N, C, D, H, W))."""
+    return any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """``"auto"``: the GPU where one can be reached, else the CPU; any other name as torch reads it."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(None, f"unknown device {str(name)!r}", "'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(None, f"device {str(name)!r} but no CUDA GPU can be reached", "device 'auto' or 'cpu'")
     return device
@@ -139,9 +146,10 @@ def measure_training_speed(model: torch.nn.Module, input_shape: tuple[int, ...],
     probe = copy.deepcopy(model)
     runtime.prepare(probe)
     probe.train()
-    for m in probe.modules():
-        if frozen_bn and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    if frozen_bn:
+        for m in probe.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     for p in probe.parameters():
         p.requires_grad_(True)
     net = torch.compile(probe) if compile_model else probe
@@ -228,8 +236,7 @@ def choose_precision(configured: str, model: torch.nn.Module, input_shape: tuple
     fp32 whatever is asked (see ``VOLUME_CPU_REASON``)."""
     forced = precision_override()
     asked = forced or configured
-    if runtime.device.type == "cpu" and asked != "fp32" and any(isinstance(m, torch.nn.Conv3d)
-                                                               for m in model.modules()):
+    if runtime.device.type == "cpu" and asked != "fp32" and has_conv3d(model):
         return PrecisionChoice("fp32", VOLUME_CPU_REASON)
     if forced:
         return PrecisionChoice(forced, f"forced by {PRECISION_ENV}")
@@ -286,6 +293,6 @@ def local_device(device: torch.device, world: int) -> torch.device:
     return device
 
 
-__all__ = ["Runtime", "PrecisionChoice", "resolve_device", "native_bf16", "precision_override",
+__all__ = ["Runtime", "PrecisionChoice", "resolve_device", "has_conv3d", "native_bf16", "precision_override",
            "precision_candidates", "choose_precision", "inference_precision", "measure_training_speed",
            "distributed", "local_device", "PRECISIONS", "PRECISION_ENV"]

@@ -199,3 +199,62 @@ def test_run_metrics_record_the_precision_and_how_it_was_chosen(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["precision"] in ("fp32", "bf16")
     assert metrics["precision_choice"]["precision"] == metrics["precision"] and metrics["precision_choice"]["reason"]
+
+
+@pytest.mark.parametrize("device, native, expected", [
+    ("cpu", True, ("fp32", "bf16")), ("cpu", False, ("fp32",)),
+    ("cuda", True, ("fp32", "bf16")), ("cuda", False, ("fp32", "fp16"))])
+def test_candidates_follow_the_hardware(monkeypatch, device, native, expected):
+    """Every hardware branch, forced: what the probe measures on a CPU or a GPU with or without bf16."""
+    from medtl.runtime import precision_candidates
+
+    monkeypatch.setattr(runtime_mod, "native_bf16", lambda d: native)
+    assert precision_candidates(torch.device(device)) == expected
+
+
+def test_the_fp32_rule_for_3d_nets_is_for_cpus_only(monkeypatch):
+    monkeypatch.setenv("MEDTL_PRECISION", "bf16")
+    net = create_encoder("resnet10_3d_gn", pretrained=False, num_classes=2)
+    assert choose_precision("auto", net, (1, 16, 16, 16), 2, Runtime()).precision == "fp32"
+    on_gpu = Runtime(device="cuda")  # (a device object only: nothing runs)
+    assert choose_precision("auto", net, (1, 16, 16, 16), 2, on_gpu).precision == "bf16"
+
+
+def test_fp16_trains_with_loss_scaling(npz, monkeypatch):
+    """The fp16 branch (a GradScaler, as on GPUs without bf16), forced on the CPU."""
+    monkeypatch.delenv("MEDTL_PRECISION", raising=False)
+    cfg, model, (train, val, _) = _setup(npz, strategy="full", precision="fp16")
+    before = model.conv_stem.weight.detach().clone()
+    result = fit(model, train, val, cfg.train, num_classes=2)
+    assert result.precision == "fp16" and all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert not torch.equal(before, model.conv_stem.weight)
+
+
+def test_an_unknown_device_is_a_typed_error():
+    from medtl.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_training_matches_eager(npz, monkeypatch):
+    """train.compile (torch.compile, about a minute to compile on 2 cores): the same weights as eager."""
+    monkeypatch.delenv("MEDTL_PRECISION", raising=False)
+    real, compiled_models = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_models.append(m) or real(m, **kw))
+    states = []
+    for compiled in (False, True):
+        cfg = load_config(data={"path": str(npz), "augment": False}, encoder={"input_size": 32, "drop_rate": 0.0},
+                          train={"strategy": "full", "epochs": 1, "batch_size": 4, "precision": "fp32",
+                                 "compile": compiled})
+        torch.manual_seed(0)
+        model = create_encoder("efficientnet_lite0", num_classes=2, drop_rate=0.0)
+        pre = resolve_preprocessing(model, 32)
+        train, val, _ = prepare_data(cfg.data, pre, 0, read_dataset(npz)).datasets(cfg.data, pre)
+        fit(model, train, val, cfg.train, num_classes=2)
+        states.append(model.state_dict())
+        assert len(compiled_models) == int(compiled)  # the compiled branch ran only when asked for
+    for k in ("conv_stem.weight", "classifier.weight"):
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-3, atol=1e-4)

@@ -29,7 +29,7 @@ from medtl.config import to_plain
 from medtl.data import create_dataset
 from medtl.errors import RunError
 from medtl.explain import METHODS, compute_saliency, explain_input, run_sanity_checks
-from medtl.models import create_model, is_volume_model
+from medtl.models import create_model
 from medtl.predict import predict_logits
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train import fit, prepare_data, read_data
@@ -307,8 +307,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     cfg = saved.config
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
-    runtime = Runtime(resolve_device(device), inference_precision(None), channels_last=not is_volume_model(saved.model),
-                      tta=cfg.train.tta)
+    runtime = Runtime(resolve_device(device), inference_precision(None), tta=cfg.train.tta)
     runtime.prepare(saved.model)
     manifest = read_data(cfg.data)
     if manifest.class_names != saved.class_names:

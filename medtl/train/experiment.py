@@ -28,7 +28,7 @@ from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.eval.metrics import compute_classification_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
-from medtl.predict import forward_logits, predict_logits
+from medtl.predict import batched_logits, predict_logits
 from medtl.runtime import Runtime, distributed
 from medtl.train.fit import FitResult, fit, from_scratch
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
@@ -200,8 +200,7 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
     out.mkdir(exist_ok=True)
     for k, study in enumerate(studies):
         x, parts = prepare_inputs(study, final)
-        per_input = torch.cat([forward_logits(model, chunk, runtime).cpu()  # (volumes: 32 slices at a time)
-                               for chunk in torch.split(x, 32)]).softmax(dim=1).numpy()
+        per_input = batched_logits(model, x, runtime).softmax(dim=1).numpy()
         label = int(aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k).argmax())
         best = int(per_input[:, label].argmax())
         _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), label, cfg.explain.method,

@@ -117,14 +117,21 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one row per epoch
     best_epoch: int = 0  # 1-based epoch whose weights were kept
     best_score: float = -math.inf  # validation AUC (or -loss where AUC is undefined) of that epoch
-    precision: str = "fp32"  # numeric precision actually used
-    precision_choice: dict = field(default_factory=dict)  # how it was chosen (and each candidate's images/s)
-    device: str = "cpu"
+    precision_choice: dict = field(default_factory=dict)  # how the precision was chosen (each candidate's images/s)
     strategy: str = ""  # strategy actually used
     strategy_reason: str = ""  # why (for "auto")
     train_images_per_s: float = 0.0  # throughput of the stages that trained the encoder
     world_size: int = 1  # processes that trained (torchrun)
     runtime: Runtime = field(default_factory=Runtime)  # device, precision, layout and flip averaging of training
+
+    @property
+    def precision(self) -> str:
+        """The numeric precision training used."""
+        return self.runtime.precision
+
+    @property
+    def device(self) -> str:
+        return str(self.runtime.device)
 
     def eval_runtime(self) -> Runtime:
         """The runtime to evaluate the trained model with: its device, layout and flip averaging, at the
@@ -190,7 +197,6 @@ class _Trainer:
             dist.broadcast_object_list(choice, src=0)
         choice = choice[0]
         self.runtime = self.runtime.replace(precision=choice.precision)
-        self.precision = choice.precision
         self.log("precision %s (%s)%s", choice.precision, choice.reason, "".join(
             f"; {p} {v:.1f} img/s" for p, v in choice.img_per_s.items()))
         if cfg.batch_size % self.world:
@@ -198,13 +204,12 @@ class _Trainer:
                               "processes", "a global batch size divisible by the number of processes")
         labels = np.asarray([s["label"] for s in train_ds.data])
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
-        self.result = FitResult(precision=self.precision, precision_choice=choice.as_record(),
-                                device=str(self.device), world_size=self.world, runtime=self.runtime)
+        self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime)
         self.best_state = copy.deepcopy(model.state_dict())
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
         self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
-        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.precision == "fp16" \
-            else None
+        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler(self.device.type) if choice.precision == "fp16" else None
         self._features = None
         self.prefetch = use_prefetch(self.device)
         transform = getattr(train_ds, "transform", None)

@@ -55,17 +55,16 @@ def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
     opt = torch.optim.AdamW(head.parameters(), lr=start)
     factor = (end / start) ** (1 / max(1, steps - 1))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor ** s)
-    lrs, smoothed, best = [], [], [math.inf]
+    lrs, smoothed, avg = [], [], [0.0]
 
     def step(idx):
         lrs.append(opt.param_groups[0]["lr"])
         return F.cross_entropy(head(features[idx]), labels[idx])
 
-    def on_loss(losses: list[float]) -> bool:
-        avg = 0.9 * (smoothed[-1] * (1 - 0.9 ** (len(losses) - 1)) if smoothed else 0.0) + 0.1 * losses[-1]
-        smoothed.append(avg / (1 - 0.9 ** len(losses)))  # bias-corrected running mean
-        best[0] = min(best[0], smoothed[-1])
-        return len(losses) > 11 and (smoothed[-1] > 4 * best[0] or not math.isfinite(smoothed[-1]))
+    def on_loss(losses: list[float]) -> bool:  # a bias-corrected running mean of the loss; stop when it diverges
+        avg[0] = 0.9 * avg[0] + 0.1 * losses[-1]
+        smoothed.append(avg[0] / (1 - 0.9 ** len(losses)))
+        return len(losses) > 11 and (smoothed[-1] > 4 * min(smoothed) or not math.isfinite(smoothed[-1]))
 
     batches = (torch.randint(0, len(features), (batch_size,), generator=gen) for _ in range(steps))
     train_epoch(batches, step, opt, schedule, on_loss=on_loss)
