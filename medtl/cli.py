@@ -96,7 +96,7 @@ def _each_file(paths, fn) -> int:
 def cmd_predict(args) -> int:
     from medtl.inference import load_run
 
-    predictor = load_run(args.run, device=args.device)
+    predictor = load_run(args.run, device=args.device, bounded=True)  # one hostile file cannot stop the batch
     if args.json:
         return _each_file(args.images, lambda p: print(json.dumps(vars(predictor.predict(p)))))
     return _each_file(args.images, lambda p: print(predictor.predict(p)))
@@ -105,7 +105,7 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from medtl.inference import load_run
 
-    predictor = load_run(args.run, device=args.device)
+    predictor = load_run(args.run, device=args.device, bounded=True)
     out = Path(args.out) if args.out else None
 
     def one(path):

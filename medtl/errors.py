@@ -32,6 +32,9 @@ class MedtlInputError(MedtlError, ValueError):
         hint = f" (expected {expected})" if expected else ""
         super().__init__(f"{where}{problem}{hint}")
 
+    def __reduce__(self):  # pickled with its fields (errors cross the bounded reader's process boundary)
+        return type(self), (self.path, self.problem, self.expected)
+
 
 class FileMissingError(MedtlInputError, FileNotFoundError):
     """The file does not exist or is not readable."""
@@ -43,6 +46,10 @@ class UnsupportedFormatError(MedtlInputError):
 
 class CorruptImageError(MedtlInputError):
     """The file is of a known kind but its content is damaged or inconsistent."""
+
+
+class InputTooLargeError(MedtlInputError):
+    """Reading the input would need more memory, files or time than its budget (``medtl.io.limits``)."""
 
 
 class ManifestError(MedtlInputError):

@@ -12,6 +12,7 @@ from PIL import Image
 from medtl.checkpoint import load_saved_run
 from medtl.errors import ConfigError, find_input_error, look_up_option
 from medtl.explain import explain_input
+from medtl.io import Scan, read_image_bounded
 from medtl.models.volumetric import is_volume_model
 from medtl.predict import batched_logits
 from medtl.runtime import Runtime, inference_precision, resolve_device
@@ -52,9 +53,12 @@ class Explanation:
 class Predictor:
     """A trained run loaded for inference; files are fed exactly as in training."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None):
+    def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None,
+                 bounded: bool = False):
         """``device``: "auto" (a GPU where one can be reached), "cpu", "cuda", ...; ``precision``:
-        of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides)."""
+        of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides); ``bounded``: read
+        files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input."""
+        self.bounded = bounded
         saved = load_saved_run(run_dir)
         self.run_dir, self.config, self.model = saved.run_dir, saved.config, saved.model
         self.input_record: dict = saved.input_record  # modalities and dimensions seen in training
@@ -70,10 +74,13 @@ class Predictor:
     def __repr__(self) -> str:
         return f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names})"
 
-    def _prepare(self, path: str | Path) -> tuple[torch.Tensor, list[dict]]:
-        """Model inputs (n, C, size, size) for a file: one, or one per slice in the "slices" modes."""
+    def _prepare(self, path: str | Path | Scan) -> tuple[torch.Tensor, list[dict]]:
+        """Model inputs (n, C, size, size) for a file or a Scan read already: one, or one per slice
+        in the "slices" modes."""
+        if self.bounded and not isinstance(path, Scan):
+            path = read_image_bounded(path, volume_index=self.config.data.volume_index)
         try:
-            sample = self._read({"image": str(path), "label": 0})
+            sample = self._read({"image": path if isinstance(path, Scan) else str(path), "label": 0})
         except Exception as e:  # report the input error itself, not MONAI's wrapper
             cause = find_input_error(e)
             if cause is None:
@@ -86,14 +93,14 @@ class Predictor:
         z = batched_logits(self.model, x, self.runtime, batch_size)
         return (z / (self.temperature or 1.0)).softmax(dim=1).numpy()
 
-    def _prediction(self, path: str | Path, per_input: np.ndarray, parts: list[dict]) -> Prediction:
+    def _prediction(self, path: str | Path | Scan, per_input: np.ndarray, parts: list[dict]) -> Prediction:
         data = self.config.data
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
         label = int(p.argmax())
         if self.operating_point is not None and len(p) == 2:
             label = int(p[1] >= self.operating_point["threshold"])
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
-        pred = Prediction(file=Path(path).name, probabilities=probs, label=self.class_names[label])
+        pred = Prediction(file=Path(path.path if isinstance(path, Scan) else path).name, probabilities=probs, label=self.class_names[label])
         if len(parts) > 1:
             pred.slice_scores = [round(float(v), 4) for v in per_input[:, label]]
             pred.slice_index = int(parts[int(per_input[:, label].argmax())]["slice_index"])
@@ -101,12 +108,13 @@ class Predictor:
             pred.slice_index = int(parts[0]["slice_index"])
         return pred
 
-    def predict(self, path: str | Path) -> Prediction:
-        """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG."""
+    def predict(self, path: str | Path | Scan) -> Prediction:
+        """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG (or
+        a :class:`~medtl.io.Scan` read already)."""
         x, parts = self._prepare(path)
         return self._prediction(path, self._probs(x), parts)
 
-    def explain(self, path: str | Path, class_name: str | None = None, method: str | None = None) -> Explanation:
+    def explain(self, path: str | Path | Scan, class_name: str | None = None, method: str | None = None) -> Explanation:
         """Grad-CAM of ``class_name`` (default: the predicted class) drawn on the original image.
 
         For a volume read slice by slice, the map is drawn on the slice that scores highest for
@@ -132,9 +140,11 @@ class Predictor:
                            method=method or self.config.explain.method)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None) -> Predictor:
-    """Load a run folder written by ``medtl train`` for prediction and explanation on ``device``."""
-    return Predictor(run_dir, device=device, precision=precision)
+def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None,
+             bounded: bool = False) -> Predictor:
+    """Load a run folder written by ``medtl train`` for prediction and explanation on ``device``
+    (``bounded``: read files in the bounded worker, for untrusted input)."""
+    return Predictor(run_dir, device=device, precision=precision, bounded=bounded)
 
 
 __all__ = ["Predictor", "Prediction", "Explanation", "load_run"]

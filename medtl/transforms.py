@@ -25,7 +25,6 @@ from monai.transforms import (
     Resize,
     Resized,
     ScaleIntensityRange,
-    ScaleIntensityRangePercentiles,
     SpatialPadd,
 )
 
@@ -63,21 +62,35 @@ def intensity_preset(scan: Scan, modality: str, data: DataConfig) -> str:
 
 
 def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan) -> np.ndarray:
-    """Map raw values to [0, 1], as a (channels, ...) array (3 channels for ``ct_window: multi``)."""
+    """Map raw values to [0, 1], as a (channels, ...) array (3 channels for ``ct_window: multi``).
+
+    ``file_window`` applies the file's own VOI: a VOI LUT table or a SIGMOID window exactly
+    (:class:`medtl.io.dicom.FileVOI`), else its linear window. Padding pixels (``scan.padding``)
+    are left out of the percentiles and come out as 0, the background.
+    """
     def window(level, width):
         return ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
 
+    padding = scan.padding if scan.padding is not None and scan.padding.shape == image.shape else None
     if preset == "ct_window":
         names = data.ct_multi_windows if data.ct_window == "multi" else (data.ct_window,)
-        return np.stack([np.asarray(window(*CT_WINDOWS[n])(image), np.float32) for n in names])
-    if preset == "file_window":
-        t = window(*scan.window)
-    elif preset == "dtype":
-        t = ScaleIntensityRange(a_min=0.0, a_max=float(scan.value_max), b_min=0.0, b_max=1.0, clip=True)
+        out = np.stack([np.asarray(window(*CT_WINDOWS[n])(image), np.float32) for n in names])
+    elif preset == "file_window" and scan.voi is not None:
+        out = scan.voi.apply(image)[None]
     else:
-        lo, hi = data.percentiles
-        t = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(t(image), dtype=np.float32)[None]
+        if preset == "file_window":
+            t = window(*scan.window)
+        elif preset == "dtype":
+            t = ScaleIntensityRange(a_min=0.0, a_max=float(scan.value_max), b_min=0.0, b_max=1.0, clip=True)
+        else:
+            real = image if padding is None else image[~padding]
+            lo, hi = np.percentile(real, data.percentiles)
+            t = ScaleIntensityRange(a_min=float(lo), a_max=float(hi) if hi > lo else float(lo) + 1.0,
+                                    b_min=0.0, b_max=1.0, clip=True)
+        out = np.asarray(t(image), dtype=np.float32)[None]
+    if padding is not None:
+        out[:, padding] = 0.0
+    return out
 
 
 def volume_inputs(volume: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +144,8 @@ class LoadScan2Dd(MapTransform):
 
     def read(self, d: Mapping) -> Scan:
         item = d[self.keys[0]]
+        if isinstance(item, Scan):  # read already (e.g. in the bounded reader)
+            return item
         if isinstance(item, np.ndarray):
             return scan_from_array(item, str(d.get("path", "array")), str(d.get("modality") or ""))
         return read_image(item, volume_index=self.data.volume_index)
@@ -139,7 +154,7 @@ class LoadScan2Dd(MapTransform):
         d = dict(d)
         for key in self.key_iterator(d):
             scan = self.read(d)
-            d["path"] = str(d.get("path") or d[key])
+            d["path"] = str(d.get("path") or scan.path)
             preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
             scaled = scale_intensity(scan.array, preset, self.data, scan)  # (C, [slices,] rows, columns)
             d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)

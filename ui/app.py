@@ -27,7 +27,7 @@ from medtl.config import CT_WINDOWS
 from medtl.errors import MedtlError, MedtlInputError
 from medtl.explain import METHODS, create_overlay
 from medtl.inference import Predictor, load_run
-from medtl.io import Scan, read_image
+from medtl.io import Scan, read_image_bounded
 
 log = logging.getLogger("medtl.ui")
 
@@ -183,13 +183,13 @@ def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: fl
         return None, None, None, "Upload a DICOM (file, several files or a zip of a series), NIfTI or PNG/JPEG.", None
     name = path.name if path.is_file() else f"{len(list(path.iterdir()))} uploaded files"
     try:
-        scan = read_image(path)
+        scan = read_image_bounded(path)  # in a child process bounded in memory and time
         reason = check_input(predictor, scan, path)
         if reason:
             log.info("refused upload: %s", reason)
             return None, None, None, f"**Not analysed** ({name}): {reason}. The model answers only for inputs " \
                 "like those it was trained on.", None
-        expl = predictor.explain(path, method=method)
+        expl = predictor.explain(scan, method=method)
     except MedtlInputError as e:
         log.info("refused upload: %s", type(e).__name__)
         return None, None, None, f"**Cannot use this file** ({name}): {e.problem}" + (

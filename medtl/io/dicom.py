@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from medtl.errors import CorruptImageError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, MedtlInputError, UnsupportedFormatError
+from medtl.io.guard import inflate_capped, reading, safe_message
+from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
 
 log = logging.getLogger("medtl.io")
@@ -29,7 +31,7 @@ SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_F
 # De-identified header fields that may be shown to a user.
 SAFE_FIELDS = ("Modality", "BodyPartExamined", "Manufacturer", "PhotometricInterpretation", "SeriesDescription",
                "ImageType", "Rows", "Columns", "NumberOfFrames", "BitsStored")
-MAX_DECODED_BYTES = 4 << 30  # refuse headers that declare more than 4 GiB of pixels before allocating
+CT_OUTSIDE_HU = -1100.0  # CT values below this (air is -1000 HU) are outside the field of view: padding
 _LPS = ("L", "P", "S")  # DICOM patient axes: +x toward the patient's left, +y posterior, +z superior
 _OPPOSITE = {"L": "R", "P": "A", "S": "I"}
 
@@ -39,46 +41,131 @@ def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool =
     """Parse a DICOM file (a path, or its bytes from a zip) with a typed error on failure.
 
     ``header_only`` stops before the pixel data; ``defer_pixels`` parses everything but reads
-    large values (the pixel data) from the source only when they are used.
+    large values (the pixel data) from the source only when they are used. A deflated file is
+    inflated here, in pieces, never past the memory budget or past what its header declares.
     """
     path = Path(name)
+    with reading(path, "DICOM header"):
+        fp = BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        with fp:
+            try:
+                preamble = pydicom.filereader.read_preamble(fp, force=True)
+                meta = pydicom.filereader._read_file_meta_info(fp) if preamble is not None else None
+            except InvalidDicomError:
+                raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
+                                             "a DICOM Part 10 file") from None
+            except Exception as e:
+                raise CorruptImageError(path, f"DICOM file meta information cannot be parsed ({safe_message(e)})") \
+                    from None
+            if meta is not None and meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                return _read_deflated(fp, meta, path, header_only)
+            fp.seek(0)
+            try:
+                return pydicom.dcmread(BytesIO(source) if isinstance(source, bytes) else source,
+                                       stop_before_pixels=header_only,
+                                       defer_size="256 KB" if defer_pixels and not isinstance(source, bytes) else None)
+            except InvalidDicomError:
+                raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
+                                             "a DICOM Part 10 file") from None
+            except EOFError:
+                raise CorruptImageError(path, "DICOM file ends inside its header (truncated)") from None
+            except Exception as e:  # truncated or garbled headers raise many kinds of error in pydicom
+                raise CorruptImageError(path, f"DICOM header cannot be parsed ({safe_message(e)})") from None
+
+
+def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
+    """A Deflated Explicit VR Little Endian dataset, inflated with a cap (pydicom would inflate it whole)."""
+    limits = read_limits()
+
+    def declared_cap(head: bytes) -> int | None:  # the header says how much pixel data follows
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.filereader.read_dataset(BytesIO(head), is_implicit_VR=False, is_little_endian=True,
+                                                     stop_when=lambda tag, vr, length: tag >= 0x7FE00000)
+            raw, needed = declared_bytes(ds, path)
+        except MedtlInputError:
+            raise
+        except Exception:
+            return None
+        limits.check(path, needed, "decoded pixels")
+        return len(head) + raw + (16 << 20)
+
+    body = inflate_capped(fp, limits.max_bytes, path, "deflated DICOM", on_first=declared_cap)
+    ds = pydicom.filereader.read_dataset(BytesIO(body), is_implicit_VR=False, is_little_endian=True,
+                                         stop_when=(lambda tag, vr, length: tag == 0x7FE00010) if header_only else None)
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # the inflated body is plain explicit VR LE
+    ds.file_meta = meta
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _int(ds, key: str, default: int, path: Path) -> int:
+    value = ds.get(key, default)
+    if value is None or value == "":
+        return default
     try:
-        fp = BytesIO(source) if isinstance(source, bytes) else source
-        return pydicom.dcmread(fp, stop_before_pixels=header_only, defer_size="256 KB" if defer_pixels else None)
-    except InvalidDicomError:
-        raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
-                                     "a DICOM Part 10 file") from None
-    except Exception as e:  # truncated or garbled headers raise many kinds of error in pydicom
-        raise CorruptImageError(path, f"DICOM header cannot be parsed ({type(e).__name__})") from None
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptImageError(path, f"{key} is not a whole number") from None
+
+
+def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
+    """(stored pixel bytes, bytes needed to decode them to float32) from the header alone."""
+    rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
+    frames = _int(ds, "NumberOfFrames", 1, path) or 1
+    samples = _int(ds, "SamplesPerPixel", 1, path) or 1
+    bits_alloc = _int(ds, "BitsAllocated", 8, path) or 8
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise CorruptImageError(path, f"invalid image size Rows={rows} Columns={cols} NumberOfFrames={frames}")
+    if samples not in (1, 3):
+        raise CorruptImageError(path, f"SamplesPerPixel {samples}", "1 (grey) or 3 (colour)")
+    if bits_alloc not in (1, 8, 16, 32, 64):
+        raise CorruptImageError(path, f"BitsAllocated {bits_alloc}", "1, 8, 16, 32 or 64")
+    n = rows * cols * frames * samples
+    raw = (n + 7) // 8 if bits_alloc == 1 else n * (bits_alloc // 8)
+    # decoded array + float32 copy (+ the grey conversion of colour)
+    return raw, raw + max(n, 1) * 4 * (2 if samples > 1 else 1) + max(rows * cols, 1) * 8
 
 
 def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     """Refuse objects medtl cannot turn into trustworthy pixels, before decoding anything."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if not ds.get("SOPClassUID") and not ds.get("Modality"):
+            raise CorruptImageError(path, "DICOM header incomplete and no pixel data (a truncated file?)",
+                                    "a complete DICOM image file")
         raise UnsupportedFormatError(path, "DICOM file has no pixel data (not an image object)",
                                      "an image object such as CT, MR, CR or DX")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper().strip()
     if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise UnsupportedFormatError(path, f"unsupported PhotometricInterpretation {photometric!r}",
-                                     ", ".join(SUPPORTED_PHOTOMETRIC))
-    bits_alloc, bits_stored = ds.get("BitsAllocated"), ds.get("BitsStored")
-    if bits_alloc is not None and bits_stored is not None and int(bits_stored) > int(bits_alloc):
-        raise CorruptImageError(path, f"BitsStored ({bits_stored}) > BitsAllocated ({bits_alloc})")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows <= 0 or cols <= 0 or frames <= 0:
-        raise CorruptImageError(path, f"invalid image size Rows={rows} Columns={cols} NumberOfFrames={frames}")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    declared = rows * cols * frames * samples * max(1, int(bits_alloc or 8) // 8)
-    if declared > MAX_DECODED_BYTES:
-        raise CorruptImageError(path, f"header declares {declared / 2**30:.1f} GiB of pixels "
-                                f"({rows}x{cols}x{frames}); refused before allocating")
-    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        if int(bits_alloc or 8) % 8 == 0 and len(ds.PixelData) < declared:
+        raise UnsupportedFormatError(path, "unsupported PhotometricInterpretation "
+                                     f"{photometric[:16]!r}", ", ".join(SUPPORTED_PHOTOMETRIC))
+    ts = getattr(ds.get("file_meta"), "get", lambda k: None)("TransferSyntaxUID")
+    if ts is None or not pydicom.uid.UID(str(ts)).is_transfer_syntax:
+        shown = str(ts)[:64] if ts is not None and pydicom.uid.UID(str(ts)).is_valid else "missing or not a UID"
+        raise UnsupportedFormatError(path, f"transfer syntax {shown} is not one medtl can decode",
+                                     "a DICOM standard transfer syntax")
+    bits_alloc, bits_stored = _int(ds, "BitsAllocated", 8, path), _int(ds, "BitsStored", 0, path)
+    if bits_stored and not 0 < bits_stored <= bits_alloc:
+        raise CorruptImageError(path, f"BitsStored ({bits_stored}) not within BitsAllocated ({bits_alloc})")
+    samples = _int(ds, "SamplesPerPixel", 1, path)
+    if (samples == 1) != (photometric.startswith("MONOCHROME") or photometric == "PALETTE COLOR"):
+        raise CorruptImageError(path, f"SamplesPerPixel {samples} does not fit PhotometricInterpretation "
+                                f"{photometric}")
+    if photometric == "PALETTE COLOR" and not all(
+            f"{c}PaletteColorLookupTableDescriptor" in ds for c in ("Red", "Green", "Blue")):
+        raise CorruptImageError(path, "PALETTE COLOR image without its palette lookup tables")
+    raw, needed = declared_bytes(ds, path)
+    read_limits().check(path, needed, f"decoding {_int(ds, 'Rows', 0, path)}x{_int(ds, 'Columns', 0, path)}"
+                        f"x{_int(ds, 'NumberOfFrames', 1, path) or 1} pixels")
+    if "PixelData" in ds:
+        value = ds.PixelData
+        if value is None or len(value) == 0:
+            raise CorruptImageError(path, "pixel data element is empty")
+        if not pydicom.uid.UID(str(ts)).is_compressed and len(value) < raw:
             raise CorruptImageError(
-                path, f"pixel data holds {len(ds.PixelData)} bytes, fewer than Rows x Columns x frames "
-                f"needs ({declared})")
-    if str(ds.get("Modality", "")).upper() == "CT" and _rescale(ds, 0) is None:
+                path, f"pixel data holds {len(value)} bytes, fewer than Rows x Columns x frames needs ({raw})")
+    if str(ds.get("Modality", "")).upper() == "CT" and _rescale(ds, 0, path) is None:
         raise CorruptImageError(path, "CT image without Rescale Intercept: values cannot be put in "
                                 "Hounsfield units", "a CT with RescaleSlope/RescaleIntercept")
 
@@ -91,6 +178,7 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Scan:
     Raises:
         UnsupportedFormatError: the file is not DICOM or has no image.
         CorruptImageError: header and pixel data disagree, or a CT lacks its rescale.
+        InputTooLargeError: decoding it would pass the memory budget (:mod:`medtl.io.limits`).
     """
     path = Path(path)
     ds = open_dicom(data if data is not None else path, path)
@@ -99,23 +187,34 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Scan:
 
 def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     """Decode a parsed dataset into a :class:`Scan` (see :func:`read_dicom`)."""
+    with reading(path, "DICOM image"):
+        return _dataset_to_scan(ds, path)
+
+
+def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     check_dataset(ds, path)
     modality = str(ds.get("Modality", "")).upper()
     notes: list[str] = []
-    array, lo_hi = decode_pixels(ds, path)
+    array, lo_hi, padding = decode_pixels(ds, path)
     frames = array.shape[0]
     header = {k: _plain(ds.get(k)) for k in SAFE_FIELDS if k in ds}
-    window = _window(ds, 0)
+    window = _window(ds, 0, path)
+    voi = FileVOI.from_dataset(ds, path)
+    if padding is not None:
+        notes.append(f"{int(padding.sum())} padding pixels (PixelPaddingValue, or CT values below "
+                     f"{CT_OUTSIDE_HU:g} HU) set to the background")
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         lo, hi = lo_hi
         array = (lo + hi) - array
         window = None if window is None else (lo + hi - window[0], window[1])
+        if voi is not None:
+            voi.mirror = lo + hi
         notes.append("MONOCHROME1 (white = low values) inverted to MONOCHROME2")
         log.info("%s: MONOCHROME1 inverted to MONOCHROME2", path.name)
-    row_spacing, col_spacing = _pixel_spacing(ds, 0)
-    orientation_cosines = image_orientation(ds, 0)
+    row_spacing, col_spacing = _pixel_spacing(ds, 0, path)
+    orientation_cosines = image_orientation(ds, 0, path)
     positions: tuple[float, ...] = ()
-    if _is_mosaic(ds):
+    if _is_mosaic(ds) and frames == 1:
         array, spacing, orient = _demosaic(ds, array[0], path)
         return Scan(array=array, spacing=spacing, modality=modality, source="dicom", path=path,
                     units="HU" if modality == "CT" else "", header=header, window=window, orientation=orient,
@@ -123,9 +222,11 @@ def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     if frames > 1:
         order, positions, slice_spacing = _frame_order(ds, frames, orientation_cosines, path, notes)
         array = array[order]
+        padding = None if padding is None else padding[order]
         spacing = (slice_spacing, row_spacing, col_spacing)
     else:
         array = array[0]
+        padding = None if padding is None else padding[0]
         spacing = (row_spacing, col_spacing)
     if "PixelSpacing" not in ds and "ImagerPixelSpacing" not in ds and not _shared_item(ds, "PixelMeasuresSequence"):
         notes.append("no PixelSpacing: 1 mm per pixel assumed for display only")
@@ -134,40 +235,140 @@ def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     orientation = orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
     return Scan(array=np.ascontiguousarray(array, dtype=np.float32), spacing=spacing, modality=modality,
                 source="dicom", path=path, units="HU" if modality == "CT" else "", header=header, window=window,
-                orientation=orientation, slice_positions=positions, notes=notes)
+                orientation=orientation, slice_positions=positions, notes=notes, voi=voi, padding=padding)
 
 
-def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """(frames, rows, columns) float32 values after the modality LUT, and the rescaled stored range."""
+def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
+    """(frames, rows, columns) float32 values after the modality LUT, the rescaled stored range, and
+    the padding mask (True where PixelPaddingValue marks no image), or None.
+
+    Colour is decoded once: pydicom returns RGB for every colour photometric interpretation
+    (YBR_* included), which is then turned into luminance.
+    """
     try:
         pixels = ds.pixel_array
     except Exception as e:
-        raise CorruptImageError(path, f"pixel data cannot be decoded ({type(e).__name__}: "
-                                f"{_first_line(e)})") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise CorruptImageError(path, f"pixel data cannot be decoded ({safe_message(e)})") from None
+    frames = _int(ds, "NumberOfFrames", 1, path) or 1
+    rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _int(ds, "SamplesPerPixel", 1, path)
+    expected = (frames, rows, cols, samples)
+    if int(np.prod(pixels.shape)) != int(np.prod(expected)):
+        raise CorruptImageError(path, f"decoded pixels have shape {pixels.shape}, not the {expected} the header "
+                                "declares")
     if samples > 1 or photometric == "PALETTE COLOR":
-        if photometric.startswith("YBR") and photometric not in ("YBR_RCT", "YBR_ICT"):
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        elif photometric == "PALETTE COLOR":
+        if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
-        grey = np.asarray(pixels, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        grey = grey.reshape(frames, *grey.shape[-2:])
-        return grey, (0.0, float(2 ** int(ds.get("BitsStored", 8)) - 1))
-    pixels = np.asarray(pixels).reshape(frames, int(ds.Rows), int(ds.Columns))
+        rgb = np.asarray(pixels).reshape(frames, rows, cols, 3)
+        grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        top = float(2 ** _int(ds, "BitsStored", 8, path) - 1) if photometric != "PALETTE COLOR" else \
+            float(max(np.max(rgb), 1))
+        return grey, (0.0, top), None
+    pixels = np.asarray(pixels).reshape(frames, rows, cols)
+    padding = _padding_mask(ds, pixels, path)
     out = np.empty(pixels.shape, np.float32)
     for i in range(frames):
-        slope_intercept = _rescale(ds, i)
+        slope_intercept = _rescale(ds, i, path)
         if slope_intercept is None:
             out[i] = apply_modality_lut(pixels[i], ds)  # a Modality LUT Sequence, or no rescale at all
         else:
             out[i] = pixels[i].astype(np.float64) * slope_intercept[0] + slope_intercept[1]
-    bits = int(ds.get("BitsStored", 16) or 16)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = _int(ds, "BitsStored", 16, path) or 16
+    signed = _int(ds, "PixelRepresentation", 0, path) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    slope, intercept = _rescale(ds, 0) or (1.0, 0.0)
-    return out, (lo * slope + intercept, hi * slope + intercept)
+    slope, intercept = _rescale(ds, 0, path) or (1.0, 0.0)
+    if str(ds.get("Modality", "")).upper() == "CT" and slope_intercept_all(ds, frames, path):
+        below_air = out < CT_OUTSIDE_HU  # no tissue is below air (-1000 HU): outside the field of view
+        if below_air.any():
+            padding = below_air if padding is None else (padding | below_air)
+    if padding is not None:
+        if padding.all():
+            raise CorruptImageError(path, "every pixel is padding (PixelPaddingValue): no image")
+        out[padding] = out[~padding].min()  # background in every window, and out of the statistics
+    return out, (lo * slope + intercept, hi * slope + intercept), padding
+
+
+def slope_intercept_all(ds, frames: int, path: Path) -> bool:
+    """Whether every frame's values are put in HU by a rescale (not by a Modality LUT table)."""
+    return all(_rescale(ds, i, path) is not None for i in range(frames))
+
+
+def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
+    """Pixels whose stored value is PixelPaddingValue (up to PixelPaddingRangeLimit), or None."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    def stored(key):
+        value = ds[key].value
+        if isinstance(value, bytes):  # ambiguous "US or SS" left undecoded
+            signed = _int(ds, "PixelRepresentation", 0, path) == 1
+            return int.from_bytes(value[:2], "little", signed=signed) if len(value) >= 2 else None
+        try:
+            return int(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+        except (TypeError, ValueError, IndexError):
+            raise CorruptImageError(path, f"{key} is not a whole number") from None
+    first = stored("PixelPaddingValue")
+    if first is None:
+        return None
+    last = stored("PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else first
+    lo, hi = min(first, last if last is not None else first), max(first, last if last is not None else first)
+    mask = (pixels >= lo) & (pixels <= hi)
+    return mask if mask.any() else None
+
+
+class FileVOI:
+    """The file's own non-linear VOI transform (a VOI LUT table, or a SIGMOID / LINEAR_EXACT window),
+    applied with :func:`pydicom.pixels.apply_voi_lut` to values after the modality LUT.
+
+    Keeps only the VOI module and the fields that fix its output range (no identifiers).
+    ``mirror`` is set for MONOCHROME1 images, whose array medtl stores inverted.
+    """
+
+    _KEYS = ("VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "BitsStored", "PixelRepresentation",
+             "RescaleSlope", "RescaleIntercept")
+
+    def __init__(self, ds: pydicom.Dataset, y_range: tuple[float, float]):
+        self.dataset = ds
+        self.y_range = y_range
+        self.mirror: float | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset, path: Path) -> "FileVOI | None":
+        lut = ds.get("VOILUTSequence")
+        has_lut = bool(lut) and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper().strip()
+        if not has_lut and not (function in ("SIGMOID", "LINEAR_EXACT") and _window(ds, 0, path) is not None):
+            return None
+        small = pydicom.Dataset()
+        for key in cls._KEYS:
+            if key in ds:
+                small[key] = ds[key]
+        small.PhotometricInterpretation = "MONOCHROME2"
+        small.BitsStored = _int(ds, "BitsStored", 16, path) or 16
+        small.PixelRepresentation = _int(ds, "PixelRepresentation", 0, path)
+        if has_lut:
+            table = np.asarray(apply_voi_lut(np.arange(1, dtype=np.float64), small))  # validates the table
+            data = np.asarray(lut[0].LUTData, dtype=np.float64).ravel()
+            if data.size == 0 or table.size == 0:
+                raise CorruptImageError(path, "VOI LUT Sequence has an empty table")
+            y = (float(data.min()), float(data.max()))
+        else:
+            bits, signed = small.BitsStored, small.PixelRepresentation == 1
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+            slope, intercept = _rescale(ds, 0, path) or (None, None)
+            if slope is not None:
+                small.RescaleSlope, small.RescaleIntercept = slope, intercept
+                lo, hi = lo * slope + intercept, hi * slope + intercept
+            y = (float(min(lo, hi)), float(max(lo, hi)))
+        return cls(small, y)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (as stored on the Scan) → the file's VOI output scaled to [0, 1], white = high."""
+        original = values if self.mirror is None else self.mirror - values
+        out = np.asarray(apply_voi_lut(np.asarray(original, np.float64), self.dataset), np.float64)
+        lo, hi = self.y_range
+        out = np.clip((out - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+        return (1.0 - out if self.mirror is not None else out).astype(np.float32)
 
 
 # -- functional groups: a value is looked up per frame, then in the shared groups, then top level --
@@ -183,53 +384,78 @@ def _shared_item(ds, sequence: str, frame: int = 0):
     return None
 
 
-def _rescale(ds, frame: int) -> tuple[float, float] | None:
+def _numbers(value, key: str, path: Path | None, count: int | None = None) -> list[float]:
+    """A header value as finite floats (``count`` of them, when given), or a typed error naming the field."""
+    items = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptImageError(path, f"{key} is not numeric") from None
+    if (count is not None and len(out) != count) or not all(np.isfinite(out)):
+        raise CorruptImageError(path, f"{key} is not {count or 'a'} finite number{'s' if count != 1 else ''}")
+    return out
+
+
+def _rescale(ds, frame: int, path: Path | None = None) -> tuple[float, float] | None:
     item = _shared_item(ds, "PixelValueTransformationSequence", frame)
     src = item if item is not None and "RescaleIntercept" in item else ds
     if "RescaleIntercept" not in src:
         return None
-    return float(src.get("RescaleSlope", 1.0) or 1.0), float(src.RescaleIntercept)
+    intercept = _numbers(src.RescaleIntercept, "RescaleIntercept", path, 1)[0]
+    slope = src.get("RescaleSlope", 1.0)
+    slope = _numbers(slope, "RescaleSlope", path, 1)[0] if slope not in (None, "") else 1.0
+    return slope or 1.0, intercept
 
 
-def _window(ds, frame: int) -> tuple[float, float] | None:
+def _window(ds, frame: int, path: Path | None = None) -> tuple[float, float] | None:
     item = _shared_item(ds, "FrameVOILUTSequence", frame)
     src = item if item is not None and "WindowCenter" in item else ds
-    if "WindowCenter" in src and "WindowWidth" in src:
-        c, w = src.WindowCenter, src.WindowWidth
-        c = float(c[0] if isinstance(c, pydicom.multival.MultiValue) else c)
-        w = float(w[0] if isinstance(w, pydicom.multival.MultiValue) else w)
+    if "WindowCenter" in src and "WindowWidth" in src and src.WindowCenter not in (None, "") \
+            and src.WindowWidth not in (None, ""):
+        c = _numbers(src.WindowCenter, "WindowCenter", path)[0]
+        w = _numbers(src.WindowWidth, "WindowWidth", path)[0]
         return (c, w) if w > 0 else None
-    if ds.get("VOILUTSequence"):  # a non-linear VOI LUT: its input range is used as a linear window
-        desc = ds.VOILUTSequence[0].LUTDescriptor
+    if ds.get("VOILUTSequence"):  # a VOI LUT table: its input range, for display only (FileVOI applies it)
+        desc = ds.VOILUTSequence[0].get("LUTDescriptor")
+        if desc is None or len(desc) != 3:
+            raise CorruptImageError(path, "VOI LUT Sequence without a valid LUTDescriptor")
         n, first = int(desc[0] or 65536), float(desc[1])
         return first + n / 2, float(n)
     return None
 
 
-def _pixel_spacing(ds, frame: int) -> tuple[float, float]:
+def _pixel_spacing(ds, frame: int, path: Path | None = None) -> tuple[float, float]:
     item = _shared_item(ds, "PixelMeasuresSequence", frame)
     for src in (item, ds):
         if src is None:
             continue
         for key in ("PixelSpacing", "ImagerPixelSpacing"):
             value = src.get(key)
-            if value is not None and len(value) == 2 and float(value[0]) > 0 and float(value[1]) > 0:
-                return float(value[0]), float(value[1])
+            if value is None or value == "":
+                continue
+            row, col = _numbers(value, key, path, 2)
+            if row > 0 and col > 0:  # zero spacing (seen in real files) counts as absent
+                return row, col
     return 1.0, 1.0
 
 
-def image_orientation(ds, frame: int = 0) -> tuple[float, ...] | None:
+def image_orientation(ds, frame: int = 0, path: Path | None = None) -> tuple[float, ...] | None:
     item = _shared_item(ds, "PlaneOrientationSequence", frame)
     src = item if item is not None and "ImageOrientationPatient" in item else ds
     iop = src.get("ImageOrientationPatient")
-    return tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None
+    if iop is None or iop == "":
+        return None
+    cosines = _numbers(iop, "ImageOrientationPatient", path, 6)
+    if np.linalg.norm(np.cross(cosines[:3], cosines[3:])) < 1e-3:
+        raise CorruptImageError(path, "ImageOrientationPatient row and column directions are parallel or zero")
+    return tuple(cosines)
 
 
-def _position(ds, frame: int) -> np.ndarray | None:
+def _position(ds, frame: int, path: Path | None = None) -> np.ndarray | None:
     item = _shared_item(ds, "PlanePositionSequence", frame)
     src = item if item is not None and "ImagePositionPatient" in item else ds
     ipp = src.get("ImagePositionPatient")
-    return np.array([float(v) for v in ipp]) if ipp is not None and len(ipp) == 3 else None
+    return np.array(_numbers(ipp, "ImagePositionPatient", path, 3)) if ipp is not None and ipp != "" else None
 
 
 def slice_normal(iop: tuple[float, ...]) -> np.ndarray:
@@ -276,10 +502,11 @@ def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path:
 
 
 def _frame_order(ds, frames: int, iop, path: Path, notes: list[str]):
-    positions = [_position(ds, i) for i in range(frames)]
-    orients = [image_orientation(ds, i) for i in range(frames)]
+    positions = [_position(ds, i, path) for i in range(frames)]
+    orients = [image_orientation(ds, i, path) for i in range(frames)]
     if iop is None or any(p is None for p in positions):
-        between = float(ds.get("SpacingBetweenSlices", 0) or 0)
+        between = _numbers(ds.get("SpacingBetweenSlices", 0) or 0, "SpacingBetweenSlices", path, 1)[0]
+        between = between if between > 0 else 0.0
         notes.append(f"{frames} frames without per-frame position: kept in stored order; slice spacing "
                      + (f"{between} mm from SpacingBetweenSlices" if between > 0 else "unknown (1 mm shown)"))
         return np.arange(frames), (), between or 1.0
@@ -307,8 +534,10 @@ def _demosaic(ds, tiled: np.ndarray, path: Path):
             voxel = wrapper.voxel_sizes
             iop = wrapper.image_orient_patient  # (3, 2): row and column direction cosines
     except Exception as e:
-        raise CorruptImageError(path, f"Siemens mosaic cannot be de-tiled ({type(e).__name__}: {_first_line(e)})",
+        raise CorruptImageError(path, f"Siemens mosaic cannot be de-tiled ({safe_message(e)})",
                                 "a mosaic with its CSA header (NumberOfImagesInMosaic)") from None
+    if data.ndim != 3 or not np.all(np.isfinite(data)):
+        raise CorruptImageError(path, f"Siemens mosaic de-tiles into an unusable array of shape {data.shape}")
     array = np.ascontiguousarray(data.transpose(2, 1, 0))
     cosines = tuple(float(v) for v in np.asarray(iop).T.ravel())
     spacing = (float(voxel[2]), float(voxel[1]), float(voxel[0]))
@@ -321,8 +550,3 @@ def _plain(value):
     if isinstance(value, pydicom.multival.MultiValue):
         return [_plain(v) for v in value]
     return str(value)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""

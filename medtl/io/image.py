@@ -6,33 +6,56 @@ already windowed, so medtl scales them by their type's range rather than stretch
 
 from __future__ import annotations
 
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medtl.errors import CorruptImageError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, InputTooLargeError, UnsupportedFormatError
+from medtl.io.guard import reading, safe_message
+from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
 
 
 def read_picture(path: str | Path) -> Scan:
-    """Read a PNG/JPEG/TIFF as a grey (rows, columns) float32 image; RGB is converted to luminance."""
+    """Read a PNG/JPEG/TIFF as a grey (rows, columns) float32 image; RGB is converted to luminance.
+
+    The pixel count is checked against the memory budget (:mod:`medtl.io.limits`) from the
+    header, before any pixel is decoded.
+    """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
-                array = np.asarray(im.convert("RGB"), dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-            else:  # L, I;16, I, F
-                array = np.asarray(im, dtype=np.float32)
-            fmt = im.format or ""
-            mode = im.mode
-    except UnidentifiedImageError:
-        raise UnsupportedFormatError(path, "not a readable PNG/JPEG/TIFF image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(path, f"image data is damaged ({str(e)[:160]})") from None
-    if array.ndim != 2 or array.size == 0:
-        raise CorruptImageError(path, f"unexpected image shape {array.shape}")
+    with reading(path, "image"):
+        try:
+            budget = read_limits().max_bytes
+            Image.MAX_IMAGE_PIXELS = budget // 20  # Pillow's own bomb check, from the same budget
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget check below decides
+                with Image.open(path) as im:
+                    width, height = im.size
+                    bands = len(im.getbands())
+                    # decoded bands + float32 RGB + float32 grey
+                    read_limits().check(path, width * height * (bands * 4 + 16), f"a {width}x{height} picture")
+                    if width < 1 or height < 1:
+                        raise CorruptImageError(path, f"picture of {width}x{height} pixels")
+                    im.load()
+                    if im.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+                        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                        array = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+                    else:  # L, I;16, I, F
+                        array = np.asarray(im, dtype=np.float32)
+                    fmt = im.format or ""
+                    mode = im.mode
+        except UnidentifiedImageError:
+            raise UnsupportedFormatError(path, "not a readable PNG/JPEG/TIFF image") from None
+        except Image.DecompressionBombError:
+            raise InputTooLargeError(path, "picture declares more pixels than the memory budget allows "
+                                     f"({Image.MAX_IMAGE_PIXELS} pixels)", "a smaller picture") from None
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+            raise CorruptImageError(path, f"image data is damaged ({safe_message(e)})") from None
+    if array.ndim != 2 or array.size == 0 or not np.all(np.isfinite(array)):
+        raise CorruptImageError(path, f"unexpected image shape {array.shape} or values that are not finite")
     if mode.startswith("I;16") or (mode == "I" and array.min() >= 0 and array.max() <= 65535):
         value_max = 65535.0
     elif mode == "F" or mode == "I":

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gzip
+import struct
+
 import nibabel as nib
 import numpy as np
 
 from medtl.errors import CorruptImageError, UnsupportedFormatError
+from medtl.io.guard import reading
+from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
 
 
@@ -23,24 +28,23 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
     path = Path(path)
     if path.stat().st_size == 0:
         raise CorruptImageError(path, "file is empty", "a NIfTI-1 or NIfTI-2 volume")
-    try:
+    with reading(path, "NIfTI volume"):
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise UnsupportedFormatError(path, f"not a NIfTI image ({type(img).__name__})")
-        declared = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-        on_disk = path.stat().st_size * (1000 if path.name.lower().endswith(".gz") else 1) + 352
-        if declared > on_disk or declared > (4 << 30):
-            raise CorruptImageError(path, f"header declares {img.shape} voxels ({declared} bytes), far more than "
-                                    "the file can hold; refused before allocating")
+        shape = tuple(int(v) for v in img.shape)
+        if not shape or min(shape) < 1:
+            raise CorruptImageError(path, f"NIfTI dimensions {shape} hold no voxels")
+        voxels = int(np.prod(shape, dtype=object))
+        declared = voxels * img.get_data_dtype().itemsize
+        _check_holds(path, declared + int(img.header.get("vox_offset", 0) or 0))
+        # stored values + float32 + the reoriented copy
+        read_limits().check(path, declared + voxels * 8, f"a {'x'.join(map(str, shape))} volume")
         affine = img.affine
         if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise CorruptImageError(path, "NIfTI affine is singular or not finite: geometry cannot be trusted")
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
-    except (UnsupportedFormatError, CorruptImageError):
-        raise
-    except Exception as e:  # nibabel raises many kinds for truncated or garbled files
-        raise CorruptImageError(path, f"NIfTI cannot be read ({type(e).__name__}: {str(e)[:160]})") from None
     notes = []
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -64,3 +68,35 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
     return Scan(array=array, spacing=spacing, modality="", source="nifti", path=path, orientation="SPL",
                 header={"dimensions": list(data.shape)}, notes=notes)
+
+
+def _check_holds(path: Path, needed: int) -> None:
+    """Refuse, before allocating, a file that cannot hold the voxels its header declares.
+
+    For .nii.gz the uncompressed size is the gzip trailer's (exact for files under 4 GiB, a
+    single gzip member as nibabel writes); where the trailer cannot tell, the stream is
+    decompressed in pieces without keeping it.
+    """
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz"):
+        if size < needed:
+            raise CorruptImageError(path, f"header declares {needed} bytes of data but the file holds {size}; "
+                                    "refused before allocating")
+        return
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            raise CorruptImageError(path, "named .gz but not gzip-compressed")
+        f.seek(-4, 2)
+        trailer = struct.unpack("<I", f.read(4))[0]
+    if size < (1 << 32) and trailer >= needed % (1 << 32) and needed < (1 << 32):
+        return  # the common case: the trailer says the stream holds enough
+    held = 0
+    with gzip.open(path, "rb") as g:
+        while held < needed:
+            piece = g.read(1 << 22)
+            if not piece:
+                break
+            held += len(piece)
+    if held < needed:
+        raise CorruptImageError(path, f"header declares {needed} bytes of data but the file inflates to {held}; "
+                                "refused before allocating")

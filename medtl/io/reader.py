@@ -6,6 +6,7 @@ from pathlib import Path
 
 from medtl.errors import FileMissingError, UnsupportedFormatError
 from medtl.io.dicom import read_dicom
+from medtl.io.guard import reading
 from medtl.io.image import read_picture
 from medtl.io.nifti import read_nifti
 from medtl.io.scan import Scan
@@ -44,16 +45,19 @@ def read_image(path: str | Path, volume_index: int | None = None, series_uid: st
     (``series_uid`` or ``modality`` override them). A 4D NIfTI needs ``volume_index``.
 
     Raises a subclass of :class:`medtl.errors.MedtlInputError` naming the file when it is
-    missing, of an unsupported kind or damaged.
+    missing, of an unsupported kind, damaged, or over the memory budget (:mod:`medtl.io.limits`);
+    no other exception leaves it. For files from untrusted sources see
+    :func:`medtl.io.bounded.read_image_bounded`.
     """
     path = Path(path)
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
-        return read_series(path, series_uid=series_uid, modality=modality)
-    if not path.is_file():
-        raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
-    kind = sniff_format(path)
-    if kind == "dicom":
-        return read_dicom(path)
-    if kind == "nifti":
-        return read_nifti(path, volume_index=volume_index)
-    return read_picture(path)
+    with reading(path, "file"):
+        if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
+            return read_series(path, series_uid=series_uid, modality=modality)
+        if not path.is_file():
+            raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
+        kind = sniff_format(path)
+        if kind == "dicom":
+            return read_dicom(path)
+        if kind == "nifti":
+            return read_nifti(path, volume_index=volume_index)
+        return read_picture(path)

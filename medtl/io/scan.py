@@ -30,6 +30,8 @@ class Scan:
     value_max: float | None = None  # full-scale value of the stored type (255 for 8-bit pictures), for "dtype" scaling
     slice_positions: tuple[float, ...] = ()  # mm along the slice normal of each slice (volumes from DICOM)
     notes: list[str] = field(default_factory=list)  # what could not be trusted or was decided while reading
+    voi: object | None = None  # the file's non-linear VOI (medtl.io.dicom.FileVOI: a LUT table or SIGMOID), or None
+    padding: np.ndarray | None = None  # True where the file marks no image (PixelPaddingValue), same shape as array
 
     @property
     def is_volume(self) -> bool:
@@ -37,7 +39,8 @@ class Scan:
 
     def summary(self) -> dict:
         """A de-identified description for ``medtl info`` and the UI."""
-        finite = self.array[np.isfinite(self.array)]
+        real = self.array if self.padding is None else self.array[~self.padding]
+        finite = real[np.isfinite(real)]
         out = {
             "file": self.path.name,
             "format": self.source,

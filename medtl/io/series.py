@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
-from medtl.io.dicom import dataset_to_scan, image_orientation, open_dicom, orientation_letters, sort_along_normal
+from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
+                          UnsupportedFormatError)
+from medtl.io.dicom import (dataset_to_scan, declared_bytes, image_orientation, open_dicom, orientation_letters,
+                            sort_along_normal)
+from medtl.io.guard import reading
+from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
 
 log = logging.getLogger("medtl.io")
@@ -31,7 +35,6 @@ SERIES_RULES = (
     "4. prefer series that form a volume (several slices), then the most slices",
     "5. on a tie, the lowest SeriesNumber",
 )
-MAX_ZIP_BYTES = 8 << 30  # refuse zips that expand beyond 8 GiB
 _EXCLUDED_TYPES = ("LOCALIZER", "SCOUT", "PROJECTION IMAGE")
 
 
@@ -77,26 +80,48 @@ class StudyListing:
 
 
 def _iter_sources(path: Path):
-    """Yield (name, bytes-or-path) for every file in a folder (recursive) or a zip."""
+    """Yield (name, bytes-or-path, problem) for every file in a folder (recursive) or a zip.
+
+    Zip members are read one at a time, each never past what the memory budget has left, and
+    a member that cannot be read comes with its problem (and no content) instead.
+    """
+    limits = read_limits()
     if path.is_dir():
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            if p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+        files = []
+        for p in path.rglob("*"):
+            if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR":
+                files.append(p)
+                if len(files) > limits.max_files:
+                    raise InputTooLargeError(path, f"folder holds more than {limits.max_files} files",
+                                             "a folder of one study, or raise MEDTL_MAX_INPUT_FILES")
+        for p in sorted(files):
+            yield str(p.relative_to(path)), p, None
+        return
+    with reading(path, "zip file"):
+        z = zipfile.ZipFile(path)
+    with z:
+        members = [m for m in z.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")
+                   and Path(m.filename).name.upper() != "DICOMDIR" and not m.filename.startswith("__MACOSX")]
+        if len(members) > limits.max_files:
+            raise InputTooLargeError(path, f"zip holds {len(members)} files, more than the limit of "
+                                     f"{limits.max_files}", "a zip of one study, or raise MEDTL_MAX_INPUT_FILES")
+        total = sum(m.file_size for m in members)
+        limits.check(path, total, f"unpacking {len(members)} zip members")
+        held = 0
+        for m in members:
+            left = limits.max_bytes - held
+            try:
+                with reading(path, f"zip member {m.filename}"):
+                    with z.open(m) as f:
+                        data = f.read(left + 1)
+            except MedtlInputError as e:
+                yield m.filename, None, e.problem
                 continue
-            yield str(p.relative_to(path)), p
-        return
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            members = [m for m in z.infolist() if not m.is_dir()]
-            total = sum(m.file_size for m in members)
-            if total > MAX_ZIP_BYTES:
-                raise CorruptImageError(path, f"zip expands to {total / 2**30:.1f} GiB; refused", "a zip under 8 GiB")
-            for m in members:
-                name = Path(m.filename).name
-                if name.startswith(".") or name.upper() == "DICOMDIR" or m.filename.startswith("__MACOSX"):
-                    continue
-                yield m.filename, z.read(m)
-        return
-    raise UnsupportedFormatError(path, "not a folder or a zip of DICOM files")
+            if len(data) > left:
+                raise InputTooLargeError(path, f"zip member {m.filename} inflates past the memory budget "
+                                         f"({limits.max_bytes} bytes for the whole study); refused")
+            held += len(data)
+            yield m.filename, data, None
 
 
 def list_series(path: str | Path) -> StudyListing:
@@ -104,25 +129,31 @@ def list_series(path: str | Path) -> StudyListing:
     path = Path(path)
     if not path.exists():
         raise FileMissingError(path, "not found")
+    if not path.is_dir() and not zipfile.is_zipfile(path):
+        raise UnsupportedFormatError(path, "not a folder or a zip of DICOM files")
     groups: dict[tuple, Series] = {}
     problems = []
-    for name, src in _iter_sources(path):
+    for name, src, problem in _iter_sources(path):
+        if problem is not None:
+            problems.append((name, problem))
+            continue
         try:
             ds = open_dicom(src, name, defer_pixels=True)
+            with reading(name, "DICOM header"):
+                if "SeriesInstanceUID" not in ds:
+                    problems.append((name, "no SeriesInstanceUID"))
+                    continue
+                rows_cols = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+                iop = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient") or ())
+                key = (str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID), rows_cols, iop)
+                if key not in groups:
+                    groups[key] = Series(uid=str(ds.SeriesInstanceUID), number=int(ds.get("SeriesNumber", 0) or 0),
+                                         modality=str(ds.get("Modality", "")).upper(),
+                                         description=str(ds.get("SeriesDescription", "")),
+                                         image_type="\\".join(str(v) for v in (ds.get("ImageType") or [])))
         except MedtlInputError as e:
             problems.append((name, e.problem))
             continue
-        if "SeriesInstanceUID" not in ds:
-            problems.append((name, "no SeriesInstanceUID"))
-            continue
-        rows_cols = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
-        iop = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient") or ())
-        key = (str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID), rows_cols, iop)
-        if key not in groups:
-            groups[key] = Series(uid=str(ds.SeriesInstanceUID), number=int(ds.get("SeriesNumber", 0) or 0),
-                                 modality=str(ds.get("Modality", "")).upper(),
-                                 description=str(ds.get("SeriesDescription", "")),
-                                 image_type="\\".join(str(v) for v in (ds.get("ImageType") or [])))
         from_zip = isinstance(src, bytes)
         groups[key].instances.append(Instance(name, ds, src if from_zip else None, None if from_zip else src))
     for name, reason in problems:
@@ -180,7 +211,20 @@ def read_series(path: str | Path, series_uid: str | None = None, modality: str |
 
 
 def read_instances(series: Series, path: Path) -> Scan:
-    """Decode and stack the instances of one series, sorted along the slice normal."""
+    """Decode and stack the instances of one series, sorted along the slice normal.
+
+    The whole series is checked against the memory budget from its headers before any pixel
+    is decoded.
+    """
+    with reading(path, f"DICOM series {series.number}"):
+        needed = sum(declared_bytes(inst.ds, Path(inst.name))[1] for inst in series.instances)
+        stacked = sum(int(inst.ds.get("Rows", 0) or 0) * int(inst.ds.get("Columns", 0) or 0)
+                      for inst in series.instances) * 4
+        read_limits().check(path, needed + stacked, f"series {series.number} ({len(series.instances)} files)")
+        return _stack(series, path)
+
+
+def _stack(series: Series, path: Path) -> Scan:
     scans = [dataset_to_scan(inst.ds, Path(inst.name)) for inst in series.instances]
     if len(scans) == 1:
         scan = scans[0]
@@ -189,7 +233,7 @@ def read_instances(series: Series, path: Path) -> Scan:
     if any(s.array.ndim != 2 for s in scans):
         raise CorruptImageError(path, f"series {series.number} holds {len(scans)} instances that are each a volume "
                                 "(multi-frame or mosaic: time points or repeats)", "one of its files, read alone")
-    iops = [image_orientation(inst.ds) for inst in series.instances]
+    iops = [image_orientation(inst.ds, 0, Path(inst.name)) for inst in series.instances]
     positions = [inst.ds.get("ImagePositionPatient") for inst in series.instances]
     if any(i is None for i in iops) or any(p is None or len(p) != 3 for p in positions):
         raise CorruptImageError(path, f"series {series.number}: slices lack ImagePositionPatient/"
@@ -205,8 +249,14 @@ def read_instances(series: Series, path: Path) -> Scan:
     if any(not np.allclose(p, pix[0], rtol=1e-3) for p in pix):
         raise CorruptImageError(path, f"series {series.number}: slices have different pixel spacings")
     array = np.stack([scans[i].array for i in order])
+    padding = None
+    if any(s.padding is not None for s in scans):
+        padding = np.stack([scans[i].padding if scans[i].padding is not None else
+                            np.zeros(scans[i].array.shape, bool) for i in order])
+        array[padding] = array[~padding].min()  # one background for the whole volume
     first = scans[order[0]]
     notes = sorted({n for s in scans for n in s.notes})
     return Scan(array=array, spacing=(spacing, *first.spacing), modality=first.modality, source="dicom-series",
                 path=path, units=first.units, header=first.header, window=first.window,
-                orientation=orientation_letters(iops[0], volume=True), slice_positions=pos, notes=notes)
+                orientation=orientation_letters(iops[0], volume=True), slice_positions=pos, notes=notes,
+                voi=first.voi, padding=padding)

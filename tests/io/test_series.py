@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtl.cli import main
-from medtl.errors import CorruptImageError
+from medtl.errors import InputTooLargeError, CorruptImageError
 from medtl.io import choose_series, describe_path, list_series, read_image
 
 
@@ -184,5 +184,5 @@ def test_declared_size_beyond_the_file_refused_before_allocating(tmp_path):
     ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 10
     q = tmp_path / "huge.dcm"
     ds.save_as(q)
-    with pytest.raises(CorruptImageError, match="huge.dcm"):
+    with pytest.raises(InputTooLargeError, match="huge.dcm.*memory budget"):
         read_image(q)
