@@ -56,6 +56,9 @@ class DataConfig:
     augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
     flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
+    classes: tuple[str, ...] | None = None  # the labels accepted, in class order (None: the data's own, checked
+    #   to share one form: all indices 0, 1, ... or all names); rows with other labels are reported and skipped
+    allow_outside_paths: bool = False  # let a manifest name images by absolute path or outside its folder (../)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,15 @@ class Manifest:
                 f"labels {self.label_counts()}, {len(self.problems)} skipped{split})")
 
 
+MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "?", "-", "missing")
+_INDEX = re.compile(r"^\d+(\.0+)?$")  # a class index: 0, 1, 2 (or 1.0)
+_NAME = re.compile(r"^[^\W\d_][\w .+/()-]*$")  # a class name: starts with a letter
+
+
+def _label_form(value: str) -> str:
+    return "index" if _INDEX.match(value) else "name" if _NAME.match(value) else "other"
+
+
 def _class_order(values: list[str]) -> list[str]:
     unique = sorted(set(values))
     try:
@@ -62,22 +73,73 @@ def _class_order(values: list[str]) -> list[str]:
         return unique
 
 
-def index_labels(records: list[dict], problems: list[Problem]) -> list[str]:
-    """Replace each record's ``label_value`` by a class index; log the skipped rows; return the class names."""
-    class_names = _class_order([r["label_value"] for r in records])
-    index = {name: i for i, name in enumerate(class_names)}
+def index_labels(records: list[dict], problems: list[Problem], classes: tuple[str, ...] | list[str] | None = None,
+                 where=lambda r: str(r.get("image", ""))) -> tuple[list[dict], list[str]]:
+    """Check every record's ``label_value`` and replace it by a class index; return (kept records, class names).
+
+    With ``classes`` (``data.classes``), only those labels are accepted, in that order. Without
+    them, the labels must share one form: all class indices (``0``, ``1``, ...) or all names
+    starting with a letter. Missing labels (empty, ``nan``, ``none``, ...) and labels of
+    another form than the majority's (``-1``, ``2.5``, ``yes`` among indices) are reported in
+    ``problems`` with their row, and skipped. Skipped rows are logged.
+    """
+    kept = []
     for r in records:
+        value = str(r["label_value"]).strip()
+        if value.lower() in MISSING_LABELS:
+            problems.append(Problem(where(r), f"label missing ({value!r})"))
+            continue
+        r["label_value"] = str(int(float(value))) if _INDEX.match(value) else value
+        kept.append(r)
+    if classes is not None:
+        class_names = [str(c) for c in classes]
+        allowed = set(class_names)
+        good = [r for r in kept if r["label_value"] in allowed]
+        for r in kept:
+            if r["label_value"] not in allowed:
+                problems.append(Problem(where(r), f"label {r['label_value'][:24]!r} is not one of data.classes "
+                                        f"({', '.join(class_names)})"))
+    else:
+        forms = [_label_form(r["label_value"]) for r in kept]
+        n_index, n_name = forms.count("index"), forms.count("name")
+        form = "index" if n_index >= n_name else "name"
+        good = [r for r, f in zip(kept, forms) if f == form]
+        expected = "a class index (0, 1, 2, ...) like the other rows" if form == "index" else \
+            "a class name starting with a letter, like the other rows"
+        for r, f in zip(kept, forms):
+            if f != form:
+                problems.append(Problem(where(r), f"label {r['label_value'][:24]!r} is not {expected} "
+                                        "(or list the labels in data.classes)"))
+        class_names = _class_order([r["label_value"] for r in good])
+    index = {name: i for i, name in enumerate(class_names)}
+    for r in good:
         r["label"] = index[r.pop("label_value")]
     for p in problems:
         log.warning("skipped %s", p)
-    return class_names
+    return good, class_names
 
 
-def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
-    """Read a manifest CSV. Image paths are relative to the manifest's folder unless absolute.
+def inside(root: Path, image: str) -> Path | None:
+    """``image`` resolved against ``root``, or None when it is absolute or leads out of ``root``.
 
-    Rows with an empty field or a missing image are reported (logged and kept in
-    ``Manifest.problems``) and skipped; the rest is used.
+    The check is on the path as written (``..`` components), so a dataset folder reached through a
+    symbolic link still works.
+    """
+    p = Path(image)
+    if p.is_absolute() or p.drive:
+        return None
+    joined = Path(os.path.normpath(root / p))
+    return joined if joined == root or root in joined.parents else None
+
+
+def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str, ...] | None = None,
+                  allow_outside_paths: bool = False) -> Manifest:
+    """Read a manifest CSV. Image paths are relative to the manifest's folder.
+
+    A path that is absolute or leads out of that folder (``../``) is refused unless
+    ``allow_outside_paths`` (``data.allow_outside_paths``). Rows with an empty field, a missing
+    image, a path outside the folder or a bad label (see :func:`index_labels`) are reported
+    (logged and kept in ``Manifest.problems``, by row number) and skipped; the rest is used.
 
     Raises:
         ManifestError: the file is missing, not a CSV with the required columns, or has no usable row.
@@ -88,32 +150,40 @@ def read_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
-            columns = [c.strip() for c in (rows[0].keys() if rows else [])]
+            columns = [c.strip() for c in (rows[0].keys() if rows else []) if c is not None]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ManifestError(path, f"not a readable CSV ({e})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}",
                             "a header with " + ", ".join(REQUIRED_COLUMNS))
-    root = path.parent
+    root = Path(os.path.normpath(path.parent.absolute()))
     records, problems = [], []
     for i, row in enumerate(rows, start=2):  # row 1 is the header
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        row = {(k or "").strip(): (v if isinstance(v, str) else "").strip() for k, v in row.items()}
         where = f"{path.name} row {i}"
-        empty = [c for c in REQUIRED_COLUMNS if not row.get(c)]
+        empty = [c for c in REQUIRED_COLUMNS if c != "label" and not row.get(c)]
         if empty:
             problems.append(Problem(where, f"empty {', '.join(empty)}"))
             continue
-        image = Path(row["image"])
-        image = image if image.is_absolute() else root / image
+        image = inside(root, row["image"])
+        if image is None:
+            if not allow_outside_paths:
+                problems.append(Problem(where, "image path is absolute or leads out of the manifest's folder "
+                                        "(set data.allow_outside_paths to allow it)"))
+                continue
+            image = Path(row["image"]) if Path(row["image"]).is_absolute() else root / row["image"]
         if check_files and not image.is_file():
-            problems.append(Problem(where, f"image {row['image']} not found"))
+            problems.append(Problem(where, "image file not found"))
             continue
-        rec = {"image": str(image), "label_value": row["label"], "patient_id": row["patient_id"]}
+        rec = {"image": str(image), "label_value": row.get("label", ""), "patient_id": row["patient_id"], "row": where}
         for extra in ("modality", "study_id", "site"):
             if row.get(extra):
                 rec[extra] = row[extra]
         records.append(rec)
+    records, class_names = index_labels(records, problems, classes, where=lambda r: r["row"])
+    for r in records:
+        r.pop("row")
     if not records:
         raise ManifestError(path, f"no usable rows ({len(problems)} skipped)")
-    return Manifest(path=path, records=records, class_names=index_labels(records, problems), problems=problems)
+    return Manifest(path=path, records=records, class_names=class_names, problems=problems)

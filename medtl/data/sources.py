@@ -20,26 +20,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".ni
 MEDMNIST_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
 
 
-def read_dataset(path: str | Path) -> Manifest:
+def read_dataset(path: str | Path, classes: tuple[str, ...] | None = None,
+                 allow_outside_paths: bool = False) -> Manifest:
     """Read a labelled data set: a manifest ``.csv``, a MedMNIST ``.npz`` or an image folder.
 
     An image folder holds one sub-folder per class (``root/<class>/<image>``); every image
     is then its own patient (say so with a manifest when patients have several images).
+    ``classes`` (``data.classes``) lists the accepted labels in class order (a manifest's or a
+    folder's); ``allow_outside_paths`` lets a manifest name images outside its folder.
     """
     path = Path(path)
     if not path.exists():
         raise FileMissingError(path, "data not found", "a manifest .csv, an image folder or a MedMNIST .npz")
     if path.is_dir():
-        return read_image_folder(path)
+        return read_image_folder(path, classes)
     if path.suffix.lower() == ".npz":
         return read_medmnist(path)
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return read_manifest(path)
+        return read_manifest(path, classes=classes, allow_outside_paths=allow_outside_paths)
     raise UnsupportedFormatError(path, f"unrecognised data set file {path.name!r}",
                                  "a manifest .csv, an image folder or a MedMNIST .npz")
 
 
-def read_image_folder(root: str | Path) -> Manifest:
+def read_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> Manifest:
     """One sub-folder per class; files that are not images are reported and skipped."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -58,7 +61,9 @@ def read_image_folder(root: str | Path) -> Manifest:
             records.append({"image": str(f), "label_value": name, "patient_id": rel.with_suffix("").as_posix()})
     if not records:
         raise ManifestError(root, "no image files in the class folders")
-    class_names = index_labels(records, problems)
+    records, class_names = index_labels(records, problems, classes)
+    if not records:
+        raise ManifestError(root, f"no usable images ({len(problems)} skipped)")
     log.info("%s: image folder without patient ids; each image is treated as its own patient", root.name)
     return Manifest(path=root, records=records, class_names=class_names, problems=problems, kind="folder")
 

@@ -124,6 +124,8 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
         raise CorruptImageError(path, f"BitsAllocated {bits_alloc}", "1, 8, 16, 32 or 64")
     n = rows * cols * frames * samples
     raw = (n + 7) // 8 if bits_alloc == 1 else n * (bits_alloc // 8)
+    if str(ds.get("PhotometricInterpretation", "")).upper().strip() == "YBR_FULL_422":
+        raw = raw * 2 // 3  # chroma subsampled: 2 bytes per pixel where 3 are decoded
     # decoded array + float32 copy (+ the grey conversion of colour)
     return raw, raw + max(n, 1) * 4 * (2 if samples > 1 else 1) + max(rows * cols, 1) * 8
 
@@ -131,8 +133,10 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
 def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     """Refuse objects medtl cannot turn into trustworthy pixels, before decoding anything."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        if not ds.get("SOPClassUID") and not ds.get("Modality"):
-            raise CorruptImageError(path, "DICOM header incomplete and no pixel data (a truncated file?)",
+        sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "get", lambda k: "")(
+            "MediaStorageSOPClassUID") or "")
+        if "Image Storage" in pydicom.uid.UID(sop).name or "Rows" in ds or not sop:
+            raise CorruptImageError(path, "DICOM file ends before its pixel data (truncated or damaged)",
                                     "a complete DICOM image file")
         raise UnsupportedFormatError(path, "DICOM file has no pixel data (not an image object)",
                                      "an image object such as CT, MR, CR or DX")

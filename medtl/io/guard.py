@@ -61,7 +61,7 @@ def inflate_capped(stream, cap: int, path: str | Path | None, what: str, wbits: 
             pending = stream.read(chunk)
             if not pending:
                 break
-        out += d.decompress(pending, max(1, cap + 1 - len(out)))
+        out += d.decompress(pending, max(1, min(1 << 20, cap + 1 - len(out))))  # a MiB at a time
         pending = d.unconsumed_tail
         if not checked and (len(out) >= 1 << 20):
             cap = min(cap, on_first(bytes(out[: 1 << 20])) or cap)

@@ -70,7 +70,7 @@ def read_data(data: DataConfig) -> Manifest:
     """The data set named by ``data.path`` (a manifest .csv, an image folder or a MedMNIST .npz)."""
     if not data.path:
         raise ConfigError(None, "no data given", "data.path (CLI: --data PATH: a manifest .csv, image folder or .npz)")
-    return read_dataset(data.path)
+    return read_dataset(data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths)
 
 
 def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None) -> PreparedData:
