@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
 
-.PHONY: demo test test-bf16 test-slow test-browser test-all clean
+.PHONY: demo test test-bf16 test-slow test-browser test-all fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-slow: $(STAMP)
 test-browser: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,browser]'
 	$(BIN)/python -m pytest -m browser
+
+# the readers' fuzz run over mutants of the real data (../shared/data or $$MEDTL_SHARED_DATA, plus generated
+# seeds): fails on any untyped exception, timeout, killed reader or peak over the budget
+FUZZ_N ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python pipelines/fuzz.py --n $(FUZZ_N) --seed 0 --jobs 2 --budget 2G --out results/fuzz
 
 # everything, including slow and browser tests
 test-all: $(STAMP)

@@ -56,6 +56,9 @@ class DataConfig:
     augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
     flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
+    color: str = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
+    #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
+    color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
     classes: tuple[str, ...] | None = None  # the labels accepted, in class order (None: the data's own, checked
     #   to share one form: all indices 0, 1, ... or all names); rows with other labels are reported and skipped
     allow_outside_paths: bool = False  # let a manifest name images by absolute path or outside its folder (../)
@@ -257,7 +260,7 @@ def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> 
 
 # (section.field, lowest, highest, lowest allowed itself): numeric limits checked by validate_config
 LIMITS = [
-    ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True),
+    ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
     ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
     ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
     ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
@@ -303,6 +306,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.data.volume_mode, VOLUME_MODES, "volume mode")
     look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
     look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
+    look_up_option(cfg.data.color, ["auto", "rgb", "grey"], "colour mode (data.color)")
     if cfg.data.ct_window == "multi":
         if len(cfg.data.ct_multi_windows) != 3:
             raise ConfigError(None, f"data.ct_multi_windows needs 3 windows, got {len(cfg.data.ct_multi_windows)}")

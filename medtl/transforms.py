@@ -31,6 +31,7 @@ from monai.transforms import (
 from medtl.config import CT_WINDOWS, DataConfig
 from medtl.errors import ConfigError, CorruptImageError, MedtlInputError
 from medtl.io import Scan, read_image
+from medtl.io.scan import is_colour, luminance
 from medtl.models.encoders import Preprocessing
 
 
@@ -44,6 +45,10 @@ def intensity_preset(scan: Scan, modality: str, data: DataConfig) -> str:
     one, else percentiles; MR and volumes without a modality → percentiles; pictures and arrays
     (PNG/JPEG, MedMNIST) → divided by their type's full scale (255 for 8-bit).
     """
+    if scan.rgb is not None and data.color != "grey":  # colour: no windows; the type's range, else percentiles
+        if data.intensity in ("percentile", "dtype") and not (data.intensity == "dtype" and scan.value_max is None):
+            return data.intensity
+        return "dtype" if scan.value_max is not None else "percentile"
     if data.intensity != "auto":
         if data.intensity == "file_window" and scan.window is None:
             raise MedtlInputError(scan.path, "intensity 'file_window' but the file has no VOI window",
@@ -71,6 +76,8 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
     def window(level, width):
         return ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
 
+    if image.ndim >= 3 and image.shape[-1] == 3 and scan.rgb is not None and image.shape == scan.rgb.shape:
+        return _scale_colour(image, preset, data, scan)
     padding = scan.padding if scan.padding is not None and scan.padding.shape == image.shape else None
     if preset == "ct_window":
         names = data.ct_multi_windows if data.ct_window == "multi" else (data.ct_window,)
@@ -91,6 +98,28 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
     if padding is not None:
         out[:, padding] = 0.0
     return out
+
+
+def _scale_colour(rgb: np.ndarray, preset: str, data: DataConfig, scan: Scan) -> np.ndarray:
+    """(…, 3) RGB → (3, …) in [0, 1]: by the type's full scale, or per channel by percentiles."""
+    channels = np.moveaxis(np.asarray(rgb, np.float32), -1, 0)
+    if preset == "dtype":
+        return np.clip(channels / float(scan.value_max), 0.0, 1.0).astype(np.float32)
+    out = np.empty_like(channels)
+    for c in range(3):
+        lo, hi = np.percentile(channels[c], data.percentiles)
+        out[c] = np.clip((channels[c] - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    return out
+
+
+def use_colour(scan: Scan, data: DataConfig, channels: int = 3) -> bool:
+    """Whether a scan goes to the encoder in RGB (``data.color``; needs a 3-channel encoder).
+
+    Raises MedtlInputError for a grey source where ``data.color`` is "rgb".
+    """
+    if data.color == "rgb" and scan.rgb is None:
+        raise MedtlInputError(scan.path, "a grey image where data.color is 'rgb'", "a colour image, or data.color 'auto'")
+    return scan.rgb is not None and data.color != "grey" and channels == 3
 
 
 def volume_inputs(volume: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +148,15 @@ def volume_inputs(volume: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray
 
 
 def scan_from_array(array: np.ndarray, name: str, modality: str = "") -> Scan:
-    """A :class:`Scan` for an in-memory image (a MedMNIST entry): 2D (H, W) or 3D (D, H, W)."""
+    """A :class:`Scan` for an in-memory image (a MedMNIST entry): 2D (H, W), 3D (D, H, W) or colour (H, W, 3)."""
     value_max = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else None
+    rgb = None
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:  # (H, W, RGB)
-        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        rgb = array[..., :3].astype(np.float32)
+        array = luminance(rgb)
+        rgb = rgb if is_colour(rgb) else None
     return Scan(array=np.asarray(array, np.float32), spacing=(1.0,) * array.ndim, modality=modality,
-                source="array", path=Path(name), value_max=value_max)
+                source="array", path=Path(name), value_max=value_max, rgb=rgb)
 
 
 class LoadScan2Dd(MapTransform):
@@ -137,10 +169,11 @@ class LoadScan2Dd(MapTransform):
     ``d["path"]``, ``d["original_shape"]`` (2D size before shrinking), ``d["slice_index"]``.
     """
 
-    def __init__(self, keys, data: DataConfig, max_size: int | None = None):
+    def __init__(self, keys, data: DataConfig, max_size: int | None = None, channels: int = 3):
         super().__init__(keys)
         self.data = data
         self.max_size = max_size
+        self.channels = channels  # the encoder's input channels: colour needs 3
 
     def read(self, d: Mapping) -> Scan:
         item = d[self.keys[0]]
@@ -156,7 +189,9 @@ class LoadScan2Dd(MapTransform):
             scan = self.read(d)
             d["path"] = str(d.get("path") or scan.path)
             preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
-            scaled = scale_intensity(scan.array, preset, self.data, scan)  # (C, [slices,] rows, columns)
+            colour = use_colour(scan, self.data, self.channels)
+            scaled = scale_intensity(scan.rgb if colour else scan.array, preset, self.data, scan)  # (C, [D,] H, W)
+            d["scan_colour"] = colour
             d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
             d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
             if self.data.volume_mode == "3d":  # the whole volume is one input of a 3D network
@@ -204,9 +239,12 @@ def prepare_inputs(sample: dict, final: Compose) -> tuple[torch.Tensor, list[dic
 
 
 def display_image(part: dict) -> np.ndarray:
-    """The (H, W) image in [0, 1] to draw a result on: the middle channel (the slice itself in 2.5d)."""
-    channels = part["image"]
-    return np.asarray(channels[channels.shape[0] // 2])
+    """The image in [0, 1] to draw a result on: (H, W, 3) RGB for a colour input, else (H, W), the
+    middle channel (the slice itself in 2.5d)."""
+    channels = np.asarray(part["image"])
+    if part.get("scan_colour"):
+        return np.ascontiguousarray(channels[:3].transpose(1, 2, 0))
+    return channels[channels.shape[0] // 2]
 
 
 def aggregate_slices(probs: np.ndarray, how: str, k: int = 3) -> np.ndarray:
@@ -246,7 +284,7 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     if (dims == 3) != (data.volume_mode == "3d"):
         raise ConfigError(None, f"volume_mode {data.volume_mode!r} with a {dims}D encoder",
                           "volume_mode '3d' with a 3D encoder (resnet18_3d, ...), any other mode with a 2D one")
-    deterministic = Compose([LoadScan2Dd("image", data, max_size=size)])
+    deterministic = Compose([LoadScan2Dd("image", data, max_size=size, channels=pre.in_chans)])
     final: list = [
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
         Resized("image", spatial_size=size, size_mode="longest", mode="bilinear" if dims == 2 else "trilinear",
@@ -260,7 +298,7 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     ]
     if not train:
         return deterministic, Compose(final)
-    augment = BatchAugment(pre, flip=data.flip) if data.augment else None
+    augment = BatchAugment(pre, flip=data.flip, color_jitter=data.color_jitter) if data.augment else None
     return deterministic, TrainingTransform(final, augment)
 
 
@@ -278,8 +316,8 @@ class BatchAugment:
     """
 
     def __init__(self, pre: Preprocessing, flip: bool = True, rotate_deg: float = 10.0, zoom: float = 0.1,
-                 shift: float = 0.05, seed: int = 0):
-        self.pre, self.flip = pre, flip
+                 shift: float = 0.05, seed: int = 0, color_jitter: float = 0.0):
+        self.pre, self.flip, self.color_jitter = pre, flip, float(color_jitter)
         self.rotate, self.zoom, self.shift = np.deg2rad(rotate_deg), zoom, shift
         self.warp = AffineTransform(normalized=False, zero_centered=True, align_corners=False, padding_mode="zeros")
         self.set_random_state(seed)
@@ -330,11 +368,44 @@ class BatchAugment:
         if len(idx):  # noise, the same in every channel (as on the single-channel image before the repeat)
             sigma = self._uniform(len(idx), low=0.0, high=0.02).view((len(idx),) + (1,) * (dims + 1))
             x[idx] += (sigma * torch.randn((len(idx), 1) + x.shape[2:], generator=self.R)).to(x.device)
+        if self.color_jitter > 0 and x.shape[1] == 3:
+            idx = self._chosen(n, 0.8, x.device)
+            if len(idx):
+                x[idx] = self.jitter(x[idx].clamp(0, 1))
         if self.flip:
             idx = self._chosen(n, 0.5, x.device)
             if len(idx):
                 x[idx] = x[idx].flip(-1)
         return (x - mean) / std
+
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Colour and illumination jitter of RGB samples in [0, 1] (strength ``color_jitter`` = j):
+        brightness and contrast by factors in [1 - j, 1 + j], saturation by [1 - 2j, 1 + 2j], hue
+        turned by up to j/2 of a full turn (a rotation of the chroma plane in YIQ), and a gain per
+        channel in [1 - j/2, 1 + j/2] (stain and illumination differences). Grey inputs (three
+        equal channels) keep equal channels except for the per-channel gain."""
+        j, m = self.color_jitter, len(x)
+        shape = (m,) + (1,) * (x.ndim - 1)
+
+        def factor(spread):
+            return (1 + self._uniform(m) * spread).view(shape).to(x.device, x.dtype)
+
+        x = x * factor(j)
+        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        x = (x - mean) * factor(j) + mean
+        grey = (x * torch.as_tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(
+            (1, 3) + (1,) * (x.ndim - 2))).sum(1, keepdim=True)
+        x = (x - grey) * factor(2 * j) + grey
+        yiq = torch.as_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                              dtype=x.dtype, device=x.device)
+        angle = (self._uniform(m) * np.pi * j).to(x.device, x.dtype)
+        rot = torch.zeros(m, 3, 3, dtype=x.dtype, device=x.device)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()
+        rot[:, 1, 2], rot[:, 2, 1] = -angle.sin(), angle.sin()
+        turn = torch.linalg.inv(yiq) @ rot @ yiq  # (m, 3, 3): hue rotation in RGB
+        x = torch.einsum("mij,mj...->mi...", turn, x)
+        gain = (1 + self._uniform(m, 3) * j / 2).to(x.device, x.dtype).view((m, 3) + (1,) * (x.ndim - 2))
+        return (x * gain).clamp(0, 1)
 
 
 class TrainingTransform(Compose):

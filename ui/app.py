@@ -90,9 +90,9 @@ def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
     finite = a[np.isfinite(a)]
     if finite.size == 0 or np.ptp(finite) == 0 or finite.std() < 1e-6 * max(1.0, abs(finite).max()):
         return "the image is blank (one value everywhere)"
-    if scan.source == "image" and _is_colour_photo(path):
-        return "this looks like a colour photograph, not a medical image"
     record = predictor.input_record or {}
+    if scan.rgb is not None and not record.get("colour_inputs") and _is_colour_photo(scan.rgb):
+        return "this is a colour image, and the model was trained on grey images only"
     seen = [m for m in record.get("modalities", []) if m not in ("UNKNOWN", "")]
     if seen and scan.modality and scan.modality.upper() not in seen:
         return f"the model was trained on {', '.join(seen)} images, and this is {scan.modality}"
@@ -104,15 +104,11 @@ def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
     return None
 
 
-def _is_colour_photo(path: Path) -> bool:
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-                return False
-            rgb = np.asarray(im.convert("RGB").resize((64, 64)), np.float32)
-    except Exception:
-        return False
-    saturation = rgb.max(axis=2) - rgb.min(axis=2)
+def _is_colour_photo(rgb: np.ndarray) -> bool:
+    """Whether an (…, 3) RGB image is clearly coloured (a tenth of its pixels saturated)."""
+    rgb = np.asarray(rgb, np.float32)
+    top = max(float(rgb.max(initial=0)), 1.0)
+    saturation = (rgb.max(axis=-1) - rgb.min(axis=-1)) * (255.0 / top)
     return float(np.mean(saturation > 40)) > 0.1
 
 
@@ -120,7 +116,12 @@ def _is_colour_photo(path: Path) -> bool:
 
 def window_slice(scan: Scan, index: int, preset: str, level: float | None = None,
                  width: float | None = None) -> np.ndarray:
-    """One slice of a scan as uint8 for display, windowed by preset (or a free level/width)."""
+    """One slice of a scan as uint8 for display, windowed by preset (or a free level/width); a colour
+    scan is shown in colour, by its type's range (windows do not apply to colour)."""
+    if scan.rgb is not None:
+        rgb = scan.rgb[int(np.clip(index, 0, scan.rgb.shape[0] - 1))] if scan.is_volume else scan.rgb
+        top = scan.value_max or max(float(rgb.max(initial=0)), 1.0)
+        return (np.clip(rgb / top, 0, 1) * 255).astype(np.uint8)
     a = scan.array[int(np.clip(index, 0, scan.array.shape[0] - 1))] if scan.is_volume else \
         (scan.array if scan.array.ndim == 2 else scan.array[0])
     if preset == "custom" and width:
@@ -350,13 +351,14 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                 f"No sanity check on record for {meth} (run `medtl evaluate`)."
             if case is None:
                 return (None, p, None, msg, None, gr.update(visible=False), None, gr.update(visible=False),
-                        gr.update(visible=False), "")
+                        gr.update(visible=False), "", gr.update(), gr.update(), gr.update())
             n = case.scan.array.shape[0] if case.scan.is_volume else 1
             view = for_display(window_slice(case.scan, case.slice_index, "auto"), aspect=_aspect(case.scan))
             prof = slice_profile(case)
             return (view, p, ov, msg, case, gr.update(visible=n > 1, maximum=max(n - 1, 1), value=case.slice_index),
                     header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
-                    gr.update(visible=prof is not None), sanity_text)
+                    gr.update(visible=prof is not None), sanity_text,
+                    *[gr.update(interactive=not case.scan.is_colour)] * 3)  # no windowing for colour
 
         def on_view(case, index, pre, lv, wd):
             if case is None:
@@ -368,7 +370,8 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                 return None
             return for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
 
-        outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity]
+        outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity, preset,
+                   level, width]
         upload.change(on_upload, [model_choice, upload, method, alpha], outputs, concurrency_limit=2)
         method.change(on_upload, [model_choice, upload, method, alpha], outputs, concurrency_limit=2)
         for control in (slice_slider, preset, level, width):

@@ -139,7 +139,7 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
     A path that is absolute or leads out of that folder (``../``) is refused unless
     ``allow_outside_paths`` (``data.allow_outside_paths``). Rows with an empty field, a missing
     image, a path outside the folder or a bad label (see :func:`index_labels`) are reported
-    (logged and kept in ``Manifest.problems``, by row number) and skipped; the rest is used.
+    (logged and kept in ``Manifest.problems``, by row number and file) and skipped; the rest is used.
 
     Raises:
         ManifestError: the file is missing, not a CSV with the required columns, or has no usable row.
@@ -169,12 +169,12 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
         image = inside(root, row["image"])
         if image is None:
             if not allow_outside_paths:
-                problems.append(Problem(where, "image path is absolute or leads out of the manifest's folder "
-                                        "(set data.allow_outside_paths to allow it)"))
+                problems.append(Problem(where, f"image path {row['image']} is absolute or leads out of the manifest's "
+                                        "folder (set data.allow_outside_paths to allow it)"))
                 continue
             image = Path(row["image"]) if Path(row["image"]).is_absolute() else root / row["image"]
         if check_files and not image.is_file():
-            problems.append(Problem(where, "image file not found"))
+            problems.append(Problem(where, f"image {row['image']} not found"))
             continue
         rec = {"image": str(image), "label_value": row.get("label", ""), "patient_id": row["patient_id"], "row": where}
         for extra in ("modality", "study_id", "site"):

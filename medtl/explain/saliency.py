@@ -117,17 +117,19 @@ def explain_input(model: torch.nn.Module, x: torch.Tensor, image: np.ndarray, cl
     """``(saliency, overlay)`` of one model input (1, C, S, S) drawn on its original (H, W) image: the map
     of ``method`` with the pad-to-square and resize undone, and its colour overlay."""
     cam = compute_saliency(model, x, class_idx, method, runtime=runtime)
-    saliency = input_to_original(cam, image.shape, x.shape[-1])
+    saliency = input_to_original(cam, image.shape[:2], x.shape[-1])
     return saliency, create_overlay(image, saliency, alpha)
 
 
 def create_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a saliency map (H, W, [0, 1]) over a grey image (H, W, [0, 1]) as uint8 RGB (H, W, 3).
+    """Blend a saliency map (H, W, [0, 1]) over an image in [0, 1] — grey (H, W) or colour (H, W, 3) —
+    as uint8 RGB (H, W, 3).
 
     Uses MONAI's ``blend_images`` with the 'jet' colour map; opacity grows with saliency, so
-    regions the model ignored show the plain image.
+    regions the model ignored show the plain image, in its own colours.
     """
-    img = np.clip(np.asarray(image, np.float32), 0, 1)[None]
+    img = np.clip(np.asarray(image, np.float32), 0, 1)
+    img = img.transpose(2, 0, 1) if img.ndim == 3 else img[None]
     sal = np.clip(np.asarray(saliency, np.float32), 0, 1)[None]
     rgb = blend_images(img, sal, alpha=alpha * sal, cmap="jet", rescale_arrays=False,
                        transparent_background=False)

@@ -22,7 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from medtl.errors import CorruptImageError, MedtlInputError, UnsupportedFormatError
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
-from medtl.io.scan import Scan
+from medtl.io.scan import Scan, is_colour, luminance
 
 log = logging.getLogger("medtl.io")
 
@@ -201,6 +201,10 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     notes: list[str] = []
     array, lo_hi, padding = decode_pixels(ds, path)
     frames = array.shape[0]
+    rgb = None
+    if array.ndim == 4:  # colour: (frames, rows, columns, 3), decoded to RGB once by pydicom
+        rgb, array = array, luminance(array)
+        rgb = rgb if is_colour(rgb) else None
     header = {k: _plain(ds.get(k)) for k in SAFE_FIELDS if k in ds}
     window = _window(ds, 0, path)
     voi = FileVOI.from_dataset(ds, path)
@@ -227,10 +231,12 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
         order, positions, slice_spacing = _frame_order(ds, frames, orientation_cosines, path, notes)
         array = array[order]
         padding = None if padding is None else padding[order]
+        rgb = None if rgb is None else rgb[order]
         spacing = (slice_spacing, row_spacing, col_spacing)
     else:
         array = array[0]
         padding = None if padding is None else padding[0]
+        rgb = None if rgb is None else rgb[0]
         spacing = (row_spacing, col_spacing)
     if "PixelSpacing" not in ds and "ImagerPixelSpacing" not in ds and not _shared_item(ds, "PixelMeasuresSequence"):
         notes.append("no PixelSpacing: 1 mm per pixel assumed for display only")
@@ -239,7 +245,8 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     orientation = orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
     return Scan(array=np.ascontiguousarray(array, dtype=np.float32), spacing=spacing, modality=modality,
                 source="dicom", path=path, units="HU" if modality == "CT" else "", header=header, window=window,
-                orientation=orientation, slice_positions=positions, notes=notes, voi=voi, padding=padding)
+                orientation=orientation, slice_positions=positions, notes=notes, voi=voi, padding=padding, rgb=rgb,
+                value_max=lo_hi[1] if rgb is not None else None)
 
 
 def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
@@ -247,7 +254,7 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     the padding mask (True where PixelPaddingValue marks no image), or None.
 
     Colour is decoded once: pydicom returns RGB for every colour photometric interpretation
-    (YBR_* included), which is then turned into luminance.
+    (YBR_* included); a colour image comes back as (frames, rows, columns, 3) RGB.
     """
     try:
         pixels = ds.pixel_array
@@ -264,11 +271,8 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     if samples > 1 or photometric == "PALETTE COLOR":
         if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
-        rgb = np.asarray(pixels).reshape(frames, rows, cols, 3)
-        grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        top = float(2 ** _int(ds, "BitsStored", 8, path) - 1) if photometric != "PALETTE COLOR" else \
-            float(max(np.max(rgb), 1))
-        return grey, (0.0, top), None
+        rgb = np.asarray(pixels).reshape(frames, rows, cols, 3).astype(np.float32)
+        return rgb, (0.0, _colour_max(ds, rgb, path)), None
     pixels = np.asarray(pixels).reshape(frames, rows, cols)
     padding = _padding_mask(ds, pixels, path)
     out = np.empty(pixels.shape, np.float32)
@@ -296,6 +300,15 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
 def slope_intercept_all(ds, frames: int, path: Path) -> bool:
     """Whether every frame's values are put in HU by a rescale (not by a Modality LUT table)."""
     return all(_rescale(ds, i, path) is not None for i in range(frames))
+
+
+def _colour_max(ds, rgb: np.ndarray, path: Path) -> float:
+    """Full scale of a colour image: its stored bits' range (a palette's entries: their bit depth)."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        desc = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
+        return float(2 ** (8 if bits == 8 or float(rgb.max(initial=0)) < 256 else 16) - 1)
+    return float(2 ** (_int(ds, "BitsStored", 8, path) or 8) - 1)
 
 
 def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:

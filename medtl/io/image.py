@@ -16,11 +16,12 @@ from PIL import Image, UnidentifiedImageError
 from medtl.errors import CorruptImageError, InputTooLargeError, UnsupportedFormatError
 from medtl.io.guard import reading, safe_message
 from medtl.io.limits import read_limits
-from medtl.io.scan import Scan
+from medtl.io.scan import Scan, is_colour, luminance
 
 
 def read_picture(path: str | Path) -> Scan:
-    """Read a PNG/JPEG/TIFF as a grey (rows, columns) float32 image; RGB is converted to luminance.
+    """Read a PNG/JPEG/TIFF as a (rows, columns) float32 image; a colour picture keeps its RGB in
+    ``Scan.rgb`` (``Scan.array`` is then its luminance).
 
     The pixel count is checked against the memory budget (:mod:`medtl.io.limits`) from the
     header, before any pixel is decoded.
@@ -40,9 +41,11 @@ def read_picture(path: str | Path) -> Scan:
                     if width < 1 or height < 1:
                         raise CorruptImageError(path, f"picture of {width}x{height} pixels")
                     im.load()
+                    rgb = None
                     if im.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
                         rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-                        array = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+                        array = luminance(rgb)
+                        rgb = rgb if is_colour(rgb) else None  # a grey picture stored as RGB stays grey
                     else:  # L, I;16, I, F
                         array = np.asarray(im, dtype=np.float32)
                     fmt = im.format or ""
@@ -63,4 +66,4 @@ def read_picture(path: str | Path) -> Scan:
     else:
         value_max = 255.0
     return Scan(array=array, spacing=(1.0, 1.0), modality="", source="image", path=path, value_max=value_max,
-                header={"file_format": fmt})
+                header={"file_format": fmt}, rgb=rgb)

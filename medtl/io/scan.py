@@ -32,6 +32,11 @@ class Scan:
     notes: list[str] = field(default_factory=list)  # what could not be trusted or was decided while reading
     voi: object | None = None  # the file's non-linear VOI (medtl.io.dicom.FileVOI: a LUT table or SIGMOID), or None
     padding: np.ndarray | None = None  # True where the file marks no image (PixelPaddingValue), same shape as array
+    rgb: np.ndarray | None = None  # float32 colour of a colour source, array's shape + (3,); ``array`` is its luminance
+
+    @property
+    def is_colour(self) -> bool:
+        return self.rgb is not None
 
     @property
     def is_volume(self) -> bool:
@@ -50,6 +55,7 @@ class Scan:
             "orientation": self.orientation or "unknown",
             "value_range": [round(float(finite.min()), 3), round(float(finite.max()), 3)] if finite.size else None,
             "units": self.units or "arbitrary",
+            "colour": "RGB" if self.rgb is not None else "grey",
         }
         if self.window is not None:
             out["file_window"] = {"center": round(self.window[0], 2), "width": round(self.window[1], 2)}
@@ -57,3 +63,18 @@ class Scan:
         if self.notes:
             out["notes"] = list(self.notes)
         return out
+
+
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luminance weights
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Grey values of an (..., 3) RGB array."""
+    return np.asarray(rgb, np.float32) @ LUMA
+
+
+def is_colour(rgb: np.ndarray, tolerance: float = 0.5) -> bool:
+    """Whether an (..., 3) array holds colour (not grey stored in three equal channels)."""
+    rgb = np.asarray(rgb)
+    return bool(np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0) > tolerance
+                or np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0) > tolerance)

@@ -12,6 +12,7 @@ override them, and the reason for the choice is reported.
 from __future__ import annotations
 
 import logging
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,8 @@ class Instance:
 
     name: str  # file name inside the folder or zip (no patient data)
     ds: object  # pydicom Dataset; its pixel data is read from the file only when decoded
-    data: bytes | None = None  # the file's bytes when it came from a zip
-    file: Path | None = None  # the file on disk when it came from a folder
+    file: Path | None = None  # the file on disk (for a zip: its member, unpacked into a private folder)
+    keep: object = None  # what keeps that private folder alive (a TemporaryDirectory), or None
 
 
 @dataclass
@@ -80,10 +81,9 @@ class StudyListing:
 
 
 def _iter_sources(path: Path):
-    """Yield (name, bytes-or-path, problem) for every file in a folder (recursive) or a zip.
-
-    Zip members are read one at a time, each never past what the memory budget has left, and
-    a member that cannot be read comes with its problem (and no content) instead.
+    """Yield (name, path, keep) for every file in a folder (recursive) or a zip; ``keep`` is the
+    private folder a zip member was unpacked into. A member that cannot be unpacked comes as
+    (name, None, problem). The members, together, never pass the memory budget.
     """
     limits = read_limits()
     if path.is_dir():
@@ -107,21 +107,28 @@ def _iter_sources(path: Path):
                                      f"{limits.max_files}", "a zip of one study, or raise MEDTL_MAX_INPUT_FILES")
         total = sum(m.file_size for m in members)
         limits.check(path, total, f"unpacking {len(members)} zip members")
-        held = 0
-        for m in members:
-            left = limits.max_bytes - held
+        # members are unpacked one at a time into a private folder (mode 0700, removed with the
+        # listing): memory stays flat, and the pixels are read from disk only when decoded
+        folder = tempfile.TemporaryDirectory(prefix="medtl-zip-")
+        written = 0
+        for i, m in enumerate(members):
+            target = Path(folder.name) / f"{i:06d}.dcm"  # never the member's own name (no ../ tricks)
             try:
-                with reading(path, f"zip member {m.filename}"):
-                    with z.open(m) as f:
-                        data = f.read(left + 1)
+                with reading(path, f"zip member {m.filename}"), z.open(m) as f, open(target, "wb") as out:
+                    while piece := f.read(1 << 20):
+                        written += len(piece)
+                        if written > limits.max_bytes:
+                            raise InputTooLargeError(path, f"zip member {m.filename} inflates past the memory "
+                                                     f"budget ({limits.max_bytes} bytes for the whole study); refused")
+                        out.write(piece)
+            except InputTooLargeError:
+                folder.cleanup()
+                raise
             except MedtlInputError as e:
+                target.unlink(missing_ok=True)
                 yield m.filename, None, e.problem
                 continue
-            if len(data) > left:
-                raise InputTooLargeError(path, f"zip member {m.filename} inflates past the memory budget "
-                                         f"({limits.max_bytes} bytes for the whole study); refused")
-            held += len(data)
-            yield m.filename, data, None
+            yield m.filename, target, folder
 
 
 def list_series(path: str | Path) -> StudyListing:
@@ -133,9 +140,9 @@ def list_series(path: str | Path) -> StudyListing:
         raise UnsupportedFormatError(path, "not a folder or a zip of DICOM files")
     groups: dict[tuple, Series] = {}
     problems = []
-    for name, src, problem in _iter_sources(path):
-        if problem is not None:
-            problems.append((name, problem))
+    for name, src, extra in _iter_sources(path):
+        if src is None:
+            problems.append((name, extra))
             continue
         try:
             ds = open_dicom(src, name, defer_pixels=True)
@@ -154,8 +161,7 @@ def list_series(path: str | Path) -> StudyListing:
         except MedtlInputError as e:
             problems.append((name, e.problem))
             continue
-        from_zip = isinstance(src, bytes)
-        groups[key].instances.append(Instance(name, ds, src if from_zip else None, None if from_zip else src))
+        groups[key].instances.append(Instance(name, ds, src, extra))
     for name, reason in problems:
         log.warning("skipped %s: %s", name, reason)
     series = sorted(groups.values(), key=lambda s: (s.number, s.uid))
@@ -254,9 +260,10 @@ def _stack(series: Series, path: Path) -> Scan:
         padding = np.stack([scans[i].padding if scans[i].padding is not None else
                             np.zeros(scans[i].array.shape, bool) for i in order])
         array[padding] = array[~padding].min()  # one background for the whole volume
+    rgb = np.stack([scans[i].rgb for i in order]) if all(s.rgb is not None for s in scans) else None
     first = scans[order[0]]
     notes = sorted({n for s in scans for n in s.notes})
     return Scan(array=array, spacing=(spacing, *first.spacing), modality=first.modality, source="dicom-series",
                 path=path, units=first.units, header=first.header, window=first.window,
                 orientation=orientation_letters(iops[0], volume=True), slice_positions=pos, notes=notes,
-                voi=first.voi, padding=padding)
+                voi=first.voi, padding=padding, rgb=rgb, value_max=first.value_max)

@@ -182,7 +182,9 @@ def write_run_files(out: Path, cfg: ExperimentConfig, prepared: PreparedData, re
                             "strategy": result.strategy, "strategy_reason": result.strategy_reason,
                             "input_record": {  # what the model was trained on: inputs outside it are refused by the UI
                                 "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
-                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]})},
+                                "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]}),
+                                "colour_inputs": sum(bool(s.get("scan_colour")) for s in sets["train"]),
+                                "grey_inputs": sum(not s.get("scan_colour") for s in sets["train"])},
                             "weights_source": weights_source, "precision": result.precision,
                             "environment": environment()}
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
