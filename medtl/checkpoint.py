@@ -92,6 +92,8 @@ def load_saved_run(run_dir: str | Path) -> SavedRun:
         raise RunError(f"{run_dir}: not a medtl run (no config.yaml)")
     raw = yaml.safe_load(cfg_path.read_text()) or {}
     resolved = raw.pop("resolved", None) or {}
+    if isinstance(raw.get("data"), dict) and "color" not in raw["data"]:
+        raw["data"]["color"] = "grey"  # runs saved before colour was kept were fed luminance
     config = config_from_dict(ExperimentConfig, raw, source=cfg_path)
     model, meta = load_model(run_dir / "model.safetensors")
     return SavedRun(run_dir, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],

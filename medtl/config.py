@@ -307,6 +307,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
     look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
     look_up_option(cfg.data.color, ["auto", "rgb", "grey"], "colour mode (data.color)")
+    if cfg.data.color_jitter > 0 and (cfg.data.color == "grey" or cfg.data.ct_window == "multi"
+                                      or cfg.data.volume_mode in ("2.5d", "slices_2.5d")):
+        raise ConfigError(source, "data.color_jitter needs colour inputs: its hue and saturation would mix "
+                          "CT windows or neighbouring slices", "color 'auto' or 'rgb', one CT window, a non-2.5d mode")
     if cfg.data.ct_window == "multi":
         if len(cfg.data.ct_multi_windows) != 3:
             raise ConfigError(None, f"data.ct_multi_windows needs 3 windows, got {len(cfg.data.ct_multi_windows)}")

@@ -119,6 +119,8 @@ def use_colour(scan: Scan, data: DataConfig, channels: int = 3) -> bool:
     """
     if data.color == "rgb" and scan.rgb is None:
         raise MedtlInputError(scan.path, "a grey image where data.color is 'rgb'", "a colour image, or data.color 'auto'")
+    if scan.is_volume and data.volume_mode in ("2.5d", "slices_2.5d"):
+        return False  # the three channels are neighbouring slices: luminance
     return scan.rgb is not None and data.color != "grey" and channels == 3
 
 
@@ -243,7 +245,9 @@ def display_image(part: dict) -> np.ndarray:
     middle channel (the slice itself in 2.5d)."""
     channels = np.asarray(part["image"])
     if part.get("scan_colour"):
-        return np.ascontiguousarray(channels[:3].transpose(1, 2, 0))
+        n = int(part.get("n_inputs", 1) or 1)  # a whole study of n colour slices: its middle slice
+        middle = (n // 2) * 3 if channels.shape[0] == 3 * n else 0
+        return np.ascontiguousarray(channels[middle:middle + 3].transpose(1, 2, 0))
     return channels[channels.shape[0] // 2]
 
 
@@ -434,11 +438,14 @@ class RepeatToChannelsd(MapTransform):
         d = dict(d)
         for key in self.key_iterator(d):
             x = d[key]
-            if x.shape[0] != self.channels:
+            if x.shape[0] == self.channels:  # a copy: the normalisation after this works in place
+                x = x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+            else:
                 if x.shape[0] != 1:
                     raise ConfigError(None, f"{x.shape[0]}-channel inputs for an encoder with {self.channels}",
                                       "1-channel inputs, or an encoder with as many input channels")
-                x = x.repeat(self.channels, 1, 1) if isinstance(x, torch.Tensor) else np.repeat(x, self.channels, 0)
+                x = x.repeat(self.channels, *([1] * (x.ndim - 1))) if isinstance(x, torch.Tensor) else \
+                    np.repeat(x, self.channels, 0)
             d[key] = x
         return d
 

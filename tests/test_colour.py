@@ -126,3 +126,20 @@ def test_the_ui_refuses_colour_for_a_grey_model_and_accepts_it_for_a_colour_one(
     assert check_input(colour_model, scan, tmp_path / "photo.png") is None
     view = window_slice(scan, 0, "lung")  # window presets do not apply to colour
     assert view.shape == (64, 64, 3) and np.array_equal(view, vivid)
+
+
+def test_the_final_chain_never_changes_the_decoded_sample(tmp_path):
+    """A square colour input at the model's size passes resize and pad untouched: the normalisation
+    must not write into the cached sample (it did, once: inputs drifted every epoch)."""
+    from medtl.transforms import create_transforms, prepare_inputs
+
+    images, _ = hue_only_images(1, size=32)
+    Image.fromarray(images[0]).save(tmp_path / "square.png")
+    pre = Preprocessing(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3)
+    deterministic, final = create_transforms(DataConfig(), pre, train=False)
+    sample = deterministic({"image": str(tmp_path / "square.png"), "label": 0})
+    before = np.array(sample["image"], copy=True)
+    first, parts = prepare_inputs(sample, final)
+    again, _ = prepare_inputs(sample, final)
+    assert np.array_equal(np.asarray(sample["image"]), before) and torch.equal(first, again)
+    assert 0 <= display_image(parts[0]).min() and display_image(parts[0]).max() <= 1

@@ -83,8 +83,8 @@ def prepare_upload(files, workdir: Path) -> Path | None:
 def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
     """Why the model should not answer for this scan (the reason, in words), or None.
 
-    Refused: a blank image; a colour photograph (a natural picture, not a scan); a modality or a
-    dimensionality the model never saw in training.
+    Refused: a blank image; a colour image for a model trained on grey images only (or a grey one
+    for a colour-only model); a modality or a dimensionality the model never saw in training.
     """
     a = scan.array
     finite = a[np.isfinite(a)]
@@ -93,6 +93,8 @@ def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
     record = predictor.input_record or {}
     if scan.rgb is not None and not record.get("colour_inputs") and _is_colour_photo(scan.rgb):
         return "this is a colour image, and the model was trained on grey images only"
+    if scan.rgb is None and record.get("colour_inputs") and record.get("grey_inputs") == 0:
+        return "this is a grey image, and the model was trained on colour images only"
     seen = [m for m in record.get("modalities", []) if m not in ("UNKNOWN", "")]
     if seen and scan.modality and scan.modality.upper() not in seen:
         return f"the model was trained on {', '.join(seen)} images, and this is {scan.modality}"
@@ -351,14 +353,16 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                 f"No sanity check on record for {meth} (run `medtl evaluate`)."
             if case is None:
                 return (None, p, None, msg, None, gr.update(visible=False), None, gr.update(visible=False),
-                        gr.update(visible=False), "", gr.update(), gr.update(), gr.update())
+                        gr.update(visible=False), "", *[gr.update(interactive=True)] * 3)
             n = case.scan.array.shape[0] if case.scan.is_volume else 1
             view = for_display(window_slice(case.scan, case.slice_index, "auto"), aspect=_aspect(case.scan))
             prof = slice_profile(case)
             return (view, p, ov, msg, case, gr.update(visible=n > 1, maximum=max(n - 1, 1), value=case.slice_index),
                     header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
                     gr.update(visible=prof is not None), sanity_text,
-                    *[gr.update(interactive=not case.scan.is_colour)] * 3)  # no windowing for colour
+                    gr.update(interactive=not case.scan.is_colour,  # no windowing for colour
+                              info="windows do not apply to colour images" if case.scan.is_colour else None),
+                    *[gr.update(interactive=not case.scan.is_colour)] * 2)
 
         def on_view(case, index, pre, lv, wd):
             if case is None:

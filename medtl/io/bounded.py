@@ -5,12 +5,19 @@ that has only medtl's readers imported, no torch) with an address-space limit an
 wall-clock limit. The child sends back the :class:`~medtl.io.scan.Scan` or the typed error; a
 child that runs past the time limit is killed, and one that dies (a crash in a native decoder,
 or killed for memory) becomes a typed error too. The web UI and ``medtl predict`` read through it.
+Anything the child writes to disk (unpacked zip members) goes to a private folder that the parent
+removes after the read, however it ended.
+
+Like every multiprocessing start method but fork, the fork server imports the main script once:
+a script calling this needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import resource
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,7 +49,8 @@ def _vm_size() -> int:
     return 0
 
 
-def _child(conn, path: str, kwargs: dict, limits: ReadLimits) -> None:
+def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str) -> None:
+    tempfile.tempdir = scratch  # unpacked zip members go where the parent removes them, whatever happens here
     try:
         cap = _vm_size() + 2 * limits.max_bytes + _OVERHEAD
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -54,7 +62,7 @@ def _child(conn, path: str, kwargs: dict, limits: ReadLimits) -> None:
     try:
         result = ("scan", read_image(path, **kwargs))
     except MedtlInputError as e:
-        result = ("error", e)
+        result = ("error", e.with_traceback(None))
     except MemoryError:
         result = ("error", InputTooLargeError(path, "reading it ran out of the memory allowed to one input"))
     except BaseException as e:  # noqa: BLE001 - nothing but a typed error leaves the worker
@@ -76,8 +84,9 @@ def read_image_bounded(path: str | Path, limits: ReadLimits | None = None, **kwa
     path = Path(path)
     limits = limits or read_limits()
     ctx = _ctx()
+    scratch = tempfile.mkdtemp(prefix="medtl-read-")  # mode 0700; removed below, even if the child is killed
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, str(path), kwargs, limits), daemon=True)
+    proc = ctx.Process(target=_child, args=(sender, str(path), kwargs, limits, scratch), daemon=True)
     proc.start()
     sender.close()
     try:
@@ -98,6 +107,7 @@ def read_image_bounded(path: str | Path, limits: ReadLimits | None = None, **kwa
         if proc.is_alive():
             proc.kill()
             proc.join()
+        shutil.rmtree(scratch, ignore_errors=True)
     if kind == "error":
         raise value
     return value

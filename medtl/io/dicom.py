@@ -10,6 +10,7 @@ leave this module.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -19,7 +20,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from medtl.errors import CorruptImageError, MedtlInputError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance
@@ -142,8 +143,9 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
                                      "an image object such as CT, MR, CR or DX")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper().strip()
     if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise UnsupportedFormatError(path, "unsupported PhotometricInterpretation "
-                                     f"{photometric[:16]!r}", ", ".join(SUPPORTED_PHOTOMETRIC))
+        shown = f" {photometric!r}" if re.fullmatch(r"[A-Z0-9_ ]{1,16}", photometric) else ""  # a code, not a name
+        raise UnsupportedFormatError(path, f"unsupported PhotometricInterpretation{shown}",
+                                     ", ".join(SUPPORTED_PHOTOMETRIC))
     ts = getattr(ds.get("file_meta"), "get", lambda k: None)("TransferSyntaxUID")
     if ts is None or not pydicom.uid.UID(str(ts)).is_transfer_syntax:
         shown = str(ts)[:64] if ts is not None and pydicom.uid.UID(str(ts)).is_valid else "missing or not a UID"
@@ -163,15 +165,28 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     read_limits().check(path, needed, f"decoding {_int(ds, 'Rows', 0, path)}x{_int(ds, 'Columns', 0, path)}"
                         f"x{_int(ds, 'NumberOfFrames', 1, path) or 1} pixels")
     if "PixelData" in ds:
-        value = ds.PixelData
-        if value is None or len(value) == 0:
+        length = _stored_length(ds, "PixelData")
+        if length == 0:
             raise CorruptImageError(path, "pixel data element is empty")
-        if not pydicom.uid.UID(str(ts)).is_compressed and len(value) < raw:
+        if length != 0xFFFFFFFF:  # (undefined: encapsulated fragments)
+            read_limits().check(path, length, "the pixel data element")
+        if not pydicom.uid.UID(str(ts)).is_compressed and length < raw:
             raise CorruptImageError(
-                path, f"pixel data holds {len(value)} bytes, fewer than Rows x Columns x frames needs ({raw})")
+                path, f"pixel data holds {length} bytes, fewer than Rows x Columns x frames needs ({raw})")
     if str(ds.get("Modality", "")).upper() == "CT" and _rescale(ds, 0, path) is None:
         raise CorruptImageError(path, "CT image without Rescale Intercept: values cannot be put in "
                                 "Hounsfield units", "a CT with RescaleSlope/RescaleIntercept")
+
+
+def _stored_length(ds: pydicom.Dataset, key: str) -> int:
+    """An element's length in bytes, without reading a deferred value from the file."""
+    elem = ds.get_item(key)
+    if isinstance(elem, pydicom.dataelem.RawDataElement):
+        if elem.value is None:  # deferred: the length from the element's header
+            return int(elem.length)
+        return len(elem.value)
+    value = elem.value
+    return 0 if value is None else len(value)
 
 
 def read_dicom(path: str | Path, data: bytes | None = None) -> Scan:
@@ -185,7 +200,9 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Scan:
         InputTooLargeError: decoding it would pass the memory budget (:mod:`medtl.io.limits`).
     """
     path = Path(path)
-    ds = open_dicom(data if data is not None else path, path)
+    if data is None and not path.is_file():
+        raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
+    ds = open_dicom(data if data is not None else path, path, defer_pixels=True)  # pixels read after the checks
     return dataset_to_scan(ds, path)
 
 

@@ -8,13 +8,27 @@ replaced by ``'…'``: a garbled header may put a patient's name where a number 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import warnings
 import zlib
 from pathlib import Path
 
 from medtl.errors import CorruptImageError, InputTooLargeError, MedtlInputError
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
+class _NoValues(logging.Filter):
+    """Cuts quoted values from pydicom's log records ("Invalid value for VR PN: 'DOE^JOHN'")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _QUOTED.sub("'…'", record.getMessage())
+        record.args = ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_NoValues())
 
 
 def safe_message(e: BaseException, limit: int = 160) -> str:
@@ -32,7 +46,9 @@ def reading(path: str | Path | None, what: str):
     Typed errors pass through; running out of memory becomes :class:`InputTooLargeError`.
     """
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library warnings quote header values ("Invalid value for VR ...")
+            yield
     except MedtlInputError:
         raise
     except MemoryError:

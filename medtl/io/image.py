@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medtl.errors import CorruptImageError, InputTooLargeError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, FileMissingError, InputTooLargeError, UnsupportedFormatError
 from medtl.io.guard import reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance
@@ -27,6 +27,8 @@ def read_picture(path: str | Path) -> Scan:
     header, before any pixel is decoded.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
     with reading(path, "image"):
         try:
             budget = read_limits().max_bytes

@@ -10,7 +10,7 @@ import struct
 import nibabel as nib
 import numpy as np
 
-from medtl.errors import CorruptImageError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, FileMissingError, UnsupportedFormatError
 from medtl.io.guard import reading
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
@@ -26,6 +26,8 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
     A 4D file needs ``volume_index``.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
     if path.stat().st_size == 0:
         raise CorruptImageError(path, "file is empty", "a NIfTI-1 or NIfTI-2 volume")
     with reading(path, "NIfTI volume"):

@@ -298,7 +298,10 @@ def test_colour_dicom_decoded_once_equal_to_pydicom(tmp_path, photometric):
     rgb[4:, :4] = (20, 180, 90)
     path = _colour_dicom(tmp_path / f"{photometric}.dcm", rgb, photometric)
     reference = pydicom.dcmread(path).pixel_array.astype(np.float32)  # pydicom's RGB
-    grey = read_image(path).array
+    scan = read_image(path)
+    np.testing.assert_array_equal(scan.rgb, reference)  # the colour kept, decoded once
+    assert scan.value_max == 255
+    grey = scan.array
     np.testing.assert_allclose(grey, reference @ np.array([0.299, 0.587, 0.114], np.float32), atol=1e-3)
     assert abs(grey[0, 0] - (0.299 * 200 + 0.587 * 60 + 0.114 * 30)) < 2.5  # 98.4, not 176.6
 
@@ -370,3 +373,67 @@ def test_bounded_reader_returns_the_scan_or_the_typed_error(tmp_path):
                              np.eye(4)), big)
     with pytest.raises(InputTooLargeError, match="longer than"):
         read_image_bounded(big, limits=ReadLimits(timeout_s=0.01))
+
+
+def test_a_large_single_dicom_is_refused_before_its_pixels_are_read(tmp_path):
+    ds = _ct()
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)  # 32 MiB of pixels, within what the file holds
+    path = _save(ds, tmp_path / "large.dcm")
+    with using_read_limits(ReadLimits(max_bytes=16 << 20)):
+        out, peak = _peak(lambda: read_image(path))
+    assert isinstance(out, InputTooLargeError) and "large.dcm" in str(out), out
+    assert peak < 4 << 20, peak  # the pixel data stayed on disk
+
+
+def test_header_values_stay_out_of_warnings_logs_and_errors(tmp_path, caplog, recwarn):
+    ds = _ct()
+    with _unchecked():
+        ds.NumberOfFrames = "1"
+        _save(ds, tmp_path / "named.dcm")
+    data = (tmp_path / "named.dcm").read_bytes()
+    at = data.index(b"\x28\x00\x08\x00IS")  # (0028,0008) NumberOfFrames: a name where a number belongs
+    data = data[:at + 6] + struct.pack("<H", 6) + b"DOEJAN" + data[at + 10:]
+    (tmp_path / "named.dcm").write_bytes(data)
+    with caplog.at_level("DEBUG"):
+        with pytest.raises(MedtlInputError) as e:
+            read_image(tmp_path / "named.dcm")
+        pydicom.dcmread(tmp_path / "named.dcm").NumberOfFrames  # pydicom's own log, through medtl's filter
+    assert "DOEJAN" not in str(e.value) and "DOEJAN" not in caplog.text
+    assert not any("DOEJAN" in str(w.message) for w in recwarn if "medtl" in w.filename)
+
+
+def test_missing_files_are_file_missing_errors_for_every_reader(tmp_path):
+    from medtl.errors import FileMissingError
+    from medtl.io import read_dicom, read_nifti, read_picture
+
+    for reader, name in ((read_dicom, "a.dcm"), (read_nifti, "a.nii.gz"), (read_picture, "a.png"),
+                         (read_image, "a.dcm")):
+        with pytest.raises(FileMissingError, match=name):
+            reader(tmp_path / name)
+
+
+def test_the_bounded_reader_leaves_no_unpacked_members_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        good = open(get_testdata_file("CT_small.dcm"), "rb").read()
+        study = tmp_path / "study.zip"
+        with zipfile.ZipFile(study, "w") as z:
+            z.writestr("a.dcm", good)
+            z.writestr("b.dcm", good[:300])
+        read_image_bounded(study)  # read
+        with pytest.raises(MedtlInputError):  # refused inside the child
+            read_image_bounded(study, series_uid="1.2.3")
+        big = tmp_path / "slow.zip"
+        with zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as z:
+            for i in range(40):
+                z.writestr(f"{i}.dcm", bytes(8 << 20))
+        with pytest.raises(InputTooLargeError, match="longer than"):  # killed while unpacking
+            read_image_bounded(big, limits=ReadLimits(timeout_s=0.3))
+        assert list((tmp_path / "tmp").iterdir()) == []
+    finally:
+        tempfile.tempdir = None

@@ -50,7 +50,8 @@ def test_refusals_give_the_reason(tiny_run, sample_dir, tmp_path):
     photo[..., 0] = rng.integers(150, 255, (64, 64))  # strongly coloured: a photograph, not a scan
     photo[..., 2] = rng.integers(0, 60, (64, 64))
     Image.fromarray(photo).save(tmp_path / "cat.jpg")
-    assert "colour photograph" in analyse(predictor, str(tmp_path / "cat.jpg"))[3]
+    assert "colour image, and the model was trained on grey images only" in \
+        analyse(predictor, str(tmp_path / "cat.jpg"))[3]
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     mr.save_as(tmp_path / "mr.dcm")
     message = analyse(predictor, str(tmp_path / "mr.dcm"))[3]
