@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medtl.errors import CorruptImageError, FileMissingError, InputTooLargeError, UnsupportedFormatError
+from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
+                          UnsupportedFormatError)
 from medtl.io.guard import reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance
@@ -52,6 +53,8 @@ def read_picture(path: str | Path) -> Scan:
                         array = np.asarray(im, dtype=np.float32)
                     fmt = im.format or ""
                     mode = im.mode
+        except MedtlInputError:
+            raise
         except UnidentifiedImageError:
             raise UnsupportedFormatError(path, "not a readable PNG/JPEG/TIFF image") from None
         except Image.DecompressionBombError:
