@@ -1,6 +1,11 @@
 """medtl's speed figures, each measured against a baseline in the same run.
 
-    python pipelines/benchmark.py [--json results.json] [--sections train] [--no-compile]
+    python pipelines/benchmark.py [--json results.json] [--sections train] [--no-compile] [--quick]
+
+``--quick`` prints the same figures from a small, fast run (64 px inputs, batches of 4, 2 epochs of
+a few dozen images, a 20-slice series scaled to 100 slices, no torch.compile, one timing per figure
+instead of the best of several): a check that the script and its baselines work, not a measurement
+to quote.
 
 Sections (all on generated sample data, so the script runs anywhere):
   io        decode + preprocessing throughput: medtl's chain with and without its decoded-input
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +55,25 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def bench_io(work: Path, size: int) -> dict:
+class Scale(NamedTuple):  # not a dataclass: the tests import this script without registering it in sys.modules
+    """How much work each section does: the full benchmark, or ``--quick``."""
+
+    sample_patients: int = 48  # 2D sample images: 2 per patient (io, probe, infer)
+    train_patients: int = 128  # images for the training loops: 2 per patient
+    series_slices: int = 100  # the DICOM series (io, infer); its figures are per 100 slices
+    image_px: int = 128  # side of the generated images
+    probe_epochs: int = 10
+    repeat: int = 3  # timings per figure (the best counts)
+    batch_size: int = 16
+    size: int = 224  # encoder input size
+
+
+FULL = Scale()
+QUICK = Scale(sample_patients=12, train_patients=16, series_slices=20, image_px=64, probe_epochs=2, repeat=1,
+              batch_size=4, size=64)
+
+
+def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange, SpatialPad
 
     manifest = work / "sample" / "manifest.csv"
@@ -58,13 +82,13 @@ def bench_io(work: Path, size: int) -> dict:
     pre = resolve_preprocessing(create_encoder("efficientnet_lite0", pretrained=False), size)
     det, final = create_transforms(data, pre, train=False)
     records = [{"image": f, "label": 0} for f in files]
-    cold = timed(lambda: [final(det(r)) for r in records], 3)
+    cold = timed(lambda: [final(det(r)) for r in records], repeat)
     cached = [det(r) for r in records]
-    warm = timed(lambda: [final({"image": c["image"], "label": 0}) for c in cached], 3)
+    warm = timed(lambda: [final({"image": c["image"], "label": 0}) for c in cached], repeat)
     plain = Compose([LoadImage(image_only=True, reader="PydicomReader"), EnsureChannelFirst(),
                      ScaleIntensityRange(-160, 240, 0, 1, clip=True), Resize(size, size_mode="longest"),
                      SpatialPad((size, size))])
-    base = timed(lambda: [plain(f) for f in files], 3)
+    base = timed(lambda: [plain(f) for f in files], repeat)
     n = len(files)
     out = {"io_2d_files": n, "io_2d_medtl_img_per_s": n / cold, "io_2d_medtl_cached_img_per_s": n / warm,
            "io_2d_plain_monai_img_per_s": n / base}
@@ -72,10 +96,11 @@ def bench_io(work: Path, size: int) -> dict:
     from medtl.io import read_series
 
     series = work / "series"
-    t_medtl = timed(lambda: read_series(series), 3)
-    t_plain = timed(lambda: LoadImage(image_only=True, reader="PydicomReader")(str(series)), 3)
-    out.update(io_series_slices=100, io_series_medtl_slices_per_s=100 / t_medtl,
-               io_series_plain_monai_slices_per_s=100 / t_plain)
+    n_slices = len(list(series.iterdir()))
+    t_medtl = timed(lambda: read_series(series), repeat)
+    t_plain = timed(lambda: LoadImage(image_only=True, reader="PydicomReader")(str(series)), repeat)
+    out.update(io_series_slices=n_slices, io_series_medtl_slices_per_s=n_slices / t_medtl,
+               io_series_plain_monai_slices_per_s=n_slices / t_plain)
     return out
 
 
@@ -120,19 +145,19 @@ def raw_train_speed(size: int, batch_size: int, precision: str, channels_last: b
                                   compile_model=compile_)
 
 
-def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True) -> dict:
+def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True, repeats: int = 3) -> dict:
     """The best raw configuration: each precision this hardware runs natively (fp32 always; bf16 where
     native, emulated bf16 being far slower) in NCHW and channels-last, then the best of those compiled."""
     out, speeds = {}, {}
     for precision in precision_candidates(torch.device("cpu")):
         for cl in (False, True):
             key = f"{precision}_{'channels_last' if cl else 'nchw'}"
-            speeds[key] = raw_train_speed(size, batch_size, precision, cl, False, steps)
+            speeds[key] = raw_train_speed(size, batch_size, precision, cl, False, steps, repeats)
             out[f"raw_{key}_img_per_s"] = speeds[key]
     best = max(speeds, key=speeds.get)
     if compile_best:
         precision, layout = best.split("_", 1)
-        compiled = raw_train_speed(size, batch_size, precision, layout == "channels_last", True, steps)
+        compiled = raw_train_speed(size, batch_size, precision, layout == "channels_last", True, steps, repeats)
         out[f"raw_{best}_compiled_img_per_s"] = compiled
         if compiled > speeds[best]:
             speeds[f"{best}_compiled"] = compiled
@@ -141,15 +166,18 @@ def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True)
     return out
 
 
-def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_best: bool = True) -> dict:
+def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_best: bool = True,
+                n_patients: int = 128, image_px: int = 128, repeats: int = 3) -> dict:
     """medtl's loop (precision auto; eager, and compiled too where a compiled raw configuration is the
     fastest) on decoded sample data with augmentation, between two measurements of the raw
     computation; each side's figure is its best timed stretch of one epoch's steps."""
     manifest = work / "train_sample" / "manifest.csv"
-    create_sample_data(manifest.parent, n_patients=128, n_volumes=0, force=True)
+    create_sample_data(manifest.parent, n_patients=n_patients, n_volumes=0, size=image_px, force=True)
     cfg, _, (train, val, _) = _prepared(manifest, size, augment=True)
     steps = len(train) // batch_size
-    raw = bench_raw(size, batch_size, steps, compile_best)
+    if steps < 1:
+        raise SystemExit(f"the training split has {len(train)} images, fewer than one batch of {batch_size}")
+    raw = bench_raw(size, batch_size, steps, compile_best, repeats)
     plain = plain_loop(train, size, epochs, batch_size)
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
     loops = {}
@@ -164,7 +192,7 @@ def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_bes
     medtl = max(loops.values())
     precision, layout = raw["best_raw_train_config"].split("_", 1)
     again = raw_train_speed(size, batch_size, precision, layout.startswith("channels_last"),
-                            layout.endswith("compiled"), steps)
+                            layout.endswith("compiled"), steps, repeats)
     best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
     return {**raw, "best_raw_train_img_per_s": best_raw, "train_input_px": size, "train_batch_size": batch_size,
             "train_images": len(train), "train_precision": result.precision, "train_timed_epochs": len(timed_epochs),
@@ -185,7 +213,8 @@ def bench_probe(work: Path, size: int, epochs: int) -> dict:
     return out
 
 
-def bench_infer(work: Path, size: int) -> dict:
+def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
+    """Latency per image and per 100-slice volume (a shorter series is timed and scaled to 100 slices)."""
     from medtl.train import run_experiment
 
     manifest = work / "sample" / "manifest.csv"
@@ -201,36 +230,52 @@ def bench_infer(work: Path, size: int) -> dict:
         if mode == "middle":
             image = read_dataset(manifest).records[0]["image"]
             predictor.predict(image)
-            out["infer_image_predict_ms"] = 1000 * timed(lambda: predictor.predict(image), 5)
-            out["infer_image_explain_ms"] = 1000 * timed(lambda: predictor.explain(image), 5)
+            out["infer_image_predict_ms"] = 1000 * timed(lambda: predictor.predict(image), repeat)
+            out["infer_image_explain_ms"] = 1000 * timed(lambda: predictor.explain(image), repeat)
         else:
             series = work / "series"
-            out["infer_volume100_predict_s"] = timed(lambda: predictor.predict(series))
-            out["infer_volume100_explain_s"] = timed(lambda: predictor.explain(series))
+            per_100 = 100 / len(list(series.iterdir()))
+            out["infer_volume100_predict_s"] = per_100 * timed(lambda: predictor.predict(series))
+            out["infer_volume100_explain_s"] = per_100 * timed(lambda: predictor.explain(series))
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    p.add_argument("--size", type=int, default=224, help="encoder input size in pixels (default 224)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs per loop, the first untimed (default 4)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--size", type=int, help="encoder input size in pixels (default 224; 64 with --quick)")
+    p.add_argument("--epochs", type=int,
+                   help="training epochs per loop, the first untimed (default 4; 2 with --quick; at least 2)")
+    p.add_argument("--batch-size", type=int, help="default 16; 4 with --quick")
     p.add_argument("--sections", default="io,train,probe,infer", help="comma-separated subset to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (about 70 s)")
+    p.add_argument("--quick", action="store_true",
+                   help="the same figures from a small, fast run (implies --no-compile): a smoke test, not a measurement")
     args = p.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    size = args.size or scale.size
+    epochs = args.epochs or (2 if args.quick else 4)
+    batch_size = args.batch_size or scale.batch_size
+    compile_best = not (args.no_compile or args.quick)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - {"io", "train", "probe", "infer"})
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from io, train, probe, infer")
+    if epochs < 2:
+        p.error("--epochs must be at least 2 (the first epoch is an untimed warm-up)")
     logging.basicConfig(level=logging.WARNING)
     figures = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_bf16": native_bf16(torch.device("cpu"))}
-    sections = args.sections.split(",")
+               "cpu_bf16": native_bf16(torch.device("cpu")), "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        create_sample_data(work / "sample", n_patients=48, n_volumes=0, force=True)
-        create_sample_series(work / "series", n_slices=100)
-        steps = {"io": lambda: bench_io(work, args.size),
-                 "train": lambda: bench_train(work, args.size, args.epochs, args.batch_size, not args.no_compile),
-                 "probe": lambda: bench_probe(work, args.size, 10),
-                 "infer": lambda: bench_infer(work, args.size)}
+        create_sample_data(work / "sample", n_patients=scale.sample_patients, n_volumes=0, size=scale.image_px,
+                           force=True)
+        create_sample_series(work / "series", n_slices=scale.series_slices, size=scale.image_px)
+        steps = {"io": lambda: bench_io(work, size, scale.repeat),
+                 "train": lambda: bench_train(work, size, epochs, batch_size, compile_best, scale.train_patients,
+                                              scale.image_px, scale.repeat),
+                 "probe": lambda: bench_probe(work, size, scale.probe_epochs),
+                 "infer": lambda: bench_infer(work, size, 5 if scale.repeat > 1 else 1)}
         for name in sections:
             t0 = time.perf_counter()
             result = steps[name]()

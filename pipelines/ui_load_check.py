@@ -27,7 +27,6 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=5)
     args = p.parse_args(argv)
 
-    import gradio as gr
     from gradio_client import Client, handle_file
 
     from medtl_ui.app import launch
@@ -35,7 +34,7 @@ def main(argv=None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch(args.run, port=port, prevent_thread_lock=True)
+    app, _, _ = launch(args.run, port=port, prevent_thread_lock=True)
     url = f"http://127.0.0.1:{port}/"
     run_name = args.run.name
 
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(args.users) as pool:
         results = [r for rs in pool.map(user, range(args.users)) for r in rs]
     wall = time.perf_counter() - t0
-    gr.close_all()
+    app.get_blocks().close()  # this check's own server only (close_all would stop every app in the process)
     latencies = np.array([t for t, _ in results])
     errors = [e for _, e in results if e]
     print(f"{args.users} users x {args.requests} requests = {len(results)} requests in {wall:.1f} s")

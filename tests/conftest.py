@@ -3,14 +3,59 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from medtl.config import load_config
 from medtl.data import create_sample_data
 
 SHARED = Path(os.environ.get("MEDTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+MUST_RUN = ("browser", "shared_data")  # with MEDTL_NO_SKIP=1 (CI), a skip of these fails the run
+_must_run_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and os.environ.get("MEDTL_NO_SKIP") == "1" and any(m in report.keywords for m in MUST_RUN):
+        _must_run_skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _must_run_skipped:
+        print(f"\nMEDTL_NO_SKIP: {len(_must_run_skipped)} browser/real-data tests were skipped:\n  "
+              + "\n  ".join(_must_run_skipped))
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Every test leaves threads, environment, temporary folder, working directory and read limits as
+    it found them (a test that changes one cannot change the next test's outcome)."""
+    from medtl.io import limits
+
+    threads, env, tmp, cwd, read = torch.get_num_threads(), dict(os.environ), tempfile.tempdir, os.getcwd(), \
+        limits._current
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = tmp
+    os.chdir(cwd)
+    limits._current = read
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_reader_folders():
+    """The readers' private folders (unpacked zip members: patient data) are all removed."""
+    root = Path(tempfile.gettempdir())
+    before = set(root.glob("medtl-read-*")) | set(root.glob("medtl-zip-*"))
+    yield
+    left = (set(root.glob("medtl-read-*")) | set(root.glob("medtl-zip-*"))) - before
+    assert not left, f"reader folders left behind: {sorted(map(str, left))}"
 
 
 def tiny_config(manifest: Path, **train):

@@ -407,16 +407,16 @@ def _describe(predictor: Predictor) -> str:
 def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
            prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto"):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
-    os.environ["GRADIO_TEMP_DIR"] = str(workdir)
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     credentials = None
-    if auth:
+    if auth:  # checked before anything is set up
         user, sep, password = auth.partition(":")
         if not sep or not user or not password:
             raise MedtlError("--auth must be USER:PASS")
         credentials = (user, password)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
+    os.environ["GRADIO_TEMP_DIR"] = str(workdir)
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     demo = create_app(run, workdir, device=device)
     return demo.launch(server_name=host, server_port=port, share=False, auth=credentials,
                        max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -82,7 +83,7 @@ def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: 
     manifest = manifest or read_data(data)
     deterministic, _ = create_transforms(data, pre, train=False)
     log.info("%r; decoding images", manifest)
-    samples, problems = decode_records(manifest.records, deterministic, data.cache_dir)
+    samples, problems = decode_records(manifest.records, deterministic, cache_folder(data, pre))
     problems = manifest.problems + problems
     if not samples:
         raise MedtlInputError(manifest.path, "no image in the data set could be read")
@@ -99,6 +100,22 @@ def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: 
     check_split_classes(labels, parts, len(manifest.class_names))
     sets = {name: [samples[i] for i in idx] for name, idx in parts.items()}
     return PreparedData(manifest, sets, problems, how)
+
+
+def cache_folder(data: DataConfig, pre: Preprocessing) -> str | None:
+    """``data.cache_dir``/<hash of every setting that shapes a decoded input>: runs with other intensity,
+    colour, volume or size settings never read each other's cached inputs."""
+    if not data.cache_dir:
+        return None
+    shaping = {k: v for k, v in dataclasses.asdict(data).items()
+               if k not in ("path", "cache_dir", "val_fraction", "test_fraction", "augment", "flip", "color_jitter",
+                            "classes", "allow_outside_paths", "slice_aggregation", "top_k")}
+    key = json.dumps({"data": shaping, "input_size": pre.input_size, "in_chans": pre.in_chans,
+                      "spatial_dims": pre.spatial_dims, "medtl": CACHE_FORMAT}, sort_keys=True, default=str)
+    return str(Path(data.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+CACHE_FORMAT = 2  # bump when the decoded samples' content changes
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:

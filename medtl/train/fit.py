@@ -100,8 +100,8 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) ->
                              cfg.layer_decay)]
     if strategy == "gradual":  # fastai/ULMFiT: one more group from the top every `gradual_epochs`
         stages, left = list(head), cfg.epochs
-        for k in range(1, n_groups + 1):
-            n = cfg.gradual_epochs if k < n_groups else left
+        for k in range(1, n_groups + 1):  # within train.epochs: the last stage takes what is left
+            n = min(cfg.gradual_epochs, left) if k < n_groups else left
             if n <= 0:
                 break
             stages.append(Stage(f"unfreeze_{k}", n, k if k < n_groups else ALL, cfg.lr / 2, enc_lr, cfg.layer_decay))

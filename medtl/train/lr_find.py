@@ -27,7 +27,7 @@ from medtl.train.fit import train_epoch
 class LRFindResult:
     lrs: list[float]  # learning rate of each step
     losses: list[float]  # smoothed training loss of each step
-    suggestion: float  # rate at the steepest descent of the smoothed loss
+    suggestion: float  # rate at the steepest descent of the smoothed loss, before its lowest point
 
     def plot(self, path: str | Path) -> Path:
         import matplotlib  # heavy optional import, on use
@@ -70,7 +70,11 @@ def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
     train_epoch(batches, step, opt, schedule, on_loss=on_loss)
     grads = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
     skip = min(5, len(grads) - 1)  # the first steps are dominated by the smoothing warm-up
-    suggestion = lrs[skip + int(np.argmin(grads[skip:]))]
+    lowest = int(np.argmin(smoothed))  # past the lowest loss the curve only shows the divergence
+    if lowest > skip + 1:  # the steepest descent on the way down to the lowest loss
+        suggestion = lrs[skip + int(np.argmin(grads[skip:lowest]))]
+    else:  # no descent to speak of: a tenth of the rate at the lowest loss
+        suggestion = lrs[lowest] / 10
     return LRFindResult(lrs, smoothed, suggestion)
 
 

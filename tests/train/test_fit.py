@@ -26,12 +26,16 @@ def tiny_data(sample_dir):
     return cfg, samples[:24], samples[24:], final
 
 
-def test_frozen_stage_leaves_encoder_bit_identical(tiny_data):
+@pytest.mark.parametrize("cache_features", [False, True])
+def test_frozen_stage_leaves_encoder_bit_identical(tiny_data, cache_features):
+    """Without the feature cache the encoder runs live, in training mode, through the freezing logic
+    (requires_grad off, frozen BatchNorm kept in eval mode); with it, on features extracted once."""
     cfg, train, val, final = tiny_data
     model = create_encoder("efficientnet_lite0", num_classes=2)
     head = {k for k in model.state_dict() if k.startswith("classifier.")}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False)
+    tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False,
+                             cache_features=cache_features)
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     after = model.state_dict()
     for k in before:  # parameters and BatchNorm running statistics alike
@@ -39,6 +43,29 @@ def test_frozen_stage_leaves_encoder_bit_identical(tiny_data):
             continue
         assert torch.equal(before[k], after[k]), k
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+
+def test_partial_trains_the_top_groups_only(tiny_data):
+    """``partial``: the top ``unfreeze_groups`` layer groups move; every lower group, its BatchNorm
+    statistics included, stays bit-identical."""
+    from medtl.models.groups import encoder_groups
+
+    cfg, train, val, final = tiny_data
+    model = create_encoder("efficientnet_lite0", num_classes=2)
+    groups = encoder_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = {names[id(p)] for g in groups[:-2] for p in g}
+    trained = {names[id(p)] for g in groups[-2:] for p in g}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = dataclasses.replace(cfg.train, strategy="partial", frozen_epochs=0, epochs=1, unfreeze_groups=2,
+                             freeze_bn=False, patience=5)
+    fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
+    after = model.state_dict()
+    frozen_modules = {k.rsplit(".", 1)[0] for k in frozen}
+    for k in before:
+        if k in frozen or (k.endswith(("running_mean", "running_var")) and k.rsplit(".", 1)[0] in frozen_modules):
+            assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
 
 
 def test_fine_tune_stage_moves_encoder(tiny_data):

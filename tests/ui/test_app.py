@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -85,4 +87,11 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
     assert lung.dtype == np.uint8 and not np.array_equal(lung, bone)
     report = export_report(predictor, case, tmp_path)
     assert Image.open(report).size[0] > 800
-    assert slice_profile(case) is None or slice_profile(case).ndim == 3
+    assert case.prediction.get("slice_scores") is None and slice_profile(case) is None  # "middle": one input
+    scores = [0.1, 0.2, 0.9, 0.3, 0.2, 0.1]  # a volume read slice by slice: the profile is drawn
+    profile = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": scores},
+                                                slice_index=2))
+    assert profile.ndim == 3 and profile.shape[2] == 3 and profile.shape[1] > 300
+    flat = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": [0.5] * 6},
+                                             slice_index=0))
+    assert not np.array_equal(profile, flat)  # the plot follows the scores

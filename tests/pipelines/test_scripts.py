@@ -1,0 +1,107 @@
+"""The speed and load scripts run end to end on tiny data: benchmark.py --quick and ui_load_check.py."""
+
+import json
+import math
+import re
+
+import pytest
+
+from tests.pipelines.test_pipelines import _load
+
+# the figures benchmark.py's docstring promises, section by section
+IO = ["io_2d_files", "io_2d_medtl_img_per_s", "io_2d_medtl_cached_img_per_s", "io_2d_plain_monai_img_per_s",
+      "io_series_slices", "io_series_medtl_slices_per_s", "io_series_plain_monai_slices_per_s"]
+TRAIN = ["plain_train_img_per_s", "best_raw_train_img_per_s", "best_raw_train_config", "train_img_per_s", "speedup",
+         "train_vs_best_raw", "train_precision", "train_images"]
+PROBE = ["probe_seconds_cached", "probe_seconds_uncached", "probe_speedup"]
+INFER = ["infer_image_predict_ms", "infer_image_explain_ms", "infer_volume100_predict_s",
+         "infer_volume100_explain_s"]
+
+
+def _printed(out: str) -> dict:
+    """The ``name value`` lines the script prints."""
+    return dict(m.groups() for m in re.finditer(r"^(\w+)\s+(\S+)$", out, re.M))
+
+
+def _bench(tmp_path, capsys, sections: str) -> tuple[dict, dict, str]:
+    """benchmark.py --quick for some sections: (JSON figures, printed figures, output)."""
+    mod = _load("benchmark")
+    result = tmp_path / "bench.json"
+    assert mod.main(["--quick", "--sections", sections, "--json", str(result)]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(result.read_text())
+    printed = _printed(out)
+    assert figures["quick"] is True
+    for section in sections.split(","):
+        assert f"[{section}: " in out
+        for key in {"io": IO, "train": TRAIN, "probe": PROBE, "infer": INFER}[section] + ["peak_rss_mib"]:
+            assert key in figures, key
+            assert key in printed, f"{key} not printed"
+            if isinstance(figures[key], float):
+                assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
+                assert float(printed[key]) == pytest.approx(figures[key], abs=0.51 if key == "peak_rss_mib" else 0.006)
+    return figures, printed, out
+
+
+@pytest.mark.timeout(200)
+def test_benchmark_quick_io_probe_infer(tmp_path, capsys):
+    figures, _, out = _bench(tmp_path, capsys, "io,probe,infer")
+    assert "[train: " not in out and "speedup" not in figures  # only the sections asked for
+    # each ratio is against the baseline measured in the same run
+    assert figures["probe_speedup"] == pytest.approx(figures["probe_seconds_uncached"]
+                                                     / figures["probe_seconds_cached"])
+    # --quick's small settings, reported as such
+    assert figures["io_series_slices"] == 20 and figures["probe_epochs"] == 2
+    assert figures["io_2d_files"] == 24
+    assert figures["infer_volume100_explain_s"] > 0 and figures["infer_image_explain_ms"] > 0
+
+
+@pytest.mark.slow  # 2-3 minutes on 2 busy cores: the training steps dominate, even at --quick's size
+@pytest.mark.timeout(600)
+def test_benchmark_quick_train_ratios(tmp_path, capsys):
+    figures, _, _ = _bench(tmp_path, capsys, "train")
+    assert figures["speedup"] == pytest.approx(figures["train_img_per_s"] / figures["plain_train_img_per_s"])
+    assert figures["train_vs_best_raw"] == pytest.approx(figures["train_img_per_s"]
+                                                         / figures["best_raw_train_img_per_s"])
+    # the best raw configuration is the fastest of those measured, and none was compiled (--quick)
+    raw = {k: v for k, v in figures.items() if k.startswith("raw_") and k.endswith("_img_per_s")}
+    assert raw and not any("compiled" in k for k in raw)
+    assert f"raw_{figures['best_raw_train_config']}_img_per_s" in raw
+    assert figures["best_raw_train_img_per_s"] >= max(raw.values()) * (1 - 1e-9)
+    assert figures["train_input_px"] == 64 and figures["train_batch_size"] == 4
+    assert figures["train_timed_epochs"] == 1
+
+
+def test_benchmark_rejects_what_it_cannot_measure(capsys):
+    mod = _load("benchmark")
+    with pytest.raises(SystemExit):
+        mod.main(["--quick", "--epochs", "1"])  # the only epoch would be the untimed warm-up
+    assert "at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--sections", "io,gpu"])
+    assert "unknown section(s) gpu" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_ui_load_check_reports_no_errors_and_latencies(tiny_run, sample_dir, capsys):
+    mod = _load("ui_load_check")
+    code = mod.main([str(tiny_run), str(sample_dir / "dicom" / "img_0001.dcm"), "--users", "2", "--requests", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2 users x 2 requests = 4 requests in" in out
+    assert re.search(r"^errors: 0$", out, re.M), out
+    m = re.search(r"latency p50 ([\d.]+) s, p95 ([\d.]+) s, max ([\d.]+) s", out)
+    assert m, out
+    p50, p95, worst = map(float, m.groups())
+    assert 0 < p50 <= p95 <= worst < 120
+
+
+@pytest.mark.timeout(300)
+def test_ui_load_check_counts_refused_uploads_as_errors(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "broken.dcm"
+    bad.write_text("not a scan")
+    mod = _load("ui_load_check")
+    code = mod.main([str(tiny_run), str(bad), "--users", "1", "--requests", "1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert re.search(r"^errors: 1 \(first: unexpected message: \*\*Cannot use this file\*\*", out, re.M), out
