@@ -144,6 +144,12 @@ def cmd_evaluate(args) -> int:
     print(f"{args.run}: test AUC {auc['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
           f"; ECE {result['calibration']['test_ece_before']:.3f} -> {result['calibration']['test_ece_after']:.3f} "
           f"(T = {result['calibration']['temperature']:.2f})")
+    op = result.get("operating_point")
+    if op:
+        def num(v):
+            return "n/a" if v is None else f"{v:.3f}"
+        print(f"operating point ({op['rule']}): threshold {num(op['threshold'])}, sensitivity "
+              f"{num(op.get('sensitivity'))}, specificity {num(op.get('specificity'))} on the test set")
     for s in result["saliency_sanity"]:
         print(f"  {s['method']:22s} {s['verdict']}")
     print(f"report: {Path(args.run) / 'evaluation' / 'report.html'}")

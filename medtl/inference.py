@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Predictor:
         of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides); ``bounded``: read
         files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input."""
         self.bounded = bounded
+        self._saliency_lock = threading.Lock()  # saliency hooks and gradients live on the shared model
         saved = load_saved_run(run_dir)
         self.run_dir, self.config, self.model = saved.run_dir, saved.config, saved.model
         self.input_record: dict = saved.input_record  # modalities and dimensions seen in training
@@ -132,8 +134,10 @@ class Predictor:
         k = self.class_names.index(target)
         best = int(per_input[:, k].argmax())
         image = display_image(parts[best])
-        saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method or self.config.explain.method,
-                                          self.runtime, self.config.explain.alpha)
+        with self._saliency_lock:  # one map at a time: concurrent backward passes on one model crash (segfault)
+            saliency, overlay = explain_input(self.model, x[best:best + 1], image, k,
+                                              method or self.config.explain.method, self.runtime,
+                                              self.config.explain.alpha)
         if len(parts) > 1:
             pred.slice_index = int(parts[best]["slice_index"])
         return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target,

@@ -258,6 +258,7 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
     assert {"sensitivity", "specificity", "ppv", "npv", "sensitivity_ci"} <= set(op)
     assert result["data"] == "manifest.csv" and result["n_test_images"] == 4  # --data's own test split
     assert sum(map(sum, op["confusion_matrix"])) == result["n_test_images"]
+    assert f"operating point ({op['rule']}): threshold {op['threshold']:.3f}" in out  # printed, not only written
     [sanity] = result["saliency_sanity"]
     assert sanity["method"] == "gradcam"
     assert isinstance(sanity["data_randomisation"], float) and -1.0 <= sanity["data_randomisation"] <= 1.0

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.data.test_sources import write_medmnist
