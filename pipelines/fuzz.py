@@ -1478,14 +1478,6 @@ def make_mutant(recipe: dict, seeds: dict[str, Seed]) -> tuple[bytes, dict, str]
 
 # --------------------------------------------------------------------------------- child and server
 
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _type_name(e: BaseException) -> str:
     t = type(e)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
@@ -1522,7 +1514,9 @@ def _child_read(path: str, reader, budget: int, medtl_dir: Path, typed_error) ->
     except ImportError:
         pass
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _vm_size() + 2 * budget
+    from medtl.io.bounded import vm_size
+
+    limit = vm_size() + 2 * budget
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))

@@ -5,7 +5,6 @@ randomisation test, and train's --config, --no-pretrained, --weights-file and --
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import re
 import shutil
@@ -32,22 +31,6 @@ def _train(manifest: Path, out: Path, *extra: str) -> int:
                  *extra])
 
 
-@pytest.fixture(scope="module")
-def small_manifest(sample_dir, tmp_path_factory) -> Path:
-    """The sample set cut to one file per patient (20 files, 10 per class: 12/4/4 after the split), for the
-    runs whose cost grows with the data."""
-    out = tmp_path_factory.mktemp("small")
-    with open(sample_dir / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    kept = list({row["patient_id"]: row for row in reversed(rows)}.values())[::-1]  # each patient's first file
-    for row in kept:
-        (out / row["image"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sample_dir / row["image"], out / row["image"])
-    with open(out / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-    return out / "manifest.csv"
 
 
 # -- lr-find --------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def _ctx():
         return _context
 
 
-def _vm_size() -> int:
+def vm_size() -> int:
+    """This process's virtual memory size in bytes (0 where /proc is not available)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmSize:"):
@@ -52,7 +53,7 @@ def _vm_size() -> int:
 def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str) -> None:
     tempfile.tempdir = scratch  # unpacked zip members go where the parent removes them, whatever happens here
     try:
-        cap = _vm_size() + 2 * limits.max_bytes + _OVERHEAD
+        cap = vm_size() + 2 * limits.max_bytes + _OVERHEAD
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     except (OSError, ValueError):
         pass  # a platform without the limit still gets the budget checks and the time limit

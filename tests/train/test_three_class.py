@@ -27,22 +27,6 @@ def _history(run) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def small_manifest(sample_dir, tmp_path_factory) -> Path:
-    """The sample set cut to one file per patient (20 files, 10 per class: 12/4/4 after the split), for the
-    runs whose cost grows with the data."""
-    out = tmp_path_factory.mktemp("small")
-    with open(sample_dir / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    kept = list({row["patient_id"]: row for row in reversed(rows)}.values())[::-1]  # each patient's first file
-    for row in kept:
-        (out / row["image"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sample_dir / row["image"], out / row["image"])
-    with open(out / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-    return out / "manifest.csv"
 
 
 @pytest.fixture(scope="module")
