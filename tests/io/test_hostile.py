@@ -438,3 +438,16 @@ def test_the_bounded_reader_leaves_no_unpacked_members_behind(tmp_path, monkeypa
         assert list((tmp_path / "tmp").iterdir()) == []
     finally:
         tempfile.tempdir = None
+
+
+def test_signed_monochrome1_is_inverted_within_its_stored_range(tmp_path):
+    """MONOCHROME1 values are mirrored within the stored range: for signed 16-bit data, lo + hi = -1
+    (an unsigned file cannot tell (lo + hi) - x from hi - x; the real files are all unsigned)."""
+    ds = _ct()
+    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME1"
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    stored = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array.astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    scan = read_image(_save(ds, tmp_path / "mono1.dcm"))
+    np.testing.assert_array_equal(scan.array, (-32768 + 32767) - stored.astype(np.float32))
