@@ -1659,9 +1659,11 @@ def serve(config: dict) -> None:
 class Server:
     """One warm server process; :meth:`read` returns a child's outcome for one file."""
 
-    def __init__(self, reader: str, budget: int, warm: list[str] = (), log: Path | None = None):
+    def __init__(self, reader: str, budget: int, warm: list[str] = (), log: Path | None = None,
+                 scratch: Path | None = None):
         self.config = {"reader": reader, "budget": budget, "warm": list(warm)}
         self.log = log
+        self.scratch = scratch  # TMPDIR of the server and its children (a killed child leaves its files there)
         self.proc = None
         self.buf = b""
 
@@ -1669,6 +1671,9 @@ class Server:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and Path(p).exists()),
                    OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    MEDTL_MAX_INPUT_BYTES=str(self.config["budget"]))
+        if self.scratch is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(self.scratch)
         err = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, str(HARNESS), "--serve", json.dumps(self.config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
@@ -1817,7 +1822,7 @@ def run(n: int = 1000, seed: int = 0, jobs: int = 2, budget: str | int = "2G", t
                         pass
 
         for _ in range(max(1, jobs)):
-            servers.append(Server(reader, budget_bytes, warm, log))
+            servers.append(Server(reader, budget_bytes, warm, log, scratch=work / "tmp"))
         threads = [threading.Thread(target=thread, args=(s,), daemon=True) for s in servers]
         for t in threads:
             t.start()
