@@ -76,8 +76,6 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
     def window(level, width):
         return ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
 
-    if image.ndim >= 3 and image.shape[-1] == 3 and scan.rgb is not None and image.shape == scan.rgb.shape:
-        return _scale_colour(image, preset, data, scan)
     padding = scan.padding if scan.padding is not None and scan.padding.shape == image.shape else None
     if preset == "ct_window":
         names = data.ct_multi_windows if data.ct_window == "multi" else (data.ct_window,)
@@ -100,7 +98,7 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
     return out
 
 
-def _scale_colour(rgb: np.ndarray, preset: str, data: DataConfig, scan: Scan) -> np.ndarray:
+def scale_colour(rgb: np.ndarray, preset: str, data: DataConfig, scan: Scan) -> np.ndarray:
     """(…, 3) RGB → (3, …) in [0, 1]: by the type's full scale, or per channel by percentiles."""
     channels = np.moveaxis(np.asarray(rgb, np.float32), -1, 0)
     if preset == "dtype":
@@ -192,7 +190,8 @@ class LoadScan2Dd(MapTransform):
             d["path"] = str(d.get("path") or scan.path)
             preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
             colour = use_colour(scan, self.data, self.channels)
-            scaled = scale_intensity(scan.rgb if colour else scan.array, preset, self.data, scan)  # (C, [D,] H, W)
+            scaled = scale_colour(scan.rgb, preset, self.data, scan) if colour else \
+                scale_intensity(scan.array, preset, self.data, scan)  # (C, [D,] H, W)
             d["scan_colour"] = colour
             d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
             d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
