@@ -31,7 +31,6 @@ def cmd_sample_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from medtl.config import load_config
     from medtl.train import run_experiment
 
     cfg = _train_config(args)
@@ -81,25 +80,33 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+EXIT_FAILED, EXIT_REFUSED = 1, 3  # predict / explain: a file could not be read; a file was refused
+
+
 def _each_file(paths, fn) -> int:
-    """Run ``fn`` on every file; report a bad one and go on. Exit code 1 if any failed."""
-    failed = 0
+    """Run ``fn`` on every file; report a bad one and go on. Exit status 1 if any file failed, else 3
+    if the model refused any (``fn`` returns True for a refusal), else 0."""
+    failed = refused = 0
     for path in paths:
         try:
-            fn(path)
+            refused += bool(fn(path))
         except MedtlError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_REFUSED if refused else 0
 
 
 def cmd_predict(args) -> int:
     from medtl.inference import load_run
 
     predictor = load_run(args.run, device=args.device, bounded=True)  # one hostile file cannot stop the batch
-    if args.json:
-        return _each_file(args.images, lambda p: print(json.dumps(vars(predictor.predict(p)))))
-    return _each_file(args.images, lambda p: print(predictor.predict(p)))
+
+    def one(path):
+        pred = predictor.predict(path)
+        print(json.dumps(vars(pred)) if args.json else pred)
+        return pred.refused is not None
+
+    return _each_file(args.images, one)
 
 
 def cmd_explain(args) -> int:
@@ -110,6 +117,9 @@ def cmd_explain(args) -> int:
 
     def one(path):
         expl = predictor.explain(path, class_name=args.target, method=args.method)
+        if expl.prediction.refused:
+            print(expl.prediction)
+            return True
         target = out if out and len(args.images) == 1 and out.suffix == ".png" else \
             (out or Path(".")) / f"{Path(path).name.split('.')[0]}_{expl.method}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +127,7 @@ def cmd_explain(args) -> int:
             raise MedtlError(f"{target} exists; pass --force to replace it")
         expl.save(target)
         print(f"{expl.prediction}\t-> {target}")
+        return False
 
     return _each_file(args.images, one)
 
@@ -226,14 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, help="write the loss-vs-learning-rate curve to this PNG")
     s.set_defaults(fn=cmd_lr_find)
 
-    s = sub.add_parser("predict", help="print class probabilities for image files")
+    exit_codes = ("exit status: 0 every file answered; 1 a file could not be read (reported, the others done); "
+                  "2 a usage or run error; 3 the model refused a file unlike its training images (reason printed)")
+    s = sub.add_parser("predict", help="print class probabilities for image files", epilog=exit_codes)
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_device(s)
     s.set_defaults(fn=cmd_predict)
 
-    s = sub.add_parser("explain", help="write Grad-CAM overlays for image files")
+    s = sub.add_parser("explain", help="write Grad-CAM overlays for image files", epilog=exit_codes)
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--out", help="output .png (one image) or folder (default: current folder)")

@@ -59,8 +59,9 @@ class DataConfig:
     color: str = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
     #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
     color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
-    classes: tuple[str, ...] | None = None  # the labels accepted, in class order (None: the data's own, checked
-    #   to share one form: all indices 0, 1, ... or all names); rows with other labels are reported and skipped
+    classes: tuple[str, ...] | dict[str, str] | None = None  # the labels accepted, in class order (None: the
+    #   data's own, checked to share one form: all indices 0, 1, ... or all names); rows with other labels are
+    #   reported and skipped. A mapping {label: class name} also names the classes ({0: no lesion, 1: lesion})
     allow_outside_paths: bool = False  # let a manifest name images by absolute path or outside its folder (../)
 
 
@@ -98,6 +99,9 @@ class TrainConfig:
     class_weighting: bool = True  # weight the loss by inverse class frequency
     mixup: float = 0.0  # mixup Beta(alpha, alpha) on inputs and targets; 0 turns it off
     tta: bool = False  # evaluation and prediction average the image and its left-right flip
+    ood: str = "knn"  # refusal of inputs unlike the training images, by their encoder features: "knn",
+    #   "mahalanobis" or "off" (medtl.ood)
+    ood_quantile: float = 0.99  # refusal threshold: this quantile of the validation studies' scores
     cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
     patience: int = 6  # stop a stage after this many epochs without a better validation score
     precision: str = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
@@ -165,6 +169,8 @@ def _expected(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_expected(a) for a in args if a is not type(None)) + " (or null)"
+    if origin is dict:
+        return "a mapping {label: class name}"
     if origin is tuple:
         item = "strings" if args[0] is str else "numbers"
         return f"a list of {item}" if args[-1] is Ellipsis else f"a list of {len(args)} {item}"
@@ -184,6 +190,14 @@ def _check_type(value: Any, hint: Any) -> Any:
                     return _check_type(value, a)
                 except TypeError:
                     pass
+        raise TypeError
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise TypeError
+        return {str(_check_type(k, (str, int))): _check_type(v, args[1]) for k, v in value.items()}
+    if isinstance(hint, tuple):  # any of these plain types
+        if isinstance(value, hint) and not isinstance(value, bool):
+            return value
         raise TypeError
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
@@ -266,7 +280,7 @@ LIMITS = [
     ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
-    ("train.label_smoothing", 0.0, 1.0, True), ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
+    ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 1.0, True), ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
     ("explain.n_overlays", 0, None, True), ("explain.alpha", 0.0, 1.0, True),
 ]
 
@@ -309,7 +323,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.data.color, ["auto", "rgb", "grey"], "colour mode (data.color)")
     if cfg.data.color_jitter > 0 and (cfg.data.color == "grey" or cfg.data.ct_window == "multi"
                                       or cfg.data.volume_mode in ("2.5d", "slices_2.5d")):
-        raise ConfigError(source, "data.color_jitter needs colour inputs: its hue and saturation would mix "
+        raise ConfigError(None, "data.color_jitter needs colour inputs: its hue and saturation would mix "
                           "CT windows or neighbouring slices", "color 'auto' or 'rgb', one CT window, a non-2.5d mode")
     if cfg.data.ct_window == "multi":
         if len(cfg.data.ct_multi_windows) != 3:
@@ -321,6 +335,7 @@ def _validate(cfg: ExperimentConfig) -> None:
                               "one of the two")
     look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
     look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
+    look_up_option(cfg.train.ood, ["knn", "mahalanobis", "off"], "out-of-distribution method (train.ood)")
     device = cfg.train.device
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(None, f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",

@@ -11,28 +11,81 @@ import torch
 from PIL import Image
 
 from medtl.checkpoint import load_saved_run
-from medtl.errors import ConfigError, find_input_error, look_up_option
+from medtl.errors import ConfigError, MedtlInputError, find_input_error, look_up_option
 from medtl.explain import explain_input
-from medtl.io import Scan, read_image_bounded
+from medtl.io import Scan, read_image, read_image_bounded
 from medtl.models.volumetric import is_volume_model
-from medtl.predict import batched_logits
+from medtl.ood import OODDetector, load_detector
+from medtl.predict import batched_logits_features
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
 
 
 @dataclass
 class Prediction:
-    """A model's answer for one file."""
+    """A model's answer for one file, or its refusal to answer."""
 
     file: str  # file name (not the full path)
-    probabilities: dict[str, float]  # class name -> probability (calibrated when the run has a temperature)
-    label: str  # decided class: at the run's operating point when it has one, else the most probable
+    probabilities: dict[str, float]  # class name -> probability (calibrated when the run has a temperature);
+    #   empty when the input was refused before the model saw it
+    label: str | None  # decided class: at the run's operating point when it has one, else the most probable;
+    #   None when refused
     slice_scores: list[float] | None = None  # "slices" volume modes: probability of ``label`` per slice
     slice_index: int | None = None  # slice shown / most suspicious slice of a volume (None for 2D images)
+    refused: str | None = None  # why the model does not answer for this input (None: it answers)
+    ood_score: float | None = None  # distance of the input's features to the training set's (medtl.ood)
+    decision: str = "argmax"  # how ``label`` was decided: "operating point" (chosen on validation) or "argmax"
 
     def __str__(self) -> str:
+        if self.refused:
+            return f"{self.file}\tREFUSED\t{self.refused}"
         probs = "  ".join(f"{k}: {v:.3f}" for k, v in self.probabilities.items())
         return f"{self.file}\t{self.label}\t{probs}"
+
+
+def input_refusal(record: dict, scan: Scan) -> str | None:
+    """Why a model trained on the inputs described by ``record`` (a run's ``input_record``) should not
+    answer for ``scan``, judged from its header and pixels; None when nothing speaks against it.
+
+    Refused: a blank image; a colour image for a model trained on grey images only (or a grey one for a
+    colour-only model); a modality or a dimensionality the model never saw; an image much smaller than
+    any training image (under half the smallest side seen, or under 8 pixels).
+    """
+    a = scan.array
+    finite = a[np.isfinite(a)]
+    if finite.size == 0 or np.ptp(finite) == 0 or finite.std() < 1e-6 * max(1.0, abs(finite).max()):
+        return "the image is blank (one value everywhere)"
+    if scan.rgb is not None and not record.get("colour_inputs") and _is_colour_photo(scan.rgb):
+        return "this is a colour image, and the model was trained on grey images only"
+    if scan.rgb is None and record.get("colour_inputs") and record.get("grey_inputs") == 0:
+        return "this is a grey image, and the model was trained on colour images only"
+    seen = [m for m in record.get("modalities", []) if m not in ("UNKNOWN", "")]
+    if seen and scan.modality and scan.modality.upper() not in seen:
+        return f"the model was trained on {', '.join(seen)} images, and this is {scan.modality}"
+    dims = record.get("dimensions", [])
+    ndim = 3 if scan.is_volume else 2
+    if dims and ndim not in dims:
+        return (f"the model was trained on {'volumes' if 3 in dims else '2D images'} only, and this is a "
+                f"{'volume' if ndim == 3 else '2D image'}")
+    side = int(min(a.shape[-2:]))
+    smallest = record.get("min_side")
+    if side < 8 or (smallest and side < smallest / 2):
+        return (f"the image is {a.shape[-2]}×{a.shape[-1]} pixels, far smaller than the training images "
+                f"(at least {smallest} pixels a side)" if smallest else
+                f"the image is {a.shape[-2]}×{a.shape[-1]} pixels: too small to judge")
+    return None
+
+
+def _is_colour_photo(rgb: np.ndarray) -> bool:
+    """Whether an (…, 3) RGB image is clearly coloured (a tenth of its pixels saturated)."""
+    rgb = np.asarray(rgb, np.float32)
+    top = max(float(rgb.max(initial=0)), 1.0)
+    saturation = (rgb.max(axis=-1) - rgb.min(axis=-1)) * (255.0 / top)
+    return float(np.mean(saturation > 40)) > 0.1
+
+
+UNLIKE_TRAINING = ("it does not look like the images the model was trained on (its features lie outside "
+                   "what {pct} of the validation images reached)")
 
 
 @dataclass
@@ -40,19 +93,22 @@ class Explanation:
     """A saliency map on the original image's pixels, and its colour overlay."""
 
     prediction: Prediction
-    image: np.ndarray  # (H, W) in [0, 1]: the preprocessed image at its original size
-    saliency: np.ndarray  # (H, W) in [0, 1]
-    overlay: np.ndarray  # (H, W, 3) uint8 RGB
-    class_name: str  # class the map explains
+    image: np.ndarray | None  # (H, W) in [0, 1]: the preprocessed image at its original size (None: refused)
+    saliency: np.ndarray | None  # (H, W) in [0, 1]
+    overlay: np.ndarray | None  # (H, W, 3) uint8 RGB
+    class_name: str | None  # class the map explains
     method: str = "gradcam"  # saliency method that made the map
 
     def save(self, path: str | Path) -> Path:
+        if self.overlay is None:
+            raise MedtlInputError(path, f"no saliency map: the input was refused ({self.prediction.refused})")
         Image.fromarray(self.overlay).save(path)
         return Path(path)
 
 
 class Predictor:
-    """A trained run loaded for inference; files are fed exactly as in training."""
+    """A trained run loaded for inference; files are fed exactly as in training, and inputs unlike the
+    training images are refused (:attr:`Prediction.refused`) rather than answered."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None,
                  bounded: bool = False):
@@ -69,20 +125,34 @@ class Predictor:
         self.class_names: list[str] = saved.class_names
         self.preprocessing = saved.preprocessing
         self.encoder = saved.encoder
-        self.temperature: float | None = saved.temperature  # set by `medtl evaluate` (calibration)
+        self.temperature: float | None = saved.temperature  # fitted on validation by `medtl train` / `evaluate`
         self.operating_point: dict | None = saved.operating_point  # decision threshold chosen on validation
+        self.ood: OODDetector | None = load_detector(self.run_dir)  # None: runs trained before medtl 0.1 kept one
         self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
 
     def __repr__(self) -> str:
         return f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names})"
 
-    def _prepare(self, path: str | Path | Scan) -> tuple[torch.Tensor, list[dict]]:
-        """Model inputs (n, C, size, size) for a file or a Scan read already: one, or one per slice
-        in the "slices" modes."""
-        if self.bounded and not isinstance(path, Scan):
-            path = read_image_bounded(path, volume_index=self.config.data.volume_index)
+    def read(self, path: str | Path | Scan) -> Scan:
+        """The scan of a file, folder or zip (in the bounded worker when the predictor is ``bounded``)."""
+        if isinstance(path, Scan):
+            return path
+        if self.bounded:
+            return read_image_bounded(path, volume_index=self.config.data.volume_index)
+        return read_image(path, volume_index=self.config.data.volume_index)
+
+    def _prepare(self, scan: Scan) -> tuple[torch.Tensor, list[dict]]:
+        """Model inputs (n, C, size, size) for a scan: one, or one per slice in the "slices" modes.
+
+        A file that does not name its modality (NIfTI, PNG) is read as the one modality the model was
+        trained on, as training read it (a manifest's ``modality`` column): a CT NIfTI is windowed in HU.
+        """
+        item = {"image": scan, "label": 0}
+        seen = [m for m in self.input_record.get("modalities", []) if m not in ("UNKNOWN", "")]
+        if not scan.modality and len(seen) == 1:
+            item["modality"] = seen[0]
         try:
-            sample = self._read({"image": path if isinstance(path, Scan) else str(path), "label": 0})
+            sample = self._read(item)
         except Exception as e:  # report the input error itself, not MONAI's wrapper
             cause = find_input_error(e)
             if cause is None:
@@ -90,19 +160,21 @@ class Predictor:
             raise cause from None
         return prepare_inputs(sample, self._final)
 
-    def _probs(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    def _probs(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, features) per input."""
         self.model.eval()
-        z = batched_logits(self.model, x, self.runtime, batch_size)
-        return (z / (self.temperature or 1.0)).softmax(dim=1).numpy()
+        z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
+        return (z / (self.temperature or 1.0)).softmax(dim=1).numpy(), f
 
-    def _prediction(self, path: str | Path | Scan, per_input: np.ndarray, parts: list[dict]) -> Prediction:
+    def _prediction(self, scan: Scan, per_input: np.ndarray, parts: list[dict]) -> Prediction:
         data = self.config.data
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
-        label = int(p.argmax())
+        label, decision = int(p.argmax()), "argmax"
         if self.operating_point is not None and len(p) == 2:
-            label = int(p[1] >= self.operating_point["threshold"])
+            label, decision = int(p[1] >= self.operating_point["threshold"]), "operating point"
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
-        pred = Prediction(file=Path(path.path if isinstance(path, Scan) else path).name, probabilities=probs, label=self.class_names[label])
+        pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=self.class_names[label],
+                          decision=decision)
         if len(parts) > 1:
             pred.slice_scores = [round(float(v), 4) for v in per_input[:, label]]
             pred.slice_index = int(parts[int(per_input[:, label].argmax())]["slice_index"])
@@ -110,14 +182,37 @@ class Predictor:
             pred.slice_index = int(parts[0]["slice_index"])
         return pred
 
-    def predict(self, path: str | Path | Scan) -> Prediction:
-        """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG (or
-        a :class:`~medtl.io.Scan` read already)."""
-        x, parts = self._prepare(path)
-        return self._prediction(path, self._probs(x), parts)
+    def _judge(self, scan: Scan, check: bool) -> tuple[Prediction | None, torch.Tensor | None, list[dict], np.ndarray | None]:
+        """(a refusal made from the header, or None; inputs; parts; probabilities per input)."""
+        reason = input_refusal(self.input_record, scan) if check else None
+        if reason:
+            return Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason), None, [], None
+        x, parts = self._prepare(scan)
+        per_input, features = self._probs(x)
+        pred = self._prediction(scan, per_input, parts)
+        if self.ood is not None:
+            pred.ood_score = round(float(np.median(self.ood.score(features))), 6)
+            if check and self.ood.refuses(pred.ood_score):
+                pred.refused = UNLIKE_TRAINING.format(pct=f"{self.ood.quantile:.0%}")
+        if pred.refused:
+            pred.label = None
+        return pred, x, parts, per_input
 
-    def explain(self, path: str | Path | Scan, class_name: str | None = None, method: str | None = None) -> Explanation:
-        """Grad-CAM of ``class_name`` (default: the predicted class) drawn on the original image.
+    def predict(self, path: str | Path | Scan, check: bool = True) -> Prediction:
+        """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG (or
+        a :class:`~medtl.io.Scan` read already).
+
+        With ``check`` (the default) the model does not answer for inputs unlike its training images
+        (:func:`input_refusal`, and the run's out-of-distribution detector): the prediction then has
+        ``refused`` set to the reason, in words, and no ``label``.
+        """
+        pred, *_ = self._judge(self.read(path), check)
+        return pred
+
+    def explain(self, path: str | Path | Scan, class_name: str | None = None, method: str | None = None,
+                check: bool = True) -> Explanation:
+        """Grad-CAM (or ``method``) of ``class_name`` (default: the predicted class) drawn on the original
+        image, with the prediction. A refused input gets no map (``saliency`` None; see :meth:`predict`).
 
         For a volume read slice by slice, the map is drawn on the slice that scores highest for
         that class.
@@ -125,23 +220,39 @@ class Predictor:
         if is_volume_model(self.model):
             raise ConfigError(None, f"saliency maps of 3D models ({self.encoder}) are not drawn",
                               "a run of a 2D encoder; use predict() for this one")
-        x, parts = self._prepare(path)
-        per_input = self._probs(x)
-        pred = self._prediction(path, per_input, parts)
-        target = class_name or pred.label
+        scan = self.read(path)
+        pred, x, parts, per_input = self._judge(scan, check)
+        if pred.refused:
+            return Explanation(prediction=pred, image=None, saliency=None, overlay=None, class_name=None,
+                               method=method or self.config.explain.method)
+        return self.saliency(scan, pred, class_name, method, (x, parts, per_input))
+
+    def saliency(self, scan: Scan, prediction: Prediction, class_name: str | None = None, method: str | None = None,
+                 prepared: tuple | None = None) -> Explanation:
+        """The map of ``method`` for a prediction made already (:meth:`predict`): the forward pass that
+        gave the probabilities is not repeated, only the map is computed."""
+        method = method or self.config.explain.method
+        x, parts, per_input = prepared or (*self._prepare(scan), None)
+        target = class_name or prediction.label or self.class_names[0]
         if target not in self.class_names:
             look_up_option(target, self.class_names, "class")
         k = self.class_names.index(target)
-        best = int(per_input[:, k].argmax())
+        if len(parts) == 1:
+            best = 0
+        elif per_input is not None:
+            best = int(per_input[:, k].argmax())
+        elif target == prediction.label and prediction.slice_index is not None:
+            best = next(i for i, p in enumerate(parts) if int(p["slice_index"]) == prediction.slice_index)
+        else:
+            best = int(self._probs(x)[0][:, k].argmax())
         image = display_image(parts[best])
         with self._saliency_lock:  # one map at a time: concurrent backward passes on one model crash (segfault)
-            saliency, overlay = explain_input(self.model, x[best:best + 1], image, k,
-                                              method or self.config.explain.method, self.runtime,
+            saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method, self.runtime,
                                               self.config.explain.alpha)
         if len(parts) > 1:
-            pred.slice_index = int(parts[best]["slice_index"])
-        return Explanation(prediction=pred, image=image, saliency=saliency, overlay=overlay, class_name=target,
-                           method=method or self.config.explain.method)
+            prediction.slice_index = int(parts[best]["slice_index"])
+        return Explanation(prediction=prediction, image=image, saliency=saliency, overlay=overlay, class_name=target,
+                           method=method)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None,
@@ -151,4 +262,4 @@ def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = 
     return Predictor(run_dir, device=device, precision=precision, bounded=bounded)
 
 
-__all__ = ["Predictor", "Prediction", "Explanation", "load_run"]
+__all__ = ["Predictor", "Prediction", "Explanation", "load_run", "input_refusal"]

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medtl.data.dataset import study_index
+from medtl.eval.metrics import choose_threshold, fit_temperature
 from medtl.runtime import Runtime
 from medtl.transforms import aggregate_studies
 
@@ -30,9 +31,30 @@ def forward_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime) ->
     return z.float()
 
 
+def forward_logits_features(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, fp32 pooled encoder features) of a batch in one forward pass: the logits as
+    :func:`forward_logits` gives them (flip-averaged with ``runtime.tta``), the features of the image as given."""
+    x = runtime.to_input(x)
+    with torch.no_grad():
+        with runtime.autocast():
+            fmap = model.forward_features(x)
+            f = model.forward_head(fmap, pre_logits=True)
+            z = model.forward_head(fmap)
+            if runtime.tta:
+                z = (z.float() + model(torch.flip(x, dims=[-1])).float()) / 2
+    return z.float(), f.float()
+
+
 def batched_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, batch_size: int = 32) -> torch.Tensor:
     """:func:`forward_logits` of many inputs (a volume's slices) ``batch_size`` at a time, on the CPU."""
     return torch.cat([forward_logits(model, chunk, runtime).cpu() for chunk in torch.split(x, batch_size)])
+
+
+def batched_logits_features(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime,
+                            batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_logits_features` of many inputs ``batch_size`` at a time, on the CPU."""
+    parts = [forward_logits_features(model, chunk, runtime) for chunk in torch.split(x, batch_size)]
+    return torch.cat([z.cpu() for z, _ in parts]), torch.cat([f.cpu() for _, f in parts])
 
 
 @dataclass
@@ -48,6 +70,18 @@ class Logits:
         """(labels, probabilities), one row per study: softmax(logits / temperature), then aggregated."""
         probs = torch.as_tensor(self.logits / temperature).softmax(dim=1).numpy()
         return aggregate_studies(self.labels, probs, self.studies, *self.aggregation)
+
+
+def fit_decision(val: Logits, n_classes: int, rule: str = "youden") -> tuple[float, dict | None]:
+    """(temperature, operating point) chosen on validation logits: the temperature that minimises the
+    validation NLL, then (binary tasks) the threshold on the calibrated class-1 probability by ``rule``
+    (:func:`medtl.eval.metrics.choose_threshold`); None for more classes (the decision is the argmax)."""
+    temperature = fit_temperature(val.logits, val.labels)
+    if n_classes != 2:
+        return temperature, None
+    y, p = val.study_probs(temperature)
+    threshold, why = choose_threshold(y, p[:, 1], rule)
+    return temperature, {"threshold": threshold, "rule": why}
 
 
 def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32) -> Logits:
@@ -85,4 +119,5 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
     return torch.cat(feats), torch.cat(labels).to(runtime.device)
 
 
-__all__ = ["forward_logits", "batched_logits", "predict_logits", "predict_probs", "extract_features", "Logits"]
+__all__ = ["fit_decision", "forward_logits", "forward_logits_features", "batched_logits", "batched_logits_features",
+           "predict_logits", "predict_probs", "extract_features", "Logits"]

@@ -194,6 +194,7 @@ class LoadScan2Dd(MapTransform):
                 scale_intensity(scan.array, preset, self.data, scan)  # (C, [D,] H, W)
             d["scan_colour"] = colour
             d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
+            d["scan_min_side"] = int(min(scan.array.shape[-2:]))  # in-plane size, rows or columns
             d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
             if self.data.volume_mode == "3d":  # the whole volume is one input of a 3D network
                 if scaled.ndim != 4 or scan.array.shape[0] < 2:

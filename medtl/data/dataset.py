@@ -17,7 +17,7 @@ from medtl.transforms import split_slices
 log = logging.getLogger("medtl.data")
 
 KEEP = ("image", "label", "patient_id", "path", "original_shape", "slice_index", "n_inputs", "study_id", "site",
-        "modality", "scan_ndim", "scan_modality", "scan_colour")
+        "modality", "scan_ndim", "scan_modality", "scan_colour", "scan_min_side")
 
 
 def decode_records(records: Sequence[dict], deterministic: Compose,

@@ -1,4 +1,5 @@
-"""Manifests: CSV files listing ``image``, ``label`` and ``patient_id`` (optional ``modality``, ``study_id``, ``site``)."""
+"""Manifests: CSV files listing ``image``, ``label`` and ``patient_id`` (optional ``modality``, ``study_id``,
+``site``, and ``label_name``: the class's name in words where ``label`` is an index, e.g. ``1,lesion``)."""
 
 from __future__ import annotations
 
@@ -73,11 +74,13 @@ def _class_order(values: list[str]) -> list[str]:
         return unique
 
 
-def index_labels(records: list[dict], problems: list[Problem], classes: tuple[str, ...] | list[str] | None = None,
+def index_labels(records: list[dict], problems: list[Problem],
+                 classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
                  where=lambda r: str(r.get("image", ""))) -> tuple[list[dict], list[str]]:
     """Check every record's ``label_value`` and replace it by a class index; return (kept records, class names).
 
-    With ``classes`` (``data.classes``), only those labels are accepted, in that order. Without
+    With ``classes`` (``data.classes``), only those labels are accepted, in that order; a mapping
+    ``{label: name}`` also gives the classes their names. Without
     them, the labels must share one form: all class indices (``0``, ``1``, ...) or all names
     starting with a letter. Missing labels (empty, ``nan``, ``none``, ...) and labels of
     another form than the majority's (``-1``, ``2.5``, ``yes`` among indices) are reported in
@@ -91,8 +94,11 @@ def index_labels(records: list[dict], problems: list[Problem], classes: tuple[st
             continue
         r["label_value"] = str(int(float(value))) if _INDEX.match(value) else value
         kept.append(r)
+    names = None
+    if isinstance(classes, dict):
+        classes, names = [_label_key(k) for k in classes], [str(v) for v in classes.values()]
     if classes is not None:
-        class_names = [str(c) for c in classes]
+        class_names = [_label_key(c) for c in classes]
         allowed = set(class_names)
         good = [r for r in kept if r["label_value"] in allowed]
         for r in kept:
@@ -116,7 +122,31 @@ def index_labels(records: list[dict], problems: list[Problem], classes: tuple[st
         r["label"] = index[r.pop("label_value")]
     for p in problems:
         log.warning("skipped %s", p)
-    return good, class_names
+    if names is None:
+        names = _named(good, class_names)
+    return good, names
+
+
+def _label_key(value) -> str:
+    value = str(value).strip()
+    return str(int(float(value))) if _INDEX.match(value) else value
+
+
+def _named(records: list[dict], class_names: list[str]) -> list[str]:
+    """The classes' names from the records' ``label_name`` (a manifest's optional column), where every
+    class has exactly one; otherwise the labels themselves."""
+    given: dict[int, set[str]] = {}
+    for r in records:
+        if r.get("label_name"):
+            given.setdefault(r["label"], set()).add(r.pop("label_name"))
+        r.pop("label_name", None)
+    if not given:
+        return class_names
+    named = [next(iter(given[i])) if len(given.get(i, ())) == 1 else None for i in range(len(class_names))]
+    if None in named or len(set(named)) != len(named):
+        log.warning("label_name column ignored: each label needs exactly one name, and names must differ")
+        return class_names
+    return named
 
 
 def inside(root: Path, image: str) -> Path | None:
@@ -177,7 +207,7 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
             problems.append(Problem(where, f"image {row['image']} not found"))
             continue
         rec = {"image": str(image), "label_value": row.get("label", ""), "patient_id": row["patient_id"], "row": where}
-        for extra in ("modality", "study_id", "site"):
+        for extra in ("modality", "study_id", "site", "label_name"):
             if row.get(extra):
                 rec[extra] = row[extra]
         records.append(rec)

@@ -96,6 +96,9 @@ def _write_ct_dicom(path: Path, hu: np.ndarray, patient: str, seed: int, index: 
     ds.save_as(path, enforce_file_format=True)
 
 
+CLASS_NAMES = ("no lesion", "lesion")  # label 0, label 1
+
+
 def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_patient: int = 2,
                        n_volumes: int = 8, size: int = 128, seed: int = 0, force: bool = False) -> Path:
     """Write the synthetic study set into ``out_dir`` and return the path of its manifest.
@@ -118,7 +121,8 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
             hu = synthetic_ct_slice(rng, size, lesion=bool(label))
             name = f"dicom/img_{len(rows) + 1:04d}.dcm"  # file names carry no patient identifier
             _write_ct_dicom(out / name, hu, patient, seed, i, spacing)
-            rows.append({"image": name, "label": label, "patient_id": patient, "modality": "CT"})
+            rows.append({"image": name, "label": label, "label_name": CLASS_NAMES[label], "patient_id": patient,
+                         "modality": "CT"})
     for v in range(n_volumes):
         patient, label = f"SYNV{v + 1:03d}", v % 2
         depth = 12
@@ -132,9 +136,10 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
         img.header.set_xyzt_units("mm")
         name = f"nifti/vol_{v + 1:03d}.nii.gz"
         nib.save(img, out / name)
-        rows.append({"image": name, "label": label, "patient_id": patient, "modality": "CT"})
+        rows.append({"image": name, "label": label, "label_name": CLASS_NAMES[label], "patient_id": patient,
+                     "modality": "CT"})
     with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "label", "patient_id", "modality"])
+        writer = csv.DictWriter(f, fieldnames=["image", "label", "label_name", "patient_id", "modality"])
         writer.writeheader()
         writer.writerows(rows)
     return manifest

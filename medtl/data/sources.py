@@ -20,14 +20,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".ni
 MEDMNIST_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
 
 
-def read_dataset(path: str | Path, classes: tuple[str, ...] | None = None,
+def read_dataset(path: str | Path, classes: tuple[str, ...] | dict[str, str] | None = None,
                  allow_outside_paths: bool = False) -> Manifest:
     """Read a labelled data set: a manifest ``.csv``, a MedMNIST ``.npz`` or an image folder.
 
     An image folder holds one sub-folder per class (``root/<class>/<image>``); every image
     is then its own patient (say so with a manifest when patients have several images).
     ``classes`` (``data.classes``) lists the accepted labels in class order (a manifest's or a
-    folder's); ``allow_outside_paths`` lets a manifest name images outside its folder.
+    folder's), or maps them to class names; MedMNIST files are named from its label table.
+    ``allow_outside_paths`` lets a manifest name images outside its folder.
     """
     path = Path(path)
     if not path.exists():
@@ -35,7 +36,7 @@ def read_dataset(path: str | Path, classes: tuple[str, ...] | None = None,
     if path.is_dir():
         return read_image_folder(path, classes)
     if path.suffix.lower() == ".npz":
-        return read_medmnist(path)
+        return read_medmnist(path, classes)
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         return read_manifest(path, classes=classes, allow_outside_paths=allow_outside_paths)
     raise UnsupportedFormatError(path, f"unrecognised data set file {path.name!r}",
@@ -68,7 +69,28 @@ def read_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     return Manifest(path=root, records=records, class_names=class_names, problems=problems, kind="folder")
 
 
-def read_medmnist(path: str | Path) -> Manifest:
+# What MedMNIST's labels mean (the ``label`` field of the medmnist package's INFO table), by file name
+MEDMNIST_LABELS = {
+    "breastmnist": ["malignant", "normal, benign"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "adrenalmnist3d": ["normal", "hyperplasia"],
+    "nodulemnist3d": ["benign", "malignant"],
+    "vesselmnist3d": ["vessel", "aneurysm"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"],
+}
+
+
+def medmnist_class_names(path: Path, n_classes: int) -> list[str]:
+    """The classes' names of a MedMNIST file (``breastmnist_128.npz`` -> breastmnist's), or the indices."""
+    names = MEDMNIST_LABELS.get(path.name.split(".")[0].split("_")[0].lower())
+    return list(names) if names and len(names) == n_classes else [str(c) for c in range(n_classes)]
+
+
+def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Manifest:
     """A MedMNIST ``.npz`` (2D or 3D) with its own train/val/test split, held in memory.
 
     Images keep their uint8 values (scaled by the type's range); multi-label files are refused.
@@ -100,5 +122,8 @@ def read_medmnist(path: str | Path) -> Manifest:
                             "path": f"{path.name}:{split}/{i}"})
         splits[split] = list(range(start, len(records)))
     n_classes = int(max(r["label"] for r in records)) + 1
-    return Manifest(path=path, records=records, class_names=[str(c) for c in range(n_classes)], splits=splits,
+    names = medmnist_class_names(path, n_classes)
+    if isinstance(classes, dict):  # data.classes {index: name} names them
+        names = [classes.get(str(c), names[c]) for c in range(n_classes)]
+    return Manifest(path=path, records=records, class_names=names, splits=splits,
                     kind="medmnist")

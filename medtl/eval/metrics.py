@@ -105,6 +105,13 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float], rule: str =
     return float(thr[i]), f"{kind} >= {target:g} on validation (sens {tpr[i]:.2f}, spec {1 - fpr[i]:.2f})"
 
 
+def best_balanced_accuracy(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """The highest balanced accuracy that any threshold on ``scores`` reaches (the ROC curve's best
+    (sensitivity + specificity) / 2): what a decision rule is measured against."""
+    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores, dtype=np.float64))
+    return float(np.max((tpr + 1 - fpr) / 2))
+
+
 def compute_binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict:
     """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy at ``threshold`` on class-1 scores."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)

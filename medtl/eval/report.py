@@ -30,19 +30,17 @@ from medtl.data import create_dataset
 from medtl.errors import RunError
 from medtl.explain import METHODS, compute_saliency, explain_input, run_sanity_checks
 from medtl.models import create_model
-from medtl.predict import predict_logits
+from medtl.predict import fit_decision, predict_logits
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms, display_image
 from medtl.eval.metrics import (
     bootstrap_ci,
-    choose_threshold,
     compute_auc,
     compute_auc_ci,
     compute_binary_metrics,
     compute_ece,
     compute_nll,
-    fit_temperature,
     reliability_curve,
 )
 
@@ -198,7 +196,7 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
     model, pre, class_names = saved.model, saved.preprocessing, saved.class_names
     _, val_ds, test_ds = prepared.datasets(cfg.data, pre)
     val_logits, test_logits = (predict_logits(model, ds, runtime, 64) for ds in (val_ds, test_ds))
-    temperature = fit_temperature(val_logits.logits, val_logits.labels)
+    temperature, op = fit_decision(val_logits, len(class_names), operating_point)
     val_y, val_p_raw = val_logits.study_probs()
     _, val_p_cal = val_logits.study_probs(temperature)
     test_y, test_p_raw = test_logits.study_probs()
@@ -215,12 +213,9 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
         "val_nll_after": compute_nll(val_y, val_p_cal),
         "test_ece_before": compute_ece(test_y, test_p_raw), "test_ece_after": compute_ece(test_y, test_p),
         "test_ece_after_ci": bootstrap_ci(lambda i: compute_ece(test_y[i], test_p[i]), patients, n_boot, seed)}
-    op = None
-    if len(class_names) == 2:
-        threshold, rule = choose_threshold(val_y, val_p_cal[:, 1], operating_point)
-        op = {"threshold": threshold, "rule": rule}
-        result["operating_point"] = {**op, **_binary_metrics_ci(test_y, test_p[:, 1], threshold, patients, n_boot,
-                                                                seed)}
+    if op is not None:
+        result["operating_point"] = {**op, **_binary_metrics_ci(test_y, test_p[:, 1], op["threshold"], patients,
+                                                                n_boot, seed)}
     result["subgroups"] = _subgroups(test_studies, test_y, test_p, patients, n_boot, seed)
     pred = (test_p[:, 1] >= op["threshold"]).astype(int) if op else test_p.argmax(1)
     inputs, cases = _cases(model, test_ds, test_studies, test_y, test_p, pred, class_names, runtime)

@@ -26,10 +26,12 @@ from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, valida
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
-from medtl.eval.metrics import compute_classification_metrics
+from medtl.data.dataset import study_index
+from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
-from medtl.predict import batched_logits, predict_logits
+from medtl.ood import OOD_FILE, OODDetector, study_scores
+from medtl.predict import batched_logits, extract_features, fit_decision, predict_logits
 from medtl.runtime import Runtime, distributed
 from medtl.train.fit import FitResult, fit, from_scratch
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
@@ -115,7 +117,7 @@ def cache_folder(data: DataConfig, pre: Preprocessing) -> str | None:
     return str(Path(data.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-CACHE_FORMAT = 2  # bump when the decoded samples' content changes
+CACHE_FORMAT = 3  # bump when the decoded samples' content changes
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
@@ -151,13 +153,23 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         return out
 
     runtime = result.eval_runtime()
-    metrics = run_metrics(model, result, prepared, (val_ds, test_ds), runtime, max(32, cfg.train.batch_size))
+    bs = max(32, cfg.train.batch_size)
+    # the decision rule and the refusal threshold, both chosen on validation data: the run's own answers
+    # (predict, the web page) are calibrated and decided at an operating point without `medtl evaluate`
+    val_logits = predict_logits(model, val_ds, runtime, bs)
+    temperature, op = fit_decision(val_logits, len(manifest.class_names))
+    detector = fit_ood(model, prepared, cfg, pre, val_ds, runtime, bs)
+    metrics = run_metrics(model, result, prepared, (val_ds, test_ds), runtime, bs, temperature, op)
+    if detector is not None:
+        metrics["ood"] = detector.describe()
     if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
         write_overlays(model, sets["test"][: cfg.explain.n_overlays], create_transforms(cfg.data, pre, train=False)[1],
                        runtime, manifest.class_names, cfg, out / "overlays")
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
-    save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
+    save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, temperature, op)
+    if detector is not None:
+        detector.save(out / OOD_FILE)
     write_run_files(out, cfg, prepared, result, pre, model.pretrained_cfg["weights_source"])
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
@@ -167,19 +179,42 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     return out
 
 
+def fit_ood(model: torch.nn.Module, prepared: PreparedData, cfg: ExperimentConfig, pre: Preprocessing, val_ds,
+            runtime: Runtime, batch_size: int) -> OODDetector | None:
+    """The out-of-distribution detector (``train.ood``) of the training images' encoder features (read
+    without augmentation), its threshold set on the validation studies; None when ``train.ood`` is off."""
+    if cfg.train.ood == "off":
+        return None
+    _, final_eval = create_transforms(cfg.data, pre, train=False)
+    train_eval = create_dataset(prepared.sets["train"], final_eval, (cfg.data.slice_aggregation, cfg.data.top_k))
+    train_f, train_y = extract_features(model, train_eval, runtime, batch_size)
+    detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
+    val_f, _ = extract_features(model, val_ds, runtime, batch_size)
+    detector.calibrate(study_scores(detector.score(val_f), study_index(val_ds)), cfg.train.ood_quantile)
+    log.info("out-of-distribution refusal (%s): threshold %.4f, the %g quantile of %d validation studies",
+             detector.method, detector.threshold, detector.quantile, len(detector.val_scores))
+    return detector
+
+
 def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedData, datasets: tuple, runtime: Runtime,
-                batch_size: int) -> dict:
+                batch_size: int, temperature: float = 1.0, operating_point: dict | None = None) -> dict:
     """``metrics.json``'s content: how training went, validation and test metrics per study (through
-    the one prediction path), and images, patients and labels per split."""
+    the one prediction path, calibrated by ``temperature``), the test decisions at ``operating_point``
+    against the best any threshold allows, and images, patients and labels per split."""
     names = prepared.manifest.class_names
     metrics = {"class_names": names, "best_epoch": result.best_epoch, "strategy": result.strategy,
                "strategy_reason": result.strategy_reason, "precision": result.precision,
                "precision_choice": result.precision_choice, "device": result.device,
                "world_size": result.world_size, "split": prepared.split_source,
                "train_images_per_s": round(result.train_images_per_s, 2)}
+    metrics["temperature"] = round(float(temperature), 4)
     for name, ds in zip(("val", "test"), datasets):
-        y, p = predict_logits(model, ds, runtime, batch_size).study_probs()
+        y, p = predict_logits(model, ds, runtime, batch_size).study_probs(temperature)
         metrics[name] = compute_classification_metrics(y, p)
+    if operating_point is not None and len(names) == 2:
+        at_op = compute_binary_metrics(y, p[:, 1], operating_point["threshold"])
+        metrics["test"]["decision"] = {**operating_point, **{k: at_op[k] for k in (
+            "sensitivity", "specificity", "balanced_accuracy")}, "best_balanced_accuracy": best_balanced_accuracy(y, p[:, 1])}
     for name, part in prepared.sets.items():
         metrics.setdefault(name, {})
         metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
@@ -201,7 +236,9 @@ def write_run_files(out: Path, cfg: ExperimentConfig, prepared: PreparedData, re
                                 "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in sets["train"]}),
                                 "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in sets["train"]}),
                                 "colour_inputs": sum(bool(s.get("scan_colour")) for s in sets["train"]),
-                                "grey_inputs": sum(not s.get("scan_colour") for s in sets["train"])},
+                                "grey_inputs": sum(not s.get("scan_colour") for s in sets["train"]),
+                                "min_side": min((int(s["scan_min_side"]) for s in sets["train"] if s.get("scan_min_side")),
+                                                default=None)},
                             "weights_source": weights_source, "precision": result.precision,
                             "environment": environment()}
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))

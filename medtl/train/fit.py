@@ -206,6 +206,7 @@ class _Trainer:
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
         self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime)
         self.best_state = copy.deepcopy(model.state_dict())
+        self.best_val_loss = math.inf
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
         self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
         # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
@@ -339,9 +340,13 @@ class _Trainer:
         row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
                "val_loss": val_loss, "val_auc": val_auc, "seconds": round(seconds, 3)}
         self.result.history.append(row)
-        improved = score > self.result.best_score
+        # a tie in AUC (frequent on small validation sets) goes to the lower loss: the epoch whose probabilities
+        # have not collapsed to one side
+        improved = score > self.result.best_score + 1e-9 or (
+            abs(score - self.result.best_score) <= 1e-9 and val_loss < self.best_val_loss)
         if improved:
             self.result.best_score, self.result.best_epoch = score, self.epoch
+            self.best_val_loss = val_loss
             self.best_state = copy.deepcopy(self.model.state_dict())
             if self.on_improve is not None and self.rank == 0:
                 self.on_improve(self.model, row)

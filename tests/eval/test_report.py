@@ -14,7 +14,10 @@ def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     image = sample_dir / "dicom" / "img_0003.dcm"
-    before = load_run(run).predict(image)
+    trained = load_run(run)
+    t_train = trained.temperature  # `medtl train` calibrates on validation already
+    assert t_train is not None and trained.operating_point is not None
+    before = trained.predict(image)
     assert main(["evaluate", str(run), "--boot", "50", "--methods", "gradcam", "--no-data-randomisation"]) == 0
     assert "test AUC" in capsys.readouterr().out
     out = run / "evaluation"
@@ -31,8 +34,9 @@ def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir
     assert predictor.temperature == t and predictor.operating_point["threshold"] == \
         result["operating_point"]["threshold"]
     after = predictor.predict(image)
-    # calibrated probabilities are softmax(z / T) of the same logits: softmax(log p / T) of the raw ones
-    raw = np.log(np.array(list(before.probabilities.values())))
+    # calibrated probabilities are softmax(z / T) of the same logits: softmax(log p * T_train / T) of the
+    # probabilities calibrated at training
+    raw = np.log(np.array(list(before.probabilities.values()))) * t_train
     expected = np.exp(raw / t) / np.exp(raw / t).sum()
     np.testing.assert_allclose(list(after.probabilities.values()), expected, rtol=1e-4, atol=1e-6)
     assert abs(t - 1) > 1e-3, t  # the tiny run is miscalibrated enough to move: the check above is not trivial
