@@ -149,12 +149,18 @@ def cmd_evaluate(args) -> int:
     methods = tuple(args.methods.split(",")) if args.methods else ("gradcam", "gradcampp", "occlusion",
                                                                      "integrated_gradients")
     result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
-                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device)
+                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device,
+                          foreign=args.foreign)
     auc = result["auc"]
     ci = auc["auc_ci"]
     print(f"{args.run}: test AUC {auc['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
           f"; ECE {result['calibration']['test_ece_before']:.3f} -> {result['calibration']['test_ece_after']:.3f} "
           f"(T = {result['calibration']['temperature']:.2f})")
+    ood = result.get("ood", {})
+    if ood.get("auroc") is not None:
+        print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} foreign "
+              f"files); refused {ood['foreign_refused']:.0%} of the foreign files and "
+              f"{ood['in_refused_by_content']:.0%} of the test studies")
     op = result.get("operating_point")
     if op:
         def num(v):
@@ -269,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
     s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
     s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four)")
+    s.add_argument("--foreign", nargs="+", metavar="FILE",
+                   help="files unlike the training data (other modalities, body parts, photographs): report the "
+                        "out-of-distribution detector's AUROC against the test studies")
     s.add_argument("--no-data-randomisation", action="store_true",
                    help="skip training a shuffled-label model for the data randomisation test")
     _add_device(s)

@@ -168,10 +168,47 @@ def study_scores(input_scores: np.ndarray, studies: np.ndarray) -> np.ndarray:
     return np.asarray([np.median(input_scores[studies == s]) for s in order])
 
 
+def foreign_check(predictor, in_scores: np.ndarray, foreign: list[str | Path]) -> dict:
+    """How well a run's detector tells its in-distribution test studies (``in_scores``) from
+    ``foreign`` files (other modalities, other body parts, photographs): the AUROC of the content
+    score alone, and how many of each the predictor refuses in all (header checks and content).
+
+    A foreign file that cannot be read at all is listed as unreadable and left out of the AUROC.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from medtl.errors import MedtlInputError
+
+    det = predictor.ood
+    if det is None:
+        return {"measured": False, "why": "the run has no out-of-distribution detector (train.ood off or an older run)"}
+    rows = []
+    for f in foreign:
+        try:
+            scan = predictor.read(f)
+            score = predictor.predict(scan, check=False).ood_score
+            refusal = predictor.predict(scan).refused
+            rows.append({"file": Path(f).name, "score": score, "refused": refusal is not None, "reason": refusal})
+        except MedtlInputError as e:
+            rows.append({"file": Path(f).name, "score": None, "refused": True, "reason": f"unreadable: {e.problem}"})
+    in_scores = np.asarray(in_scores, float)
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    auroc = None
+    if len(in_scores) and scored:
+        y = np.r_[np.zeros(len(in_scores)), np.ones(len(scored))]
+        auroc = float(roc_auc_score(y, np.r_[in_scores, scored]))
+    return {"measured": True, "method": det.method, "threshold": det.threshold, "auroc": auroc,
+            "n_in": int(len(in_scores)), "n_foreign": len(rows),
+            "in_refused_by_content": float(np.mean(in_scores > det.threshold)) if len(in_scores) else None,
+            "foreign_refused": float(np.mean([r["refused"] for r in rows])) if rows else None,
+            "foreign_refused_by_content": float(np.mean(np.asarray(scored) > det.threshold)) if scored else None,
+            "foreign": rows}
+
+
 def load_detector(run_dir: str | Path) -> OODDetector | None:
     """A run's detector, or None for runs trained before medtl fitted one (or of 3D encoders)."""
     path = Path(run_dir) / OOD_FILE
     return OODDetector.load(path) if path.is_file() else None
 
 
-__all__ = ["OODDetector", "load_detector", "study_scores", "tolerance_threshold", "OOD_FILE", "METHODS"]
+__all__ = ["OODDetector", "load_detector", "foreign_check", "study_scores", "tolerance_threshold", "OOD_FILE", "METHODS"]

@@ -30,7 +30,8 @@ from medtl.data import create_dataset
 from medtl.errors import RunError
 from medtl.explain import METHODS, compute_saliency, explain_input, run_sanity_checks
 from medtl.models import create_model
-from medtl.predict import fit_decision, predict_logits
+from medtl.data.dataset import study_index
+from medtl.predict import extract_features, fit_decision, predict_logits
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms, display_image
@@ -294,9 +295,12 @@ def evaluation_figures(ev: Evaluation, history_path: Path, n_boot: int = 300, se
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 1000, operating_point: str = "youden",
                  methods: tuple[str, ...] = METHODS, sanity_images: int = 3, data_randomisation: bool = True,
-                 seed: int = 0, device: str = "auto") -> dict:
+                 seed: int = 0, device: str = "auto", foreign: list[str | Path] | None = None) -> dict:
     """Evaluate a run on its test split (or on ``data``); write the report, figures and model card (see
-    module doc) and save the temperature and operating point into the run's model. Models run on ``device``."""
+    module doc) and save the temperature and operating point into the run's model. Models run on ``device``.
+
+    ``foreign``: files unlike the training data (other modalities, body parts, photographs): the report
+    gives the out-of-distribution detector's AUROC against the test studies, and its refusal rates."""
     run_dir = Path(run_dir)
     saved = load_saved_run(run_dir)
     cfg = saved.config
@@ -312,6 +316,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
                             data_randomisation, seed)
     save_model(saved.model, run_dir / "model.safetensors", saved.encoder, saved.class_names, saved.preprocessing,
                ev.temperature, ev.operating_point)
+    ev.result["ood"] = _ood_check(run_dir, saved, cfg, prepared, runtime, foreign or [], device)
     figures = evaluation_figures(ev, run_dir / "history.csv", min(n_boot, 300), seed)
     card = model_card(run_dir, ev.result, prepared, cfg, saved)
     out = run_dir / "evaluation"
@@ -324,6 +329,23 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     (out / "report.html").write_text(report_html(ev.result, card, figures))
     log.info("evaluation written to %s", out)
     return ev.result
+
+
+def _ood_check(run_dir: Path, saved: SavedRun, cfg, prepared, runtime: Runtime, foreign: list, device: str) -> dict:
+    """The out-of-distribution detector against ``foreign`` files (see :func:`medtl.ood.foreign_check`)."""
+    from medtl.inference import Predictor
+    from medtl.ood import foreign_check, study_scores
+
+    predictor = Predictor(run_dir, device=device)
+    if predictor.ood is None:
+        return {"measured": False, "why": "the run has no out-of-distribution detector"}
+    if not foreign:
+        return {"measured": False, **predictor.ood.describe(),
+                "why": "no foreign images given (medtl evaluate --foreign FILE...)"}
+    _, _, test_ds = prepared.datasets(cfg.data, saved.preprocessing)
+    features, _ = extract_features(predictor.model, test_ds, predictor.runtime)
+    in_scores = study_scores(predictor.ood.score(features), study_index(test_ds))
+    return {**predictor.ood.describe(), **foreign_check(predictor, in_scores, foreign)}
 
 
 def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed, runtime: Runtime):
@@ -374,6 +396,7 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, saved: SavedRun) -> d
             "metrics": {"test_auc": result["auc"]["auc"], "test_auc_95ci": result["auc"]["auc_ci"],
                         "operating_point": result.get("operating_point")},
             "calibration": result["calibration"],
+            "ood": {k: v for k, v in result.get("ood", {}).items() if k != "foreign"},
             "saliency": [{"method": s["method"], "passed": s["passed"]} for s in result.get("saliency_sanity", [])],
             "known_limits": limits}
 

@@ -50,7 +50,7 @@ def vm_size() -> int:
     return 0
 
 
-def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str) -> None:
+def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str, task: str = "read") -> None:
     tempfile.tempdir = scratch  # unpacked zip members go where the parent removes them, whatever happens here
     try:
         cap = vm_size() + 2 * limits.max_bytes + _OVERHEAD
@@ -58,10 +58,11 @@ def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str) -> N
     except (OSError, ValueError):
         pass  # a platform without the limit still gets the budget checks and the time limit
     set_read_limits(limits)
+    from medtl.io.info import describe_path
     from medtl.io.reader import read_image
 
     try:
-        result = ("scan", read_image(path, **kwargs))
+        result = ("scan", read_image(path, **kwargs) if task == "read" else describe_path(path, **kwargs))
     except MedtlInputError as e:
         result = ("error", e.with_traceback(None))
     except MemoryError:
@@ -82,12 +83,22 @@ def read_image_bounded(path: str | Path, limits: ReadLimits | None = None, **kwa
     Raises the same typed errors as ``read_image``, and :class:`InputTooLargeError` when the
     read runs past ``limits.timeout_s`` or the process dies for memory.
     """
+    return _bounded(path, limits, kwargs, "read")
+
+
+def describe_path_bounded(path: str | Path, limits: ReadLimits | None = None, **kwargs) -> dict:
+    """:func:`medtl.io.describe_path` (the series a folder or zip holds, which one would be used) in
+    the bounded worker, for untrusted uploads."""
+    return _bounded(path, limits, kwargs, "describe")
+
+
+def _bounded(path: str | Path, limits: ReadLimits | None, kwargs: dict, task: str):
     path = Path(path)
     limits = limits or read_limits()
     ctx = _ctx()
     scratch = tempfile.mkdtemp(prefix="medtl-read-")  # mode 0700; removed below, even if the child is killed
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, str(path), kwargs, limits, scratch), daemon=True)
+    proc = ctx.Process(target=_child, args=(sender, str(path), kwargs, limits, scratch, task), daemon=True)
     proc.start()
     sender.close()
     try:

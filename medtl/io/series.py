@@ -11,6 +11,8 @@ override them, and the reason for the choice is reported.
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import tempfile
 import zipfile
@@ -66,7 +68,10 @@ class Series:
 
     def describe(self) -> dict:
         ds = self.instances[0].ds
+        study = str(ds.get("StudyInstanceUID", "") or "")
         return {"series_uid": self.uid, "series_number": self.number, "modality": self.modality,
+                # a key telling studies apart (a hash: the UID itself can be traced back to the patient)
+                "study_key": hashlib.sha256(study.encode()).hexdigest()[:10] if study else "",
                 "description": self.description, "image_type": self.image_type, "instances": len(self.instances),
                 "slices": self.n_slices, "size": [int(ds.get("Rows", 0)), int(ds.get("Columns", 0))]}
 

@@ -146,4 +146,4 @@ def test_breastmnist_keeps_its_published_split(shared_data):
 
     m = read_dataset(shared_data / "medmnist/breastmnist.npz")
     assert {k: len(v) for k, v in m.splits.items()} == {"train": 546, "val": 78, "test": 156}
-    assert m.label_counts(m.splits["train"]) == {"0": 147, "1": 399}
+    assert m.label_counts(m.splits["train"]) == {"malignant": 147, "normal, benign": 399}  # MedMNIST's label names
