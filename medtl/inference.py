@@ -228,16 +228,24 @@ class Predictor:
         return self.saliency(scan, pred, class_name, method, (x, parts, per_input))
 
     def saliency(self, scan: Scan, prediction: Prediction, class_name: str | None = None, method: str | None = None,
-                 prepared: tuple | None = None) -> Explanation:
+                 prepared: tuple | None = None, slice_index: int | None = None) -> Explanation:
         """The map of ``method`` for a prediction made already (:meth:`predict`): the forward pass that
-        gave the probabilities is not repeated, only the map is computed."""
+        gave the probabilities is not repeated, only the map is computed. ``slice_index``: the map of
+        that slice of a volume read slice by slice (default: the slice that scores highest); a slice the
+        model did not judge raises :class:`ConfigError`."""
         method = method or self.config.explain.method
         x, parts, per_input = prepared or (*self._prepare(scan), None)
         target = class_name or prediction.label or self.class_names[0]
         if target not in self.class_names:
             look_up_option(target, self.class_names, "class")
         k = self.class_names.index(target)
-        if len(parts) == 1:
+        if slice_index is not None and len(parts) > 1:
+            found = [i for i, p in enumerate(parts) if int(p["slice_index"]) == int(slice_index)]
+            if not found:
+                raise ConfigError(None, f"slice {slice_index} was not judged by the model",
+                                  f"a slice from 0 to {len(parts) - 1}")
+            best = found[0]
+        elif len(parts) == 1:
             best = 0
         elif per_input is not None:
             best = int(per_input[:, k].argmax())
@@ -249,7 +257,7 @@ class Predictor:
         with self._saliency_lock:  # one map at a time: concurrent backward passes on one model crash (segfault)
             saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method, self.runtime,
                                               self.config.explain.alpha)
-        if len(parts) > 1:
+        if len(parts) > 1 and slice_index is None:
             prediction.slice_index = int(parts[best]["slice_index"])
         return Explanation(prediction=prediction, image=image, saliency=saliency, overlay=overlay, class_name=target,
                            method=method)

@@ -1,21 +1,23 @@
-"""Gradio app: upload a DICOM (file, several files or a zip of a series), NIfTI or PNG/JPEG; view it
-with window presets and a slice slider; see the model's calibrated answer, where it looked, and
-what the model is and is not for.
+"""Gradio app: one case at a time. Upload a DICOM (file, several files of one series, or a zip of a
+study), NIfTI or PNG/JPEG; read it in a viewer (window/level drag, zoom, pan, wheel through slices,
+the saliency map on the slice); see the model's answer in plain words, or why it refuses to answer;
+export a one-page report (PDF and PNG) under a case key that is not a patient identifier.
 
-Safe defaults: bound to 127.0.0.1, no share link, no analytics, bounded upload size, uploads in a
-private temporary folder removed on shutdown, a bounded queue, and no patient identifier or stack
-trace ever reaches the page or the log. The app calls only the ``medtl`` API.
+Safe defaults: bound to 127.0.0.1, no share link, no analytics, bounded upload size, uploads moved to
+random names in a private folder (removed on exit, SIGTERM and SIGINT), failed logins locked out with a
+growing delay, every file parsed in a bounded child process, and no patient identifier or stack trace
+ever reaches the page or the log. The app calls only the ``medtl`` API.
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime
+import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,17 +28,23 @@ from medtl import __version__
 from medtl.config import CT_WINDOWS
 from medtl.errors import MedtlError, MedtlInputError
 from medtl.explain import METHODS, create_overlay
-from medtl.inference import Predictor, load_run
-from medtl.io import Scan, read_image_bounded
+from medtl.inference import Prediction, Predictor, load_run
+from medtl.io import Scan, describe_path_bounded, read_image_bounded
+from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup, store_upload
+from medtl_ui.viewer import VIEWER_HEAD, VIEWER_HELP
 
 log = logging.getLogger("medtl.ui")
 
-NOTICE = ("**Research software — not for diagnostic use.** Predictions come from a model trained on the data "
-          "named below; read its model card before trusting any answer.")
+NOTICE = ("**Research software — not for diagnostic use.** The model answers only for images like those it "
+          "was trained on, and says so when an image is not; read its model card before trusting any answer.")
 MAX_FILE_SIZE = "200mb"
-VIEW_PRESETS = ("auto", "file window", "brain", "lung", "mediastinum", "bone", "soft_tissue", "custom")
+MODEL_WINDOW = "model's window"
 SHOWN_FIELDS = ("modality", "BodyPartExamined", "Manufacturer", "shape", "spacing_mm", "orientation", "units",
                 "format")
+VOLUME_JUDGED = {  # how a volume reached a 2D model, in words (data.volume_mode)
+    "middle": "its middle slice only", "mip": "a maximum-intensity projection of all its slices",
+    "2.5d": "its middle slice with its two neighbours (2.5D)", "3d": "the whole volume (3D model)",
+}
 
 
 def find_runs(path: str | Path) -> list[Path]:
@@ -65,78 +73,262 @@ def for_display(array: np.ndarray, min_side: int = 448, aspect: float = 1.0) -> 
     return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.NEAREST))
 
 
-# -- input ----------------------------------------------------------------------------------------
+# -- the case -------------------------------------------------------------------------------------
 
-def prepare_upload(files, workdir: Path) -> Path | None:
-    """One path for the upload: the file itself, or a private folder holding several files of a series."""
-    if not files:
-        return None
-    files = [files] if isinstance(files, (str, Path)) else [f for f in files if f]
-    if len(files) == 1:
-        return Path(files[0])
-    folder = Path(tempfile.mkdtemp(prefix="series-", dir=workdir))
-    for i, f in enumerate(files):
-        shutil.copy(f, folder / f"{i:05d}_{Path(f).name}")
-    return folder
+@dataclass
+class Case:
+    """Everything the page keeps about the current case (in the user's session only)."""
 
+    path: Path  # the stored upload (random name) or the private folder of its files
+    scan: Scan
+    key: str = ""  # case identifier: a hash of the uploaded bytes (not a patient identifier)
+    files: list[str] = field(default_factory=list)  # names the page may show (identifying ones replaced)
+    series: list[dict] = field(default_factory=list)  # the series of a multi-file upload (for the picker)
+    series_uid: str | None = None  # the series shown, where there was a choice
+    series_note: str = ""  # which series was used and why, in words
+    prediction: dict = field(default_factory=dict)  # vars(Prediction)
+    refused: str | None = None
+    image: np.ndarray | None = None  # the model's view of the explained slice, [0, 1]
+    saliency: np.ndarray | None = None
+    method: str = "gradcam"
+    slice_index: int = 0  # the slice the model judged (or scored highest)
+    judged: str = ""  # what of the scan the model judged, in words
+    message: str = ""
+    maps: dict = field(default_factory=dict)  # (method, slice) -> saliency map, computed on demand
 
-def check_input(predictor: Predictor, scan: Scan, path: Path) -> str | None:
-    """Why the model should not answer for this scan (the reason, in words), or None.
-
-    Refused: a blank image; a colour image for a model trained on grey images only (or a grey one
-    for a colour-only model); a modality or a dimensionality the model never saw in training.
-    """
-    a = scan.array
-    finite = a[np.isfinite(a)]
-    if finite.size == 0 or np.ptp(finite) == 0 or finite.std() < 1e-6 * max(1.0, abs(finite).max()):
-        return "the image is blank (one value everywhere)"
-    record = predictor.input_record or {}
-    if scan.rgb is not None and not record.get("colour_inputs") and _is_colour_photo(scan.rgb):
-        return "this is a colour image, and the model was trained on grey images only"
-    if scan.rgb is None and record.get("colour_inputs") and record.get("grey_inputs") == 0:
-        return "this is a grey image, and the model was trained on colour images only"
-    seen = [m for m in record.get("modalities", []) if m not in ("UNKNOWN", "")]
-    if seen and scan.modality and scan.modality.upper() not in seen:
-        return f"the model was trained on {', '.join(seen)} images, and this is {scan.modality}"
-    dims = record.get("dimensions", [])
-    ndim = 3 if scan.is_volume else 2
-    if dims and ndim not in dims:
-        return (f"the model was trained on {'volumes' if 3 in dims else '2D images'} only, and this is a "
-                f"{'volume' if ndim == 3 else '2D image'}")
-    return None
+    @property
+    def n_slices(self) -> int:
+        return int(self.scan.array.shape[0]) if self.scan.is_volume else 1
 
 
-def _is_colour_photo(rgb: np.ndarray) -> bool:
-    """Whether an (…, 3) RGB image is clearly coloured (a tenth of its pixels saturated)."""
-    rgb = np.asarray(rgb, np.float32)
-    top = max(float(rgb.max(initial=0)), 1.0)
-    saturation = (rgb.max(axis=-1) - rgb.min(axis=-1)) * (255.0 / top)
-    return float(np.mean(saturation > 40)) > 0.1
+def case_key(paths: list[Path]) -> str:
+    """A key that tells cases apart in reports without naming the patient: a hash of the files' bytes."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return "case-" + h.hexdigest()[:12]
+
+
+def store_case_files(files, workdir: Path) -> tuple[Path | None, list[str], str]:
+    """(path to read, names the page may show, case key) for an upload: the files moved to random names in
+    a private folder (one file: that file; several: their folder)."""
+    Path(workdir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    stored = store_upload(files, workdir)
+    if not stored:
+        return None, [], ""
+    path = stored[0].path if len(stored) == 1 else stored[0].path.parent
+    return path, [s.display for s in stored], case_key([s.path for s in stored])
+
+
+def series_options(series: list[dict]) -> list[tuple[str, str]]:
+    """(label, series UID) for the series picker: one entry per series UID."""
+    seen, options = set(), []
+    for s in series:
+        if s["series_uid"] in seen:
+            continue
+        seen.add(s["series_uid"])
+        desc = f" · {s['description']}" if s.get("description") else ""
+        options.append((f"series {s['series_number']} · {s['modality']}{desc} · {s['slices']} slice(s) · "
+                        f"{s['size'][0]}×{s['size'][1]}", s["series_uid"]))
+    return options
+
+
+def decision_text(predictor: Predictor, pred: Prediction) -> str:
+    """The answer in words: the decision and its basis, honestly named."""
+    calibrated = "calibrated " if predictor.temperature else ""
+    if pred.decision == "operating point" and predictor.operating_point and len(predictor.class_names) == 2:
+        positive = predictor.class_names[1]
+        p1 = pred.probabilities[positive]
+        op = predictor.operating_point
+        side = "at or above" if p1 >= op["threshold"] else "below"
+        return (f"**Predicted class: {pred.label}** — the {calibrated}probability of *{positive}* is {p1:.2f}, {side} "
+                f"the decision threshold {op['threshold']:.2f} chosen on validation data ({op['rule']}).")
+    return (f"**Predicted class: {pred.label}** — the most probable class ({calibrated}probability "
+            f"{pred.probabilities[pred.label]:.2f}). No decision threshold was chosen for this model: this is the "
+            "class with the highest probability, not a decision at a chosen operating point.")
+
+
+def judged_text(predictor: Predictor, case: Case) -> str:
+    """What of the scan the model judged, in words."""
+    if not case.scan.is_volume:
+        return ""
+    mode = predictor.config.data.volume_mode
+    n = case.n_slices
+    if case.prediction.get("slice_scores"):
+        return (f"Every slice of this volume was scored ({n} slices; the study's probability is the "
+                f"{predictor.config.data.slice_aggregation} of the slices'); slice {case.slice_index + 1} scores highest.")
+    return f"This volume of {n} slices was judged on {VOLUME_JUDGED.get(mode, mode)}: slice {case.slice_index + 1}."
+
+
+def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_uid: str | None = None,
+              files: list[str] | None = None, key: str = "") -> tuple[Case | None, str]:
+    """Read, judge and explain one case; (case, message). The case is None when the file cannot be read."""
+    files = files or [path.name]
+    name = files[0] if len(files) == 1 else f"{len(files)} files"
+    series, note = [], ""
+    try:
+        if path.is_dir() or path.suffix.lower() == ".zip":
+            listing = describe_path_bounded(path)
+            series = listing.get("series", [])
+            if listing.get("error") and not listing.get("usable"):
+                raise MedtlInputError(path, listing["error"].split(": ", 1)[-1])
+        scan = read_image_bounded(path, series_uid=series_uid) if series_uid else read_image_bounded(path)
+        if series:
+            used = scan.header.get("series", {})
+            studies = {s.get("study_key") for s in series if s.get("study_key")}
+            note = (f"Series {used.get('series_number')} ({used.get('modality')}"
+                    f"{', ' + used['description'] if used.get('description') else ''}, {used.get('slices')} slices) is "
+                    f"shown: {'chosen by you' if series_uid else scan.header.get('series_choice', '')}.")
+            if len(series_options(series)) > 1:
+                note += f" The upload holds {len(series_options(series))} series: pick another below."
+            if len(studies) > 1:
+                note += (f" **These files come from {len(studies)} different studies**: only the series shown is "
+                         "analysed. Upload one study at a time.")
+        pred = predictor.predict(scan)
+    except MedtlInputError as e:
+        log.info("refused upload: %s", type(e).__name__)
+        return None, f"**Cannot use this file** ({name}): {e.problem}" + (
+            f" — expected {e.expected}." if e.expected else ".")
+    except Exception as e:  # never show a stack trace to the page
+        log.error("analysis failed: %s", type(e).__name__)
+        return None, f"**Analysis failed** for {name} ({type(e).__name__}). The file may be damaged."
+    case = Case(path=path, scan=scan, key=key, files=files, series=series, series_uid=series_uid or
+                scan.header.get("series", {}).get("series_uid"), series_note=note, prediction=vars(pred),
+                refused=pred.refused, method=method, slice_index=int(pred.slice_index or 0))
+    if pred.refused:
+        log.info("refused upload: %s", pred.refused.split(",")[0])
+        case.slice_index = case.n_slices // 2
+        case.message = (f"**Not analysed** ({name}): {pred.refused}. The model answers only for images like those "
+                        "it was trained on.")
+        return case, case.message
+    explain_case(predictor, case, method)
+    case.judged = judged_text(predictor, case)
+    case.message = " ".join(x for x in (decision_text(predictor, pred), case.judged) if x)
+    return case, case.message
+
+
+def explain_case(predictor: Predictor, case: Case, method: str) -> None:
+    """Compute the saliency map of ``method`` for the case's prediction (the prediction is reused)."""
+    pred = Prediction(**case.prediction)
+    expl = predictor.saliency(case.scan, pred, method=method)
+    case.image, case.saliency, case.method = expl.image, expl.saliency, method
+    case.maps[(method, case.slice_index)] = expl.saliency
+
+
+def slice_map(predictor: Predictor, case: Case, index: int) -> np.ndarray | None:
+    """The saliency map of slice ``index`` (computed once, then kept), or None where the model did not judge
+    that slice on its own (a volume judged on its middle slice or a projection)."""
+    if (case.method, index) in case.maps:
+        return case.maps[(case.method, index)]
+    if not case.scan.is_volume or not case.prediction.get("slice_scores"):
+        return case.saliency if index == case.slice_index or not case.scan.is_volume else None
+    pred = Prediction(**case.prediction)
+    expl = predictor.saliency(case.scan, pred, method=case.method, slice_index=index)
+    case.maps[(case.method, index)] = expl.saliency
+    return expl.saliency
+
+
+def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
+             workdir: Path | None = None) -> tuple:
+    """(image, probabilities, overlay, message, case) for an upload (a path or a list of paths); the
+    files are moved to random names under ``workdir``. The case is None when nothing could be read."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-"))
+    if not file_path:
+        return None, None, None, "Upload a DICOM (file, several files of one series or a .zip of a study), NIfTI or " \
+            "PNG/JPEG.", None
+    path, files, key = store_case_files(file_path, workdir)
+    case, message = open_case(predictor, path, method, files=files, key=key)
+    if case is None or case.refused:
+        return None, None, None, message, case
+    aspect = _aspect(case.scan)
+    image = (np.clip(case.image, 0, 1) * 255).astype(np.uint8)
+    overlay = create_overlay(case.image, case.saliency, alpha)
+    return (for_display(image, aspect=aspect), case.prediction["probabilities"], for_display(overlay, aspect=aspect),
+            message, case)
+
+
+def analyse(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
+            workdir: Path | None = None) -> tuple:
+    """(image, probabilities, overlay, message) for an upload (see :func:`run_case`)."""
+    return run_case(predictor, file_path, method, alpha, workdir)[:4]
 
 
 # -- viewer ---------------------------------------------------------------------------------------
 
-def window_slice(scan: Scan, index: int, preset: str, level: float | None = None,
-                 width: float | None = None) -> np.ndarray:
-    """One slice of a scan as uint8 for display, windowed by preset (or a free level/width); a colour
-    scan is shown in colour, by its type's range (windows do not apply to colour)."""
+def window_presets(predictor: Predictor, scan: Scan) -> tuple[list[str], str]:
+    """(window presets that apply to this scan, why others are missing); the first is the model's own."""
+    choices = [MODEL_WINDOW]
+    why = ""
+    if scan.rgb is not None:
+        return [], "windows do not apply to colour images"
+    if scan.window is not None:
+        choices.append("file window")
+    if scan.units == "HU":
+        choices += list(CT_WINDOWS)
+    else:
+        why = "CT presets need Hounsfield units; this image has none"
+    return choices + ["full range", "custom"], why
+
+
+def preset_window(predictor: Predictor, scan: Scan, preset: str) -> tuple[float, float]:
+    """(level, width) of a preset. The model's window is the one the model was trained with: its CT window
+    (the first of a multi-window stack), the file's own window, or its percentiles."""
+    data = predictor.config.data
+    if preset == MODEL_WINDOW:
+        if scan.units == "HU" and data.intensity in ("auto", "ct_window"):
+            name = data.ct_multi_windows[0] if data.ct_window == "multi" else data.ct_window
+            return CT_WINDOWS[name]
+        if data.intensity == "file_window" or (data.intensity == "auto" and scan.window is not None
+                                                and scan.modality.upper() not in ("CT", "MR", "")):
+            return scan.window
+        lo, hi = np.percentile(scan.array, data.percentiles)
+    elif preset in CT_WINDOWS and scan.units == "HU":
+        return CT_WINDOWS[preset]
+    elif preset == "file window" and scan.window is not None:
+        return scan.window
+    else:
+        lo, hi = float(np.nanmin(scan.array)), float(np.nanmax(scan.array))
+    return float((lo + hi) / 2), float(max(hi - lo, 1e-6))
+
+
+def window_slice(scan: Scan, index: int, level: float, width: float) -> np.ndarray:
+    """One slice of a scan as uint8 for display, windowed by ``level``/``width``; a colour scan is shown in
+    colour, by its type's range (windows do not apply to colour)."""
     if scan.rgb is not None:
         rgb = scan.rgb[int(np.clip(index, 0, scan.rgb.shape[0] - 1))] if scan.is_volume else scan.rgb
         top = scan.value_max or max(float(rgb.max(initial=0)), 1.0)
         return (np.clip(rgb / top, 0, 1) * 255).astype(np.uint8)
     a = scan.array[int(np.clip(index, 0, scan.array.shape[0] - 1))] if scan.is_volume else \
         (scan.array if scan.array.ndim == 2 else scan.array[0])
-    if preset == "custom" and width:
-        lo, hi = level - width / 2, level + width / 2
-    elif preset in CT_WINDOWS and scan.units == "HU":
-        lv, wd = CT_WINDOWS[preset]
-        lo, hi = lv - wd / 2, lv + wd / 2
-    elif preset == "file window" and scan.window is not None:
-        lo, hi = scan.window[0] - scan.window[1] / 2, scan.window[0] + scan.window[1] / 2
-    else:  # auto: robust percentiles of the whole scan
-        lo, hi = np.percentile(scan.array, [0.5, 99.5])
+    lo, hi = level - width / 2, level + width / 2
     out = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
     return (out * 255).astype(np.uint8)
+
+
+def render_view(predictor: Predictor, case: Case | None, index: int, level: float, width: float, show_map: bool,
+                alpha: float) -> tuple[np.ndarray | None, str]:
+    """(viewer image, caption): the windowed slice, with the saliency map on it where the model judged it."""
+    if case is None:
+        return None, ""
+    index = int(np.clip(index or 0, 0, case.n_slices - 1))
+    view = window_slice(case.scan, index, float(level or 0), float(width or 1))
+    caption = f"Slice {index + 1} of {case.n_slices}." if case.scan.is_volume else ""
+    if show_map and not case.refused:
+        sal = None
+        try:
+            sal = slice_map(predictor, case, index)
+        except MedtlError:
+            sal = None
+        if sal is None:
+            caption += f" The model judged slice {case.slice_index + 1} only: no map on this slice."
+        else:
+            if sal.shape != view.shape[:2]:
+                sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.BILINEAR))
+            view = create_overlay(view / 255.0, sal, alpha)
+            caption += f" {case.method} map on this slice."
+    return for_display(view, aspect=_aspect(case.scan)), caption.strip()
 
 
 def header_summary(scan: Scan) -> dict:
@@ -149,76 +341,9 @@ def header_summary(scan: Scan) -> dict:
     return out
 
 
-@dataclass
-class Case:
-    """Everything the page keeps about the current upload (in the user's session only)."""
-
-    path: Path
-    scan: Scan
-    prediction: dict = field(default_factory=dict)
-    image: np.ndarray | None = None  # the model's view of the explained slice, [0, 1]
-    saliency: np.ndarray | None = None
-    slice_index: int = 0
-    message: str = ""
-
-
 def _aspect(scan: Scan) -> float:
     sp = scan.spacing[-2:]
     return float(sp[0] / sp[1]) if sp[1] > 0 else 1.0
-
-
-def analyse(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
-            workdir: Path | None = None) -> tuple:
-    """The page's main handler: (image, probabilities, overlay, message) for an upload.
-
-    ``file_path``: a path, or a list of paths (several files of one series).
-    """
-    result = run_case(predictor, file_path, method, alpha, workdir)
-    return result[:4]
-
-
-def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
-             workdir: Path | None = None) -> tuple:
-    """(image, probabilities, overlay, message, case) — the case is None when nothing could be shown."""
-    workdir = workdir or Path(tempfile.gettempdir())
-    path = prepare_upload(file_path, workdir)
-    if path is None:
-        return None, None, None, "Upload a DICOM (file, several files or a zip of a series), NIfTI or PNG/JPEG.", None
-    name = path.name if path.is_file() else f"{len(list(path.iterdir()))} uploaded files"
-    try:
-        scan = read_image_bounded(path)  # in a child process bounded in memory and time
-        reason = check_input(predictor, scan, path)
-        if reason:
-            log.info("refused upload: %s", reason)
-            return None, None, None, f"**Not analysed** ({name}): {reason}. The model answers only for inputs " \
-                "like those it was trained on.", None
-        expl = predictor.explain(scan, method=method)
-    except MedtlInputError as e:
-        log.info("refused upload: %s", type(e).__name__)
-        return None, None, None, f"**Cannot use this file** ({name}): {e.problem}" + (
-            f" — expected {e.expected}." if e.expected else "."), None
-    except Exception as e:  # never show a stack trace to the page
-        log.error("analysis failed: %s", type(e).__name__)
-        return None, None, None, f"**Analysis failed** for {name} ({type(e).__name__}). The file may be damaged.", None
-    pred = expl.prediction
-    calibrated = "calibrated " if predictor.temperature else ""
-    where = f" Slice {pred.slice_index} shown (most suspicious)." if pred.slice_scores else ""
-    op = predictor.operating_point
-    if op and len(predictor.class_names) == 2:
-        positive = predictor.class_names[1]
-        p1 = pred.probabilities[positive]
-        side = "at or above" if p1 >= op["threshold"] else "below"
-        decision = (f"**Predicted class: {pred.label}** — {calibrated}probability of {positive} {p1:.2f}, {side} the "
-                    f"model's operating threshold {op['threshold']:.2f} ({op['rule']}).")
-    else:
-        decision = f"**Predicted class: {pred.label}** ({calibrated}probability {pred.probabilities[pred.label]:.2f})."
-    message = f"{decision}{where} Saliency: {expl.method} for class {expl.class_name}."
-    case = Case(path=path, scan=scan, prediction=vars(pred), image=expl.image, saliency=expl.saliency,
-                slice_index=int(pred.slice_index or 0), message=message)
-    image = (np.clip(expl.image, 0, 1) * 255).astype(np.uint8)
-    overlay = create_overlay(expl.image, expl.saliency, alpha)
-    aspect = _aspect(scan)
-    return for_display(image, aspect=aspect), pred.probabilities, for_display(overlay, aspect=aspect), message, case
 
 
 def slice_profile(case: Case | None):
@@ -232,8 +357,8 @@ def slice_profile(case: Case | None):
 
     scores = case.prediction["slice_scores"]
     fig, ax = plt.subplots(figsize=(6, 2), dpi=100)
-    ax.plot(range(len(scores)), scores, "-o", ms=3)
-    ax.axvline(case.slice_index, color="tab:red", ls="--")
+    ax.plot(range(1, len(scores) + 1), scores, "-o", ms=3)
+    ax.axvline(case.slice_index + 1, color="tab:red", ls="--")
     ax.set(xlabel="slice", ylabel=f"p({case.prediction['label']})", ylim=(0, 1))
     fig.tight_layout()
     fig.canvas.draw()
@@ -242,50 +367,123 @@ def slice_profile(case: Case | None):
     return rgb
 
 
-def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha: float = 0.45) -> str | None:
-    """A one-page PNG report of the case (image, overlay, probabilities, model, date); its path."""
-    if case is None:
-        return None
+# -- report ---------------------------------------------------------------------------------------
+
+def model_version(predictor: Predictor) -> str:
+    """The run's name and the first 12 hex of its weights' sha256: which model, exactly."""
+    h = hashlib.sha256((predictor.run_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return f"{predictor.run_dir.name} ({predictor.encoder}, weights sha256 {h}; medtl {__version__})"
+
+
+def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha: float = 0.45) -> list[str]:
+    """A one-page report of the case as PDF and PNG: case key (not a patient identifier), model and
+    version, date, probabilities, decision and its basis, what was judged, the overlay and the notice."""
+    if case is None or case.refused or case.image is None:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=110, gridspec_kw={"width_ratios": [1, 1, 0.9]})
-    axes[0].imshow(case.image, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("Image (model's view)")
-    axes[1].imshow(create_overlay(case.image, case.saliency, alpha))
-    axes[1].set_title("Saliency overlay")
-    probs = case.prediction["probabilities"]
-    axes[2].barh(list(probs), list(probs.values()), color="tab:blue")
-    axes[2].set(xlim=(0, 1), title="Class probabilities")
-    for a in axes[:2]:
-        a.set_axis_off()
-    text = (f"Decision: {case.prediction['label']}   Model: {predictor.run_dir.name} ({predictor.encoder}, "
-            f"medtl {__version__})   Date: {datetime.date.today().isoformat()}\n"
-            "Research software — not for diagnostic use.")
-    fig.suptitle(text, fontsize=9)
-    fig.tight_layout()
-    out = Path(tempfile.mkdtemp(prefix="report-", dir=workdir)) / "medtl_case_report.png"
-    fig.savefig(out)
+    fig = plt.figure(figsize=(8.27, 11.69), dpi=100)  # A4 portrait
+    fig.text(0.06, 0.96, "medtl — case report", fontsize=16, weight="bold")
+    fig.text(0.06, 0.935, "Research software — not for diagnostic use.", fontsize=10, color="tab:red")
+    pred = case.prediction
+    probs = pred["probabilities"]
+    op = predictor.operating_point if pred.get("decision") == "operating point" else None
+    basis = (f"probability of {predictor.class_names[1]} {'≥' if probs[predictor.class_names[1]] >= op['threshold'] else '<'} "
+             f"threshold {op['threshold']:.2f} chosen on validation data ({op['rule']})" if op else
+             "most probable class (no decision threshold was chosen for this model)")
+    lines = [("Case", f"{case.key}  (a hash of the uploaded files; not a patient identifier)"),
+             ("Date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+             ("Model", model_version(predictor)),
+             ("Input", f"{len(case.files)} file(s): {case.scan.modality or case.scan.source.upper()} "
+                       f"{'volume' if case.scan.is_volume else 'image'} of shape {list(case.scan.array.shape)}"),
+             ("Decision", str(pred["label"])), ("Basis", basis),
+             ("Probabilities", ("calibrated on validation data" if predictor.temperature else "not calibrated")),
+             ("Judged", case.judged or "the whole 2D image"),
+             ("Saliency", f"{case.method}: where the model looked, not a finding")]
+    y = 0.90
+    for k, v in lines:
+        fig.text(0.06, y, k, fontsize=9, weight="bold")
+        wrapped = textwrap.wrap(v, 95) or [""]
+        for line in wrapped:
+            fig.text(0.22, y, line, fontsize=9)
+            y -= 0.017
+        y -= 0.008
+    ax = fig.add_axes((0.06, 0.36, 0.42, 0.3))
+    ax.imshow(case.image, cmap=None if case.image.ndim == 3 else "gray", vmin=0, vmax=1)
+    ax.set_title("Model's view", fontsize=9)
+    ax.set_axis_off()
+    ax = fig.add_axes((0.52, 0.36, 0.42, 0.3))
+    ax.imshow(create_overlay(case.image, case.saliency, alpha))
+    ax.set_title(f"Saliency ({case.method})", fontsize=9)
+    ax.set_axis_off()
+    ax = fig.add_axes((0.3, 0.12, 0.6, 0.18))
+    names = list(probs)
+    ax.barh(names, [probs[n] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        ax.text(min(probs[n] + 0.02, 0.9), i, f"{probs[n]:.3f}", va="center", fontsize=9)
+    if op:
+        ax.axvline(op["threshold"], color="tab:red", ls="--", lw=1, label=f"threshold on {predictor.class_names[1]}")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set(xlim=(0, 1), title="Class probabilities")
+    fig.text(0.06, 0.04, "Generated by medtl from a model trained on the data named in its model card. The decision "
+             "is the model's, not a diagnosis.", fontsize=7, color="0.4")
+    folder = Path(tempfile.mkdtemp(prefix="report-", dir=workdir))
+    pdf, png = folder / f"medtl_report_{case.key}.pdf", folder / f"medtl_report_{case.key}.png"
+    with PdfPages(pdf, metadata={"Title": f"medtl case report {case.key}", "Creator": f"medtl {__version__}"}) as doc:
+        doc.savefig(fig)
+    fig.savefig(png)
     plt.close(fig)
-    return str(out)
+    return [str(pdf), str(png)]
 
+
+# -- panels ---------------------------------------------------------------------------------------
 
 def _trust_panel(predictor: Predictor) -> str:
-    """The model card and saliency sanity verdicts written by `medtl evaluate`, or why they are missing."""
+    """The model card written by `medtl evaluate`, or what is known without it, in a clinician's words."""
     card = predictor.run_dir / "evaluation" / "model_card.md"
-    text = card.read_text() if card.is_file() else \
-        "_No model card: run `medtl evaluate` on this run to measure it (metrics with CIs, calibration)._"
-    return text
+    if card.is_file():
+        return card.read_text()
+    metrics = predictor.run_dir / "metrics.json"
+    m = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    auc = (m.get("test") or {}).get("auc")
+    known = f" On the patients held out when it was trained, its AUC was {auc:.2f}." if auc is not None else ""
+    return ("_This model has not been through a full evaluation (confidence intervals, calibration check, "
+            f"saliency checks), so how far to trust it is not documented.{known} Ask whoever trained it for its "
+            "evaluation report._")
 
 
-def _sanity(predictor: Predictor) -> dict:
+def _sanity_text(predictor: Predictor, method: str) -> str:
     ev = predictor.run_dir / "evaluation" / "evaluation.json"
-    if not ev.is_file():
-        return {}
-    return {s["method"]: s["verdict"] for s in json.loads(ev.read_text()).get("saliency_sanity", [])}
+    verdicts = {s["method"]: s["verdict"] for s in json.loads(ev.read_text()).get("saliency_sanity", [])} \
+        if ev.is_file() else {}
+    if method in verdicts:
+        return f"Check of the {method} map: {verdicts[method]}"
+    return (f"The {method} map has not been checked for this model (a check that the map depends on what the "
+            "model learnt): read it with care.")
 
+
+def _describe(predictor: Predictor) -> str:
+    rec = predictor.input_record or {}
+    trained = f"; trained on {', '.join(rec['modalities'])} images" if rec.get("modalities") else ""
+    calib = "probabilities calibrated on validation data" if predictor.temperature else "probabilities not calibrated"
+    decision = ("a decision threshold chosen on validation data" if predictor.operating_point else
+                "no decision threshold (the most probable class is shown)")
+    refuses = "refuses images unlike its training images" if predictor.ood else \
+        "checks only modality, dimensions and colour of an image (no content check)"
+    return (f"Model **{predictor.run_dir.name}**: classes {', '.join(predictor.class_names)}{trained}; {calib}; "
+            f"{decision}; {refuses}.")
+
+
+def _probability_label(predictor: Predictor) -> str:
+    return "Class probabilities (" + ("calibrated on validation data" if predictor.temperature else
+                                      "not calibrated") + ")"
+
+
+# -- the page -------------------------------------------------------------------------------------
 
 def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto"):
     """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device``."""
@@ -297,7 +495,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
 
     def get(run_name: str) -> Predictor:
         if run_name not in cache:
-            cache[run_name] = load_run(next(r for r in runs if r.name == run_name), device=device)
+            cache[run_name] = load_run(next(r for r in runs if r.name == run_name), device=device, bounded=True)
         return cache[run_name]
 
     first = runs[0].name
@@ -310,82 +508,148 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
         with gr.Row():
             model_choice = gr.Dropdown([r.name for r in runs], value=first, label="Model (run)",
                                        interactive=len(runs) > 1)
-            model_info = gr.Markdown(_describe(get(first)))
+            model_info = gr.Markdown(_describe(get(first)), elem_id="model-info")
         with gr.Row():
-            upload = gr.File(label="Scan: DICOM (one file, several files or a .zip of a series), NIfTI or PNG/JPEG",
-                             type="filepath", file_count="multiple")
+            upload = gr.File(label="New case: a DICOM file, several files of one series, a .zip of a study, a NIfTI "
+                             "or a PNG/JPEG", type="filepath", file_count="multiple", elem_id="upload")
             with gr.Column():
                 method = gr.Dropdown(list(METHODS), value="gradcam", label="Saliency method")
                 alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Overlay opacity")
-        if examples:
-            gr.Examples([[[str(e)]] for e in examples], inputs=[upload], label="Examples from sample_data")
-        message = gr.Markdown("Upload a scan.", elem_id="message")
+                show_map = gr.Checkbox(value=True, label="Show the saliency map on the viewer")
+        case_info = gr.Markdown("", elem_id="case")
+        series_pick = gr.Dropdown([], label="Series", visible=False, elem_id="series")
+        message = gr.Markdown("Upload a scan to start a case.", elem_id="message")
         with gr.Row():
-            with gr.Column():
-                viewer = gr.Image(label="Viewer", type="numpy", elem_id="scan", interactive=False, height=420,
+            with gr.Column(scale=3):
+                gr.Markdown(VIEWER_HELP)
+                viewer = gr.Image(label="Viewer", type="numpy", elem_id="scan", interactive=False, height=480,
                                   buttons=["fullscreen"])
+                caption = gr.Markdown("", elem_id="view-caption")
+                # the server checks values against the maximum it was built with, not the case's: a wide one
+                slice_slider = gr.Slider(0, 4096, value=0, step=1, label="Slice", visible=False, elem_id="slice")
                 with gr.Row():
-                    slice_slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False)
-                    preset = gr.Dropdown(list(VIEW_PRESETS), value="auto", label="Window")
-                with gr.Row():
-                    level = gr.Number(value=40, label="Level (custom)")
-                    width = gr.Number(value=400, label="Width (custom)")
-            with gr.Column():
-                overlay = gr.Image(label="Saliency overlay (model's view)", type="numpy", elem_id="overlay",
-                                   interactive=False, height=420, buttons=["fullscreen", "download"])
+                    preset = gr.Dropdown([MODEL_WINDOW, "custom"], value=MODEL_WINDOW, label="Window", elem_id="preset")
+                    level = gr.Number(value=40, label="Level", elem_id="level")
+                    width = gr.Number(value=400, label="Width", minimum=1e-6, elem_id="width")
+            with gr.Column(scale=2):
+                probs = gr.Label(label=_probability_label(get(first)), elem_id="probabilities", show_heading=False)
+                overlay = gr.Image(label="Model's view with its saliency map", type="numpy", elem_id="overlay",
+                                   interactive=False, height=300, buttons=["fullscreen", "download"])
                 sanity = gr.Markdown("", elem_id="sanity")
-        probs = gr.Label(label="Class probabilities (the decision, at the operating point, is stated above)",
-                         elem_id="probabilities", show_heading=False)
-        profile = gr.Image(label="Per-slice score", type="numpy", interactive=False, visible=False)
-        jump = gr.Button("Jump to the most suspicious slice", visible=False)
+                profile = gr.Image(label="Score of each slice", type="numpy", interactive=False, visible=False)
+                jump = gr.Button("Go to the slice the model judged", visible=False)
         header = gr.JSON(label="Header (de-identified)")
         with gr.Row():
-            export = gr.Button("Export one-page report (PNG)")
-            report_file = gr.File(label="Report", interactive=False)
+            export = gr.Button("Export one-page report (PDF and PNG)", elem_id="export")
+            report_file = gr.File(label="Report", interactive=False, file_count="multiple", elem_id="report")
         with gr.Accordion("Model card", open=False):
             card = gr.Markdown(_trust_panel(get(first)))
 
+        outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity, preset,
+                   level, width, case_info, series_pick, report_file, caption, upload]
+
+        def show(predictor: Predictor, case: Case | None, msg: str, a: float, meth: str, keep_upload=None):
+            """Every output of the page for a new case (or for none): nothing of the previous case survives."""
+            upload_value = gr.update(value=keep_upload)
+            if case is None:
+                return (None, None, None, msg, None, gr.update(visible=False, value=0), None,
+                        gr.update(value=None, visible=False), gr.update(visible=False), "",
+                        gr.update(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True), 40, 400, "",
+                        gr.update(choices=[], value=None, visible=False), None, "", upload_value)
+            names = ", ".join(case.files[:5]) + (f" and {len(case.files) - 5} more" if len(case.files) > 5 else "")
+            info = f"**Case {case.key}** — {names}. {case.series_note}".strip()
+            options = series_options(case.series)
+            choices, why = window_presets(predictor, case.scan)
+            colour = case.scan.rgb is not None
+            lv, wd = preset_window(predictor, case.scan, MODEL_WINDOW) if not colour else (128.0, 256.0)
+            view, cap = render_view(predictor, case, case.slice_index, lv, wd, True, a)
+            refused = case.refused is not None
+            prof = None if refused else slice_profile(case)
+            ov = None if refused else for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
+            return (view, None if refused else case.prediction["probabilities"], ov, msg, case,
+                    gr.update(visible=case.n_slices > 1, maximum=max(case.n_slices - 1, 1), value=case.slice_index),
+                    header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
+                    gr.update(visible=case.scan.is_volume and not refused), "" if refused else _sanity_text(predictor, meth),
+                    gr.update(choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour,
+                              info=why or None),
+                    gr.update(value=round(lv, 2), interactive=not colour), gr.update(value=round(wd, 2), interactive=not colour),
+                    info, gr.update(choices=options, value=case.series_uid, visible=len(options) > 1), None, cap,
+                    upload_value)
+
         def on_upload(run_name, files, meth, a):
             predictor = get(run_name)
-            image, p, ov, msg, case = run_case(predictor, files, meth, a, workdir)
-            verdict = _sanity(predictor).get(meth, "")
-            sanity_text = f"Sanity check of {meth}: {verdict}" if verdict else \
-                f"No sanity check on record for {meth} (run `medtl evaluate`)."
-            if case is None:
-                return (None, p, None, msg, None, gr.update(visible=False), None, gr.update(visible=False),
-                        gr.update(visible=False), "", *[gr.update(interactive=True)] * 3)
-            n = case.scan.array.shape[0] if case.scan.is_volume else 1
-            view = for_display(window_slice(case.scan, case.slice_index, "auto"), aspect=_aspect(case.scan))
-            prof = slice_profile(case)
-            return (view, p, ov, msg, case, gr.update(visible=n > 1, maximum=max(n - 1, 1), value=case.slice_index),
-                    header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
-                    gr.update(visible=prof is not None), sanity_text,
-                    gr.update(interactive=not case.scan.is_colour,  # no windowing for colour
-                              info="windows do not apply to colour images" if case.scan.is_colour else None),
-                    *[gr.update(interactive=not case.scan.is_colour)] * 2)
+            if not files:
+                return show(predictor, None, "Upload a scan to start a case.", a, meth)
+            try:
+                path, names, key = store_case_files(files, workdir)
+            except (OSError, ValueError) as e:
+                log.info("upload not stored: %s", type(e).__name__)
+                return show(predictor, None, "**Cannot use this upload**: it is not a regular file.", a, meth)
+            case, msg = open_case(predictor, path, meth, files=names, key=key)
+            return show(predictor, case, msg, a, meth)
 
-        def on_view(case, index, pre, lv, wd):
+        def on_series(run_name, case, uid, meth, a):
+            if case is None or not uid or uid == case.series_uid:
+                return [gr.update()] * len(outputs)
+            predictor = get(run_name)
+            new, msg = open_case(predictor, case.path, meth, series_uid=uid, files=case.files, key=case.key)
+            if new is not None:
+                new.series = case.series
+            return show(predictor, new, msg, a, meth)
+
+        def on_model(run_name, case, meth, a):
+            predictor = get(run_name)
+            head = (_describe(predictor), _trust_panel(predictor), gr.update(label=_probability_label(predictor)))
             if case is None:
-                return None
-            return for_display(window_slice(case.scan, index, pre, lv, wd), aspect=_aspect(case.scan))
+                return (*head, *show(predictor, None, "Upload a scan to start a case.", a, meth))
+            new, msg = open_case(predictor, case.path, meth, series_uid=case.series_uid, files=case.files, key=case.key)
+            return (*head, *show(predictor, new, msg, a, meth))
+
+        def on_method(run_name, case, meth, a, index, lv, wd, show_m):
+            """Only the map is recomputed: the prediction is kept."""
+            predictor = get(run_name)
+            if case is None or case.refused:
+                return None, case, "", gr.update(), ""
+            explain_case(predictor, case, meth)
+            ov = for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
+            view, cap = render_view(predictor, case, index, lv, wd, show_m, a)
+            return ov, case, _sanity_text(predictor, meth), view, cap
+
+        def on_view(run_name, case, index, lv, wd, show_m, a):
+            return render_view(get(run_name), case, index, lv, wd, show_m, a)
+
+        def on_preset(run_name, case, pre):
+            if case is None or pre == "custom" or pre not in window_presets(get(run_name), case.scan)[0]:
+                return gr.update(), gr.update()
+            lv, wd = preset_window(get(run_name), case.scan, pre)
+            return round(lv, 2), round(wd, 2)
 
         def on_alpha(case, a):
-            if case is None:
+            if case is None or case.refused:
                 return None
             return for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
 
-        outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity, preset,
-                   level, width]
-        upload.change(on_upload, [model_choice, upload, method, alpha], outputs, concurrency_limit=2)
-        method.change(on_upload, [model_choice, upload, method, alpha], outputs, concurrency_limit=2)
-        for control in (slice_slider, preset, level, width):
-            control.change(on_view, [case_state, slice_slider, preset, level, width], viewer)
-        alpha.change(on_alpha, [case_state, alpha], overlay)
-        jump.click(lambda c: c.slice_index if c else 0, case_state, slice_slider)
-        export.click(lambda run_name, c, a: export_report(get(run_name), c, workdir, a), [model_choice, case_state, alpha],
-                     report_file)
-        model_choice.change(lambda run_name: (_describe(get(run_name)), _trust_panel(get(run_name))), model_choice,
-                            [model_info, card])
+        upload.upload(on_upload, [model_choice, upload, method, alpha], outputs, concurrency_limit=2, api_name="on_upload")
+        upload.clear(on_upload, [model_choice, upload, method, alpha], outputs, api_name="on_clear")
+        series_pick.input(on_series, [model_choice, case_state, series_pick, method, alpha], outputs,
+                          concurrency_limit=2, api_name="on_series")
+        model_choice.change(on_model, [model_choice, case_state, method, alpha], [model_info, card, probs, *outputs],
+                            concurrency_limit=2, api_name="on_model")
+        method.change(on_method, [model_choice, case_state, method, alpha, slice_slider, level, width, show_map],
+                      [overlay, case_state, sanity, viewer, caption], concurrency_limit=2, api_name="on_method")
+        gr.on([slice_slider.change, level.change, width.change, show_map.change, alpha.change], on_view,
+              [model_choice, case_state, slice_slider, level, width, show_map, alpha], [viewer, caption],
+              show_progress="hidden", api_name="on_view")
+        preset.input(on_preset, [model_choice, case_state, preset], [level, width], api_name="on_preset")
+        gr.on([level.input, width.input], lambda: "custom", None, preset, api_name=False)  # dragged or typed: custom
+        alpha.change(on_alpha, [case_state, alpha], overlay, show_progress="hidden", api_name="on_alpha")
+        jump.click(lambda c: c.slice_index if c else 0, case_state, slice_slider, api_name="jump")
+        export.click(lambda run_name, c, a: export_report(get(run_name), c, workdir, a) or None,
+                     [model_choice, case_state, alpha], report_file, api_name="export")
+        if examples:
+            gr.Examples([[[str(e)]] for e in examples], inputs=[upload], outputs=outputs,
+                        fn=lambda files: on_upload(first, files, "gradcam", 0.45), run_on_click=True,
+                        label="Examples from sample_data")
     demo.queue(max_size=16, default_concurrency_limit=max(1, (os.cpu_count() or 2) // 2))
     return demo
 
@@ -396,28 +660,22 @@ def _examples() -> list[Path]:
                         root / "nifti" / "vol_001.nii.gz") if p.is_file()]
 
 
-def _describe(predictor: Predictor) -> str:
-    rec = predictor.input_record or {}
-    trained = f"; trained on {', '.join(rec.get('modalities', []))}" if rec.get("modalities") else ""
-    calib = f"; calibrated (T = {predictor.temperature:.2f})" if predictor.temperature else "; not calibrated"
-    return (f"Loaded **{predictor.run_dir.name}**: encoder `{predictor.encoder}`, classes "
-            f"{', '.join(predictor.class_names)}, input {predictor.preprocessing.input_size} px{trained}{calib}")
-
-
 def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
            prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto"):
-    """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder)."""
-    credentials = None
+    """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder
+    removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay)."""
+    throttle = None
     if auth:  # checked before anything is set up
         user, sep, password = auth.partition(":")
         if not sep or not user or not password:
             raise MedtlError("--auth must be USER:PASS")
-        credentials = (user, password)
+        throttle = LoginThrottle(user, password)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    install_cleanup(workdir)
     demo = create_app(run, workdir, device=device)
-    return demo.launch(server_name=host, server_port=port, share=False, auth=credentials,
+    return demo.launch(server_name=host, server_port=port, share=False, auth=throttle,
                        max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,
-                       footer_links=[], ssr_mode=False, allowed_paths=[])
+                       footer_links=[], ssr_mode=False, allowed_paths=[], head=VIEWER_HEAD,
+                       app_kwargs={"middleware": client_middleware()})

@@ -88,7 +88,7 @@ def choose_threshold(labels: Sequence[int], scores: Sequence[float], rule: str =
     if rule == "youden":
         t = _bagged_youden(labels, scores)
         sens, spec = float(np.mean(scores[labels == 1] >= t)), float(np.mean(scores[labels == 0] < t))
-        return t, f"Youden on validation, bootstrap-averaged (sens {sens:.2f}, spec {spec:.2f})"
+        return t, f"Youden, bootstrap-averaged; validation sensitivity {sens:.2f}, specificity {spec:.2f}"
     kind, _, value = rule.partition(":")
     try:
         target = float(value)

@@ -1,33 +1,63 @@
+"""The page's logic without a browser: cases, refusals, wording, the viewer's windows and the report."""
+
 import dataclasses
 
 import numpy as np
 from PIL import Image
 
 from medtl.inference import load_run
-from medtl_ui.app import analyse, create_app, find_runs
+from medtl_ui.app import (MODEL_WINDOW, analyse, create_app, decision_text, explain_case, find_runs, for_display,
+                          open_case, preset_window, render_view, run_case, store_case_files, window_presets)
 
 
-def test_dicom_nifti_and_png_uploads(tiny_run, sample_dir, tmp_path):
+def test_dicom_and_nifti_are_answered_and_noise_is_refused(tiny_run, sample_dir, tmp_path):
     predictor = load_run(tiny_run)
     for path in [sample_dir / "dicom" / "img_0001.dcm", sample_dir / "nifti" / "vol_001.nii.gz"]:
-        image, probs, overlay, message = analyse(predictor, str(path))
+        image, probs, overlay, message = analyse(predictor, str(path), workdir=tmp_path)
         assert image.ndim == 2 and overlay.shape == image.shape + (3,) and max(image.shape) >= 448
         assert set(probs) == set(predictor.class_names) and abs(sum(probs.values()) - 1) < 1e-5
         assert "Predicted class" in message
-    png = tmp_path / "slice.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)).save(png)
-    image, probs, overlay, _ = analyse(predictor, str(png))
-    assert abs(image.shape[0] / image.shape[1] - 40 / 50) < 0.01 and overlay.shape == image.shape + (3,)
+    png = tmp_path / "noise.png"  # a picture unlike any training image: refused by content, not by header
+    Image.fromarray((np.random.default_rng(0).random((60, 70)) * 255).astype(np.uint8)).save(png)
+    image, probs, overlay, message = analyse(predictor, str(png), workdir=tmp_path / "w")
+    assert image is None and probs is None and "Not analysed" in message
+    assert "does not look like the images the model was trained on" in message
+
+
+def test_display_keeps_the_physical_aspect():
+    shown = for_display(np.zeros((40, 50), np.uint8))
+    assert abs(shown.shape[0] / shown.shape[1] - 40 / 50) < 0.01 and max(shown.shape) >= 448
+    stretched = for_display(np.zeros((40, 50), np.uint8), aspect=2.0)  # rows twice as far apart as columns
+    assert abs(stretched.shape[0] / stretched.shape[1] - 80 / 50) < 0.02
 
 
 def test_bad_upload_gets_a_message_not_a_trace(tiny_run, tmp_path):
     predictor = load_run(tiny_run)
     bad = tmp_path / "upload.dcm"
     bad.write_text("hello")
-    image, probs, overlay, message = analyse(predictor, str(bad))
+    image, probs, overlay, message = analyse(predictor, str(bad), workdir=tmp_path / "w")
     assert image is None and probs is None and "Cannot use this file" in message and "upload.dcm" in message
     assert "Traceback" not in message and str(tmp_path) not in message
     assert "Upload" in analyse(predictor, None)[3]
+
+
+def test_an_identifying_file_name_never_reaches_the_page_or_the_disk(tiny_run, sample_dir, tmp_path):
+    import shutil
+
+    predictor = load_run(tiny_run)
+    named = tmp_path / "Doe^John_MRN12345678_CT.dcm"
+    shutil.copy(sample_dir / "dicom" / "img_0001.dcm", named)
+    work = tmp_path / "work"
+    work.mkdir()
+    gradio_copy = work / "abc123" / named.name  # where Gradio puts an upload: moved away by the app
+    gradio_copy.parent.mkdir()
+    shutil.copy(named, gradio_copy)
+    path, files, key = store_case_files([str(gradio_copy)], work)
+    assert not gradio_copy.exists() and "Doe" not in str(path) and "12345678" not in str(path)
+    assert files == ["file 1 (.dcm)"] and key.startswith("case-")
+    case, message = open_case(predictor, path, files=files, key=key)
+    assert "Doe" not in message and "12345678" not in message and "Predicted class" in message
+    assert not any("Doe" in p.name for p in work.rglob("*"))
 
 
 def test_app_builds_for_a_run_or_a_folder_of_runs(tiny_run):
@@ -40,58 +70,151 @@ def test_refusals_give_the_reason(tiny_run, sample_dir, tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from medtl_ui.app import run_case
-
     predictor = load_run(tiny_run)
     assert predictor.input_record["modalities"] == ["CT"]
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((40, 40), 128, np.uint8)).save(blank)
-    assert "blank" in analyse(predictor, str(blank))[3]
+    assert "blank" in analyse(predictor, str(blank), workdir=tmp_path / "w1")[3]
     rng = np.random.default_rng(0)
     photo = np.zeros((64, 64, 3), np.uint8)
     photo[..., 0] = rng.integers(150, 255, (64, 64))  # strongly coloured: a photograph, not a scan
     photo[..., 2] = rng.integers(0, 60, (64, 64))
     Image.fromarray(photo).save(tmp_path / "cat.jpg")
     assert "colour image, and the model was trained on grey images only" in \
-        analyse(predictor, str(tmp_path / "cat.jpg"))[3]
+        analyse(predictor, str(tmp_path / "cat.jpg"), workdir=tmp_path / "w2")[3]
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     mr.save_as(tmp_path / "mr.dcm")
-    message = analyse(predictor, str(tmp_path / "mr.dcm"))[3]
+    message = analyse(predictor, str(tmp_path / "mr.dcm"), workdir=tmp_path / "w3")[3]
     assert "trained on CT" in message and "MR" in message
     assert str(mr.PatientName) not in message
+    tiny = tmp_path / "tiny.png"  # far smaller than any training image
+    Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tiny)
+    assert "16×16 pixels" in analyse(predictor, str(tiny), workdir=tmp_path / "w4")[3]
     predictor.input_record = {"modalities": ["CT"], "dimensions": [2]}
-    message = analyse(predictor, str(sample_dir / "nifti" / "vol_001.nii.gz"))[3]
+    message = analyse(predictor, str(sample_dir / "nifti" / "vol_001.nii.gz"), workdir=tmp_path / "w5")[3]
     assert "2D images only" in message
-    image, probs, overlay, message, case = run_case(predictor, [str(sample_dir / "dicom" / "img_0001.dcm")])
+    image, probs, overlay, message, case = run_case(predictor, [str(sample_dir / "dicom" / "img_0001.dcm")],
+                                                    workdir=tmp_path / "w6")
     assert case is not None and "Predicted class" in message
+
+
+def test_decision_wording_says_what_the_decision_rests_on(tiny_run, sample_dir):
+    predictor = load_run(tiny_run)
+    pred = predictor.predict(sample_dir / "dicom" / "img_0001.dcm")
+    assert predictor.operating_point and pred.decision == "operating point"
+    text = decision_text(predictor, pred)
+    assert "threshold" in text and "chosen on validation data" in text and "calibrated" in text
+    predictor.operating_point, predictor.temperature = None, None  # a run with neither (an old run)
+    pred = predictor.predict(sample_dir / "dicom" / "img_0001.dcm")
+    text = decision_text(predictor, pred)
+    assert pred.decision == "argmax" and "most probable class" in text and "No decision threshold" in text
+    assert "calibrated" not in text
 
 
 def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_path):
     import zipfile
 
     from medtl.data import create_sample_series
-    from medtl_ui.app import export_report, run_case, slice_profile, window_slice
+    from medtl_ui.app import export_report, slice_profile
 
     series = create_sample_series(tmp_path / "series", n_slices=6, size=48)
     files = sorted(str(p) for p in series.iterdir())
     predictor = load_run(tiny_run)
-    _, probs, overlay, message, case = run_case(predictor, files, workdir=tmp_path)
+    _, probs, overlay, message, case = run_case(predictor, files, workdir=tmp_path / "w1")
     assert case.scan.array.shape == (6, 48, 48) and "Predicted class" in message
+    assert "middle slice only: slice" in message  # the tiny run judges a volume on its middle slice, and says so
+    assert len(case.files) == 6 and "Series" in case.series_note and "different studies" not in case.series_note
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as z:
         for f in files:
             z.write(f, f.split("/")[-1])
-    _, probs_zip, _, _, case_zip = run_case(predictor, str(tmp_path / "s.zip"), workdir=tmp_path)
+    _, probs_zip, _, _, case_zip = run_case(predictor, str(tmp_path / "s.zip"), workdir=tmp_path / "w2")
     assert probs_zip == probs
-    lung = window_slice(case.scan, 3, "lung")
-    bone = window_slice(case.scan, 3, "bone")
-    assert lung.dtype == np.uint8 and not np.array_equal(lung, bone)
     report = export_report(predictor, case, tmp_path)
-    assert Image.open(report).size[0] > 800
+    pdf, png = report
+    assert pdf.endswith(".pdf") and open(pdf, "rb").read(5) == b"%PDF-" and Image.open(png).size[0] > 700
+    assert case.key in pdf
     assert case.prediction.get("slice_scores") is None and slice_profile(case) is None  # "middle": one input
     scores = [0.1, 0.2, 0.9, 0.3, 0.2, 0.1]  # a volume read slice by slice: the profile is drawn
     profile = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": scores},
                                                 slice_index=2))
     assert profile.ndim == 3 and profile.shape[2] == 3 and profile.shape[1] > 300
     flat = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": [0.5] * 6},
-                                             slice_index=2))  # the same slice marked: only the scores differ
+                                             slice_index=2))
     assert not np.array_equal(profile, flat)  # the plot follows the scores
+
+
+def test_two_studies_uploaded_together_are_named_and_can_be_picked(tiny_run, tmp_path):
+    """Two patients' files uploaded at once are not merged into one case: the page says so and offers both."""
+    from medtl.data import create_sample_series
+    from medtl_ui.app import series_options
+
+    a = create_sample_series(tmp_path / "a", n_slices=4, size=48, seed=1)
+    b = create_sample_series(tmp_path / "b", n_slices=3, size=48, seed=2, lesion=False)
+    files = [str(p) for p in sorted(a.iterdir())] + [str(p) for p in sorted(b.iterdir())]
+    predictor = load_run(tiny_run)
+    path, names, key = store_case_files(files, tmp_path / "w")
+    case, message = open_case(predictor, path, files=names, key=key)
+    assert "2 different studies" in case.series_note and "pick another" in case.series_note
+    options = series_options(case.series)
+    assert len(options) == 2
+    other = next(uid for _, uid in options if uid != case.series_uid)
+    picked, _ = open_case(predictor, path, series_uid=other, files=names, key=key)
+    assert picked.series_uid == other and picked.scan.array.shape[0] != case.scan.array.shape[0]
+    assert "chosen by you" in picked.series_note
+
+
+def test_viewer_windows_follow_the_model_and_the_units(tiny_run, sample_dir, tmp_path):
+    from medtl.config import CT_WINDOWS
+
+    predictor = load_run(tiny_run)
+    path, names, key = store_case_files([str(sample_dir / "dicom" / "img_0001.dcm")], tmp_path / "w1")
+    case, _ = open_case(predictor, path, files=names, key=key)
+    choices, why = window_presets(predictor, case.scan)
+    assert choices[0] == MODEL_WINDOW and "lung" in choices and not why
+    assert preset_window(predictor, case.scan, MODEL_WINDOW) == CT_WINDOWS[predictor.config.data.ct_window]
+    lung, _ = render_view(predictor, case, 0, *CT_WINDOWS["lung"], False, 0.45)
+    bone, _ = render_view(predictor, case, 0, *CT_WINDOWS["bone"], False, 0.45)
+    assert np.abs(lung.astype(int) - bone.astype(int)).mean() > 5
+    with_map, caption = render_view(predictor, case, 0, *CT_WINDOWS["lung"], True, 0.45)
+    assert with_map.ndim == 3 and "map on this slice" in caption
+    # a NIfTI without Hounsfield units: no CT presets, and the reason is given
+    png = tmp_path / "mr.png"
+    Image.fromarray((np.random.default_rng(1).random((48, 48)) * 255).astype(np.uint8)).save(png)
+    from medtl.io import read_image
+
+    choices, why = window_presets(predictor, read_image(png))
+    assert "lung" not in choices and "Hounsfield" in why
+
+
+def test_a_volume_judged_on_one_slice_has_no_map_elsewhere(tiny_run, sample_dir, tmp_path):
+    predictor = load_run(tiny_run)
+    path, names, key = store_case_files([str(sample_dir / "nifti" / "vol_001.nii.gz")], tmp_path / "w")
+    case, message = open_case(predictor, path, files=names, key=key)
+    lv, wd = preset_window(predictor, case.scan, MODEL_WINDOW)
+    _, caption = render_view(predictor, case, case.slice_index, lv, wd, True, 0.45)
+    assert "map on this slice" in caption
+    other = (case.slice_index + 2) % case.n_slices
+    _, caption = render_view(predictor, case, other, lv, wd, True, 0.45)
+    assert f"judged slice {case.slice_index + 1} only" in caption
+
+
+def test_a_volume_scored_slice_by_slice_gets_a_map_on_every_slice(tiny_run, sample_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "slices_run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["volume_mode"] = "slices"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    predictor = load_run(run)
+    path, names, key = store_case_files([str(sample_dir / "nifti" / "vol_001.nii.gz")], tmp_path / "w")
+    case, message = open_case(predictor, path, files=names, key=key)
+    assert case.refused is None and "Every slice of this volume was scored" in message
+    explain_case(predictor, case, "occlusion")  # (the tiny model's Grad-CAM maps are flat)
+    lv, wd = preset_window(predictor, case.scan, MODEL_WINDOW)
+    other = (case.slice_index + 3) % case.n_slices
+    _, caption = render_view(predictor, case, other, lv, wd, True, 0.45)
+    assert "map on this slice" in caption and ("occlusion", other) in case.maps
+    assert not np.array_equal(case.maps[("occlusion", other)], case.maps[("occlusion", case.slice_index)])
