@@ -65,7 +65,7 @@ def test_ece_matches_a_direct_computation():
 def test_operating_points_chosen_on_validation():
     t, rule = choose_threshold(LABELS, SCORES, "youden")
     m = compute_binary_metrics(LABELS, SCORES, t)
-    assert "Youden" in rule and m["sensitivity"] + m["specificity"] - 1 == pytest.approx(0.8)
+    assert "Youden" in rule and m["sensitivity"] + m["specificity"] - 1 >= 0.6  # the empirical best is 0.8
     t, _ = choose_threshold(LABELS, SCORES, "sensitivity:1.0")
     assert compute_binary_metrics(LABELS, SCORES, t)["sensitivity"] == 1.0
     t, _ = choose_threshold(LABELS, SCORES, "specificity:1.0")
@@ -74,6 +74,29 @@ def test_operating_points_chosen_on_validation():
     assert m["confusion_matrix"] == [[4, 1], [1, 4]] and m["ppv"] == 0.8 and m["npv"] == 0.8
     with pytest.raises(MedtlInputError, match="unknown operating-point rule"):
         choose_threshold(LABELS, SCORES, "precision:0.9")
+
+
+def test_smoothed_youden_cut_generalises_better_than_the_empirical_one():
+    """On small validation sets the empirical best cut overfits; the smoothed ROC's cut does better on new data."""
+    from sklearn.metrics import roc_curve
+
+    def logistic(z):
+        return 1 / (1 + np.exp(-z))
+
+    smoothed, empirical = [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        val_y = np.r_[np.zeros(15), np.ones(25)].astype(int)
+        val_s = logistic(np.where(val_y == 1, rng.normal(1.0, 1.2, 40), rng.normal(-1.0, 1.2, 40)))
+        test_y = np.r_[np.zeros(5000), np.ones(5000)].astype(int)
+        test_s = logistic(np.where(test_y == 1, rng.normal(1.0, 1.2, 10000), rng.normal(-1.0, 1.2, 10000)))
+        fpr, tpr, thr = roc_curve(val_y, val_s)
+        t_emp = thr[int(np.argmax(tpr - fpr))]
+        t_smooth, _ = choose_threshold(val_y, val_s, "youden")
+        for t, out in ((t_smooth, smoothed), (t_emp, empirical)):
+            m = compute_binary_metrics(test_y, test_s, t)
+            out.append(m["sensitivity"] + m["specificity"] - 1)
+    assert np.mean(smoothed) > np.mean(empirical) + 0.005, (np.mean(smoothed), np.mean(empirical))
 
 
 def test_patient_level_aggregation():

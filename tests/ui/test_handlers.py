@@ -1,9 +1,8 @@
 """The page's event handlers, driven through the running app with gradio_client.
 
-Each handler is reached through the endpoint the page itself calls (named after the handler by
-Gradio: ``/on_upload``, ``/on_view``, ``/on_alpha``; the unnamed lambdas become ``/lambda`` (jump),
-``/lambda_1`` (export) and ``/lambda_2`` (model choice)). The upload's case lives in the server-side
-session state of one client, so the follow-up calls of a test go through the same client.
+Each handler is reached through the endpoint the page itself calls (``api_name`` in create_app). The
+upload's case lives in the server-side session state of one client, so the follow-up calls of a test go
+through the same client.
 
 Images come back as lossy WebP files: comparisons use tolerances, not exact equality.
 """
@@ -17,9 +16,11 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 
-ENDPOINTS = {"/on_upload", "/on_view", "/on_alpha", "/lambda", "/lambda_1", "/lambda_2"}
-# outputs of /on_upload, in the order create_app lists them
-VIEWER, PROBS, OVERLAY, MESSAGE, SLIDER, HEADER, PROFILE, SANITY, PRESET, LEVEL, WIDTH = range(11)
+ENDPOINTS = {"/on_upload", "/on_clear", "/on_view", "/on_alpha", "/on_method", "/on_preset", "/on_series",
+             "/on_model", "/jump", "/export"}
+# outputs of /on_upload, in the order create_app lists them (the case state is not sent to the client)
+(VIEWER, PROBS, OVERLAY, MESSAGE, SLIDER, HEADER, PROFILE, SANITY, PRESET, LEVEL, WIDTH, CASE, SERIES, REPORT,
+ CAPTION, UPLOAD) = range(16)
 
 
 def _free_port() -> int:
@@ -63,6 +64,10 @@ def test_the_page_exposes_its_handlers(client):
     assert ENDPOINTS <= set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
 
 
+def _view(client, run, index, level, width, show_map=False, alpha=0.45):
+    return client.predict(run.name, index, level, width, show_map, alpha, api_name="/on_view")
+
+
 def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run, sample_dir):
     from medtl.inference import load_run
 
@@ -70,15 +75,18 @@ def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run,
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm")
     assert "Predicted class" in out[MESSAGE] and "Cannot use" not in out[MESSAGE]
     probs = _probs(out[PROBS])
-    assert set(probs) == {str(c) for c in classes} and abs(sum(probs.values()) - 1) < 1e-4
-    assert out[PROBS]["label"] == max(probs, key=probs.get)
-    assert f"Predicted class: {out[PROBS]['label']}" in out[MESSAGE]
+    assert set(probs) == {str(c) for c in classes} == {"no lesion", "lesion"}  # the classes' names, not 0/1
+    assert abs(sum(probs.values()) - 1) < 1e-4
+    assert f"Predicted class: {out[PROBS]['label']}" in out[MESSAGE] and "chosen on validation data" in out[MESSAGE]
     viewer, overlay = _img(out[VIEWER]), _img(out[OVERLAY])
     assert max(viewer.shape[:2]) >= 448 and max(overlay.shape[:2]) >= 448  # enlarged for the page
     assert viewer.std() > 5 and overlay.std() > 5  # not blank
     assert out[SLIDER]["visible"] is False  # a 2D image has no slice slider
     assert out[HEADER]["modality"] == "CT" and out[HEADER]["units"] == "HU" and out[HEADER]["format"] == "dicom"
     assert "PatientName" not in out[HEADER] and "PatientID" not in out[HEADER]
+    assert out[CASE].startswith("**Case case-") and "img_0001.dcm" in out[CASE]
+    assert out[UPLOAD]["value"] is None  # the upload box is cleared: the file's name leaves the page
+    assert (out[LEVEL]["value"], out[WIDTH]["value"]) == (40.0, 400.0)  # the model's window (soft tissue)
 
 
 def test_nifti_volume_shows_the_slice_slider_with_the_right_maximum(client, tiny_run, sample_dir):
@@ -86,7 +94,7 @@ def test_nifti_volume_shows_the_slice_slider_with_the_right_maximum(client, tiny
 
     path = sample_dir / "nifti" / "vol_001.nii.gz"
     out = _upload(client, tiny_run, path)
-    assert "Predicted class" in out[MESSAGE]
+    assert "Predicted class" in out[MESSAGE] and "judged on its middle slice only" in out[MESSAGE]
     n_slices = out[HEADER]["shape"][0]
     assert n_slices > 1 and n_slices in nib.load(path).shape  # the header states the volume's slices
     slider = out[SLIDER]
@@ -94,31 +102,33 @@ def test_nifti_volume_shows_the_slice_slider_with_the_right_maximum(client, tiny
     assert 0 <= slider["value"] <= n_slices - 1
 
 
-def test_view_handler_follows_window_preset_and_slice(client, tiny_run, sample_dir):
-    # window presets: a CT in Hounsfield units looks different in the lung and the bone window
+def test_view_handler_follows_window_and_slice(client, tiny_run, sample_dir):
+    from medtl.config import CT_WINDOWS
+
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm")
-    assert out[HEADER]["units"] == "HU"
-    lung = _img(client.predict(0, "lung", 40, 400, api_name="/on_view"))
-    bone = _img(client.predict(0, "bone", 40, 400, api_name="/on_view"))
-    lung_again = _img(client.predict(0, "lung", 40, 400, api_name="/on_view"))
+    assert out[HEADER]["units"] == "HU" and "lung" in [c[0] for c in out[PRESET]["choices"]]
+    lung_w = client.predict(tiny_run.name, "lung", api_name="/on_preset")
+    assert tuple(lung_w) == CT_WINDOWS["lung"]
+    lung = _img(_view(client, tiny_run, 0, *CT_WINDOWS["lung"])[0])
+    bone = _img(_view(client, tiny_run, 0, *CT_WINDOWS["bone"])[0])
+    lung_again = _img(_view(client, tiny_run, 0, *CT_WINDOWS["lung"])[0])
     assert lung.shape == bone.shape
     assert np.abs(lung - bone).mean() > 10, "lung and bone windows gave the same picture"
     assert np.abs(lung - lung_again).mean() < 1  # the same view twice is the same picture
-    narrow = _img(client.predict(0, "custom", 40, 50, api_name="/on_view"))
-    wide = _img(client.predict(0, "custom", 40, 4000, api_name="/on_view"))
-    assert np.abs(narrow - wide).mean() > 10, "the custom level/width had no effect"
+    plain = _img(_view(client, tiny_run, 0, 40, 400, show_map=False)[0])
+    mapped, caption = _view(client, tiny_run, 0, 40, 400, show_map=True)
+    assert "map on this slice" in caption and np.abs(_img(mapped) - plain).mean() > 1  # the map on the viewer
 
-    # slices: a volume shows a different picture on another slice
     out = _upload(client, tiny_run, sample_dir / "nifti" / "vol_001.nii.gz")
     last = out[SLIDER]["maximum"]
-    first_slice = _img(client.predict(0, "auto", 40, 400, api_name="/on_view"))
-    last_slice = _img(client.predict(last, "auto", 40, 400, api_name="/on_view"))
+    first_slice = _img(_view(client, tiny_run, 0, 40, 400)[0])
+    last_slice = _img(_view(client, tiny_run, last, 40, 400)[0])
     assert first_slice.shape == last_slice.shape
     assert np.abs(first_slice - last_slice).mean() > 2, "changing the slice did not change the viewer"
 
 
 def test_opacity_handler_blends_saliency_over_the_image(client, tiny_run, sample_dir):
-    out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", alpha=0.45)
+    out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", alpha=0.45, method="occlusion")
     initial = _img(out[OVERLAY])
     clear = _img(client.predict(0.0, api_name="/on_alpha"))
     full = _img(client.predict(1.0, api_name="/on_alpha"))
@@ -135,35 +145,90 @@ def test_opacity_handler_blends_saliency_over_the_image(client, tiny_run, sample
     assert np.abs(again - initial).mean() < 2  # back to the upload's opacity: the upload's overlay
 
 
+def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sample_dir, monkeypatch):
+    out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", method="gradcam")
+    before = _img(out[OVERLAY])
+    overlay, sanity, view, caption = client.predict(tiny_run.name, "occlusion", 0.45, 0, 40, 400, True,
+                                                    api_name="/on_method")
+    assert "occlusion" in sanity and "occlusion map on this slice" in caption
+    assert np.abs(_img(overlay) - before).mean() > 1  # a new map
+    report = client.predict(tiny_run.name, 0.45, api_name="/export")  # the same case, its prediction kept
+    assert report and any(r.endswith(".pdf") for r in report)
+
+
 def test_jump_returns_the_cases_slice(client, tiny_run, sample_dir):
     from medtl.inference import load_run
 
-    assert client.predict(api_name="/lambda") == 0  # no case yet
+    assert client.predict(api_name="/jump") == 0  # no case yet
     path = sample_dir / "nifti" / "vol_002.nii.gz"
     out = _upload(client, tiny_run, path)
     expected = load_run(tiny_run).predict(path).slice_index or 0
     assert out[SLIDER]["value"] == expected
-    client.predict(0 if expected else out[SLIDER]["maximum"], "auto", 40, 400, api_name="/on_view")  # look elsewhere
-    assert client.predict(api_name="/lambda") == expected
+    _view(client, tiny_run, 0 if expected else out[SLIDER]["maximum"], 40, 400)  # look elsewhere
+    assert client.predict(api_name="/jump") == expected
 
 
-def test_export_writes_a_one_page_png_report(client, tiny_run, sample_dir):
-    assert client.predict(tiny_run.name, 0.45, api_name="/lambda_1") is None  # nothing to report yet
-    _upload(client, tiny_run, sample_dir / "dicom" / "img_0002.dcm")
-    report = client.predict(tiny_run.name, 0.45, api_name="/lambda_1")
-    assert report and report.endswith(".png") and os.path.getsize(report) > 20_000
-    with Image.open(report) as im:
+def test_export_writes_a_one_page_pdf_and_png_report(client, tiny_run, sample_dir):
+    assert client.predict(tiny_run.name, 0.45, api_name="/export") is None  # nothing to report yet
+    out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0002.dcm")
+    key = out[CASE].split("**Case ")[1].split("**")[0]
+    report = client.predict(tiny_run.name, 0.45, api_name="/export")
+    pdf = next(r for r in report if r.endswith(".pdf"))
+    png = next(r for r in report if r.endswith(".png"))
+    assert key in pdf and key in png  # named by the case key
+    data = open(pdf, "rb").read()
+    assert data.startswith(b"%PDF-") and data.count(b"/Type /Page") - data.count(b"/Type /Pages") == 1  # one page
+    assert b"SYN" not in data  # no patient identifier (the sample's PatientIDs are SYN...)
+    with Image.open(png) as im:
         assert im.format == "PNG"
         w, h = im.size
-        assert 800 < w < 4000 and 300 < h < 2000 and w > h  # one landscape page
+        assert 600 < w < 4000 and h > w  # one portrait page
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 10  # drawn, not blank
 
 
+def test_a_new_upload_clears_the_previous_cases_outputs(client, tiny_run, sample_dir):
+    _upload(client, tiny_run, sample_dir / "dicom" / "img_0003.dcm")
+    first = client.predict(tiny_run.name, 0.45, api_name="/export")
+    out = _upload(client, tiny_run, sample_dir / "nifti" / "vol_001.nii.gz")
+    assert out[REPORT] is None  # the first case's report is gone
+    second = client.predict(tiny_run.name, 0.45, api_name="/export")
+    assert os.path.basename(first[0]) != os.path.basename(second[0])  # a report of the new case, by its key
+    out = client.predict(tiny_run.name, None, "gradcam", 0.45, api_name="/on_clear")
+    assert out[VIEWER] is None and not out[PROBS] and out[OVERLAY] is None and out[REPORT] is None
+    assert client.predict(tiny_run.name, 0.45, api_name="/export") is None
+
+
 def test_model_choice_describes_the_run(client, tiny_run):
-    info, card = client.predict(tiny_run.name, api_name="/lambda_2")
-    assert f"Loaded **{tiny_run.name}**" in info and "classes" in info
-    assert "model card" in card.lower() or "Model card" in card
+    out = client.predict(tiny_run.name, api_name="/on_model")
+    info, card = out[0], out[1]
+    assert f"Model **{tiny_run.name}**" in info and "classes no lesion, lesion" in info
+    assert "calibrated on validation data" in info and "refuses images unlike its training images" in info
+    assert "medtl evaluate" not in card and "not been through a full evaluation" in card  # a clinician's words
+
+
+def test_a_foreign_image_is_refused_with_its_reason(client, tiny_run, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray((np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8)).save(noise)
+    out = _upload(client, tiny_run, noise)
+    assert out[MESSAGE].startswith("**Not analysed**") and "does not look like" in out[MESSAGE]
+    assert out[VIEWER] is not None and out[OVERLAY] is None and not out[PROBS]  # viewable, not answered
+    assert client.predict(tiny_run.name, 0.45, api_name="/export") is None  # no report of a refused case
+
+
+def test_a_decompression_bomb_gets_a_plain_message(client, tiny_run, tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # declares 100000 x 100000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    out = _upload(client, tiny_run, bomb)
+    assert out[MESSAGE].startswith("**Cannot use this file**"), out[MESSAGE]
+    assert "DecompressionBomb" not in out[MESSAGE] and "Analysis failed" not in out[MESSAGE]
 
 
 @pytest.mark.parametrize("name, content", [
@@ -184,4 +249,4 @@ def test_broken_upload_gets_a_typed_refusal(client, tiny_run, tmp_path, name, co
         assert folder not in message, message
     # the page still works after a refusal
     assert "Predicted class" not in message
-    assert client.predict(api_name="/lambda") == 0
+    assert client.predict(api_name="/jump") == 0
