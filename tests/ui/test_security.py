@@ -61,6 +61,17 @@ def test_auth_refuses_unauthenticated_requests(served):
     assert httpx.get(base + "/config", cookies=login.cookies).status_code == 200
 
 
+def test_failed_logins_are_locked_out_with_a_growing_delay(served):
+    """50 wrong passwords in a row: after a few, the server stops checking them (locked), and even the right
+    password is refused until the lock expires."""
+    base = served(auth="doctor:s3cret-pass")
+    codes = [httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}).status_code
+             for i in range(50)]
+    assert all(c in (400, 401, 403) for c in codes)
+    right = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"})
+    assert right.status_code != 200  # locked: the right password does not get through either
+
+
 def test_server_binds_to_loopback_only(served):
     base = served()
     assert base.startswith("http://127.0.0.1")

@@ -1,0 +1,368 @@
+"""The served app, case by case, in a real browser (Debian's chromium, driven by Playwright).
+
+One server for the module (``medtl_ui.app.launch``); each test opens a fresh browser context (its own
+session), uploads through the page and checks what a clinician sees: a new case leaves nothing of the
+previous one, foreign images are refused with a reason, the PDF report is one de-identified page, an
+identifying file name never reaches the page, the viewer's drag and wheel work on the real app, and
+``medtl serve`` removes its upload folder on SIGTERM. Every test saves screenshots of its states
+(``tmp_path`` and ``/tmp/medtl_case_<name>.png``). Marked ``browser``: not in the default run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytestmark = [pytestmark, pytest.mark.skip(reason="chromium is not installed (apt-get install chromium)")]
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+KEY = re.compile(r"case-[0-9a-f]{12}")
+ANSWER = 60_000  # ms: a first analysis loads the model's code paths
+# Gradio's loading overlay on an element is gone (no update pending)
+_SETTLED = ("sel => [...document.querySelectorAll(sel + ' [data-testid=status-tracker]')]"
+            ".every(s => s.classList.contains('hide'))")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode} before it answered")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing answered on port {port} within {timeout:.0f} s")
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """The app served once for the module: its URL."""
+    import gradio as gr
+
+    from medtl_ui.app import launch
+
+    port = _free_port()
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    launch(tiny_run, port=port, prevent_thread_lock=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        gr.close_all()
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """One browser session on the app, with the few actions the tests repeat."""
+
+    def __init__(self, browser, url: str, tmp_path: Path, name: str):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.tmp_path, self.name, self.shots = tmp_path, name, []
+        self.page.goto(url, wait_until="load")
+        self.page.locator("#upload input[type=file]").first.wait_for(state="attached", timeout=60_000)
+
+    def text(self, sel: str) -> str:
+        return self.page.locator(sel).first.inner_text()
+
+    def upload(self, *paths: Path, expect: str) -> str:
+        """Upload files as a new case; wait until ``#message`` changed and holds ``expect``; the message."""
+        old = self.text("#message")
+        self.page.locator("#upload input[type=file]").first.set_input_files([str(p) for p in paths])
+        self.page.wait_for_function(
+            "([old, want]) => { const m = document.querySelector('#message');"
+            " return m && m.innerText !== old && m.innerText.includes(want); }",
+            arg=[old, expect], timeout=ANSWER)
+        self.settle()
+        return self.text("#message")
+
+    def settle(self) -> None:
+        """No update pending on the outputs a case fills."""
+        for sel in ("#message", "#scan", "#probabilities", "#overlay", "#case"):
+            self.page.wait_for_function(_SETTLED, arg=sel, timeout=30_000)
+
+    def export(self) -> str:
+        """Click the export button; the PDF's URL once its link is in ``#report``."""
+        self.page.locator("#export").click()
+        link = self.page.locator("#report a[href*='.pdf']").first
+        link.wait_for(state="attached", timeout=ANSWER)
+        self.page.wait_for_function(_SETTLED, arg="#report", timeout=30_000)
+        return link.get_attribute("href")
+
+    def key(self) -> str:
+        m = KEY.search(self.text("#case"))
+        assert m, f"no case key in #case: {self.text('#case')!r}"
+        return m.group(0)
+
+    def shot(self, state: str) -> Path:
+        path = self.tmp_path / f"{self.name}_{state}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        shutil.copy(path, f"/tmp/medtl_case_{self.name}_{state}.png")
+        self.shots.append(path)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+        assert all(p.stat().st_size > 0 for p in self.shots)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def open_page(server, browser, tmp_path):
+    pages = []
+
+    def make(name: str) -> Page:
+        pages.append(Page(browser, server, tmp_path, name))
+        return pages[-1]
+
+    yield make
+    for p in pages:
+        p.close()
+
+
+# -- helpers for the PDF --------------------------------------------------------------------------
+
+def _pdf_streams(data: bytes) -> list[bytes]:
+    """The PDF's streams, Flate-decoded where they are compressed."""
+    out = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        raw = m.group(1)
+        try:
+            out.append(zlib.decompress(raw))
+        except zlib.error:
+            out.append(raw)
+    return out
+
+
+def _pdf_text(data: bytes) -> str:
+    """The text drawn in a matplotlib PDF: the literal strings of its Tj/TJ operators, joined per operator
+    (kerning splits a word into pieces inside a TJ array)."""
+    pieces = []
+    for s in _pdf_streams(data):
+        for m in re.finditer(rb"\[((?:\((?:\\.|[^\\)])*\)|[^\]])*)\]\s*TJ|\(((?:\\.|[^\\)])*)\)\s*Tj", s):
+            body = m.group(1) if m.group(1) is not None else b"(" + m.group(2) + b")"
+            pieces.append(b"".join(re.findall(rb"\(((?:\\.|[^\\)])*)\)", body)).decode("latin-1"))
+    return "\n".join(pieces)
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+def test_two_cases_in_a_row_leave_no_stale_output(open_page, sample_dir):
+    ui = open_page("two_cases")
+    ui.upload(sample_dir / "dicom" / "img_0003.dcm", expect="Predicted class")
+    first = ui.key()
+    assert "img_0003.dcm" in ui.text("#case")
+    assert not ui.page.locator("#slice").is_visible()  # a 2D image has no slices
+    ui.export()
+    assert ".pdf" in ui.text("#report")
+    ui.shot("first_exported")
+
+    message = ui.upload(sample_dir / "nifti" / "vol_001.nii.gz", expect="This volume of")
+    assert re.search(r"This volume of \d+ slices was judged on", message), message
+    assert "Predicted class" in message
+    case = ui.text("#case")
+    assert ui.key() != first and first not in case
+    assert "vol_001.nii.gz" in case and "img_0003" not in case
+    # the report of the first case is gone: no link, no file name
+    assert ui.page.locator("#report a").count() == 0
+    assert ".pdf" not in ui.text("#report") and first not in ui.page.content()
+    assert ui.page.locator("#slice").is_visible()
+    assert ui.page.locator("#slice input[type=range]").is_visible()
+    # the upload box is ready for the next case (the previous one's file is not listed there)
+    assert "img_0003" not in ui.text("#upload") and "vol_001" not in ui.text("#upload")
+    ui.shot("second_case")
+
+
+def test_a_foreign_image_is_refused(open_page, tmp_path):
+    rng = np.random.default_rng(7)
+    noise = tmp_path / "noise.png"
+    Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(noise)
+    colour = tmp_path / "colour.jpg"
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = (rng.random((64, 64)) * 255).astype(np.uint8)
+    rgb[..., 2] = (rng.random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(colour, quality=95)
+
+    ui = open_page("foreign")
+    message = ui.upload(noise, expect="Not analysed")
+    assert message.startswith("Not analysed"), message
+    assert "does not look like the images the model was trained on" in message
+    probs = ui.text("#probabilities")
+    assert "lesion" not in probs and "%" not in probs, probs
+    assert ui.page.locator("#overlay img").count() == 0  # no saliency map for a refused image
+    ui.shot("noise")
+
+    message = ui.upload(colour, expect="colour image")
+    assert message.startswith("Not analysed"), message
+    probs = ui.text("#probabilities")
+    assert "lesion" not in probs and "%" not in probs, probs
+    ui.shot("colour")
+
+
+def test_pdf_report_is_one_deidentified_page(open_page, sample_dir):
+    ui = open_page("report")
+    ui.upload(sample_dir / "dicom" / "img_0003.dcm", expect="Predicted class")
+    key = ui.key()
+    url = ui.export()
+    assert url.startswith("http"), url
+    name = url.split("?")[0].rsplit("/", 1)[-1]
+    assert name.endswith(".pdf") and key in name, name
+    assert key in ui.text("#report")
+    ui.shot("exported")
+
+    response = ui.page.request.get(url)
+    assert response.ok, response.status
+    data = response.body()
+    assert data.startswith(b"%PDF-")
+    text = _pdf_text(data)
+    assert key in text, "the case key is not readable in the PDF (the text search would see nothing)"
+    assert "Research software" in text
+    everything = data + b"".join(_pdf_streams(data))
+    assert b"SYN" not in everything and "SYN" not in text  # the synthetic PatientID / PatientName
+    pages = re.findall(rb"/Type\s*/Page(?![a-zA-Z])", everything)
+    assert len(pages) == 1, f"{len(pages)} pages"
+    # the PNG beside it
+    png = ui.page.locator("#report a[href*='.png']").first.get_attribute("href")
+    assert ui.page.request.get(png).body().startswith(b"\x89PNG")
+
+
+def test_identifying_file_name_never_reaches_the_page(open_page, sample_dir, tmp_path):
+    named = tmp_path / "Doe^John_MRN12345678_CT.dcm"
+    shutil.copy(sample_dir / "dicom" / "img_0001.dcm", named)
+    ui = open_page("identifying_name")
+    ui.upload(named, expect="Predicted class")
+    assert "file 1 (.dcm)" in ui.text("#case")
+    html = ui.page.content()
+    assert "Doe" not in html and "12345678" not in html and "MRN" not in html
+    # nor in anything the page fetched afterwards: the viewer/overlay images are served by random names
+    srcs = ui.page.eval_on_selector_all("img", "imgs => imgs.map(i => i.src)")
+    assert not any("Doe" in s or "12345678" in s for s in srcs), srcs
+    ui.export()
+    html = ui.page.content()
+    assert "Doe" not in html and "12345678" not in html
+    ui.shot("answered")
+
+
+def test_viewer_drag_and_wheel_on_the_app(open_page, sample_dir):
+    ui = open_page("viewer")
+    page = ui.page
+    ui.upload(sample_dir / "nifti" / "vol_001.nii.gz", expect="This volume of")
+    img = page.locator("#scan img").first
+    img.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("() => window.medtlViewer && document.querySelector('#scan img.medtl-viewer')"
+                           " && document.querySelector('#scan img').complete", timeout=10_000)
+    level, width = page.locator("#level input[type=number]"), page.locator("#width input[type=number]")
+    preset = page.locator("#preset input").first
+    rng = page.locator("#slice input[type=range]")
+    l0, w0 = float(level.input_value()), float(width.input_value())
+    assert preset.input_value() == "model's window"
+    ui.shot("loaded")
+
+    # left-drag: right widens the window, down raises the level; the preset becomes "custom"
+    src0 = img.get_attribute("src")
+    box = img.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 64, cy + 32, steps=12)
+    page.mouse.up()
+    page.wait_for_function("([l, w]) => +document.querySelector('#level input').value > l"
+                           " && +document.querySelector('#width input').value > w", arg=[l0, w0], timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#preset input').value === 'custom'", timeout=10_000)
+    page.wait_for_function("old => { const i = document.querySelector('#scan img');"
+                           " return i && i.src && i.src !== old && i.complete; }", arg=src0, timeout=20_000)
+    ui.settle()
+    assert preset.input_value() == "custom"
+    assert float(width.input_value()) > w0 and float(level.input_value()) > l0
+    ui.shot("dragged")
+
+    # wheel over the image: the slice moves by one notch, within the slider's range
+    s0, smax = int(float(rng.input_value())), int(float(rng.get_attribute("max")))
+    caption0 = ui.text("#view-caption")
+    src1 = img.get_attribute("src")
+    step = 1 if s0 < smax else -1
+    page.mouse.move(cx, cy)
+    page.mouse.wheel(0, 100 * step)
+    page.wait_for_function("s => +document.querySelector('#slice input[type=range]').value === s",
+                           arg=s0 + step, timeout=10_000)
+    page.wait_for_function("old => { const i = document.querySelector('#scan img');"
+                           " return i && i.src && i.src !== old && i.complete; }", arg=src1, timeout=20_000)
+    page.wait_for_function("c => document.querySelector('#view-caption').innerText !== c", arg=caption0,
+                           timeout=10_000)
+    ui.settle()
+    assert f"Slice {s0 + step + 1} of" in ui.text("#view-caption")
+    assert preset.input_value() == "custom"  # a slice change keeps the window the user set
+    ui.shot("wheeled")
+
+
+def test_sigterm_removes_the_upload_folder(tiny_run, sample_dir, browser, tmp_path):
+    private_tmp = tmp_path / "private-tmp"
+    private_tmp.mkdir()
+    upload = tmp_path / "sigterm_case.dcm"  # a name of its own (the app's examples are cached under theirs)
+    shutil.copy(sample_dir / "dicom" / "img_0003.dcm", upload)
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "medtl.cli", "serve", str(tiny_run), "--port", str(port)],
+                            env={**os.environ, "TMPDIR": str(private_tmp)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc)
+        ui = Page(browser, f"http://127.0.0.1:{port}/", tmp_path, "sigterm")
+        try:
+            ui.upload(upload, expect="Predicted class")
+            ui.shot("answered")
+        finally:
+            ui.close()
+        folders = list(private_tmp.glob("medtl-ui-*"))
+        assert len(folders) == 1, sorted(p.name for p in private_tmp.iterdir())
+        stored = [p for p in folders[0].rglob("*") if p.is_file() and re.fullmatch(r"[0-9a-f]{32}\.dcm", p.name)]
+        assert stored, sorted(str(p.relative_to(folders[0])) for p in folders[0].rglob("*"))
+        assert not list(private_tmp.rglob("sigterm_case*"))  # the original name is nowhere on disk
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM, 0), proc.returncode
+        assert not list(private_tmp.glob("medtl-ui-*")), sorted(p.name for p in private_tmp.iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
