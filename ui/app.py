@@ -30,6 +30,7 @@ from medtl.errors import MedtlError, MedtlInputError
 from medtl.explain import METHODS, create_overlay
 from medtl.inference import Prediction, Predictor, load_run
 from medtl.io import Scan, describe_path_bounded, read_image_bounded
+from medtl.transforms import intensity_preset
 from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup, store_upload
 from medtl_ui.viewer import VIEWER_HEAD, VIEWER_HELP
 
@@ -143,8 +144,11 @@ def decision_text(predictor: Predictor, pred: Prediction) -> str:
         p1 = pred.probabilities[positive]
         op = predictor.operating_point
         side = "at or above" if p1 >= op["threshold"] else "below"
-        return (f"**Predicted class: {pred.label}** — the {calibrated}probability of *{positive}* is {p1:.2f}, {side} "
-                f"the decision threshold {op['threshold']:.2f} chosen on validation data ({op['rule']}).")
+        digits = 2
+        while digits < 6 and f"{p1:.{digits}f}" == f"{op['threshold']:.{digits}f}":
+            digits += 1  # never "0.52, below the threshold 0.52"
+        return (f"**Predicted class: {pred.label}** — the {calibrated}probability of *{positive}* is {p1:.{digits}f}, "
+                f"{side} the decision threshold {op['threshold']:.{digits}f} chosen on validation data ({op['rule']}).")
     return (f"**Predicted class: {pred.label}** — the most probable class ({calibrated}probability "
             f"{pred.probabilities[pred.label]:.2f}). No decision threshold was chosen for this model: this is the "
             "class with the highest probability, not a decision at a chosen operating point.")
@@ -194,6 +198,9 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
     except Exception as e:  # never show a stack trace to the page
         log.error("analysis failed: %s", type(e).__name__)
         return None, f"**Analysis failed** for {name} ({type(e).__name__}). The file may be damaged."
+    if not scan.modality and read_as(predictor, scan):
+        note = (note + " " if note else "") + (f"The file does not name its modality: read as "
+                                               f"{read_as(predictor, scan)}, the modality the model was trained on.")
     case = Case(path=path, scan=scan, key=key, files=files, series=series, series_uid=series_uid or
                 scan.header.get("series", {}).get("series_uid"), series_note=note, prediction=vars(pred),
                 refused=pred.refused, method=method, slice_index=int(pred.slice_index or 0))
@@ -205,7 +212,7 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
         return case, case.message
     explain_case(predictor, case, method)
     case.judged = judged_text(predictor, case)
-    case.message = " ".join(x for x in (decision_text(predictor, pred), case.judged) if x)
+    case.message = " ".join(x for x in (decision_text(predictor, pred), case.judged, empty_map_text(case)) if x)
     return case, case.message
 
 
@@ -215,6 +222,14 @@ def explain_case(predictor: Predictor, case: Case, method: str) -> None:
     expl = predictor.saliency(case.scan, pred, method=method)
     case.image, case.saliency, case.method = expl.image, expl.saliency, method
     case.maps[(method, case.slice_index)] = expl.saliency
+
+
+def empty_map_text(case: Case) -> str:
+    """A word when the saliency map is empty (no region raised the score), rather than a plain picture."""
+    if case.saliency is None or np.any(case.saliency > 0.01):
+        return ""
+    return (f"The {case.method} map is empty for this case (no region raised the score of {case.prediction['label']}): "
+            "try another saliency method.")
 
 
 def slice_map(predictor: Predictor, case: Case, index: int) -> np.ndarray | None:
@@ -257,15 +272,23 @@ def analyse(predictor: Predictor, file_path, method: str = "gradcam", alpha: flo
 
 # -- viewer ---------------------------------------------------------------------------------------
 
+def read_as(predictor: Predictor, scan: Scan) -> str:
+    """The modality the model reads ``scan`` as: its own, or (a NIfTI or a picture that names none) the one
+    modality the model was trained on (as :class:`~medtl.inference.Predictor` does)."""
+    if scan.modality:
+        return scan.modality.upper()
+    seen = [m for m in (predictor.input_record or {}).get("modalities", []) if m not in ("UNKNOWN", "")]
+    return seen[0] if len(seen) == 1 else ""
+
+
 def window_presets(predictor: Predictor, scan: Scan) -> tuple[list[str], str]:
     """(window presets that apply to this scan, why others are missing); the first is the model's own."""
-    choices = [MODEL_WINDOW]
-    why = ""
     if scan.rgb is not None:
         return [], "windows do not apply to colour images"
+    choices, why = [MODEL_WINDOW], ""
     if scan.window is not None:
         choices.append("file window")
-    if scan.units == "HU":
+    if scan.units == "HU" or read_as(predictor, scan) == "CT":
         choices += list(CT_WINDOWS)
     else:
         why = "CT presets need Hounsfield units; this image has none"
@@ -273,18 +296,20 @@ def window_presets(predictor: Predictor, scan: Scan) -> tuple[list[str], str]:
 
 
 def preset_window(predictor: Predictor, scan: Scan, preset: str) -> tuple[float, float]:
-    """(level, width) of a preset. The model's window is the one the model was trained with: its CT window
-    (the first of a multi-window stack), the file's own window, or its percentiles."""
+    """(level, width) of a preset. The model's window is the intensity scaling the model's inputs get
+    (:func:`medtl.transforms.intensity_preset`): its CT window (the first of a multi-window stack), the
+    file's own window, the type's full range, or the data's percentiles."""
     data = predictor.config.data
     if preset == MODEL_WINDOW:
-        if scan.units == "HU" and data.intensity in ("auto", "ct_window"):
-            name = data.ct_multi_windows[0] if data.ct_window == "multi" else data.ct_window
-            return CT_WINDOWS[name]
-        if data.intensity == "file_window" or (data.intensity == "auto" and scan.window is not None
-                                                and scan.modality.upper() not in ("CT", "MR", "")):
+        how = intensity_preset(scan, read_as(predictor, scan), data)
+        if how == "ct_window":
+            return CT_WINDOWS[data.ct_multi_windows[0] if data.ct_window == "multi" else data.ct_window]
+        if how == "file_window" and scan.window is not None:
             return scan.window
+        if how == "dtype" and scan.value_max:
+            return float(scan.value_max) / 2, float(scan.value_max)
         lo, hi = np.percentile(scan.array, data.percentiles)
-    elif preset in CT_WINDOWS and scan.units == "HU":
+    elif preset in CT_WINDOWS:
         return CT_WINDOWS[preset]
     elif preset == "file window" and scan.window is not None:
         return scan.window
@@ -327,7 +352,8 @@ def render_view(predictor: Predictor, case: Case | None, index: int, level: floa
             if sal.shape != view.shape[:2]:
                 sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.BILINEAR))
             view = create_overlay(view / 255.0, sal, alpha)
-            caption += f" {case.method} map on this slice."
+            caption += f" {case.method} map on this slice." if np.any(sal > 0.01) else \
+                f" The {case.method} map is empty here (no region raised the score): try another method."
     return for_display(view, aspect=_aspect(case.scan)), caption.strip()
 
 
@@ -412,22 +438,25 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
             fig.text(0.22, y, line, fontsize=9)
             y -= 0.017
         y -= 0.008
-    ax = fig.add_axes((0.06, 0.36, 0.42, 0.3))
+    top = min(0.66, y - 0.035)  # the images start below the text, however many lines it took
+    ax = fig.add_axes((0.06, top - 0.3, 0.42, 0.3))
     ax.imshow(case.image, cmap=None if case.image.ndim == 3 else "gray", vmin=0, vmax=1)
     ax.set_title("Model's view", fontsize=9)
     ax.set_axis_off()
-    ax = fig.add_axes((0.52, 0.36, 0.42, 0.3))
+    ax = fig.add_axes((0.52, top - 0.3, 0.42, 0.3))
     ax.imshow(create_overlay(case.image, case.saliency, alpha))
     ax.set_title(f"Saliency ({case.method})", fontsize=9)
     ax.set_axis_off()
-    ax = fig.add_axes((0.3, 0.12, 0.6, 0.18))
+    ax = fig.add_axes((0.3, 0.1, 0.6, min(0.18, top - 0.45)))
     names = list(probs)
     ax.barh(names, [probs[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
-        ax.text(min(probs[n] + 0.02, 0.9), i, f"{probs[n]:.3f}", va="center", fontsize=9)
+        ax.text(0.98, i, f"{probs[n]:.3f}", va="center", ha="right", fontsize=9)
     if op:
-        ax.axvline(op["threshold"], color="tab:red", ls="--", lw=1, label=f"threshold on {predictor.class_names[1]}")
-        ax.legend(loc="lower right", fontsize=7)
+        i = names.index(predictor.class_names[1])
+        ax.vlines(op["threshold"], i - 0.45, i + 0.45, color="tab:red", ls="--", lw=1.5,
+                  label=f"decision threshold on {predictor.class_names[1]}")
+        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.0, 1.02))
     ax.set(xlim=(0, 1), title="Class probabilities")
     fig.text(0.06, 0.04, "Generated by medtl from a model trained on the data named in its model card. The decision "
              "is the model's, not a diagnosis.", fontsize=7, color="0.4")
@@ -540,22 +569,25 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                 jump = gr.Button("Go to the slice the model judged", visible=False)
         header = gr.JSON(label="Header (de-identified)")
         with gr.Row():
-            export = gr.Button("Export one-page report (PDF and PNG)", elem_id="export")
-            report_file = gr.File(label="Report", interactive=False, file_count="multiple", elem_id="report")
+            export = gr.Button("Export one-page report (PDF and PNG)", elem_id="export", interactive=False)
+            report_file = gr.File(label="Report (Export creates it)", interactive=False, file_count="multiple",
+                                  elem_id="report")
         with gr.Accordion("Model card", open=False):
             card = gr.Markdown(_trust_panel(get(first)))
 
         outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity, preset,
-                   level, width, case_info, series_pick, report_file, caption, upload]
+                   level, width, case_info, series_pick, report_file, caption, upload, export]
 
         def show(predictor: Predictor, case: Case | None, msg: str, a: float, meth: str, keep_upload=None):
             """Every output of the page for a new case (or for none): nothing of the previous case survives."""
             upload_value = gr.update(value=keep_upload)
             if case is None:
-                return (None, None, None, msg, None, gr.update(visible=False, value=0), None,
+                return (None, gr.update(value=None, label=_probability_label(predictor)), None, msg, None,
+                        gr.update(visible=False, value=0), None,
                         gr.update(value=None, visible=False), gr.update(visible=False), "",
                         gr.update(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True), 40, 400, "",
-                        gr.update(choices=[], value=None, visible=False), None, "", upload_value)
+                        gr.update(choices=[], value=None, visible=False), None, "", upload_value,
+                        gr.update(interactive=False))
             names = ", ".join(case.files[:5]) + (f" and {len(case.files) - 5} more" if len(case.files) > 5 else "")
             info = f"**Case {case.key}** — {names}. {case.series_note}".strip()
             options = series_options(case.series)
@@ -566,7 +598,9 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
             refused = case.refused is not None
             prof = None if refused else slice_profile(case)
             ov = None if refused else for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
-            return (view, None if refused else case.prediction["probabilities"], ov, msg, case,
+            answer = gr.update(value=None, label="Class probabilities: none, the image was not analysed") if refused \
+                else gr.update(value=case.prediction["probabilities"], label=_probability_label(predictor))
+            return (view, answer, ov, msg, case,
                     gr.update(visible=case.n_slices > 1, maximum=max(case.n_slices - 1, 1), value=case.slice_index),
                     header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
                     gr.update(visible=case.scan.is_volume and not refused), "" if refused else _sanity_text(predictor, meth),
@@ -574,7 +608,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                               info=why or None),
                     gr.update(value=round(lv, 2), interactive=not colour), gr.update(value=round(wd, 2), interactive=not colour),
                     info, gr.update(choices=options, value=case.series_uid, visible=len(options) > 1), None, cap,
-                    upload_value)
+                    upload_value, gr.update(interactive=not refused))
 
         def on_upload(run_name, files, meth, a):
             predictor = get(run_name)
@@ -599,7 +633,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
 
         def on_model(run_name, case, meth, a):
             predictor = get(run_name)
-            head = (_describe(predictor), _trust_panel(predictor), gr.update(label=_probability_label(predictor)))
+            head = (_describe(predictor), _trust_panel(predictor))
             if case is None:
                 return (*head, *show(predictor, None, "Upload a scan to start a case.", a, meth))
             new, msg = open_case(predictor, case.path, meth, series_uid=case.series_uid, files=case.files, key=case.key)
@@ -633,7 +667,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
         upload.clear(on_upload, [model_choice, upload, method, alpha], outputs, api_name="on_clear")
         series_pick.input(on_series, [model_choice, case_state, series_pick, method, alpha], outputs,
                           concurrency_limit=2, api_name="on_series")
-        model_choice.change(on_model, [model_choice, case_state, method, alpha], [model_info, card, probs, *outputs],
+        model_choice.change(on_model, [model_choice, case_state, method, alpha], [model_info, card, *outputs],
                             concurrency_limit=2, api_name="on_model")
         method.change(on_method, [model_choice, case_state, method, alpha, slice_slider, level, width, show_map],
                       [overlay, case_state, sanity, viewer, caption], concurrency_limit=2, api_name="on_method")

@@ -233,7 +233,7 @@ _JS = r"""
       var lv = numberInput(LEVEL), wd = numberInput(WIDTH);
       var l = pendingWL ? pendingWL.level : lv ? num(lv.value, NaN) : NaN;
       var w = pendingWL ? pendingWL.width : wd ? num(wd.value, NaN) : NaN;
-      if (wd || lv) parts.push("W " + fmt(w) + " L " + fmt(l));
+      if (usable(lv) && usable(wd)) parts.push("W " + fmt(w) + " L " + fmt(l));  // none for colour images
       parts.push("zoom " + view.s.toFixed(1) + "\u00d7");
       var r = rangeInput();
       if (usable(r)) {
