@@ -2,7 +2,6 @@
 pictures and arrays keep their RGB; overlays, the viewer and the UI's refusal follow the model."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,18 +112,19 @@ def test_colour_jitter_is_seeded_changes_colour_and_stays_in_range():
 
 
 def test_the_ui_refuses_colour_for_a_grey_model_and_accepts_it_for_a_colour_one(tmp_path):
-    from ui.app import check_input, window_slice
+    from medtl.inference import input_refusal
+    from ui.app import window_slice
 
     images, _ = hue_only_images(1, size=64)
     vivid = images[0].copy()
     vivid[..., 0] = 230  # strongly coloured
     Image.fromarray(vivid).save(tmp_path / "photo.png")
     scan = read_image(tmp_path / "photo.png")
-    grey_model = SimpleNamespace(input_record={"modalities": [], "dimensions": [2], "colour_inputs": 0})
-    colour_model = SimpleNamespace(input_record={"modalities": [], "dimensions": [2], "colour_inputs": 120})
-    assert "grey images only" in check_input(grey_model, scan, tmp_path / "photo.png")
-    assert check_input(colour_model, scan, tmp_path / "photo.png") is None
-    view = window_slice(scan, 0, "lung")  # window presets do not apply to colour
+    grey_model = {"modalities": [], "dimensions": [2], "colour_inputs": 0}
+    colour_model = {"modalities": [], "dimensions": [2], "colour_inputs": 120}
+    assert "grey images only" in input_refusal(grey_model, scan)
+    assert input_refusal(colour_model, scan) is None
+    view = window_slice(scan, 0, -600, 1500)  # windows do not apply to colour
     assert view.shape == (64, 64, 3) and np.array_equal(view, vivid)
 
 

@@ -48,6 +48,11 @@ __all__ = ["SAFE_EXTENSIONS", "StoredFile", "safe_extension", "store_upload", "l
 #: medtl's reader recognises files by content, so e.g. a .tif or .ima stored without extension still reads.
 SAFE_EXTENSIONS = (".nii.gz", ".dcm", ".nii", ".png", ".jpg", ".jpeg", ".zip", ".npz")
 
+# Gradio stores an upload by its content's hash: two sessions uploading the same bytes get the same path,
+# and the first store moves it away. Where each moved path went (kept until the process ends).
+_MOVED: dict[str, Path] = {}
+_MOVES_LOCK = threading.Lock()
+
 _SHOWABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,79}")  # a name outside this is never shown
 
 
@@ -110,13 +115,24 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     stored: list[StoredFile] = []
     try:
         for i, src in enumerate(sources, start=1):
-            if src.is_symlink() or not src.is_file():
+            if src.is_symlink() or not (src.is_file() or str(src) in _MOVED):
                 raise ValueError(f"upload {i} is not a regular file")
             name = src.name
             ext = safe_extension(name)
             dest = folder / f"{secrets.token_hex(16)}{ext}"
             if _inside(src, workdir):
-                _move(src, dest)
+                with _MOVES_LOCK:
+                    earlier = _MOVED.get(str(src))
+                    if src.is_file():
+                        _move(src, dest)
+                        _MOVED[str(src)] = dest
+                    elif earlier is not None and earlier.is_file():
+                        # Gradio keeps uploads by content: another session uploaded the same bytes, and its
+                        # store moved them away first. Copy that session's stored file.
+                        shutil.copyfile(earlier, dest)
+                        os.chmod(dest, 0o600)
+                    else:
+                        raise ValueError(f"upload {i} is not a regular file")
                 parent = src.parent
                 if parent.resolve() != workdir.resolve() and _inside(parent, workdir):
                     try:

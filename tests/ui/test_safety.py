@@ -340,3 +340,19 @@ def test_gradio_login_per_client_with_middleware():
             assert c.post("/login", data={"username": "u", "password": "p"}, headers=b).status_code == 200
     finally:
         gr.close_all()
+
+
+def test_two_sessions_uploading_the_same_bytes_both_get_the_file(tmp_path):
+    """Gradio keeps an upload at a path named by its content's hash: the second session's path is the one the
+    first session's store moved away. Both sessions must still get the file (ui_load_check found this)."""
+    workdir = tmp_path / "work"
+    src = workdir / "c0ffee" / "img.dcm"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"DICM same bytes")
+    first = store_upload([str(src)], workdir)
+    second = store_upload([str(src)], workdir)
+    assert not src.exists()
+    assert first[0].path != second[0].path
+    assert first[0].path.read_bytes() == second[0].path.read_bytes() == b"DICM same bytes"
+    with pytest.raises(ValueError):
+        store_upload([str(workdir / "other" / "never.dcm")], workdir)
