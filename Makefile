@@ -33,7 +33,7 @@ test: $(STAMP)
 # machine covers the path that native-bf16 machines choose
 test-bf16: $(STAMP)
 	MEDTL_PRECISION=bf16 $(BIN)/python -m pytest tests/train tests/test_runtime.py tests/test_cli.py tests/eval \
-		tests/explain tests/pipelines tests/ui/test_app.py
+		tests/explain tests/pipelines tests/ui/test_app.py tests/test_ood.py
 
 # slow tests (torch.compile training: about a minute on 2 cores)
 test-slow: $(STAMP)
