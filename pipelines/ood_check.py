@@ -74,7 +74,7 @@ def run(args) -> int:
     result["run"] = str(args.run)
     result["detector"] = predictor.ood.describe()
     head_ct = predictor.predict(Path(args.shared) / "dicom" / "ct" / "693_UNCI.dcm")
-    samples = [p for p in prepared.sets["test"] if not str(p["path"]).startswith("<")]
+    samples = [p for p in prepared.sets["test"] if Path(str(p["path"])).is_file()]  # (MedMNIST: arrays, no files)
     answered = [predictor.predict(s["path"]) for s in samples]
     result["head_ct_refused"] = head_ct.refused
     result["test_files_answered"] = f"{sum(a.refused is None for a in answered)} of {len(answered)}"
