@@ -198,7 +198,7 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
     except Exception as e:  # never show a stack trace to the page
         log.error("analysis failed: %s", type(e).__name__)
         return None, f"**Analysis failed** for {name} ({type(e).__name__}). The file may be damaged."
-    if not scan.modality and read_as(predictor, scan):
+    if not scan.modality and scan.rgb is None and read_as(predictor, scan):
         note = (note + " " if note else "") + (f"The file does not name its modality: read as "
                                                f"{read_as(predictor, scan)}, the modality the model was trained on.")
     case = Case(path=path, scan=scan, key=key, files=files, series=series, series_uid=series_uid or
