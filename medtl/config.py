@@ -280,7 +280,8 @@ LIMITS = [
     ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
-    ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 1.0, True), ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
+    ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),
+    ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
     ("explain.n_overlays", 0, None, True), ("explain.alpha", 0.0, 1.0, True),
 ]
 

@@ -116,7 +116,9 @@ class Predictor:
         of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides); ``bounded``: read
         files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input."""
         self.bounded = bounded
-        self._saliency_lock = threading.Lock()  # saliency hooks and gradients live on the shared model
+        # one model use at a time: saliency methods put hooks on the shared model, which a concurrent forward
+        # pass (another page session) would feed with its own activations; concurrent backward passes crash
+        self._model_lock = threading.RLock()
         saved = load_saved_run(run_dir)
         self.run_dir, self.config, self.model = saved.run_dir, saved.config, saved.model
         self.input_record: dict = saved.input_record  # modalities and dimensions seen in training
@@ -160,10 +162,16 @@ class Predictor:
             raise cause from None
         return prepare_inputs(sample, self._final)
 
+    def inputs(self, scan: Scan) -> tuple[torch.Tensor, list[dict]]:
+        """The model inputs of a scan and their parts (slice indices), to pass to :meth:`saliency` as
+        ``prepared=(x, parts, None)`` when several maps of one scan are drawn."""
+        return self._prepare(scan)
+
     def _probs(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, features) per input."""
         self.model.eval()
-        z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
+        with self._model_lock:
+            z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
         return (z / (self.temperature or 1.0)).softmax(dim=1).numpy(), f
 
     def _prediction(self, scan: Scan, per_input: np.ndarray, parts: list[dict]) -> Prediction:
@@ -233,6 +241,9 @@ class Predictor:
         gave the probabilities is not repeated, only the map is computed. ``slice_index``: the map of
         that slice of a volume read slice by slice (default: the slice that scores highest); a slice the
         model did not judge raises :class:`ConfigError`."""
+        if is_volume_model(self.model):
+            raise ConfigError(None, f"saliency maps of 3D models ({self.encoder}) are not drawn",
+                              "a run of a 2D encoder")
         method = method or self.config.explain.method
         x, parts, per_input = prepared or (*self._prepare(scan), None)
         target = class_name or prediction.label or self.class_names[0]
@@ -254,7 +265,7 @@ class Predictor:
         else:
             best = int(self._probs(x)[0][:, k].argmax())
         image = display_image(parts[best])
-        with self._saliency_lock:  # one map at a time: concurrent backward passes on one model crash (segfault)
+        with self._model_lock:
             saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method, self.runtime,
                                               self.config.explain.alpha)
         if len(parts) > 1 and slice_index is None:

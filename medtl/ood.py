@@ -142,22 +142,27 @@ def tolerance_threshold(scores: np.ndarray, quantile: float = 0.99, confidence: 
 
     The empirical quantile of 20 scores is about their maximum, and about 1 in 20 new in-distribution
     inputs would lie above it, not 1 in 100. So the threshold is the larger of the empirical quantile
-    and a one-sided normal tolerance bound on the log scores (Natrella's approximation of the
-    tolerance factor): with many scores both agree; with few, the bound is wider.
+    and a one-sided normal tolerance bound (Natrella's approximation of the tolerance factor) around
+    the median, with the spread taken robustly (1.4826 × the median absolute deviation), so that one
+    near-duplicate image scoring 0 cannot blow the bound up. With many scores both agree; with few,
+    the bound is wider.
     """
     from statistics import NormalDist
 
     scores = np.asarray(scores, float)
     empirical = float(np.quantile(scores, quantile))
-    logs = np.log(np.clip(scores, 1e-12, None))
-    n = len(logs)
-    if n < 3 or logs.std() == 0:
+    n = len(scores)
+    centre = float(np.median(scores))
+    spread = 1.4826 * float(np.median(np.abs(scores - centre)))
+    if spread == 0 and n > 1:
+        spread = float(scores.std(ddof=1))
+    if n < 3 or spread == 0 or not 0 < quantile < 1:
         return empirical
     zp, zg = NormalDist().inv_cdf(quantile), NormalDist().inv_cdf(confidence)
     a = 1 - zg ** 2 / (2 * (n - 1))
     b = zp ** 2 - zg ** 2 / n
     k = (zp + np.sqrt(max(zp ** 2 - a * b, 0.0))) / a
-    return max(empirical, float(np.exp(logs.mean() + k * logs.std(ddof=1))))
+    return max(empirical, centre + k * spread)
 
 
 def study_scores(input_scores: np.ndarray, studies: np.ndarray) -> np.ndarray:

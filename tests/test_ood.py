@@ -118,3 +118,20 @@ def test_train_fits_the_decision_on_validation_and_reports_it(tiny_run):
     assert predictor.operating_point and "validation" in predictor.operating_point["rule"]
     decision = json.loads((tiny_run / "metrics.json").read_text())["test"]["decision"]
     assert 0 <= decision["balanced_accuracy"] <= decision["best_balanced_accuracy"] <= 1
+
+
+def test_one_near_duplicate_validation_image_does_not_switch_the_detector_off():
+    """A duplicated image scores about 0 (its twin is in the training set): the bound must not explode."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.3, 0.02, 19)
+    base = tolerance_threshold(scores)
+    for low in (0.01, 0.0):
+        assert tolerance_threshold(np.r_[scores, low]) < base * 1.2
+
+
+def test_a_quantile_of_one_is_refused_when_the_config_is_read():
+    from medtl.config import load_config
+    from medtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ood_quantile"):
+        load_config(train={"ood_quantile": 1.0})

@@ -31,7 +31,7 @@ from medtl.explain import METHODS, create_overlay
 from medtl.inference import Prediction, Predictor, load_run
 from medtl.io import Scan, describe_path_bounded, read_image_bounded
 from medtl.transforms import intensity_preset
-from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup, store_upload
+from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup, looks_identifying, store_upload
 from medtl_ui.viewer import VIEWER_HEAD, VIEWER_HELP
 
 log = logging.getLogger("medtl.ui")
@@ -92,7 +92,10 @@ class Case:
     image: np.ndarray | None = None  # the model's view of the explained slice, [0, 1]
     saliency: np.ndarray | None = None
     method: str = "gradcam"
-    slice_index: int = 0  # the slice the model judged (or scored highest)
+    slice_index: int = 0  # the slice the model judged (or scored highest); the middle one where it judged none
+    judged_slice: bool = True  # False where the model judged no single slice (a projection, a 3D volume)
+    series_chosen: bool = False  # the user picked the series (not the automatic rules)
+    inputs: tuple | None = None  # the model's inputs and their parts, kept to draw more maps
     judged: str = ""  # what of the scan the model judged, in words
     message: str = ""
     maps: dict = field(default_factory=dict)  # (method, slice) -> saliency map, computed on demand
@@ -104,12 +107,14 @@ class Case:
 
 def case_key(paths: list[Path]) -> str:
     """A key that tells cases apart in reports without naming the patient: a hash of the files' bytes."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.name):
+    digests = []
+    for p in paths:
+        h = hashlib.sha256()
         with open(p, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-    return "case-" + h.hexdigest()[:12]
+        digests.append(h.hexdigest())
+    return "case-" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:12]  # the files in any order
 
 
 def store_case_files(files, workdir: Path) -> tuple[Path | None, list[str], str]:
@@ -130,10 +135,15 @@ def series_options(series: list[dict]) -> list[tuple[str, str]]:
         if s["series_uid"] in seen:
             continue
         seen.add(s["series_uid"])
-        desc = f" · {s['description']}" if s.get("description") else ""
+        desc = f" · {s['description']}" if _shown_description(s.get("description")) else ""
         options.append((f"series {s['series_number']} · {s['modality']}{desc} · {s['slices']} slice(s) · "
                         f"{s['size'][0]}×{s['size'][1]}", s["series_uid"]))
     return options
+
+
+def _shown_description(text) -> bool:
+    """Whether a SeriesDescription may be shown: free text that may name the patient is left out."""
+    return bool(text) and not looks_identifying(str(text))
 
 
 def decision_text(predictor: Predictor, pred: Prediction) -> str:
@@ -163,6 +173,8 @@ def judged_text(predictor: Predictor, case: Case) -> str:
     if case.prediction.get("slice_scores"):
         return (f"Every slice of this volume was scored ({n} slices; the study's probability is the "
                 f"{predictor.config.data.slice_aggregation} of the slices'); slice {case.slice_index + 1} scores highest.")
+    if not case.judged_slice:
+        return f"This volume of {n} slices was judged on {VOLUME_JUDGED.get(mode, mode)}, not on one slice."
     return f"This volume of {n} slices was judged on {VOLUME_JUDGED.get(mode, mode)}: slice {case.slice_index + 1}."
 
 
@@ -174,17 +186,15 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
     series, note = [], ""
     try:
         if path.is_dir() or path.suffix.lower() == ".zip":
-            listing = describe_path_bounded(path)
-            series = listing.get("series", [])
-            if listing.get("error") and not listing.get("usable"):
-                raise MedtlInputError(path, listing["error"].split(": ", 1)[-1])
+            series = describe_path_bounded(path).get("series", [])  # (an unusable one: the read below says why)
         scan = read_image_bounded(path, series_uid=series_uid) if series_uid else read_image_bounded(path)
         if series:
             used = scan.header.get("series", {})
             studies = {s.get("study_key") for s in series if s.get("study_key")}
             note = (f"Series {used.get('series_number')} ({used.get('modality')}"
-                    f"{', ' + used['description'] if used.get('description') else ''}, {used.get('slices')} slices) is "
-                    f"shown: {'chosen by you' if series_uid else scan.header.get('series_choice', '')}.")
+                    f"{', ' + used['description'] if _shown_description(used.get('description')) else ''}, "
+                    f"{used.get('slices')} slices) is shown: "
+                    f"{'chosen by you' if series_uid else scan.header.get('series_choice', '')}.")
             if len(series_options(series)) > 1:
                 note += f" The upload holds {len(series_options(series))} series: pick another below."
             if len(studies) > 1:
@@ -203,7 +213,10 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
                                                f"{read_as(predictor, scan)}, the modality the model was trained on.")
     case = Case(path=path, scan=scan, key=key, files=files, series=series, series_uid=series_uid or
                 scan.header.get("series", {}).get("series_uid"), series_note=note, prediction=vars(pred),
-                refused=pred.refused, method=method, slice_index=int(pred.slice_index or 0))
+                refused=pred.refused, method=method, slice_index=int(pred.slice_index or 0),
+                judged_slice=pred.slice_index is not None or not scan.is_volume, series_chosen=bool(series_uid))
+    if not case.judged_slice:
+        case.slice_index = case.n_slices // 2
     if pred.refused:
         log.info("refused upload: %s", pred.refused.split(",")[0])
         case.slice_index = case.n_slices // 2
@@ -219,13 +232,32 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
 def explain_case(predictor: Predictor, case: Case, method: str) -> None:
     """Compute the saliency map of ``method`` for the case's prediction (the prediction is reused)."""
     pred = Prediction(**case.prediction)
-    expl = predictor.saliency(case.scan, pred, method=method)
-    case.image, case.saliency, case.method = expl.image, expl.saliency, method
-    case.maps[(method, case.slice_index)] = expl.saliency
+    case.method = method
+    try:
+        if case.inputs is None:
+            case.inputs = predictor.inputs(case.scan)
+        expl = predictor.saliency(case.scan, pred, method=method, prepared=(*case.inputs, None))
+    except Exception as e:  # a 3D model, or a map that fails: no map, and the answer stands
+        log.info("no saliency map: %s", type(e).__name__)
+        case.image = case.saliency = None
+        return
+    case.image, case.saliency = expl.image, expl.saliency
+    _keep_map(case, (method, case.slice_index), expl.saliency)
+
+
+MAX_MAPS = 64  # saliency maps kept per case (slices × methods); the oldest go first
+
+
+def _keep_map(case: Case, key: tuple, saliency: np.ndarray) -> None:
+    case.maps[key] = saliency
+    while len(case.maps) > MAX_MAPS:
+        case.maps.pop(next(iter(case.maps)))
 
 
 def empty_map_text(case: Case) -> str:
     """A word when the saliency map is empty (no region raised the score), rather than a plain picture."""
+    if case.image is None:
+        return "No saliency map: maps are drawn for 2D models only."
     if case.saliency is None or np.any(case.saliency > 0.01):
         return ""
     return (f"The {case.method} map is empty for this case (no region raised the score of {case.prediction['label']}): "
@@ -235,13 +267,16 @@ def empty_map_text(case: Case) -> str:
 def slice_map(predictor: Predictor, case: Case, index: int) -> np.ndarray | None:
     """The saliency map of slice ``index`` (computed once, then kept), or None where the model did not judge
     that slice on its own (a volume judged on its middle slice or a projection)."""
+    if case.saliency is None or not case.judged_slice:
+        return None
     if (case.method, index) in case.maps:
         return case.maps[(case.method, index)]
     if not case.scan.is_volume or not case.prediction.get("slice_scores"):
         return case.saliency if index == case.slice_index or not case.scan.is_volume else None
     pred = Prediction(**case.prediction)
-    expl = predictor.saliency(case.scan, pred, method=case.method, slice_index=index)
-    case.maps[(case.method, index)] = expl.saliency
+    case.inputs = case.inputs or predictor.inputs(case.scan)
+    expl = predictor.saliency(case.scan, pred, method=case.method, slice_index=index, prepared=(*case.inputs, None))
+    _keep_map(case, (case.method, index), expl.saliency)
     return expl.saliency
 
 
@@ -257,6 +292,8 @@ def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: fl
     case, message = open_case(predictor, path, method, files=files, key=key)
     if case is None or case.refused:
         return None, None, None, message, case
+    if case.image is None:  # answered without a map (a 3D model)
+        return None, case.prediction["probabilities"], None, message, case
     aspect = _aspect(case.scan)
     image = (np.clip(case.image, 0, 1) * 255).astype(np.uint8)
     overlay = create_overlay(case.image, case.saliency, alpha)
@@ -346,7 +383,11 @@ def render_view(predictor: Predictor, case: Case | None, index: int, level: floa
             sal = slice_map(predictor, case, index)
         except MedtlError:
             sal = None
-        if sal is None:
+        if sal is None and case.image is None:
+            caption += " No saliency map for this model."
+        elif sal is None and not case.judged_slice:
+            caption += " The model judged the volume as a whole: its map is on the model's view, not on a slice."
+        elif sal is None:
             caption += f" The model judged slice {case.slice_index + 1} only: no map on this slice."
         else:
             if sal.shape != view.shape[:2]:
@@ -418,8 +459,9 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
     pred = case.prediction
     probs = pred["probabilities"]
     op = predictor.operating_point if pred.get("decision") == "operating point" else None
-    basis = (f"probability of {predictor.class_names[1]} {'≥' if probs[predictor.class_names[1]] >= op['threshold'] else '<'} "
-             f"threshold {op['threshold']:.2f} chosen on validation data ({op['rule']})" if op else
+    basis = (f"probability of {predictor.class_names[1]} {probs[predictor.class_names[1]]:.3f} "
+             f"{'≥' if probs[predictor.class_names[1]] >= op['threshold'] else '<'} "
+             f"threshold {op['threshold']:.3f} chosen on validation data ({op['rule']})" if op else
              "most probable class (no decision threshold was chosen for this model)")
     lines = [("Case", f"{case.key}  (a hash of the uploaded files; not a patient identifier)"),
              ("Date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
@@ -597,18 +639,20 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
             view, cap = render_view(predictor, case, case.slice_index, lv, wd, True, a)
             refused = case.refused is not None
             prof = None if refused else slice_profile(case)
-            ov = None if refused else for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
+            ov = None if refused or case.image is None else \
+                for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
             answer = gr.update(value=None, label="Class probabilities: none, the image was not analysed") if refused \
                 else gr.update(value=case.prediction["probabilities"], label=_probability_label(predictor))
             return (view, answer, ov, msg, case,
                     gr.update(visible=case.n_slices > 1, maximum=max(case.n_slices - 1, 1), value=case.slice_index),
                     header_summary(case.scan), gr.update(value=prof, visible=prof is not None),
-                    gr.update(visible=case.scan.is_volume and not refused), "" if refused else _sanity_text(predictor, meth),
+                    gr.update(visible=case.scan.is_volume and case.judged_slice and not refused),
+                    "" if refused or case.image is None else _sanity_text(predictor, meth),
                     gr.update(choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour,
                               info=why or None),
                     gr.update(value=round(lv, 2), interactive=not colour), gr.update(value=round(wd, 2), interactive=not colour),
                     info, gr.update(choices=options, value=case.series_uid, visible=len(options) > 1), None, cap,
-                    upload_value, gr.update(interactive=not refused))
+                    upload_value, gr.update(interactive=not refused and case.image is not None))
 
         def on_upload(run_name, files, meth, a):
             predictor = get(run_name)
@@ -627,8 +671,9 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                 return [gr.update()] * len(outputs)
             predictor = get(run_name)
             new, msg = open_case(predictor, case.path, meth, series_uid=uid, files=case.files, key=case.key)
-            if new is not None:
-                new.series = case.series
+            if new is None:  # that series cannot be used: keep the one shown, and say why
+                return show(predictor, case, f"{msg} The series shown before is kept.", a, meth)
+            new.series = case.series
             return show(predictor, new, msg, a, meth)
 
         def on_model(run_name, case, meth, a):
@@ -636,15 +681,18 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
             head = (_describe(predictor), _trust_panel(predictor))
             if case is None:
                 return (*head, *show(predictor, None, "Upload a scan to start a case.", a, meth))
-            new, msg = open_case(predictor, case.path, meth, series_uid=case.series_uid, files=case.files, key=case.key)
+            new, msg = open_case(predictor, case.path, meth, series_uid=case.series_uid if case.series_chosen else None,
+                                 files=case.files, key=case.key)
             return (*head, *show(predictor, new, msg, a, meth))
 
         def on_method(run_name, case, meth, a, index, lv, wd, show_m):
             """Only the map is recomputed: the prediction is kept."""
             predictor = get(run_name)
-            if case is None or case.refused:
+            if case is None or case.refused or case.image is None:
                 return None, case, "", gr.update(), ""
             explain_case(predictor, case, meth)
+            if case.image is None:
+                return None, case, "", gr.update(), ""
             ov = for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
             view, cap = render_view(predictor, case, index, lv, wd, show_m, a)
             return ov, case, _sanity_text(predictor, meth), view, cap
@@ -659,7 +707,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
             return round(lv, 2), round(wd, 2)
 
         def on_alpha(case, a):
-            if case is None or case.refused:
+            if case is None or case.refused or case.image is None:
                 return None
             return for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
 

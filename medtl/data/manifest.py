@@ -97,6 +97,9 @@ def index_labels(records: list[dict], problems: list[Problem],
     names = None
     if isinstance(classes, dict):
         classes, names = [_label_key(k) for k in classes], [str(v) for v in classes.values()]
+        if len(set(names)) != len(names):
+            raise ManifestError(None, f"data.classes gives two labels one name ({', '.join(names)})",
+                                "a different name for each label")
     if classes is not None:
         class_names = [_label_key(c) for c in classes]
         allowed = set(class_names)

@@ -14,6 +14,7 @@ a script calling this needs the usual ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import resource
 import shutil
@@ -51,6 +52,9 @@ def vm_size() -> int:
 
 
 def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str, task: str = "read") -> None:
+    # the child's log records (e.g. a zip member's name, which may hold a patient's name) go nowhere: without a
+    # handler, Python's last resort would print them to the server's stderr
+    logging.getLogger().addHandler(logging.NullHandler())
     tempfile.tempdir = scratch  # unpacked zip members go where the parent removes them, whatever happens here
     try:
         cap = vm_size() + 2 * limits.max_bytes + _OVERHEAD

@@ -72,3 +72,16 @@ def test_paths_outside_the_manifest_folder_refused_unless_allowed(tmp_path):
     allowed = read_manifest(data / "m.csv", allow_outside_paths=True)
     assert [r["patient_id"] for r in allowed.records] == ["P1", "P2", "P3", "P4"]
     assert {r["image"] for r in allowed.records} >= {str(secret)}
+
+
+def test_a_classes_map_names_the_classes_and_refuses_two_labels_with_one_name(tmp_path):
+    import pytest
+
+    from medtl.data.manifest import index_labels
+    from medtl.errors import ManifestError
+
+    records = [{"label_value": "0"}, {"label_value": "1"}, {"label_value": "1"}]
+    good, names = index_labels([dict(r) for r in records], [], {"0": "no lesion", "1": "lesion"})
+    assert names == ["no lesion", "lesion"] and [r["label"] for r in good] == [0, 1, 1]
+    with pytest.raises(ManifestError, match="two labels one name"):
+        index_labels([dict(r) for r in records], [], {"0": "x", "1": "x"})

@@ -225,3 +225,13 @@ def test_a_volume_scored_slice_by_slice_gets_a_map_on_every_slice(tiny_run, samp
     _, caption = render_view(predictor, case, other, lv, wd, True, 0.45)
     assert "map on this slice" in caption and ("occlusion", other) in case.maps
     assert not np.array_equal(case.maps[("occlusion", other)], case.maps[("occlusion", case.slice_index)])
+
+
+def test_the_case_key_does_not_depend_on_the_order_or_the_stored_names(tmp_path):
+    from medtl.data import create_sample_series
+    from medtl_ui.app import case_key
+
+    files = sorted(create_sample_series(tmp_path / "s", n_slices=4, size=32).iterdir())
+    keys = {store_case_files([str(f) for f in order], tmp_path / f"w{i}")[2]
+            for i, order in enumerate([files, files[::-1], files[1:] + files[:1]])}
+    assert len(keys) == 1 and keys == {case_key(files)}
