@@ -191,8 +191,10 @@ def foreign_check(predictor, in_scores: np.ndarray, foreign: list[str | Path]) -
     for f in foreign:
         try:
             scan = predictor.read(f)
-            score = predictor.predict(scan, check=False).ood_score
-            refusal = predictor.predict(scan).refused
+            pred = predictor.predict(scan)
+            # a refusal from the header comes before the model runs: the content score needs a second pass
+            score = pred.ood_score if pred.ood_score is not None else predictor.predict(scan, check=False).ood_score
+            refusal = pred.refused
             rows.append({"file": Path(f).name, "score": score, "refused": refusal is not None, "reason": refusal})
         except MedtlInputError as e:
             rows.append({"file": Path(f).name, "score": None, "refused": True, "reason": f"unreadable: {e.problem}"})

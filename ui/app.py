@@ -186,7 +186,8 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
     series, note = [], ""
     try:
         if path.is_dir() or path.suffix.lower() == ".zip":
-            series = describe_path_bounded(path).get("series", [])  # (an unusable one: the read below says why)
+            # the series, from their headers (an unusable listing: the read below says why)
+            series = describe_path_bounded(path, decode=False).get("series", [])
         scan = read_image_bounded(path, series_uid=series_uid) if series_uid else read_image_bounded(path)
         if series:
             used = scan.header.get("series", {})

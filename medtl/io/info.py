@@ -11,11 +11,13 @@ from medtl.io.series import SERIES_RULES, choose_series, list_series, read_insta
 
 
 def describe_path(path: str | Path, series_uid: str | None = None, modality: str | None = None,
-                  volume_index: int | None = None) -> dict:
+                  volume_index: int | None = None, decode: bool = True) -> dict:
     """A de-identified report of ``path``: for a file its geometry and values, or the error; for a
     folder or zip every series found, which one would be used and why, and the unreadable files.
 
-    ``report["usable"]`` is True when an image could be read.
+    ``report["usable"]`` is True when an image could be read. ``decode=False`` lists a folder's or
+    zip's series from their headers only, without decoding the chosen one (for a caller that reads
+    it next anyway).
     """
     path = Path(path)
     is_study = path.is_dir() or (path.is_file() and zipfile.is_zipfile(path) and path.suffix.lower() == ".zip")
@@ -36,6 +38,8 @@ def describe_path(path: str | Path, series_uid: str | None = None, modality: str
     except MedtlInputError as e:
         return {**report, "error": f"{type(e).__name__}: {e}"}
     report["chosen"] = {"series_uid": chosen.uid, "series_number": chosen.number, "reason": reason}
+    if not decode:
+        return report
     try:
         scan = read_instances(chosen, path)
         report["image"] = scan.summary()

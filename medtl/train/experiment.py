@@ -31,7 +31,7 @@ from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, c
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
 from medtl.ood import OOD_FILE, OODDetector, study_scores
-from medtl.predict import batched_logits, extract_features, fit_decision, predict_logits
+from medtl.predict import Logits, batched_logits, extract_features, fit_decision, predict_logits
 from medtl.runtime import Runtime, distributed
 from medtl.train.fit import FitResult, fit, from_scratch
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
@@ -159,7 +159,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     val_logits = predict_logits(model, val_ds, runtime, bs)
     temperature, op = fit_decision(val_logits, len(manifest.class_names))
     detector = fit_ood(model, prepared, cfg, pre, val_ds, runtime, bs)
-    metrics = run_metrics(model, result, prepared, (val_ds, test_ds), runtime, bs, temperature, op)
+    metrics = run_metrics(model, result, prepared, (val_logits, test_ds), runtime, bs, temperature, op)
     if detector is not None:
         metrics["ood"] = detector.describe()
     if manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
@@ -200,7 +200,8 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
                 batch_size: int, temperature: float = 1.0, operating_point: dict | None = None) -> dict:
     """``metrics.json``'s content: how training went, validation and test metrics per study (through
     the one prediction path, calibrated by ``temperature``), the test decisions at ``operating_point``
-    against the best any threshold allows, and images, patients and labels per split."""
+    against the best any threshold allows, and images, patients and labels per split. ``datasets``:
+    (validation, test), each a data set or its :class:`~medtl.predict.Logits` computed already."""
     names = prepared.manifest.class_names
     metrics = {"class_names": names, "best_epoch": result.best_epoch, "strategy": result.strategy,
                "strategy_reason": result.strategy_reason, "precision": result.precision,
@@ -209,7 +210,8 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
                "train_images_per_s": round(result.train_images_per_s, 2)}
     metrics["temperature"] = round(float(temperature), 4)
     for name, ds in zip(("val", "test"), datasets):
-        y, p = predict_logits(model, ds, runtime, batch_size).study_probs(temperature)
+        logits = ds if isinstance(ds, Logits) else predict_logits(model, ds, runtime, batch_size)
+        y, p = logits.study_probs(temperature)
         metrics[name] = compute_classification_metrics(y, p)
     if operating_point is not None and len(names) == 2:
         at_op = compute_binary_metrics(y, p[:, 1], operating_point["threshold"])
