@@ -202,7 +202,7 @@ def _add_train_options(s, run_folder: bool) -> None:
     s.add_argument("--strategy", help="auto, linear_probe, partial, fine_tune, gradual or full")
     s.add_argument("--epochs", type=int)
     s.add_argument("--frozen-epochs", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--batch-size", type=_int_or_auto, help="images per step, or auto (the largest that fits a GPU)")
     s.add_argument("--input-size", type=int)
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
@@ -213,6 +213,10 @@ def _add_train_options(s, run_folder: bool) -> None:
     s.add_argument("--device", help="auto (a GPU where one can be reached), cpu, cuda or cuda:N")
     s.add_argument("--precision", help="auto (measured: the fastest of fp32 and native bf16), fp32, bf16 or fp16")
 
+
+
+def _int_or_auto(value: str):
+    return value if value == "auto" else int(value)
 
 
 def _add_device(s) -> None:

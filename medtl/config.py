@@ -56,6 +56,8 @@ class DataConfig:
     augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
     flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
+    input_store: str = "float16"  # how prepared model inputs are kept for training and evaluation: "float16"
+    #   (half the memory; finer than bf16 compute) or "float32"; memory-mapped (in cache_dir) above 2 GiB
     color: str = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
     #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
     color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
@@ -88,8 +90,10 @@ class TrainConfig:
     epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
     gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
-    batch_size: int = 8  # images per optimisation step (global, over all processes under torchrun)
-    lr: float = 3e-3  # peak learning rate of the head
+    batch_size: int | str = 8  # images per optimisation step (global, over all processes under torchrun); "auto":
+    #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.fit)
+    workers: int | str = "auto"  # processes preparing inputs; "auto": none on a CPU, a spare core each (up to 8) on a GPU
+    lr: float = 3e-3  # peak learning rate of the head (for batches of 8; "auto" batches scale it)
     encoder_lr_mult: float = 0.05  # top encoder layer group's learning rate = lr * this
     layer_decay: float = 0.8  # each lower layer group's rate = the one above's * this (1.0: one rate)
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -277,7 +281,7 @@ LIMITS = [
     ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
     ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
     ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
-    ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.lr", 0.0, 10.0, False),
+    ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
     ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),
@@ -290,7 +294,7 @@ def _check_limits(cfg: ExperimentConfig, source) -> None:
     for name, lo, hi, lo_inclusive in LIMITS:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value is None:
+        if value is None or value == "auto":
             continue
         low_ok = value >= lo if lo_inclusive else value > lo
         if not low_ok or (hi is not None and value > hi):
@@ -322,6 +326,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
     look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
     look_up_option(cfg.data.color, ["auto", "rgb", "grey"], "colour mode (data.color)")
+    look_up_option(cfg.data.input_store, ["float16", "float32"], "input store (data.input_store)")
     if cfg.data.color_jitter > 0 and (cfg.data.color == "grey" or cfg.data.ct_window == "multi"
                                       or cfg.data.volume_mode in ("2.5d", "slices_2.5d")):
         raise ConfigError(None, "data.color_jitter needs colour inputs: its hue and saturation would mix "
@@ -337,6 +342,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
     look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
     look_up_option(cfg.train.ood, ["knn", "mahalanobis", "off"], "out-of-distribution method (train.ood)")
+    for name in ("batch_size", "workers"):
+        value = getattr(cfg.train, name)
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(None, f"train.{name}: {value!r} is not an integer or 'auto'", "an integer or 'auto'")
     device = cfg.train.device
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(None, f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",

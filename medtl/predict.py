@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from medtl.data.dataset import study_index
+from medtl.data.dataset import iterate_batches, study_index
 from medtl.eval.metrics import choose_threshold, fit_temperature
 from medtl.runtime import Runtime
 from medtl.transforms import aggregate_studies
@@ -90,9 +89,9 @@ def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = No
     runtime = runtime or Runtime()
     model.eval()
     labels, logits = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+    for batch in iterate_batches(dataset, batch_size, runtime.device):
         logits.append(forward_logits(model, batch["image"], runtime).cpu().numpy())
-        labels.append(torch.as_tensor(batch["label"]).long().numpy())
+        labels.append(batch["label"].cpu().numpy())
     return Logits(np.concatenate(labels), np.concatenate(logits), study_index(dataset),
                   tuple(dataset.aggregation))
 
@@ -110,13 +109,13 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
     runtime = runtime or Runtime()
     model.eval()
     feats, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+    for batch in iterate_batches(dataset, batch_size, runtime.device):
         x = runtime.to_input(batch["image"])
         with torch.no_grad(), runtime.autocast():
             f = model.forward_head(model.forward_features(x), pre_logits=True)
         feats.append(f.float())
-        labels.append(torch.as_tensor(batch["label"]).long())
-    return torch.cat(feats), torch.cat(labels).to(runtime.device)
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
 
 
 __all__ = ["fit_decision", "forward_logits", "forward_logits_features", "batched_logits", "batched_logits_features",

@@ -21,7 +21,6 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
-    NormalizeIntensityd,
     Resize,
     Resized,
     ScaleIntensityRange,
@@ -279,8 +278,10 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     """Return ``(deterministic, final)`` chains.
 
     ``deterministic`` reads, scales and shrinks (its output can be cached); ``final`` resizes
-    to the encoder's input (aspect kept, padded to a square) and applies the encoder's channel
-    repeat and mean/std normalisation: the same for training and inference. With ``train``,
+    to the encoder's input (aspect kept, padded to a square) and ends with :class:`EncoderInputd`
+    (the encoder's channel repeat and mean/std normalisation): the same for training and inference.
+    A data set stores its inputs as they are before that last step and applies it to whole batches
+    on the device (:func:`split_final`). With ``train``,
     ``final`` is a :class:`TrainingTransform` whose :class:`BatchAugment` (``data.augment``) the
     training loop applies to whole batches on its device.
     """
@@ -295,11 +296,7 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
                 anti_aliasing=False),
         SpatialPadd("image", spatial_size=(size,) * dims, mode="constant"),
     ]
-    final += [
-        RepeatToChannelsd("image", pre.in_chans),
-        NormalizeIntensityd("image", subtrahend=np.array(pre.mean), divisor=np.array(pre.std), channel_wise=True),
-        EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-    ]
+    final.append(EncoderInputd("image", pre))
     if not train:
         return deterministic, Compose(final)
     augment = BatchAugment(pre, flip=data.flip, color_jitter=data.color_jitter) if data.augment else None
@@ -427,27 +424,42 @@ class TrainingTransform(Compose):
         return self
 
 
-class RepeatToChannelsd(MapTransform):
-    """Repeat a 1-channel image to the encoder's channel count (3-channel inputs pass through)."""
+class EncoderInputd(MapTransform):
+    """The last step of every chain: a 1-channel input repeated to the encoder's channels, then
+    ``(x - mean) / std`` per channel, as float32. :meth:`batch` does the same to a whole batch on
+    its own device; the per-sample call goes through it, so both give the same numbers."""
 
-    def __init__(self, keys, channels: int):
+    def __init__(self, keys, pre: Preprocessing):
         super().__init__(keys)
-        self.channels = channels
+        self.channels, self.mean, self.std = pre.in_chans, tuple(pre.mean), tuple(pre.std)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """A new float32 (N, channels, ...) tensor from an (N, 1 or channels, ...) batch of [0, 1] intensities."""
+        if x.shape[1] != self.channels:
+            if x.shape[1] != 1:
+                raise ConfigError(None, f"{x.shape[1]}-channel inputs for an encoder with {self.channels}",
+                                  "1-channel inputs, or an encoder with as many input channels")
+            x = x.expand(-1, self.channels, *x.shape[2:])
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(view)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(view)
+        return (x.float() - mean) / std
 
     def __call__(self, d):
         d = dict(d)
         for key in self.key_iterator(d):
-            x = d[key]
-            if x.shape[0] == self.channels:  # a copy: the normalisation after this works in place
-                x = x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
-            else:
-                if x.shape[0] != 1:
-                    raise ConfigError(None, f"{x.shape[0]}-channel inputs for an encoder with {self.channels}",
-                                      "1-channel inputs, or an encoder with as many input channels")
-                x = x.repeat(self.channels, *([1] * (x.ndim - 1))) if isinstance(x, torch.Tensor) else \
-                    np.repeat(x, self.channels, 0)
-            d[key] = x
+            d[key] = self.batch(torch.as_tensor(np.asarray(d[key]) if not isinstance(d[key], torch.Tensor)
+                                                else d[key])[None])[0]
         return d
+
+
+def split_final(final: Compose) -> tuple[Compose, EncoderInputd | None]:
+    """(the chain before its last step, that step) when the chain ends with :class:`EncoderInputd`;
+    (``final``, None) otherwise: its whole output is then stored and used as it is."""
+    transforms = list(getattr(final, "transforms", [final]))
+    if not transforms or not isinstance(transforms[-1], EncoderInputd):
+        return final, None
+    return Compose(transforms[:-1]), transforms[-1]
 
 
 def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], size: int) -> np.ndarray:
@@ -462,4 +474,4 @@ def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], siz
 
 __all__ = ["intensity_preset", "scale_intensity", "volume_inputs", "scan_from_array", "LoadScan2Dd", "split_slices",
            "prepare_inputs", "display_image", "aggregate_slices", "aggregate_studies", "create_transforms",
-           "BatchAugment", "TrainingTransform", "RepeatToChannelsd", "input_to_original", "XRAY_MODALITIES"]
+           "BatchAugment", "TrainingTransform", "EncoderInputd", "split_final", "input_to_original", "XRAY_MODALITIES"]

@@ -142,23 +142,3 @@ def test_batch_augmentation_flips_left_right_and_turns_3d_volumes_in_plane_only(
     # a rotation about the slice axis moves voxels within each slice, never between slices
     assert torch.allclose(out.sum(dim=(-1, -2)), vol.sum(dim=(-1, -2)), rtol=0.1, atol=1.0)
     assert not torch.allclose(out, vol, atol=1e-3)
-
-
-def test_small_data_sets_keep_their_final_inputs_in_memory():
-    from monai.data import CacheDataset
-    from monai.transforms import Compose, Lambda
-
-    from medtl.data.dataset import create_dataset
-
-    calls = []
-    final = Compose([Lambda(lambda d: (calls.append(1), {**d, "image": torch.zeros(3, 8, 8)})[1])])
-    studies = [{"image": np.zeros((1, 8, 8), np.float32), "label": i % 2, "slice_index": np.array([-1])}
-               for i in range(6)]
-    cached = create_dataset(studies, final)
-    assert isinstance(cached, CacheDataset)
-    calls.clear()
-    for _ in range(3):
-        [cached[i] for i in range(len(cached))]
-    assert len(calls) == 6  # each input prepared once, at its first use
-    big = create_dataset(studies, final, memory_cache_bytes=1000)  # 6 inputs of 768 bytes do not fit
-    assert not isinstance(big, CacheDataset)

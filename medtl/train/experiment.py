@@ -64,9 +64,9 @@ class PreparedData:
         _, final_train = create_transforms(data, pre, train=True)
         _, final_eval = create_transforms(data, pre, train=False)
         train = self.sets["train"] if train_subset is None else [self.sets["train"][i] for i in train_subset]
-        agg = (data.slice_aggregation, data.top_k)
-        return (create_dataset(train, final_train, agg), create_dataset(self.sets["val"], final_eval, agg),
-                create_dataset(self.sets["test"], final_eval, agg))
+        agg, store = (data.slice_aggregation, data.top_k), {"store_dtype": data.input_store, "spill_dir": data.cache_dir}
+        return (create_dataset(train, final_train, agg, **store), create_dataset(self.sets["val"], final_eval, agg, **store),
+                create_dataset(self.sets["test"], final_eval, agg, **store))
 
 
 def read_data(data: DataConfig) -> Manifest:
@@ -111,7 +111,7 @@ def cache_folder(data: DataConfig, pre: Preprocessing) -> str | None:
         return None
     shaping = {k: v for k, v in dataclasses.asdict(data).items()
                if k not in ("path", "cache_dir", "val_fraction", "test_fraction", "augment", "flip", "color_jitter",
-                            "classes", "allow_outside_paths", "slice_aggregation", "top_k")}
+                            "classes", "allow_outside_paths", "slice_aggregation", "top_k", "input_store")}
     key = json.dumps({"data": shaping, "input_size": pre.input_size, "in_chans": pre.in_chans,
                       "spatial_dims": pre.spatial_dims, "medtl": CACHE_FORMAT}, sort_keys=True, default=str)
     return str(Path(data.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -153,7 +153,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         return out
 
     runtime = result.eval_runtime()
-    bs = max(32, cfg.train.batch_size)
+    bs = max(32, result.batch_size)
     # the decision rule and the refusal threshold, both chosen on validation data: the run's own answers
     # (predict, the web page) are calibrated and decided at an operating point without `medtl evaluate`
     val_logits = predict_logits(model, val_ds, runtime, bs)
@@ -207,7 +207,7 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
                "strategy_reason": result.strategy_reason, "precision": result.precision,
                "precision_choice": result.precision_choice, "device": result.device,
                "world_size": result.world_size, "split": prepared.split_source,
-               "train_images_per_s": round(result.train_images_per_s, 2)}
+               "train_images_per_s": round(result.train_images_per_s, 2), "batch": result.batch}
     metrics["temperature"] = round(float(temperature), 4)
     for name, ds in zip(("val", "test"), datasets):
         logits = ds if isinstance(ds, Logits) else predict_logits(model, ds, runtime, batch_size)
@@ -241,7 +241,7 @@ def write_run_files(out: Path, cfg: ExperimentConfig, prepared: PreparedData, re
                                 "grey_inputs": sum(not s.get("scan_colour") for s in sets["train"]),
                                 "min_side": min((int(s["scan_min_side"]) for s in sets["train"] if s.get("scan_min_side")),
                                                 default=None)},
-                            "weights_source": weights_source, "precision": result.precision,
+                            "weights_source": weights_source, "precision": result.precision, "batch": result.batch,
                             "environment": environment()}
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
     _write_csv(out / "history.csv", result.history)

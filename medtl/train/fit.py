@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -29,15 +30,16 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from medtl.config import TrainConfig
-from medtl.data.dataset import study_index
+from medtl.data.dataset import iterate_batches, study_index
 from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.predict import Logits, extract_features, predict_logits
-from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
+from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, \
+    measure_training_speed, resolve_device
 from medtl.transforms import TrainingTransform
 
 log = logging.getLogger("medtl.train")
@@ -110,6 +112,66 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) ->
     return head + [Stage("fine_tune", cfg.epochs, ALL, cfg.lr / 2, enc_lr, cfg.layer_decay)]
 
 
+REFERENCE_BATCH = 8  # train.lr is the learning rate for batches of this size (the default batch_size)
+AUTO_BATCHES = (256, 128, 64, 32, 16, 8)  # batch_size "auto" on a GPU: the largest that fits, in this order
+
+
+def auto_batch_size(n_train: int, device: torch.device, fits: Callable[[int], bool]) -> tuple[int, str]:
+    """``train.batch_size: auto``: (batch size, the rule in words). On a CPU the reference batch of 8 (a
+    CPU computes no faster per image in larger batches, and small data sets want more steps). On a GPU
+    the largest of :data:`AUTO_BATCHES` that leaves at least 8 steps per epoch and for which ``fits(b)``
+    (a training step at that batch runs without running out of memory)."""
+    if device.type != "cuda":
+        return REFERENCE_BATCH, f"{REFERENCE_BATCH} on a CPU (no faster per image in larger batches)"
+    for b in AUTO_BATCHES:
+        if b == REFERENCE_BATCH or (n_train // b >= 8 and fits(b)):
+            return b, (f"{b}: the largest of {', '.join(map(str, AUTO_BATCHES))} with at least 8 steps per epoch "
+                       f"over {n_train} training inputs that fits in the GPU's memory")
+    return REFERENCE_BATCH, ""
+
+
+def scaled_lr(lr: float, batch_size: int) -> float:
+    """``lr`` (set for batches of :data:`REFERENCE_BATCH`) at ``batch_size``: square-root scaling, the rule
+    for Adam-family optimisers (Malladi et al. 2022; Granziol et al. 2022)."""
+    return lr * math.sqrt(batch_size / REFERENCE_BATCH)
+
+
+def resolve_batch(cfg: TrainConfig, model: torch.nn.Module, train_ds, device: torch.device,
+                  runtime: Runtime | None = None) -> tuple[TrainConfig, dict]:
+    """``cfg`` with an integer batch size (``auto`` resolved by :func:`auto_batch_size`, the learning rate
+    scaled by :func:`scaled_lr`), and the record saved with the run: batch size, learning rate, rule."""
+    if cfg.batch_size != "auto":
+        return cfg, {"batch_size": cfg.batch_size, "lr": cfg.lr, "rule": "set in the configuration"}
+    runtime = runtime or Runtime(device)
+    shape = tuple(train_ds[0]["image"].shape)
+
+    def fits(b: int) -> bool:
+        try:
+            measure_training_speed(model, shape, b, runtime, steps=1)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    b, rule = auto_batch_size(len(train_ds), device, fits)
+    lr = scaled_lr(cfg.lr, b)
+    if b != REFERENCE_BATCH:
+        rule += f"; learning rate {cfg.lr:g} x sqrt({b}/{REFERENCE_BATCH}) = {lr:.3g}"
+    return dataclasses.replace(cfg, batch_size=b, lr=lr), {"batch_size": b, "lr": lr, "rule": rule}
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """``train.workers``: processes preparing inputs (a data set's store, once; data sets that are not
+    stores, every epoch). "auto": none on a CPU (they would take cores from the model), on a GPU one per
+    spare core up to 8."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 @dataclass
 class FitResult:
     """What training produced besides the weights left in the model (those of the best epoch)."""
@@ -122,12 +184,18 @@ class FitResult:
     strategy_reason: str = ""  # why (for "auto")
     train_images_per_s: float = 0.0  # throughput of the stages that trained the encoder
     world_size: int = 1  # processes that trained (torchrun)
+    batch: dict = field(default_factory=dict)  # batch size and learning rate used, and the rule that chose them
     runtime: Runtime = field(default_factory=Runtime)  # device, precision, layout and flip averaging of training
 
     @property
     def precision(self) -> str:
         """The numeric precision training used."""
         return self.runtime.precision
+
+    @property
+    def batch_size(self) -> int:
+        """The training batch size used (``auto`` resolved)."""
+        return int(self.batch.get("batch_size", REFERENCE_BATCH))
 
     @property
     def device(self) -> str:
@@ -189,6 +257,9 @@ class _Trainer:
         self.device = local_device(resolve_device(cfg.device), self.world)
         self.runtime = Runtime(self.device, "fp32", cfg.channels_last, cfg.tta)
         self.runtime.prepare(model)
+        cfg, batch = resolve_batch(cfg, model, train_ds, self.device, self.runtime)
+        self.cfg = cfg
+        self.workers = loader_workers(cfg.workers, self.device)
         # rank 0 decides (a probe per rank could pick different precisions by timing noise) and tells the others
         choice = [choose_precision(cfg.precision, model, tuple(train_ds[0]["image"].shape),
                                    max(1, cfg.batch_size // self.world), self.runtime,
@@ -204,7 +275,9 @@ class _Trainer:
                               "processes", "a global batch size divisible by the number of processes")
         labels = np.asarray([s["label"] for s in train_ds.data])
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
-        self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime)
+        self.log("batch size %d, learning rate %.3g (%s)", batch["batch_size"], batch["lr"], batch["rule"])
+        self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime,
+                                batch=batch)
         self.best_state = copy.deepcopy(model.state_dict())
         self.best_val_loss = math.inf
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
@@ -217,13 +290,22 @@ class _Trainer:
         self.augment = transform.batch_augment if isinstance(transform, TrainingTransform) else None
         self.encoder_images, self.encoder_seconds = 0, 0.0
 
-    def loader(self):
+    def loader(self) -> tuple[Callable[[int], Iterable], int]:
+        """(epoch -> this process's batches of the training set on the device, in a fresh seeded order;
+        steps per epoch). Inputs come from the data set's store (prepared once, normalised per batch on
+        the device); the order is DistributedSampler's, so each process under torchrun reads its share."""
         sampler = DistributedSampler(self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.cfg.seed, drop_last=self.world > 1)
         per_rank = self.cfg.batch_size // self.world
-        return DataLoader(self.train_ds, batch_size=per_rank, sampler=sampler, num_workers=0,
-                          drop_last=len(self.train_ds) > self.cfg.batch_size,
-                          pin_memory=self.device.type == "cuda"), sampler
+        drop_last = len(self.train_ds) > self.cfg.batch_size
+        n = len(sampler)
+        steps = n // per_rank if drop_last and n >= per_rank else -(-n // per_rank)
+
+        def epoch(k: int) -> Iterable:
+            sampler.set_epoch(k)
+            return iterate_batches(self.train_ds, per_rank, self.device, list(sampler), drop_last, self.workers)
+
+        return epoch, steps
 
     def schedule(self, optimizer, steps_per_epoch: int, epochs: int):
         steps = max(1, epochs * steps_per_epoch)
@@ -256,18 +338,18 @@ class _Trainer:
         if cfg.compile and not stage.head_only:
             net = torch.compile(net)
         optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
-        loader, sampler = self.loader()
+        epoch_batches, steps = self.loader()
 
         def batches():
-            sampler.set_epoch(self.epoch)
+            loader = epoch_batches(self.epoch)
             return _progress(prefetch(loader) if self.prefetch else loader, self.rank,
-                             f"epoch {self.epoch}/{self.total_epochs}")
+                             f"epoch {self.epoch}/{self.total_epochs}", steps)
 
         def step(batch):
-            x = batch["image"].to(self.device, non_blocking=True)
+            x = batch["image"]
             if self.augment is not None:  # whole-batch augmentation on the device, outside autocast
                 x = self.augment(x)
-            x, target = self.mix(self.runtime.to_input(x), torch.as_tensor(batch["label"]).long().to(self.device))
+            x, target = self.mix(self.runtime.to_input(x), batch["label"])
             with self.runtime.autocast():
                 logits = net(x)
             return self.loss(logits, target)
@@ -275,7 +357,7 @@ class _Trainer:
         def validate():
             return predict_logits(model, self.val_ds, self.runtime, max(32, cfg.batch_size)).study_probs()
 
-        self.run_epochs(stage, optimizer, len(loader), batches, step, validate,
+        self.run_epochs(stage, optimizer, steps, batches, step, validate,
                         lambda: _train_mode(model, cfg.freeze_bn))
 
     def run_head_on_features(self, stage: Stage) -> None:
@@ -452,13 +534,13 @@ def prefetch(batches: Iterable, depth: int = 2) -> Iterator:
                 thread.join(0.01)
 
 
-def _progress(loader, rank: int, desc: str):
+def _progress(loader, rank: int, desc: str, total: int | None = None):
     """A tqdm bar on an interactive terminal (rank 0 only); the plain loader otherwise."""
     if rank != 0 or not sys.stderr.isatty():
         return loader
     from tqdm.auto import tqdm  # optional: a progress bar only on an interactive terminal
 
-    return tqdm(loader, desc=desc, leave=False, unit="batch")
+    return tqdm(loader, desc=desc, leave=False, unit="batch", total=total)
 
 
 def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
@@ -479,7 +561,7 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(labels)}, cfg)
     trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
     trainer.log("strategy %s (%s)", strategy, reason)
-    stages = [s for s in plan_stages(cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
+    stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
     trainer.total_epochs = sum(s.epochs for s in stages)
     for stage in stages:
         trainer.run_stage(stage)
@@ -492,5 +574,5 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     return result
 
 
-__all__ = ["Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
+__all__ = ["auto_batch_size", "scaled_lr", "resolve_batch", "loader_workers", "REFERENCE_BATCH", "Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
            "use_prefetch", "train_epoch", "feature_batches", "ALL"]

@@ -89,5 +89,5 @@ def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
                       cfg.train.channels_last)
     runtime.prepare(model)
     features, labels = extract_features(model, train_ds, runtime)
-    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size,
+    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size if cfg.train.batch_size != "auto" else 8,
                     seed=cfg.train.seed)
