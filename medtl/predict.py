@@ -86,7 +86,7 @@ def fit_decision(val: Logits, n_classes: int, rule: str = "youden") -> tuple[flo
 def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32) -> Logits:
     """The logits of every input of a :func:`medtl.data.create_dataset` data set, with the model in
     eval mode on ``runtime.device`` (data loading runs outside autocast)."""
-    runtime = runtime or Runtime()
+    runtime = Runtime.of(model, runtime)
     model.eval()
     labels, logits = [], []
     for batch in iterate_batches(dataset, batch_size, runtime.device):
@@ -106,7 +106,7 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
                      batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) on ``runtime.device``: the encoder's pooled output (what the head sees)
     for every input, in eval mode, as fp32."""
-    runtime = runtime or Runtime()
+    runtime = Runtime.of(model, runtime)
     model.eval()
     feats, labels = [], []
     for batch in iterate_batches(dataset, batch_size, runtime.device):

@@ -77,6 +77,15 @@ class Runtime:
     def replace(self, **changes) -> "Runtime":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, runtime: "Runtime | None" = None) -> "Runtime":
+        """``runtime``, or where none is given the default runtime on the device ``model`` is on (a model
+        left on a GPU by training is run there, not fed CPU tensors)."""
+        if runtime is not None:
+            return runtime
+        param = next(model.parameters(), None)
+        return cls(param.device if param is not None else torch.device("cpu"))
+
 
 def has_conv3d(model: torch.nn.Module) -> bool:
     """Whether ``model`` convolves volumes (its inputs are (N, C, D, H, W))."""

@@ -325,7 +325,18 @@ class BatchAugment:
 
     def set_random_state(self, seed: int) -> "BatchAugment":
         self.R = torch.Generator().manual_seed(int(seed))
+        self._device_R: dict[str, torch.Generator] = {}
         return self
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the per-pixel noise: the CPU one on a CPU; on another device one of its own,
+        seeded from it at first use (the noise is drawn where the batch is, not copied there)."""
+        if device.type == "cpu":
+            return self.R
+        if str(device) not in self._device_R:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.R))
+            self._device_R[str(device)] = torch.Generator(device=device).manual_seed(seed)
+        return self._device_R[str(device)]
 
     def _uniform(self, *shape, low=-1.0, high=1.0) -> torch.Tensor:
         return low + (high - low) * torch.rand(*shape, generator=self.R)
@@ -368,7 +379,8 @@ class BatchAugment:
         idx = self._chosen(n, 0.3, x.device)
         if len(idx):  # noise, the same in every channel (as on the single-channel image before the repeat)
             sigma = self._uniform(len(idx), low=0.0, high=0.02).view((len(idx),) + (1,) * (dims + 1))
-            x[idx] += (sigma * torch.randn((len(idx), 1) + x.shape[2:], generator=self.R)).to(x.device)
+            noise = torch.randn((len(idx), 1) + x.shape[2:], generator=self._generator(x.device), device=x.device)
+            x[idx] += sigma.to(x.device) * noise
         if self.color_jitter > 0 and x.shape[1] == 3:
             idx = self._chosen(n, 0.8, x.device)
             if len(idx):

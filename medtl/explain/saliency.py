@@ -96,10 +96,10 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, class_idx: int | N
     """A saliency map of one input (1, C, H, W) by ``method`` (one of :data:`METHODS`).
 
     The model must already be on ``runtime.device``; the input is moved there and the model's
-    forward passes run under the runtime's autocast (default: CPU, fp32).
+    forward passes run under the runtime's autocast (default: the model's device, fp32).
     """
     look_up_option(method, METHODS, "saliency method")
-    runtime = runtime or Runtime()
+    runtime = Runtime.of(model, runtime)
     x = runtime.to_input(x)
     with runtime.autocast():
         if method == "gradcam":

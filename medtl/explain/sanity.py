@@ -78,9 +78,9 @@ def run_sanity_checks(model: torch.nn.Module, inputs: Sequence[torch.Tensor], sa
 
     ``saliency_fn(model, x, class_idx) -> (H, W) map``; ``inputs`` are (1, C, H, W) tensors. Maps
     are computed for the class the trained model predicts, so only the model changes. Models run
-    on ``runtime`` (default: CPU, fp32).
+    on ``runtime`` (default: the model's device, fp32).
     """
-    runtime = (runtime or Runtime()).replace(tta=False)
+    runtime = Runtime.of(model, runtime).replace(tta=False)
     model = copy.deepcopy(model).eval()
     targets = [int(forward_logits(model, x, runtime).argmax(dim=1)[0]) for x in inputs]
     reference = [saliency_fn(model, x, t) for x, t in zip(inputs, targets)]

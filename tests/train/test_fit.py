@@ -37,7 +37,7 @@ def test_frozen_stage_leaves_encoder_bit_identical(tiny_data, cache_features):
     tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False,
                              cache_features=cache_features)
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
-    after = model.state_dict()
+    after = {k: v.cpu() for k, v in model.state_dict().items()}  # (fit leaves the model on its device)
     for k in before:  # parameters and BatchNorm running statistics alike
         if k in head:
             continue
@@ -60,7 +60,7 @@ def test_partial_trains_the_top_groups_only(tiny_data):
     tc = dataclasses.replace(cfg.train, strategy="partial", frozen_epochs=0, epochs=1, unfreeze_groups=2,
                              freeze_bn=False, patience=5)
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
-    after = model.state_dict()
+    after = {k: v.cpu() for k, v in model.state_dict().items()}  # (fit leaves the model on its device)
     frozen_modules = {k.rsplit(".", 1)[0] for k in frozen}
     for k in before:
         if k in frozen or (k.endswith(("running_mean", "running_var")) and k.rsplit(".", 1)[0] in frozen_modules):
@@ -75,7 +75,7 @@ def test_fine_tune_stage_moves_encoder(tiny_data):
     tc = dataclasses.replace(cfg.train, strategy="full", epochs=1, patience=5)
     result = fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     assert [r["stage"] for r in result.history] == ["full"]
-    assert not torch.equal(before, model.conv_stem.weight)
+    assert not torch.equal(before, model.conv_stem.weight.cpu())
 
 
 def test_a_diverging_run_stops_with_a_typed_error(tiny_data):
