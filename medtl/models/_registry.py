@@ -23,6 +23,7 @@ class EncoderSpec:
     offline_weights: Callable[[], "object"] | None = None  # returns (path, sha256 or prefix) of bundled weights
     cam_layer: str | None = None  # module whose output Grad-CAM uses; None = the last feature stage
     spatial_dims: int = 2  # 2: a timm image encoder; 3: a MONAI volume CNN (medtl.models.volumetric)
+    source: str = "timm"  # who builds it: "timm", "torchvision" (medtl.models.tvision) or "monai"
 
 
 _ENCODERS: dict[str, EncoderSpec] = {}

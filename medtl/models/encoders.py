@@ -1,4 +1,4 @@
-"""ImageNet-pretrained encoders built with timm, with offline EfficientNet-Lite weights.
+"""ImageNet-pretrained encoders built with timm or torchvision, with offline EfficientNet-Lite weights.
 
 ``create_encoder`` is the single entry point. Each model carries its preprocessing record in
 ``model.pretrained_cfg`` (timm's convention), read back with :func:`resolve_preprocessing`.
@@ -20,6 +20,7 @@ from timm.models import adapt_input_conv
 from medtl.config import EncoderConfig
 from medtl.errors import ConfigError, WeightsError
 from medtl.models._registry import EncoderSpec, get_encoder_spec, register_encoder
+from medtl.models.tvision import TorchvisionEncoder, imagenet_weights, load_torchvision_file
 from medtl.models.volumetric import RESNET_3D_DEPTHS, create_volume_encoder
 
 log = logging.getLogger("medtl.models")
@@ -71,9 +72,15 @@ for _name, _timm, _desc in [
     ("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm); weights from a local file or the timm/HF cache"),
 ]:
     register_encoder(EncoderSpec(name=_name, timm_name=_timm, description=_desc))
+for _name, _desc in [("tv_resnet18", "ResNet-18"), ("tv_resnet50", "ResNet-50"), ("tv_densenet121", "DenseNet-121"),
+                     ("tv_efficientnet_b0", "EfficientNet-B0"), ("tv_convnext_tiny", "ConvNeXt-Tiny"),
+                     ("tv_vit_b_16", "ViT-B/16 (224 px only)")]:
+    register_encoder(EncoderSpec(name=_name, timm_name="", source="torchvision",
+                                 description=f"{_desc} (torchvision); ImageNet weights from a local torchvision "
+                                             "file or torch's hub cache"))
 for _name in RESNET_3D_DEPTHS:
     register_encoder(EncoderSpec(
-        name=_name, timm_name="", spatial_dims=3,
+        name=_name, timm_name="", spatial_dims=3, source="monai",
         description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]}"
                     + (" with GroupNorm" if _name.endswith("_gn") else "")
                     + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file"))
@@ -125,15 +132,17 @@ def create_encoder(
     weights_file: str | Path | None = None,
     drop_rate: float = 0.0,
 ) -> torch.nn.Module:
-    """Build a registered encoder as a timm model, optionally with ImageNet weights.
+    """Build a registered encoder (a timm model, or a torchvision or MONAI one with timm's interface),
+    optionally with ImageNet weights.
 
     Args:
         name: a registered name (``medtl.models.list_encoders()``).
         pretrained: load ImageNet weights: the bundled offline file for EfficientNet-Lite,
-            ``weights_file`` or the timm/Hugging Face cache for the others.
+            ``weights_file`` or the timm/Hugging Face cache (torch's hub cache for ``tv_*``) for the others.
         num_classes: size of a fresh classification head; 0 returns pooled features.
         in_chans: input channels; 1 folds the pretrained first convolution the timm way.
-        weights_file: a local .safetensors/.pth file in the timm layout (overrides the default).
+        weights_file: a local .safetensors/.pth file in the timm layout, or torchvision's for ``tv_*``
+            encoders (overrides the default).
         drop_rate: dropout before the head.
 
     The returned model's ``pretrained_cfg`` holds the preprocessing record of its weights.
@@ -141,10 +150,12 @@ def create_encoder(
     spec = get_encoder_spec(name)
     if spec.spatial_dims == 3:
         return _create_volume_encoder(spec, pretrained, num_classes, in_chans, weights_file, drop_rate)
-    model = timm.create_model(spec.timm_name, pretrained=False, in_chans=3, drop_rate=drop_rate)
-    source = "random initialisation"
-    if pretrained:
-        source = _load_pretrained(model, spec, weights_file)
+    if spec.source == "torchvision":
+        model = TorchvisionEncoder(spec.name, drop_rate=drop_rate)
+        source = _load_torchvision(model, spec, weights_file) if pretrained else "random initialisation"
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, in_chans=3, drop_rate=drop_rate)
+        source = _load_pretrained(model, spec, weights_file) if pretrained else "random initialisation"
     if in_chans != 3:
         _adapt_first_conv(model, in_chans)
     if num_classes != model.num_classes:  # keep the ImageNet head when 1000 classes are asked for
@@ -220,6 +231,30 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
     return f"timm pretrained {spec.timm_name}"
 
 
+def _load_torchvision(model: TorchvisionEncoder, spec: EncoderSpec, weights_file: str | Path | None) -> str:
+    """ImageNet weights of a torchvision encoder: ``weights_file`` (torchvision's layout, the file its
+    ``weights=`` enum downloads), else torchvision's default weights from torch's hub cache or the network."""
+    if weights_file is not None:
+        sd = load_state_dict_file(weights_file)
+        try:
+            load_torchvision_file(model, sd)
+        except (ValueError, RuntimeError) as e:
+            raise WeightsError(f"{weights_file}: does not fit {spec.name} (torchvision {model.arch}): "
+                               f"{str(e).splitlines()[-1][:200]}") from None
+        return f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
+    weights = imagenet_weights(model.arch)
+    try:
+        sd = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:
+        raise WeightsError(
+            f"no ImageNet weights for {spec.name!r} are available offline ({type(e).__name__}). Download "
+            f"torchvision's file ({weights.url}), then pass weights_file=PATH (CLI: --weights-file), or use "
+            f"pretrained=False for a from-scratch baseline, or an encoder with bundled weights: "
+            f"efficientnet_lite0/1/2") from None
+    load_torchvision_file(model, sd)
+    return f"torchvision {weights}"
+
+
 def _adapt_first_conv(model: torch.nn.Module, in_chans: int) -> None:
     conv_name = model.pretrained_cfg.get("first_conv")
     if isinstance(conv_name, (list, tuple)):
@@ -259,6 +294,10 @@ def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None)
     size = int(input_size or cfg.get("input_size", (3, 224, 224))[-1])
     dims = int(cfg.get("spatial_dims", 2))
     minimum = 16 if dims == 3 else 32
+    native = int(cfg.get("input_size", (3, 224, 224))[-1])
+    if cfg.get("fixed_input_size") and size != native:
+        raise ConfigError(None, f"input size {size} for {cfg.get('architecture')}, which reads {native} px only",
+                          f"encoder.input_size {native} (or null)")
     if size < minimum:
         raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", f"at least {minimum}")
     return Preprocessing(input_size=size, in_chans=in_chans, mean=tuple(map(float, mean)),
