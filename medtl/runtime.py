@@ -179,16 +179,17 @@ def measure_training_speed(model: torch.nn.Module, input_shape: tuple[int, ...],
         step()
     best = float("inf")
     for _ in range(repeats):
-        _synchronize(runtime.device)
+        synchronize(runtime.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _synchronize(runtime.device)
+        synchronize(runtime.device)
         best = min(best, time.perf_counter() - t0)
     return batch_size * steps / best
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished its queued work (a no-op on a CPU): before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -198,11 +199,11 @@ def host_key(device: torch.device) -> str:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = _cpu_model() + f" x{torch.get_num_threads()}"
+        hardware = cpu_model() + f" x{torch.get_num_threads()}"
     return f"{platform.node()}|{hardware}|torch {torch.__version__}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -302,6 +303,6 @@ def local_device(device: torch.device, world: int) -> torch.device:
     return device
 
 
-__all__ = ["Runtime", "PrecisionChoice", "resolve_device", "has_conv3d", "native_bf16", "precision_override",
+__all__ = ["Runtime", "PrecisionChoice", "resolve_device", "has_conv3d", "native_bf16", "precision_override", "synchronize", "cpu_model",
            "precision_candidates", "choose_precision", "inference_precision", "measure_training_speed",
            "distributed", "local_device", "PRECISIONS", "PRECISION_ENV"]

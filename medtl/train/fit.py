@@ -401,7 +401,8 @@ class _Trainer:
             t0 = time.perf_counter()
             train_mode()
             losses = train_epoch(batches(), step, optimizer, schedule, self.scaler,
-                                 on_loss=lambda losses: self.check_loss(stage, losses))
+                                 on_loss=lambda losses: self.check_loss(stage, losses),
+                                 sync_every=loss_sync_steps(self.device))
             seconds = time.perf_counter() - t0
             if not stage.head_only:
                 self.encoder_images += len(losses) * self.cfg.batch_size
@@ -460,11 +461,26 @@ class _Trainer:
 
 def train_epoch(batches: Iterable, step: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer,
                 schedule=None, scaler: torch.amp.GradScaler | None = None,
-                on_loss: Callable[[list[float]], bool] | None = None) -> list[float]:
+                on_loss: Callable[[list[float]], bool] | None = None, sync_every: int = 1) -> list[float]:
     """One pass of the training loop: for each batch, ``step(batch)`` gives the loss; backward, optimizer
     step (through ``scaler`` for fp16), then ``schedule`` steps. ``on_loss(losses so far)`` returning True
-    ends the pass early. Every stage of :func:`fit` and the learning-rate finder run through here."""
+    ends the pass early. Every stage of :func:`fit` and the learning-rate finder run through here.
+
+    Reading a loss waits for the device to finish the step. With ``sync_every`` > 1 the losses are read
+    every that many steps (on a GPU the next steps are queued meanwhile): ``on_loss`` then sees each loss
+    as before, up to ``sync_every - 1`` steps late."""
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> bool:
+        values = torch.stack(pending).float().tolist() if pending else []
+        pending.clear()
+        for v in values:
+            losses.append(v)
+            if on_loss is not None and on_loss(losses):
+                return True
+        return False
+
     for batch in batches:
         loss = step(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -477,10 +493,17 @@ def train_epoch(batches: Iterable, step: Callable[[Any], torch.Tensor], optimize
             optimizer.step()
         if schedule is not None:
             schedule.step()
-        losses.append(float(loss.detach()))
-        if on_loss is not None and on_loss(losses):
-            break
+        pending.append(loss.detach())
+        if len(pending) >= sync_every and flush():
+            return losses
+    flush()
     return losses
+
+
+def loss_sync_steps(device: torch.device) -> int:
+    """Steps between reads of the training loss: every step on a CPU (nothing to overlap), every 16 on a GPU
+    (a read per step would leave the GPU idle while Python queues the next step)."""
+    return 1 if device.type == "cpu" else 16
 
 
 def feature_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None):
@@ -575,4 +598,4 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
 
 
 __all__ = ["auto_batch_size", "scaled_lr", "resolve_batch", "loader_workers", "REFERENCE_BATCH", "Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
-           "use_prefetch", "train_epoch", "feature_batches", "ALL"]
+           "use_prefetch", "train_epoch", "loss_sync_steps", "feature_batches", "ALL"]

@@ -103,3 +103,32 @@ def tiny_data_gpu(small_manifest):
     pre = resolve_preprocessing(create_encoder("efficientnet_lite0", pretrained=False), 64)
     train, val, _ = prepare_data(cfg.data, pre, 0).datasets(cfg.data, pre)
     return train, val, cfg
+
+
+def _toy_epoch(sync_every, stop_at=None):
+    from medtl.train.fit import train_epoch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(10, 8, 4)
+    seen = []
+
+    def on_loss(losses):
+        seen.append(len(losses))
+        return stop_at is not None and len(losses) >= stop_at
+
+    losses = train_epoch(iter(x), lambda b: layer(b).pow(2).mean(), opt, on_loss=on_loss, sync_every=sync_every)
+    return losses, seen, layer.weight.detach().clone()
+
+
+def test_losses_read_every_few_steps_are_the_same_losses_and_still_stop_training():
+    """The GPU branch (losses read every 16 steps, see loss_sync_steps) forced on the CPU with 4."""
+    from medtl.train.fit import loss_sync_steps
+
+    assert loss_sync_steps(torch.device("cpu")) == 1 and loss_sync_steps(CUDA) == 16
+    every, seen1, w1 = _toy_epoch(1)
+    grouped, seen4, w4 = _toy_epoch(4)
+    assert grouped == every and seen4 == seen1 == list(range(1, 11)) and torch.equal(w1, w4)
+    stopped, _, _ = _toy_epoch(4, stop_at=3)  # a stop is seen at the next read: 4 steps ran, 3 losses judged
+    assert len(stopped) == 3
