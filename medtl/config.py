@@ -92,7 +92,8 @@ class TrainConfig:
     gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
     batch_size: int | str = 8  # images per optimisation step (global, over all processes under torchrun); "auto":
     #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.fit)
-    workers: int | str = "auto"  # processes preparing inputs; "auto": none on a CPU, a spare core each (up to 8) on a GPU
+    workers: int | str = "auto"  # processes reading files and preparing inputs; "auto": files read by one per core
+    #   (up to 8) for 200 files or more; inputs prepared in the main process on a CPU, by spare cores on a GPU
     lr: float = 3e-3  # peak learning rate of the head (for batches of 8; "auto" batches scale it)
     encoder_lr_mult: float = 0.05  # top encoder layer group's learning rate = lr * this
     layer_decay: float = 0.8  # each lower layer group's rate = the one above's * this (1.0: one rate)

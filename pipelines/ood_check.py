@@ -59,7 +59,7 @@ def foreign_files(shared: Path, work: Path, photos: bool) -> list[Path]:
 
 
 def run(args) -> int:
-    predictor = load_run(args.run, device="cpu")
+    predictor = load_run(args.run, device=args.device)
     if predictor.ood is None:
         print(f"{args.run}: the run has no out-of-distribution detector", file=sys.stderr)
         return 2
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--shared", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("results/ood"))
     p.add_argument("--photos", action="store_true", help="add natural photographs (scikit-image's sample images)")
+    p.add_argument("--device", default="auto", help="auto (a GPU where one can be reached), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     return report_errors(run, args)

@@ -26,7 +26,7 @@ from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, valida
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
-from medtl.data.dataset import study_index
+from medtl.data.dataset import decode_workers, study_index
 from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
@@ -76,16 +76,19 @@ def read_data(data: DataConfig) -> Manifest:
     return read_dataset(data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths)
 
 
-def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None) -> PreparedData:
+def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None,
+                 workers: int | str = "auto") -> PreparedData:
     """Read the data set of ``data.path``, decode every image once and split it by patient.
 
     A MedMNIST file keeps its own split; other data sets get a patient-level, label-stratified
-    split. Every class must have at least 2 examples in every split (refused otherwise).
+    split. Every class must have at least 2 examples in every split (refused otherwise). The files are
+    read by ``workers`` processes (``train.workers``; see :func:`medtl.data.dataset.decode_workers`).
     """
     manifest = manifest or read_data(data)
     deterministic, _ = create_transforms(data, pre, train=False)
     log.info("%r; decoding images", manifest)
-    samples, problems = decode_records(manifest.records, deterministic, cache_folder(data, pre))
+    samples, problems = decode_records(manifest.records, deterministic, cache_folder(data, pre),
+                                       decode_workers(workers, len(manifest.records)))
     problems = manifest.problems + problems
     if not samples:
         raise MedtlInputError(manifest.path, "no image in the data set could be read")
@@ -139,7 +142,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     manifest = read_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model, pre = create_model(cfg.encoder, len(manifest.class_names))
-    prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
+    prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest, cfg.train.workers)
     sets = prepared.sets
     log.info("encoder %s (%s), input %d px; split %s", cfg.encoder.name, model.pretrained_cfg["weights_source"],
              pre.input_size, prepared.split_source)

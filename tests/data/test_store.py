@@ -89,3 +89,21 @@ def test_grey_and_three_channel_inputs_mixed_are_stored_together():
     x = next(iterate_batches(ds, 8))["image"]
     assert ds.store().images.shape[1] == 3
     assert torch.equal(x, torch.stack([ds[i]["image"] for i in range(8)]))
+
+
+def test_files_decoded_by_worker_processes_are_the_same_and_bad_ones_reported(sample_dir, tmp_path):
+    """Reading a data set's files in 2 processes gives the samples, in order, and the problems of 1."""
+    from medtl.data import decode_records, read_manifest
+    from medtl.data.dataset import decode_workers
+
+    records = read_manifest(sample_dir / "manifest.csv").records[:12]
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM" + b"\0" * 200)
+    records = records[:5] + [{**records[5], "image": str(bad), "path": "bad.dcm"}] + records[6:]
+    det, _ = create_transforms(DataConfig(), Preprocessing(input_size=32), train=False)
+    one, problems1 = decode_records(records, det)
+    two, problems2 = decode_records(records, det, workers=2)
+    assert [p.where for p in problems1] == [p.where for p in problems2] == ["bad.dcm"]
+    assert [s["path"] for s in one] == [s["path"] for s in two] and len(one) == 11
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(one, two))
+    assert decode_workers(3, 10) == 3 and decode_workers("auto", 10) == 0
