@@ -17,6 +17,8 @@ import torch
 import torchvision
 from torch import nn
 
+from medtl.models.adapter import ClassifierAdapter
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # medtl name -> (torchvision builder, stem regex, blocks regex, Grad-CAM module, first convolution)
@@ -46,7 +48,7 @@ def _head_of(net: nn.Module) -> tuple[str, nn.Linear]:
     raise TypeError(f"no final Linear layer found in {type(net).__name__}")
 
 
-class TorchvisionEncoder(nn.Module):
+class TorchvisionEncoder(ClassifierAdapter):
     """A torchvision ImageNet classifier (``net``) with timm's classifier interface; ``fc`` is medtl's head."""
 
     def __init__(self, name: str, num_classes: int = 0, drop_rate: float = 0.0, weights=None):
@@ -63,8 +65,6 @@ class TorchvisionEncoder(nn.Module):
         setattr(self.net.get_submodule(parent) if parent else self.net, child, nn.Identity())
         self.token_grid = nn.Identity()  # ViT: the patch tokens entering the last block, as a (N, C, 14, 14) grid
         self.drop_rate = drop_rate
-        self.num_classes = 0
-        self.fc: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
         self.pretrained_cfg = {"architecture": f"torchvision.models.{arch}", "input_size": (3, 224, 224),
                                "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
@@ -100,29 +100,19 @@ class TorchvisionEncoder(nn.Module):
         x = torch.cat([x[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
         return enc.ln(layers[-1](x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch.startswith("vit"):
-            x = x[:, 0]
-        else:
-            x = x.mean(dim=(2, 3))
-            if self.arch.startswith("convnext"):  # its classifier starts with a LayerNorm over channels
-                x = self.net.classifier(x[:, :, None, None]).flatten(1)
-        x = nn.functional.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+            return x[:, 0]  # the class token
+        x = x.mean(dim=(2, 3))
+        if self.arch.startswith("convnext"):  # its classifier starts with a LayerNorm over channels
+            x = self.net.classifier(x[:, :, None, None]).flatten(1)
+        return x
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new head of ``num_classes`` (0: pooled features); 1000 keeps the ImageNet head."""
-        self.num_classes = num_classes
+        super().reset_classifier(num_classes)
         if num_classes == self.imagenet_head.out_features:
             self.fc = self.imagenet_head
-        else:
-            self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": self._stem, "blocks": self._blocks}

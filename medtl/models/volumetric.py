@@ -13,6 +13,8 @@ import torch
 from monai.networks.nets import resnet
 from torch import nn
 
+from medtl.models.adapter import ClassifierAdapter
+
 RESNET_3D_DEPTHS = {"resnet10_3d": 10, "resnet18_3d": 18, "resnet34_3d": 34,
                     "resnet10_3d_gn": 10, "resnet18_3d_gn": 18, "resnet34_3d_gn": 34}
 
@@ -30,7 +32,7 @@ def _batch_to_group_norm(module: nn.Module) -> None:
             _batch_to_group_norm(child)
 
 
-class ResNet3D(nn.Module):
+class ResNet3D(ClassifierAdapter):
     """A MONAI 3D ResNet (single-channel input) with timm's classifier interface.
 
     ``group_norm=True`` replaces every BatchNorm with GroupNorm. Trained from scratch on a few
@@ -52,8 +54,7 @@ class ResNet3D(nn.Module):
             _batch_to_group_norm(self.net)
         self.num_features = self.net.layer4[-1].conv2.out_channels  # basic blocks (depths 10-34)
         self.drop_rate = drop_rate
-        self.num_classes = num_classes
-        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.reset_classifier(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -62,20 +63,8 @@ class ResNet3D(nn.Module):
             x = n.maxpool(x)
         return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3, 4))
-        x = nn.functional.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3, 4))
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^net\.(?:conv1|bn1)", "blocks": r"^net\.layer(\d+)"}
