@@ -115,13 +115,13 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     stored: list[StoredFile] = []
     try:
         for i, src in enumerate(sources, start=1):
-            if src.is_symlink() or not (src.is_file() or str(src) in _MOVED):
+            if src.is_symlink():
                 raise ValueError(f"upload {i} is not a regular file")
             name = src.name
             ext = safe_extension(name)
             dest = folder / f"{secrets.token_hex(16)}{ext}"
             if _inside(src, workdir):
-                with _MOVES_LOCK:
+                with _MOVES_LOCK:  # (checked under the lock: another session may be moving the same file)
                     earlier = _MOVED.get(str(src))
                     if src.is_file():
                         _move(src, dest)
@@ -140,6 +140,8 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
                     except OSError:
                         pass
             else:
+                if not src.is_file():
+                    raise ValueError(f"upload {i} is not a regular file")
                 shutil.copyfile(src, dest)
                 os.chmod(dest, 0o600)
             showable = _SHOWABLE.fullmatch(name) is not None and not looks_identifying(name)
