@@ -188,6 +188,14 @@ def measure_training_speed(model: torch.nn.Module, input_shape: tuple[int, ...],
     return batch_size * steps / best
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's share, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def synchronize(device: torch.device) -> None:
     """Wait until ``device`` has finished its queued work (a no-op on a CPU): before reading a clock."""
     if device.type == "cuda":
@@ -304,5 +312,6 @@ def local_device(device: torch.device, world: int) -> torch.device:
 
 
 __all__ = ["Runtime", "PrecisionChoice", "resolve_device", "has_conv3d", "native_bf16", "precision_override", "synchronize", "cpu_model",
+           "usable_cores",
            "precision_candidates", "choose_precision", "inference_precision", "measure_training_speed",
            "distributed", "local_device", "PRECISIONS", "PRECISION_ENV"]

@@ -460,8 +460,9 @@ class EncoderInputd(MapTransform):
     def __call__(self, d):
         d = dict(d)
         for key in self.key_iterator(d):
-            d[key] = self.batch(torch.as_tensor(np.asarray(d[key]) if not isinstance(d[key], torch.Tensor)
-                                                else d[key])[None])[0]
+            x = d[key]
+            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(np.asarray(x))  # (no MetaTensor)
+            d[key] = self.batch(x[None])[0]
         return d
 
 

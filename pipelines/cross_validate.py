@@ -23,7 +23,7 @@ from scipy import stats
 
 from medtl.cli import report_errors
 from medtl.config import load_config
-from medtl.data import create_dataset, kfold_by_patient, split_by_patient
+from medtl.data import create_dataset, kfold_by_patient, split_by_patient, store_options
 from medtl.eval import compute_classification_metrics
 from medtl.models import create_model
 from medtl.predict import predict_probs
@@ -65,9 +65,10 @@ def main(argv=None) -> int:
         val_idx = rest[inner["val"]]
         torch.manual_seed(args.seed)
         model, _ = create_model(cfg.encoder, n_classes)
-        result = fit(model, create_dataset([studies[i] for i in train_idx], final_train, agg),
-                     create_dataset([studies[i] for i in val_idx], final_eval, agg), cfg.train, n_classes)
-        y, prob = predict_probs(model, create_dataset([studies[i] for i in test], final_eval, agg),
+        store = store_options(cfg.data)
+        result = fit(model, create_dataset([studies[i] for i in train_idx], final_train, agg, **store),
+                     create_dataset([studies[i] for i in val_idx], final_eval, agg, **store), cfg.train, n_classes)
+        y, prob = predict_probs(model, create_dataset([studies[i] for i in test], final_eval, agg, **store),
                                 result.eval_runtime(), 64)
         m = compute_classification_metrics(y, prob)
         row = {"fold": k, "n_test": len(test), **{name: m.get(name) for name in METRICS},

@@ -31,7 +31,7 @@ from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBi
 
 from medtl.cli import report_errors
 from medtl.config import load_config
-from medtl.data import TooFewExamplesError, create_dataset, sample_per_class
+from medtl.data import TooFewExamplesError, create_dataset, sample_per_class, store_options
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_model
@@ -78,8 +78,8 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
     return out
 
 
-def evaluate(model, studies, final, agg, runtime) -> tuple[float | None, float]:
-    y, p = predict_probs(model, create_dataset(studies, final, agg), runtime, 64)
+def evaluate(model, studies, final, agg, runtime, store: dict | None = None) -> tuple[float | None, float]:
+    y, p = predict_probs(model, create_dataset(studies, final, agg, **(store or {})), runtime, 64)
     return compute_auc(y, p), float((p.argmax(1) == y).mean())
 
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         shift_name = args.shift
     _, final_train = create_transforms(cfg.data, pre, train=True)
     _, final_eval = create_transforms(cfg.data, pre, train=False)
-    agg = (cfg.data.slice_aggregation, cfg.data.top_k)
+    agg, store = (cfg.data.slice_aggregation, cfg.data.top_k), store_options(cfg.data)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
     done = set()
@@ -132,9 +132,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             src_model, _ = create_model(cfg.encoder, n_classes)
             tc = dataclasses.replace(cfg.train, seed=seed)
-            runtime = fit(src_model, create_dataset(source["train"], final_train, agg),
-                          create_dataset(source["val"], final_eval, agg), tc, n_classes).eval_runtime()
-            source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime)
+            runtime = fit(src_model, create_dataset(source["train"], final_train, agg, **store),
+                          create_dataset(source["val"], final_eval, agg, **store), tc, n_classes).eval_runtime()
+            source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime, store)
             base_seconds = time.perf_counter() - t0
             for k in ks:
                 methods = ["source_only"] if k == 0 else ["fine_tune", "retrain"]
@@ -153,9 +153,9 @@ def main(argv=None) -> int:
                         torch.manual_seed(seed)
                         model = copy.deepcopy(src_model) if method == "fine_tune" else \
                             create_model(cfg.encoder, n_classes)[0]
-                        fit(model, create_dataset(few, final_train, agg), create_dataset(target["val"], final_eval, agg),
-                            tc, n_classes)
-                    auc, acc = evaluate(model, target["test"], final_eval, agg, runtime)
+                        fit(model, create_dataset(few, final_train, agg, **store),
+                            create_dataset(target["val"], final_eval, agg, **store), tc, n_classes)
+                    auc, acc = evaluate(model, target["test"], final_eval, agg, runtime, store)
                     row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
                            "target_acc": acc, "source_auc": source_auc,
                            "seconds": round(time.perf_counter() - t1 + (base_seconds if k == 0 else 0), 1)}

@@ -8,6 +8,7 @@ from medtl.data.dataset import (
     decode_records,
     expand_inputs,
     iterate_batches,
+    store_options,
     study_index,
 )
 from medtl.data.manifest import Manifest, Problem, read_manifest
@@ -24,4 +25,4 @@ from medtl.data.split import (
 __all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist",
            "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
            "create_sample_data", "create_sample_series", "sample_per_class", "TooFewExamplesError", "InputDataset",
-           "InputStore", "iterate_batches", "expand_inputs", "study_index", "MEMORY_CACHE_BYTES"]
+           "InputStore", "iterate_batches", "store_options", "expand_inputs", "study_index", "MEMORY_CACHE_BYTES"]

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from medtl.data.manifest import Problem
 from medtl.errors import ConfigError, find_input_error, look_up_option
+from medtl.runtime import usable_cores
 from medtl.transforms import split_final, split_slices
 
 log = logging.getLogger("medtl.data")
@@ -82,7 +83,7 @@ def decode_workers(setting: int | str, n_files: int) -> int:
     2 cores, 400 generated DICOM files: 296 files/s in 2 processes, 215 in the main process alone."""
     if setting != "auto":
         return int(setting)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return min(8, cores) if n_files >= 200 and cores > 1 else 0
 
 
@@ -197,11 +198,38 @@ class InputStore:
             x[order] = torch.from_numpy(np.ascontiguousarray(self._mapped[idx[order].numpy()]))
         else:
             x = self.images.index_select(0, idx)
-        if x.device != device:
-            x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+        x = _moved(x, device, pin=True)
         x = x.float()
-        return {"image": self.finish.batch(x) if self.finish is not None else x,
-                "label": self.labels.index_select(0, idx.to(self.labels.device)).to(device, non_blocking=True)}
+        labels = self.labels.index_select(0, idx.to(self.labels.device))
+        return {"image": self.finish.batch(x) if self.finish is not None else x, "label": _moved(labels, device)}
+
+
+def _moved(x: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """``x`` on ``device``. From the CPU to a GPU the copy does not block (through pinned memory with
+    ``pin``); any other copy does (a GPU-to-CPU copy that did not block could be read before it lands)."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+    return x.to(device)
+
+
+def exact_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: "cuda" names the current GPU, and tensors report it as "cuda:0"."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def place_store(dataset: "InputDataset", device: torch.device | str, workers: int = 0) -> "InputStore":
+    """Prepare ``dataset``'s store (in ``workers`` processes) and, on a GPU, move it there when it takes at
+    most a quarter of the free memory (batches are then gathered on the device); return it."""
+    device = exact_device(device)
+    store = dataset.store(workers)
+    if device.type == "cuda" and store.images.device != device and store.nbytes <= _free_memory(device) // 4:
+        store = dataset._store = store.to(device)
+    return store
 
 
 class _Prepared(torch.utils.data.Dataset):
@@ -232,12 +260,22 @@ def _mapped_array(folder: str | Path | None, shape: tuple[int, ...], dtype: torc
     try:
         np_dtype = np.float16 if dtype == torch.float16 else np.float32
         size = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-        os.ftruncate(fd, size)
+        try:  # reserved now: a disk filling up later would kill the process (SIGBUS) instead of an error here
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise ConfigError(None, f"no room for the {size / 2 ** 20:.0f} MiB input store in {folder} "
+                              f"({e.strerror})", "data.cache_dir on a disk with room for it") from None
         mapped = np.memmap(name, dtype=np_dtype, mode="r+", shape=shape)
     finally:
         os.close(fd)
         os.unlink(name)
     return mapped, f"a memory-mapped file in {folder}"
+
+
+def store_options(data) -> dict:
+    """:func:`create_dataset`'s store settings from a :class:`medtl.config.DataConfig`: ``data.input_store``,
+    and ``data.cache_dir`` for a store too large for memory."""
+    return {"store_dtype": data.input_store, "spill_dir": data.cache_dir}
 
 
 def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3),
@@ -262,13 +300,14 @@ def iterate_batches(dataset, batch_size: int, device: torch.device | str = "cpu"
     ``batch_size`` at a time. An :class:`InputDataset` is read from its store (on a GPU, the store moves
     to the device when it takes at most a quarter of the free memory: batches are then gathered there);
     any other data set through a ``DataLoader`` with ``workers`` processes and, on a GPU, pinned memory."""
-    device = torch.device(device)
+    device = exact_device(device)
     order = torch.arange(len(dataset)) if order is None else torch.as_tensor(list(order), dtype=torch.long)
+    if len(order) == 0:
+        return
+    # (with drop_last, a set smaller than one batch still gives that one short batch, not an empty epoch)
     steps = len(order) // batch_size if drop_last and len(order) >= batch_size else -(-len(order) // batch_size)
     if isinstance(dataset, InputDataset):
-        store = dataset.store(workers)
-        if device.type == "cuda" and store.images.device != device and store.nbytes <= _free_memory(device) // 4:
-            store = dataset._store = store.to(device)
+        store = place_store(dataset, device, workers)
         for s in range(steps):
             yield store.batch(order[s * batch_size:(s + 1) * batch_size], device)
         return
@@ -276,8 +315,8 @@ def iterate_batches(dataset, batch_size: int, device: torch.device | str = "cpu"
                         drop_last=drop_last, num_workers=workers, persistent_workers=False,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     for batch in loader:
-        yield {"image": torch.as_tensor(batch["image"]).to(device, non_blocking=True),
-               "label": torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)}
+        yield {"image": _moved(torch.as_tensor(batch["image"]), device),
+               "label": _moved(torch.as_tensor(batch["label"]).long(), device)}
 
 
 def _free_memory(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_curve
 from medtl import __version__
 from medtl.checkpoint import SavedRun, load_saved_run, save_model
 from medtl.config import to_plain
-from medtl.data import create_dataset
+from medtl.data import create_dataset, store_options
 from medtl.errors import RunError
 from medtl.explain import METHODS, compute_saliency, explain_input, run_sanity_checks
 from medtl.models import create_model
@@ -362,7 +362,9 @@ def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed, runtime: Runt
                                 epochs=min(cfg.train.epochs, 3), device=str(runtime.device))
     log.info("training on shuffled labels for the data randomisation test (%d + %d epochs)", short.frozen_epochs,
              short.epochs)
-    fit(model, create_dataset(train, final_train), create_dataset(prepared.sets["val"], final_eval), short, n_classes)
+    store = store_options(cfg.data)
+    fit(model, create_dataset(train, final_train, **store), create_dataset(prepared.sets["val"], final_eval, **store),
+        short, n_classes)
     return model.eval()
 
 

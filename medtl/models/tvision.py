@@ -13,6 +13,8 @@ token's own output has no gradient to the patch tokens at the last layer).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -29,8 +31,10 @@ FAMILIES = {
                        r"^net\.features\.(?:denseblock|transition)(\d+)\.", "net.features", "net.features.conv0"),
     "tv_efficientnet_b0": ("efficientnet_b0", r"^net\.features\.0\.", r"^net\.features\.(\d+)\.", "net.features",
                            "net.features.0.0"),
-    "tv_convnext_tiny": ("convnext_tiny", r"^net\.features\.0\.", r"^net\.features\.(\d+)\.", "net.features",
-                         "net.features.0.0"),
+    # ConvNeXt: each downsampling layer (features.2, 4, 6) joins the stage after it, as in timm's grouping
+    "tv_convnext_tiny": ("convnext_tiny", r"^net\.features\.0\.",
+                         [(r"^net\.features\.([1246])\.", None), (r"^net\.features\.([357])\.", (99999,))],
+                         "net.features", "net.features.0.0"),
     "tv_vit_b_16": ("vit_b_16", r"^net\.(?:conv_proj|class_token|encoder\.pos_embedding)",
                     r"^net\.encoder\.layers\.encoder_layer_(\d+)\.", "token_grid", "net.conv_proj"),
 }
@@ -111,8 +115,8 @@ class TorchvisionEncoder(ClassifierAdapter):
     def reset_classifier(self, num_classes: int) -> None:
         """A new head of ``num_classes`` (0: pooled features); 1000 keeps the ImageNet head."""
         super().reset_classifier(num_classes)
-        if num_classes == self.imagenet_head.out_features:
-            self.fc = self.imagenet_head
+        if num_classes == self.imagenet_head.out_features:  # a copy, on the network's device
+            self.fc = copy.deepcopy(self.imagenet_head).to(next(self.net.parameters()).device)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": self._stem, "blocks": self._blocks}

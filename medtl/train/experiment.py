@@ -26,7 +26,7 @@ from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, valida
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
-from medtl.data.dataset import decode_workers, study_index
+from medtl.data.dataset import decode_workers, store_options, study_index
 from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
@@ -64,7 +64,7 @@ class PreparedData:
         _, final_train = create_transforms(data, pre, train=True)
         _, final_eval = create_transforms(data, pre, train=False)
         train = self.sets["train"] if train_subset is None else [self.sets["train"][i] for i in train_subset]
-        agg, store = (data.slice_aggregation, data.top_k), {"store_dtype": data.input_store, "spill_dir": data.cache_dir}
+        agg, store = (data.slice_aggregation, data.top_k), store_options(data)
         return (create_dataset(train, final_train, agg, **store), create_dataset(self.sets["val"], final_eval, agg, **store),
                 create_dataset(self.sets["test"], final_eval, agg, **store))
 
@@ -189,7 +189,8 @@ def fit_ood(model: torch.nn.Module, prepared: PreparedData, cfg: ExperimentConfi
     if cfg.train.ood == "off":
         return None
     _, final_eval = create_transforms(cfg.data, pre, train=False)
-    train_eval = create_dataset(prepared.sets["train"], final_eval, (cfg.data.slice_aggregation, cfg.data.top_k))
+    train_eval = create_dataset(prepared.sets["train"], final_eval, (cfg.data.slice_aggregation, cfg.data.top_k),
+                                **store_options(cfg.data))
     train_f, train_y = extract_features(model, train_eval, runtime, batch_size)
     detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
     val_f, _ = extract_features(model, val_ds, runtime, batch_size)

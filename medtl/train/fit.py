@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import queue
 import sys
 import threading
@@ -33,13 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from medtl.config import TrainConfig
-from medtl.data.dataset import iterate_batches, study_index
+from medtl.data.dataset import InputDataset, iterate_batches, place_store, study_index
 from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.predict import Logits, extract_features, predict_logits
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, \
-    measure_training_speed, resolve_device
+    measure_training_speed, resolve_device, usable_cores
 from medtl.transforms import TrainingTransform
 
 log = logging.getLogger("medtl.train")
@@ -116,18 +115,21 @@ REFERENCE_BATCH = 8  # train.lr is the learning rate for batches of this size (t
 AUTO_BATCHES = (256, 128, 64, 32, 16, 8)  # batch_size "auto" on a GPU: the largest that fits, in this order
 
 
-def auto_batch_size(n_train: int, device: torch.device, fits: Callable[[int], bool]) -> tuple[int, str]:
-    """``train.batch_size: auto``: (batch size, the rule in words). On a CPU the reference batch of 8 (a
-    CPU computes no faster per image in larger batches, and small data sets want more steps). On a GPU
-    the largest of :data:`AUTO_BATCHES` that leaves at least 8 steps per epoch and for which ``fits(b)``
-    (a training step at that batch runs without running out of memory)."""
+def auto_batch_size(n_train: int, device: torch.device, fits: Callable[[int], bool], world: int = 1) -> tuple[int, str]:
+    """``train.batch_size: auto``: (global batch size, the rule in words). On a CPU the reference batch
+    of 8 (a CPU computes no faster per image in larger batches, and small data sets want more steps),
+    rounded to a multiple of the ``world`` processes. On a GPU, ``world`` times the largest per-process
+    batch ``b`` of :data:`AUTO_BATCHES` that leaves at least 8 steps per epoch and for which ``fits(b)``
+    (a training step of ``b`` inputs runs without running out of memory), tried largest first."""
     if device.type != "cuda":
-        return REFERENCE_BATCH, f"{REFERENCE_BATCH} on a CPU (no faster per image in larger batches)"
+        b = max(1, round(REFERENCE_BATCH / world)) * world
+        return b, f"{b} on a CPU (no faster per image in larger batches)"
     for b in AUTO_BATCHES:
-        if b == REFERENCE_BATCH or (n_train // b >= 8 and fits(b)):
-            return b, (f"{b}: the largest of {', '.join(map(str, AUTO_BATCHES))} with at least 8 steps per epoch "
-                       f"over {n_train} training inputs that fits in the GPU's memory")
-    return REFERENCE_BATCH, ""
+        if b == REFERENCE_BATCH or (n_train // (b * world) >= 8 and fits(b)):
+            each = f" ({b} in each of {world} processes)" if world > 1 else ""
+            return b * world, (f"{b * world}{each}: the largest of {', '.join(map(str, AUTO_BATCHES))} with at least "
+                               f"8 steps per epoch over {n_train} training inputs that fits in the GPU's memory")
+    return REFERENCE_BATCH * world, ""
 
 
 def scaled_lr(lr: float, batch_size: int) -> float:
@@ -136,10 +138,18 @@ def scaled_lr(lr: float, batch_size: int) -> float:
     return lr * math.sqrt(batch_size / REFERENCE_BATCH)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an error is a device allocation failure (torch's own, or one raised by cuDNN/cuBLAS)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED",
+                                                                    "CUBLAS_STATUS_ALLOC_FAILED")))
+
+
 def resolve_batch(cfg: TrainConfig, model: torch.nn.Module, train_ds, device: torch.device,
-                  runtime: Runtime | None = None) -> tuple[TrainConfig, dict]:
+                  runtime: Runtime | None = None, world: int = 1) -> tuple[TrainConfig, dict]:
     """``cfg`` with an integer batch size (``auto`` resolved by :func:`auto_batch_size`, the learning rate
-    scaled by :func:`scaled_lr`), and the record saved with the run: batch size, learning rate, rule."""
+    scaled by :func:`scaled_lr`), and the record saved with the run: batch size, learning rate, rule.
+    The probe's steps draw no numbers from the seeded generators (they are forked)."""
     if cfg.batch_size != "auto":
         return cfg, {"batch_size": cfg.batch_size, "lr": cfg.lr, "rule": "set in the configuration"}
     runtime = runtime or Runtime(device)
@@ -147,14 +157,18 @@ def resolve_batch(cfg: TrainConfig, model: torch.nn.Module, train_ds, device: to
 
     def fits(b: int) -> bool:
         try:
-            measure_training_speed(model, shape, b, runtime, steps=1)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                measure_training_speed(model, shape, b, runtime, steps=1)
             return True
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # (OutOfMemoryError is one)
+            if not _out_of_memory(e):
+                raise
             return False
         finally:
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    b, rule = auto_batch_size(len(train_ds), device, fits)
+    b, rule = auto_batch_size(len(train_ds), device, fits, world)
     lr = scaled_lr(cfg.lr, b)
     if b != REFERENCE_BATCH:
         rule += f"; learning rate {cfg.lr:g} x sqrt({b}/{REFERENCE_BATCH}) = {lr:.3g}"
@@ -169,7 +183,7 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
         return int(setting)
     if device.type != "cuda":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, usable_cores() - 1))
 
 
 @dataclass
@@ -257,10 +271,17 @@ class _Trainer:
         self.device = local_device(resolve_device(cfg.device), self.world)
         self.runtime = Runtime(self.device, "fp32", cfg.channels_last, cfg.tta)
         self.runtime.prepare(model)
-        cfg, batch = resolve_batch(cfg, model, train_ds, self.device, self.runtime)
-        self.cfg = cfg
         self.workers = loader_workers(cfg.workers, self.device)
-        # rank 0 decides (a probe per rank could pick different precisions by timing noise) and tells the others
+        if isinstance(train_ds, InputDataset):  # prepared now, not in the first epoch (nor in a prefetch thread),
+            place_store(train_ds, self.device, self.workers)  # and on the GPU before its free memory is probed
+        # rank 0 decides the batch size and the precision (probes per rank could differ by free memory or
+        # timing noise) and tells the others
+        batch = [resolve_batch(cfg, model, train_ds, self.device, self.runtime, self.world) if self.rank == 0
+                 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(batch, src=0)
+        cfg, batch = batch[0]
+        self.cfg = cfg
         choice = [choose_precision(cfg.precision, model, tuple(train_ds[0]["image"].shape),
                                    max(1, cfg.batch_size // self.world), self.runtime,
                                    model.pretrained_cfg.get("medtl_encoder", "")) if self.rank == 0 else None]
@@ -342,7 +363,7 @@ class _Trainer:
 
         def batches():
             loader = epoch_batches(self.epoch)
-            return _progress(prefetch(loader) if self.prefetch else loader, self.rank,
+            return _progress(prefetch(loader, device=self.device) if self.prefetch else loader, self.rank,
                              f"epoch {self.epoch}/{self.total_epochs}", steps)
 
         def step(batch):
@@ -520,16 +541,19 @@ def use_prefetch(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def prefetch(batches: Iterable, depth: int = 2) -> Iterator:
+def prefetch(batches: Iterable, depth: int = 2, device: torch.device | None = None) -> Iterator:
     """Iterate ``batches`` with the next ``depth`` ones prepared in a background thread, so reading and
     collating a batch overlaps the model's step on the previous one (torch and numpy release the GIL).
-    An error raised while preparing a batch is raised here, in order."""
+    An error raised while preparing a batch is raised here, in order. On a GPU ``device`` is made the
+    thread's current device (each process of a torchrun job has its own)."""
     done = object()
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work():
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
             for item in batches:
                 if stop.is_set():
                     return

@@ -107,3 +107,25 @@ def test_files_decoded_by_worker_processes_are_the_same_and_bad_ones_reported(sa
     assert [s["path"] for s in one] == [s["path"] for s in two] and len(one) == 11
     assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(one, two))
     assert decode_workers(3, 10) == 3 and decode_workers("auto", 10) == 0
+
+
+def test_empty_sets_give_no_batches_and_inputs_are_plain_tensors():
+    assert list(iterate_batches(create_dataset([], _final()), 4)) == []
+    ds = create_dataset(_studies(2), _final())
+    assert type(ds[0]["image"]) is torch.Tensor  # not a MONAI MetaTensor: no metadata work per input
+
+
+def test_a_store_without_room_on_disk_is_a_clear_error(monkeypatch, tmp_path):
+    import errno
+    import os
+
+    from medtl.errors import ConfigError
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    ds = create_dataset(_studies(), _final(), memory_bytes=100, spill_dir=tmp_path)
+    with pytest.raises(ConfigError, match=f"no room for the .* input store in {tmp_path}"):
+        list(iterate_batches(ds, 4))
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ TV = ["tv_resnet18", "tv_resnet50", "tv_densenet121", "tv_efficientnet_b0", "tv_
 
 def test_every_family_is_registered_with_stages_as_layer_groups():
     assert set(TV) <= set(list_encoders())
-    for name, stages in [("tv_resnet18", 5), ("tv_efficientnet_b0", 9), ("tv_vit_b_16", 14)]:
+    for name, stages in [("tv_resnet18", 5), ("tv_efficientnet_b0", 9), ("tv_convnext_tiny", 6), ("tv_vit_b_16", 14)]:
         model = create_encoder(name, pretrained=False, num_classes=2)
         groups = encoder_groups(model)
         assert len(groups) == stages, name

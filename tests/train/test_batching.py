@@ -45,7 +45,7 @@ def test_learning_rate_scales_with_the_square_root_of_the_batch():
 def test_resolve_batch_on_a_forced_gpu_scales_the_rate_and_says_why(monkeypatch):
     fit_mod = importlib.import_module("medtl.train.fit")  # (medtl.train.fit is also the function)
 
-    monkeypatch.setattr(fit_mod, "auto_batch_size", lambda n, device, fits: (32, "32: the largest that fits"))
+    monkeypatch.setattr(fit_mod, "auto_batch_size", lambda n, device, fits, world=1: (32, "32: the largest that fits"))
     cfg = load_config(train={"batch_size": "auto", "lr": 2e-3}).train
     ds = [{"image": torch.zeros(3, 8, 8)}] * 400
     model = torch.nn.Linear(1, 1)
@@ -59,10 +59,10 @@ def test_resolve_batch_on_a_forced_gpu_scales_the_rate_and_says_why(monkeypatch)
 def test_loader_workers(monkeypatch):
     fit_mod = importlib.import_module("medtl.train.fit")  # (medtl.train.fit is also the function)
 
-    monkeypatch.setattr(fit_mod.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(fit_mod, "usable_cores", lambda: 16)
     assert loader_workers("auto", torch.device("cpu")) == 0  # the cores belong to the model
     assert loader_workers("auto", CUDA) == 8
-    monkeypatch.setattr(fit_mod.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fit_mod, "usable_cores", lambda: 2)
     assert loader_workers("auto", CUDA) == 1
     assert loader_workers(3, torch.device("cpu")) == 3
 
@@ -132,3 +132,23 @@ def test_losses_read_every_few_steps_are_the_same_losses_and_still_stop_training
     assert grouped == every and seen4 == seen1 == list(range(1, 11)) and torch.equal(w1, w4)
     stopped, _, _ = _toy_epoch(4, stop_at=3)  # a stop is seen at the next read: 4 steps ran, 3 losses judged
     assert len(stopped) == 3
+
+
+def test_auto_batch_under_torchrun_counts_per_process_batches_and_rounds_to_the_processes():
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 64
+
+    # 2 GPUs: each process holds 64, so the global batch is 128 (and 100000 // 128 leaves 8 steps)
+    assert auto_batch_size(100_000, CUDA, fits, world=2)[0] == 128 and tried == [256, 128, 64]
+    assert auto_batch_size(100_000, torch.device("cpu"), fits, world=3)[0] == 9  # a multiple of 3 near 8
+
+
+def test_only_allocation_failures_count_as_not_fitting():
+    from medtl.train.fit import _out_of_memory
+
+    assert _out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not _out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
