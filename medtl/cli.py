@@ -99,7 +99,8 @@ def _each_file(paths, fn) -> int:
 def cmd_predict(args) -> int:
     from medtl.inference import load_run
 
-    predictor = load_run(args.run, device=args.device, bounded=True)  # one hostile file cannot stop the batch
+    # one hostile file cannot stop the batch
+    predictor = load_run(args.run, device=args.device, bounded=True, backend=args.backend)
 
     def one(path):
         pred = predictor.predict(path)
@@ -130,6 +131,16 @@ def cmd_explain(args) -> int:
         return False
 
     return _each_file(args.images, one)
+
+
+def cmd_export(args) -> int:
+    from medtl.export import export_run, verify_package
+
+    out = export_run(args.run, args.out, args.format, force=args.force)
+    record = verify_package(out)
+    print(f"{out}: {record['format']} ({record['file']}), probabilities within "
+          f"{record['parity_max_probability_difference']:.1e} of PyTorch; files listed in {out / 'SHA256SUMS'}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -253,8 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--backend", default="torch", help="torch (default), or for a `medtl export` package its "
+                   "onnx (ONNX Runtime) or torchscript network")
     _add_device(s)
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
+    s.add_argument("run", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the package folder (refused if it holds files)")
+    s.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    s.add_argument("--force", action="store_true", help="replace the package folder's content")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("explain", help="write Grad-CAM overlays for image files", epilog=exit_codes)
     s.add_argument("run", type=Path)

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from medtl.checkpoint import load_saved_run
-from medtl.errors import ConfigError, MedtlInputError, find_input_error, look_up_option
+from medtl.errors import ConfigError, MedtlInputError, RunError, find_input_error, look_up_option
 from medtl.explain import explain_input
+from medtl.export import FORMATS, ExportedNetwork, load_network, verify_package
 from medtl.io import Scan, read_image, read_image_bounded
 from medtl.models.volumetric import is_volume_model
 from medtl.ood import OODDetector, load_detector
@@ -111,10 +112,13 @@ class Predictor:
     training images are refused (:attr:`Prediction.refused`) rather than answered."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None,
-                 bounded: bool = False):
+                 bounded: bool = False, backend: str = "torch"):
         """``device``: "auto" (a GPU where one can be reached), "cpu", "cuda", ...; ``precision``:
         of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides); ``bounded``: read
-        files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input."""
+        files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input;
+        ``backend``: "torch", or for a package written by ``medtl export`` its "onnx" (ONNX Runtime) or
+        "torchscript" network, used for predictions (the package's files are checked against their sha256
+        first; saliency maps still come from its PyTorch weights)."""
         self.bounded = bounded
         # one model use at a time: saliency methods put hooks on the shared model, which a concurrent forward
         # pass (another page session) would feed with its own activations; concurrent backward passes crash
@@ -131,6 +135,13 @@ class Predictor:
         self.operating_point: dict | None = saved.operating_point  # decision threshold chosen on validation
         self.ood: OODDetector | None = load_detector(self.run_dir)  # None: runs trained before medtl 0.1 kept one
         self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
+        self.backend = look_up_option(backend, ["torch", *FORMATS], "backend")
+        self._exported: ExportedNetwork | None = None
+        if backend != "torch":
+            record = verify_package(self.run_dir)
+            if record["format"] != backend:
+                raise RunError(f"{self.run_dir}: the package holds a {record['format']} network, not {backend}")
+            self._exported = load_network(self.run_dir, backend, self.runtime.device)
 
     def __repr__(self) -> str:
         return f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names})"
@@ -170,9 +181,24 @@ class Predictor:
     def _probs(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, features) per input."""
         self.model.eval()
-        with self._model_lock:
-            z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
+        if self._exported is not None:
+            z, f = self._exported_logits_features(x, batch_size)
+        else:
+            with self._model_lock:
+                z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
         return (z / (self.temperature or 1.0)).softmax(dim=1).numpy(), f
+
+    def _exported_logits_features(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :func:`medtl.predict.batched_logits_features` gives, from the exported network (flip-averaged
+        logits with the run's ``tta``)."""
+        zs, fs = [], []
+        for chunk in torch.split(x, batch_size):
+            z, f = self._exported(chunk)
+            if self.runtime.tta:
+                z = (z + self._exported(torch.flip(chunk, dims=[-1]))[0]) / 2
+            zs.append(z)
+            fs.append(f)
+        return torch.cat(zs), torch.cat(fs)
 
     def _prediction(self, scan: Scan, per_input: np.ndarray, parts: list[dict]) -> Prediction:
         data = self.config.data
@@ -275,10 +301,11 @@ class Predictor:
 
 
 def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None,
-             bounded: bool = False) -> Predictor:
-    """Load a run folder written by ``medtl train`` for prediction and explanation on ``device``
-    (``bounded``: read files in the bounded worker, for untrusted input)."""
-    return Predictor(run_dir, device=device, precision=precision, bounded=bounded)
+             bounded: bool = False, backend: str = "torch") -> Predictor:
+    """Load a run folder written by ``medtl train`` (or a package written by ``medtl export``) for
+    prediction and explanation on ``device`` (``bounded``: read files in the bounded worker, for
+    untrusted input; ``backend``: see :class:`Predictor`)."""
+    return Predictor(run_dir, device=device, precision=precision, bounded=bounded, backend=backend)
 
 
 __all__ = ["Predictor", "Prediction", "Explanation", "load_run", "input_refusal"]

@@ -21,7 +21,9 @@ Sections (all on generated sample data, so the script runs anywhere):
             (best_raw_train_img_per_s); medtl's own loop on decoded sample data with augmentation,
             precision auto (train_img_per_s). Target: train_img_per_s >= 0.9 x best raw.
   probe     head-only (linear-probe) training time with and without feature caching
-  infer     prediction and Grad-CAM latency per image and per 100-slice volume
+  infer     prediction and Grad-CAM latency per image and per 100-slice volume; prediction of one image
+            by the same run exported to ONNX (ONNX Runtime) against PyTorch, both on the CPU: the whole
+            prediction (reading the file included) and the network's forward pass alone
 Peak memory (max RSS) is reported at the end.
 """
 
@@ -244,6 +246,18 @@ def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
             predictor.predict(image, check=False)
             out["infer_image_predict_ms"] = 1000 * timed(lambda: predictor.predict(image, check=False), repeat)
             out["infer_image_explain_ms"] = 1000 * timed(lambda: predictor.explain(image, check=False), repeat)
+            # the same run exported to ONNX, run by ONNX Runtime on the CPU: the same file, read the same way
+            from medtl.export import export_run
+
+            onnx = load_run(export_run(run, work / "run_onnx", "onnx", force=True), device="cpu", backend="onnx")
+            torch_cpu = load_run(run, device="cpu")
+            for p in (onnx, torch_cpu):
+                p.predict(image, check=False)
+            out["infer_image_predict_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu.predict(image, check=False), repeat)
+            out["infer_image_predict_onnx_cpu_ms"] = 1000 * timed(lambda: onnx.predict(image, check=False), repeat)
+            x = torch_cpu.inputs(torch_cpu.read(image))[0]
+            out["infer_forward_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu._probs(x), repeat)
+            out["infer_forward_onnx_cpu_ms"] = 1000 * timed(lambda: onnx._probs(x), repeat)
         else:
             series = work / "series"
             per_100 = 100 / len(list(series.iterdir()))
