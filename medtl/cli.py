@@ -97,17 +97,26 @@ def _each_file(paths, fn) -> int:
 
 
 def cmd_predict(args) -> int:
+    from medtl.batch import find_inputs, predict_to_csv
     from medtl.inference import load_run
 
-    # one hostile file cannot stop the batch
+    # read in the bounded worker: one hostile file cannot stop the batch
     predictor = load_run(args.run, device=args.device, bounded=True, backend=args.backend)
-
-    def one(path):
-        pred = predictor.predict(path)
-        print(json.dumps(vars(pred)) if args.json else pred)
-        return pred.refused is not None
-
-    return _each_file(args.images, one)
+    with find_inputs(args.images, args.recursive) as inputs:
+        if args.csv:
+            counts = predict_to_csv(predictor, inputs, args.csv, args.batch_size, args.show_paths)
+            print(f"{args.csv}: {counts['answered']} answered, {counts['refused']} refused, {counts['errors']} could "
+                  f"not be read, {counts['skipped']} already in the file; {counts['seconds']} s")
+            return EXIT_FAILED if counts["errors"] else EXIT_REFUSED if counts["refused"] else 0
+        failed = refused = 0
+        for _, result in predictor.predict_many([i.path for i in inputs], batch_size=args.batch_size):
+            if isinstance(result, MedtlError):
+                failed += 1
+                print(f"error: {result}", file=sys.stderr)
+                continue
+            print(json.dumps(vars(result)) if args.json else result)
+            refused += result.refused is not None
+    return EXIT_FAILED if failed else EXIT_REFUSED if refused else 0
 
 
 def cmd_explain(args) -> int:
@@ -264,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--recursive", action="store_true", help="search folders: each folder holding DICOM files is "
+                   "one input (a study), each NIfTI or picture file another")
+    s.add_argument("--csv", type=Path, help="append one row per input to this CSV instead of printing; inputs "
+                   "already in it are skipped (an interrupted run resumes)")
+    s.add_argument("--show-paths", action="store_true", help="add each input's path to the CSV (paths may hold "
+                   "patients' names; rows name inputs by a key otherwise)")
+    s.add_argument("--batch-size", type=int, default=32, help="model inputs per forward pass, across files")
     s.add_argument("--backend", default="torch", help="torch (default), or for a `medtl export` package its "
                    "onnx (ONNX Runtime) or torchscript network")
     _add_device(s)

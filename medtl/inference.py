@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from medtl.checkpoint import load_saved_run
-from medtl.errors import ConfigError, MedtlInputError, RunError, find_input_error, look_up_option
+from medtl.errors import ConfigError, MedtlError, MedtlInputError, RunError, find_input_error, look_up_option
 from medtl.explain import explain_input
 from medtl.export import FORMATS, ExportedNetwork, load_network, verify_package
 from medtl.io import Scan, read_image, read_image_bounded
@@ -36,6 +37,7 @@ class Prediction:
     refused: str | None = None  # why the model does not answer for this input (None: it answers)
     ood_score: float | None = None  # distance of the input's features to the training set's (medtl.ood)
     decision: str = "argmax"  # how ``label`` was decided: "operating point" (chosen on validation) or "argmax"
+    study_key: str = ""  # a hash of the DICOM StudyInstanceUID (no patient data), "" for other files
 
     def __str__(self) -> str:
         if self.refused:
@@ -208,7 +210,7 @@ class Predictor:
             label, decision = int(p[1] >= self.operating_point["threshold"]), "operating point"
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
         pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=self.class_names[label],
-                          decision=decision)
+                          decision=decision, study_key=str(scan.header.get("study_key", "")))
         if len(parts) > 1:
             pred.slice_scores = [round(float(v), 4) for v in per_input[:, label]]
             pred.slice_index = int(parts[int(per_input[:, label].argmax())]["slice_index"])
@@ -220,9 +222,16 @@ class Predictor:
         """(a refusal made from the header, or None; inputs; parts; probabilities per input)."""
         reason = input_refusal(self.input_record, scan) if check else None
         if reason:
-            return Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason), None, [], None
+            return Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason,
+                              study_key=str(scan.header.get("study_key", ""))), None, [], None
         x, parts = self._prepare(scan)
         per_input, features = self._probs(x)
+        return self._finish(scan, per_input, features, parts, check), x, parts, per_input
+
+    def _finish(self, scan: Scan, per_input: np.ndarray, features: torch.Tensor, parts: list[dict],
+                check: bool) -> Prediction:
+        """The prediction of a scan from its inputs' probabilities and features: the decision, then the
+        out-of-distribution score and (with ``check``) the refusal."""
         pred = self._prediction(scan, per_input, parts)
         if self.ood is not None:
             pred.ood_score = round(float(np.median(self.ood.score(features))), 6)
@@ -230,7 +239,45 @@ class Predictor:
                 pred.refused = UNLIKE_TRAINING.format(pct=f"{self.ood.quantile:.0%}")
         if pred.refused:
             pred.label = None
-        return pred, x, parts, per_input
+        return pred
+
+    def predict_many(self, items: Iterable[str | Path | Scan], check: bool = True,
+                     batch_size: int = 32) -> Iterator[tuple[str | Path | Scan, Prediction | MedtlError]]:
+        """(item, its :class:`Prediction`) for every file, folder or scan of ``items``, in order, with the
+        inputs of several files put through the model together, ``batch_size`` at a time. A file that
+        cannot be read gives its typed error in place of a prediction, and the others go on."""
+        pending: list[tuple] = []  # (item, scan, inputs, parts) waiting for the model
+
+        def flush():
+            if not pending:
+                return
+            x = torch.cat([p[2] for p in pending])
+            per_input, features = self._probs(x, batch_size)
+            start = 0
+            for item, scan, xi, parts in pending:
+                end = start + len(xi)
+                yield item, self._finish(scan, per_input[start:end], features[start:end], parts, check)
+                start = end
+            pending.clear()
+
+        for item in items:
+            try:
+                scan = self.read(item)
+                reason = input_refusal(self.input_record, scan) if check else None
+                if reason:
+                    yield from flush()
+                    yield item, Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason,
+                                           study_key=str(scan.header.get("study_key", "")))
+                    continue
+                x, parts = self._prepare(scan)
+            except MedtlError as e:
+                yield from flush()
+                yield item, e
+                continue
+            pending.append((item, scan, x, parts))
+            if sum(len(p[2]) for p in pending) >= batch_size:
+                yield from flush()
+        yield from flush()
 
     def predict(self, path: str | Path | Scan, check: bool = True) -> Prediction:
         """Class probabilities for one DICOM file, series folder/zip, NIfTI volume or PNG/JPEG (or

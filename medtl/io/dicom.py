@@ -9,6 +9,7 @@ leave this module.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
@@ -206,6 +207,13 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Scan:
     return dataset_to_scan(ds, path)
 
 
+def study_key(ds) -> str:
+    """A short key telling a file's study apart from others: a hash of its StudyInstanceUID (the UID itself
+    can be traced back to the patient); "" when the file names no study."""
+    uid = str(ds.get("StudyInstanceUID", "") or "")
+    return hashlib.sha256(uid.encode()).hexdigest()[:10] if uid else ""
+
+
 def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     """Decode a parsed dataset into a :class:`Scan` (see :func:`read_dicom`)."""
     with reading(path, "DICOM image"):
@@ -223,6 +231,8 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
         rgb, array = array, luminance(array)
         rgb = rgb if is_colour(rgb) else None
     header = {k: _plain(ds.get(k)) for k in SAFE_FIELDS if k in ds}
+    if study_key(ds):
+        header["study_key"] = study_key(ds)
     window = _window(ds, 0, path)
     voi = FileVOI.from_dataset(ds, path)
     if padding is not None:

@@ -11,7 +11,6 @@ override them, and the reason for the choice is reported.
 
 from __future__ import annotations
 
-import hashlib
 
 import logging
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 
 from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
                           UnsupportedFormatError)
-from medtl.io.dicom import (dataset_to_scan, declared_bytes, image_orientation, open_dicom, orientation_letters,
+from medtl.io.dicom import (dataset_to_scan, study_key, declared_bytes, image_orientation, open_dicom, orientation_letters,
                             sort_along_normal)
 from medtl.io.guard import reading
 from medtl.io.limits import read_limits
@@ -68,10 +67,8 @@ class Series:
 
     def describe(self) -> dict:
         ds = self.instances[0].ds
-        study = str(ds.get("StudyInstanceUID", "") or "")
         return {"series_uid": self.uid, "series_number": self.number, "modality": self.modality,
-                # a key telling studies apart (a hash: the UID itself can be traced back to the patient)
-                "study_key": hashlib.sha256(study.encode()).hexdigest()[:10] if study else "",
+                "study_key": study_key(ds),
                 "description": self.description, "image_type": self.image_type, "instances": len(self.instances),
                 "slices": self.n_slices, "size": [int(ds.get("Rows", 0)), int(ds.get("Columns", 0))]}
 
