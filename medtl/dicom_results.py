@@ -13,7 +13,6 @@ and name), since a run's classes are the user's own.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from medtl import __version__
 from medtl.errors import MedtlInputError
 from medtl.inference import Predictor
 from medtl.io.reader import sniff_format
+from medtl.models.encoders import file_sha256
 
 # highdicom logs the UIDs of the datasets it copies from at INFO: kept out of medtl's output (they can be traced)
 logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -76,14 +76,6 @@ def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:
     return letter(np.asarray(iop[:3], float)), letter(np.asarray(iop[3:], float))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path, method: str | None = None,
                         check: bool = True) -> list[Path]:
     """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
@@ -100,7 +92,7 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
         TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=f"medtl {predictor.encoder}",
                         relationship_type=Rel.HAS_OBS_CONTEXT),
         TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"),
-                        value=f"medtl {__version__}; weights sha256 {_sha256(weights)[:16]}",
+                        value=f"medtl {__version__}; weights sha256 {file_sha256(weights)[:16]}",
                         relationship_type=Rel.HAS_OBS_CONTEXT),
     ]
     if pred.refused:

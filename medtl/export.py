@@ -10,7 +10,6 @@ pooled features out), ``export.json`` (format, input and outputs, the parity mea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from torch import nn
 from medtl import __version__
 from medtl.checkpoint import load_saved_run
 from medtl.errors import RunError, look_up_option
+from medtl.models.encoders import file_sha256
 from medtl.ood import OOD_FILE
 from medtl.train.experiment import prepare_run_dir
 
@@ -106,7 +106,7 @@ def _short_card(run_dir: Path, record: dict) -> str:
 
 def write_sums(folder: Path) -> None:
     """``SHA256SUMS`` (the ``sha256sum`` format) of every other file in ``folder``."""
-    lines = [f"{_sha256(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != SUMS_FILE]
+    lines = [f"{file_sha256(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != SUMS_FILE]
     (folder / SUMS_FILE).write_text("\n".join(lines) + "\n")
 
 
@@ -128,7 +128,7 @@ def verify_package(folder: str | Path) -> dict:
             raise RunError(f"{folder}: {name} is not listed in {SUMS_FILE}")
         if name not in present:
             raise RunError(f"{folder}: {name} is listed in {SUMS_FILE} but missing")
-        if _sha256(folder / name) != listed[name]:
+        if file_sha256(folder / name) != listed[name]:
             raise RunError(f"{folder}: {name} does not match its sha256 in {SUMS_FILE} (changed after export)")
     return json.loads(record.read_text())
 
@@ -172,14 +172,6 @@ def max_probability_difference(network: ExportedNetwork, reference: nn.Module, x
         expected = reference(x)[0].softmax(dim=1)
     got = network(x)[0].softmax(dim=1)
     return float(np.abs((got - expected).numpy()).max())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = ["export_run", "verify_package", "load_network", "ExportedNetwork", "LogitsAndFeatures",

@@ -51,6 +51,7 @@ SAFE_EXTENSIONS = (".nii.gz", ".dcm", ".nii", ".png", ".jpg", ".jpeg", ".zip", "
 # Gradio stores an upload by its content's hash: two sessions uploading the same bytes get the same path,
 # and the first store moves it away. Where each moved path went (kept until the process ends).
 _MOVED: dict[str, Path] = {}
+UPLOAD_WAIT_S = 2.0  # how long a stored upload may still be on its way into Gradio's folder
 _MOVES_LOCK = threading.Lock()
 
 _SHOWABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,79}")  # a name outside this is never shown
@@ -121,6 +122,11 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
             ext = safe_extension(name)
             dest = folder / f"{secrets.token_hex(16)}{ext}"
             if _inside(src, workdir):
+                # Gradio answers an upload before its background task has moved the file into place: wait
+                # for it (unless another session's store moved those same bytes already)
+                deadline = time.monotonic() + UPLOAD_WAIT_S
+                while not src.is_file() and str(src) not in _MOVED and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 with _MOVES_LOCK:  # (checked under the lock: another session may be moving the same file)
                     earlier = _MOVED.get(str(src))
                     if src.is_file():
@@ -133,12 +139,8 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
                         os.chmod(dest, 0o600)
                     else:
                         raise ValueError(f"upload {i} is not a regular file")
-                parent = src.parent
-                if parent.resolve() != workdir.resolve() and _inside(parent, workdir):
-                    try:
-                        parent.rmdir()  # Gradio's per-upload folder, now empty (kept if not)
-                    except OSError:
-                        pass
+                # Gradio's per-upload folder (named by a hash of the content) is left in place, empty: another
+                # session's upload of the same bytes may be about to be moved into it by Gradio
             else:
                 if not src.is_file():
                     raise ValueError(f"upload {i} is not a regular file")

@@ -86,7 +86,8 @@ for _name in RESNET_3D_DEPTHS:
                     + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file"))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read a MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -188,7 +189,7 @@ def _create_volume_encoder(spec: EncoderSpec, pretrained: bool, num_classes: int
         if missing or result.unexpected_keys:
             raise WeightsError(f"{weights_file}: does not fit {spec.name}: missing {missing[:3]}, "
                                f"unexpected {result.unexpected_keys[:3]}")
-        source = f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
+        source = f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
     model.pretrained_cfg.update(medtl_encoder=spec.name, weights_source=source, in_chans=in_chans,
                                 input_size=(in_chans, *model.pretrained_cfg["input_size"][1:]))
     return model
@@ -197,7 +198,7 @@ def _create_volume_encoder(spec: EncoderSpec, pretrained: bool, num_classes: int
 def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: str | Path | None) -> str:
     if weights_file is None and spec.offline_weights is not None:
         path, expected = spec.offline_weights()
-        digest = _sha256(path)
+        digest = file_sha256(path)
         full = KNOWN_SHA256.get(path.name)
         if (full and digest != full) or not digest.startswith(expected):
             raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match the published weights "
@@ -218,7 +219,7 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
             model.load_state_dict(sd, strict=not missing)
         except RuntimeError as e:
             raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[-1][:200]}") from None
-        return f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
+        return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
     try:  # the ordinary timm route: its cache, or the hub when there is a network
         donor = timm.create_model(spec.timm_name, pretrained=True)
     except Exception as e:
@@ -241,7 +242,7 @@ def _load_torchvision(model: TorchvisionEncoder, spec: EncoderSpec, weights_file
         except (ValueError, RuntimeError) as e:
             raise WeightsError(f"{weights_file}: does not fit {spec.name} (torchvision {model.arch}): "
                                f"{str(e).splitlines()[-1][:200]}") from None
-        return f"{Path(weights_file).name} (sha256 {_sha256(Path(weights_file))[:12]})"
+        return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
     weights = imagenet_weights(model.arch)
     try:
         sd = weights.get_state_dict(progress=False, check_hash=True)
@@ -315,5 +316,5 @@ def cam_layer_name(model: torch.nn.Module) -> str:
     return model.feature_info[-1]["module"]
 
 
-__all__ = ["create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "cam_layer_name",
+__all__ = ["file_sha256", "create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "cam_layer_name",
            "load_state_dict_file", "map_state_dict_by_order"]

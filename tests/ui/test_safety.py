@@ -72,7 +72,9 @@ def test_store_upload_moves_renames_and_hides(tmp_path):
 
     assert [s.display for s in stored] == ["file 1 (.dcm)", "img_0003.dcm", "file 3 (.png)"]
     for src in (secret, plain, odd):
-        assert not src.exists() and not src.parent.exists()  # the original name and Gradio's folder are gone
+        # the original name is gone; Gradio's folder (named by a content hash) stays, empty, for another
+        # session's upload of the same bytes that Gradio may be moving into it
+        assert not src.exists() and not any(src.parent.iterdir())
     folder = stored[0].path.parent
     assert all(s.path.parent == folder for s in stored) and folder.parent == workdir
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -356,3 +358,22 @@ def test_two_sessions_uploading_the_same_bytes_both_get_the_file(tmp_path):
     assert first[0].path.read_bytes() == second[0].path.read_bytes() == b"DICM same bytes"
     with pytest.raises(ValueError):
         store_upload([str(workdir / "other" / "never.dcm")], workdir)
+
+
+def test_an_upload_still_on_its_way_is_waited_for(tmp_path, monkeypatch):
+    """Gradio answers an upload before its background task moves the file into place: the store waits for
+    it (for UPLOAD_WAIT_S), so the next request does not find "not a regular file" (a race seen in CI)."""
+    import threading
+
+    workdir = tmp_path / "medtl-ui-w"
+    workdir.mkdir(mode=0o700)
+    late = workdir / "abc123" / "img.dcm"
+    late.parent.mkdir()
+    timer = threading.Timer(0.2, lambda: late.write_bytes(b"late scan"))
+    timer.start()
+    stored = store_upload([str(late)], workdir)
+    timer.join()
+    assert stored[0].path.read_bytes() == b"late scan" and not late.exists()
+    monkeypatch.setattr(safety, "UPLOAD_WAIT_S", 0.1)
+    with pytest.raises(ValueError, match="not a regular file"):
+        store_upload([str(workdir / "never" / "x.dcm")], workdir)
