@@ -81,9 +81,9 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
     """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
     answered input) into ``out``; return the files written."""
     path, out = Path(path), Path(out)
-    expl = predictor.explain(path, method=method, check=check)
+    scan = predictor.read(path)  # read once: the explanation and the series choice both use it
+    expl = predictor.explain(scan, method=method, check=check)
     pred = expl.prediction
-    scan = predictor.read(path)
     series_uid = (scan.header.get("series") or {}).get("series_uid") if isinstance(scan.header, dict) else None
     sources = source_instances(path, series_uid)
     out.mkdir(parents=True, exist_ok=True)
