@@ -144,21 +144,43 @@ def cmd_explain(args) -> int:
 
 def cmd_dicom_results(args) -> int:
     from medtl.batch import input_key
+    from medtl.deid import Deidentifier, read_key
     from medtl.dicom_results import write_dicom_results
     from medtl.inference import load_run
 
     predictor = load_run(args.run, device=args.device, bounded=True)
     out = Path(args.out)
+    # files written outside the PACS are de-identified unless asked otherwise (one key: one study stays one)
+    deid = None if args.identified else Deidentifier(read_key(args.key_file), accept_burned_in=args.accept_burned_in)
 
     def one(path):
         target = out / input_key(Path(path))  # a key, not the file's name (it may hold a patient's name)
         if target.exists() and any(target.iterdir()) and not args.force:
             raise MedtlError(f"{target} exists; pass --force to replace it")
-        written = write_dicom_results(predictor, path, target, args.method)
+        written = write_dicom_results(predictor, path, target, args.method, deidentifier=deid)
         print(f"{input_key(Path(path))}\t" + "  ".join(str(w) for w in written))
         return not (target / "sc.dcm").exists()  # refused: an SR saying so, no overlay
 
     return _each_file(args.images, one)
+
+
+def cmd_deid(args) -> int:
+    from medtl.deid import Deidentifier, deidentify_files, dicom_files, read_key
+
+    deid = Deidentifier(read_key(args.key_file), dates=args.dates, accept_burned_in=args.accept_burned_in)
+    result = deidentify_files(dicom_files(args.inputs), args.out, deid)
+    for error in result.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{args.out}: {len(result.written)} de-identified, {len(result.skipped)} already there, "
+          f"{len(result.errors)} skipped (reported above)")
+    return EXIT_FAILED if result.errors else 0
+
+
+def _add_deid_options(s) -> None:
+    s.add_argument("--key-file", type=Path, help="a secret key (16+ bytes; or $MEDTL_DEID_KEY): the same key "
+                   "gives the same UIDs, pseudonyms and date shifts in every run; without one a random key")
+    s.add_argument("--accept-burned-in", action="store_true", help="de-identify images marked BurnedInAnnotation "
+                   "YES (their headers only: the text in the pixels stays); refused by default")
 
 
 def cmd_export(args) -> int:
@@ -311,8 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder: one sub-folder per input, named by a key")
     s.add_argument("--method", help="saliency method of the overlay (default: the run's)")
     s.add_argument("--force", action="store_true", help="replace existing results")
+    s.add_argument("--identified", action="store_true", help="keep the source's patient, dates and UIDs (for "
+                   "storing back to its PACS by hand); by default the results are de-identified (PS3.15 basic "
+                   "profile, see medtl deid)")
+    _add_deid_options(s)
     _add_device(s)
     s.set_defaults(fn=cmd_dicom_results)
+
+    s = sub.add_parser("deid", help="de-identify DICOM files (PS3.15 Annex E basic profile: UIDs remapped "
+                       "consistently, dates shifted, private tags removed)", epilog=exit_codes)
+    s.add_argument("inputs", nargs="+", type=Path, help="DICOM files or folders (searched recursively)")
+    s.add_argument("--out", type=Path, required=True, help="folder: out/study-KEY/series-KEY/KEY.dcm; existing "
+                   "files are never overwritten")
+    s.add_argument("--dates", default="shift", help="shift (default: back by a per-patient number of days, "
+                   "times kept) or remove (the basic profile's actions on dates and times)")
+    _add_deid_options(s)
+    s.set_defaults(fn=cmd_deid)
 
     s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
     s.add_argument("run", type=Path)

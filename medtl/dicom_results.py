@@ -13,6 +13,7 @@ and name), since a run's classes are the user's own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, I
 from highdicom.sr import RelationshipTypeValues as Rel
 
 from medtl import __version__
+from medtl.deid import Deidentifier
 from medtl.errors import MedtlInputError
 from medtl.inference import Predictor
 from medtl.io.reader import sniff_format
@@ -56,6 +58,8 @@ def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.
             for keyword in TYPE2_INHERITED:  # (in memory only) empty where the source leaves them out
                 if keyword not in ds:
                     setattr(ds, keyword, "")
+            if str(ds.PatientSex).strip().upper() not in ("M", "F", "O", ""):  # a value the standard does not
+                ds.PatientSex = ""  # define is unknown to the results (Type 2: empty), not a crash
             out.append(ds)
     if not out:
         raise MedtlInputError(path, "no DICOM instance to reference", "a DICOM file or series folder")
@@ -76,23 +80,50 @@ def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:
     return letter(np.asarray(iop[:3], float)), letter(np.asarray(iop[3:], float))
 
 
+def result_uid(sources: list[pydicom.Dataset], weights_sha256: str, what: str) -> str:
+    """A UID for a result, derived from its source instances, the model's weights and which result it is
+    (``what``): the same input and model give the same UIDs, so a result stored twice is recognised as
+    the same instance (``medtl pacs`` stores nothing twice)."""
+    seed = "\0".join(["medtl-result", what, weights_sha256, *sorted(str(ds.SOPInstanceUID) for ds in sources)])
+    return "2.25." + str(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:16], "big"))  # PS3.5 B.2
+
+
+DEID_MARKS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+              "LongitudinalTemporalInformationModified")
+
+
+def _mark_deidentified(result: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """A result built on a de-identified source says so, as the source does (highdicom does not copy it)."""
+    for keyword in DEID_MARKS:
+        if keyword in source:
+            setattr(result, keyword, source.data_element(keyword).value)
+
+
 def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path, method: str | None = None,
-                        check: bool = True) -> list[Path]:
+                        check: bool = True, deidentifier: Deidentifier | None = None) -> list[Path]:
     """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
-    answered input) into ``out``; return the files written."""
+    answered input) into ``out``; return the files written.
+
+    With a ``deidentifier`` (:class:`medtl.deid.Deidentifier`), the results are built on the sources'
+    de-identified headers: pseudonymised patient, shifted dates, remapped UIDs (the references between
+    the results and the de-identified sources still resolve). Without one, they carry the source's
+    patient and study, for storing back next to the images."""
     path, out = Path(path), Path(out)
     scan = predictor.read(path)  # read once: the explanation and the series choice both use it
     expl = predictor.explain(scan, method=method, check=check)
     pred = expl.prediction
     series_uid = (scan.header.get("series") or {}).get("series_uid") if isinstance(scan.header, dict) else None
     sources = source_instances(path, series_uid)
+    if deidentifier is not None:
+        sources = [deidentifier.dataset(ds, name=path) for ds in sources]
     out.mkdir(parents=True, exist_ok=True)
     weights = predictor.run_dir / "model.safetensors"
+    sha = file_sha256(weights)
     items = [
         TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=f"medtl {predictor.encoder}",
                         relationship_type=Rel.HAS_OBS_CONTEXT),
         TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"),
-                        value=f"medtl {__version__}; weights sha256 {file_sha256(weights)[:16]}",
+                        value=f"medtl {__version__}; weights sha256 {sha[:16]}",
                         relationship_type=Rel.HAS_OBS_CONTEXT),
     ]
     if pred.refused:
@@ -117,24 +148,28 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
                                relationship_type=Rel.CONTAINS) for ds in sources]
     root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
     root.ContentSequence = items
-    sr = hd.sr.ComprehensiveSR(evidence=sources, content=root, series_instance_uid=hd.UID(),
-                               series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+    sr = hd.sr.ComprehensiveSR(evidence=sources, content=root, series_instance_uid=result_uid(sources, sha, "sr series"),
+                               series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, "sr"),
+                               instance_number=1,
                                manufacturer="medtl", is_complete=True)
     written = [out / "sr.dcm"]
+    _mark_deidentified(sr, sources[0])
     sr.save_as(written[0])
     if expl.overlay is not None:
         ref = sources[min(len(sources) - 1, max(0, pred.slice_index or 0))] if len(sources) > 1 else sources[0]
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref, pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
             photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-            patient_orientation=_patient_orientation(ref), series_instance_uid=hd.UID(),
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medtl",
+            patient_orientation=_patient_orientation(ref), series_instance_uid=result_uid(sources, sha, "sc series"),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, "sc"), instance_number=1,
+            manufacturer="medtl",
             series_description=f"medtl {expl.method} overlay"[:64])
         # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
         sc.Laterality = ref.get("Laterality", "")
         written.append(out / "sc.dcm")
+        _mark_deidentified(sc, ref)
         sc.save_as(written[1])
     return written
 
 
-__all__ = ["write_dicom_results", "source_instances", "SCHEME"]
+__all__ = ["write_dicom_results", "source_instances", "result_uid", "SCHEME"]

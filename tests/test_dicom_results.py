@@ -86,3 +86,24 @@ def test_cli_names_result_folders_by_key_and_logs_no_uids(tiny_run, sample_dir, 
     out = capsys.readouterr().out
     assert src.name not in out and pydicom.dcmread(src).StudyInstanceUID not in caplog.text
     assert main(["dicom-results", str(tiny_run), str(src), "--out", str(tmp_path / "out")]) == 1  # not replaced
+
+
+def test_deidentified_results_validate_and_reference_the_deidentified_sources(tiny_run, sample_dir, tmp_path):
+    from medtl.deid import Deidentifier
+
+    predictor = load_run(tiny_run, device="cpu")
+    src = sorted((sample_dir / "dicom").glob("*.dcm"))[2]
+    deid = Deidentifier(key=b"0123456789abcdef")
+    files = write_dicom_results(predictor, src, tmp_path / "out", check=False, deidentifier=deid)
+    source = pydicom.dcmread(src)
+    for f in files:
+        assert _dciodvfy_errors(f) == [], f
+        ds = pydicom.dcmread(f)
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == deid.pseudonym(source.PatientID)
+        assert ds.StudyInstanceUID == deid.uid(source.StudyInstanceUID)
+    sr = pydicom.dcmread(files[0])
+    ref = _items(sr)["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert ref == deid.uid(source.SOPInstanceUID)
+    # the same input and model: the same result UIDs (a PACS store is recognised as a repeat)
+    again = write_dicom_results(predictor, src, tmp_path / "again", check=False, deidentifier=deid)
+    assert pydicom.dcmread(again[0]).SOPInstanceUID == sr.SOPInstanceUID
