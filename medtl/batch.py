@@ -34,6 +34,12 @@ def input_key(path: Path) -> str:
     return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
+def study_input_key(study_uid: str) -> str:
+    """A key naming a DICOM study without its UID (which can be traced to the patient): ``study-`` and
+    the first 12 hex digits of the UID's sha256."""
+    return "study-" + hashlib.sha256(str(study_uid).encode()).hexdigest()[:12]
+
+
 @dataclass
 class BatchInput:
     """One input of a batch: a file, a folder, or a DICOM study gathered from wherever its files lie."""
@@ -112,7 +118,7 @@ def find_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Inputs:
                     out.append(BatchInput(input_key(f), f, f))
     holder = tempfile.TemporaryDirectory(prefix="medtl-studies-") if any(len(v) > 1 for v in studies.values()) else None
     for k, (uid, files) in enumerate(studies.items()):
-        key = "study-" + hashlib.sha256(uid.encode()).hexdigest()[:12]
+        key = study_input_key(uid)
         if len(files) == 1:
             out.append(BatchInput(key, files[0], files[0]))
             continue
@@ -125,7 +131,7 @@ def find_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Inputs:
     return Inputs(unique, holder)
 
 
-def _done_keys(csv_path: Path) -> set[str]:
+def done_keys(csv_path: Path, column: str = "input") -> set[str]:
     """The input keys already in ``csv_path``; a last line cut off by an interruption is removed."""
     if not csv_path.is_file():
         return set()
@@ -134,7 +140,7 @@ def _done_keys(csv_path: Path) -> set[str]:
         data = data[: data.rfind(b"\n") + 1]
         csv_path.write_bytes(data)
     with open(csv_path, newline="") as f:
-        return {row["input"] for row in csv.DictReader(f) if row.get("input")}
+        return {row[column] for row in csv.DictReader(f) if row.get(column)}
 
 
 def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str | Path, batch_size: int = 32,
@@ -143,7 +149,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
     ``skipped`` as already there, ``answered``, ``refused``, ``errors``) and the ``seconds`` taken.
     A file that cannot be read gets a row with its error, a refused one its reason, and the rest go on."""
     csv_path = Path(csv_path)
-    done = _done_keys(csv_path)
+    done = done_keys(csv_path)
     todo = [i for i in inputs if i.key not in done]
     by_path = {str(i.path): i for i in todo}
     classes = predictor.class_names
@@ -203,4 +209,4 @@ def _without_path(message: str, item: BatchInput) -> str:
     return message
 
 
-__all__ = ["find_inputs", "predict_to_csv", "input_key", "BatchInput", "Inputs"]
+__all__ = ["find_inputs", "predict_to_csv", "input_key", "study_input_key", "done_keys", "BatchInput", "Inputs"]

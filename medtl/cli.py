@@ -183,6 +183,83 @@ def _add_deid_options(s) -> None:
                    "YES (their headers only: the text in the pixels stays); refused by default")
 
 
+def _pacs(args):
+    from medtl.pacs import Credentials, Pacs
+
+    return Pacs(args.url, Credentials.load(args.credentials), timeout=args.timeout)
+
+
+def _pacs_filters(args) -> dict:
+    return {"patient_id": args.patient_id, "study_date": args.date, "modality": args.modality,
+            "accession": args.accession}
+
+
+def cmd_pacs_query(args) -> int:
+    studies = _pacs(args).query(**_pacs_filters(args), limit=args.limit)
+    for s in studies:
+        extra = f"\t{s['study_uid']}\t{s['date']}" if args.show_identifiers else ""
+        print(f"{s['key']}\t{s['modalities']}\t{s['instances']} instances{extra}")
+    print(f"{len(studies)} studies", file=sys.stderr)
+    return 0
+
+
+def cmd_pacs_run(args) -> int:
+    from medtl.inference import load_run
+    from medtl.pacs import run_studies
+
+    pacs = _pacs(args)
+    uids = list(args.study or [])
+    if not uids or any(_pacs_filters(args).values()):
+        uids += [s["study_uid"] for s in pacs.query(**_pacs_filters(args), limit=args.limit)]
+    if not uids:
+        print("no study matches", file=sys.stderr)
+        return 0
+    predictor = load_run(args.run, device=args.device, bounded=True)
+    outcomes = run_studies(predictor, pacs, dict.fromkeys(uids), store=not args.no_store, method=args.method,
+                           check=not args.answer_unfamiliar, csv_path=args.csv)
+    for o in outcomes:
+        what = f"{o.label} {o.probability:.3f}" if o.status == "answered" else o.reason
+        print(f"{o.key}\t{o.status.upper()}\t{what}\t{o.stored} stored, {o.already} already there")
+    errors = sum(o.status == "error" for o in outcomes)
+    refused = sum(o.status == "refused" for o in outcomes)
+    return EXIT_FAILED if errors else EXIT_REFUSED if refused else 0
+
+
+def cmd_pacs_serve(args) -> int:
+    import json as json_
+    import os
+    import signal
+
+    from medtl.pacs import Credentials, OrthancServer
+
+    credentials = Credentials.load(args.credentials)
+    server = OrthancServer(args.storage, port=args.port, credentials=credentials)
+    if credentials is None:  # a new password, kept in a file only its owner reads (never printed)
+        args.storage.mkdir(parents=True, exist_ok=True)
+        path = args.storage / "credentials.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json_.dump({"user": server.credentials.user, "password": server.credentials.password}, f)
+        print(f"credentials (user {server.credentials.user}) in {path}: pass --credentials {path}")
+    with server:
+        print(f"Orthanc DICOMweb on {server.url} (loopback only, authentication on); Ctrl-C to stop")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+def _add_pacs_options(s, filters: bool = True) -> None:
+    s.add_argument("url", help="the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web")
+    s.add_argument("--credentials", type=Path, help="a file: JSON {\"user\": ..., \"password\": ...} or one "
+                   "user:password line (default: $MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD; never on the command line)")
+    s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
+    s.add_argument("--patient-id", help="studies of this patient")
+    s.add_argument("--date", help="study date YYYYMMDD or range YYYYMMDD-YYYYMMDD")
+    s.add_argument("--modality", help="studies with this modality (CT, MR, CR, ...)")
+    s.add_argument("--accession", help="the study with this accession number")
+    s.add_argument("--limit", type=int, help="at most this many studies")
+
+
 def cmd_export(args) -> int:
     from medtl.export import export_run, verify_package
 
@@ -349,6 +426,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "times kept) or remove (the basic profile's actions on dates and times)")
     _add_deid_options(s)
     s.set_defaults(fn=cmd_deid)
+
+    s = sub.add_parser("pacs", help="a PACS over DICOMweb: query studies, run a model on them and store the "
+                       "results (SR + Secondary Capture) back; or start a local Orthanc")
+    pacs = s.add_subparsers(dest="pacs_command", required=True)
+    s = pacs.add_parser("query", help="list matching studies by key (QIDO-RS)")
+    _add_pacs_options(s)
+    s.add_argument("--show-identifiers", action="store_true", help="add each study's UID and date")
+    s.set_defaults(fn=cmd_pacs_query)
+    s = pacs.add_parser("run", help="retrieve studies (WADO-RS), predict, store an SR and a Secondary Capture "
+                        "in each (STOW-RS; results already there are not stored again)", epilog=exit_codes)
+    s.add_argument("run", type=Path)
+    _add_pacs_options(s)
+    s.add_argument("--study", action="append", help="a StudyInstanceUID (repeatable; with or instead of filters)")
+    s.add_argument("--csv", type=Path, help="append one row per study; studies already in it are skipped")
+    s.add_argument("--no-store", action="store_true", help="do not store the results back")
+    s.add_argument("--method", help="saliency method of the overlay (default: the run's)")
+    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images "
+                   "too (default: refused, with an SR that says so)")
+    _add_device(s)
+    s.set_defaults(fn=cmd_pacs_run)
+    s = pacs.add_parser("serve", help="start Orthanc with DICOMweb on loopback (Debian orthanc, orthanc-dicomweb)")
+    s.add_argument("--storage", type=Path, required=True, help="Orthanc's database folder")
+    s.add_argument("--port", type=int, default=8042)
+    s.add_argument("--credentials", type=Path, help="the users' credentials file (default: a new random "
+                   "password, written to STORAGE/credentials.json)")
+    s.set_defaults(fn=cmd_pacs_serve)
 
     s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
     s.add_argument("run", type=Path)

@@ -60,10 +60,27 @@ def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.
                     setattr(ds, keyword, "")
             if str(ds.PatientSex).strip().upper() not in ("M", "F", "O", ""):  # a value the standard does not
                 ds.PatientSex = ""  # define is unknown to the results (Type 2: empty), not a crash
-            out.append(ds)
+            out.append(_minimal(ds))
     if not out:
         raise MedtlInputError(path, "no DICOM instance to reference", "a DICOM file or series folder")
     return sorted(out, key=lambda d: int(d.get("InstanceNumber", 0) or 0))
+
+
+# what results take from their source: the patient and study they are filed with, the instance they
+# reference, the geometry of the overlay; nothing else of the source's header reaches them (highdicom
+# would copy whatever patient-study attributes it finds, damaged values included)
+KEPT_FROM_SOURCE = ("SpecificCharacterSet", "StudyInstanceUID", *TYPE2_INHERITED, "SOPClassUID", "SOPInstanceUID",
+                    "SeriesInstanceUID", "Modality", "InstanceNumber", "ImageOrientationPatient", "Laterality",
+                    "FrameOfReferenceUID", "PatientIdentityRemoved", "DeidentificationMethod",
+                    "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+
+
+def _minimal(ds: pydicom.Dataset) -> pydicom.Dataset:
+    out = pydicom.Dataset()
+    for keyword in KEPT_FROM_SOURCE:
+        if keyword in ds:
+            out.add(ds.data_element(keyword))
+    return out
 
 
 def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:

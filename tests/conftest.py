@@ -17,7 +17,7 @@ from medtl.data import create_sample_data
 SHARED = Path(os.environ.get("MEDTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-MUST_RUN = ("browser", "shared_data")  # with MEDTL_NO_SKIP=1 (CI), a skip of these fails the run
+MUST_RUN = ("browser", "shared_data", "pacs")  # with MEDTL_NO_SKIP=1 (CI), a skip of these fails the run
 _must_run_skipped: list[str] = []
 
 
@@ -28,7 +28,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     if _must_run_skipped:
-        print(f"\nMEDTL_NO_SKIP: {len(_must_run_skipped)} browser/real-data tests were skipped:\n  "
+        print(f"\nMEDTL_NO_SKIP: {len(_must_run_skipped)} browser/real-data/PACS tests were skipped:\n  "
               + "\n  ".join(_must_run_skipped))
         session.exitstatus = 1
 

@@ -1,0 +1,144 @@
+"""medtl and a real PACS: Orthanc with its DICOMweb plugin, started by the test with the configuration
+medtl writes. Real CT files are stored to it, `medtl pacs run` answers the study, and the SR and the
+Secondary Capture found in Orthanc pass dciodvfy; re-running stores nothing twice; a PACS that is down,
+a wrong password and a study without images give clear errors and the others go on; canaries planted
+in the source reach neither the logs nor, outside the patient and study modules a result must carry
+to be filed with its images, the results."""
+
+import csv
+import logging
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+
+from medtl.cli import main
+from medtl.pacs import Credentials, OrthancServer, Pacs, PacsError, find_orthanc
+from tests.test_deid import Canaries
+from tests.test_dicom_results import _dciodvfy_errors
+
+pytestmark = pytest.mark.pacs
+
+# what a result inherits from its source so the PACS files it with the patient's images
+FILED_WITH = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+              "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyInstanceUID")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if find_orthanc() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture
+def env(orthanc, monkeypatch):
+    monkeypatch.setenv("MEDTL_PACS_USER", orthanc.credentials.user)
+    monkeypatch.setenv("MEDTL_PACS_PASSWORD", orthanc.credentials.password)
+    return orthanc
+
+
+def _instances(pacs: Pacs, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+    series = [pydicom.Dataset.from_json(s) for s in pacs.client.search_for_series(study_uid)]
+    return [inst for s in series if s.Modality == modality
+            for inst in pacs.client.retrieve_series(study_uid, s.SeriesInstanceUID)]
+
+
+@pytest.mark.shared_data
+def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, tiny_run, shared_data, tmp_path,
+                                                                          capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    canaries = Canaries()
+    source = pydicom.dcmread(shared_data / "dicom" / "ct" / "CT_small.dcm")
+    canaries.plant(source)
+    source.AccessionNumber = "CANARYACC1"
+    canaries.text.append("CANARYACC1")
+    uploaded = tmp_path / "up" / "ct.dcm"
+    uploaded.parent.mkdir()
+    source.save_as(uploaded)
+    assert env.upload([uploaded]) == 1
+    pacs = Pacs(env.url, env.credentials)
+    studies = pacs.query(accession="CANARYACC1")
+    assert len(studies) == 1 and studies[0]["modalities"] == "CT"
+    key = studies[0]["key"]
+
+    args = ["-v", "pacs", "run", str(tiny_run), env.url, "--accession", "CANARYACC1", "--answer-unfamiliar",
+            "--csv", str(tmp_path / "studies.csv")]
+    assert main(args) == 0
+    sr, sc = _instances(pacs, source.StudyInstanceUID, "SR"), _instances(pacs, source.StudyInstanceUID, "OT")
+    assert len(sr) == 1 and len(sc) == 1
+    for ds, name in ((sr[0], "sr.dcm"), (sc[0], "sc.dcm")):
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == [], name
+        if shutil.which("dcmdump"):
+            assert subprocess.run(["dcmdump", str(path)], capture_output=True).returncode == 0
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+        filed = {canary for kw in FILED_WITH for canary in canaries.found_in_text(str(source.get(kw, "")))}
+        assert set(canaries.found_in_dataset(ds)) <= filed, set(canaries.found_in_dataset(ds)) - filed
+    assert sr[0].ContentSequence  # and the SR references the source instance
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr[0].ContentSequence
+            if "ReferencedSOPSequence" in i]
+    assert source.SOPInstanceUID in refs
+
+    # run again, without the CSV's resume: nothing is stored twice
+    assert main(args[:-2]) == 0
+    assert len(_instances(pacs, source.StudyInstanceUID, "SR")) == 1
+    # and with the CSV: the study is skipped
+    assert main(args) == 0
+    with open(tmp_path / "studies.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["study"] for r in rows] == [key] and rows[0]["status"] == "answered"
+    said = capsys.readouterr()
+    text = said.out + said.err + caplog.text
+    assert "2 already there" in said.out
+    assert not canaries.found_in_text(text) and source.StudyInstanceUID not in text
+    assert env.credentials.password not in text
+
+
+def test_bad_pacs_wrong_password_and_a_study_without_images(env, tiny_run, sample_dir, tmp_path, capsys, caplog,
+                                                            monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    image = pydicom.dcmread(sorted((sample_dir / "dicom").glob("*.dcm"))[3])
+    image.StudyInstanceUID = pydicom.uid.generate_uid()
+    report_only = pydicom.dcmread(sorted((sample_dir / "dicom").glob("*.dcm"))[4])
+    report_only.StudyInstanceUID = pydicom.uid.generate_uid()
+    report_only.Modality = "KO"  # a study with nothing medtl can read
+    assert Pacs(env.url, env.credentials).store([image, report_only]) == (2, 0)
+
+    code = main(["pacs", "run", str(tiny_run), env.url, "--study", report_only.StudyInstanceUID,
+                 "--study", image.StudyInstanceUID])
+    out = capsys.readouterr().out
+    assert code == 1  # one study failed, the other was answered
+    lines = dict(line.split("\t", 1) for line in out.strip().splitlines())
+    from medtl.batch import study_input_key
+
+    assert "no image series" in lines[study_input_key(report_only.StudyInstanceUID)]
+    assert lines[study_input_key(image.StudyInstanceUID)].startswith(("ANSWERED", "REFUSED"))
+    assert report_only.StudyInstanceUID not in out + caplog.text
+
+    monkeypatch.setenv("MEDTL_PACS_PASSWORD", "wrong")
+    assert main(["pacs", "query", env.url]) == 2
+    err = capsys.readouterr().err
+    assert "refused the credentials (HTTP 401)" in err and "wrong" not in err
+    with pytest.raises(PacsError, match="cannot be reached"):
+        Pacs("http://127.0.0.1:9/dicom-web", Credentials("a", "b"), timeout=2).query()
+    with pytest.raises(Exception, match="credentials in the PACS URL"):
+        Pacs("http://user:pw@127.0.0.1:9/dicom-web")
+    key = tmp_path / "creds"
+    key.write_text("medtl:" + env.credentials.password)
+    monkeypatch.delenv("MEDTL_PACS_PASSWORD")
+    monkeypatch.delenv("MEDTL_PACS_USER")
+    assert main(["pacs", "query", env.url, "--credentials", str(key)]) == 0
+
+
+def test_orthanc_is_configured_for_loopback_with_authentication(orthanc):
+    import requests
+
+    config = orthanc.config()
+    assert config["RemoteAccessAllowed"] is False and config["AuthenticationEnabled"] is True
+    assert config["DicomServerEnabled"] is False
+    assert requests.get(f"{orthanc.url}/studies", timeout=5).status_code == 401
+    assert (orthanc.storage / "orthanc.json").stat().st_mode & 0o077 == 0  # holds the password
