@@ -144,13 +144,21 @@ def done_keys(csv_path: Path, column: str = "input") -> set[str]:
 
 
 def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str | Path, batch_size: int = 32,
-                   show_paths: bool = False, check: bool = True) -> dict:
+                   show_paths: bool = False, check: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Append a row per input of ``inputs`` not yet in ``csv_path``; return the counts (``done``,
     ``skipped`` as already there, ``answered``, ``refused``, ``errors``) and the ``seconds`` taken.
-    A file that cannot be read gets a row with its error, a refused one its reason, and the rest go on."""
+    A file that cannot be read gets a row with its error, a refused one its reason, and the rest go on.
+
+    With ``world`` > 1 (processes started by ``torchrun``), process ``rank`` takes every ``world``-th
+    input not yet done and appends its rows to ``csv_path.part<rank>``; :func:`merge_parts` then moves
+    them into ``csv_path``. Inputs in any part file count as done, so a killed sharded run resumes too."""
     csv_path = Path(csv_path)
-    done = done_keys(csv_path)
+    final = csv_path
+    done = done_keys(final) | {k for part in part_files(final) for k in done_keys(part)}
     todo = [i for i in inputs if i.key not in done]
+    if world > 1:  # this process's shard (by key, the same in every process); its rows go to its own part
+        todo = [i for i in sorted(todo, key=lambda i: i.key)[rank::world]]
+        csv_path = final.with_name(f"{final.name}.part{rank}")
     by_path = {str(i.path): i for i in todo}
     classes = predictor.class_names
     fields = ["input", *(["path"] if show_paths else []), "study_key", "status", "label",
@@ -195,6 +203,43 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
     return counts
 
 
+def part_files(csv_path: str | Path) -> list[Path]:
+    """The part files of a sharded run writing ``csv_path`` (see :func:`predict_to_csv`)."""
+    csv_path = Path(csv_path)
+    return sorted(p for p in csv_path.parent.glob(csv_path.name + ".part*") if p.name[len(csv_path.name) + 5:].isdigit())
+
+
+def merge_parts(csv_path: str | Path) -> int:
+    """Append the rows of ``csv_path``'s part files that it does not hold yet, then remove the parts; the
+    number of rows moved. Run by one process after all the shards have ended."""
+    csv_path = Path(csv_path)
+    done, moved = done_keys(csv_path), 0
+    for part in part_files(csv_path):
+        done_keys(part)  # drops a row cut off by a kill
+        with open(part, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r.get("input") and r["input"] not in done]
+            fields = reader.fieldnames or []
+        new = not csv_path.is_file() or csv_path.stat().st_size == 0
+        if not new and _header(csv_path) != fields:
+            raise MedtlError(f"{part} was written for other classes or columns than {csv_path}")
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        done |= {r["input"] for r in rows}
+        moved += len(rows)
+        part.unlink()
+    return moved
+
+
+def shard_from_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) set by ``torchrun``; (0, 1, 0) in a plain process."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def _header(csv_path: Path) -> list[str]:
     with open(csv_path, newline="") as f:
         return next(csv.reader(f), [])
@@ -209,4 +254,5 @@ def _without_path(message: str, item: BatchInput) -> str:
     return message
 
 
-__all__ = ["find_inputs", "predict_to_csv", "input_key", "study_input_key", "done_keys", "BatchInput", "Inputs"]
+__all__ = ["find_inputs", "predict_to_csv", "input_key", "study_input_key", "done_keys",
+           "merge_parts", "part_files", "shard_from_environment", "BatchInput", "Inputs"]

@@ -97,16 +97,28 @@ def _each_file(paths, fn) -> int:
 
 
 def cmd_predict(args) -> int:
-    from medtl.batch import find_inputs, predict_to_csv
+    from medtl.batch import find_inputs, predict_to_csv, shard_from_environment
     from medtl.inference import load_run
 
+    rank, world, local_rank = shard_from_environment()
+    if world > 1 and not args.csv:
+        raise MedtlError("under torchrun, predict writes its rows with --csv (each process takes a shard)")
+    device = args.device
+    if world > 1 and device == "auto":  # one GPU per process where there are GPUs
+        import torch
+
+        device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     # read in the bounded worker: one hostile file cannot stop the batch
-    predictor = load_run(args.run, device=args.device, bounded=True, backend=args.backend)
+    predictor = load_run(args.run, device=device, bounded=True, backend=args.backend)
     with find_inputs(args.images, args.recursive) as inputs:
         if args.csv:
-            counts = predict_to_csv(predictor, inputs, args.csv, args.batch_size, args.show_paths)
-            print(f"{args.csv}: {counts['answered']} answered, {counts['refused']} refused, {counts['errors']} could "
-                  f"not be read, {counts['skipped']} already in the file; {counts['seconds']} s")
+            counts = predict_to_csv(predictor, inputs, args.csv, args.batch_size, args.show_paths, rank=rank,
+                                    world=world)
+            where = f" (process {rank + 1} of {world})" if world > 1 else ""
+            print(f"{args.csv}{where}: {counts['answered']} answered, {counts['refused']} refused, {counts['errors']} "
+                  f"could not be read, {counts['skipped']} already in the file; {counts['seconds']} s")
+            if world > 1:
+                _merge_shards(args.csv, rank)
             return EXIT_FAILED if counts["errors"] else EXIT_REFUSED if counts["refused"] else 0
         failed = refused = 0
         for _, result in predictor.predict_many([i.path for i in inputs], batch_size=args.batch_size):
@@ -117,6 +129,24 @@ def cmd_predict(args) -> int:
             print(json.dumps(vars(result)) if args.json else result)
             refused += result.refused is not None
     return EXIT_FAILED if failed else EXIT_REFUSED if refused else 0
+
+
+def _merge_shards(csv_path: Path, rank: int) -> None:
+    """After every process of a torchrun has written its part, the first moves them into ``csv_path``."""
+    import torch.distributed as dist
+
+    from medtl.batch import merge_parts
+
+    import datetime
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))  # shards may end far apart
+    try:
+        dist.barrier()
+        if rank == 0:
+            log.info("%s: %d rows from the shards", csv_path, merge_parts(csv_path))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def cmd_explain(args) -> int:

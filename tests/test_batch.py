@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from medtl.batch import find_inputs, predict_to_csv
 from medtl.inference import load_run
@@ -105,3 +106,28 @@ def test_the_command_killed_half_way_resumes(tiny_run, sample_dir, tmp_path):
     assert f"{first} already in the file" in done.stdout or first == len(files)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(files) and len({r["input"] for r in rows}) == len(files)
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_inputs_and_merges_one_row_each(tiny_run, sample_dir, tmp_path):
+    """Two processes under torchrun (gloo, CPU): each takes half the inputs, and the merged CSV equals a
+    one-process run's, row for row."""
+    files = [str(f) for f in sorted((sample_dir / "dicom").glob("*.dcm"))[:8]]
+    base = ["predict", str(tiny_run), *files, "--batch-size", "4", "--device", "auto"]
+    one = subprocess.run([sys.executable, "-m", "medtl.cli", *base, "--csv", str(tmp_path / "one.csv")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode in (0, 3), one.stderr
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "medtl.cli", *base, "--csv", str(tmp_path / "two.csv")],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert sharded.returncode in (0, 3), sharded.stderr[-3000:]
+    assert "process 1 of 2" in sharded.stdout and "process 2 of 2" in sharded.stdout
+    assert not list(tmp_path.glob("two.csv.part*"))
+    rows = lambda p: sorted(csv.DictReader(open(p)), key=lambda r: r["input"])  # noqa: E731
+    a, b = rows(tmp_path / "one.csv"), rows(tmp_path / "two.csv")
+    assert [r["input"] for r in a] == [r["input"] for r in b] and len(b) == len(files)
+    for x, y in zip(a, b):
+        assert x["status"] == y["status"] and x["label"] == y["label"]
+        for c in x:
+            if c.startswith("p_") and x[c]:
+                assert abs(float(x[c]) - float(y[c])) < 1e-4

@@ -78,6 +78,17 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
         filed = {canary for kw in FILED_WITH for canary in canaries.found_in_text(str(source.get(kw, "")))}
         assert set(canaries.found_in_dataset(ds)) <= filed, set(canaries.found_in_dataset(ds)) - filed
+    # Orthanc's own viewer can show them: it decodes the Secondary Capture into a preview
+    import requests
+
+    rest, auth = env.url.rsplit("/dicom-web", 1)[0], (env.credentials.user, env.credentials.password)
+    for ds in (sr[0], sc[0]):
+        found = requests.post(f"{rest}/tools/lookup", data=str(ds.SOPInstanceUID), auth=auth, timeout=10).json()
+        assert found and found[0]["Type"] == "Instance"
+        tags = requests.get(f"{rest}/instances/{found[0]['ID']}/simplified-tags", auth=auth, timeout=10)
+        assert tags.status_code == 200 and tags.json()["SOPInstanceUID"] == ds.SOPInstanceUID
+    preview = requests.get(f"{rest}/instances/{found[0]['ID']}/preview", auth=auth, timeout=30)
+    assert preview.status_code == 200 and preview.content[:4] == b"\x89PNG"
     assert sr[0].ContentSequence  # and the SR references the source instance
     refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr[0].ContentSequence
             if "ReferencedSOPSequence" in i]
