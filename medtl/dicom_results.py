@@ -99,8 +99,8 @@ def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:
 
 def result_uid(sources: list[pydicom.Dataset], weights_sha256: str, what: str) -> str:
     """A UID for a result, derived from its source instances, the model's weights and which result it is
-    (``what``): the same input and model give the same UIDs, so a result stored twice is recognised as
-    the same instance (``medtl pacs`` stores nothing twice)."""
+    (``what``, with its finding or method): the same input, model and answer give the same UIDs, so a
+    result stored twice is recognised as the same instance (``medtl pacs`` stores nothing twice)."""
     seed = "\0".join(["medtl-result", what, weights_sha256, *sorted(str(ds.SOPInstanceUID) for ds in sources)])
     return "2.25." + str(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:16], "big"))  # PS3.5 B.2
 
@@ -163,10 +163,12 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
     items += [ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
                                referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
                                relationship_type=Rel.CONTAINS) for ds in sources]
+    # the finding is part of the SR's identity: a study answered after being refused gets a new SR
+    finding = "not assessed" if pred.refused else pred.label
     root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
     root.ContentSequence = items
     sr = hd.sr.ComprehensiveSR(evidence=sources, content=root, series_instance_uid=result_uid(sources, sha, "sr series"),
-                               series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, "sr"),
+                               series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
                                instance_number=1,
                                manufacturer="medtl", is_complete=True)
     written = [out / "sr.dcm"]
@@ -178,10 +180,12 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
             ref_dataset=ref, pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
             photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
             patient_orientation=_patient_orientation(ref), series_instance_uid=result_uid(sources, sha, "sc series"),
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, "sc"), instance_number=1,
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
+            instance_number=1,
             manufacturer="medtl",
             series_description=f"medtl {expl.method} overlay"[:64])
         # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
+        # (dciodvfy then warns that absent would do for an unpaired part, but reports absence as an error)
         sc.Laterality = ref.get("Laterality", "")
         written.append(out / "sc.dcm")
         _mark_deidentified(sc, ref)

@@ -51,55 +51,32 @@ class Canaries:
         self.n += 1
         n = self.n
         if vr in TEXT_VRS:
-            v = f"CANARY{n:03d}" + ("^X" if vr == "PN" else "")
-            self.text.append(v.split("^")[0])
-            return v
-        if vr == "UR":
-            v = f"http://canary{n:03d}.invalid"
-            self.text.append(f"canary{n:03d}")
-            return v
-        if vr == "DA":
-            v = f"1931{1 + n % 12:02d}{1 + n % 28:02d}"
-            self.text.append(v)
-            return v
-        if vr == "DT":
-            v = f"1932{1 + n % 12:02d}{1 + n % 28:02d}101112"
-            self.text.append(v)
-            return v
+            self.text.append(f"CANARY{n:03d}")
+            return f"CANARY{n:03d}" + ("^X" if vr == "PN" else "")
         if vr == "TM":
-            v = f"10{n % 60:02d}{n % 60:02d}.314159"
-            self.times.append(v)
-            return v
-        if vr == "UI":
-            v = f"1.2.826.0.1.3680043.10.999.{n}.31415926"
-            self.text.append(v)
-            return v
-        if vr == "AS":
-            v = f"{n % 100:03d}W"
-            self.text.append(v)
-            return v
-        if vr == "DS":
-            v = f"{n}.31415"
-            self.text.append(v)
-            return v
-        if vr == "IS":
-            v = str(314159000 + n)
-            self.text.append(v)
-            return v
-        if vr in ("FD", "FL"):
-            v = 31415.0 + n / 1024
-            self.binary.append(struct.pack("<d" if vr == "FD" else "<f", v))
-            return v
-        if vr in ("UL", "SL"):
-            v = 0x3141_0000 + n
-            self.binary.append(struct.pack("<I", v))
-            return v
-        if vr in ("US", "SS"):
-            return 31000 + n  # two bytes: checked in the parsed output only
+            self.times.append(f"10{n % 60:02d}{n % 60:02d}.314159")
+            return self.times[-1]
+        # a value valid for the VR, and the text that gives it away
+        searched = {"UR": (f"http://canary{n:03d}.invalid", f"canary{n:03d}"),
+                    "DA": (f"1931{1 + n % 12:02d}{1 + n % 28:02d}",) * 2,
+                    "DT": (f"1932{1 + n % 12:02d}{1 + n % 28:02d}101112",) * 2,
+                    "UI": (f"1.2.826.0.1.3680043.10.999.{n}.31415926",) * 2,
+                    "AS": (f"{n % 100:03d}W",) * 2, "DS": (f"{n}.31415",) * 2, "IS": (str(314159000 + n),) * 2}
+        if vr in searched:
+            value, text = searched[vr]
+            self.text.append(text)
+            return value
+        # binary: searched for as bytes (two-byte ones only in the parsed outputs)
+        packed = {"FD": (31415.0 + n / 1024, "<d"), "FL": (31415.0 + n / 1024, "<f"), "UL": (0x3141_0000 + n, "<I"),
+                  "SL": (0x3141_0000 + n, "<i"), "US": (31000 + n, None), "SS": (31000 + n, None)}
+        if vr in packed:
+            value, fmt = packed[vr]
+            if fmt:
+                self.binary.append(struct.pack(fmt, value))
+            return value
         if vr in ("OB", "OW", "UN"):
-            v = f"CANARYBIN{n:03d}".encode()
-            self.binary.append(v)
-            return v
+            self.binary.append(f"CANARYBIN{n:03d}".encode())
+            return self.binary[-1]
         return None
 
     def plant(self, ds: Dataset) -> None:

@@ -64,12 +64,20 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
     assert len(studies) == 1 and studies[0]["modalities"] == "CT"
     key = studies[0]["key"]
 
+    # the synthetic-trained model refuses a real CT (a "Not assessed" SR), then is made to answer it
+    first = main(["-v", "pacs", "run", str(tiny_run), env.url, "--accession", "CANARYACC1"])
+    assert first in (0, 3)
     args = ["-v", "pacs", "run", str(tiny_run), env.url, "--accession", "CANARYACC1", "--answer-unfamiliar",
             "--csv", str(tmp_path / "studies.csv")]
     assert main(args) == 0
-    sr, sc = _instances(pacs, source.StudyInstanceUID, "SR"), _instances(pacs, source.StudyInstanceUID, "OT")
-    assert len(sr) == 1 and len(sc) == 1
-    for ds, name in ((sr[0], "sr.dcm"), (sc[0], "sc.dcm")):
+    srs, sc = _instances(pacs, source.StudyInstanceUID, "SR"), _instances(pacs, source.StudyInstanceUID, "OT")
+    finding = lambda ds: next(i.ConceptCodeSequence[0].CodeMeaning for i in ds.ContentSequence  # noqa: E731
+                              if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding")
+    # refused first, then answered: a new SR; the "Not assessed" one does not stand in for the answer
+    assert len(srs) == (2 if first == 3 else 1) and len(sc) == 1
+    sr = [ds for ds in srs if finding(ds) != "Not assessed"]
+    assert len(sr) == 1
+    for ds, name in [(sr[0], "sr.dcm"), (sc[0], "sc.dcm")] + [(d, f"sr{k}.dcm") for k, d in enumerate(srs)]:
         path = tmp_path / name
         ds.save_as(path, enforce_file_format=True)
         assert _dciodvfy_errors(path) == [], name
@@ -96,7 +104,7 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
 
     # run again, without the CSV's resume: nothing is stored twice
     assert main(args[:-2]) == 0
-    assert len(_instances(pacs, source.StudyInstanceUID, "SR")) == 1
+    assert len(_instances(pacs, source.StudyInstanceUID, "SR")) == len(srs)
     # and with the CSV: the study is skipped
     assert main(args) == 0
     with open(tmp_path / "studies.csv", newline="") as f:
