@@ -290,6 +290,20 @@ def _add_pacs_options(s, filters: bool = True) -> None:
     s.add_argument("--limit", type=int, help="at most this many studies")
 
 
+def cmd_adapt(args) -> int:
+    from medtl.deid import dicom_files
+    from medtl.site import adapt_run
+
+    files = dicom_files(args.data)  # every file under the folders given (any image format)
+    record = adapt_run(args.run, files, args.out, args.method, force=args.force, device=args.device,
+                       epochs=args.epochs, seed=args.seed)
+    for error in record["errors"]:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{args.out}: {record['method']} on {record['target_images']} target images "
+          f"({record['skipped_files']} skipped); provenance in {Path(args.out) / 'adaptation.json'}")
+    return EXIT_FAILED if record["errors"] else 0
+
+
 def cmd_export(args) -> int:
     from medtl.export import export_run, verify_package
 
@@ -482,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--credentials", type=Path, help="the users' credentials file (default: a new random "
                    "password, written to STORAGE/credentials.json)")
     s.set_defaults(fn=cmd_pacs_serve)
+
+    s = sub.add_parser("adapt", help="adapt a run to a new site's unlabelled images (AdaBN, TENT): a new run")
+    s.add_argument("run", type=Path)
+    s.add_argument("--data", nargs="+", type=Path, required=True, help="the new site's image files or folders "
+                   "(searched recursively; no labels needed)")
+    s.add_argument("--out", type=Path, required=True, help="the adapted run's folder")
+    s.add_argument("--method", default="adabn", help="adabn (default: BatchNorm statistics matched to the "
+                   "source's), adabn_plain (the target's own statistics) or tent (entropy minimisation)")
+    s.add_argument("--epochs", type=int, default=1, help="tent: passes over the target images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_device(s)
+    s.set_defaults(fn=cmd_adapt)
 
     s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
     s.add_argument("run", type=Path)

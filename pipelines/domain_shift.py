@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, Resize
 
+from medtl.adapt import adapt, bn_statistics
 from medtl.cli import report_errors
 from medtl.config import load_config
-from medtl.data import TooFewExamplesError, create_dataset, sample_per_class, store_options
+from medtl.data import TooFewExamplesError, create_dataset, iterate_batches, sample_per_class, store_options
 from medtl.eval import compute_auc
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_model
@@ -78,6 +79,16 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
     return out
 
 
+ZERO_LABEL = ("source_only", "adabn", "adabn_plain", "tent")
+
+
+def _images(dataset, runtime, shuffle: bool = False, seed: int = 0, batch_size: int = 64):
+    """The model inputs of a data set, in batches (shuffled with ``shuffle``); its labels are not read."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else None
+    for batch in iterate_batches(dataset, batch_size, runtime.device, order=order):
+        yield batch["image"]
+
+
 def evaluate(model, studies, final, agg, runtime, store: dict | None = None) -> tuple[float | None, float]:
     y, p = predict_probs(model, create_dataset(studies, final, agg, **(store or {})), runtime, 64)
     return compute_auc(y, p), float((p.argmax(1) == y).mean())
@@ -87,7 +98,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shift", default="all", help="one of " + ", ".join(SHIFTS) + " (ignored with --site-column)")
+    p.add_argument("--shift", default="all", help="comma-separated, of " + ", ".join(SHIFTS) + " (ignored with "
+                   "--site-column); the source model of a seed is trained once for all of them")
+    p.add_argument("--methods", default="source_only,adabn,adabn_plain,tent,fine_tune,adabn+fine_tune,retrain",
+                   help="k=0: source_only and the zero-label adaptations (adabn: source-matched, adabn_plain, "
+                   "tent); k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target "
+                   "training images, then fine-tuning on the k labels), retrain")
     p.add_argument("--k", default="0,5,10,25,50", help="target labels per class for adaptation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
@@ -105,13 +121,12 @@ def main(argv=None) -> int:
         def by_site(part, source):
             return [s for s in part if (str(s.get(args.site_column)) == args.source_site) == source]
         source = {n: by_site(part, True) for n, part in prepared.sets.items()}
-        target = {n: by_site(part, False) for n, part in prepared.sets.items()}
-        shift_name = f"{args.site_column}!={args.source_site}"
+        targets = {f"{args.site_column}!={args.source_site}": {n: by_site(part, False)
+                                                               for n, part in prepared.sets.items()}}
     else:
-        shift = create_shift(args.shift)
         source = prepared.sets
-        target = {n: shifted(part, shift) for n, part in prepared.sets.items()}
-        shift_name = args.shift
+        targets = {name: {n: shifted(part, create_shift(name)) for n, part in prepared.sets.items()}
+                   for name in args.shift.split(",")}
     _, final_train = create_transforms(cfg.data, pre, train=True)
     _, final_eval = create_transforms(cfg.data, pre, train=False)
     agg, store = (cfg.data.slice_aggregation, cfg.data.top_k), store_options(cfg.data)
@@ -121,13 +136,17 @@ def main(argv=None) -> int:
     if results.is_file():
         done = {(r["shift"], r["k_per_class"], r["method"], r["seed"]) for r in csv.DictReader(open(results))}
     ks = [int(k) for k in args.k.split(",")]
-    target_labels = [s["label"] for s in target["train"]]
+    methods = args.methods.split(",")
     new_file = not results.is_file()
     with open(results, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
         for seed in [int(s) for s in args.seeds.split(",")]:
+            todo = [(name, k, m) for name in targets for k in ks for m in methods
+                    if (k == 0) == (m in ZERO_LABEL) and (name, str(k), m, str(seed)) not in done]
+            if not todo:
+                continue
             torch.manual_seed(seed)
             t0 = time.perf_counter()
             src_model, _ = create_model(cfg.encoder, n_classes)
@@ -135,34 +154,44 @@ def main(argv=None) -> int:
             runtime = fit(src_model, create_dataset(source["train"], final_train, agg, **store),
                           create_dataset(source["val"], final_eval, agg, **store), tc, n_classes).eval_runtime()
             source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime, store)
+            source_stats = bn_statistics(src_model, _images(create_dataset(source["train"], final_eval, agg, **store),
+                                                             runtime), runtime)
             base_seconds = time.perf_counter() - t0
-            for k in ks:
-                methods = ["source_only"] if k == 0 else ["fine_tune", "retrain"]
-                for method in methods:
-                    if (shift_name, str(k), method, str(seed)) in done:
+            for shift_name, k, method in todo:
+                target = targets[shift_name]
+                t1 = time.perf_counter()
+                unlabelled = create_dataset(target["train"], final_eval, agg, **store)  # labels never read
+
+                def batches(ds=unlabelled):  # shuffled (the same order each call)
+                    return _images(ds, runtime, True, seed)
+
+                if k == 0:
+                    model = src_model if method == "source_only" else \
+                        adapt(src_model, method, batches, source_stats, runtime)
+                else:
+                    try:
+                        few = [target["train"][i] for i in sample_per_class(
+                            [s["label"] for s in target["train"]], k, seed)]
+                    except TooFewExamplesError as e:
+                        print(f"skipped k={k} per class: {e.problem}", flush=True)
                         continue
-                    t1 = time.perf_counter()
-                    if method == "source_only":
-                        model = src_model
+                    torch.manual_seed(seed)
+                    if method == "retrain":
+                        model = create_model(cfg.encoder, n_classes)[0]
+                    elif method == "adabn+fine_tune":
+                        model = adapt(src_model, "adabn", batches, source_stats, runtime)
                     else:
-                        try:
-                            few = [target["train"][i] for i in sample_per_class(target_labels, k, seed)]
-                        except TooFewExamplesError as e:
-                            print(f"skipped k={k} per class: {e.problem}", flush=True)
-                            continue
-                        torch.manual_seed(seed)
-                        model = copy.deepcopy(src_model) if method == "fine_tune" else \
-                            create_model(cfg.encoder, n_classes)[0]
-                        fit(model, create_dataset(few, final_train, agg, **store),
-                            create_dataset(target["val"], final_eval, agg, **store), tc, n_classes)
-                    auc, acc = evaluate(model, target["test"], final_eval, agg, runtime, store)
-                    row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
-                           "target_acc": acc, "source_auc": source_auc,
-                           "seconds": round(time.perf_counter() - t1 + (base_seconds if k == 0 else 0), 1)}
-                    writer.writerow(row)
-                    f.flush()
-                    print(f"{shift_name} k={k:>3d} {method:12s} seed={seed}: target AUC "
-                          f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {source_auc:.3f})", flush=True)
+                        model = copy.deepcopy(src_model)
+                    fit(model, create_dataset(few, final_train, agg, **store),
+                        create_dataset(target["val"], final_eval, agg, **store), tc, n_classes)
+                auc, acc = evaluate(model, target["test"], final_eval, agg, runtime, store)
+                row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
+                       "target_acc": acc, "source_auc": source_auc,
+                       "seconds": round(time.perf_counter() - t1 + (base_seconds if method == "source_only" else 0), 1)}
+                writer.writerow(row)
+                f.flush()
+                print(f"{shift_name} k={k:>3d} {method:16s} seed={seed}: target AUC "
+                      f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {source_auc:.3f})", flush=True)
     summarise(list(csv.DictReader(open(results))), args.out)
     return 0
 
@@ -182,7 +211,7 @@ def summarise(rows: list[dict], out: Path) -> None:
             ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
             lines.append(f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
                          + " — |" * (len(ks) - 1))
-        for method in ("source_only", "fine_tune", "retrain"):
+        for method in ("source_only", "adabn", "adabn_plain", "tent", "fine_tune", "adabn+fine_tune", "retrain"):
             cells, xs, means, halfs = [], [], [], []
             for k in ks:
                 v = np.array([float(r["target_auc"]) for r in rows if r["shift"] == shift and r["method"] == method
@@ -196,8 +225,9 @@ def summarise(rows: list[dict], out: Path) -> None:
             if not xs:
                 continue
             lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
-            if method == "source_only":  # no target labels: a level to beat, not a curve
-                ax.axhline(means[0], ls="--", color="black", label=f"source model on shifted test ({shift})")
+            if method in ZERO_LABEL:  # no target labels: a level to beat, not a curve
+                ax.axhline(means[0], ls="--", color="black" if method == "source_only" else None,
+                           label=f"{method} on shifted test ({shift})")
                 continue
             means, halfs = np.array(means), np.array(halfs)
             ax.plot(xs, means, "o-", label=f"{method} ({shift})")

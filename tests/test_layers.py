@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {
     "medtl.errors": 0, "medtl.config": 1, "medtl.runtime": 1, "medtl.eval.metrics": 1, "medtl.ood": 1, "medtl.io": 2, "medtl.deid": 2,
     "medtl.models": 3, "medtl.transforms": 4, "medtl.checkpoint": 4, "medtl.data": 5, "medtl.predict": 6,
-    "medtl.explain": 7, "medtl.train": 8, "medtl.eval": 9, "medtl.export": 9, "medtl.inference": 10, "medtl.batch": 10.5, "medtl.dicom_results": 10.5, "medtl.pacs": 10.7, "medtl.cli": 11, "medtl_ui": 12,
+    "medtl.explain": 7, "medtl.adapt": 7.5, "medtl.train": 8, "medtl.eval": 9, "medtl.export": 9, "medtl.inference": 10, "medtl.batch": 10.5, "medtl.dicom_results": 10.5, "medtl.pacs": 10.7, "medtl.site": 10.6, "medtl.cli": 11, "medtl_ui": 12,
 }
 
 

@@ -26,10 +26,11 @@ from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, valida
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
-from medtl.data.dataset import decode_workers, store_options, study_index
+from medtl.data.dataset import decode_workers, iterate_batches, store_options, study_index
 from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
+from medtl.adapt import batchnorms, bn_statistics, save_bn_statistics
 from medtl.ood import OOD_FILE, OODDetector, study_scores
 from medtl.predict import Logits, batched_logits, extract_features, fit_decision, predict_logits
 from medtl.runtime import Runtime, distributed
@@ -161,7 +162,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     # (predict, the web page) are calibrated and decided at an operating point without `medtl evaluate`
     val_logits = predict_logits(model, val_ds, runtime, bs)
     temperature, op = fit_decision(val_logits, len(manifest.class_names))
-    detector = fit_ood(model, prepared, cfg, pre, val_ds, runtime, bs)
+    _, final_eval = create_transforms(cfg.data, pre, train=False)
+    train_eval = create_dataset(prepared.sets["train"], final_eval, (cfg.data.slice_aggregation, cfg.data.top_k),
+                                **store_options(cfg.data))  # the training images without augmentation
+    detector = fit_ood(model, train_eval, cfg, val_ds, runtime, bs)
+    # the BatchNorm layers' input moments on the training images: what `medtl adapt` matches a new site to
+    bn_stats = bn_statistics(model, (b["image"] for b in iterate_batches(train_eval, bs, runtime.device)), runtime) \
+        if batchnorms(model) else None
     metrics = run_metrics(model, result, prepared, (val_logits, test_ds), runtime, bs, temperature, op)
     if detector is not None:
         metrics["ood"] = detector.describe()
@@ -173,6 +180,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, temperature, op)
     if detector is not None:
         detector.save(out / OOD_FILE)
+    if bn_stats:
+        save_bn_statistics(bn_stats, out)
     write_run_files(out, cfg, prepared, result, pre, model.pretrained_cfg["weights_source"])
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
@@ -182,15 +191,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     return out
 
 
-def fit_ood(model: torch.nn.Module, prepared: PreparedData, cfg: ExperimentConfig, pre: Preprocessing, val_ds,
-            runtime: Runtime, batch_size: int) -> OODDetector | None:
-    """The out-of-distribution detector (``train.ood``) of the training images' encoder features (read
-    without augmentation), its threshold set on the validation studies; None when ``train.ood`` is off."""
+def fit_ood(model: torch.nn.Module, train_eval, cfg: ExperimentConfig, val_ds, runtime: Runtime,
+            batch_size: int) -> OODDetector | None:
+    """The out-of-distribution detector (``train.ood``) of the training images' encoder features
+    (``train_eval``: read without augmentation), its threshold set on the validation studies; None when
+    ``train.ood`` is off."""
     if cfg.train.ood == "off":
         return None
-    _, final_eval = create_transforms(cfg.data, pre, train=False)
-    train_eval = create_dataset(prepared.sets["train"], final_eval, (cfg.data.slice_aggregation, cfg.data.top_k),
-                                **store_options(cfg.data))
     train_f, train_y = extract_features(model, train_eval, runtime, batch_size)
     detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
     val_f, _ = extract_features(model, val_ds, runtime, batch_size)

@@ -1,0 +1,101 @@
+"""``medtl adapt``: a trained run adapted to a new site's unlabelled images, written as a new run.
+
+``adapt_run(RUN, files, OUT, method)`` reads the target files as the run reads its inputs (a file
+that cannot be read is reported and skipped), adapts a copy of the model (:mod:`medtl.adapt`:
+source-matched AdaBN by default, or TENT) and writes ``OUT``: the run's files with the adapted
+weights, and ``adaptation.json``, its provenance (the source run and the sha256 of its weights, the
+method, how many target images, a hash of their keys, medtl's version, the date). The temperature,
+the operating point and the out-of-distribution detector are the source run's: they were chosen
+on the source's validation data, and no target labels exist to choose them again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from medtl import __version__
+from medtl.adapt import METHODS, adapt, load_bn_statistics
+from medtl.batch import input_key
+from medtl.checkpoint import save_model
+from medtl.errors import ConfigError, MedtlError, RunError
+from medtl.inference import Predictor
+from medtl.models.encoders import file_sha256
+from medtl.train.experiment import prepare_run_dir
+
+log = logging.getLogger("medtl.site")
+RUN_FILES = ("config.yaml", "ood.safetensors", "bn_source.safetensors", "metrics.json", "history.csv",
+             "MODEL_CARD.md")
+
+
+def target_inputs(predictor: Predictor, files: list[Path]) -> tuple[torch.Tensor, list[str], list[MedtlError]]:
+    """The model inputs of ``files`` (every input of a volume's slices), their files' keys, and the errors
+    of the files that could not be read."""
+    inputs, keys, errors = [], [], []
+    for f in files:
+        try:
+            x, _ = predictor.inputs(predictor.read(f))
+        except MedtlError as e:
+            log.warning("skipped: %s", e)
+            errors.append(e)
+            continue
+        inputs.append(x.float())
+        keys.append(input_key(f))
+    if not inputs:
+        raise ConfigError(None, "no target image could be read", "image files of the new site")
+    return torch.cat(inputs), keys, errors
+
+
+def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, method: str = "adabn",
+              force: bool = False, device: str = "auto", epochs: int = 1, seed: int = 0) -> dict:
+    """Adapt the run to the unlabelled ``files``; write the new run to ``out``; return its provenance."""
+    if method not in METHODS:
+        raise ConfigError(None, f"adaptation method {method!r}", " or ".join(METHODS))
+    run_dir = Path(run_dir)
+    predictor = Predictor(run_dir, device=device, bounded=True)
+    source_stats = load_bn_statistics(run_dir)
+    if source_stats is None and method != "adabn_plain":
+        raise RunError(f"{run_dir}: the run holds no BatchNorm statistics of its training images "
+                       f"(bn_source.safetensors, written by medtl train since 0.1; or the encoder has no BatchNorm): "
+                       f"use --method adabn_plain")
+    x, keys, errors = target_inputs(predictor, [Path(f) for f in files])
+    runtime = predictor.runtime
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for idx in torch.randperm(len(x), generator=generator).split(64):  # large batches: moments closer to the whole set's
+            yield x[idx].to(runtime.device)
+
+    options = {"epochs": epochs} if method == "tent" else {}
+    model = adapt(predictor.model, method, batches, source_stats, runtime, **options)
+    out = prepare_run_dir(out, force)
+    if out.resolve() == run_dir.resolve():
+        raise RunError("the adapted run must go to another folder than its source")
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    model.cpu()
+    model.to(memory_format=torch.contiguous_format)
+    save_model(model, out / "model.safetensors", predictor.encoder, predictor.class_names, predictor.preprocessing,
+               predictor.temperature, predictor.operating_point)
+    record = {
+        "adapted_from": str(run_dir.resolve()), "source_weights_sha256": file_sha256(run_dir / "model.safetensors"),
+        "method": method, "target_images": len(keys), "target_inputs": int(len(x)), "skipped_files": len(errors),
+        "target_keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
+        "epochs": epochs if method == "tent" else None, "seed": seed, "medtl_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kept_from_source": "temperature, operating point and out-of-distribution detector (no target labels)",
+    }
+    (out / "adaptation.json").write_text(json.dumps(record, indent=2))
+    log.info("%s: %s on %d target images -> %s", run_dir.name, method, len(keys), out)
+    record["errors"] = errors
+    return record
+
+
+__all__ = ["adapt_run", "target_inputs"]
