@@ -86,13 +86,13 @@ def _study_uid(path: Path) -> str:
         return ""
 
 
-def find_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Inputs:
+def find_inputs(paths: Iterable[str | Path], recursive: bool = False, group_studies: bool = True) -> Inputs:
     """The inputs under ``paths``: files as given, folders as one series each. With ``recursive`` a folder
     is searched instead: every NIfTI or picture file is an input, and DICOM files are grouped into studies
     by their StudyInstanceUID, wherever they lie under the folder (a study's series are often in folders
     of their own). A study is read as one input, its series chosen by medtl's rules; a DICOM file that
     names no study is an input of its own. Close the result (or use it in ``with``) to remove the private
-    folders that hold links to each study's files."""
+    folders that hold links to each study's files. ``group_studies=False``: every image file is an input."""
     out: list[BatchInput] = []
     studies: dict[str, list[Path]] = {}
     for path in map(Path, paths):
@@ -111,7 +111,7 @@ def find_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Inputs:
                     continue  # not an image file (a text note, a CSV): not an input
                 if kind == "dicom" and not _looks_dicom(f):
                     continue  # an unknown extension without DICOM's preamble (README.md, a CSV): not an input
-                uid = _study_uid(f) if kind == "dicom" else ""
+                uid = _study_uid(f) if kind == "dicom" and group_studies else ""
                 if uid:
                     studies.setdefault(uid, []).append(f)
                 else:

@@ -291,12 +291,12 @@ def _add_pacs_options(s, filters: bool = True) -> None:
 
 
 def cmd_adapt(args) -> int:
-    from medtl.deid import dicom_files
+    from medtl.batch import find_inputs
     from medtl.site import adapt_run
 
-    files = dicom_files(args.data)  # every file under the folders given (any image format)
-    record = adapt_run(args.run, files, args.out, args.method, force=args.force, device=args.device,
-                       epochs=args.epochs, seed=args.seed)
+    with find_inputs(args.data, recursive=True, group_studies=False) as inputs:  # every image file
+        record = adapt_run(args.run, [i.path for i in inputs], args.out, args.method, force=args.force,
+                           device=args.device, epochs=args.epochs, seed=args.seed)
     for error in record["errors"]:
         print(f"error: {error}", file=sys.stderr)
     print(f"{args.out}: {record['method']} on {record['target_images']} target images "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, Resize
 
 from medtl.adapt import adapt, bn_statistics
@@ -37,6 +38,7 @@ from medtl.eval import compute_auc
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_model
 from medtl.predict import predict_probs
+from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train import fit, prepare_data, read_data
 from medtl.transforms import create_transforms
 
@@ -79,7 +81,18 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
     return out
 
 
-ZERO_LABEL = ("source_only", "adabn", "adabn_plain", "tent")
+ZERO_LABEL = ("source_only", "adabn", "adabn_plain", "tent", "self_train")
+
+
+def confident(probs: np.ndarray, fraction: float) -> list[int]:
+    """The indices of the most confident ``fraction`` of the images predicted as each class (at least one
+    per class predicted), so every class keeps pseudo-labels however skewed the predictions are."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    keep = []
+    for c in np.unique(pred):
+        idx = np.flatnonzero(pred == c)
+        keep += idx[np.argsort(-conf[idx])][: max(1, int(round(fraction * len(idx))))].tolist()
+    return sorted(keep)
 
 
 def _images(dataset, runtime, shuffle: bool = False, seed: int = 0, batch_size: int = 64):
@@ -102,11 +115,13 @@ def main(argv=None) -> int:
                    "--site-column); the source model of a seed is trained once for all of them")
     p.add_argument("--methods", default="source_only,adabn,adabn_plain,tent,fine_tune,adabn+fine_tune,retrain",
                    help="k=0: source_only and the zero-label adaptations (adabn: source-matched, adabn_plain, "
-                   "tent); k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target "
+                   "tent, self_train: AdaBN then fine-tuning on confident pseudo-labels, validated on the source); k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target "
                    "training images, then fine-tuning on the k labels), retrain")
     p.add_argument("--k", default="0,5,10,25,50", help="target labels per class for adaptation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
+    p.add_argument("--pseudo-fraction", type=float, default=0.5, help="self_train: the most confident fraction of "
+                   "each predicted class kept as pseudo-labels")
     p.add_argument("--config")
     p.add_argument("--site-column", help="manifest column naming the site (real shift)")
     p.add_argument("--source-site", help="the site used as source (with --site-column)")
@@ -151,8 +166,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             src_model, _ = create_model(cfg.encoder, n_classes)
             tc = dataclasses.replace(cfg.train, seed=seed)
-            runtime = fit(src_model, create_dataset(source["train"], final_train, agg, **store),
-                          create_dataset(source["val"], final_eval, agg, **store), tc, n_classes).eval_runtime()
+            cached = args.out / f"source_model_seed{seed}.safetensors"  # methods added later reuse the model
+            if cached.is_file():
+                src_model.load_state_dict(load_file(str(cached)))
+                runtime = Runtime(resolve_device(tc.device), inference_precision(None))
+                runtime.prepare(src_model)
+            else:
+                runtime = fit(src_model, create_dataset(source["train"], final_train, agg, **store),
+                              create_dataset(source["val"], final_eval, agg, **store), tc, n_classes).eval_runtime()
+                save_file({k: v.detach().cpu().contiguous() for k, v in src_model.state_dict().items()}, str(cached))
             source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime, store)
             source_stats = bn_statistics(src_model, _images(create_dataset(source["train"], final_eval, agg, **store),
                                                              runtime), runtime)
@@ -165,7 +187,14 @@ def main(argv=None) -> int:
                 def batches(ds=unlabelled):  # shuffled (the same order each call)
                     return _images(ds, runtime, True, seed)
 
-                if k == 0:
+                if method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
+                    model = adapt(src_model, "adabn", batches, source_stats, runtime)
+                    _, probs = predict_probs(model, unlabelled, runtime, 64)
+                    pseudo = [{**target["train"][i], "label": int(probs[i].argmax())}
+                              for i in confident(probs, args.pseudo_fraction)]
+                    fit(model, create_dataset(pseudo, final_train, agg, **store),
+                        create_dataset(source["val"], final_eval, agg, **store), tc, n_classes)
+                elif k == 0:
                     model = src_model if method == "source_only" else \
                         adapt(src_model, method, batches, source_stats, runtime)
                 else:
@@ -211,7 +240,8 @@ def summarise(rows: list[dict], out: Path) -> None:
             ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
             lines.append(f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
                          + " — |" * (len(ks) - 1))
-        for method in ("source_only", "adabn", "adabn_plain", "tent", "fine_tune", "adabn+fine_tune", "retrain"):
+        for method in ("source_only", "adabn", "adabn_plain", "tent", "self_train", "fine_tune", "adabn+fine_tune",
+                       "retrain"):
             cells, xs, means, halfs = [], [], [], []
             for k in ks:
                 v = np.array([float(r["target_auc"]) for r in rows if r["shift"] == shift and r["method"] == method
