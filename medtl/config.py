@@ -78,7 +78,7 @@ class EncoderConfig:
     drop_rate: float = 0.2  # dropout before the classification head
 
 
-STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full")
+STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) ->
     head = [Stage("head", cfg.frozen_epochs, 0, cfg.lr, 0.0)] if cfg.frozen_epochs else []
     if strategy == "linear_probe":
         return [Stage("head", cfg.epochs, 0, cfg.lr, 0.0)]
+    if strategy in FEW_SHOT_HEADS:  # fitted in closed form on cached features: one "epoch"
+        return [Stage(strategy, 1, 0, cfg.lr, 0.0)]
     if strategy == "full":
         return [Stage("full", cfg.epochs, ALL, cfg.lr, enc_lr, cfg.layer_decay)]
     if strategy == "partial":
@@ -111,6 +113,7 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) ->
     return head + [Stage("fine_tune", cfg.epochs, ALL, cfg.lr / 2, enc_lr, cfg.layer_decay)]
 
 
+FEW_SHOT_HEADS = ("logreg", "ncm")  # heads fitted in closed form on cached features (train.strategy)
 REFERENCE_BATCH = 8  # train.lr is the learning rate for batches of this size (the default batch_size)
 AUTO_BATCHES = (256, 128, 64, 32, 16, 8)  # batch_size "auto" on a GPU: the largest that fits, in this order
 
@@ -350,6 +353,8 @@ class _Trainer:
         """The stage's epochs over the training set (the encoder's trainable groups with the head)."""
         cfg, model = self.cfg, self.model
         set_trainable(model, stage.trainable)
+        if stage.name in FEW_SHOT_HEADS:
+            return self.fit_few_shot_head(stage)
         if stage.head_only and cfg.cache_features:
             return self.run_head_on_features(stage)
         net = model
@@ -381,8 +386,8 @@ class _Trainer:
         self.run_epochs(stage, optimizer, steps, batches, step, validate,
                         lambda: _train_mode(model, cfg.freeze_bn))
 
-    def run_head_on_features(self, stage: Stage) -> None:
-        """A head-only stage on features extracted once from the (frozen) encoder."""
+    def cached_features(self):
+        """((train features, labels), (validation features, labels)) of the frozen encoder, extracted once."""
         cfg, model = self.cfg, self.model
         if self._features is None:
             t0 = time.perf_counter()
@@ -390,7 +395,54 @@ class _Trainer:
             self._features = (extract_features(model, self.train_ds, rt, bs), extract_features(model, self.val_ds, rt, bs))
             self.log("encoder features cached for %d + %d inputs in %.1fs", len(self._features[0][0]),
                      len(self._features[1][0]), time.perf_counter() - t0)
-        (xf, yf), (vf, vy) = self._features
+        return self._features
+
+    def validate_head(self, head, vf, vy) -> tuple[np.ndarray, np.ndarray]:
+        head.eval()
+        with torch.no_grad():
+            logits = head(vf).float().cpu().numpy()
+        return Logits(vy.cpu().numpy(), logits, study_index(self.val_ds), self.val_ds.aggregation).study_probs()
+
+    def fit_few_shot_head(self, stage: Stage) -> None:
+        """The head fitted in closed form on the frozen encoder's features (no augmentation):
+        ``logreg``, an L2-regularised logistic regression whose strength is chosen by stratified
+        cross-validation on the training features (log loss; class-balanced); ``ncm``, the nearest class
+        mean (Euclidean), which is linear in the features: logit_c = f·m_c - |m_c|^2 / 2."""
+        t0 = time.perf_counter()
+        (xf, yf), (vf, vy) = self.cached_features()
+        head = self.model.get_classifier()
+        x, y = xf.float().cpu().numpy(), yf.cpu().numpy()
+        if stage.name == "ncm":
+            means = np.stack([x[y == c].mean(0) if (y == c).any() else np.zeros(x.shape[1]) for c in
+                              range(self.num_classes)])
+            weight, bias = means, -0.5 * (means ** 2).sum(1)
+            detail = "class means"
+        else:
+            from sklearn.linear_model import LogisticRegressionCV
+            from sklearn.preprocessing import StandardScaler
+
+            folds = int(max(2, min(5, np.bincount(y, minlength=self.num_classes).min())))
+            scaler = StandardScaler().fit(x)
+            clf = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=folds, scoring="neg_log_loss", max_iter=2000,
+                                       class_weight="balanced" if self.cfg.class_weighting else None)
+            clf.fit(scaler.transform(x), y)
+            coef = clf.coef_ / scaler.scale_  # the standardisation folded into the head
+            intercept = clf.intercept_ - (clf.coef_ * scaler.mean_ / scaler.scale_).sum(1)
+            if coef.shape[0] == 1:  # binary: one decision function, split symmetrically over the two logits
+                coef, intercept = np.stack([-coef[0], coef[0]]) / 2, np.array([-intercept[0], intercept[0]]) / 2
+            weight, bias = coef, intercept
+            detail = f"C={float(clf.C_[0]):.3g} chosen by {folds}-fold cross-validation"
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+            head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+        self.epoch += 1
+        self.log("%s head: %s", stage.name, detail)
+        self.end_epoch(stage, [], time.perf_counter() - t0, self.validate_head(head, vf, vy))
+
+    def run_head_on_features(self, stage: Stage) -> None:
+        """A head-only stage on features extracted once from the (frozen) encoder."""
+        cfg, model = self.cfg, self.model
+        (xf, yf), (vf, vy) = self.cached_features()
         head = model.get_classifier()
         drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
         optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_lr, weight_decay=cfg.weight_decay)
@@ -401,11 +453,7 @@ class _Trainer:
             return self.loss(head(F.dropout(f, drop, training=True)), target)
 
         def validate():
-            head.eval()
-            with torch.no_grad():
-                logits = head(vf).float().cpu().numpy()
-            return Logits(vy.cpu().numpy(), logits, study_index(self.val_ds),
-                          self.val_ds.aggregation).study_probs()
+            return self.validate_head(head, vf, vy)
 
         self.run_epochs(stage, optimizer, n // bs if n > bs else 1,
                         lambda: feature_batches(n, bs, self.rng, xf.device), step, validate, head.train)

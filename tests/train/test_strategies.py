@@ -23,12 +23,12 @@ def _config(path, data=None, **train):
                        train={"epochs": 1, "frozen_epochs": 0, "batch_size": 4, "class_weighting": False, **train})
 
 
-def _data(path, cfg, shuffle_labels=False):
+def _data(path, cfg, shuffle_labels=False, shuffle_seed=0):
     model = create_encoder("efficientnet_lite0", num_classes=2, drop_rate=0.0)
     pre = resolve_preprocessing(model, 32)
     prepared = prepare_data(cfg.data, pre, 0, read_dataset(path))
     if shuffle_labels:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(shuffle_seed)
         labels = rng.permutation([s["label"] for s in prepared.sets["train"]])
         for s, y in zip(prepared.sets["train"], labels):
             s["label"] = int(y)
@@ -203,3 +203,28 @@ def test_mixup_and_tta_run_and_best_checkpoint_is_reported(npz):
     result = fit(model, train, val, cfg.train, num_classes=2, on_improve=lambda m, row: calls.append(row["epoch"]))
     assert all(np.isfinite(r["train_loss"]) for r in result.history)
     assert calls and calls[-1] == result.best_epoch
+
+
+@pytest.mark.parametrize("strategy", ["logreg", "ncm"])
+def test_few_shot_heads_fit_only_the_head_and_learn_real_labels_not_shuffled_ones(strategy, tmp_path):
+    """A shuffled labelling keeps, by chance, some correlation with the real one, which a low-variance rule
+    like class means turns into a consistent AUC away from 0.5: the shuffled AUC is averaged over 4
+    shufflings (its expectation is 0.5)."""
+    from medtl.eval.metrics import compute_auc
+
+    path = write_medmnist(tmp_path / "s.npz", n=(120, 40, 200), seed=3)
+    aucs = {}
+    for shuffled in (None, 0, 1, 2, 3):
+        cfg = _config(path, strategy=strategy)
+        torch.manual_seed(0)
+        model, (train, val, test) = _data(path, cfg, shuffle_labels=shuffled is not None, shuffle_seed=shuffled or 0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = fit(model, train, val, cfg.train, num_classes=2)
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k].cpu())}
+        assert changed == {"classifier.weight", "classifier.bias"}, changed
+        assert result.strategy == strategy and len(result.history) == 1
+        y, p = predict_probs(model, test)
+        aucs[shuffled] = compute_auc(y, p)
+    assert aucs[None] > {"logreg": 0.9, "ncm": 0.75}[strategy]  # (class means: a weaker rule)
+    assert abs(np.mean([aucs[k] for k in range(4)]) - 0.5) < 0.1, aucs
