@@ -85,7 +85,8 @@ STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full",
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why
+    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why;
+    #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features
     frozen_epochs: int = 6  # epochs training the head alone before unfreezing (partial, fine_tune, gradual)
     epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top

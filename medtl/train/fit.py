@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
@@ -419,15 +420,23 @@ class _Trainer:
             detail = "class means"
         else:
             from sklearn.linear_model import LogisticRegressionCV
-            from sklearn.preprocessing import StandardScaler
 
             folds = int(max(2, min(5, np.bincount(y, minlength=self.num_classes).min())))
-            scaler = StandardScaler().fit(x)
+            # centred, and scaled by one number for all features: a per-feature standardisation would blow up
+            # the features that barely vary in a few dozen images (and vary in new ones)
+            mean, scale = x.mean(0), float(x.std(0).mean()) or 1.0
             clf = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=folds, scoring="neg_log_loss", max_iter=2000,
                                        class_weight="balanced" if self.cfg.class_weighting else None)
-            clf.fit(scaler.transform(x), y)
-            coef = clf.coef_ / scaler.scale_  # the standardisation folded into the head
-            intercept = clf.intercept_ - (clf.coef_ * scaler.mean_ / scaler.scale_).sum(1)
+            from sklearn.exceptions import ConvergenceWarning
+
+            # scikit-learn's notices of its coming defaults, and of the weakest regularisations of the grid not
+            # converging (cross-validation judges those by their score like the others)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit((x - mean) / scale, y)
+            coef = clf.coef_ / scale  # the centring and scaling folded into the head
+            intercept = clf.intercept_ - (coef * mean).sum(1)
             if coef.shape[0] == 1:  # binary: one decision function, split symmetrically over the two logits
                 coef, intercept = np.stack([-coef[0], coef[0]]) / 2, np.array([-intercept[0], intercept[0]]) / 2
             weight, bias = coef, intercept
