@@ -173,5 +173,12 @@ def test_domain_shift_study_runs_end_to_end(tmp_path):
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0,3",
                      "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
-    assert [r["method"] for r in rows] == ["source_only", "fine_tune", "retrain"]
+    assert [r["method"] for r in rows] == ["source_only", "adabn", "adabn_plain", "tent", "fine_tune",
+                                           "adabn+fine_tune", "retrain"]
     assert (tmp_path / "ds" / "adaptation.png").is_file() and "fine_tune" in (tmp_path / "ds" / "results.md").read_text()
+    # a method added later reuses the seed's source model (cached), and only its rows are added
+    assert (tmp_path / "ds" / "source_model_seed0.safetensors").is_file()
+    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0",
+                     "--seeds", "0", "--input-size", "32", "--config", str(cfg), "--methods", "source_only,self_train"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
+    assert [r["method"] for r in rows][-1] == "self_train" and len(rows) == 8
