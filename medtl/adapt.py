@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medtl.errors import ConfigError
 from medtl.runtime import Runtime
 
 log = logging.getLogger("medtl.adapt")
@@ -132,18 +133,24 @@ class _Matched:
         for h in self.hooks:
             h.remove()
 
-    def set_statistics(self) -> None:
-        """Running statistics that reproduce, in eval mode, what the hooks did on the data seen."""
-        for name, m in self.layers.items():
-            if not self.moments[name].n:
-                continue
-            t_mean, t_var = (t.to(m.running_mean.device) for t in self.moments[name].result())
-            if self.source is not None and name in self.source:
-                _match(m, m.running_mean.clone(), m.running_var.clone(), t_mean, t_var,
-                       *(t.to(m.running_mean.device) for t in self.source[name]))
-            else:
-                m.running_mean.copy_(t_mean)
-                m.running_var.copy_(t_var)
+    def measured(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The moments of each layer's input over the data seen."""
+        return {name: mo.result() for name, mo in self.moments.items() if mo.n}
+
+
+def _assign(layers: dict[str, _BatchNorm], measured: dict, original: dict, source: dict | None) -> None:
+    """Set each layer's statistics from its input's ``measured`` moments: matched to the ``source``'s through
+    the ``original`` statistics, or (no source moments) the measured ones themselves."""
+    for name, m in layers.items():
+        if name not in measured:
+            continue
+        device = m.running_mean.device
+        t_mean, t_var = (t.to(device) for t in measured[name])
+        if source is not None and name in source:
+            _match(m, *original[name], t_mean, t_var, *(t.to(device) for t in source[name]))
+        else:
+            m.running_mean.copy_(t_mean)
+            m.running_var.copy_(t_var)
 
 
 @torch.no_grad()
@@ -168,19 +175,9 @@ def adabn(model: torch.nn.Module, batches: Callable[[], Iterable[torch.Tensor]] 
                 model(x)
     finally:
         hooks.remove()
-    hooks.set_statistics()
+    _assign(layers, hooks.measured(), original, source_stats)
     for _ in range(passes - 1):
-        measured = bn_statistics(model, again(), runtime)
-        for name, m in layers.items():
-            if name not in measured:
-                continue
-            r_mean, r_var = original[name]
-            t_mean, t_var = (t.to(m.running_mean.device) for t in measured[name])
-            if source_stats is not None and name in source_stats:
-                _match(m, r_mean, r_var, t_mean, t_var, *(t.to(m.running_mean.device) for t in source_stats[name]))
-            else:
-                m.running_mean.copy_(t_mean)
-                m.running_var.copy_(t_var)
+        _assign(layers, bn_statistics(model, again(), runtime), original, source_stats)
     return model
 
 
@@ -240,13 +237,14 @@ def adapt(model: torch.nn.Module, method: str, batches: Callable[[], Iterable[to
     model = copy.deepcopy(model)
     if method == "adabn":
         if source_stats is None:
-            raise ValueError("source-matched AdaBN needs the source's BatchNorm statistics")
+            raise ConfigError(None, "source-matched AdaBN without the source's BatchNorm statistics",
+                              "the run's bn_source.safetensors, or adabn_plain")
         return adabn(model, batches, source_stats, runtime)
     if method == "adabn_plain":
         return adabn(model, batches, None, runtime)
     if method == "tent":
         return tent(model, batches, source_stats, runtime=runtime, **options)
-    raise ValueError(f"unknown adaptation method {method!r} (one of {', '.join(METHODS)})")
+    raise ConfigError(None, f"adaptation method {method!r}", " or ".join(METHODS))
 
 
 def save_bn_statistics(stats: dict, run_dir: str | Path) -> Path:

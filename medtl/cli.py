@@ -256,7 +256,6 @@ def cmd_pacs_run(args) -> int:
 
 
 def cmd_pacs_serve(args) -> int:
-    import json as json_
     import os
     import signal
 
@@ -269,7 +268,7 @@ def cmd_pacs_serve(args) -> int:
         path = args.storage / "credentials.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json_.dump({"user": server.credentials.user, "password": server.credentials.password}, f)
+            json.dump({"user": server.credentials.user, "password": server.credentials.password}, f)
         print(f"credentials (user {server.credentials.user}) in {path}: pass --credentials {path}")
     with server:
         print(f"Orthanc DICOMweb on {server.url} (loopback only, authentication on); Ctrl-C to stop")

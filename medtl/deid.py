@@ -266,6 +266,11 @@ class DeidResult:
     errors: list[MedtlError] = field(default_factory=list)  # unreadable or refused: reported, the rest done
 
 
+def _short(uid) -> str:
+    """A file or folder name from a (new) UID."""
+    return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
+
+
 def deidentify_files(files: Iterable[str | Path], out: str | Path, deidentifier: Deidentifier | None = None
                      ) -> DeidResult:
     """De-identify DICOM files into ``out``, as ``out/<study>/<series>/<instance>.dcm`` (names from the new
@@ -288,9 +293,8 @@ def deidentify_files(files: Iterable[str | Path], out: str | Path, deidentifier:
             log.warning("skipped: %s", e)
             result.errors.append(e)
             continue
-        short = lambda uid: hashlib.sha256(str(uid).encode()).hexdigest()[:12]  # noqa: E731
-        target = (out / f"study-{short(ds.get('StudyInstanceUID', ''))}" / f"series-{short(ds.get('SeriesInstanceUID', ''))}"
-                  / f"{short(ds.SOPInstanceUID)}.dcm")
+        target = (out / f"study-{_short(ds.get('StudyInstanceUID', ''))}"
+                  / f"series-{_short(ds.get('SeriesInstanceUID', ''))}" / f"{_short(ds.SOPInstanceUID)}.dcm")
         if target.exists():
             result.skipped.append(target)
             continue
