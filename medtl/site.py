@@ -58,6 +58,8 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
     if method not in METHODS:
         raise ConfigError(None, f"adaptation method {method!r}", " or ".join(METHODS))
     run_dir = Path(run_dir)
+    if Path(out).resolve() == run_dir.resolve():  # checked first: --force would empty the source run
+        raise RunError("the adapted run must go to another folder than its source")
     predictor = Predictor(run_dir, device=device, bounded=True)
     source_stats = load_bn_statistics(run_dir)
     if source_stats is None and method != "adabn_plain":
@@ -75,8 +77,6 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
     options = {"epochs": epochs} if method == "tent" else {}
     model = adapt(predictor.model, method, batches, source_stats, runtime, **options)
     out = prepare_run_dir(out, force)
-    if out.resolve() == run_dir.resolve():
-        raise RunError("the adapted run must go to another folder than its source")
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)

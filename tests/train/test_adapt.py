@@ -112,3 +112,9 @@ def test_the_command_writes_an_adapted_run_with_its_provenance(tiny_run, sample_
     with pytest.raises(SystemExit):
         main(["adapt", str(tiny_run), "--out", str(out)])  # --data is required
     assert main(["adapt", str(tiny_run), "--data", str(target), "--out", str(out)]) == 2  # not replaced
+
+
+def test_adapting_a_run_into_itself_is_refused_before_anything_is_touched(tiny_run, sample_dir):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    assert main(["adapt", str(tiny_run), "--data", str(sample_dir / "dicom"), "--out", str(tiny_run), "--force"]) == 2
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
