@@ -21,17 +21,20 @@ FORMAT_VERSION = "1"
 
 def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_names: list[str],
                preprocessing: Preprocessing, temperature: float | None = None,
-               operating_point: dict | None = None) -> None:
+               operating_point: dict | None = None, multi_label: bool = False) -> None:
     """Write weights and everything needed to rebuild and feed the model to one safetensors file.
 
     ``temperature`` (fitted on validation data) calibrates the probabilities; ``operating_point``
-    (``{"threshold": t, "rule": ...}`` on the class-1 probability) is the decision rule for binary models.
+    (``{"threshold": t, "rule": ...}`` on the class-1 probability) is the decision rule for binary models
+    (``{"thresholds": [t per finding], ...}`` for ``multi_label`` ones: a sigmoid per finding).
     """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
         "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),
     }
+    if multi_label:
+        meta["multi_label"] = "true"
     if temperature is not None:
         meta["temperature"] = json.dumps(float(temperature))
     if operating_point is not None:
@@ -42,7 +45,8 @@ def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_nam
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model saved by :func:`save_model`; returns (model in eval mode, metadata).
 
-    The metadata holds ``encoder``, ``class_names`` and ``preprocessing`` (a :class:`Preprocessing`).
+    The metadata holds ``encoder``, ``class_names``, ``preprocessing`` (a :class:`Preprocessing`),
+    ``temperature``, ``operating_point`` and ``multi_label``.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,7 +70,8 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     model.eval()
     return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre,
                    "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
-                   "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None}
+                   "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None,
+                   "multi_label": meta.get("multi_label") == "true"}
 
 
 @dataclass
@@ -82,6 +87,7 @@ class SavedRun:
     temperature: float | None = None  # set by `medtl evaluate` (calibration)
     operating_point: dict | None = None  # decision threshold chosen on validation by `medtl evaluate`
     input_record: dict = field(default_factory=dict)  # modalities and dimensions seen in training
+    multi_label: bool = False  # several findings per image, a sigmoid each (class_names: the findings)
 
 
 def load_saved_run(run_dir: str | Path) -> SavedRun:
@@ -97,7 +103,7 @@ def load_saved_run(run_dir: str | Path) -> SavedRun:
     config = config_from_dict(ExperimentConfig, raw, source=cfg_path)
     model, meta = load_model(run_dir / "model.safetensors")
     return SavedRun(run_dir, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],
-                    meta["temperature"], meta["operating_point"], resolved.get("input_record", {}))
+                    meta["temperature"], meta["operating_point"], resolved.get("input_record", {}), meta["multi_label"])
 
 
 __all__ = ["save_model", "load_model", "load_saved_run", "SavedRun", "FORMAT_VERSION"]

@@ -65,6 +65,8 @@ class DataConfig:
     #   data's own, checked to share one form: all indices 0, 1, ... or all names); rows with other labels are
     #   reported and skipped. A mapping {label: class name} also names the classes ({0: no lesion, 1: lesion})
     allow_outside_paths: bool = False  # let a manifest name images by absolute path or outside its folder (../)
+    label_columns: tuple[str, ...] | None = None  # multi-label manifest with one 0/1 column per finding: those
+    #   columns (a manifest with a "findings" column of names separated by "|" needs no setting)
 
 
 @dataclass(frozen=True)

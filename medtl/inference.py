@@ -18,7 +18,8 @@ from medtl.export import FORMATS, ExportedNetwork, load_network, verify_package
 from medtl.io import Scan, read_image, read_image_bounded
 from medtl.models.volumetric import is_volume_model
 from medtl.ood import OODDetector, load_detector
-from medtl.predict import batched_logits_features
+from medtl.data.manifest import FINDINGS_SEPARATOR, NO_FINDING
+from medtl.predict import batched_logits_features, to_probabilities
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
 
@@ -31,13 +32,15 @@ class Prediction:
     probabilities: dict[str, float]  # class name -> probability (calibrated when the run has a temperature);
     #   empty when the input was refused before the model saw it
     label: str | None  # decided class: at the run's operating point when it has one, else the most probable;
-    #   None when refused
+    #   None when refused. Multi-label: the findings decided present joined by "|" ("No Finding" for none)
     slice_scores: list[float] | None = None  # "slices" volume modes: probability of ``label`` per slice
     slice_index: int | None = None  # slice shown / most suspicious slice of a volume (None for 2D images)
     refused: str | None = None  # why the model does not answer for this input (None: it answers)
     ood_score: float | None = None  # distance of the input's features to the training set's (medtl.ood)
     decision: str = "argmax"  # how ``label`` was decided: "operating point" (chosen on validation) or "argmax"
     study_key: str = ""  # a hash of the DICOM StudyInstanceUID (no patient data), "" for other files
+    findings: list[str] | None = None  # multi-label models: the findings decided present (each probability at
+    #   or above its threshold); None for single-label models and refusals
 
     def __str__(self) -> str:
         if self.refused:
@@ -135,6 +138,7 @@ class Predictor:
         self.encoder = saved.encoder
         self.temperature: float | None = saved.temperature  # fitted on validation by `medtl train` / `evaluate`
         self.operating_point: dict | None = saved.operating_point  # decision threshold chosen on validation
+        self.multi_label: bool = saved.multi_label  # several findings, a sigmoid each (class_names: the findings)
         self.ood: OODDetector | None = load_detector(self.run_dir)  # None: runs trained before medtl 0.1 kept one
         self._read, self._final = create_transforms(self.config.data, self.preprocessing, train=False)
         self.backend = look_up_option(backend, ["torch", *FORMATS], "backend")
@@ -188,7 +192,7 @@ class Predictor:
         else:
             with self._model_lock:
                 z, f = batched_logits_features(self.model, x, self.runtime, batch_size)
-        return (z / (self.temperature or 1.0)).softmax(dim=1).numpy(), f
+        return to_probabilities(z, self.temperature or 1.0, self.multi_label).numpy(), f
 
     def _exported_logits_features(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What :func:`medtl.predict.batched_logits_features` gives, from the exported network (flip-averaged
@@ -206,11 +210,19 @@ class Predictor:
         data = self.config.data
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
         label, decision = int(p.argmax()), "argmax"
-        if self.operating_point is not None and len(p) == 2:
-            label, decision = int(p[1] >= self.operating_point["threshold"]), "operating point"
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
-        pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=self.class_names[label],
-                          decision=decision, study_key=str(scan.header.get("study_key", "")))
+        if self.multi_label:
+            thresholds = (self.operating_point or {}).get("thresholds") or [0.5] * len(p)
+            findings = [c for c, v, t in zip(self.class_names, p, thresholds) if v >= t]
+            pred = Prediction(file=Path(scan.path).name, probabilities=probs,
+                              label=FINDINGS_SEPARATOR.join(findings) or NO_FINDING[0].title(), findings=findings,
+                              decision="operating points" if self.operating_point else "0.5 per finding",
+                              study_key=str(scan.header.get("study_key", "")))
+        else:
+            if self.operating_point is not None and len(p) == 2:
+                label, decision = int(p[1] >= self.operating_point["threshold"]), "operating point"
+            pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=self.class_names[label],
+                              decision=decision, study_key=str(scan.header.get("study_key", "")))
         if len(parts) > 1:
             pred.slice_scores = [round(float(v), 4) for v in per_input[:, label]]
             pred.slice_index = int(parts[int(per_input[:, label].argmax())]["slice_index"])
@@ -238,7 +250,7 @@ class Predictor:
             if check and self.ood.refuses(pred.ood_score):
                 pred.refused = UNLIKE_TRAINING.format(pct=f"{self.ood.quantile:.0%}")
         if pred.refused:
-            pred.label = None
+            pred.label = pred.findings = None
         return pred
 
     def predict_many(self, items: Iterable[str | Path | Scan], check: bool = True,
@@ -319,7 +331,7 @@ class Predictor:
                               "a run of a 2D encoder")
         method = method or self.config.explain.method
         x, parts, per_input = prepared or (*self._prepare(scan), None)
-        target = class_name or prediction.label or self.class_names[0]
+        target = class_name or self.default_target(prediction)
         if target not in self.class_names:
             look_up_option(target, self.class_names, "class")
         k = self.class_names.index(target)
@@ -345,6 +357,15 @@ class Predictor:
             prediction.slice_index = int(parts[best]["slice_index"])
         return Explanation(prediction=prediction, image=image, saliency=saliency, overlay=overlay, class_name=target,
                            method=method)
+
+
+    def default_target(self, prediction: Prediction) -> str:
+        """The class a map explains when none is named: the decided class, or for a multi-label model the
+        most probable finding."""
+        if self.multi_label or not prediction.label:
+            probs = prediction.probabilities
+            return max(probs, key=probs.get) if probs else self.class_names[0]
+        return prediction.label
 
 
 def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None,

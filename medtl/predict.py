@@ -56,26 +56,53 @@ def batched_logits_features(model: torch.nn.Module, x: torch.Tensor, runtime: Ru
     return torch.cat([z.cpu() for z, _ in parts]), torch.cat([f.cpu() for _, f in parts])
 
 
+def to_probabilities(logits, temperature=1.0, multi_label: bool = False) -> torch.Tensor:
+    """Probabilities of logits at ``temperature``: softmax over the classes, or for a multi-label model a
+    sigmoid per finding (each finding present or not, independently)."""
+    z = torch.as_tensor(logits) / temperature
+    return z.sigmoid() if multi_label else z.softmax(dim=1)
+
+
 @dataclass
 class Logits:
     """A model's outputs over a data set, one row per model input, in the data set's order."""
 
-    labels: np.ndarray  # (n,) int: each input's label
+    labels: np.ndarray  # (n,) int: each input's label; multi-label (n, findings) of 0/1
     logits: np.ndarray  # (n, classes) float32
     studies: np.ndarray  # (n,): the study each input belongs to (several inputs per study in "slices" modes)
     aggregation: tuple[str, int] = ("mean", 3)  # how a study's score is made from its inputs' (rule, k)
 
     def study_probs(self, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, probabilities), one row per study: softmax(logits / temperature), then aggregated."""
-        probs = torch.as_tensor(self.logits / temperature).softmax(dim=1).numpy()
+        """(labels, probabilities), one row per study: softmax(logits / temperature) (multi-label: a
+        sigmoid per finding), then aggregated."""
+        probs = to_probabilities(self.logits, temperature, self.multi_label).numpy()
         return aggregate_studies(self.labels, probs, self.studies, *self.aggregation)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
 
 
 def fit_decision(val: Logits, n_classes: int, rule: str = "youden") -> tuple[float, dict | None]:
     """(temperature, operating point) chosen on validation logits: the temperature that minimises the
     validation NLL, then (binary tasks) the threshold on the calibrated class-1 probability by ``rule``
-    (:func:`medtl.eval.metrics.choose_threshold`); None for more classes (the decision is the argmax)."""
+    (:func:`medtl.eval.metrics.choose_threshold`); None for more classes (the decision is the argmax).
+    Multi-label: one temperature for all findings (binary cross-entropy), and a threshold per finding,
+    ``{"thresholds": {finding index: threshold}, "rules": {...}}``; a finding whose validation studies are
+    all of one kind keeps 0.5 (said in its rule)."""
     temperature = fit_temperature(val.logits, val.labels)
+    if val.multi_label:
+        y, p = val.study_probs(temperature)
+        thresholds, rules = [], []
+        for k in range(y.shape[1]):
+            if len(np.unique(y[:, k])) < 2:
+                thresholds.append(0.5)
+                rules.append("0.5: the validation studies are all of one kind for this finding")
+                continue
+            t, why = choose_threshold(y[:, k], p[:, k], rule)
+            thresholds.append(t)
+            rules.append(why)
+        return temperature, {"thresholds": thresholds, "rules": rules, "rule": rule}
     if n_classes != 2:
         return temperature, None
     y, p = val.study_probs(temperature)
@@ -118,5 +145,5 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
     return torch.cat(feats), torch.cat(labels)
 
 
-__all__ = ["fit_decision", "forward_logits", "forward_logits_features", "batched_logits", "batched_logits_features",
+__all__ = ["to_probabilities", "fit_decision", "forward_logits", "forward_logits_features", "batched_logits", "batched_logits_features",
            "predict_logits", "predict_probs", "extract_features", "Logits"]

@@ -83,7 +83,7 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
     save_model(model, out / "model.safetensors", predictor.encoder, predictor.class_names, predictor.preprocessing,
-               predictor.temperature, predictor.operating_point)
+               predictor.temperature, predictor.operating_point, predictor.multi_label)
     record = {
         "adapted_from": str(run_dir.resolve()), "source_weights_sha256": file_sha256(run_dir / "model.safetensors"),
         "method": method, "target_images": len(keys), "target_inputs": int(len(x)), "skipped_files": len(errors),

@@ -12,7 +12,7 @@ from medtl.data.dataset import (
     study_index,
 )
 from medtl.data.manifest import Manifest, Problem, read_manifest
-from medtl.data.sample import create_sample_data, create_sample_series
+from medtl.data.sample import create_multilabel_sample, create_sample_data, create_sample_series
 from medtl.data.sources import read_dataset, read_image_folder, read_medmnist
 from medtl.data.split import (
     TooFewExamplesError,
@@ -24,5 +24,5 @@ from medtl.data.split import (
 
 __all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist",
            "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
-           "create_sample_data", "create_sample_series", "sample_per_class", "TooFewExamplesError", "InputDataset",
+           "create_sample_data", "create_sample_series", "create_multilabel_sample", "sample_per_class", "TooFewExamplesError", "InputDataset",
            "InputStore", "iterate_batches", "store_options", "expand_inputs", "study_index", "MEMORY_CACHE_BYTES"]

@@ -158,7 +158,7 @@ class InputStore:
         first = _as_tensor(shape_chain(dict(dataset.data[0]))["image"])
         full = finish.channels if finish is not None else first.shape[0]  # grey and colour inputs mixed: all repeated
         images, where, mapped = cls._allocate(dataset, (n, *first.shape))
-        labels = torch.empty(n, dtype=torch.long)
+        labels = torch.empty((n, *label_tensor(dataset.data[0]["label"]).shape), dtype=torch.long)  # multi-label: (n, L)
         source = _Prepared(dataset.data, shape_chain)
         loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
                             persistent_workers=False) if workers > 0 else source
@@ -176,7 +176,7 @@ class InputStore:
                 raise ConfigError(None, f"input {i} of the data set has shape {tuple(image.shape)}, the others "
                                   f"{tuple(images.shape[1:])}", "a final chain that gives every input one shape")
             images[i] = image
-            labels[i] = int(label)
+            labels[i] = label
         need = images.element_size() * images.nelement()
         log.debug("%d inputs stored in %s as %s (%.1f MiB)", n, where, dtype, need / 2 ** 20)
         store = cls(images, labels, finish, where)
@@ -243,7 +243,12 @@ class _Prepared(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         out = self.chain(dict(self.items[i]))
-        return _as_tensor(out["image"]), int(out["label"])
+        return _as_tensor(out["image"]), label_tensor(out["label"])
+
+
+def label_tensor(label) -> torch.Tensor:
+    """A record's label as a long tensor: a class index (0-d) or a multi-label row of 0/1 (1-d)."""
+    return torch.as_tensor(np.asarray(label, dtype=np.int64))
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -291,6 +296,9 @@ def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[s
     """
     keep = ("image", "label", "study", "slice_index")
     items = [{k: s[k] for k in keep if k in s} for s in expand_inputs(studies)]
+    for item in items:  # multi-label rows as arrays: collated into (batch, findings), not transposed
+        if isinstance(item.get("label"), (tuple, list)):
+            item["label"] = np.asarray(item["label"], dtype=np.int64)
     return InputDataset(items, final, aggregation, store_dtype, memory_bytes, spill_dir)
 
 

@@ -1,5 +1,9 @@
 """Manifests: CSV files listing ``image``, ``label`` and ``patient_id`` (optional ``modality``, ``study_id``,
-``site``, and ``label_name``: the class's name in words where ``label`` is an index, e.g. ``1,lesion``)."""
+``site``, and ``label_name``: the class's name in words where ``label`` is an index, e.g. ``1,lesion``).
+
+Multi-label manifests (several findings per image, the chest X-ray setting) give the findings instead of
+``label``: a ``findings`` column of names separated by ``|`` (``effusion|nodule``; ``No Finding`` for none,
+as in ChestX-ray14), or one 0/1 column per finding named by ``data.label_columns`` (CheXpert's layout)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from medtl.errors import ManifestError
 
 log = logging.getLogger("medtl.data")
 
 REQUIRED_COLUMNS = ("image", "label", "patient_id")
+FINDINGS_COLUMN = "findings"  # a multi-label manifest's column: finding names separated by FINDINGS_SEPARATOR
+FINDINGS_SEPARATOR = "|"
+NO_FINDING = ("no finding", "no findings")  # a ``findings`` value for an image with none of them
 
 
 @dataclass
@@ -37,17 +46,18 @@ class Manifest:
     """
 
     path: Path
-    records: list[dict]  # {"image": absolute path or array, "label": class index, "patient_id": str, ...}
-    class_names: list[str]  # label value of each class index
+    records: list[dict]  # {"image": absolute path or array, "label": class index, "patient_id": str, ...};
+    #   multi-label: "label" is a tuple of 0/1, one per finding
+    class_names: list[str]  # label value of each class index (multi-label: the findings' names)
     problems: list[Problem] = field(default_factory=list)
     splits: dict[str, list[int]] | None = None  # fixed train/val/test record indices (MedMNIST), else None
     kind: str = "manifest"  # "manifest", "folder" or "medmnist"
+    multi_label: bool = False  # several findings per image (sigmoid outputs) rather than one class
 
     def label_counts(self, indices=None) -> dict[str, int]:
-        counts = {name: 0 for name in self.class_names}
-        for i in (range(len(self.records)) if indices is None else indices):
-            counts[self.class_names[self.records[i]["label"]]] += 1
-        return counts
+        """Images per class (multi-label: images with each finding)."""
+        return label_counts([self.records[i]["label"] for i in (range(len(self.records)) if indices is None
+                                                                 else indices)], self.class_names)
 
     def __repr__(self) -> str:
         patients = len({r["patient_id"] for r in self.records})
@@ -55,6 +65,22 @@ class Manifest:
             if self.splits else ""
         return (f"Manifest({self.path.name} [{self.kind}]: {len(self.records)} images, {patients} patients, "
                 f"labels {self.label_counts()}, {len(self.problems)} skipped{split})")
+
+
+def is_multi_label(label) -> bool:
+    """Whether a record's label is a multi-label one (a 0/1 per finding) rather than a class index."""
+    return isinstance(label, (tuple, list, np.ndarray))
+
+
+def label_counts(labels, class_names: list[str]) -> dict[str, int]:
+    """Examples per class of ``labels`` (class indices), or positives per finding (multi-label 0/1 rows)."""
+    if len(labels) and is_multi_label(labels[0]):
+        totals = np.asarray(labels, dtype=np.int64).sum(axis=0)
+        return {name: int(totals[i]) for i, name in enumerate(class_names)}
+    counts = {name: 0 for name in class_names}
+    for y in labels:
+        counts[class_names[int(y)]] += 1
+    return counts
 
 
 MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "?", "-", "missing")
@@ -166,13 +192,16 @@ def inside(root: Path, image: str) -> Path | None:
 
 
 def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str, ...] | None = None,
-                  allow_outside_paths: bool = False) -> Manifest:
+                  allow_outside_paths: bool = False, label_columns: tuple[str, ...] | None = None) -> Manifest:
     """Read a manifest CSV. Image paths are relative to the manifest's folder.
 
     A path that is absolute or leads out of that folder (``../``) is refused unless
     ``allow_outside_paths`` (``data.allow_outside_paths``). Rows with an empty field, a missing
     image, a path outside the folder or a bad label (see :func:`index_labels`) are reported
     (logged and kept in ``Manifest.problems``, by row number and file) and skipped; the rest is used.
+
+    A manifest without ``label`` but with a ``findings`` column, or read with ``label_columns``
+    (``data.label_columns``: one 0/1 column per finding), is multi-label (see :func:`index_findings`).
 
     Raises:
         ManifestError: the file is missing, not a CSV with the required columns, or has no usable row.
@@ -186,10 +215,14 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
             columns = [c.strip() for c in (rows[0].keys() if rows else []) if c is not None]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ManifestError(path, f"not a readable CSV ({e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    multi = "columns" if label_columns else FINDINGS_COLUMN if "label" not in columns and FINDINGS_COLUMN in columns \
+        else None
+    required = [c for c in REQUIRED_COLUMNS if c != "label" or not multi] + list(label_columns or ())
+    missing = [c for c in required if c not in columns]
     if missing:
         raise ManifestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}",
-                            "a header with " + ", ".join(REQUIRED_COLUMNS))
+                            "a header with " + ", ".join(REQUIRED_COLUMNS) + f" (multi-label: {FINDINGS_COLUMN} in "
+                            "place of label, or the 0/1 columns named by data.label_columns)")
     root = Path(os.path.normpath(path.parent.absolute()))
     records, problems = [], []
     for i, row in enumerate(rows, start=2):  # row 1 is the header
@@ -209,14 +242,85 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
         if check_files and not image.is_file():
             problems.append(Problem(where, f"image {row['image']} not found"))
             continue
-        rec = {"image": str(image), "label_value": row.get("label", ""), "patient_id": row["patient_id"], "row": where}
+        rec = {"image": str(image), "patient_id": row["patient_id"], "row": where}
+        if multi == "columns":
+            rec["label_value"] = {c: row.get(c, "") for c in label_columns}
+        else:
+            rec["label_value"] = row.get(FINDINGS_COLUMN if multi else "label", "")
         for extra in ("modality", "study_id", "site", "label_name"):
             if row.get(extra):
                 rec[extra] = row[extra]
         records.append(rec)
-    records, class_names = index_labels(records, problems, classes, where=lambda r: r["row"])
+    if multi:
+        records, class_names = index_findings(records, problems, classes, lambda r: r["row"], label_columns)
+    else:
+        records, class_names = index_labels(records, problems, classes, where=lambda r: r["row"])
     for r in records:
         r.pop("row")
     if not records:
         raise ManifestError(path, f"no usable rows ({len(problems)} skipped)")
-    return Manifest(path=path, records=records, class_names=class_names, problems=problems)
+    return Manifest(path=path, records=records, class_names=class_names, problems=problems, multi_label=bool(multi))
+
+
+_ZERO_ONE = {"0": 0, "0.0": 0, "false": 0, "1": 1, "1.0": 1, "true": 1}
+
+
+def index_findings(records: list[dict], problems: list[Problem],
+                   classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
+                   where=lambda r: str(r.get("image", "")), columns: tuple[str, ...] | None = None
+                   ) -> tuple[list[dict], list[str]]:
+    """Multi-label records: replace each record's ``label_value`` by a tuple of 0/1, one per finding;
+    return (kept records, finding names).
+
+    ``label_value`` is either a ``findings`` cell (names separated by ``|``; ``No Finding`` for none) or a
+    mapping {column: value} of 0/1 columns (``1``, ``0``, ``true``, ``false``). With ``classes``
+    (``data.classes``), a ``findings`` cell may only name those, in that order (a mapping {finding: name}
+    also renames them); without, the findings are those named anywhere, sorted. A missing cell, a value
+    that is not 0 or 1 (CheXpert's -1 "uncertain" is one: decide it before training) and a finding
+    outside ``data.classes`` are reported in ``problems`` with their row, and skipped.
+    """
+    kept = []
+    for r in records:
+        value = r.pop("label_value")
+        if isinstance(value, dict):
+            bad = {c: v for c, v in value.items() if v.strip().lower() not in _ZERO_ONE}
+            if bad:
+                c, v = next(iter(bad.items()))
+                problems.append(Problem(where(r), f"column {c!r}: {v[:24]!r} is not 0 or 1" +
+                                        (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")))
+                continue
+            r["label"] = tuple(_ZERO_ONE[v.strip().lower()] for v in value.values())
+            kept.append(r)
+            continue
+        value = str(value).strip()
+        if value.lower() in MISSING_LABELS:
+            problems.append(Problem(where(r), f"findings missing ({value!r}; write {NO_FINDING[0]!r} for none)"))
+            continue
+        r["findings"] = [] if value.lower() in NO_FINDING else sorted(
+            {f.strip() for f in value.split(FINDINGS_SEPARATOR) if f.strip()})
+        kept.append(r)
+    rename = None
+    if kept and "label" in kept[0]:  # 0/1 columns: the findings are the columns, named by data.classes' mapping
+        names = list(columns or ())
+        if isinstance(classes, dict):
+            names = [str(classes.get(c, c)) for c in names]
+        for p in problems:
+            log.warning("skipped %s", p)
+        return kept, names
+    if isinstance(classes, dict):
+        classes, rename = list(classes), [str(v) for v in classes.values()]
+    names = [str(c).strip() for c in classes] if classes is not None else sorted(
+        {f for r in kept for f in r["findings"]})
+    allowed, good = set(names), []
+    for r in kept:
+        outside = [f for f in r["findings"] if f not in allowed]
+        if outside:
+            problems.append(Problem(where(r), f"finding {outside[0][:24]!r} is not one of data.classes "
+                                    f"({', '.join(names)})"))
+            continue
+        present = set(r.pop("findings"))
+        r["label"] = tuple(int(n in present) for n in names)
+        good.append(r)
+    for p in problems:
+        log.warning("skipped %s", p)
+    return good, rename or names

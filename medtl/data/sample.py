@@ -28,8 +28,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
     return n / (n.std() + 1e-8)
 
 
-def synthetic_ct_slice(rng: np.random.Generator, size: int, lesion: bool) -> np.ndarray:
-    """One axial CT-like slice in HU (float32), with or without a lesion."""
+def synthetic_ct_slice(rng: np.random.Generator, size: int, lesion: bool, calcification: bool = False) -> np.ndarray:
+    """One axial CT-like slice in HU (float32), with or without a lesion (and a calcification: a small, dense
+    spot, 250-500 HU above the tissue)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
     ry, rx = size * rng.uniform(0.30, 0.40), size * rng.uniform(0.38, 0.46)
@@ -52,6 +53,13 @@ def synthetic_ct_slice(rng: np.random.Generator, size: int, lesion: bool) -> np.
         dist = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
         disc = 1.0 / (1.0 + np.exp((dist - r) / 1.2))  # round, soft-edged
         img -= inner * disc * rng.uniform(35, 70)
+    if calcification:
+        inner = body & ~fat
+        ys, xs = np.nonzero(inner)
+        k = rng.integers(len(ys))
+        r = rng.uniform(2.0, 3.5) * size / 128
+        dist = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
+        img += inner * (1.0 / (1.0 + np.exp((dist - r) / 0.6))) * rng.uniform(250, 500)
     img += rng.normal(0, rng.uniform(8, 16), img.shape).astype(np.float32)  # quantum noise
     return img
 
@@ -140,6 +148,41 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
                      "modality": "CT"})
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "label", "label_name", "patient_id", "modality"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+FINDINGS = ("calcification", "lesion")  # the findings of the multi-label sample
+
+
+def create_multilabel_sample(out_dir: str | Path, n_patients: int = 64, images_per_patient: int = 1, size: int = 96,
+                             seed: int = 0, force: bool = False) -> Path:
+    """Write a synthetic multi-label CT set (DICOM slices) into ``out_dir``; return its manifest's path.
+
+    Each patient has, independently, a hypodense lesion (half of them) and a calcification (a third of
+    them), on every image of theirs; the manifest lists them in a ``findings`` column (``lesion|calcification``,
+    ``No Finding`` for none).
+    """
+    out = Path(out_dir)
+    manifest = out / "manifest.csv"
+    if manifest.exists() and not force:
+        raise RunExistsError(f"{manifest} exists; pass force=True (CLI: --force) to write it again")
+    (out / "dicom").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        patient = f"SYNM{p + 1:04d}"
+        has = {"lesion": p % 2 == 1, "calcification": p % 3 == 0}
+        spacing = float(rng.uniform(0.65, 0.9))
+        for i in range(images_per_patient):
+            hu = synthetic_ct_slice(rng, size, lesion=has["lesion"], calcification=has["calcification"])
+            name = f"dicom/img_{len(rows) + 1:04d}.dcm"
+            _write_ct_dicom(out / name, hu, patient, seed, i, spacing)
+            rows.append({"image": name, "findings": "|".join(f for f in FINDINGS if has[f]) or "No Finding",
+                         "patient_id": patient, "modality": "CT"})
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "findings", "patient_id", "modality"])
         writer.writeheader()
         writer.writerows(rows)
     return manifest

@@ -21,14 +21,15 @@ MEDMNIST_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("im
 
 
 def read_dataset(path: str | Path, classes: tuple[str, ...] | dict[str, str] | None = None,
-                 allow_outside_paths: bool = False) -> Manifest:
+                 allow_outside_paths: bool = False, label_columns: tuple[str, ...] | None = None) -> Manifest:
     """Read a labelled data set: a manifest ``.csv``, a MedMNIST ``.npz`` or an image folder.
 
     An image folder holds one sub-folder per class (``root/<class>/<image>``); every image
     is then its own patient (say so with a manifest when patients have several images).
     ``classes`` (``data.classes``) lists the accepted labels in class order (a manifest's or a
     folder's), or maps them to class names; MedMNIST files are named from its label table.
-    ``allow_outside_paths`` lets a manifest name images outside its folder.
+    ``allow_outside_paths`` lets a manifest name images outside its folder; ``label_columns``
+    (``data.label_columns``) names a multi-label manifest's 0/1 columns, one per finding.
     """
     path = Path(path)
     if not path.exists():
@@ -38,7 +39,8 @@ def read_dataset(path: str | Path, classes: tuple[str, ...] | dict[str, str] | N
     if path.suffix.lower() == ".npz":
         return read_medmnist(path, classes)
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return read_manifest(path, classes=classes, allow_outside_paths=allow_outside_paths)
+        return read_manifest(path, classes=classes, allow_outside_paths=allow_outside_paths,
+                             label_columns=label_columns)
     raise UnsupportedFormatError(path, f"unrecognised data set file {path.name!r}",
                                  "a manifest .csv, an image folder or a MedMNIST .npz")
 
@@ -79,6 +81,8 @@ MEDMNIST_LABELS = {
     "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
                    "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
                    "vascular lesions"],
+    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+                   "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"],
     "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
                    "neutrophil", "platelet"],
 }
@@ -93,7 +97,8 @@ def medmnist_class_names(path: Path, n_classes: int) -> list[str]:
 def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Manifest:
     """A MedMNIST ``.npz`` (2D or 3D) with its own train/val/test split, held in memory.
 
-    Images keep their uint8 values (scaled by the type's range); multi-label files are refused.
+    Images keep their uint8 values (scaled by the type's range). A multi-label file (ChestMNIST: a 0/1
+    column per finding) gives multi-label records.
     """
     path = Path(path)
     try:
@@ -108,22 +113,25 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
     except Exception as e:
         raise UnsupportedFormatError(path, f"cannot be read as .npz ({type(e).__name__}: {str(e)[:120]})") from None
     records, splits = [], {}
+    multi = arrays["train_labels"].ndim == 2 and arrays["train_labels"].shape[1] > 1
     for split in ("train", "val", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if labels.ndim == 2 and labels.shape[1] > 1:
-            raise UnsupportedFormatError(path, f"multi-label file ({labels.shape[1]} labels per image)",
-                                         "a single-label MedMNIST set")
-        labels = labels.reshape(-1)
+        if multi:
+            if labels.ndim != 2 or labels.shape[1] != arrays["train_labels"].shape[1] or not np.isin(labels, (0, 1)).all():
+                raise ManifestError(path, f"{split}: multi-label labels of shape {labels.shape}, not 0/1 columns like "
+                                    f"the training split's {arrays['train_labels'].shape[1]}")
+        else:
+            labels = labels.reshape(-1)
         if len(images) != len(labels):
             raise ManifestError(path, f"{split}: {len(images)} images but {len(labels)} labels")
         start = len(records)
         for i, (image, label) in enumerate(zip(images, labels)):
-            records.append({"image": image, "label": int(label), "patient_id": f"{split}-{i}",
-                            "path": f"{path.name}:{split}/{i}"})
+            records.append({"image": image, "label": tuple(int(v) for v in label) if multi else int(label),
+                            "patient_id": f"{split}-{i}", "path": f"{path.name}:{split}/{i}"})
         splits[split] = list(range(start, len(records)))
-    n_classes = int(max(r["label"] for r in records)) + 1
+    n_classes = arrays["train_labels"].shape[1] if multi else int(max(r["label"] for r in records)) + 1
     names = medmnist_class_names(path, n_classes)
     if isinstance(classes, dict):  # data.classes {index: name} names them
         names = [classes.get(str(c), names[c]) for c in range(n_classes)]
     return Manifest(path=path, records=records, class_names=names, splits=splits,
-                    kind="medmnist")
+                    kind="medmnist", multi_label=multi)

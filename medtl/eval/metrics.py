@@ -21,9 +21,16 @@ def compute_auc(labels: Sequence[int], probs: np.ndarray, strict: bool = False) 
     """ROC AUC: of class 1 for binary tasks, one-vs-rest macro for more classes.
 
     Returns None when ``labels`` hold a single class (AUC is undefined); with ``strict`` that
-    is an error saying so.
+    is an error saying so. Multi-label ``labels`` (a row of 0/1 per image): the macro mean of the findings'
+    AUCs, over the findings that have positive and negative examples (None when none has).
     """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if labels.ndim == 2:
+        aucs = [a for a in compute_label_aucs(labels, probs) if a is not None]
+        if not aucs and strict:
+            raise MedtlInputError(None, "AUC is undefined: no finding has both positive and negative examples",
+                                  "images with and without the findings")
+        return float(np.mean(aucs)) if aucs else None
     _check(labels, probs)
     if len(np.unique(labels)) < 2:
         if strict:
@@ -38,14 +45,64 @@ def compute_auc(labels: Sequence[int], probs: np.ndarray, strict: bool = False) 
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
+def compute_label_aucs(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """Multi-label: each finding's ROC AUC (None for a finding whose images are all positive or all negative)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    _check_multi_label(labels, probs)
+    return [float(roc_auc_score(labels[:, k], probs[:, k])) if len(np.unique(labels[:, k])) == 2 else None
+            for k in range(labels.shape[1])]
+
+
+def _check_multi_label(labels: np.ndarray, probs: np.ndarray) -> None:
+    if labels.shape != probs.shape:
+        raise MedtlInputError(None, f"multi-label labels of shape {labels.shape} but scores of shape {probs.shape}",
+                              "one score per finding and image")
+    if not np.all(np.isfinite(probs)):
+        raise MedtlInputError(None, "scores contain NaN or infinity")
+    if not np.isin(labels, (0, 1)).all():
+        raise MedtlInputError(None, "multi-label labels other than 0 and 1")
+
+
+def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
+                               thresholds: Sequence[float] | None = None) -> dict:
+    """Multi-label metrics: macro AUC, and per finding its AUC, prevalence, and the sensitivity, specificity,
+    PPV and F1 at its threshold (``thresholds``, chosen on validation; 0.5 when None), with the Brier score
+    and expected calibration error of its probabilities.
+
+    Args:
+        labels: (n_images, n_findings) 0/1.
+        probs: (n_images, n_findings) predicted probabilities (a sigmoid per finding).
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    aucs = compute_label_aucs(labels, probs)
+    thresholds = [0.5] * labels.shape[1] if thresholds is None else list(thresholds)
+    per = {}
+    for k, name in enumerate(names):
+        at = compute_binary_metrics(labels[:, k], probs[:, k], thresholds[k])
+        two = np.stack([1 - probs[:, k], probs[:, k]], axis=1)
+        per[name] = {"auc": aucs[k], "n_positive": int(labels[:, k].sum()), "prevalence": float(labels[:, k].mean()),
+                     **{m: at[m] for m in ("threshold", "sensitivity", "specificity", "ppv", "f1")},
+                     "brier": float(np.mean((probs[:, k] - labels[:, k]) ** 2)),
+                     "ece": compute_ece(labels[:, k], two)}
+    defined = [a for a in aucs if a is not None]
+    pred = (probs >= np.asarray(thresholds)[None, :]).astype(int)
+    return {"n_images": int(len(labels)), "auc": float(np.mean(defined)) if defined else None,
+            "auc_kind": f"macro over the {len(defined)} findings with positive and negative examples",
+            "exact_match": float(np.mean((pred == labels).all(axis=1))), "per_label": per}
+
+
 def compute_classification_metrics(labels: Sequence[int], probs: np.ndarray) -> dict:
     """AUC, accuracy, and for binary tasks sensitivity/specificity of class 1 at argmax.
 
     Args:
         labels: true class index of each image.
         probs: (n_images, n_classes) predicted probabilities.
+
+    Multi-label ``labels`` (a row of 0/1 per image) give :func:`compute_multilabel_metrics` at 0.5.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if labels.ndim == 2:
+        return compute_multilabel_metrics(labels, probs, [str(k) for k in range(labels.shape[1])])
     _check(labels, probs)
     pred = probs.argmax(axis=1)
     out = {
@@ -239,15 +296,18 @@ def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15
 
 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
-    """The temperature T minimising the NLL of ``softmax(logits / T)`` on validation data (Guo et al. 2017)."""
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` on validation data (Guo et al. 2017);
+    multi-label ``labels`` (0/1 rows): of ``sigmoid(logits / T)``, one T for all findings."""
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    multi = np.asarray(labels).ndim == 2
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.float64 if multi else torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    nll = torch.nn.functional.binary_cross_entropy_with_logits if multi else torch.nn.functional.cross_entropy
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss = nll(x / log_t.exp(), y)
         loss.backward()
         return loss
 
@@ -256,5 +316,9 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
 
 
 def compute_nll(labels: Sequence[int], probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (multi-label: binary cross-entropy per finding)."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    if labels.ndim == 2:
+        p = np.clip(probs, 1e-12, 1 - 1e-12)
+        return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))

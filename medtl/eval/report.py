@@ -315,7 +315,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     ev = compute_evaluation(saved, cfg, prepared, runtime, n_boot, operating_point, methods, sanity_images,
                             data_randomisation, seed)
     save_model(saved.model, run_dir / "model.safetensors", saved.encoder, saved.class_names, saved.preprocessing,
-               ev.temperature, ev.operating_point)
+               ev.temperature, ev.operating_point, saved.multi_label)
     ev.result["ood"] = _ood_check(run_dir, saved, cfg, prepared, runtime, foreign or [], device)
     figures = evaluation_figures(ev, run_dir / "history.csv", min(n_boot, 300), seed)
     card = model_card(run_dir, ev.result, prepared, cfg, saved)

@@ -27,12 +27,14 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.data.dataset import decode_workers, iterate_batches, store_options, study_index
-from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics
+from medtl.data.manifest import FINDINGS_SEPARATOR, NO_FINDING, is_multi_label, label_counts
+from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics, \
+    compute_multilabel_metrics
 from medtl.explain import explain_input
 from medtl.models import Preprocessing, create_model, is_volume_model
 from medtl.adapt import batchnorms, bn_statistics, save_bn_statistics
 from medtl.ood import OOD_FILE, OODDetector, study_scores
-from medtl.predict import Logits, batched_logits, extract_features, fit_decision, predict_logits
+from medtl.predict import Logits, batched_logits, extract_features, fit_decision, predict_logits, to_probabilities
 from medtl.runtime import Runtime, distributed
 from medtl.train.fit import FitResult, fit, from_scratch
 from medtl.transforms import aggregate_slices, create_transforms, display_image, prepare_inputs
@@ -74,7 +76,8 @@ def read_data(data: DataConfig) -> Manifest:
     """The data set named by ``data.path`` (a manifest .csv, an image folder or a MedMNIST .npz)."""
     if not data.path:
         raise ConfigError(None, "no data given", "data.path (CLI: --data PATH: a manifest .csv, image folder or .npz)")
-    return read_dataset(data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths)
+    return read_dataset(data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths,
+                        label_columns=data.label_columns)
 
 
 def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None,
@@ -149,8 +152,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
              pre.input_size, prepared.split_source)
     train_ds, val_ds, test_ds = prepared.datasets(cfg.data, pre)
 
+    multi = manifest.multi_label
+
     def checkpoint(m, row):
-        save_model(m, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre)
+        save_model(m, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, multi_label=multi)
 
     result = fit(model, train_ds, val_ds, cfg.train, num_classes=len(manifest.class_names), on_improve=checkpoint)
     if rank != 0:
@@ -177,7 +182,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
                        runtime, manifest.class_names, cfg, out / "overlays")
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
-    save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, temperature, op)
+    save_model(model, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, temperature, op, multi)
     if detector is not None:
         detector.save(out / OOD_FILE)
     if bn_stats:
@@ -199,6 +204,8 @@ def fit_ood(model: torch.nn.Module, train_eval, cfg: ExperimentConfig, val_ds, r
     if cfg.train.ood == "off":
         return None
     train_f, train_y = extract_features(model, train_eval, runtime, batch_size)
+    if train_y.ndim == 2:  # multi-label: the features of all training images as one group
+        train_y = torch.zeros(len(train_y), dtype=torch.long)
     detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
     val_f, _ = extract_features(model, val_ds, runtime, batch_size)
     detector.calibrate(study_scores(detector.score(val_f), study_index(val_ds)), cfg.train.ood_quantile)
@@ -220,18 +227,26 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
                "world_size": result.world_size, "split": prepared.split_source,
                "train_images_per_s": round(result.train_images_per_s, 2), "batch": result.batch}
     metrics["temperature"] = round(float(temperature), 4)
+    multi = prepared.manifest.multi_label
     for name, ds in zip(("val", "test"), datasets):
         logits = ds if isinstance(ds, Logits) else predict_logits(model, ds, runtime, batch_size)
         y, p = logits.study_probs(temperature)
-        metrics[name] = compute_classification_metrics(y, p)
-    if operating_point is not None and len(names) == 2:
+        metrics[name] = compute_multilabel_metrics(y, p, names, (operating_point or {}).get("thresholds")) if multi \
+            else compute_classification_metrics(y, p)
+    if multi:
+        metrics["multi_label"] = True
+        metrics["test"]["accuracy"] = metrics["test"]["exact_match"]  # (all findings right) for the summary line
+        if operating_point is not None:
+            metrics["test"]["decision"] = {"thresholds": dict(zip(names, operating_point["thresholds"])),
+                                           "rules": dict(zip(names, operating_point["rules"]))}
+    elif operating_point is not None and len(names) == 2:
         at_op = compute_binary_metrics(y, p[:, 1], operating_point["threshold"])
         metrics["test"]["decision"] = {**operating_point, **{k: at_op[k] for k in (
             "sensitivity", "specificity", "balanced_accuracy")}, "best_balanced_accuracy": best_balanced_accuracy(y, p[:, 1])}
     for name, part in prepared.sets.items():
         metrics.setdefault(name, {})
         metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
-                             label_counts={c: sum(s["label"] == i for s in part) for i, c in enumerate(names)})
+                             label_counts=label_counts([s["label"] for s in part], names))
     metrics["n_skipped"] = len(prepared.problems)
     return metrics
 
@@ -256,7 +271,7 @@ def write_run_files(out: Path, cfg: ExperimentConfig, prepared: PreparedData, re
                             "environment": environment()}
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(resolved), sort_keys=False))
     _write_csv(out / "history.csv", result.history)
-    _write_csv(out / "splits.csv", [{"image": s["path"], "label": names[s["label"]], "split": name}
+    _write_csv(out / "splits.csv", [{"image": s["path"], "label": label_text(s["label"], names), "split": name}
                                     for name, part in sets.items() for s in part])
     _write_csv(out / "skipped.csv", [{"where": p.where, "reason": p.reason} for p in prepared.problems],
                ["where", "reason"])
@@ -269,13 +284,23 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
     out.mkdir(exist_ok=True)
     for k, study in enumerate(studies):
         x, parts = prepare_inputs(study, final)
-        per_input = batched_logits(model, x, runtime).softmax(dim=1).numpy()
+        multi = is_multi_label(study["label"])
+        per_input = to_probabilities(batched_logits(model, x, runtime), multi_label=multi).numpy()
         label = int(aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k).argmax())
         best = int(per_input[:, label].argmax())
         _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), label, cfg.explain.method,
                                    runtime, cfg.explain.alpha)
-        name = f"test_{k:02d}_true-{class_names[study['label']]}_pred-{class_names[label]}.png"
+        true = label_text(study["label"], class_names).replace(FINDINGS_SEPARATOR, "+").replace(" ", "-")
+        # multi-label: the map of the most probable finding
+        name = f"test_{k:02d}_true-{true}_{'map' if multi else 'pred'}-{class_names[label]}.png"
         Image.fromarray(overlay).save(out / name)
+
+
+def label_text(label, names: list[str]) -> str:
+    """A record's label in words: its class name, or its findings joined by "|" ("No Finding" for none)."""
+    if is_multi_label(label):
+        return FINDINGS_SEPARATOR.join(n for n, v in zip(names, label) if v) or NO_FINDING[0].title()
+    return names[int(label)]
 
 
 def environment() -> dict:

@@ -247,9 +247,21 @@ def param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency weights (normalised to mean 1 over the examples); multi-label 0/1 rows: each
+    finding's positive weight, negatives / positives (at most 100), for binary cross-entropy."""
+    if labels.ndim == 2:
+        pos = labels.sum(axis=0).astype(np.float64)
+        return torch.tensor(np.clip((len(labels) - pos) / np.maximum(pos, 1), 0.01, 100.0), dtype=torch.float32)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def _multilabel_loss(logits, target, pos_weight, smoothing):
+    """Binary cross-entropy per finding against 0/1 (or mixed) targets smoothed towards 1/2, positives
+    weighted by ``pos_weight`` (a weight per finding, or None)."""
+    target = target * (1 - smoothing) + smoothing / 2
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
 
 
 def _soft_cross_entropy(logits, target, weight, smoothing):
@@ -299,6 +311,7 @@ class _Trainer:
             raise ConfigError(None, f"train.batch_size {cfg.batch_size} is not a multiple of the {self.world} "
                               "processes", "a global batch size divisible by the number of processes")
         labels = np.asarray([s["label"] for s in train_ds.data])
+        self.multi_label = labels.ndim == 2  # several findings per input: a sigmoid and binary cross-entropy each
         self.weight = _class_weights(labels, num_classes).to(self.device) if cfg.class_weighting else None
         self.log("batch size %d, learning rate %.3g (%s)", batch["batch_size"], batch["lr"], batch["rule"])
         self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime,
@@ -339,11 +352,13 @@ class _Trainer:
             1 + math.cos(math.pi * min(1.0, s / steps))))
 
     def loss(self, logits, y):
+        if self.multi_label:
+            return _multilabel_loss(logits.float(), y.float(), self.weight, self.cfg.label_smoothing)
         target = F.one_hot(y, self.num_classes).float() if y.ndim == 1 else y
         return _soft_cross_entropy(logits.float(), target, self.weight, self.cfg.label_smoothing)
 
     def mix(self, x, y):
-        target = F.one_hot(y, self.num_classes).float()
+        target = y.float() if self.multi_label else F.one_hot(y, self.num_classes).float()
         if self.cfg.mixup <= 0:
             return x, target
         lam = float(torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup).sample())
@@ -495,7 +510,12 @@ class _Trainer:
         y_val, p_val = val
         if not np.all(np.isfinite(p_val)):
             self.diverged(stage, "non-finite validation outputs")
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)), torch.from_numpy(y_val).long()))
+        if y_val.ndim == 2:  # multi-label: binary cross-entropy of the findings' probabilities
+            val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).float().clamp(1e-7, 1 - 1e-7),
+                                                    torch.from_numpy(y_val).float()))
+        else:
+            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)),
+                                        torch.from_numpy(y_val).long()))
         val_auc = compute_auc(y_val, p_val)
         score = val_auc if val_auc is not None else -val_loss
         row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
@@ -661,8 +681,16 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
         train_ds.transform.set_random_state(seed=cfg.seed)
     trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve)
-    labels = np.bincount([s["label"] for s in train_ds.data], minlength=num_classes)
-    strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(labels)}, cfg)
+    labels = np.asarray([s["label"] for s in train_ds.data])
+    if trainer.multi_label:  # the smallest "class": the rarer side (with or without) of the rarest finding
+        pos = labels.sum(axis=0)
+        counts = np.minimum(pos, len(labels) - pos)
+    else:
+        counts = np.bincount(labels, minlength=num_classes)
+    strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(counts)}, cfg)
+    if trainer.multi_label and strategy in FEW_SHOT_HEADS:
+        raise ConfigError(None, f"train.strategy {strategy!r} fits a single-label head",
+                          "linear_probe, partial, fine_tune, gradual or full for a multi-label data set")
     trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
     trainer.log("strategy %s (%s)", strategy, reason)
     stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
