@@ -149,6 +149,21 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
                                   relationship_type=Rel.CONTAINS),
                   TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=pred.refused[:1024],
                                   relationship_type=Rel.CONTAINS)]
+    elif predictor.multi_label:  # one Finding per finding, each with its probability, threshold and decision
+        thresholds = (predictor.operating_point or {}).get("thresholds") or [0.5] * len(predictor.class_names)
+        for k, (name, t) in enumerate(zip(predictor.class_names, thresholds)):
+            present = name in (pred.findings or [])
+            items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
+                                      value=CodedConcept(str(k), SCHEME, name[:64]), relationship_type=Rel.CONTAINS),
+                      NumContentItem(name=CodedConcept("probability", SCHEME, "Probability of finding"),
+                                     value=round(float(pred.probabilities[name]), 6), unit=NO_UNITS,
+                                     relationship_type=Rel.CONTAINS),
+                      NumContentItem(name=CodedConcept("threshold", SCHEME, "Operating point threshold"),
+                                     value=round(float(t), 6), unit=NO_UNITS, relationship_type=Rel.CONTAINS),
+                      TextContentItem(name=CodedConcept("121106", "DCM", "Comment"),
+                                      value=f"{name}: {'present' if present else 'absent'} (probability "
+                                            f"{'at or above' if present else 'below'} its threshold)"[:1024],
+                                      relationship_type=Rel.CONTAINS)]
     else:
         k = predictor.class_names.index(pred.label)
         items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),

@@ -98,7 +98,8 @@ class Case:
     inputs: tuple | None = None  # the model's inputs and their parts, kept to draw more maps
     judged: str = ""  # what of the scan the model judged, in words
     message: str = ""
-    maps: dict = field(default_factory=dict)  # (method, slice) -> saliency map, computed on demand
+    maps: dict = field(default_factory=dict)  # (method, finding, slice) -> saliency map, computed on demand
+    target: str | None = None  # the class (multi-label: the finding) the map explains; None: the model's default
 
     @property
     def n_slices(self) -> int:
@@ -149,6 +150,15 @@ def _shown_description(text) -> bool:
 def decision_text(predictor: Predictor, pred: Prediction) -> str:
     """The answer in words: the decision and its basis, honestly named."""
     calibrated = "calibrated " if predictor.temperature else ""
+    if predictor.multi_label:
+        thresholds = (predictor.operating_point or {}).get("thresholds") or [0.5] * len(predictor.class_names)
+        basis = "thresholds chosen on validation data" if predictor.operating_point else \
+            "0.5 (no thresholds were chosen for this model)"
+        each = "; ".join(f"*{c}* {pred.probabilities[c]:.2f} {'≥' if pred.probabilities[c] >= t else '<'} {t:.2f}"
+                         for c, t in zip(predictor.class_names, thresholds))
+        found = ", ".join(pred.findings or []) or "none of the findings"
+        return (f"**Findings: {found}** — each finding is judged on its own, its {calibrated}probability against its "
+                f"threshold ({basis}): {each}.")
     if pred.decision == "operating point" and predictor.operating_point and len(predictor.class_names) == 2:
         positive = predictor.class_names[1]
         p1 = pred.probabilities[positive]
@@ -237,13 +247,14 @@ def explain_case(predictor: Predictor, case: Case, method: str) -> None:
     try:
         if case.inputs is None:
             case.inputs = predictor.inputs(case.scan)
-        expl = predictor.saliency(case.scan, pred, method=method, prepared=(*case.inputs, None))
+        expl = predictor.saliency(case.scan, pred, class_name=case.target, method=method,
+                                  prepared=(*case.inputs, None))
     except Exception as e:  # a 3D model, or a map that fails: no map, and the answer stands
         log.info("no saliency map: %s", type(e).__name__)
         case.image = case.saliency = None
         return
     case.image, case.saliency = expl.image, expl.saliency
-    _keep_map(case, (method, case.slice_index), expl.saliency)
+    _keep_map(case, (method, case.target, case.slice_index), expl.saliency)
 
 
 MAX_MAPS = 64  # saliency maps kept per case (slices × methods); the oldest go first
@@ -261,7 +272,8 @@ def empty_map_text(case: Case) -> str:
         return "No saliency map: maps are drawn for 2D models only."
     if case.saliency is None or np.any(case.saliency > 0.01):
         return ""
-    return (f"The {case.method} map is empty for this case (no region raised the score of {case.prediction['label']}): "
+    target = case.target or case.prediction["label"]
+    return (f"The {case.method} map is empty for this case (no region raised the score of {target}): "
             "try another saliency method.")
 
 
@@ -270,14 +282,15 @@ def slice_map(predictor: Predictor, case: Case, index: int) -> np.ndarray | None
     that slice on its own (a volume judged on its middle slice or a projection)."""
     if case.saliency is None or not case.judged_slice:
         return None
-    if (case.method, index) in case.maps:
-        return case.maps[(case.method, index)]
+    if (case.method, case.target, index) in case.maps:
+        return case.maps[(case.method, case.target, index)]
     if not case.scan.is_volume or not case.prediction.get("slice_scores"):
         return case.saliency if index == case.slice_index or not case.scan.is_volume else None
     pred = Prediction(**case.prediction)
     case.inputs = case.inputs or predictor.inputs(case.scan)
-    expl = predictor.saliency(case.scan, pred, method=case.method, slice_index=index, prepared=(*case.inputs, None))
-    _keep_map(case, (case.method, index), expl.saliency)
+    expl = predictor.saliency(case.scan, pred, class_name=case.target, method=case.method, slice_index=index,
+                              prepared=(*case.inputs, None))
+    _keep_map(case, (case.method, case.target, index), expl.saliency)
     return expl.saliency
 
 
@@ -460,10 +473,18 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
     pred = case.prediction
     probs = pred["probabilities"]
     op = predictor.operating_point if pred.get("decision") == "operating point" else None
-    basis = (f"probability of {predictor.class_names[1]} {probs[predictor.class_names[1]]:.3f} "
-             f"{'≥' if probs[predictor.class_names[1]] >= op['threshold'] else '<'} "
-             f"threshold {op['threshold']:.3f} chosen on validation data ({op['rule']})" if op else
-             "most probable class (no decision threshold was chosen for this model)")
+    thresholds = (predictor.operating_point or {}).get("thresholds") if predictor.multi_label else None
+    if predictor.multi_label:
+        basis = "each finding's probability against its threshold: " + "; ".join(
+            f"{c} {probs[c]:.3f} {'≥' if probs[c] >= t else '<'} {t:.3f}" for c, t in zip(
+                predictor.class_names, thresholds or [0.5] * len(predictor.class_names))) + (
+            " (thresholds chosen on validation data)" if thresholds else " (0.5: no thresholds were chosen)")
+    elif op:
+        p1 = probs[predictor.class_names[1]]
+        basis = (f"probability of {predictor.class_names[1]} {p1:.3f} {'≥' if p1 >= op['threshold'] else '<'} "
+                 f"threshold {op['threshold']:.3f} chosen on validation data ({op['rule']})")
+    else:
+        basis = "most probable class (no decision threshold was chosen for this model)"
     lines = [("Case", f"{case.key}  (a hash of the uploaded files; not a patient identifier)"),
              ("Date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
              ("Model", model_version(predictor)),
@@ -472,7 +493,8 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
              ("Decision", str(pred["label"])), ("Basis", basis),
              ("Probabilities", ("calibrated on validation data" if predictor.temperature else "not calibrated")),
              ("Judged", case.judged or "the whole 2D image"),
-             ("Saliency", f"{case.method}: where the model looked, not a finding")]
+             ("Saliency", f"{case.method}" + (f" of {case.target or predictor.default_target(Prediction(**pred))}"
+                                              if predictor.multi_label else "") + ": where the model looked, not a finding")]
     y = 0.90
     for k, v in lines:
         fig.text(0.06, y, k, fontsize=9, weight="bold")
@@ -495,12 +517,16 @@ def export_report(predictor: Predictor, case: Case | None, workdir: Path, alpha:
     ax.barh(names, [probs[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
         ax.text(0.98, i, f"{probs[n]:.3f}", va="center", ha="right", fontsize=9)
+    for i, t in enumerate(thresholds or []):
+        ax.vlines(t, i - 0.45, i + 0.45, color="tab:red", ls="--", lw=1.5, label="decision threshold" if not i else None)
+    if thresholds:
+        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.0, 1.02))
     if op:
         i = names.index(predictor.class_names[1])
         ax.vlines(op["threshold"], i - 0.45, i + 0.45, color="tab:red", ls="--", lw=1.5,
                   label=f"decision threshold on {predictor.class_names[1]}")
         ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.0, 1.02))
-    ax.set(xlim=(0, 1), title="Class probabilities")
+    ax.set(xlim=(0, 1), title="Probability of each finding" if predictor.multi_label else "Class probabilities")
     fig.text(0.06, 0.04, "Generated by medtl from a model trained on the data named in its model card. The decision "
              "is the model's, not a diagnosis.", fontsize=7, color="0.4")
     folder = Path(tempfile.mkdtemp(prefix="report-", dir=workdir))
@@ -544,14 +570,19 @@ def _describe(predictor: Predictor) -> str:
     calib = "probabilities calibrated on validation data" if predictor.temperature else "probabilities not calibrated"
     decision = ("a decision threshold chosen on validation data" if predictor.operating_point else
                 "no decision threshold (the most probable class is shown)")
+    if predictor.multi_label:
+        decision = ("several findings per image, each decided at its own threshold chosen on validation data"
+                    if predictor.operating_point else "several findings per image, each decided at 0.5")
     refuses = "refuses images unlike its training images" if predictor.ood else \
         "checks only modality, dimensions and colour of an image (no content check)"
-    return (f"Model **{predictor.run_dir.name}**: classes {', '.join(predictor.class_names)}{trained}; {calib}; "
+    kind = "findings" if predictor.multi_label else "classes"
+    return (f"Model **{predictor.run_dir.name}**: {kind} {', '.join(predictor.class_names)}{trained}; {calib}; "
             f"{decision}; {refuses}.")
 
 
 def _probability_label(predictor: Predictor) -> str:
-    return "Class probabilities (" + ("calibrated on validation data" if predictor.temperature else
+    what = "Probability of each finding, judged on its own" if predictor.multi_label else "Class probabilities"
+    return what + " (" + ("calibrated on validation data" if predictor.temperature else
                                       "not calibrated") + ")"
 
 
@@ -586,6 +617,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                              "or a PNG/JPEG", type="filepath", file_count="multiple", elem_id="upload")
             with gr.Column():
                 method = gr.Dropdown(list(METHODS), value="gradcam", label="Saliency method")
+                finding_pick = gr.Dropdown([], label="Saliency map of the finding", visible=False, elem_id="finding")
                 alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Overlay opacity")
                 show_map = gr.Checkbox(value=True, label="Show the saliency map on the viewer")
         case_info = gr.Markdown("", elem_id="case")
@@ -619,7 +651,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
             card = gr.Markdown(_trust_panel(get(first)))
 
         outputs = [viewer, probs, overlay, message, case_state, slice_slider, header, profile, jump, sanity, preset,
-                   level, width, case_info, series_pick, report_file, caption, upload, export]
+                   level, width, case_info, series_pick, report_file, caption, upload, export, finding_pick]
 
         def show(predictor: Predictor, case: Case | None, msg: str, a: float, meth: str, keep_upload=None):
             """Every output of the page for a new case (or for none): nothing of the previous case survives."""
@@ -630,7 +662,7 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                         gr.update(value=None, visible=False), gr.update(visible=False), "",
                         gr.update(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True), 40, 400, "",
                         gr.update(choices=[], value=None, visible=False), None, "", upload_value,
-                        gr.update(interactive=False))
+                        gr.update(interactive=False), gr.update(choices=[], value=None, visible=False))
             names = ", ".join(case.files[:5]) + (f" and {len(case.files) - 5} more" if len(case.files) > 5 else "")
             info = f"**Case {case.key}** — {names}. {case.series_note}".strip()
             options = series_options(case.series)
@@ -653,7 +685,10 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                               info=why or None),
                     gr.update(value=round(lv, 2), interactive=not colour), gr.update(value=round(wd, 2), interactive=not colour),
                     info, gr.update(choices=options, value=case.series_uid, visible=len(options) > 1), None, cap,
-                    upload_value, gr.update(interactive=not refused and case.image is not None))
+                    upload_value, gr.update(interactive=not refused and case.image is not None),
+                    gr.update(choices=predictor.class_names, visible=predictor.multi_label and not refused and
+                              case.image is not None, value=case.target or predictor.default_target(
+                                  Prediction(**case.prediction)) if predictor.multi_label and not refused else None))
 
         def on_upload(run_name, files, meth, a):
             predictor = get(run_name)
@@ -686,17 +721,23 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                                  files=case.files, key=case.key)
             return (*head, *show(predictor, new, msg, a, meth))
 
-        def on_method(run_name, case, meth, a, index, lv, wd, show_m):
+        def on_method(run_name, case, meth, a, index, lv, wd, show_m, finding=None):
             """Only the map is recomputed: the prediction is kept."""
             predictor = get(run_name)
             if case is None or case.refused or case.image is None:
                 return None, case, "", gr.update(), ""
+            if finding and finding in predictor.class_names:
+                case.target = finding
             explain_case(predictor, case, meth)
             if case.image is None:
                 return None, case, "", gr.update(), ""
             ov = for_display(create_overlay(case.image, case.saliency, a), aspect=_aspect(case.scan))
             view, cap = render_view(predictor, case, index, lv, wd, show_m, a)
             return ov, case, _sanity_text(predictor, meth), view, cap
+
+        def on_finding(run_name, case, finding, meth, a, index, lv, wd, show_m):
+            """Multi-label: the map of another finding (the prediction is kept)."""
+            return on_method(run_name, case, meth, a, index, lv, wd, show_m, finding)
 
         def on_view(run_name, case, index, lv, wd, show_m, a):
             return render_view(get(run_name), case, index, lv, wd, show_m, a)
@@ -720,6 +761,9 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
                             concurrency_limit=2, api_name="on_model")
         method.change(on_method, [model_choice, case_state, method, alpha, slice_slider, level, width, show_map],
                       [overlay, case_state, sanity, viewer, caption], concurrency_limit=2, api_name="on_method")
+        finding_pick.input(on_finding, [model_choice, case_state, finding_pick, method, alpha, slice_slider, level, width,
+                                        show_map], [overlay, case_state, sanity, viewer, caption], concurrency_limit=2,
+                           api_name="on_finding")
         gr.on([slice_slider.change, level.change, width.change, show_map.change, alpha.change], on_view,
               [model_choice, case_state, slice_slider, level, width, show_map, alpha], [viewer, caption],
               show_progress="hidden", api_name="on_view")

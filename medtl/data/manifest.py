@@ -83,6 +83,13 @@ def label_counts(labels, class_names: list[str]) -> dict[str, int]:
     return counts
 
 
+def label_text(label, names: list[str]) -> str:
+    """A record's label in words: its class name, or its findings joined by "|" ("No Finding" for none)."""
+    if is_multi_label(label):
+        return FINDINGS_SEPARATOR.join(n for n, v in zip(names, label) if v) or NO_FINDING[0].title()
+    return names[int(label)]
+
+
 MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "?", "-", "missing")
 _INDEX = re.compile(r"^\d+(\.0+)?$")  # a class index: 0, 1, 2 (or 1.0)
 _NAME = re.compile(r"^[^\W\d_][\w .+/()-]*$")  # a class name: starts with a letter

@@ -268,8 +268,13 @@ def compute_auc_ci(labels: Sequence[int], probs: np.ndarray, groups: Sequence | 
 # -- calibration -----------------------------------------------------------------------------------
 
 def compute_ece(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-class confidence, ``n_bins`` equal-width bins."""
+    """Expected calibration error of the top-class confidence, ``n_bins`` equal-width bins; multi-label 0/1
+    ``labels``: the mean over the findings of each one's (binary) ECE."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    if labels.ndim == 2:
+        _check_multi_label(labels, probs)
+        return float(np.mean([compute_ece(labels[:, k], np.stack([1 - probs[:, k], probs[:, k]], 1), n_bins)
+                              for k in range(labels.shape[1])]))
     _check(labels, probs)
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     correct = (pred == labels).astype(np.float64)
@@ -284,8 +289,12 @@ def compute_ece(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> f
 
 
 def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> dict:
-    """Per-bin mean confidence, accuracy and count (for a reliability diagram)."""
+    """Per-bin mean confidence, accuracy and count (for a reliability diagram); multi-label 0/1 ``labels``:
+    every finding's (binary) answers pooled."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    if labels.ndim == 2:
+        labels, probs = labels.reshape(-1), probs.reshape(-1)
+        probs = np.stack([1 - probs, probs], 1)
     conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
     edges = np.linspace(0, 1, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)

@@ -21,12 +21,13 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import torch
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from medtl import __version__
 from medtl.checkpoint import SavedRun, load_saved_run, save_model
 from medtl.config import to_plain
 from medtl.data import create_dataset, store_options
+from medtl.data.manifest import label_counts, label_text
 from medtl.errors import RunError
 from medtl.explain import METHODS, compute_saliency, explain_input, run_sanity_checks
 from medtl.models import create_model
@@ -109,6 +110,22 @@ def _roc_figure(labels, scores, groups, n_boot, seed):
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC")
     ax.legend(loc="lower right", fontsize=8)
+    return _fig_png(fig)
+
+
+def _roc_findings_figure(labels, probs, names):
+    """Multi-label: each finding's test ROC curve in one plot."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
+    for k, name in enumerate(names):
+        if len(np.unique(labels[:, k])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels[:, k], probs[:, k])
+        ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {roc_auc_score(labels[:, k], probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC per finding")
+    ax.legend(loc="lower right", fontsize=7)
     return _fig_png(fig)
 
 
@@ -214,11 +231,16 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
         "val_nll_after": compute_nll(val_y, val_p_cal),
         "test_ece_before": compute_ece(test_y, test_p_raw), "test_ece_after": compute_ece(test_y, test_p),
         "test_ece_after_ci": bootstrap_ci(lambda i: compute_ece(test_y[i], test_p[i]), patients, n_boot, seed)}
-    if op is not None:
+    if saved.multi_label:
+        result["multi_label"] = True
+        result["per_label"] = _per_label(test_y, test_p_raw, test_p, op, class_names, patients, n_boot, seed)
+        pred = (test_p >= np.asarray(op["thresholds"])[None, :]).astype(int)
+    elif op is not None:
         result["operating_point"] = {**op, **_binary_metrics_ci(test_y, test_p[:, 1], op["threshold"], patients,
                                                                 n_boot, seed)}
     result["subgroups"] = _subgroups(test_studies, test_y, test_p, patients, n_boot, seed)
-    pred = (test_p[:, 1] >= op["threshold"]).astype(int) if op else test_p.argmax(1)
+    if not saved.multi_label:
+        pred = (test_p[:, 1] >= op["threshold"]).astype(int) if op else test_p.argmax(1)
     inputs, cases = _cases(model, test_ds, test_studies, test_y, test_p, pred, class_names, runtime)
     shuffled = _train_on_shuffled_labels(cfg, prepared, pre, len(class_names), seed, runtime) \
         if data_randomisation else None
@@ -230,6 +252,25 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
         result["saliency_sanity"].append(res.to_dict())
         log.info("saliency %s: %s", method, res.verdict)
     return Evaluation(result, class_names, test_y, test_p_raw, test_p, patients, temperature, op, cases)
+
+
+def _per_label(labels, probs_raw, probs, op, names, patients, n_boot, seed) -> dict:
+    """Multi-label: each finding's AUC with its patient-bootstrap interval, the metrics at its operating point
+    (chosen on validation) with intervals, and its calibration before and after temperature scaling."""
+    out = {}
+    for k, name in enumerate(names):
+        y, p = labels[:, k], probs[:, k]
+        row = {"n_positive": int(y.sum()), "prevalence": float(y.mean()), "rule": op["rules"][k]}
+        if len(np.unique(y)) == 2:
+            row.update(compute_auc_ci(y, np.stack([1 - p, p], 1), patients, n_boot, seed))
+            row.update(_binary_metrics_ci(y, p, op["thresholds"][k], patients, n_boot, seed))
+        else:
+            row.update(auc=None, auc_ci=None, threshold=op["thresholds"][k],
+                       why="the test studies are all of one kind for this finding")
+        row["ece_before"] = compute_ece(y, np.stack([1 - probs_raw[:, k], probs_raw[:, k]], 1))
+        row["ece_after"] = compute_ece(y, np.stack([1 - p, p], 1))
+        out[name] = row
+    return out
 
 
 def _binary_metrics_ci(labels, scores, threshold, patients, n_boot, seed) -> dict:
@@ -263,25 +304,31 @@ def _subgroups(studies, labels, probs, patients, n_boot, seed) -> dict:
 
 
 def _cases(model, test_ds, studies, labels, probs, pred, class_names, runtime) -> tuple[list, list[dict]]:
-    """Up to 3 wrong and 5 correct test studies: their middle model input and a Grad-CAM overlay."""
+    """Up to 3 wrong and 5 correct test studies: their middle model input and a Grad-CAM overlay (multi-label:
+    wrong when any finding is, the map of the most probable finding)."""
     inputs, cases = [], []
-    order = list(np.where(pred != labels)[0][:3]) + list(np.where(pred == labels)[0][:5])
+    multi = labels.ndim == 2
+    right = (pred == labels).all(axis=1) if multi else pred == labels
+    order = list(np.where(~right)[0][:3]) + list(np.where(right)[0][:5])
     for i in order[:8]:
         parts = [p for p in test_ds.data if p.get("study") == i]
         x = test_ds.transform(parts[len(parts) // 2])["image"][None]
         inputs.append(x)
         image = display_image(studies[i])
-        _, overlay = explain_input(model, x, image, int(pred[i]), "gradcam", runtime)
-        cases.append({"image": image, "overlay": overlay, "true": class_names[int(labels[i])],
-                      "pred": class_names[int(pred[i])], "p": float(probs[i, int(pred[i])]),
-                      "correct": bool(pred[i] == labels[i])})
+        target = int(probs[i].argmax()) if multi else int(pred[i])
+        _, overlay = explain_input(model, x, image, target, "gradcam", runtime)
+        cases.append({"image": image, "overlay": overlay, "true": label_text(labels[i], class_names),
+                      "pred": label_text(pred[i], class_names), "p": float(probs[i, target]),
+                      "correct": bool(right[i])})
     return inputs, cases
 
 
 def evaluation_figures(ev: Evaluation, history_path: Path, n_boot: int = 300, seed: int = 0) -> dict[str, bytes]:
     """The report's figures as PNG bytes, drawn from an :class:`Evaluation`."""
     figures: dict[str, bytes] = {}
-    if ev.operating_point is not None:
+    if ev.result.get("multi_label"):
+        figures["roc"] = _roc_findings_figure(ev.test_labels, ev.test_probs, ev.class_names)
+    elif ev.operating_point is not None:
         op = ev.result["operating_point"]
         figures["confusion"] = _confusion_figure(op["confusion_matrix"], ev.class_names,
                                                  f"At the operating point (p1 >= {op['threshold']:.2f})")
@@ -352,8 +399,8 @@ def _train_on_shuffled_labels(cfg, prepared, pre, n_classes, seed, runtime: Runt
     """The same encoder and strategy trained on permuted training labels (data randomisation test)."""
     rng = np.random.default_rng(seed + 99)
     train = [dict(s) for s in prepared.sets["train"]]
-    for s, y in zip(train, rng.permutation([s["label"] for s in train])):
-        s["label"] = int(y)
+    for s, y in zip(train, rng.permutation(np.asarray([s["label"] for s in train]))):
+        s["label"] = tuple(int(v) for v in y) if np.ndim(y) else int(y)  # multi-label: whole rows move
     _, final_train = create_transforms(cfg.data, pre, train=True)
     _, final_eval = create_transforms(cfg.data, pre, train=False)
     torch.manual_seed(seed)
@@ -385,8 +432,7 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, saved: SavedRun) -> d
     for s in result.get("saliency_sanity", []):
         if not s["passed"]:
             limits.append(f"Saliency method {s['method']} failed its randomisation sanity check: do not rely on it.")
-    counts = {name: {c: sum(s["label"] == i for s in part) for i, c in enumerate(m.class_names)}
-              for name, part in prepared.sets.items()}
+    counts = {name: label_counts([s["label"] for s in part], m.class_names) for name, part in prepared.sets.items()}
     return {"model": run_dir.name, "encoder": saved.encoder, "version": __version__,
             "date": result["date"], "intended_use": INTENDED_USE,
             "training_data": {"source": Path(cfg.data.path).name, "kind": m.kind, "split": prepared.split_source,
@@ -396,7 +442,7 @@ def model_card(run_dir: Path, result: dict, prepared, cfg, saved: SavedRun) -> d
                          "strategy_reason": metrics.get("strategy_reason", ""), "input_size": saved.preprocessing.input_size,
                          "pretrained": cfg.encoder.pretrained},
             "metrics": {"test_auc": result["auc"]["auc"], "test_auc_95ci": result["auc"]["auc_ci"],
-                        "operating_point": result.get("operating_point")},
+                        "operating_point": result.get("operating_point"), "per_label": result.get("per_label")},
             "calibration": result["calibration"],
             "ood": {k: v for k, v in result.get("ood", {}).items() if k != "foreign"},
             "saliency": [{"method": s["method"], "passed": s["passed"]} for s in result.get("saliency_sanity", [])],

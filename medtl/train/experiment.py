@@ -27,7 +27,7 @@ from medtl.data import Manifest, Problem, check_split_classes, create_dataset, d
     split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.data.dataset import decode_workers, iterate_batches, store_options, study_index
-from medtl.data.manifest import FINDINGS_SEPARATOR, NO_FINDING, is_multi_label, label_counts
+from medtl.data.manifest import FINDINGS_SEPARATOR, is_multi_label, label_counts, label_text
 from medtl.eval.metrics import best_balanced_accuracy, compute_binary_metrics, compute_classification_metrics, \
     compute_multilabel_metrics
 from medtl.explain import explain_input
@@ -294,13 +294,6 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
         # multi-label: the map of the most probable finding
         name = f"test_{k:02d}_true-{true}_{'map' if multi else 'pred'}-{class_names[label]}.png"
         Image.fromarray(overlay).save(out / name)
-
-
-def label_text(label, names: list[str]) -> str:
-    """A record's label in words: its class name, or its findings joined by "|" ("No Finding" for none)."""
-    if is_multi_label(label):
-        return FINDINGS_SEPARATOR.join(n for n, v in zip(names, label) if v) or NO_FINDING[0].title()
-    return names[int(label)]
 
 
 def environment() -> dict:
