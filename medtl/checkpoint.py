@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from medtl.config import ExperimentConfig, config_from_dict
 from medtl.errors import RunError
+from medtl.models.adapters import plain_state_dict
 from medtl.models.encoders import Preprocessing, create_encoder
 
 FORMAT_VERSION = "1"
@@ -28,7 +29,7 @@ def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_nam
     (``{"threshold": t, "rule": ...}`` on the class-1 probability) is the decision rule for binary models
     (``{"thresholds": [t per finding], ...}`` for ``multi_label`` ones: a sigmoid per finding).
     """
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in plain_state_dict(model).items()}  # LoRA updates folded in
     meta = {
         "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
         "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),

@@ -80,7 +80,8 @@ class EncoderConfig:
     drop_rate: float = 0.2  # dropout before the classification head
 
 
-STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm")
+STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm", "bitfit", "lora",
+              "lp_ft")
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,14 @@ class TrainConfig:
     """How the encoder is fine-tuned."""
 
     strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why;
-    #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features
+    #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features; "bitfit" / "lora":
+    #   parameter-efficient (biases and norms / low-rank updates of the encoder); "lp_ft": converged linear probe,
+    #   then fine-tuning (medtl.train.fit.plan_stages)
     frozen_epochs: int = 6  # epochs training the head alone before unfreezing (partial, fine_tune, gradual)
     epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
     gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
+    lora_rank: int = 8  # "lora": rank of the low-rank update of each encoder layer
     batch_size: int | str = 8  # images per optimisation step (global, over all processes under torchrun); "auto":
     #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.fit)
     workers: int | str = "auto"  # processes reading files and preparing inputs; "auto": files read by one per core
@@ -285,7 +289,7 @@ LIMITS = [
     ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
     ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
     ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
-    ("train.gradual_epochs", 1, None, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
+    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
     ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),

@@ -36,6 +36,7 @@ from medtl.config import TrainConfig
 from medtl.data.dataset import InputDataset, iterate_batches, place_store, study_index
 from medtl.errors import ConfigError, TrainingDivergedError
 from medtl.eval.metrics import compute_auc
+from medtl.models.adapters import add_lora, is_bitfit_parameter, is_lora_parameter, merge_lora, plain_state_dict
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.predict import Logits, extract_features, predict_logits
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, \
@@ -56,6 +57,8 @@ class Stage:
     head_lr: float  # peak learning rate of the classification head
     encoder_lr: float  # peak learning rate of the top trainable encoder group
     layer_decay: float = 1.0  # each lower group's rate = the one above's * this
+    params: str = "all"  # which parameters of the trainable encoder groups train: "all", "bitfit" (biases and
+    #   normalisation scales/shifts) or "lora" (low-rank updates of the frozen weights; medtl.models.adapters)
 
     @property
     def head_only(self) -> bool:
@@ -86,8 +89,14 @@ def from_scratch(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, strategy="full", encoder_lr_mult=1.0, layer_decay=1.0, freeze_bn=False)
 
 
-def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) -> list[Stage]:
-    """The stages of a strategy, for an encoder with ``n_groups`` layer groups."""
+def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None, multi_label: bool = False) -> list[Stage]:
+    """The stages of a strategy, for an encoder with ``n_groups`` layer groups.
+
+    ``bitfit`` and ``lora`` train the head, then (after the head's warm-up) only the encoder's biases and
+    normalisation parameters, or low-rank updates of its weights, at half the head's rate. ``lp_ft`` (Kumar
+    et al. 2022) fits a linear probe to convergence first (the cross-validated logistic regression of
+    ``logreg``; for multi-label data a head trained on cached features for ``max(frozen_epochs, 20)`` epochs),
+    then fine-tunes everything from that head, with layer-wise decay."""
     strategy = strategy or cfg.strategy
     if strategy == "auto":
         raise ConfigError(None, "strategy 'auto' must be resolved with choose_strategy() first")
@@ -99,6 +108,11 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None) ->
         return [Stage(strategy, 1, 0, cfg.lr, 0.0)]
     if strategy == "full":
         return [Stage("full", cfg.epochs, ALL, cfg.lr, enc_lr, cfg.layer_decay)]
+    if strategy in ("bitfit", "lora"):
+        return head + [Stage(strategy, cfg.epochs, ALL, cfg.lr / 2, cfg.lr / 2, 1.0, params=strategy)]
+    if strategy == "lp_ft":
+        probe = Stage("head", max(cfg.frozen_epochs, 20), 0, cfg.lr, 0.0) if multi_label else Stage("logreg", 1, 0, cfg.lr, 0.0)
+        return [probe, Stage("fine_tune", cfg.epochs, ALL, cfg.lr / 2, enc_lr, cfg.layer_decay)]
     if strategy == "partial":
         return head + [Stage("partial", cfg.epochs, min(cfg.unfreeze_groups, n_groups), cfg.lr / 2, enc_lr,
                              cfg.layer_decay)]
@@ -242,8 +256,25 @@ def param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
     enc = encoder_groups(model)
     k = len(enc) if stage.trainable == ALL else stage.trainable
     for depth, params in enumerate(reversed(enc[len(enc) - k:])):
-        groups.append({"params": params, "lr": stage.encoder_lr * stage.layer_decay ** depth})
+        params = [p for p in params if p.requires_grad]  # (bitfit, lora: a selection of the group's parameters)
+        if params:
+            groups.append({"params": params, "lr": stage.encoder_lr * stage.layer_decay ** depth})
     return groups
+
+
+def select_parameters(model: torch.nn.Module, stage: Stage, lora_rank: int = 8) -> None:
+    """Within the encoder groups :func:`set_trainable` left trainable, train only the stage's ``params``:
+    for "lora", LoRA updates are put on the encoder first (once; see :func:`medtl.models.adapters.add_lora`)."""
+    if stage.params == "all":
+        return
+    if stage.params == "lora" and not any(is_lora_parameter(n) for n, _ in model.named_parameters()):
+        n = add_lora(model, lora_rank)
+        log.info("LoRA rank %d on the encoder: %d trainable parameters", lora_rank, n)
+    head = set(map(id, head_parameters(model)))
+    for name, p in model.named_parameters():
+        if id(p) in head or not p.requires_grad:
+            continue
+        p.requires_grad_(is_lora_parameter(name) if stage.params == "lora" else is_bitfit_parameter(model, name))
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -316,7 +347,7 @@ class _Trainer:
         self.log("batch size %d, learning rate %.3g (%s)", batch["batch_size"], batch["lr"], batch["rule"])
         self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime,
                                 batch=batch)
-        self.best_state = copy.deepcopy(model.state_dict())
+        self.best_state = copy.deepcopy(plain_state_dict(model))
         self.best_val_loss = math.inf
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
         self.rng = torch.Generator().manual_seed(cfg.seed + 7)  # mixup and cached-feature dropout
@@ -369,6 +400,7 @@ class _Trainer:
         """The stage's epochs over the training set (the encoder's trainable groups with the head)."""
         cfg, model = self.cfg, self.model
         set_trainable(model, stage.trainable)
+        select_parameters(model, stage, cfg.lora_rank)
         if stage.name in FEW_SHOT_HEADS:
             return self.fit_few_shot_head(stage)
         if stage.head_only and cfg.cache_features:
@@ -528,7 +560,7 @@ class _Trainer:
         if improved:
             self.result.best_score, self.result.best_epoch = score, self.epoch
             self.best_val_loss = val_loss
-            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state = copy.deepcopy(plain_state_dict(self.model))
             if self.on_improve is not None and self.rank == 0:
                 self.on_improve(self.model, row)
         self.log("epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s", self.epoch,
@@ -693,10 +725,14 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
                           "linear_probe, partial, fine_tune, gradual or full for a multi-label data set")
     trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
     trainer.log("strategy %s (%s)", strategy, reason)
-    stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy) if s.epochs > 0]
+    stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy, trainer.multi_label)
+              if s.epochs > 0]
     trainer.total_epochs = sum(s.epochs for s in stages)
-    for stage in stages:
-        trainer.run_stage(stage)
+    try:
+        for stage in stages:
+            trainer.run_stage(stage)
+    finally:
+        merge_lora(model)  # the plain network again (the best state is kept in its form)
     model.load_state_dict(trainer.best_state)
     set_trainable(model, ALL)
     model.eval()

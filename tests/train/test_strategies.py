@@ -239,3 +239,76 @@ def test_few_shot_heads_fit_only_the_head_and_learn_real_labels_not_shuffled_one
     assert aucs[False] > {"logreg": 0.9, "ncm": 0.75}[strategy]  # (class means: a weaker rule)
     if strategy == "logreg":
         assert abs(aucs["uncorrelated"] - 0.5) < 0.15, aucs
+
+
+def _changed(before, model):
+    after = model.state_dict()
+    assert set(after) == set(before), "the trained model is the plain network (no adapter tensors left)"
+    return {k for k in before if not torch.equal(before[k], after[k].cpu())}
+
+
+def test_bitfit_trains_only_biases_and_norms_and_the_head(npz):
+    cfg = _config(npz, strategy="bitfit", epochs=2, frozen_epochs=1)
+    model, (train, val, _) = _data(npz, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, train, val, cfg.train, num_classes=2)
+    changed = _changed(before, model)
+    assert result.strategy == "bitfit" and [r["stage"] for r in result.history] == ["head", "bitfit", "bitfit"]
+    assert {"classifier.weight", "classifier.bias"} <= changed
+    assert any(k.endswith("bn1.bias") for k in changed) and any(k.endswith("bn1.weight") for k in changed)
+    assert not any(k.endswith("conv_pw.weight") or k.endswith("conv_stem.weight") for k in changed)
+    assert not any("running_" in k for k in changed)  # BatchNorm statistics stay (freeze_bn)
+
+
+def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_path):
+    from medtl.checkpoint import load_model, save_model
+    from medtl.models import resolve_preprocessing
+
+    cfg = _config(npz, strategy="lora", epochs=2, frozen_epochs=1, lora_rank=2, lr=3e-2)
+    model, (train, val, test) = _data(npz, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, train, val, cfg.train, num_classes=2)
+    assert [r["stage"] for r in result.history] == ["head", "lora", "lora"]
+    changed = _changed(before, model)
+    assert not any("bn" in k or k.endswith("bias") and "classifier" not in k for k in changed), changed
+    delta = {k: model.state_dict()[k] - before[k] for k in changed if k.endswith("conv_pw.weight")}
+    if result.best_epoch > 1:  # the best epoch is a LoRA one: the encoder's pointwise convolutions moved
+        assert delta
+    for k, d in delta.items():  # each update has rank at most 2
+        assert torch.linalg.matrix_rank(d.flatten(1).double(), rtol=1e-3).item() <= 2, k  # (float32 rounding)
+    assert not any("depthwise" in k or "conv_dw" in k for k in changed)  # depthwise convolutions stay
+    save_model(model, tmp_path / "m.safetensors", "efficientnet_lite0", ["a", "b"], resolve_preprocessing(model, 32))
+    loaded, _ = load_model(tmp_path / "m.safetensors")
+    y, p = predict_probs(model, test)
+    _, q = predict_probs(loaded, test)
+    assert np.allclose(p, q, atol=1e-5)
+
+
+def test_lora_checkpoint_written_during_training_loads_as_the_plain_network(npz, tmp_path):
+    from medtl.checkpoint import load_model, save_model
+    from medtl.models import resolve_preprocessing
+
+    cfg = _config(npz, strategy="lora", epochs=1, frozen_epochs=0, lora_rank=4)
+    model, (train, val, _) = _data(npz, cfg)
+    pre = resolve_preprocessing(model, 32)
+    saved = []
+
+    def checkpoint(m, row):
+        assert any(".lora_a" in n for n, _ in m.named_parameters())  # adapters on while it trains
+        save_model(m, tmp_path / "m.safetensors", "efficientnet_lite0", ["a", "b"], pre)
+        saved.append(row["epoch"])
+
+    fit(model, train, val, cfg.train, num_classes=2, on_improve=checkpoint)
+    assert saved
+    load_model(tmp_path / "m.safetensors")  # strict: the plain network's keys
+
+
+def test_lp_ft_starts_fine_tuning_from_a_converged_probe(npz):
+    cfg = _config(npz, strategy="lp_ft", epochs=1)
+    model, (train, val, _) = _data(npz, cfg)
+    result = fit(model, train, val, cfg.train, num_classes=2)
+    assert [r["stage"] for r in result.history] == ["logreg", "fine_tune"]
+    from medtl.train.fit import plan_stages
+
+    stages = plan_stages(cfg.train, 7, "lp_ft", multi_label=True)
+    assert stages[0].name == "head" and stages[0].epochs >= 20 and stages[1].trainable == ALL
