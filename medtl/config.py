@@ -88,7 +88,8 @@ STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full",
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" picks from the labels per class and logs why;
+    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
+    #   validation (their scores are saved with the run);
     #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features; "bitfit" / "lora":
     #   parameter-efficient (biases and norms / low-rank updates of the encoder); "lp_ft": converged linear probe,
     #   then fine-tuning (medtl.train.fit.plan_stages)
@@ -97,6 +98,10 @@ class TrainConfig:
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
     gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
     lora_rank: int = 8  # "lora": rank of the low-rank update of each encoder layer
+    ensemble: int = 1  # > 1: that many trainings (seeds seed, seed+1, ...) averaged into one network by a greedy
+    #   weight-space soup chosen on validation (training costs n times as much; prediction costs one model)
+    auto_candidates: tuple[str, ...] = ("logreg", "partial", "fine_tune")  # the strategies "auto" tries, cheapest
+    #   first (a tie goes to the earlier); single-label heads (logreg, ncm) are skipped for multi-label data
     batch_size: int | str = 8  # images per optimisation step (global, over all processes under torchrun); "auto":
     #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.fit)
     workers: int | str = "auto"  # processes reading files and preparing inputs; "auto": files read by one per core
@@ -289,7 +294,7 @@ LIMITS = [
     ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
     ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
     ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
-    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
+    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.ensemble", 1, 64, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
     ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),
@@ -348,6 +353,8 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels",
                               "one of the two")
     look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
+    for name in cfg.train.auto_candidates:
+        look_up_option(name, [s for s in STRATEGIES if s != "auto"], "strategy (train.auto_candidates)")
     look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
     look_up_option(cfg.train.ood, ["knn", "mahalanobis", "off"], "out-of-distribution method (train.ood)")
     for name in ("batch_size", "workers"):

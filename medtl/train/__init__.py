@@ -5,7 +5,7 @@ from medtl.train.fit import (
     ALL,
     FitResult,
     Stage,
-    choose_strategy,
+    auto_candidates,
     fit,
     from_scratch,
     param_groups,
@@ -16,5 +16,5 @@ from medtl.train.fit import (
 from medtl.train.lr_find import LRFindResult, find_lr, lr_sweep
 
 __all__ = ["run_experiment", "prepare_data", "prepare_run_dir", "read_data", "PreparedData", "environment", "fit",
-           "FitResult", "Stage", "ALL", "plan_stages", "param_groups", "choose_strategy", "from_scratch", "prefetch",
+           "FitResult", "Stage", "ALL", "plan_stages", "param_groups", "auto_candidates", "from_scratch", "prefetch",
            "use_prefetch", "find_lr", "lr_sweep", "LRFindResult"]

@@ -226,6 +226,10 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
                "precision_choice": result.precision_choice, "device": result.device,
                "world_size": result.world_size, "split": prepared.split_source,
                "train_images_per_s": round(result.train_images_per_s, 2), "batch": result.batch}
+    if result.candidates:
+        metrics["auto_candidates"] = result.candidates
+    if result.soup:
+        metrics["ensemble"] = result.soup
     metrics["temperature"] = round(float(temperature), 4)
     multi = prepared.manifest.multi_label
     for name, ds in zip(("val", "test"), datasets):

@@ -65,22 +65,10 @@ class Stage:
         return self.trainable == 0
 
 
-def choose_strategy(label_counts: dict, cfg: TrainConfig) -> tuple[str, str]:
-    """The strategy for ``cfg.strategy == "auto"`` from the training labels per class, and why.
-
-    Fewer than 10 examples in the smallest class: a linear probe (too few to move the encoder
-    without overfitting); 10-49: partial fine-tuning of the top layer groups; 50 or more: full
-    fine-tuning with layer-wise learning-rate decay after a head warm-up.
-    """
-    if cfg.strategy != "auto":
-        return cfg.strategy, "set in the configuration"
-    smallest = min(label_counts.values())
-    if smallest < 10:
-        return "linear_probe", f"smallest class has {smallest} training examples (< 10): linear probe"
-    if smallest < 50:
-        return "partial", (f"smallest class has {smallest} training examples (10-49): partial fine-tuning of the "
-                           f"top {cfg.unfreeze_groups} layer groups")
-    return "fine_tune", f"smallest class has {smallest} training examples (>= 50): fine-tuning with layer-wise decay"
+def auto_candidates(cfg: TrainConfig, multi_label: bool = False) -> tuple[str, ...]:
+    """The strategies ``auto`` tries (``train.auto_candidates``); single-label heads are left out for multi-label
+    data."""
+    return tuple(c for c in cfg.auto_candidates if not (multi_label and c in FEW_SHOT_HEADS))
 
 
 def from_scratch(cfg: TrainConfig) -> TrainConfig:
@@ -99,7 +87,7 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None, mu
     then fine-tunes everything from that head, with layer-wise decay."""
     strategy = strategy or cfg.strategy
     if strategy == "auto":
-        raise ConfigError(None, "strategy 'auto' must be resolved with choose_strategy() first")
+        raise ConfigError(None, "strategy 'auto' is resolved by fit(), which tries each of train.auto_candidates")
     enc_lr = cfg.lr * cfg.encoder_lr_mult
     head = [Stage("head", cfg.frozen_epochs, 0, cfg.lr, 0.0)] if cfg.frozen_epochs else []
     if strategy == "linear_probe":
@@ -213,7 +201,9 @@ class FitResult:
     best_score: float = -math.inf  # validation AUC (or -loss where AUC is undefined) of that epoch
     precision_choice: dict = field(default_factory=dict)  # how the precision was chosen (each candidate's images/s)
     strategy: str = ""  # strategy actually used
-    strategy_reason: str = ""  # why (for "auto")
+    strategy_reason: str = ""  # why (for "auto": the candidates' validation scores)
+    candidates: dict = field(default_factory=dict)  # "auto": each candidate's validation score and seconds
+    soup: dict = field(default_factory=dict)  # train.ensemble > 1: the members, the greedy soup and its cost
     train_images_per_s: float = 0.0  # throughput of the stages that trained the encoder
     world_size: int = 1  # processes that trained (torchrun)
     batch: dict = field(default_factory=dict)  # batch size and learning rate used, and the rule that chose them
@@ -708,23 +698,22 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     checkpoint, so an interrupted run keeps its last good weights). Every stage restarts AdamW
     with warm-up + cosine decay.
     """
+    if cfg.ensemble > 1:
+        return _fit_soup(model, train_ds, val_ds, cfg, num_classes, on_improve)
+    if cfg.strategy == "auto":
+        return _fit_auto(model, train_ds, val_ds, cfg, num_classes, on_improve)
     set_determinism(seed=cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
         train_ds.transform.set_random_state(seed=cfg.seed)
     trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve)
-    labels = np.asarray([s["label"] for s in train_ds.data])
-    if trainer.multi_label:  # the smallest "class": the rarer side (with or without) of the rarest finding
-        pos = labels.sum(axis=0)
-        counts = np.minimum(pos, len(labels) - pos)
-    else:
-        counts = np.bincount(labels, minlength=num_classes)
-    strategy, reason = choose_strategy({c: int(n) for c, n in enumerate(counts)}, cfg)
+    strategy = cfg.strategy
     if trainer.multi_label and strategy in FEW_SHOT_HEADS:
         raise ConfigError(None, f"train.strategy {strategy!r} fits a single-label head",
-                          "linear_probe, partial, fine_tune, gradual or full for a multi-label data set")
-    trainer.result.strategy, trainer.result.strategy_reason = strategy, reason
-    trainer.log("strategy %s (%s)", strategy, reason)
+                          "linear_probe, partial, fine_tune, gradual, full, bitfit, lora or lp_ft for a multi-label "
+                          "data set")
+    trainer.result.strategy, trainer.result.strategy_reason = strategy, "set in the configuration"
+    trainer.log("strategy %s", strategy)
     stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy, trainer.multi_label)
               if s.epochs > 0]
     trainer.total_epochs = sum(s.epochs for s in stages)
@@ -742,5 +731,120 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     return result
 
 
-__all__ = ["auto_batch_size", "scaled_lr", "resolve_batch", "loader_workers", "REFERENCE_BATCH", "Stage", "plan_stages", "from_scratch", "choose_strategy", "fit", "FitResult", "param_groups", "prefetch",
+def _fit_auto(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
+              on_improve: Callable | None) -> FitResult:
+    """``strategy: auto``: train each of :func:`auto_candidates` from the same starting weights and seed, and keep
+    the one with the best validation score (AUC; the cheaper candidate, earlier in the list, on a tie). The
+    candidates' scores and seconds are in the result (``candidates``) and in its reason; their epochs are in the
+    history, each stage named ``candidate:stage``. The test split is never seen."""
+    multi = np.asarray([s["label"] for s in train_ds.data]).ndim == 2
+    candidates = auto_candidates(cfg, multi)
+    if not candidates:
+        raise ConfigError(None, "train.auto_candidates leaves no strategy to try for this data",
+                          "strategies such as linear_probe, partial, fine_tune")
+    start = copy.deepcopy(plain_state_dict(model))
+    best, history, scores = None, [], {}
+    for name in candidates:
+        model.load_state_dict(start)
+        t0 = time.perf_counter()
+        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, strategy=name), num_classes)
+        seconds = time.perf_counter() - t0
+        scores[name] = {"val_score": round(float(result.best_score), 4), "seconds": round(seconds, 1),
+                        "best_epoch": result.best_epoch}
+        history += [{**row, "stage": f"{name}:{row['stage']}"} for row in result.history]
+        log.info("auto: candidate %s scored %.4f on validation in %.1fs", name, result.best_score, seconds)
+        if best is None or result.best_score > best[1].best_score + 1e-9:
+            best = (name, result, copy.deepcopy(plain_state_dict(model)))
+    name, result, state = best
+    model.load_state_dict(state)
+    model.eval()
+    if on_improve is not None and distributed()[0] == 0:
+        on_improve(model, result.history[result.best_epoch - 1] if result.history else {})
+    result.history = history
+    result.strategy = name
+    result.candidates = scores
+    result.strategy_reason = ("chosen on validation among " + ", ".join(
+        f"{c} {v['val_score']:.3f} ({v['seconds']:.0f} s)" for c, v in scores.items()) +
+        f"; {sum(v['seconds'] for v in scores.values()):.0f} s in all")
+    log.info("auto: %s (%s)", name, result.strategy_reason)
+    return result
+
+
+def _average(states: list[dict]) -> dict:
+    """The mean of state dicts (integer tensors, such as BatchNorm's batch counters, from the first)."""
+    out = {}
+    for k, v in states[0].items():
+        out[k] = torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+    return out
+
+
+def validation_score(model: torch.nn.Module, val_ds, runtime: Runtime, batch_size: int = 32) -> float:
+    """What training keeps epochs by: the validation AUC per study, or minus the validation loss where the AUC is
+    undefined."""
+    y, p = predict_logits(model, val_ds, runtime, batch_size).study_probs()
+    auc = compute_auc(y, p)
+    if auc is not None:
+        return auc
+    if y.ndim == 2:
+        return -float(F.binary_cross_entropy(torch.from_numpy(p).float().clamp(1e-7, 1 - 1e-7),
+                                             torch.from_numpy(y).float()))
+    return -float(F.nll_loss(torch.log(torch.from_numpy(p).clamp_min(1e-7)), torch.from_numpy(y).long()))
+
+
+def _fit_soup(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
+              on_improve: Callable | None) -> FitResult:
+    """``train.ensemble`` = n > 1: n trainings from the same starting weights with seeds ``seed`` .. ``seed + n - 1``,
+    combined into one network by a greedy weight-space soup (Wortsman et al. 2022): members in order of their
+    validation score, each one averaged in only where the average scores at least as well on validation. The
+    result is one network (prediction costs what one model costs; training costs n). The members' scores, the
+    soup's, and the score of averaging the members' outputs instead (an output ensemble, n times the prediction
+    cost) are in ``result.soup``."""
+    start = copy.deepcopy(plain_state_dict(model))
+    members, history, t_all = [], [], time.perf_counter()
+    for k in range(cfg.ensemble):
+        model.load_state_dict(start)
+        seed = cfg.seed + k
+        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, seed=seed, ensemble=1), num_classes)
+        members.append((seed, result, copy.deepcopy(plain_state_dict(model))))
+        history += [{**row, "stage": f"seed{seed}:{row['stage']}"} for row in result.history]
+        log.info("ensemble: member seed %d scored %.4f on validation", seed, result.best_score)
+    runtime = members[0][1].eval_runtime()
+    bs = max(32, members[0][1].batch_size)
+    order = sorted(range(len(members)), key=lambda i: -members[i][1].best_score)
+    soup = [order[0]]
+    model.load_state_dict(members[order[0]][2])
+    best = validation_score(model, val_ds, runtime, bs)
+    tried = [{"seeds": [members[order[0]][0]], "val_score": round(best, 4), "kept": True}]
+    for i in order[1:]:
+        model.load_state_dict(_average([members[j][2] for j in soup + [i]]))
+        score = validation_score(model, val_ds, runtime, bs)
+        kept = score >= best - 1e-9
+        tried.append({"seeds": [members[j][0] for j in soup + [i]], "val_score": round(score, 4), "kept": kept})
+        if kept:
+            soup.append(i)
+            best = score
+    model.load_state_dict(_average([members[j][2] for j in soup]))
+    # for the record: averaging the members' probabilities instead of their weights
+    probs = []
+    for _, _, state in members:
+        ref = copy.deepcopy(model)
+        ref.load_state_dict(state)
+        probs.append(predict_logits(ref, val_ds, runtime, bs).study_probs())
+    output_auc = compute_auc(probs[0][0], np.mean([p for _, p in probs], axis=0))
+    model.eval()
+    result = members[order[0]][1]
+    result.history, result.best_score = history, best
+    result.soup = {"members": [{"seed": seed, "val_score": round(float(r.best_score), 4)} for seed, r, _ in members],
+                   "ingredients": [members[j][0] for j in soup], "greedy_steps": tried, "soup_val_score": round(best, 4),
+                   "output_ensemble_val_score": None if output_auc is None else round(output_auc, 4),
+                   "training_seconds": round(time.perf_counter() - t_all, 1),
+                   "cost": f"{len(members)} trainings; prediction costs one model"}
+    log.info("ensemble: soup of seeds %s scores %.4f on validation (best member %.4f, output ensemble %s)",
+             result.soup["ingredients"], best, members[order[0]][1].best_score, result.soup["output_ensemble_val_score"])
+    if on_improve is not None and distributed()[0] == 0:
+        on_improve(model, {})
+    return result
+
+
+__all__ = ["auto_batch_size", "scaled_lr", "resolve_batch", "loader_workers", "REFERENCE_BATCH", "Stage", "plan_stages", "from_scratch", "auto_candidates", "validation_score", "fit", "FitResult", "param_groups", "prefetch",
            "use_prefetch", "train_epoch", "loss_sync_steps", "feature_batches", "ALL"]

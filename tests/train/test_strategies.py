@@ -13,7 +13,7 @@ from medtl.models import create_encoder, resolve_preprocessing
 from medtl.predict import extract_features, predict_probs
 from medtl.runtime import Runtime
 from medtl.models import encoder_groups
-from medtl.train import choose_strategy, fit, lr_sweep, prepare_data
+from medtl.train import auto_candidates, fit, lr_sweep, prepare_data
 from medtl.train import ALL, Stage, param_groups
 from tests.data.test_sources import write_medmnist
 
@@ -93,12 +93,22 @@ def test_cached_features_equal_the_live_encoder(npz):
     assert np.abs(p32 - p16).max() < 5e-3
 
 
-def test_auto_strategy_follows_the_label_count():
-    cfg = load_config(train={"strategy": "auto"}).train
-    assert choose_strategy({0: 5, 1: 40}, cfg)[0] == "linear_probe"
-    assert choose_strategy({0: 30, 1: 40}, cfg)[0] == "partial"
-    strategy, reason = choose_strategy({0: 80, 1: 400}, cfg)
-    assert strategy == "fine_tune" and "80" in reason
+def test_auto_tries_each_candidate_and_keeps_the_best_on_validation(npz):
+    from medtl.eval.metrics import compute_auc
+
+    cfg = _config(npz, strategy="auto", auto_candidates=["ncm", "linear_probe", "partial"], epochs=2)
+    model, (train, val, _) = _data(npz, cfg)
+    checkpoints = []
+    result = fit(model, train, val, cfg.train, num_classes=2, on_improve=lambda m, row: checkpoints.append(row))
+    assert list(result.candidates) == ["ncm", "linear_probe", "partial"]
+    scores = {c: v["val_score"] for c, v in result.candidates.items()}
+    assert result.strategy == max(scores, key=scores.get)  # (first of the best on a tie)
+    assert scores[result.strategy] > max(v for c, v in scores.items() if c != result.strategy) - 1e-9
+    assert "chosen on validation" in result.strategy_reason and len(checkpoints) == 1
+    assert {row["stage"].split(":")[0] for row in result.history} == set(scores)
+    y, p = predict_probs(model, val)  # the model kept is the chosen candidate's
+    assert abs(compute_auc(y, p) - result.best_score) < 1e-3
+    assert auto_candidates(load_config(train={"strategy": "auto"}).train, multi_label=True) == ("partial", "fine_tune")
 
 
 def test_shuffled_labels_score_near_chance_and_real_labels_do_not(tmp_path):
@@ -312,3 +322,20 @@ def test_lp_ft_starts_fine_tuning_from_a_converged_probe(npz):
 
     stages = plan_stages(cfg.train, 7, "lp_ft", multi_label=True)
     assert stages[0].name == "head" and stages[0].epochs >= 20 and stages[1].trainable == ALL
+
+
+def test_ensemble_soup_keeps_only_members_that_help_on_validation(npz):
+    from medtl.train.fit import validation_score
+
+    cfg = _config(npz, strategy="full", epochs=1, ensemble=3)
+    model, (train, val, _) = _data(npz, cfg)
+    result = fit(model, train, val, cfg.train, num_classes=2)
+    soup = result.soup
+    assert [m["seed"] for m in soup["members"]] == [0, 1, 2]
+    best_member = max(soup["members"], key=lambda m: m["val_score"])
+    assert soup["ingredients"][0] == best_member["seed"]
+    assert soup["soup_val_score"] >= best_member["val_score"] - 1e-3  # never worse than its best member
+    kept = [s for s in soup["greedy_steps"] if s["kept"]]
+    assert kept[-1]["seeds"] == soup["ingredients"] and len(soup["greedy_steps"]) == 3
+    assert abs(validation_score(model, val, result.eval_runtime()) - soup["soup_val_score"]) < 1e-3
+    assert {row["stage"].split(":")[0] for row in result.history} == {"seed0", "seed1", "seed2"}
