@@ -65,6 +65,9 @@ class DataConfig:
     #   data's own, checked to share one form: all indices 0, 1, ... or all names); rows with other labels are
     #   reported and skipped. A mapping {label: class name} also names the classes ({0: no lesion, 1: lesion})
     allow_outside_paths: bool = False  # let a manifest name images by absolute path or outside its folder (../)
+    unlabelled: str | None = None  # images without labels for semi-supervised training (FixMatch consistency, in the
+    #   stages that train the encoder): an image folder, a manifest (its labels unused) or a MedMNIST .npz (its
+    #   training images); images that are also in the validation or test split are left out
     label_columns: tuple[str, ...] | None = None  # multi-label manifest with one 0/1 column per finding: those
     #   columns (a manifest with a "findings" column of names separated by "|" needs no setting)
 
@@ -98,6 +101,8 @@ class TrainConfig:
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
     gradual_epochs: int = 1  # "gradual": epochs before the next lower layer group is unfrozen
     lora_rank: int = 8  # "lora": rank of the low-rank update of each encoder layer
+    unlabelled_weight: float = 1.0  # semi-supervised (data.unlabelled): weight of the consistency loss (FixMatch)
+    pseudo_threshold: float = 0.95  # semi-supervised: confidence an answer on an unlabelled image needs to be a target
     ensemble: int = 1  # > 1: that many trainings (seeds seed, seed+1, ...) averaged into one network by a greedy
     #   weight-space soup chosen on validation (training costs n times as much; prediction costs one model)
     auto_candidates: tuple[str, ...] = ("logreg", "partial", "fine_tune")  # the strategies "auto" tries, cheapest
@@ -294,7 +299,8 @@ LIMITS = [
     ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
     ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
     ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
-    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.ensemble", 1, 64, True), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
+    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.ensemble", 1, 64, True),
+    ("train.unlabelled_weight", 0.0, None, True), ("train.pseudo_threshold", 0.5, 1.0, False), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
     ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
     ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),

@@ -317,11 +317,20 @@ class BatchAugment:
     """
 
     def __init__(self, pre: Preprocessing, flip: bool = True, rotate_deg: float = 10.0, zoom: float = 0.1,
-                 shift: float = 0.05, seed: int = 0, color_jitter: float = 0.0):
+                 shift: float = 0.05, seed: int = 0, color_jitter: float = 0.0, cutout: float = 0.0,
+                 gamma: tuple[float, float] = (0.8, 1.25), noise: float = 0.02):
         self.pre, self.flip, self.color_jitter = pre, flip, float(color_jitter)
         self.rotate, self.zoom, self.shift = np.deg2rad(rotate_deg), zoom, shift
+        self.cutout, self.gamma, self.noise = float(cutout), tuple(gamma), float(noise)
         self.warp = AffineTransform(normalized=False, zero_centered=True, align_corners=False, padding_mode="zeros")
         self.set_random_state(seed)
+
+    def stronger(self, seed: int) -> "BatchAugment":
+        """The strong view of semi-supervised consistency training (FixMatch's, in kind): rotations up to 30
+        degrees, zoom by up to 25 %, shifts up to 12.5 %, gamma in [0.5, 2], noise up to 0.05, twice the
+        colour jitter, and a cut-out square (side up to half the image) filled with mid-grey."""
+        return BatchAugment(self.pre, self.flip, 30.0, 0.25, 0.125, seed, min(0.5, 2 * self.color_jitter), 0.5,
+                            (0.5, 2.0), 0.05)
 
     def set_random_state(self, seed: int) -> "BatchAugment":
         self.R = torch.Generator().manual_seed(int(seed))
@@ -374,11 +383,11 @@ class BatchAugment:
             shape = (len(idx),) + (1,) * (dims + 1)
             lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
             span = hi - lo + 1e-7
-            gamma = self._uniform(len(idx), low=0.8, high=1.25).to(x.device).view(shape)
+            gamma = self._uniform(len(idx), low=self.gamma[0], high=self.gamma[1]).to(x.device).view(shape)
             x[idx] = ((part - lo) / span).clamp_min(0) ** gamma * span + lo
         idx = self._chosen(n, 0.3, x.device)
         if len(idx):  # noise, the same in every channel (as on the single-channel image before the repeat)
-            sigma = self._uniform(len(idx), low=0.0, high=0.02).view((len(idx),) + (1,) * (dims + 1))
+            sigma = self._uniform(len(idx), low=0.0, high=self.noise).view((len(idx),) + (1,) * (dims + 1))
             noise = torch.randn((len(idx), 1) + x.shape[2:], generator=self._generator(x.device), device=x.device)
             x[idx] += sigma.to(x.device) * noise
         if self.color_jitter > 0 and x.shape[1] == 3:
@@ -389,6 +398,13 @@ class BatchAugment:
             idx = self._chosen(n, 0.5, x.device)
             if len(idx):
                 x[idx] = x[idx].flip(-1)
+        if self.cutout > 0:  # one square per sample, mid-grey, side up to cutout * the image's side
+            size = x.shape[-1]
+            for i in range(n):
+                side = max(1, int(float(self._uniform(1, low=0.0, high=self.cutout)) * size))
+                corner = [int(v) for v in torch.randint(0, size - side + 1, (dims,), generator=self.R)]
+                region = (i, slice(None)) + tuple(slice(c, c + side) for c in corner)
+                x[region] = 0.5
         return (x - mean) / std
 
     def jitter(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@
         [--strategies scratch,linear_probe,partial,full,auto] [--seeds 0,1,2] [--input-size 64]
         [--config exp.yaml] [--volume-mode 2.5d] [--encoder-3d resnet10_3d_gn --input-size-3d 28]
 
-DATA is a manifest CSV, an image folder or a MedMNIST .npz. The validation and test splits stay
+DATA is a manifest CSV, an image folder or a MedMNIST .npz. A strategy named ``NAME+soupK`` trains K seeds of
+NAME and combines them in a greedy weight-space soup (``train.ensemble``); ``NAME+semi`` adds the rest of the
+training split, labels hidden, as the unlabelled pool of semi-supervised training (``data.unlabelled``). The validation and test splits stay
 fixed; the N training examples per class are drawn with the seed (the same draw for every
 strategy). "scratch" is the 2D encoder trained from random initialisation (every layer at the
 head's learning rate, BatchNorm statistics learnt); "scratch_3d" is a MONAI 3D ResNet (GroupNorm by default) trained
@@ -30,13 +32,14 @@ import torch
 
 from medtl.cli import report_errors
 from medtl.config import ExperimentConfig, load_config
-from medtl.data import TooFewExamplesError, sample_per_class
+from medtl.data import TooFewExamplesError, create_dataset, sample_per_class, store_options
 from medtl.eval import compute_auc
 from medtl.errors import TrainingDivergedError
 from medtl.eval.report import save_study, seed_mean_ci
 from medtl.models import create_model
 from medtl.predict import predict_probs
 from medtl.train import PreparedData, fit, from_scratch, prepare_data, read_data
+from medtl.transforms import create_transforms
 
 FIELDS = ["strategy", "n_per_class", "seed", "test_auc", "test_acc", "seconds"]
 log = logging.getLogger("medtl.pipelines")
@@ -61,16 +64,26 @@ def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str
     if strategy == "scratch":
         return dataclasses.replace(cfg, train=from_scratch(train), encoder=dataclasses.replace(cfg.encoder,
                                                                                               pretrained=False))
-    return dataclasses.replace(cfg, train=dataclasses.replace(train, strategy=strategy))
+    strategy = strategy.replace("+semi", "")  # (run_cell adds the unlabelled images)
+    strategy, _, soup = strategy.partition("+soup")  # "full+soup3": 3 seeds of full fine-tuning in a greedy soup
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, strategy=strategy, ensemble=int(soup or 1)))
 
 
-def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre, n_classes: int, train_idx: list[int]) -> dict:
-    """Train one cell's model on ``train_idx`` of the training split; its test AUC and accuracy."""
+def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre, n_classes: int, train_idx: list[int],
+             semi: bool = False) -> dict:
+    """Train one cell's model on ``train_idx`` of the training split; its test AUC and accuracy. With ``semi``, the
+    rest of the training split, labels hidden, is the unlabelled pool of semi-supervised training."""
     torch.manual_seed(cfg.train.seed)
     model, _ = create_model(cfg.encoder, n_classes)
     train, val, test = prepared.datasets(cfg.data, pre, train_idx)
+    unlabelled = None
+    if semi:
+        chosen = set(train_idx)
+        rest = [{**s, "label": 0} for i, s in enumerate(prepared.sets["train"]) if i not in chosen]
+        unlabelled = create_dataset(rest, create_transforms(cfg.data, pre, train=False)[1],
+                                    (cfg.data.slice_aggregation, cfg.data.top_k), **store_options(cfg.data))
     t0 = time.perf_counter()
-    result = fit(model, train, val, cfg.train, n_classes)
+    result = fit(model, train, val, cfg.train, n_classes, unlabelled_ds=unlabelled)
     y, p = predict_probs(model, test, result.eval_runtime(), 64)
     return {"test_auc": compute_auc(y, p), "test_acc": float((p.argmax(1) == y).mean()),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -135,7 +148,8 @@ def main(argv=None) -> int:
     strategies = args.strategies.split(",")
     for s in strategies:
         if s not in ("scratch", "scratch_3d"):
-            load_config(train={"strategy": s})  # unknown names fail here, with "did you mean"
+            name, _, soup = s.replace("+semi", "").partition("+soup")
+            load_config(train={"strategy": name, "ensemble": int(soup or 1)})  # unknown names fail here
     ns = args.n_per_class.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +192,7 @@ def main(argv=None) -> int:
             data, pre = prepare(cell)
             try:
                 row = {"strategy": strategy, "n_per_class": n, "seed": seed,
-                       **run_cell(cell, data, pre, n_classes, idx)}
+                       **run_cell(cell, data, pre, n_classes, idx, semi="+semi" in strategy)}
             except TrainingDivergedError as e:  # reported, not written: a rerun with other settings resumes it
                 failed += 1
                 print(f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: failed, {e}", flush=True)

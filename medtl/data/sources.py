@@ -135,3 +135,45 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
         names = [classes.get(str(c), names[c]) for c in range(n_classes)]
     return Manifest(path=path, records=records, class_names=names, splits=splits,
                     kind="medmnist", multi_label=multi)
+
+
+def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list[dict]:
+    """Images without labels, for semi-supervised training (``data.unlabelled``): every image file under a
+    folder (by suffix, recursively), the images of a manifest (any labels are ignored; ``image`` and
+    ``patient_id`` are read), or a MedMNIST file's training images. Records carry a placeholder label 0.
+
+    Raises:
+        FileMissingError: nothing at ``path``.
+        ManifestError: no image found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileMissingError(path, "unlabelled data not found", "an image folder, a manifest .csv or a MedMNIST .npz")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and f.name.lower().endswith(IMAGE_SUFFIXES))
+        records = [{"image": str(f), "label": 0, "patient_id": f.relative_to(path).with_suffix("").as_posix()}
+                   for f in files]
+    elif path.suffix.lower() == ".npz":
+        m = read_medmnist(path)
+        records = [{**m.records[i], "label": 0} for i in m.splits["train"]]
+    else:
+        import csv
+
+        from medtl.data.manifest import inside
+
+        root = Path(path).parent.absolute()
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "image" not in rows[0]:
+            raise ManifestError(path, "no image column", "a manifest with an image column")
+        records = []
+        for i, row in enumerate(rows, start=2):
+            image = inside(root, row["image"]) or (Path(row["image"]) if allow_outside_paths else None)
+            if image is None or not image.is_file():
+                log.warning("skipped %s row %d: image missing or outside the manifest's folder", path.name, i)
+                continue
+            records.append({"image": str(image), "label": 0, "patient_id": row.get("patient_id") or str(image)})
+    if not records:
+        raise ManifestError(path, "no unlabelled image found", "image files (" + ", ".join(IMAGE_SUFFIXES) + ")")
+    return records

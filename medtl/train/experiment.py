@@ -24,7 +24,7 @@ from medtl import __version__
 from medtl.checkpoint import save_model
 from medtl.config import DataConfig, ExperimentConfig, to_dict, to_plain, validate_config
 from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
-    split_by_patient
+    read_unlabelled, split_by_patient
 from medtl.errors import ConfigError, MedtlInputError, RunExistsError
 from medtl.data.dataset import decode_workers, iterate_batches, store_options, study_index
 from medtl.data.manifest import FINDINGS_SEPARATOR, is_multi_label, label_counts, label_text
@@ -111,6 +111,24 @@ def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: 
     return PreparedData(manifest, sets, problems, how)
 
 
+def prepare_unlabelled(data: DataConfig, pre: Preprocessing, prepared: PreparedData, workers: int | str = "auto"):
+    """The data set of ``data.unlabelled`` (None without it): read and decoded like the labelled images, less
+    any image that is also in the validation or test split (it would leak into training)."""
+    if not data.unlabelled:
+        return None
+    records = read_unlabelled(data.unlabelled, data.allow_outside_paths)
+    held = {str(s.get("path", "")) for name in ("val", "test") for s in prepared.sets[name]}
+    kept = [r for r in records if str(r.get("path", r["image"])) not in held]
+    if len(kept) < len(records):
+        log.warning("data.unlabelled: %d image(s) of the validation or test split left out", len(records) - len(kept))
+    deterministic, final = create_transforms(data, pre, train=False)
+    samples, problems = decode_records(kept, deterministic, cache_folder(data, pre),
+                                       decode_workers(workers, len(kept)))
+    prepared.problems.extend(problems)
+    log.info("data.unlabelled: %d images for semi-supervised training (%d unreadable)", len(samples), len(problems))
+    return create_dataset(samples, final, (data.slice_aggregation, data.top_k), **store_options(data))
+
+
 def cache_folder(data: DataConfig, pre: Preprocessing) -> str | None:
     """``data.cache_dir``/<hash of every setting that shapes a decoded input>: runs with other intensity,
     colour, volume or size settings never read each other's cached inputs."""
@@ -157,7 +175,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     def checkpoint(m, row):
         save_model(m, out / "model.safetensors", cfg.encoder.name, manifest.class_names, pre, multi_label=multi)
 
-    result = fit(model, train_ds, val_ds, cfg.train, num_classes=len(manifest.class_names), on_improve=checkpoint)
+    unlabelled = prepare_unlabelled(cfg.data, pre, prepared, cfg.train.workers)
+    result = fit(model, train_ds, val_ds, cfg.train, num_classes=len(manifest.class_names), on_improve=checkpoint,
+                 unlabelled_ds=unlabelled)
     if rank != 0:
         return out
 

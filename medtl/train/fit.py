@@ -301,7 +301,7 @@ def _soft_cross_entropy(logits, target, weight, smoothing):
 class _Trainer:
     """State shared by the stages of one :func:`fit` call."""
 
-    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes: int, on_improve):
+    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes: int, on_improve, unlabelled_ds=None):
         self.model, self.train_ds, self.val_ds, self.cfg = model, train_ds, val_ds, cfg
         self.num_classes, self.on_improve = num_classes, on_improve
         self.rank, self.world = distributed()
@@ -348,6 +348,20 @@ class _Trainer:
         transform = getattr(train_ds, "transform", None)
         self.augment = transform.batch_augment if isinstance(transform, TrainingTransform) else None
         self.encoder_images, self.encoder_seconds = 0, 0.0
+        self.unlabelled = None  # semi-supervised: the unlabelled inputs' store, and their confident shares
+        if unlabelled_ds is not None and len(unlabelled_ds):
+            if self.augment is None:
+                raise ConfigError(None, "semi-supervised training compares a weak and a strong augmentation of each "
+                                  "unlabelled image, and data.augment is off", "data.augment: true")
+            if self.world > 1:
+                raise ConfigError(None, "semi-supervised training runs in one process (its extra forward passes "
+                                  "are not synchronised across torchrun's)", "a run without torchrun")
+            self.unlabelled = place_store(unlabelled_ds, self.device, self.workers)
+            self.strong = self.augment.stronger(cfg.seed + 11)
+            self.u_rng = torch.Generator().manual_seed(cfg.seed + 13)
+            self.u_confident: list[float] = []
+            self.log("semi-supervised: %d unlabelled inputs, consistency weight %g, confidence %g",
+                     len(unlabelled_ds), cfg.unlabelled_weight, cfg.pseudo_threshold)
 
     def loader(self) -> tuple[Callable[[int], Iterable], int]:
         """(epoch -> this process's batches of the training set on the device, in a fresh seeded order;
@@ -416,13 +430,40 @@ class _Trainer:
             x, target = self.mix(self.runtime.to_input(x), batch["label"])
             with self.runtime.autocast():
                 logits = net(x)
-            return self.loss(logits, target)
+            loss = self.loss(logits, target)
+            if self.unlabelled is not None:
+                loss = loss + cfg.unlabelled_weight * self.consistency_loss(net)
+            return loss
 
         def validate():
             return predict_logits(model, self.val_ds, self.runtime, max(32, cfg.batch_size)).study_probs()
 
         self.run_epochs(stage, optimizer, steps, batches, step, validate,
                         lambda: _train_mode(model, cfg.freeze_bn))
+
+    def consistency_loss(self, net) -> torch.Tensor:
+        """FixMatch's unlabelled loss (Sohn et al. 2020): a batch of unlabelled inputs, a weak and a strong
+        augmentation of each; where the model's answer on the weak view is confident (its probability at least
+        ``train.pseudo_threshold``; multi-label: per finding, that far from 1/2 either way), that answer is the
+        target of the strong view. Averaged over the whole batch (unconfident answers count as 0)."""
+        idx = torch.randint(0, len(self.unlabelled.images), (self.cfg.batch_size,), generator=self.u_rng)
+        xu = self.unlabelled.batch(idx, self.device)["image"]
+        weak, strong = self.runtime.to_input(self.augment(xu)), self.runtime.to_input(self.strong(xu))
+        tau = self.cfg.pseudo_threshold
+        with torch.no_grad(), self.runtime.autocast():
+            zw = net(weak).float()
+        with self.runtime.autocast():
+            zs = net(strong).float()
+        if self.multi_label:
+            p = zw.sigmoid()
+            mask = ((p >= tau) | (p <= 1 - tau)).float()
+            per = F.binary_cross_entropy_with_logits(zs, (p >= 0.5).float(), reduction="none")
+        else:
+            conf, pseudo = zw.softmax(dim=1).max(dim=1)
+            mask = (conf >= tau).float()
+            per = F.cross_entropy(zs, pseudo, reduction="none")
+        self.u_confident.append(float(mask.mean()))
+        return (per * mask).mean()
 
     def cached_features(self):
         """((train features, labels), (validation features, labels)) of the frozen encoder, extracted once."""
@@ -542,6 +583,9 @@ class _Trainer:
         score = val_auc if val_auc is not None else -val_loss
         row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
                "val_loss": val_loss, "val_auc": val_auc, "seconds": round(seconds, 3)}
+        if self.unlabelled is not None:  # the share of unlabelled answers confident enough to train on
+            row["pseudo_confident"] = round(float(np.mean(self.u_confident)), 4) if self.u_confident else None
+            self.u_confident = []
         self.result.history.append(row)
         # a tie in AUC (frequent on small validation sets) goes to the lower loss: the epoch whose probabilities
         # have not collapsed to one side
@@ -690,23 +734,24 @@ def _progress(loader, rank: int, desc: str, total: int | None = None):
 
 
 def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
-        on_improve: Callable | None = None) -> FitResult:
+        on_improve: Callable | None = None, unlabelled_ds=None) -> FitResult:
     """Train ``model`` through the stages of its strategy; keep the best validation epoch.
 
     Validation AUC (or, where undefined, minus validation loss) picks the epoch whose weights
     are restored at the end; ``on_improve(model, row)`` is called at each new best (to write a
     checkpoint, so an interrupted run keeps its last good weights). Every stage restarts AdamW
-    with warm-up + cosine decay.
+    with warm-up + cosine decay. ``unlabelled_ds`` (a data set of unlabelled inputs) adds FixMatch's
+    consistency loss to the stages that train the encoder (:meth:`_Trainer.consistency_loss`).
     """
     if cfg.ensemble > 1:
-        return _fit_soup(model, train_ds, val_ds, cfg, num_classes, on_improve)
+        return _fit_soup(model, train_ds, val_ds, cfg, num_classes, on_improve, unlabelled_ds)
     if cfg.strategy == "auto":
-        return _fit_auto(model, train_ds, val_ds, cfg, num_classes, on_improve)
+        return _fit_auto(model, train_ds, val_ds, cfg, num_classes, on_improve, unlabelled_ds)
     set_determinism(seed=cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
         train_ds.transform.set_random_state(seed=cfg.seed)
-    trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve)
+    trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve, unlabelled_ds)
     strategy = cfg.strategy
     if trainer.multi_label and strategy in FEW_SHOT_HEADS:
         raise ConfigError(None, f"train.strategy {strategy!r} fits a single-label head",
@@ -732,7 +777,7 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
 
 
 def _fit_auto(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
-              on_improve: Callable | None) -> FitResult:
+              on_improve: Callable | None, unlabelled_ds=None) -> FitResult:
     """``strategy: auto``: train each of :func:`auto_candidates` from the same starting weights and seed, and keep
     the one with the best validation score (AUC; the cheaper candidate, earlier in the list, on a tie). The
     candidates' scores and seconds are in the result (``candidates``) and in its reason; their epochs are in the
@@ -747,7 +792,8 @@ def _fit_auto(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_cl
     for name in candidates:
         model.load_state_dict(start)
         t0 = time.perf_counter()
-        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, strategy=name), num_classes)
+        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, strategy=name), num_classes,
+                     unlabelled_ds=unlabelled_ds)
         seconds = time.perf_counter() - t0
         scores[name] = {"val_score": round(float(result.best_score), 4), "seconds": round(seconds, 1),
                         "best_epoch": result.best_epoch}
@@ -792,7 +838,7 @@ def validation_score(model: torch.nn.Module, val_ds, runtime: Runtime, batch_siz
 
 
 def _fit_soup(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
-              on_improve: Callable | None) -> FitResult:
+              on_improve: Callable | None, unlabelled_ds=None) -> FitResult:
     """``train.ensemble`` = n > 1: n trainings from the same starting weights with seeds ``seed`` .. ``seed + n - 1``,
     combined into one network by a greedy weight-space soup (Wortsman et al. 2022): members in order of their
     validation score, each one averaged in only where the average scores at least as well on validation. The
@@ -804,7 +850,8 @@ def _fit_soup(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_cl
     for k in range(cfg.ensemble):
         model.load_state_dict(start)
         seed = cfg.seed + k
-        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, seed=seed, ensemble=1), num_classes)
+        result = fit(model, train_ds, val_ds, dataclasses.replace(cfg, seed=seed, ensemble=1), num_classes,
+                     unlabelled_ds=unlabelled_ds)
         members.append((seed, result, copy.deepcopy(plain_state_dict(model))))
         history += [{**row, "stage": f"seed{seed}:{row['stage']}"} for row in result.history]
         log.info("ensemble: member seed %d scored %.4f on validation", seed, result.best_score)

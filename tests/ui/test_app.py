@@ -223,8 +223,8 @@ def test_a_volume_scored_slice_by_slice_gets_a_map_on_every_slice(tiny_run, samp
     lv, wd = preset_window(predictor, case.scan, MODEL_WINDOW)
     other = (case.slice_index + 3) % case.n_slices
     _, caption = render_view(predictor, case, other, lv, wd, True, 0.45)
-    assert "map on this slice" in caption and ("occlusion", other) in case.maps
-    assert not np.array_equal(case.maps[("occlusion", other)], case.maps[("occlusion", case.slice_index)])
+    assert "map on this slice" in caption and ("occlusion", None, other) in case.maps
+    assert not np.array_equal(case.maps[("occlusion", None, other)], case.maps[("occlusion", None, case.slice_index)])
 
 
 def test_the_case_key_does_not_depend_on_the_order_or_the_stored_names(tmp_path):
