@@ -417,6 +417,8 @@ class _Trainer:
             net = torch.compile(net)
         optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
         epoch_batches, steps = self.loader()
+        if self.unlabelled is not None:  # an epoch sweeps the unlabelled pool once; the labelled set is cycled
+            epoch_batches, steps = cycled(epoch_batches, steps, max(steps, len(self.unlabelled.images) // cfg.batch_size))
 
         def batches():
             loader = epoch_batches(self.epoch)
@@ -662,6 +664,25 @@ def train_epoch(batches: Iterable, step: Callable[[Any], torch.Tensor], optimize
             return losses
     flush()
     return losses
+
+
+def cycled(epoch_batches: Callable[[int], Iterable], steps: int, total: int) -> tuple[Callable[[int], Iterable], int]:
+    """(epoch -> ``total`` batches, ``total``): an epoch of ``total`` steps made of successive passes over the
+    ``steps`` batches of ``epoch_batches`` (each pass in its own seeded order)."""
+    if total <= steps:
+        return epoch_batches, steps
+
+    def epoch(k: int) -> Iterator:
+        n, p = 0, 0
+        while n < total:
+            for batch in epoch_batches(k * 1009 + p):
+                yield batch
+                n += 1
+                if n >= total:
+                    return
+            p += 1
+
+    return epoch, total
 
 
 def loss_sync_steps(device: torch.device) -> int:
