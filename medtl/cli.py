@@ -59,7 +59,9 @@ def _train_config(args):
                              ("lr", args.lr, "train"), ("volume_mode", args.volume_mode, "data"),
                              ("modality", args.modality, "data"), ("ct_window", args.ct_window, "data"),
                              ("cache_dir", args.cache_dir, "data"), ("device", args.device, "train"),
-                             ("precision", args.precision, "train")]:
+                             ("precision", args.precision, "train"), ("unlabelled", args.unlabelled, "data"),
+                             ("ensemble", args.ensemble, "train"),
+                             ("label_columns", args.label_columns.split(",") if args.label_columns else None, "data")]:
         if value is not None:
             overrides[part][key] = value
     if args.no_pretrained:
@@ -380,7 +382,11 @@ def _add_train_options(s, run_folder: bool) -> None:
     s.add_argument("--encoder", help="encoder name (see `medtl encoders`)")
     s.add_argument("--weights-file", help="local ImageNet weight file for encoders without bundled weights")
     s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
-    s.add_argument("--strategy", help="auto, linear_probe, partial, fine_tune, gradual or full")
+    s.add_argument("--strategy", help="auto (each of train.auto_candidates tried, the best on validation kept), "
+                   "linear_probe, partial, fine_tune, gradual, full, logreg, ncm, bitfit, lora or lp_ft")
+    s.add_argument("--unlabelled", help="images without labels for semi-supervised training (folder, manifest or .npz)")
+    s.add_argument("--ensemble", type=int, help="train this many seeds and average them into one network (greedy soup)")
+    s.add_argument("--label-columns", help="multi-label manifest: its 0/1 finding columns, comma-separated")
     s.add_argument("--epochs", type=int)
     s.add_argument("--frozen-epochs", type=int)
     s.add_argument("--batch-size", type=_int_or_auto, help="images per step, or auto (the largest that fits a GPU)")

@@ -339,3 +339,65 @@ def test_ensemble_soup_keeps_only_members_that_help_on_validation(npz):
     assert kept[-1]["seeds"] == soup["ingredients"] and len(soup["greedy_steps"]) == 3
     assert abs(validation_score(model, val, result.eval_runtime()) - soup["soup_val_score"]) < 1e-3
     assert {row["stage"].split(":")[0] for row in result.history} == {"seed0", "seed1", "seed2"}
+
+
+def test_strong_view_cuts_out_a_grey_square_and_weak_view_does_not():
+    from medtl.transforms import BatchAugment
+    from medtl.models import Preprocessing
+
+    pre = Preprocessing(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_chans=3, spatial_dims=2)
+    weak = BatchAugment(pre, seed=0)
+    strong = weak.stronger(seed=1)
+    x = torch.full((8, 3, 32, 32), 0.9)  # a bright batch, normalised: (0.9 - 0.5) / 0.5
+    x = (x - 0.5) / 0.5
+    grey = ((strong(x) * 0.5 + 0.5) - 0.5).abs() < 1e-6  # mid-grey pixels of the strong view
+    assert all(grey[i].any() for i in range(8))
+    assert not ((weak(x) * 0.5 + 0.5 - 0.5).abs() < 1e-6).any()
+    assert strong.gamma == (0.5, 2.0) and strong.rotate > weak.rotate
+
+
+def test_semi_supervised_uses_the_unlabelled_images_and_records_its_confident_share(tmp_path):
+    from medtl.data import create_dataset, store_options
+    from medtl.errors import ConfigError
+    from medtl.transforms import create_transforms
+
+    path = write_medmnist(tmp_path / "s.npz", n=(60, 20, 20), seed=3)
+    results = {}
+    for weight in (0.0, 1.0):
+        cfg = _config(path, data={"augment": True}, strategy="full", epochs=2, unlabelled_weight=weight,
+                      pseudo_threshold=0.6)
+        torch.manual_seed(0)
+        model, (train, val, _) = _data(path, cfg)
+        pre = resolve_preprocessing(model, 32)
+        prepared = prepare_data(cfg.data, pre, 0, read_dataset(path))
+        pool = create_dataset([{**s, "label": 0} for s in prepared.sets["train"][:40]],
+                              create_transforms(cfg.data, pre, train=False)[1], **store_options(cfg.data))
+        result = fit(model, train, val, cfg.train, num_classes=2, unlabelled_ds=pool)
+        rows = [r for r in result.history if r["stage"] == "full"]
+        assert all(0.0 <= r["pseudo_confident"] <= 1.0 for r in rows)
+        results[weight] = (model.state_dict()["classifier.weight"].clone(), rows)
+    # an epoch sweeps the 40 unlabelled inputs (batches of 4: 10 steps), not only the labelled set's steps
+    assert any(r["pseudo_confident"] > 0 for r in results[1.0][1])
+    assert not torch.equal(results[0.0][0], results[1.0][0])  # the consistency term changed the training
+    cfg = _config(path, strategy="full", data={"augment": False})
+    model, (train, val, _) = _data(path, cfg)
+    with pytest.raises(ConfigError, match="data.augment"):
+        fit(model, train, val, cfg.train, num_classes=2, unlabelled_ds=pool)
+
+
+def test_unlabelled_folder_leaves_out_validation_and_test_images(sample_dir, tmp_path, caplog):
+    import logging
+
+    from medtl.models import create_model
+    from medtl.train.experiment import prepare_unlabelled
+
+    cfg = load_config(data={"path": str(sample_dir / "manifest.csv"), "unlabelled": str(sample_dir / "dicom")},
+                      encoder={"input_size": 32})
+    _, pre = create_model(cfg.encoder, 2, pretrained=False)
+    prepared = prepare_data(cfg.data, pre, 0)
+    held = sum(1 for name in ("val", "test") for s in prepared.sets[name] if s["path"].endswith(".dcm"))
+    with caplog.at_level(logging.WARNING, logger="medtl.train"):
+        pool = prepare_unlabelled(cfg.data, pre, prepared)
+    n_dicom = len(list((sample_dir / "dicom").glob("*.dcm")))
+    assert held > 0 and len(pool) == n_dicom - held
+    assert f"{held} image(s) of the validation or test split left out" in caplog.text
