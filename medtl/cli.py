@@ -40,7 +40,8 @@ def cmd_train(args) -> int:
     metrics = json.loads((out / "metrics.json").read_text())
     test = metrics["test"]
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
-    print(f"{out}: test AUC {auc}, accuracy {test['accuracy']:.3f} "
+    what = "every finding right" if metrics.get("multi_label") else "accuracy"
+    print(f"{out}: test AUC {auc}, {what} {test['accuracy']:.3f} "
           f"({test['n_images']} images, {test['n_patients']} patients)")
     return 0
 
@@ -344,10 +345,16 @@ def cmd_evaluate(args) -> int:
         print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} foreign "
               f"files); refused {ood['foreign_refused']:.0%} of the foreign files and "
               f"{ood['in_refused_by_content']:.0%} of the test studies")
+    def num(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    for name, row in (result.get("per_label") or {}).items():  # multi-label: each finding at its own threshold
+        ci = row.get("auc_ci")
+        print(f"  {name}: AUC {num(row.get('auc'))}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
+              f", threshold {num(row['threshold'])}, sensitivity {num(row.get('sensitivity'))}, specificity "
+              f"{num(row.get('specificity'))}")
     op = result.get("operating_point")
     if op:
-        def num(v):
-            return "n/a" if v is None else f"{v:.3f}"
         print(f"operating point ({op['rule']}): threshold {num(op['threshold'])}, sensitivity "
               f"{num(op.get('sensitivity'))}, specificity {num(op.get('specificity'))} on the test set")
     for s in result["saliency_sanity"]:

@@ -210,8 +210,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     write_run_files(out, cfg, prepared, result, pre, model.pretrained_cfg["weights_source"])
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(to_plain(metrics), indent=2))
-    log.info("test AUC %s, accuracy %.3f on %d images of %d patients; run written to %s",
-             _fmt(metrics["test"]["auc"]), metrics["test"]["accuracy"], metrics["test"]["n_images"],
+    log.info("test AUC %s, %s %.3f on %d images of %d patients; run written to %s", _fmt(metrics["test"]["auc"]),
+             "every finding right" if manifest.multi_label else "accuracy", metrics["test"]["accuracy"], metrics["test"]["n_images"],
              metrics["test"]["n_patients"], out)
     return out
 
