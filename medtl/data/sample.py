@@ -28,6 +28,17 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
     return n / (n.std() + 1e-8)
 
 
+def _soft_disc(rng: np.random.Generator, inside: np.ndarray, yy: np.ndarray, xx: np.ndarray,
+               radius: tuple[float, float], edge: float) -> np.ndarray:
+    """A round, soft-edged disc (1 inside, 0 outside) at a random point of ``inside``, its radius drawn from
+    ``radius`` (pixels at 128 px), kept within ``inside``."""
+    ys, xs = np.nonzero(inside)
+    k = rng.integers(len(ys))
+    r = rng.uniform(*radius) * yy.shape[0] / 128
+    dist = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
+    return inside * (1.0 / (1.0 + np.exp((dist - r) / edge)))
+
+
 def synthetic_ct_slice(rng: np.random.Generator, size: int, lesion: bool, calcification: bool = False) -> np.ndarray:
     """One axial CT-like slice in HU (float32), with or without a lesion (and a calcification: a small, dense
     spot, 250-500 HU above the tissue)."""
@@ -45,21 +56,11 @@ def synthetic_ct_slice(rng: np.random.Generator, size: int, lesion: bool, calcif
         organ = body & ~fat & ((((yy - oy) / a) ** 2 + ((xx - ox) / b) ** 2) <= 1.0)
         img[organ] = img[organ] + rng.uniform(8, 30)
     img += body * _smooth_noise(rng, (size, size), 3.0) * rng.uniform(6, 12)  # tissue texture
+    inner = body & ~fat
     if lesion:
-        inner = body & ~fat
-        ys, xs = np.nonzero(inner)
-        k = rng.integers(len(ys))
-        r = rng.uniform(8, 14) * size / 128
-        dist = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
-        disc = 1.0 / (1.0 + np.exp((dist - r) / 1.2))  # round, soft-edged
-        img -= inner * disc * rng.uniform(35, 70)
+        img -= _soft_disc(rng, inner, yy, xx, (8, 14), 1.2) * rng.uniform(35, 70)
     if calcification:
-        inner = body & ~fat
-        ys, xs = np.nonzero(inner)
-        k = rng.integers(len(ys))
-        r = rng.uniform(2.0, 3.5) * size / 128
-        dist = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
-        img += inner * (1.0 / (1.0 + np.exp((dist - r) / 0.6))) * rng.uniform(250, 500)
+        img += _soft_disc(rng, inner, yy, xx, (2.0, 3.5), 0.6) * rng.uniform(250, 500)
     img += rng.normal(0, rng.uniform(8, 16), img.shape).astype(np.float32)  # quantum noise
     return img
 
