@@ -81,7 +81,16 @@ def shifted(studies: list[dict], shift: Compose) -> list[dict]:
     return out
 
 
-ZERO_LABEL = ("source_only", "adabn", "adabn_plain", "tent", "self_train")
+ZERO_LABEL = ("source_only", "adabn", "adabn_plain", "tent", "self_train", "semi", "adabn+semi")
+
+
+def parse_method(method: str) -> tuple[bool, str, bool]:
+    """(AdaBN first, the strategy or method, semi-supervised on the unlabelled target) of a method name such as
+    ``adabn+lp_ft+semi``."""
+    adabn = method.startswith("adabn+")
+    name = method.removeprefix("adabn+")
+    semi = name.endswith("+semi") or name == "semi"
+    return adabn, name.removesuffix("+semi"), semi
 
 
 def confident(probs: np.ndarray, fraction: float) -> list[int]:
@@ -115,8 +124,11 @@ def main(argv=None) -> int:
                    "--site-column); the source model of a seed is trained once for all of them")
     p.add_argument("--methods", default="source_only,adabn,adabn_plain,tent,fine_tune,adabn+fine_tune,retrain",
                    help="k=0: source_only and the zero-label adaptations (adabn: source-matched, adabn_plain, "
-                   "tent, self_train: AdaBN then fine-tuning on confident pseudo-labels, validated on the source); k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target "
-                   "training images, then fine-tuning on the k labels), retrain")
+                   "tent, self_train: AdaBN then fine-tuning on confident pseudo-labels, validated on the source; "
+                   "semi / adabn+semi: the source labels with FixMatch consistency on the unlabelled target images); "
+                   "k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target training images, "
+                   "then fine-tuning on the k labels), any train.strategy in their place (adabn+lp_ft, lora, ...), "
+                   "a +semi suffix for consistency on the unlabelled target images, retrain")
     p.add_argument("--k", default="0,5,10,25,50", help="target labels per class for adaptation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
@@ -187,7 +199,16 @@ def main(argv=None) -> int:
                 def batches(ds=unlabelled):  # shuffled (the same order each call)
                     return _images(ds, runtime, True, seed)
 
-                if method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
+                first_adabn, strategy, semi = parse_method(method)
+                pool = unlabelled if semi else None  # FixMatch consistency on the unlabelled target images
+                if strategy == "semi":  # zero labels: the source labels, with consistency on the unlabelled target
+                    model = adapt(src_model, "adabn", batches, source_stats, runtime) if first_adabn else \
+                        copy.deepcopy(src_model)
+                    fit(model, create_dataset(source["train"], final_train, agg, **store),
+                        create_dataset(source["val"], final_eval, agg, **store),
+                        dataclasses.replace(tc, strategy="full", frozen_epochs=0, epochs=min(tc.epochs, 5)), n_classes,
+                        unlabelled_ds=pool)  # (5 epochs: each sweeps the whole unlabelled target once)
+                elif method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
                     model = adapt(src_model, "adabn", batches, source_stats, runtime)
                     _, probs = predict_probs(model, unlabelled, runtime, 64)
                     pseudo = [{**target["train"][i], "label": int(probs[i].argmax())}
@@ -205,14 +226,16 @@ def main(argv=None) -> int:
                         print(f"skipped k={k} per class: {e.problem}", flush=True)
                         continue
                     torch.manual_seed(seed)
-                    if method == "retrain":
+                    if strategy == "retrain":
                         model = create_model(cfg.encoder, n_classes)[0]
-                    elif method == "adabn+fine_tune":
+                    elif first_adabn:
                         model = adapt(src_model, "adabn", batches, source_stats, runtime)
                     else:
                         model = copy.deepcopy(src_model)
                     fit(model, create_dataset(few, final_train, agg, **store),
-                        create_dataset(target["val"], final_eval, agg, **store), tc, n_classes)
+                        create_dataset(target["val"], final_eval, agg, **store),
+                        tc if strategy in ("retrain", "fine_tune") else dataclasses.replace(tc, strategy=strategy),
+                        n_classes, unlabelled_ds=pool)
                 auc, acc = evaluate(model, target["test"], final_eval, agg, runtime, store)
                 row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
                        "target_acc": acc, "source_auc": source_auc,
@@ -240,8 +263,8 @@ def summarise(rows: list[dict], out: Path) -> None:
             ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
             lines.append(f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
                          + " — |" * (len(ks) - 1))
-        for method in ("source_only", "adabn", "adabn_plain", "tent", "self_train", "fine_tune", "adabn+fine_tune",
-                       "retrain"):
+        for method in dict.fromkeys(("source_only", "adabn", "adabn_plain", "tent", "self_train", "semi", "adabn+semi",
+                                     "fine_tune", "adabn+fine_tune", *(r["method"] for r in rows), "retrain")):
             cells, xs, means, halfs = [], [], [], []
             for k in ks:
                 v = np.array([float(r["target_auc"]) for r in rows if r["shift"] == shift and r["method"] == method
