@@ -575,12 +575,7 @@ class _Trainer:
         y_val, p_val = val
         if not np.all(np.isfinite(p_val)):
             self.diverged(stage, "non-finite validation outputs")
-        if y_val.ndim == 2:  # multi-label: binary cross-entropy of the findings' probabilities
-            val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).float().clamp(1e-7, 1 - 1e-7),
-                                                    torch.from_numpy(y_val).float()))
-        else:
-            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(p_val).clamp_min(1e-7)),
-                                        torch.from_numpy(y_val).long()))
+        val_loss = validation_loss(y_val, p_val)
         val_auc = compute_auc(y_val, p_val)
         score = val_auc if val_auc is not None else -val_loss
         row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
@@ -850,12 +845,16 @@ def validation_score(model: torch.nn.Module, val_ds, runtime: Runtime, batch_siz
     undefined."""
     y, p = predict_logits(model, val_ds, runtime, batch_size).study_probs()
     auc = compute_auc(y, p)
-    if auc is not None:
-        return auc
-    if y.ndim == 2:
-        return -float(F.binary_cross_entropy(torch.from_numpy(p).float().clamp(1e-7, 1 - 1e-7),
-                                             torch.from_numpy(y).float()))
-    return -float(F.nll_loss(torch.log(torch.from_numpy(p).clamp_min(1e-7)), torch.from_numpy(y).long()))
+    return auc if auc is not None else -validation_loss(y, p)
+
+
+def validation_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The negative log-likelihood of validation labels under the probabilities (multi-label: binary
+    cross-entropy per finding)."""
+    if labels.ndim == 2:
+        return float(F.binary_cross_entropy(torch.from_numpy(probs).float().clamp(1e-7, 1 - 1e-7),
+                                            torch.from_numpy(labels).float()))
+    return float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(labels).long()))
 
 
 def _fit_soup(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
