@@ -336,7 +336,7 @@ def _fmt(v):
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
-    fields = fields or (list(rows[0]) if rows else [])
+    fields = fields or list(dict.fromkeys(k for row in rows for k in row))  # (rows may differ: e.g. auto's candidates)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

@@ -106,10 +106,10 @@ def test_a_diverged_cell_is_reported_and_the_study_goes_on(tmp_path, capsys, mon
     mod = _load()
     real = mod.run_cell
 
-    def run_cell(cell, *args):
+    def run_cell(cell, *args, **kwargs):
         if cell.train.strategy == "full":
             raise TrainingDivergedError("training diverged in epoch 1 (full stage): training loss nan at step 3")
-        return real(cell, *args)
+        return real(cell, *args, **kwargs)
 
     monkeypatch.setattr(mod, "run_cell", run_cell)
     npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
