@@ -17,7 +17,7 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 
 ENDPOINTS = {"/on_upload", "/on_clear", "/on_view", "/on_alpha", "/on_method", "/on_preset", "/on_series",
-             "/on_model", "/jump", "/export"}
+             "/on_model", "/jump", "/export", "/on_finding"}
 # outputs of /on_upload, in the order create_app lists them (the case state is not sent to the client)
 (VIEWER, PROBS, OVERLAY, MESSAGE, SLIDER, HEADER, PROFILE, SANITY, PRESET, LEVEL, WIDTH, CASE, SERIES, REPORT,
  CAPTION, UPLOAD) = range(16)
@@ -255,3 +255,40 @@ def test_broken_upload_gets_a_typed_refusal(client, tiny_run, tmp_path, name, co
     # the page still works after a refusal
     assert "Predicted class" not in message
     assert client.predict(api_name="/jump") == 0
+
+
+@pytest.fixture(scope="module")
+def multilabel_page(tmp_path_factory):
+    """A page serving a small multi-label run (lesion and calcification)."""
+    import gradio as gr
+
+    from medtl.config import load_config
+    from medtl.data import create_multilabel_sample
+    from medtl.train import run_experiment
+    from medtl_ui.app import launch
+
+    root = tmp_path_factory.mktemp("mlpage")
+    manifest = create_multilabel_sample(root / "data", n_patients=40, size=48, seed=2)
+    run = run_experiment(load_config(data={"path": str(manifest), "augment": False}, encoder={"input_size": 64},
+                                     train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, "ood": "off"},
+                                     explain={"n_overlays": 0}), root / "run")
+    port = _free_port()
+    launch(run, port=port, prevent_thread_lock=True)
+    yield run, manifest.parent, f"http://127.0.0.1:{port}/"
+    gr.close_all()
+
+
+def test_multilabel_page_lists_each_finding_and_draws_the_map_of_the_one_chosen(multilabel_page, tmp_path):
+    run, data, url = multilabel_page
+    client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    out = _upload(client, run, data / "dicom" / "img_0002.dcm")
+    assert "Findings:" in out[MESSAGE] and "calcification" in out[MESSAGE] and "lesion" in out[MESSAGE]
+    probs = _probs(out[PROBS])
+    assert set(probs) == {"calcification", "lesion"}  # independent: they need not add up to 1
+    menu = next(o for o in out if isinstance(o, dict) and o.get("choices") and
+                {c[0] if isinstance(c, (list, tuple)) else c for c in o["choices"]} == {"calcification", "lesion"})
+    assert menu["visible"] is True and menu["value"] == max(probs, key=probs.get)  # the most probable finding's map
+    other = next(c for c in ("calcification", "lesion") if c != menu["value"])
+    overlay, sanity, view, caption = client.predict(run.name, other, "gradcam", 0.45, 0, 40, 400, True,
+                                                    api_name="/on_finding")
+    assert np.abs(_img(overlay) - _img(out[OVERLAY])).mean() > 1  # the other finding's map
