@@ -6,12 +6,13 @@ rest of medtl does not care where the labels came from.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from medtl.data.manifest import Manifest, Problem, index_labels, read_manifest
+from medtl.data.manifest import Manifest, Problem, index_labels, inside, read_manifest
 from medtl.errors import FileMissingError, ManifestError, UnsupportedFormatError
 
 log = logging.getLogger("medtl.data")
@@ -158,10 +159,6 @@ def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list
         m = read_medmnist(path)
         records = [{**m.records[i], "label": 0} for i in m.splits["train"]]
     else:
-        import csv
-
-        from medtl.data.manifest import inside
-
         root = Path(path).parent.absolute()
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
