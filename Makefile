@@ -1,6 +1,7 @@
 # medtl: two commands do all the set-up on a fresh machine.
 #   make demo   -> venv + install, sample data, fine-tune, predict, explain, then serve the web UI
 #   make test   -> venv + install, then the test suite
+# and for contributors: make lint (ruff + mypy), make docs (the MkDocs site, warnings as errors)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,13 +9,19 @@ STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
 
-.PHONY: demo test test-bf16 test-slow test-browser test-all fuzz clean
+.PHONY: demo test test-bf16 test-slow test-browser test-all fuzz lint docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# the linters and the documentation tools, pinned in pyproject.toml's dev and docs extras
+DEV_STAMP := $(VENV)/.installed-dev
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,docs]'
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medtl sample-data sample_data --force
@@ -53,6 +60,19 @@ fuzz: $(STAMP)
 # everything, including slow and browser tests
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" 
+
+# ruff (lint + format check) over the code, mypy over the packages pyproject.toml lists
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check medtl ui pipelines tools tests
+	$(BIN)/ruff format --check medtl ui pipelines tools tests
+	$(BIN)/mypy
+
+# the documentation site (docs/ -> build/site), warnings as errors
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
+
+docs-serve: $(DEV_STAMP)
+	$(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) runs sample_data/dicom sample_data/nifti sample_data/manifest.csv

@@ -12,17 +12,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from medtl.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
     "ExperimentConfig": "medtl.config", "load_config": "medtl.config",
     "MedtlError": "medtl.errors", "MedtlInputError": "medtl.errors",
-    "Predictor": "medtl.inference", "load_run": "medtl.inference",
+    "Predictor": "medtl.predict.predictor", "load_run": "medtl.predict.predictor",
     "Scan": "medtl.io", "read_image": "medtl.io",
     "create_encoder": "medtl.models", "list_encoders": "medtl.models",
     "run_experiment": "medtl.train",
     "Runtime": "medtl.runtime",
+    "RunDir": "medtl.run", "Decision": "medtl.predict.post", "train_model": "medtl.train",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -43,8 +44,10 @@ def __dir__():
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from medtl.config import ExperimentConfig, load_config
     from medtl.errors import MedtlError, MedtlInputError
-    from medtl.inference import Predictor, load_run
+    from medtl.predict.predictor import Predictor, load_run
     from medtl.io import Scan, read_image
     from medtl.models import create_encoder, list_encoders
+    from medtl.predict.post import Decision
+    from medtl.run import RunDir
     from medtl.runtime import Runtime
-    from medtl.train import run_experiment
+    from medtl.train import run_experiment, train_model

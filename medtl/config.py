@@ -19,6 +19,23 @@ import numpy as np
 import yaml
 
 from medtl.errors import ConfigError, did_you_mean, look_up_option
+from medtl.options import (
+    STRATEGIES,
+    ColourMode,
+    InputStore,
+    Intensity,
+    Modality,
+    OODMethod,
+    Precision,
+    SaliencyMethod,
+    SliceAggregation,
+    Strategy,
+    VolumeMode,
+)
+
+SCHEMA_VERSION = 2  # the layout of an experiment's configuration (and of the run folder that saves it);
+#   files without ``schema_version`` are version 1, whose experiment files read unchanged (medtl.run migrates
+#   version-1 run folders)
 
 # Named CT windows in Hounsfield units: (level, width). Standard radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -33,22 +50,20 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
-VOLUME_MODES = ("middle", "mip", "2.5d", "slices", "slices_2.5d", "3d")
-
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images are read and how their intensities are prepared."""
 
     path: str | None = None  # manifest CSV, image folder (one sub-folder per class) or MedMNIST .npz
-    modality: str = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
-    intensity: str = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
+    modality: Modality = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
+    intensity: Intensity = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
     ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
     ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
     percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
-    volume_mode: str = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
+    volume_mode: VolumeMode = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
     #   or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
-    slice_aggregation: str = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
+    slice_aggregation: SliceAggregation = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
     top_k: int = 3  # slices averaged by slice_aggregation "topk"
     volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)
     val_fraction: float = 0.2  # share of patients held out for validation (ignored when the data has its own split)
@@ -56,9 +71,9 @@ class DataConfig:
     augment: bool = True  # light MONAI augmentation (small rotation/zoom, flip, intensity, noise) in training
     flip: bool = True  # left-right flips in augmentation (turn off where laterality matters)
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
-    input_store: str = "float16"  # how prepared model inputs are kept for training and evaluation: "float16"
+    input_store: InputStore = "float16"  # how prepared model inputs are kept for training and evaluation: "float16"
     #   (half the memory; finer than bf16 compute) or "float32"; memory-mapped (in cache_dir) above 2 GiB
-    color: str = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
+    color: ColourMode = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
     #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
     color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
     classes: tuple[str, ...] | dict[str, str] | None = None  # the labels accepted, in class order (None: the
@@ -83,19 +98,16 @@ class EncoderConfig:
     drop_rate: float = 0.2  # dropout before the classification head
 
 
-STRATEGIES = ("auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm", "bitfit", "lora",
-              "lp_ft")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: str = "fine_tune"  # one of STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
+    strategy: Strategy = "fine_tune"  # one of medtl.options.STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
     #   validation (their scores are saved with the run);
     #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features; "bitfit" / "lora":
     #   parameter-efficient (biases and norms / low-rank updates of the encoder); "lp_ft": converged linear probe,
-    #   then fine-tuning (medtl.train.fit.plan_stages)
+    #   then fine-tuning (medtl.train.stages.plan_stages)
     frozen_epochs: int = 6  # epochs training the head alone before unfreezing (partial, fine_tune, gradual)
     epochs: int = 16  # epochs with encoder layers trainable (or of the head, for linear_probe)
     unfreeze_groups: int = 2  # "partial": encoder layer groups (stages) trained, counted from the top
@@ -108,7 +120,7 @@ class TrainConfig:
     auto_candidates: tuple[str, ...] = ("logreg", "partial", "fine_tune")  # the strategies "auto" tries, cheapest
     #   first (a tie goes to the earlier); single-label heads (logreg, ncm) are skipped for multi-label data
     batch_size: int | str = 8  # images per optimisation step (global, over all processes under torchrun); "auto":
-    #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.fit)
+    #   8 on a CPU, on a GPU the largest that fits (up to 256), lr scaled by sqrt(batch / 8) (medtl.train.batching)
     workers: int | str = "auto"  # processes reading files and preparing inputs; "auto": files read by one per core
     #   (up to 8) for 200 files or more; inputs prepared in the main process on a CPU, by spare cores on a GPU
     lr: float = 3e-3  # peak learning rate of the head (for batches of 8; "auto" batches scale it)
@@ -121,12 +133,12 @@ class TrainConfig:
     class_weighting: bool = True  # weight the loss by inverse class frequency
     mixup: float = 0.0  # mixup Beta(alpha, alpha) on inputs and targets; 0 turns it off
     tta: bool = False  # evaluation and prediction average the image and its left-right flip
-    ood: str = "knn"  # refusal of inputs unlike the training images, by their encoder features: "knn",
-    #   "mahalanobis" or "off" (medtl.ood)
+    ood: OODMethod = "knn"  # refusal of inputs unlike the training images, by their encoder features: "knn",
+    #   "mahalanobis" or "off" (medtl.predict.ood)
     ood_quantile: float = 0.99  # refusal threshold: this quantile of the validation studies' scores
     cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
     patience: int = 6  # stop a stage after this many epochs without a better validation score
-    precision: str = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
+    precision: Precision = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
     channels_last: bool = True  # NHWC memory layout (about 2x faster convolutions on CPU)
     compile: bool = False  # torch.compile the model for stages that train the encoder
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
@@ -138,7 +150,7 @@ class TrainConfig:
 class ExplainConfig:
     """How saliency maps are made and drawn."""
 
-    method: str = "gradcam"  # default saliency method: gradcam, gradcampp, occlusion or integrated_gradients
+    method: SaliencyMethod = "gradcam"  # default saliency method: gradcam, gradcampp, occlusion or integrated_gradients
     n_overlays: int = 6  # test images written as overlays after training
     alpha: float = 0.45  # overlay opacity
 
@@ -147,6 +159,8 @@ class ExplainConfig:
 class ExperimentConfig:
     """One experiment: data, encoder, training and explanation settings."""
 
+    schema_version: int = SCHEMA_VERSION  # the configuration's layout (see SCHEMA_VERSION); older files are read as
+    #   their version says, a newer one is refused
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -189,6 +203,8 @@ def _merge(base: dict, update: dict) -> dict:
 def _expected(hint: Any) -> str:
     """A type hint in words: "a number", "an integer", "true or false", "a list of 2 numbers"..."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "a string"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_expected(a) for a in args if a is not type(None)) + " (or null)"
     if origin is dict:
@@ -203,6 +219,10 @@ def _check_type(value: Any, hint: Any) -> Any:
     """``value`` as the type of ``hint``, or raise ``TypeError``. Numbers written as ``1e-4`` (strings to
     YAML 1.1) are numbers; an integer field refuses 2.5 and a number field refuses "abc"."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:  # a string here; one of the options is checked by validate_config (did you mean)
+        if isinstance(value, str):
+            return value
+        raise TypeError
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -337,15 +357,24 @@ def validate_config(cfg: ExperimentConfig, source: str | Path | None = None) -> 
         raise ConfigError(source, e.problem, e.expected) from None
 
 
-def _validate(cfg: ExperimentConfig) -> None:
+def _check_options(cfg: ExperimentConfig) -> None:
+    """Every field whose type is a fixed set of options (:mod:`medtl.options`) holds one of them."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        hints = typing.get_type_hints(type(part))
+        for f in dataclasses.fields(part):
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                look_up_option(getattr(part, f.name), typing.get_args(hints[f.name]), f"{section.name}.{f.name}")
 
-    look_up_option(cfg.data.modality, ["auto", "CT", "MR", "XR", "other"], "modality")
+
+def _validate(cfg: ExperimentConfig) -> None:
+    if not 1 <= cfg.schema_version <= SCHEMA_VERSION:
+        raise ConfigError(None, f"schema_version {cfg.schema_version} is not one this medtl reads (a newer medtl "
+                          "wrote it?)", f"1 to {SCHEMA_VERSION}")
+    _check_options(cfg)
     look_up_option(cfg.data.ct_window, [*CT_WINDOWS, "multi"], "CT window")
-    look_up_option(cfg.data.volume_mode, VOLUME_MODES, "volume mode")
-    look_up_option(cfg.data.intensity, ["auto", "ct_window", "file_window", "percentile", "dtype"], "intensity")
-    look_up_option(cfg.data.slice_aggregation, ["mean", "max", "topk"], "slice aggregation")
-    look_up_option(cfg.data.color, ["auto", "rgb", "grey"], "colour mode (data.color)")
-    look_up_option(cfg.data.input_store, ["float16", "float32"], "input store (data.input_store)")
     if cfg.data.color_jitter > 0 and (cfg.data.color == "grey" or cfg.data.ct_window == "multi"
                                       or cfg.data.volume_mode in ("2.5d", "slices_2.5d")):
         raise ConfigError(None, "data.color_jitter needs colour inputs: its hue and saturation would mix "
@@ -358,11 +387,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         if cfg.data.volume_mode.endswith("2.5d"):
             raise ConfigError(None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels",
                               "one of the two")
-    look_up_option(cfg.train.strategy, STRATEGIES, "strategy")
     for name in cfg.train.auto_candidates:
         look_up_option(name, [s for s in STRATEGIES if s != "auto"], "strategy (train.auto_candidates)")
-    look_up_option(cfg.train.precision, ["auto", "bf16", "fp16", "fp32"], "precision")
-    look_up_option(cfg.train.ood, ["knn", "mahalanobis", "off"], "out-of-distribution method (train.ood)")
     for name in ("batch_size", "workers"):
         value = getattr(cfg.train, name)
         if isinstance(value, str) and value != "auto":
@@ -371,11 +397,6 @@ def _validate(cfg: ExperimentConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(None, f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",
                           "'auto', 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index)")
-    look_up_option(cfg.explain.method, ["gradcam", "gradcampp", "occlusion", "integrated_gradients"],
-                   "saliency method")
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
         if not 0.0 < v < 0.5:
             raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")
-    from medtl.models import list_encoders  # the registry (imports torch): here, not at start-up
-
-    look_up_option(cfg.encoder.name, list_encoders(), "encoder")

@@ -48,7 +48,7 @@ from medtl.models import create_encoder, resolve_preprocessing
 from medtl.runtime import Runtime, cpu_model, synchronize, measure_training_speed, native_bf16, \
     precision_candidates, resolve_device
 from medtl.train import fit, prepare_data
-from medtl.transforms import create_transforms
+from medtl.transforms.chain import create_transforms
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -238,7 +238,7 @@ def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
                           encoder={"input_size": size}, train={"epochs": 1, "frozen_epochs": 1},
                           explain={"n_overlays": 0})
         run = run_experiment(cfg, work / f"run_{mode}", force=True)
-        from medtl.inference import load_run
+        from medtl.predict.predictor import load_run
 
         predictor = load_run(run)
         if mode == "middle":

@@ -23,24 +23,25 @@ import dataclasses
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from monai.transforms import Compose, GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, Resize
+from safetensors.torch import load_file, save_file
 
-from medtl.adapt import adapt, bn_statistics
+from medtl.adapt.batchnorm import adapt, bn_statistics
 from medtl.cli import report_errors
-from medtl.config import load_config
-from medtl.data import TooFewExamplesError, create_dataset, iterate_batches, sample_per_class, store_options
+from medtl.config import ExperimentConfig, load_config
+from medtl.data import TooFewExamplesError, iterate_batches, sample_per_class
 from medtl.eval import compute_auc
-from medtl.eval.report import save_study, seed_mean_ci
-from medtl.models import create_model
-from medtl.predict import predict_probs
+from medtl.eval.figures import save_study
+from medtl.metrics import seed_mean_ci
+from medtl.models import Preprocessing, create_model
+from medtl.predict.forward import predict_probs
 from medtl.runtime import Runtime, inference_precision, resolve_device
-from medtl.train import fit, prepare_data, read_data
-from medtl.transforms import create_transforms
+from medtl.train import create_datasets, create_seeded_model, prepare_data, read_data, train_model
 
 FIELDS = ["shift", "k_per_class", "method", "seed", "target_auc", "target_acc", "source_auc", "seconds"]
 SHIFTS = ("bias_field", "gamma", "blur", "noise", "resolution", "all")
@@ -100,7 +101,7 @@ def confident(probs: np.ndarray, fraction: float) -> list[int]:
     keep = []
     for c in np.unique(pred):
         idx = np.flatnonzero(pred == c)
-        keep += idx[np.argsort(-conf[idx])][: max(1, int(round(fraction * len(idx))))].tolist()
+        keep += idx[np.argsort(-conf[idx])][: max(1, round(fraction * len(idx)))].tolist()
     return sorted(keep)
 
 
@@ -111,12 +112,111 @@ def _images(dataset, runtime, shuffle: bool = False, seed: int = 0, batch_size: 
         yield batch["image"]
 
 
-def evaluate(model, studies, final, agg, runtime, store: dict | None = None) -> tuple[float | None, float]:
-    y, p = predict_probs(model, create_dataset(studies, final, agg, **(store or {})), runtime, 64)
+def evaluate(model, studies: list[dict], cfg: ExperimentConfig, pre: Preprocessing,
+             runtime: Runtime) -> tuple[float | None, float]:
+    """Test AUC and accuracy of ``model`` on ``studies``."""
+    (dataset,) = create_datasets(cfg.data, pre, studies)
+    y, p = predict_probs(model, dataset, runtime, 64)
     return compute_auc(y, p), float((p.argmax(1) == y).mean())
 
 
-def main(argv=None) -> int:
+@dataclass
+class Source:
+    """One seed's source model and what the adaptations need of it."""
+
+    cfg: ExperimentConfig  # the experiment, with train.seed the seed
+    studies: dict[str, list[dict]]  # the source splits
+    pre: Preprocessing
+    model: torch.nn.Module
+    runtime: Runtime
+    stats: dict | None = None  # its BatchNorm statistics on the source training images
+    auc: float | None = None  # its test AUC on the (unshifted) source
+
+
+def source_model(cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Preprocessing, n_classes: int,
+                 cached: Path) -> Source:
+    """The seed's source model: trained on the source splits, or loaded from ``cached`` (saved when trained, so
+    methods added later reuse it); its test AUC and BatchNorm statistics on the source."""
+    if cached.is_file():
+        model, _ = create_seeded_model(cfg, n_classes)
+        model.load_state_dict(load_file(str(cached)))
+        runtime = Runtime(resolve_device(cfg.train.device), inference_precision(None))
+        runtime.prepare(model)
+    else:
+        model, result = train_model(cfg, studies["train"], studies["val"], n_classes)
+        runtime = result.eval_runtime()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(cached))
+    src = Source(cfg, studies, pre, model, runtime)
+    src.auc, _ = evaluate(model, studies["test"], cfg, pre, runtime)
+    (train_eval,) = create_datasets(cfg.data, pre, studies["train"])
+    src.stats = bn_statistics(model, _images(train_eval, runtime), runtime)
+    return src
+
+
+def zero_label_model(src: Source, method: str, target: dict[str, list[dict]], unlabelled, batches, n_classes: int,
+                     pseudo_fraction: float) -> torch.nn.Module:
+    """A zero-label method: the source model itself, AdaBN or TENT on the target, self-training on confident
+    pseudo-labels, or FixMatch consistency on the unlabelled target (``semi``, ``adabn+semi``)."""
+    first_adabn, strategy, _ = parse_method(method)
+    if strategy == "semi":  # zero labels: the source labels, with consistency on the unlabelled target
+        model = adapt(src.model, "adabn", batches, src.stats, src.runtime) if first_adabn else \
+            copy.deepcopy(src.model)
+        tc = dataclasses.replace(src.cfg.train, strategy="full", frozen_epochs=0, epochs=min(src.cfg.train.epochs, 5))
+        train_model(dataclasses.replace(src.cfg, train=tc), src.studies["train"], src.studies["val"], n_classes,
+                    model=model, unlabelled=unlabelled)  # (5 epochs: each sweeps the whole unlabelled target once)
+        return model
+    if method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
+        model = adapt(src.model, "adabn", batches, src.stats, src.runtime)
+        _, probs = predict_probs(model, unlabelled, src.runtime, 64)
+        pseudo = [{**target["train"][i], "label": int(probs[i].argmax())} for i in confident(probs, pseudo_fraction)]
+        train_model(src.cfg, pseudo, src.studies["val"], n_classes, model=model)
+        return model
+    return src.model if method == "source_only" else adapt(src.model, method, batches, src.stats, src.runtime)
+
+
+def few_label_model(src: Source, method: str, few: list[dict], target: dict[str, list[dict]], unlabelled, batches,
+                    n_classes: int) -> torch.nn.Module:
+    """A method with k target labels per class: fine-tuning the source model (after AdaBN with ``adabn+``, with
+    any train.strategy), or training from the ImageNet weights on them alone (``retrain``)."""
+    first_adabn, strategy, semi = parse_method(method)
+    cell = src.cfg if strategy in ("retrain", "fine_tune") else \
+        dataclasses.replace(src.cfg, train=dataclasses.replace(src.cfg.train, strategy=strategy))
+    if strategy == "retrain":
+        model = None  # (train_model builds it, seeded with the seed)
+    elif first_adabn:
+        model = adapt(src.model, "adabn", batches, src.stats, src.runtime)
+    else:
+        model = copy.deepcopy(src.model)
+    model, _ = train_model(cell, few, target["val"], n_classes, model=model, unlabelled=unlabelled if semi else None)
+    return model
+
+
+def run_method(src: Source, shift: str, k: int, method: str, target: dict[str, list[dict]], n_classes: int,
+               pseudo_fraction: float, seconds_before: float = 0.0) -> dict | None:
+    """One row of results.csv: ``method`` with ``k`` target labels per class (None where a class has fewer);
+    ``seconds_before`` is added to its time."""
+    seed = src.cfg.train.seed
+    t1 = time.perf_counter()
+    (unlabelled,) = create_datasets(src.cfg.data, src.pre, target["train"])  # labels never read
+
+    def batches(ds=unlabelled):  # shuffled (the same order each call)
+        return _images(ds, src.runtime, True, seed)
+
+    if k == 0:
+        model = zero_label_model(src, method, target, unlabelled, batches, n_classes, pseudo_fraction)
+    else:
+        try:
+            few = [target["train"][i] for i in sample_per_class([s["label"] for s in target["train"]], k, seed)]
+        except TooFewExamplesError as e:
+            print(f"skipped k={k} per class: {e.problem}", flush=True)
+            return None
+        model = few_label_model(src, method, few, target, unlabelled, batches, n_classes)
+    auc, acc = evaluate(model, target["test"], src.cfg, src.pre, src.runtime)
+    return {"shift": shift, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc, "target_acc": acc,
+            "source_auc": src.auc, "seconds": round(time.perf_counter() - t1 + seconds_before, 1)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -137,33 +237,41 @@ def main(argv=None) -> int:
     p.add_argument("--config")
     p.add_argument("--site-column", help="manifest column naming the site (real shift)")
     p.add_argument("--source-site", help="the site used as source (with --site-column)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def source_and_targets(args: argparse.Namespace, sets: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """The source splits, and the target splits of each shift: the other sites' images (--site-column), or
+    shifted copies of every split."""
+    if args.site_column:
+        def by_site(part, source):
+            return [s for s in part if (str(s.get(args.site_column)) == args.source_site) == source]
+        source = {n: by_site(part, True) for n, part in sets.items()}
+        target = {n: by_site(part, False) for n, part in sets.items()}
+        return source, {f"{args.site_column}!={args.source_site}": target}
+    return sets, {name: {n: shifted(part, create_shift(name)) for n, part in sets.items()}
+                  for name in args.shift.split(",")}
+
+
+def read_done(results: Path) -> set[tuple[str, str, str, str]]:
+    if not results.is_file():
+        return set()
+    with open(results) as f:
+        return {(r["shift"], r["k_per_class"], r["method"], r["seed"]) for r in csv.DictReader(f)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = load_config(args.config, data={"path": args.data}, encoder={"input_size": args.input_size})
     manifest = read_data(cfg.data)
     n_classes = len(manifest.class_names)
-    _, pre = create_model(cfg.encoder, n_classes, pretrained=False)
-    prepared = prepare_data(cfg.data, pre, 0, manifest)
-    if args.site_column:
-        def by_site(part, source):
-            return [s for s in part if (str(s.get(args.site_column)) == args.source_site) == source]
-        source = {n: by_site(part, True) for n, part in prepared.sets.items()}
-        targets = {f"{args.site_column}!={args.source_site}": {n: by_site(part, False)
-                                                               for n, part in prepared.sets.items()}}
-    else:
-        source = prepared.sets
-        targets = {name: {n: shifted(part, create_shift(name)) for n, part in prepared.sets.items()}
-                   for name in args.shift.split(",")}
-    _, final_train = create_transforms(cfg.data, pre, train=True)
-    _, final_eval = create_transforms(cfg.data, pre, train=False)
-    agg, store = (cfg.data.slice_aggregation, cfg.data.top_k), store_options(cfg.data)
+    _, pre = create_model(cfg.encoder, n_classes, pretrained=False)  # (its preprocessing record)
+    source, targets = source_and_targets(args, prepare_data(cfg.data, pre, 0, manifest).sets)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
-    done = set()
-    if results.is_file():
-        done = {(r["shift"], r["k_per_class"], r["method"], r["seed"]) for r in csv.DictReader(open(results))}
-    ks = [int(k) for k in args.k.split(",")]
-    methods = args.methods.split(",")
+    done = read_done(results)
+    ks, methods = [int(k) for k in args.k.split(",")], args.methods.split(",")
     new_file = not results.is_file()
     with open(results, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -174,82 +282,29 @@ def main(argv=None) -> int:
                     if (k == 0) == (m in ZERO_LABEL) and (name, str(k), m, str(seed)) not in done]
             if not todo:
                 continue
-            torch.manual_seed(seed)
             t0 = time.perf_counter()
-            src_model, _ = create_model(cfg.encoder, n_classes)
-            tc = dataclasses.replace(cfg.train, seed=seed)
-            cached = args.out / f"source_model_seed{seed}.safetensors"  # methods added later reuse the model
-            if cached.is_file():
-                src_model.load_state_dict(load_file(str(cached)))
-                runtime = Runtime(resolve_device(tc.device), inference_precision(None))
-                runtime.prepare(src_model)
-            else:
-                runtime = fit(src_model, create_dataset(source["train"], final_train, agg, **store),
-                              create_dataset(source["val"], final_eval, agg, **store), tc, n_classes).eval_runtime()
-                save_file({k: v.detach().cpu().contiguous() for k, v in src_model.state_dict().items()}, str(cached))
-            source_auc, _ = evaluate(src_model, source["test"], final_eval, agg, runtime, store)
-            source_stats = bn_statistics(src_model, _images(create_dataset(source["train"], final_eval, agg, **store),
-                                                             runtime), runtime)
+            seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            src = source_model(seed_cfg, source, pre, n_classes, args.out / f"source_model_seed{seed}.safetensors")
             base_seconds = time.perf_counter() - t0
             for shift_name, k, method in todo:
-                target = targets[shift_name]
-                t1 = time.perf_counter()
-                unlabelled = create_dataset(target["train"], final_eval, agg, **store)  # labels never read
-
-                def batches(ds=unlabelled):  # shuffled (the same order each call)
-                    return _images(ds, runtime, True, seed)
-
-                first_adabn, strategy, semi = parse_method(method)
-                pool = unlabelled if semi else None  # FixMatch consistency on the unlabelled target images
-                if strategy == "semi":  # zero labels: the source labels, with consistency on the unlabelled target
-                    model = adapt(src_model, "adabn", batches, source_stats, runtime) if first_adabn else \
-                        copy.deepcopy(src_model)
-                    fit(model, create_dataset(source["train"], final_train, agg, **store),
-                        create_dataset(source["val"], final_eval, agg, **store),
-                        dataclasses.replace(tc, strategy="full", frozen_epochs=0, epochs=min(tc.epochs, 5)), n_classes,
-                        unlabelled_ds=pool)  # (5 epochs: each sweeps the whole unlabelled target once)
-                elif method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
-                    model = adapt(src_model, "adabn", batches, source_stats, runtime)
-                    _, probs = predict_probs(model, unlabelled, runtime, 64)
-                    pseudo = [{**target["train"][i], "label": int(probs[i].argmax())}
-                              for i in confident(probs, args.pseudo_fraction)]
-                    fit(model, create_dataset(pseudo, final_train, agg, **store),
-                        create_dataset(source["val"], final_eval, agg, **store), tc, n_classes)
-                elif k == 0:
-                    model = src_model if method == "source_only" else \
-                        adapt(src_model, method, batches, source_stats, runtime)
-                else:
-                    try:
-                        few = [target["train"][i] for i in sample_per_class(
-                            [s["label"] for s in target["train"]], k, seed)]
-                    except TooFewExamplesError as e:
-                        print(f"skipped k={k} per class: {e.problem}", flush=True)
-                        continue
-                    torch.manual_seed(seed)
-                    if strategy == "retrain":
-                        model = create_model(cfg.encoder, n_classes)[0]
-                    elif first_adabn:
-                        model = adapt(src_model, "adabn", batches, source_stats, runtime)
-                    else:
-                        model = copy.deepcopy(src_model)
-                    fit(model, create_dataset(few, final_train, agg, **store),
-                        create_dataset(target["val"], final_eval, agg, **store),
-                        tc if strategy in ("retrain", "fine_tune") else dataclasses.replace(tc, strategy=strategy),
-                        n_classes, unlabelled_ds=pool)
-                auc, acc = evaluate(model, target["test"], final_eval, agg, runtime, store)
-                row = {"shift": shift_name, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc,
-                       "target_acc": acc, "source_auc": source_auc,
-                       "seconds": round(time.perf_counter() - t1 + (base_seconds if method == "source_only" else 0), 1)}
+                before = base_seconds if method == "source_only" else 0.0  # (its time includes the source model's)
+                row = run_method(src, shift_name, k, method, targets[shift_name], n_classes, args.pseudo_fraction,
+                                 before)
+                if row is None:
+                    continue
                 writer.writerow(row)
                 f.flush()
+                auc = row["target_auc"]
                 print(f"{shift_name} k={k:>3d} {method:16s} seed={seed}: target AUC "
-                      f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {source_auc:.3f})", flush=True)
-    summarise(list(csv.DictReader(open(results))), args.out)
+                      f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {src.auc:.3f})", flush=True)
+    with open(results) as f:
+        summarise(list(csv.DictReader(f)), args.out)
     return 0
 
 
 def summarise(rows: list[dict], out: Path) -> None:
-    import matplotlib
+    """results.md (mean ± std of the target AUC per shift, method and k) and adaptation.png."""
+    import matplotlib  # (heavy: imported only when the figure is drawn)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -26,9 +26,9 @@ from PIL import Image
 
 from medtl.cli import report_errors
 from medtl.data.dataset import study_index
-from medtl.inference import load_run
-from medtl.ood import foreign_check, study_scores
-from medtl.predict import extract_features
+from medtl.predict.predictor import load_run
+from medtl.predict.ood import foreign_check, study_scores
+from medtl.predict.forward import extract_features
 from medtl.train import prepare_data
 
 FOREIGN_DICOM = ["ct/693_UNCI.dcm", "ct/CT_small.dcm", "ct/J2K_pixelrep_mismatch.dcm", "ct/eCT_Supplemental.dcm",

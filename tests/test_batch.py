@@ -14,8 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medtl.batch import find_inputs, predict_to_csv
-from medtl.inference import load_run
+from medtl.predict.batch import find_inputs, predict_to_csv
+from medtl.predict.predictor import load_run
 
 
 def _archive(sample_dir: Path, root: Path) -> Path:

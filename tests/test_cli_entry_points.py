@@ -56,7 +56,7 @@ def test_lr_find_suggests_a_rate_and_plots_it(small_manifest, tmp_path, capsys):
 
 @pytest.mark.parametrize("auth", ["nocolon", ":s3cret", "user:"])
 def test_serve_refuses_a_bad_auth_value_without_starting(auth, tmp_path, monkeypatch, capsys):
-    import medtl_ui.app as app
+    from medtl_ui import app
 
     # launch() sets these before it checks --auth: keep the test process's environment as it was
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
@@ -103,6 +103,29 @@ def test_predict_prints_classes_and_reports_a_broken_file(tiny_run, sample_dir, 
             assert text[p["file"]][c] == pytest.approx(v, abs=6e-4)
 
 
+def test_predict_decision_evaluation_answers_by_the_evaluations_decision(tiny_run, sample_dir, tmp_path, capsys):
+    """--decision evaluation: the decision `medtl evaluate` chose; a run not evaluated is refused, saying so."""
+    from medtl.run import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    img = str(sample_dir / "dicom" / "img_0001.dcm")
+    assert not (RunDir(run).evaluation / RunDir.DECISION).exists()
+    assert main(["predict", str(run), img, "--decision", "evaluation", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has not been evaluated" in err and "`medtl evaluate`" in err
+    assert "Traceback" not in err
+
+    classes = _class_names(run)
+    RunDir(run).write_decision({"source": "evaluation", "temperature": 1.0,  # every image the second class
+                                "operating_point": {"rule": "by hand", "threshold": 0.0}})
+    assert main(["predict", str(run), img, "--decision", "evaluation", "--json", "--device", "cpu"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["decision_source"] == "evaluation" and pred["threshold"] == 0.0 and pred["label"] == classes[1]
+    assert main(["predict", str(run), img, "--json", "--device", "cpu"]) == 0  # training's unless asked
+    assert json.loads(capsys.readouterr().out)["decision_source"] == "training"
+
+
 # -- explain --------------------------------------------------------------------------------------
 
 def test_explain_occlusion_writes_one_overlay_per_input(tiny_run, sample_dir, tmp_path, capsys):
@@ -126,7 +149,7 @@ def test_explain_occlusion_writes_one_overlay_per_input(tiny_run, sample_dir, tm
 
 def test_explain_refuses_an_unknown_target_or_method(tiny_run, sample_dir, tmp_path, capsys):
     from medtl.errors import ConfigError
-    from medtl.inference import load_run
+    from medtl.predict.predictor import load_run
 
     img = sample_dir / "dicom" / "img_0001.dcm"
     classes = _class_names(tiny_run)
@@ -221,8 +244,8 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
                                                               monkeypatch):
     import functools
 
-    import medtl.eval.report as report
-    from medtl.inference import load_run
+    import medtl.eval.evaluate as report
+    from medtl.predict.predictor import load_run
 
     # the sanity checks on one image instead of three (11 Grad-CAMs, not 33): the command is otherwise as typed
     monkeypatch.setattr(report, "evaluate_run", functools.partial(report.evaluate_run, sanity_images=1))
@@ -248,9 +271,11 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
     assert sanity["verdict"] and sanity["verdict"].split()[0] in out  # the verdict printed is the one written
     card = json.loads((folder / "model_card.json").read_text())
     assert card["metrics"]["operating_point"]["threshold"] == pytest.approx(op["threshold"])
-    predictor = load_run(run, device="cpu")  # the chosen threshold and temperature are saved with the model
-    assert predictor.operating_point["threshold"] == pytest.approx(op["threshold"])
-    assert predictor.temperature == pytest.approx(result["calibration"]["temperature"])
+    # the chosen threshold and temperature are saved beside the report, used when asked for
+    predictor = load_run(run, device="cpu", decision="evaluation")
+    assert predictor.decision.threshold == pytest.approx(op["threshold"])
+    assert predictor.decision.temperature == pytest.approx(result["calibration"]["temperature"])
+    assert load_run(run, device="cpu").decision.source == "training"  # unless asked, training's stays
 
 
 # -- train options --------------------------------------------------------------------------------
@@ -300,8 +325,8 @@ def test_cache_dir_is_not_shared_by_different_preprocessing(sample_dir, tmp_path
     from medtl.config import load_config
     from medtl.data import decode_records, read_dataset
     from medtl.models import Preprocessing
-    from medtl.train.experiment import cache_folder
-    from medtl.transforms import create_transforms
+    from medtl.train.data import cache_folder
+    from medtl.transforms.chain import create_transforms
 
     records = read_dataset(sample_dir / "manifest.csv").records[:2]
     decoded, folders = {}, {}

@@ -12,7 +12,8 @@ from medtl.config import DataConfig, load_config
 from medtl.explain import create_overlay
 from medtl.io import read_image
 from medtl.models.encoders import Preprocessing
-from medtl.transforms import BatchAugment, LoadScan2Dd, display_image, scan_from_array
+from medtl.transforms.augment import BatchAugment
+from medtl.transforms.read import LoadScan2Dd, display_image, scan_from_array
 
 YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -112,7 +113,7 @@ def test_colour_jitter_is_seeded_changes_colour_and_stays_in_range():
 
 
 def test_the_ui_refuses_colour_for_a_grey_model_and_accepts_it_for_a_colour_one(tmp_path):
-    from medtl.inference import input_refusal
+    from medtl.predict.refusal import input_refusal
     from ui.app import window_slice
 
     images, _ = hue_only_images(1, size=64)
@@ -131,7 +132,8 @@ def test_the_ui_refuses_colour_for_a_grey_model_and_accepts_it_for_a_colour_one(
 def test_the_final_chain_never_changes_the_decoded_sample(tmp_path):
     """A square colour input at the model's size passes resize and pad untouched: the normalisation
     must not write into the cached sample (it did, once: inputs drifted every epoch)."""
-    from medtl.transforms import create_transforms, prepare_inputs
+    from medtl.transforms.chain import create_transforms
+    from medtl.transforms.read import prepare_inputs
 
     images, _ = hue_only_images(1, size=32)
     Image.fromarray(images[0]).save(tmp_path / "square.png")

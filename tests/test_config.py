@@ -11,9 +11,18 @@ def test_unknown_key_gets_did_you_mean(tmp_path):
         load_config(p)
 
 
-def test_unknown_encoder_and_strategy_listed():
-    with pytest.raises(ConfigError, match="efficientnet_lite0"):
-        load_config(encoder={"name": "efficientnet_lite9"})
+def test_unknown_encoder_and_strategy_listed(tmp_path, capsys):
+    """The encoder registry checks encoder names (medtl.models.check_encoder): `medtl train` refuses an unknown
+    one at once, with the list, before it reads any data; the configuration itself refuses an unknown strategy."""
+    from medtl.cli import main
+
+    absent = tmp_path / "absent.csv"  # never read: the encoder is refused first
+    assert main(["train", "--data", str(absent), "--out", str(tmp_path / "run"), "--encoder",
+                 "efficientnet_lite9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown encoder 'efficientnet_lite9'; did you mean") and "'efficientnet_lite0'" in err
+    assert "'resnet18'" in err and "absent.csv" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="linear_probe"):
         load_config(train={"strategy": "linear-probe"})
 

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from medtl.cli import main
-from medtl.deid import BurnedInAnnotationError, Deidentifier, profile_table
+from medtl.clinical.deid import BurnedInAnnotationError, Deidentifier, profile_table
 
 TEXT_VRS = ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT")
 KEY = b"0123456789abcdef-test-key"
@@ -235,7 +235,7 @@ def test_no_canary_reaches_any_output(canaried, tiny_run, tmp_path, capsys, capl
 
     import matplotlib
 
-    from medtl.inference import load_run
+    from medtl.predict.predictor import load_run
     from medtl_ui.app import export_report, header_summary, run_case
 
     monkeypatch.setitem(matplotlib.rcParams, "pdf.compression", 0)  # the report's text searchable

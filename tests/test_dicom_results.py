@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from medtl.cli import main
-from medtl.dicom_results import SCHEME, write_dicom_results
-from medtl.inference import load_run
+from medtl.clinical.dicom_results import SCHEME, write_dicom_results
+from medtl.predict.predictor import load_run
 
 
 def _dciodvfy_errors(path) -> list[str]:
@@ -89,7 +89,7 @@ def test_cli_names_result_folders_by_key_and_logs_no_uids(tiny_run, sample_dir, 
 
 
 def test_deidentified_results_validate_and_reference_the_deidentified_sources(tiny_run, sample_dir, tmp_path):
-    from medtl.deid import Deidentifier
+    from medtl.clinical.deid import Deidentifier
 
     predictor = load_run(tiny_run, device="cpu")
     src = sorted((sample_dir / "dicom").glob("*.dcm"))[2]

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from medtl.cli import main
-from medtl.inference import load_run
-from medtl.ood import OOD_FILE, OODDetector, foreign_check, study_scores, tolerance_threshold
+from medtl.predict.predictor import load_run
+from medtl.predict.ood import OOD_FILE, OODDetector, foreign_check, study_scores, tolerance_threshold
 
 
 def _clusters(seed=0, n=200, d=32):
@@ -93,7 +93,7 @@ def test_a_run_without_a_detector_still_answers(tiny_run, sample_dir, tmp_path):
 
 
 def test_evaluate_reports_the_detectors_auroc_against_foreign_files(tiny_run, tmp_path):
-    from medtl.eval.report import evaluate_run
+    from medtl.eval.evaluate import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -114,8 +114,8 @@ def test_evaluate_reports_the_detectors_auroc_against_foreign_files(tiny_run, tm
 
 def test_train_fits_the_decision_on_validation_and_reports_it(tiny_run):
     predictor = load_run(tiny_run)
-    assert predictor.temperature is not None and predictor.temperature > 0
-    assert predictor.operating_point and "validation" in predictor.operating_point["rule"]
+    assert predictor.decision.temperature is not None and predictor.decision.temperature > 0
+    assert predictor.decision.threshold is not None and "validation" in predictor.decision.rule
     decision = json.loads((tiny_run / "metrics.json").read_text())["test"]["decision"]
     assert 0 <= decision["balanced_accuracy"] <= decision["best_balanced_accuracy"] <= 1
 

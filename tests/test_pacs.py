@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from medtl.cli import main
-from medtl.pacs import Credentials, OrthancServer, Pacs, PacsError, find_orthanc
+from medtl.clinical.pacs import Credentials, OrthancServer, Pacs, PacsError, find_orthanc
 from tests.test_deid import Canaries
 from tests.test_dicom_results import _dciodvfy_errors
 
@@ -132,7 +132,7 @@ def test_bad_pacs_wrong_password_and_a_study_without_images(env, tiny_run, sampl
     out = capsys.readouterr().out
     assert code == 1  # one study failed, the other was answered
     lines = dict(line.split("\t", 1) for line in out.strip().splitlines())
-    from medtl.batch import study_input_key
+    from medtl.predict.batch import study_input_key
 
     assert "no image series" in lines[study_input_key(report_only.StudyInstanceUID)]
     assert lines[study_input_key(image.StudyInstanceUID)].startswith(("ANSWERED", "REFUSED"))

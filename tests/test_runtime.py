@@ -14,12 +14,12 @@ import medtl.runtime as runtime_mod
 from medtl.config import load_config
 from medtl.data import create_dataset, read_dataset
 from medtl.errors import ConfigError
-from medtl.inference import load_run
+from medtl.predict.predictor import load_run
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.predict import predict_logits
+from medtl.predict.forward import predict_logits
 from medtl.runtime import Runtime, choose_precision, inference_precision
 from medtl.train import fit, prepare_data
-from medtl.transforms import TrainingTransform, create_transforms
+from medtl.transforms.chain import TrainingTransform, create_transforms
 from tests.data.test_sources import write_medmnist
 
 
@@ -164,7 +164,7 @@ def test_a_missing_gpu_is_a_typed_error():
 
 
 def test_predict_explain_and_evaluate_run_in_bf16(tiny_run, sample_dir, tmp_path, monkeypatch):
-    from medtl.eval.report import evaluate_run
+    from medtl.eval.evaluate import evaluate_run
 
     image = sample_dir / "dicom" / "img_0003.dcm"
     fp32, bf16 = load_run(tiny_run, precision="fp32"), load_run(tiny_run, precision="bf16")

@@ -97,62 +97,74 @@ def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     name (``secrets.token_hex``) that keeps only a :data:`SAFE_EXTENSIONS` extension.
 
     ``paths`` is what ``gr.File(type="filepath")`` gives: one path, a list of paths, or None. A file
-    inside ``workdir`` (Gradio's upload folder) is moved, so its original name no longer exists on disk,
-    and the folder Gradio made for it is removed once empty; a file outside ``workdir`` (e.g. a bundled
-    example) is copied and left alone. Several files land in the same folder, so
-    ``result[0].path.parent`` is a series folder. On error the new folder is removed and the error
-    raised. Returns one :class:`StoredFile` per file, in order (``[]`` for no files).
+    inside ``workdir`` (Gradio's upload folder) is moved, so its original name no longer exists on disk
+    (the folder Gradio made for it is left, empty: another session may be uploading the same bytes into
+    it); a file outside ``workdir`` (e.g. a bundled example) is copied and left alone. Several files land
+    in the same folder, so ``result[0].path.parent`` is a series folder. On error the new folder is removed
+    and the error raised. Returns one :class:`StoredFile` per file, in order (``[]`` for no files).
     """
-    if paths is None:
-        return []
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    sources = [Path(p) for p in items if p]
+    sources = _upload_paths(paths)
     if not sources:
         return []
     workdir = Path(workdir)
     folder = workdir / f"upload-{secrets.token_hex(8)}"
     folder.mkdir(mode=0o700)
     os.chmod(folder, 0o700)  # whatever the umask
-    stored: list[StoredFile] = []
     try:
-        for i, src in enumerate(sources, start=1):
-            if src.is_symlink():
-                raise ValueError(f"upload {i} is not a regular file")
-            name = src.name
-            ext = safe_extension(name)
-            dest = folder / f"{secrets.token_hex(16)}{ext}"
-            if _inside(src, workdir):
-                # Gradio answers an upload before its background task has moved the file into place: wait
-                # for it (unless another session's store moved those same bytes already)
-                deadline = time.monotonic() + UPLOAD_WAIT_S
-                while not src.is_file() and str(src) not in _MOVED and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                with _MOVES_LOCK:  # (checked under the lock: another session may be moving the same file)
-                    earlier = _MOVED.get(str(src))
-                    if src.is_file():
-                        _move(src, dest)
-                        _MOVED[str(src)] = dest
-                    elif earlier is not None and earlier.is_file():
-                        # Gradio keeps uploads by content: another session uploaded the same bytes, and its
-                        # store moved them away first. Copy that session's stored file.
-                        shutil.copyfile(earlier, dest)
-                        os.chmod(dest, 0o600)
-                    else:
-                        raise ValueError(f"upload {i} is not a regular file")
-                # Gradio's per-upload folder (named by a hash of the content) is left in place, empty: another
-                # session's upload of the same bytes may be about to be moved into it by Gradio
-            else:
-                if not src.is_file():
-                    raise ValueError(f"upload {i} is not a regular file")
-                shutil.copyfile(src, dest)
-                os.chmod(dest, 0o600)
-            showable = _SHOWABLE.fullmatch(name) is not None and not looks_identifying(name)
-            display = name if showable else f"file {i}" + (f" ({ext})" if ext else "")
-            stored.append(StoredFile(dest, display))
+        return [_store_one(i, src, workdir, folder) for i, src in enumerate(sources, start=1)]
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return stored
+
+
+def _upload_paths(paths) -> list[Path]:
+    """The uploaded files' paths: one path, a list of paths (empty entries dropped), or None."""
+    if paths is None:
+        return []
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return [Path(p) for p in items if p]
+
+
+def _store_one(i: int, src: Path, workdir: Path, folder: Path) -> StoredFile:
+    """Upload number ``i`` moved (from Gradio's folder ``workdir``) or copied (from elsewhere) into ``folder``."""
+    if src.is_symlink():
+        raise ValueError(f"upload {i} is not a regular file")
+    name = src.name
+    ext = safe_extension(name)
+    dest = folder / f"{secrets.token_hex(16)}{ext}"
+    if _inside(src, workdir):
+        _take_gradio_upload(i, src, dest)
+    else:
+        if not src.is_file():
+            raise ValueError(f"upload {i} is not a regular file")
+        shutil.copyfile(src, dest)
+        os.chmod(dest, 0o600)
+    showable = _SHOWABLE.fullmatch(name) is not None and not looks_identifying(name)
+    return StoredFile(dest, name if showable else f"file {i}" + (f" ({ext})" if ext else ""))
+
+
+def _take_gradio_upload(i: int, src: Path, dest: Path) -> None:
+    """Move upload ``i`` out of Gradio's upload folder to ``dest`` (or copy it from where another session
+    moved the same bytes)."""
+    # Gradio answers an upload before its background task has moved the file into place: wait for it
+    # (unless another session's store moved those same bytes already)
+    deadline = time.monotonic() + UPLOAD_WAIT_S
+    while not src.is_file() and str(src) not in _MOVED and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with _MOVES_LOCK:  # (checked under the lock: another session may be moving the same file)
+        earlier = _MOVED.get(str(src))
+        if src.is_file():
+            _move(src, dest)
+            _MOVED[str(src)] = dest
+        elif earlier is not None and earlier.is_file():
+            # Gradio keeps uploads by content: another session uploaded the same bytes, and its store moved
+            # them away first. Copy that session's stored file.
+            shutil.copyfile(earlier, dest)
+            os.chmod(dest, 0o600)
+        else:
+            raise ValueError(f"upload {i} is not a regular file")
+    # Gradio's per-upload folder (named by a hash of the content) is left in place, empty: another session's
+    # upload of the same bytes may be about to be moved into it by Gradio
 
 
 # -- identifying names -----------------------------------------------------------------------------
@@ -169,7 +181,7 @@ _VOCABULARY = frozenset("""
     im se sr me seg mask label labels roi pred preds overlay report thumb preview anon anonymised anonymized
     deid normal abnormal positive negative pneumonia covid tb fracture nodule tumor tumour lesion
     train val valid validation phantom demo copy final new old
-""".split())
+""".split())  # noqa: SIM905 (a block of words reads better than a list)
 
 _CARE = re.compile(r"mrn|patient|pat|dob|ssn|nhs|nhi|accession|acc|birth|born|surname|forename|firstname|"
                    r"lastname|fullname|name")
@@ -214,10 +226,8 @@ def looks_identifying(name: str) -> bool:
         return True
     if any(p.search(lower) for p in _DATES):
         return True
-    for word in _words(base):
-        if word[0].isupper() and len(word) >= 2 and word.lower() not in _VOCABULARY:
-            return True  # a capitalised word that is no imaging term: maybe a person's name
-    return False
+    # a capitalised word that is no imaging term: maybe a person's name
+    return any(word[0].isupper() and len(word) >= 2 and word.lower() not in _VOCABULARY for word in _words(base))
 
 
 # -- cleanup on exit and on signals ----------------------------------------------------------------

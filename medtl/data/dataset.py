@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from medtl.data.manifest import Problem
 from medtl.errors import ConfigError, find_input_error, look_up_option
 from medtl.runtime import usable_cores
-from medtl.transforms import split_final, split_slices
+from medtl.transforms.chain import split_final
+from medtl.transforms.read import split_slices
 
 log = logging.getLogger("medtl.data")
 

@@ -214,14 +214,7 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
         ManifestError: the file is missing, not a CSV with the required columns, or has no usable row.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(path, "manifest not found", "a CSV with columns " + ", ".join(REQUIRED_COLUMNS))
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            columns = [c.strip() for c in (rows[0].keys() if rows else []) if c is not None]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ManifestError(path, f"not a readable CSV ({e})") from None
+    rows, columns = _read_rows(path)
     multi = "columns" if label_columns else FINDINGS_COLUMN if "label" not in columns and FINDINGS_COLUMN in columns \
         else None
     required = [c for c in REQUIRED_COLUMNS if c != "label" or not multi] + list(label_columns or ())
@@ -234,30 +227,13 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
     records, problems = [], []
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         row = {(k or "").strip(): (v if isinstance(v, str) else "").strip() for k, v in row.items()}
-        where = f"{path.name} row {i}"
-        empty = [c for c in REQUIRED_COLUMNS if c != "label" and not row.get(c)]
-        if empty:
-            problems.append(Problem(where, f"empty {', '.join(empty)}"))
-            continue
-        image = inside(root, row["image"])
-        if image is None:
-            if not allow_outside_paths:
-                problems.append(Problem(where, f"image path {row['image']} is absolute or leads out of the manifest's "
-                                        "folder (set data.allow_outside_paths to allow it)"))
-                continue
-            image = Path(row["image"]) if Path(row["image"]).is_absolute() else root / row["image"]
-        if check_files and not image.is_file():
-            problems.append(Problem(where, f"image {row['image']} not found"))
-            continue
-        rec = {"image": str(image), "patient_id": row["patient_id"], "row": where}
-        if multi == "columns":
-            rec["label_value"] = {c: row.get(c, "") for c in label_columns}
-        else:
-            rec["label_value"] = row.get(FINDINGS_COLUMN if multi else "label", "")
-        for extra in ("modality", "study_id", "site", "label_name"):
-            if row.get(extra):
-                rec[extra] = row[extra]
-        records.append(rec)
+        rec = _record(row, f"{path.name} row {i}", root, problems, check_files, allow_outside_paths)
+        if rec is not None:
+            if multi == "columns":
+                rec["label_value"] = {c: row.get(c, "") for c in label_columns}
+            else:
+                rec["label_value"] = row.get(FINDINGS_COLUMN if multi else "label", "")
+            records.append(rec)
     if multi:
         records, class_names = index_findings(records, problems, classes, lambda r: r["row"], label_columns)
     else:
@@ -267,6 +243,44 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
     if not records:
         raise ManifestError(path, f"no usable rows ({len(problems)} skipped)")
     return Manifest(path=path, records=records, class_names=class_names, problems=problems, multi_label=bool(multi))
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """(the rows, the column names) of a manifest CSV; ManifestError when it is missing or not a readable CSV."""
+    if not path.is_file():
+        raise ManifestError(path, "manifest not found", "a CSV with columns " + ", ".join(REQUIRED_COLUMNS))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            columns = [c.strip() for c in (rows[0].keys() if rows else []) if c is not None]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(path, f"not a readable CSV ({e})") from None
+    return rows, columns
+
+
+def _record(row: dict, where: str, root: Path, problems: list[Problem], check_files: bool,
+            allow_outside_paths: bool) -> dict | None:
+    """The record of one manifest row (image, patient, optional columns; its label is added by the caller), or
+    None with the reason appended to ``problems``: an empty field, a path outside the folder, a missing image."""
+    empty = [c for c in REQUIRED_COLUMNS if c != "label" and not row.get(c)]
+    if empty:
+        problems.append(Problem(where, f"empty {', '.join(empty)}"))
+        return None
+    image = inside(root, row["image"])
+    if image is None:
+        if not allow_outside_paths:
+            problems.append(Problem(where, f"image path {row['image']} is absolute or leads out of the manifest's "
+                                    "folder (set data.allow_outside_paths to allow it)"))
+            return None
+        image = Path(row["image"]) if Path(row["image"]).is_absolute() else root / row["image"]
+    if check_files and not image.is_file():
+        problems.append(Problem(where, f"image {row['image']} not found"))
+        return None
+    rec = {"image": str(image), "patient_id": row["patient_id"], "row": where}
+    for extra in ("modality", "study_id", "site", "label_name"):
+        if row.get(extra):
+            rec[extra] = row[extra]
+    return rec
 
 
 _ZERO_ONE = {"0": 0, "0.0": 0, "false": 0, "1": 1, "1.0": 1, "true": 1}

@@ -12,8 +12,6 @@ from medtl.explain.saliency import (
     integrated_gradients,
     normalize_map,
 )
-from medtl.explain.sanity import SanityResult, rank_correlation, run_sanity_checks
 
 __all__ = ["METHODS", "compute_gradcam", "compute_occlusion", "compute_integrated_gradients", "integrated_gradients",
-           "compute_saliency", "explain_input", "normalize_map", "create_overlay", "add_legend", "run_sanity_checks",
-           "rank_correlation", "SanityResult"]
+           "compute_saliency", "explain_input", "normalize_map", "create_overlay", "add_legend"]

@@ -16,7 +16,7 @@ from monai.visualize.utils import blend_images
 from medtl.errors import MedtlInputError, look_up_option
 from medtl.models.encoders import cam_layer_name
 from medtl.runtime import Runtime
-from medtl.transforms import input_to_original
+from medtl.transforms.chain import input_to_original
 
 METHODS = ("gradcam", "gradcampp", "occlusion", "integrated_gradients")
 

@@ -24,6 +24,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
+from medtl.io import dicom_geometry as geometry
 from medtl.io.scan import Scan, is_colour, luminance
 
 log = logging.getLogger("medtl.io")
@@ -34,8 +35,6 @@ SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_F
 SAFE_FIELDS = ("Modality", "BodyPartExamined", "Manufacturer", "PhotometricInterpretation", "SeriesDescription",
                "ImageType", "Rows", "Columns", "NumberOfFrames", "BitsStored")
 CT_OUTSIDE_HU = -1100.0  # CT values below this (air is -1000 HU) are outside the field of view: padding
-_LPS = ("L", "P", "S")  # DICOM patient axes: +x toward the patient's left, +y posterior, +z superior
-_OPPOSITE = {"L": "R", "P": "A", "S": "I"}
 
 
 def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool = False,
@@ -174,7 +173,7 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
         if not pydicom.uid.UID(str(ts)).is_compressed and length < raw:
             raise CorruptImageError(
                 path, f"pixel data holds {length} bytes, fewer than Rows x Columns x frames needs ({raw})")
-    if str(ds.get("Modality", "")).upper() == "CT" and _rescale(ds, 0, path) is None:
+    if str(ds.get("Modality", "")).upper() == "CT" and geometry.rescale(ds, 0, path) is None:
         raise CorruptImageError(path, "CT image without Rescale Intercept: values cannot be put in "
                                 "Hounsfield units", "a CT with RescaleSlope/RescaleIntercept")
 
@@ -230,10 +229,10 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     if array.ndim == 4:  # colour: (frames, rows, columns, 3), decoded to RGB once by pydicom
         rgb, array = array, luminance(array)
         rgb = rgb if is_colour(rgb) else None
-    header = {k: _plain(ds.get(k)) for k in SAFE_FIELDS if k in ds}
+    header = {k: geometry.plain_value(ds.get(k)) for k in SAFE_FIELDS if k in ds}
     if study_key(ds):
         header["study_key"] = study_key(ds)
-    window = _window(ds, 0, path)
+    window = geometry.window(ds, 0, path)
     voi = FileVOI.from_dataset(ds, path)
     if padding is not None:
         notes.append(f"{int(padding.sum())} padding pixels (PixelPaddingValue, or CT values below "
@@ -246,16 +245,16 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
             voi.mirror = lo + hi
         notes.append("MONOCHROME1 (white = low values) inverted to MONOCHROME2")
         log.info("%s: MONOCHROME1 inverted to MONOCHROME2", path.name)
-    row_spacing, col_spacing = _pixel_spacing(ds, 0, path)
-    orientation_cosines = image_orientation(ds, 0, path)
+    row_spacing, col_spacing = geometry.pixel_spacing(ds, 0, path)
+    orientation_cosines = geometry.image_orientation(ds, 0, path)
     positions: tuple[float, ...] = ()
-    if _is_mosaic(ds) and frames == 1:
-        array, spacing, orient = _demosaic(ds, array[0], path)
+    if geometry.is_mosaic(ds) and frames == 1:
+        array, spacing, orient = geometry.demosaic(ds, array[0], path)
         return Scan(array=array, spacing=spacing, modality=modality, source="dicom", path=path,
                     units="HU" if modality == "CT" else "", header=header, window=window, orientation=orient,
                     notes=notes + [f"Siemens mosaic de-tiled into {array.shape[0]} slices (nibabel CSA reader)"])
     if frames > 1:
-        order, positions, slice_spacing = _frame_order(ds, frames, orientation_cosines, path, notes)
+        order, positions, slice_spacing = geometry.frame_order(ds, frames, orientation_cosines, path, notes)
         array = array[order]
         padding = None if padding is None else padding[order]
         rgb = None if rgb is None else rgb[order]
@@ -265,11 +264,11 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
         padding = None if padding is None else padding[0]
         rgb = None if rgb is None else rgb[0]
         spacing = (row_spacing, col_spacing)
-    if "PixelSpacing" not in ds and "ImagerPixelSpacing" not in ds and not _shared_item(ds, "PixelMeasuresSequence"):
+    if "PixelSpacing" not in ds and "ImagerPixelSpacing" not in ds and not geometry.shared_item(ds, "PixelMeasuresSequence"):
         notes.append("no PixelSpacing: 1 mm per pixel assumed for display only")
     if not np.all(np.isfinite(array)):
         raise CorruptImageError(path, "pixel values are not all finite (NaN or infinity)")
-    orientation = orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
+    orientation = geometry.orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
     return Scan(array=np.ascontiguousarray(array, dtype=np.float32), spacing=spacing, modality=modality,
                 source="dicom", path=path, units="HU" if modality == "CT" else "", header=header, window=window,
                 orientation=orientation, slice_positions=positions, notes=notes, voi=voi, padding=padding, rgb=rgb,
@@ -304,7 +303,7 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     padding = _padding_mask(ds, pixels, path)
     out = np.empty(pixels.shape, np.float32)
     for i in range(frames):
-        slope_intercept = _rescale(ds, i, path)
+        slope_intercept = geometry.rescale(ds, i, path)
         if slope_intercept is None:
             out[i] = apply_modality_lut(pixels[i], ds)  # a Modality LUT Sequence, or no rescale at all
         else:
@@ -312,7 +311,7 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     bits = _int(ds, "BitsStored", 16, path) or 16
     signed = _int(ds, "PixelRepresentation", 0, path) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    slope, intercept = _rescale(ds, 0, path) or (1.0, 0.0)
+    slope, intercept = geometry.rescale(ds, 0, path) or (1.0, 0.0)
     if str(ds.get("Modality", "")).upper() == "CT" and slope_intercept_all(ds, frames, path):
         below_air = out < CT_OUTSIDE_HU  # no tissue is below air (-1000 HU): outside the field of view
         if below_air.any():
@@ -326,7 +325,7 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
 
 def slope_intercept_all(ds, frames: int, path: Path) -> bool:
     """Whether every frame's values are put in HU by a rescale (not by a Modality LUT table)."""
-    return all(_rescale(ds, i, path) is not None for i in range(frames))
+    return all(geometry.rescale(ds, i, path) is not None for i in range(frames))
 
 
 def _colour_max(ds, rgb: np.ndarray, path: Path) -> float:
@@ -381,7 +380,7 @@ class FileVOI:
         lut = ds.get("VOILUTSequence")
         has_lut = bool(lut) and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper().strip()
-        if not has_lut and not (function in ("SIGMOID", "LINEAR_EXACT") and _window(ds, 0, path) is not None):
+        if not has_lut and not (function in ("SIGMOID", "LINEAR_EXACT") and geometry.window(ds, 0, path) is not None):
             return None
         small = pydicom.Dataset()
         for key in cls._KEYS:
@@ -399,7 +398,7 @@ class FileVOI:
         else:
             bits, signed = small.BitsStored, small.PixelRepresentation == 1
             lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-            slope, intercept = _rescale(ds, 0, path) or (None, None)
+            slope, intercept = geometry.rescale(ds, 0, path) or (None, None)
             if slope is not None:
                 small.RescaleSlope, small.RescaleIntercept = slope, intercept
                 lo, hi = lo * slope + intercept, hi * slope + intercept
@@ -417,180 +416,29 @@ class FileVOI:
 
 # -- functional groups: a value is looked up per frame, then in the shared groups, then top level --
 
-def _shared_item(ds, sequence: str, frame: int = 0):
-    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-        seq = ds.get(groups)
-        if not seq:
-            continue
-        item = seq[frame] if groups.startswith("PerFrame") and frame < len(seq) else seq[0]
-        if sequence in item and len(item[sequence].value):
-            return item[sequence].value[0]
-    return None
 
 
-def _numbers(value, key: str, path: Path | None, count: int | None = None) -> list[float]:
-    """A header value as finite floats (``count`` of them, when given), or a typed error naming the field."""
-    items = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
-    try:
-        out = [float(v) for v in items]
-    except (TypeError, ValueError, OverflowError):
-        raise CorruptImageError(path, f"{key} is not numeric") from None
-    if (count is not None and len(out) != count) or not all(np.isfinite(out)):
-        raise CorruptImageError(path, f"{key} is not {count or 'a'} finite number{'s' if count != 1 else ''}")
-    return out
 
 
-def _rescale(ds, frame: int, path: Path | None = None) -> tuple[float, float] | None:
-    item = _shared_item(ds, "PixelValueTransformationSequence", frame)
-    src = item if item is not None and "RescaleIntercept" in item else ds
-    if "RescaleIntercept" not in src:
-        return None
-    intercept = _numbers(src.RescaleIntercept, "RescaleIntercept", path, 1)[0]
-    slope = src.get("RescaleSlope", 1.0)
-    slope = _numbers(slope, "RescaleSlope", path, 1)[0] if slope not in (None, "") else 1.0
-    return slope or 1.0, intercept
 
 
-def _window(ds, frame: int, path: Path | None = None) -> tuple[float, float] | None:
-    item = _shared_item(ds, "FrameVOILUTSequence", frame)
-    src = item if item is not None and "WindowCenter" in item else ds
-    if "WindowCenter" in src and "WindowWidth" in src and src.WindowCenter not in (None, "") \
-            and src.WindowWidth not in (None, ""):
-        c = _numbers(src.WindowCenter, "WindowCenter", path)[0]
-        w = _numbers(src.WindowWidth, "WindowWidth", path)[0]
-        return (c, w) if w > 0 else None
-    if ds.get("VOILUTSequence"):  # a VOI LUT table: its input range, for display only (FileVOI applies it)
-        desc = ds.VOILUTSequence[0].get("LUTDescriptor")
-        if desc is None or len(desc) != 3:
-            raise CorruptImageError(path, "VOI LUT Sequence without a valid LUTDescriptor")
-        n, first = int(desc[0] or 65536), float(desc[1])
-        return first + n / 2, float(n)
-    return None
 
 
-def _pixel_spacing(ds, frame: int, path: Path | None = None) -> tuple[float, float]:
-    item = _shared_item(ds, "PixelMeasuresSequence", frame)
-    for src in (item, ds):
-        if src is None:
-            continue
-        for key in ("PixelSpacing", "ImagerPixelSpacing"):
-            value = src.get(key)
-            if value is None or value == "":
-                continue
-            row, col = _numbers(value, key, path, 2)
-            if row > 0 and col > 0:  # zero spacing (seen in real files) counts as absent
-                return row, col
-    return 1.0, 1.0
 
 
-def image_orientation(ds, frame: int = 0, path: Path | None = None) -> tuple[float, ...] | None:
-    item = _shared_item(ds, "PlaneOrientationSequence", frame)
-    src = item if item is not None and "ImageOrientationPatient" in item else ds
-    iop = src.get("ImageOrientationPatient")
-    if iop is None or iop == "":
-        return None
-    cosines = _numbers(iop, "ImageOrientationPatient", path, 6)
-    if np.linalg.norm(np.cross(cosines[:3], cosines[3:])) < 1e-3:
-        raise CorruptImageError(path, "ImageOrientationPatient row and column directions are parallel or zero")
-    return tuple(cosines)
 
 
-def _position(ds, frame: int, path: Path | None = None) -> np.ndarray | None:
-    item = _shared_item(ds, "PlanePositionSequence", frame)
-    src = item if item is not None and "ImagePositionPatient" in item else ds
-    ipp = src.get("ImagePositionPatient")
-    return np.array(_numbers(ipp, "ImagePositionPatient", path, 3)) if ipp is not None and ipp != "" else None
 
 
-def slice_normal(iop: tuple[float, ...]) -> np.ndarray:
-    return np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
 
 
-def orientation_letters(iop: tuple[float, ...], volume: bool) -> str:
-    """Patient directions of (slices,) rows and columns, e.g. "SPL" for an axial stack sorted feet to head.
-
-    Rows run along the column cosines, columns along the row cosines, slices along their normal.
-    """
-    def letter(v):
-        k = int(np.argmax(np.abs(v)))
-        return _LPS[k] if v[k] > 0 else _OPPOSITE[_LPS[k]]
-
-    row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
-    letters = letter(col_dir) + letter(row_dir)
-    return (letter(slice_normal(iop)) + letters) if volume else letters
 
 
-def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path: Path,
-                      what: str) -> tuple[np.ndarray, tuple[float, ...], float]:
-    """Order slices by their position along the normal; check the spacing is regular.
-
-    Returns (order, sorted positions in mm, slice spacing). Raises CorruptImageError for
-    duplicated positions or gaps (spacing varying by more than 10 %).
-    """
-    normal = slice_normal(iop)
-    dist = np.array([float(np.dot(p, normal)) for p in positions])
-    order = np.argsort(dist, kind="stable")
-    d = dist[order]
-    if len(d) < 2:
-        return order, tuple(d.tolist()), 1.0
-    steps = np.diff(d)
-    if np.any(steps < 1e-3):
-        raise CorruptImageError(path, f"{what}: {int(np.sum(steps < 1e-3)) + 1} slices share a position "
-                                "(several volumes, echoes or time points in one series?)",
-                                "one volume per series, or pick the volume explicitly")
-    spacing = float(np.median(steps))
-    if np.max(np.abs(steps - spacing)) > 0.1 * spacing:
-        raise CorruptImageError(path, f"{what}: irregular slice spacing (from {steps.min():.3g} to "
-                                f"{steps.max():.3g} mm; missing slices?)", "evenly spaced slices")
-    return order, tuple(d.tolist()), spacing
 
 
-def _frame_order(ds, frames: int, iop, path: Path, notes: list[str]):
-    positions = [_position(ds, i, path) for i in range(frames)]
-    orients = [image_orientation(ds, i, path) for i in range(frames)]
-    if iop is None or any(p is None for p in positions):
-        between = _numbers(ds.get("SpacingBetweenSlices", 0) or 0, "SpacingBetweenSlices", path, 1)[0]
-        between = between if between > 0 else 0.0
-        notes.append(f"{frames} frames without per-frame position: kept in stored order; slice spacing "
-                     + (f"{between} mm from SpacingBetweenSlices" if between > 0 else "unknown (1 mm shown)"))
-        return np.arange(frames), (), between or 1.0
-    if any(o is None or not np.allclose(o, iop, atol=1e-3) for o in orients):
-        raise CorruptImageError(path, "frames have different orientations (a localizer or multi-plane object)",
-                                "frames of one plane")
-    order, pos, spacing = sort_along_normal(positions, iop, path, "frames")
-    if not np.array_equal(order, np.arange(frames)):
-        notes.append("frames re-ordered along the slice normal from their per-frame positions")
-    return order, pos, spacing
 
 
-def _is_mosaic(ds) -> bool:
-    return "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
-def _demosaic(ds, tiled: np.ndarray, path: Path):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
-            from nibabel.nicom import dicomwrappers  # imported here: it warns when imported (only for mosaics)
-
-            wrapper = dicomwrappers.wrapper_from_data(ds)
-            data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (columns, rows, slices), rescale applied
-            voxel = wrapper.voxel_sizes
-            iop = wrapper.image_orient_patient  # (3, 2): row and column direction cosines
-    except Exception as e:
-        raise CorruptImageError(path, f"Siemens mosaic cannot be de-tiled ({safe_message(e)})",
-                                "a mosaic with its CSA header (NumberOfImagesInMosaic)") from None
-    if data.ndim != 3 or not np.all(np.isfinite(data)):
-        raise CorruptImageError(path, f"Siemens mosaic de-tiles into an unusable array of shape {data.shape}")
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))
-    cosines = tuple(float(v) for v in np.asarray(iop).T.ravel())
-    spacing = (float(voxel[2]), float(voxel[1]), float(voxel[0]))
-    return array, spacing, orientation_letters(cosines, volume=True)
 
 
-def _plain(value):
-    if isinstance(value, (int, float, str)):
-        return value
-    if isinstance(value, pydicom.multival.MultiValue):
-        return [_plain(v) for v in value]
-    return str(value)

@@ -22,8 +22,8 @@ import numpy as np
 
 from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
                           UnsupportedFormatError)
-from medtl.io.dicom import (dataset_to_scan, study_key, declared_bytes, image_orientation, open_dicom, orientation_letters,
-                            sort_along_normal)
+from medtl.io.dicom import dataset_to_scan, declared_bytes, open_dicom, study_key
+from medtl.io.dicom_geometry import image_orientation, orientation_letters, sort_along_normal
 from medtl.io.guard import reading
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan

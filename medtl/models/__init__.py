@@ -4,6 +4,7 @@ from medtl.models._registry import EncoderSpec, get_encoder_spec, list_encoders,
 from medtl.models.encoders import (
     Preprocessing,
     cam_layer_name,
+    check_encoder,
     create_encoder,
     create_model,
     load_state_dict_file,
@@ -13,6 +14,6 @@ from medtl.errors import WeightsError  # (re-exported: where users of medtl.mode
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.models.volumetric import is_volume_model
 
-__all__ = ["create_encoder", "create_model", "resolve_preprocessing", "Preprocessing", "WeightsError", "list_encoders",
+__all__ = ["create_encoder", "create_model", "check_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "list_encoders",
            "register_encoder", "get_encoder_spec", "EncoderSpec", "cam_layer_name", "load_state_dict_file",
            "is_volume_model", "ALL", "encoder_groups", "encoder_modules", "head_parameters", "set_trainable"]

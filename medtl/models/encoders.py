@@ -274,6 +274,12 @@ def _adapt_first_conv(model: torch.nn.Module, in_chans: int) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def check_encoder(encoder: EncoderConfig) -> None:
+    """Refuse an ``encoder`` section naming no registered encoder (the list of those, and the nearest, in the
+    error), before any data is read."""
+    get_encoder_spec(encoder.name)
+
+
 def create_model(encoder: EncoderConfig, num_classes: int,
                  pretrained: bool | None = None) -> tuple[torch.nn.Module, Preprocessing]:
     """The network an experiment's ``encoder`` section describes, with a fresh head of ``num_classes``,
@@ -316,5 +322,5 @@ def cam_layer_name(model: torch.nn.Module) -> str:
     return model.feature_info[-1]["module"]
 
 
-__all__ = ["file_sha256", "create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "cam_layer_name",
+__all__ = ["check_encoder", "file_sha256", "create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "cam_layer_name",
            "load_state_dict_file", "map_state_dict_by_order"]

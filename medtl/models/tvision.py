@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from medtl.models.adapter import ClassifierAdapter
+from medtl.models.classifier import ClassifierAdapter
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import resnet
 from torch import nn
 
-from medtl.models.adapter import ClassifierAdapter
+from medtl.models.classifier import ClassifierAdapter
 
 RESNET_3D_DEPTHS = {"resnet10_3d": 10, "resnet18_3d": 18, "resnet34_3d": 34,
                     "resnet10_3d_gn": 10, "resnet18_3d_gn": 18, "resnet34_3d_gn": 34}

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from medtl.config import ExperimentConfig
-from medtl.models import create_model
-from medtl.predict import extract_features
+from medtl.predict.forward import extract_features
 from medtl.runtime import Runtime, inference_precision, resolve_device
-from medtl.train.experiment import prepare_data, read_data
-from medtl.train.fit import train_epoch
+from medtl.train.batching import REFERENCE_BATCH
+from medtl.train.data import prepare_data, read_data
+from medtl.train.recipe import create_seeded_model
+from medtl.train.loop import train_epoch
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LRFindResult:
 def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, start: float = 1e-5,
              end: float = 10.0, steps: int = 100, batch_size: int = 8, seed: int = 0) -> LRFindResult:
     """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features, through the training loop's
-    :func:`medtl.train.fit.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
+    :func:`medtl.train.loop.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
     stops when the smoothed loss diverges."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=start)
@@ -81,13 +82,12 @@ def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
 def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     """Build the encoder and data of ``cfg``, cache the training features, sweep the head's learning rate."""
     manifest = read_data(cfg.data)
-    torch.manual_seed(cfg.train.seed)
-    model, pre = create_model(cfg.encoder, len(manifest.class_names))
+    model, pre = create_seeded_model(cfg, len(manifest.class_names))
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     train_ds, _, _ = prepared.datasets(cfg.data, pre)
     runtime = Runtime(resolve_device(cfg.train.device), inference_precision(cfg.train.precision),
                       cfg.train.channels_last)
     runtime.prepare(model)
     features, labels = extract_features(model, train_ds, runtime)
-    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=cfg.train.batch_size if cfg.train.batch_size != "auto" else 8,
-                    seed=cfg.train.seed)
+    batch_size = cfg.train.batch_size if cfg.train.batch_size != "auto" else REFERENCE_BATCH
+    return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=batch_size, seed=cfg.train.seed)

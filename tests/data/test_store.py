@@ -9,7 +9,7 @@ from monai.transforms import Compose, Lambda
 from medtl.config import DataConfig
 from medtl.data import create_dataset, iterate_batches
 from medtl.models import Preprocessing
-from medtl.transforms import EncoderInputd, create_transforms
+from medtl.transforms.chain import EncoderInputd, create_transforms
 
 
 def _studies(n=10, size=12, seed=0):

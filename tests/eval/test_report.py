@@ -1,4 +1,4 @@
-"""`medtl evaluate` on a tiny run: report, model card, and calibration carried into predictions."""
+"""`medtl evaluate` on a tiny run: report, model card, and its own decision, used by predictions when asked."""
 
 import json
 import re
@@ -7,17 +7,18 @@ import shutil
 import numpy as np
 
 from medtl.cli import main
-from medtl.inference import load_run
+from medtl.predict.predictor import load_run
 
 
-def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir, tmp_path, capsys):
+def test_evaluate_writes_report_card_and_a_decision_used_when_asked(tiny_run, sample_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     image = sample_dir / "dicom" / "img_0003.dcm"
     trained = load_run(run)
-    t_train = trained.temperature  # `medtl train` calibrates on validation already
-    assert t_train is not None and trained.operating_point is not None
+    t_train = trained.decision.temperature  # `medtl train` calibrates on validation already
+    assert t_train is not None and trained.decision.threshold is not None
     before = trained.predict(image)
+    weights = (run / "model.safetensors").read_bytes()
     assert main(["evaluate", str(run), "--boot", "50", "--methods", "gradcam", "--no-data-randomisation"]) == 0
     assert "test AUC" in capsys.readouterr().out
     out = run / "evaluation"
@@ -30,10 +31,15 @@ def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir
     assert "SYN" not in text and "SYN" not in (out / "model_card.md").read_text()  # no patient identifiers
     result = json.loads((out / "evaluation.json").read_text())
     t = result["calibration"]["temperature"]
-    predictor = load_run(run)
-    assert predictor.temperature == t and predictor.operating_point["threshold"] == \
+    assert (run / "model.safetensors").read_bytes() == weights  # the weights are written once, by training
+    unchanged = load_run(run).predict(image)  # predictions keep the training decision
+    assert unchanged.probabilities == before.probabilities and unchanged.label == before.label
+    assert unchanged.decision_source == "training"
+    predictor = load_run(run, decision="evaluation")  # unless the evaluation's is asked for
+    assert predictor.decision.temperature == t and predictor.decision.threshold == \
         result["operating_point"]["threshold"]
     after = predictor.predict(image)
+    assert after.decision_source == "evaluation" and after.threshold == predictor.decision.threshold
     # calibrated probabilities are softmax(z / T) of the same logits: softmax(log p * T_train / T) of the
     # probabilities calibrated at training
     raw = np.log(np.array(list(before.probabilities.values()))) * t_train
@@ -44,7 +50,7 @@ def test_evaluate_writes_report_card_and_calibrates_the_run(tiny_run, sample_dir
 
 def test_run_metrics_and_evaluate_report_the_same_test_auc(tiny_run, tmp_path):
     """One prediction path: the test AUC that training wrote and the one `medtl evaluate` measures agree."""
-    from medtl.eval.report import evaluate_run
+    from medtl.eval.evaluate import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -54,7 +60,7 @@ def test_run_metrics_and_evaluate_report_the_same_test_auc(tiny_run, tmp_path):
 
 
 def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_path):
-    from medtl.eval.report import model_card_markdown, report_html
+    from medtl.eval.card import model_card_markdown, report_html
 
     result = {"run": "<script>x</script>", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4,
               "n_test_patients": 2, "auc": {"auc": 0.75, "auc_ci": [0.5, 1.0], "resampled": "patients", "n_boot": 10},
@@ -69,7 +75,7 @@ def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_pat
 
 
 def test_a_subgroup_without_both_classes_renders_without_an_auc():
-    from medtl.eval.report import report_html
+    from medtl.eval.card import report_html
 
     result = {"run": "r", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4, "n_test_patients": 2,
               "auc": {"auc": 0.75, "auc_ci": None, "resampled": "patients", "n_boot": 10},

@@ -1,4 +1,4 @@
-"""The reader fuzz harness (pipelines/fuzz.py): a seeded run on generated seeds, and checks of the harness.
+"""The reader fuzz harness (tools/fuzz): a seeded run on generated seeds, and checks of the harness.
 
 The seeded run reads 300 mutants of generated files (no ../shared/data needed) and fails, with the
 table and every failure's type and medtl file:line, when any ends other than read or typed, or goes
@@ -6,33 +6,35 @@ over the memory budget. The harness checks feed its child processes the readers 
 (resolved there as ``tests.io.test_fuzz:fake_reader``).
 """
 
-import importlib.util
+import io
 import json
 import os
 import random
 import signal
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pydicom
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from medtl.errors import CorruptImageError, did_you_mean
+from medtl.io import read_image
+from tools.fuzz.cli import main as fuzz_main
+from tools.fuzz.dicom_file import TAGS, DicomFile
+from tools.fuzz.mutators import MUTATORS
+from tools.fuzz.mutators.bomb import crc_zeros, deflated_then_zeros
+from tools.fuzz.mutators.dicom import nested_sequence
+from tools.fuzz.recipes import make_mutant, plan
+from tools.fuzz.registry import plain
+from tools.fuzz.report import format_report
+from tools.fuzz.runner import run
+from tools.fuzz.seeds import generated_seeds
+from tools.fuzz.server import Server
+
 FAKE = "tests.io.test_fuzz:fake_reader"
-
-
-def _load(name: str = "fuzz"):
-    """The pipeline script imported as a module (pipelines/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def fuzz():
-    return _load()
 
 
 def fake_reader(path):
@@ -41,12 +43,8 @@ def fake_reader(path):
     if what == "untyped":
         raise KeyError("no such key")
     if what == "untyped_in_medtl":
-        from medtl.errors import did_you_mean
-
         did_you_mean("x", None)  # iterates None: a TypeError raised inside medtl/errors.py
     if what == "typed":
-        from medtl.errors import CorruptImageError
-
         raise CorruptImageError(path, "damaged on purpose")
     if what == "sleep":
         time.sleep(60)
@@ -58,8 +56,6 @@ def fake_reader(path):
         return SimpleNamespace(array=bytearray(16 << 30))
     if what == "touch_96m":  # 96 MiB really used
         return SimpleNamespace(array=np.ones(96 << 20, np.uint8)[:4])
-    from medtl.io import read_image
-
     return read_image(path)
 
 
@@ -70,10 +66,10 @@ def _failures(report) -> str:
 
 
 @pytest.mark.timeout(180)
-def test_seeded_run_reads_or_refuses_every_mutant_in_budget(fuzz, tmp_path):
-    report = fuzz.run(n=300, seed=0, jobs=2, budget="512M", timeout=10, seeds="generated", out=tmp_path,
+def test_seeded_run_reads_or_refuses_every_mutant_in_budget(tmp_path):
+    report = run(n=300, seed=0, jobs=2, budget="512M", timeout=10, seeds="generated", out=tmp_path,
                       progress=None)
-    message = f"\n{fuzz.format_report(report)}\n\nfailures:\n{_failures(report)}"
+    message = f"\n{format_report(report)}\n\nfailures:\n{_failures(report)}"
     outcomes = report["outcomes"]
     assert sum(outcomes.values()) == 300
     assert outcomes["other"] == 0, message
@@ -87,24 +83,24 @@ def test_seeded_run_reads_or_refuses_every_mutant_in_budget(fuzz, tmp_path):
     assert (tmp_path / "failures.jsonl").read_text() == ""
 
 
-def test_a_mutant_regenerates_byte_identical_from_its_recipe(fuzz):
-    seeds = {s.id: s for s in fuzz.generated_seeds()}
-    again = {s.id: s for s in fuzz.generated_seeds()}  # seeds are the same bytes when made again
+def test_a_mutant_regenerates_byte_identical_from_its_recipe():
+    seeds = {s.id: s for s in generated_seeds()}
+    again = {s.id: s for s in generated_seeds()}  # seeds are the same bytes when made again
     assert {k: s.data for k, s in seeds.items()} == {k: s.data for k, s in again.items()}
     changed = 0
     for i in range(80):
-        recipe = fuzz.plan(7, i, list(seeds.values()))
-        data, details, name = fuzz.make_mutant(recipe, seeds)
-        data2, details2, name2 = fuzz.make_mutant(json.loads(json.dumps(recipe)), again)
+        recipe = plan(7, i, list(seeds.values()))
+        data, details, name = make_mutant(recipe, seeds)
+        data2, details2, name2 = make_mutant(json.loads(json.dumps(recipe)), again)
         assert (data2, details2, name2) == (data, details, name), recipe
         changed += data != seeds[recipe["seed"]].data
     assert changed >= 75
-    assert fuzz.plan(7, 3, list(seeds.values())) != fuzz.plan(8, 3, list(seeds.values()))
+    assert plan(7, 3, list(seeds.values())) != plan(8, 3, list(seeds.values()))
 
 
-def test_every_mutator_edits_every_seed_it_applies_to(fuzz):
-    seeds = fuzz.generated_seeds()
-    for m in fuzz.MUTATORS.values():
+def test_every_mutator_edits_every_seed_it_applies_to():
+    seeds = generated_seeds()
+    for m in MUTATORS.values():
         used = [s for s in seeds if s.kind in m.kinds and m.applies(s)]
         assert used, f"{m.name} applies to no generated seed"
         for s in used:  # no exception (which would make the harness fall back to bit flips)
@@ -112,20 +108,16 @@ def test_every_mutator_edits_every_seed_it_applies_to(fuzz):
             assert any(data != s.data for data, _ in outputs), (m.name, s.id)  # one draw may be a no-op
             for data, details in outputs:
                 assert isinstance(data, bytes)
-                json.dumps(fuzz._plain(details))
+                json.dumps(plain(details))
 
 
-def test_dicom_edits_land_where_pydicom_reads_them(fuzz):
-    import io
-
-    import pydicom
-
-    seeds = {s.id: s for s in fuzz.generated_seeds()}
+def test_dicom_edits_land_where_pydicom_reads_them():
+    seeds = {s.id: s for s in generated_seeds()}
     for sid in ("gen:ct_slice.dcm", "gen:ct_deflated.dcm"):
-        d = fuzz.DicomFile.parse(seeds[sid].data)
+        d = DicomFile.parse(seeds[sid].data)
         d.put("Rows", 65535)
         d.put("PixelSpacing", "abc\\1e400", b"DS")
-        d.put_raw(fuzz.TAGS["ContentSequence"], fuzz._nested_sequence(20, d.explicit, d.little, undefined=True))
+        d.put_raw(TAGS["ContentSequence"], nested_sequence(20, d.explicit, d.little, undefined=True))
         ds = pydicom.dcmread(io.BytesIO(d.to_bytes()))
         depth, item = 0, ds
         while "ContentSequence" in item:
@@ -135,11 +127,9 @@ def test_dicom_edits_land_where_pydicom_reads_them(fuzz):
         assert ds.file_meta.TransferSyntaxUID == d.ts
 
 
-def test_bombs_inflate_to_what_they_declare(fuzz):
-    import zlib
-
+def test_bombs_inflate_to_what_they_declare():
     head = b"header"
-    stream = fuzz._deflated_then_zeros(head, (64 << 20) * 2 + 5)
+    stream = deflated_then_zeros(head, (64 << 20) * 2 + 5)
     d = zlib.decompressobj(-15)
     out = d.decompress(stream, 1 << 20)
     assert out.startswith(head) and len(stream) < 1 << 20
@@ -147,14 +137,14 @@ def test_bombs_inflate_to_what_they_declare(fuzz):
     while d.unconsumed_tail or not d.eof:
         total += len(d.decompress(d.unconsumed_tail, 64 << 20))
     assert total == len(head) + (64 << 20) * 2 + 5
-    assert fuzz._crc_zeros(zlib.crc32(head), 1000) == zlib.crc32(head + bytes(1000))
+    assert crc_zeros(zlib.crc32(head), 1000) == zlib.crc32(head + bytes(1000))
 
 
 @pytest.mark.timeout(60)
-def test_child_outcomes_are_classified(fuzz, tmp_path):
+def test_child_outcomes_are_classified(tmp_path):
     cases = ["untyped", "untyped_in_medtl", "typed", "sleep", "segfault", "exit", "allocate_16g", "touch_96m"]
     results = {}
-    with fuzz.Server(FAKE, budget=64 << 20) as server:
+    with Server(FAKE, budget=64 << 20) as server:
         for what in cases:
             path = tmp_path / f"{what}.dcm"
             path.write_text(what)
@@ -177,9 +167,9 @@ def test_child_outcomes_are_classified(fuzz, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_cli_exits_1_and_records_failures(fuzz, tmp_path, capsys):
+def test_cli_exits_1_and_records_failures(tmp_path, capsys):
     out = tmp_path / "fz"
-    code = fuzz.main(["--n", "6", "--seed", "1", "--jobs", "1", "--budget", "256M", "--seeds", "generated",
+    code = fuzz_main(["--n", "6", "--seed", "1", "--jobs", "1", "--budget", "256M", "--seeds", "generated",
                       "--out", str(out), "--keep-failures", "--reader", "tests.io.test_fuzz:always_untyped"])
     printed = capsys.readouterr().out
     assert code == 1
@@ -189,8 +179,8 @@ def test_cli_exits_1_and_records_failures(fuzz, tmp_path, capsys):
     assert [f["index"] for f in failures] == list(range(6))
     assert {"seed", "mutator", "details", "run_seed"} <= set(failures[0])
     assert len(list((out / "failures").iterdir())) == 6
-    seeds = {s.id: s for s in fuzz.generated_seeds()}
-    data, _, name = fuzz.make_mutant(failures[0], seeds)
+    seeds = {s.id: s for s in generated_seeds()}
+    data, _, name = make_mutant(failures[0], seeds)
     assert (out / "failures" / name).read_bytes() == data  # the recorded recipe regenerates the kept file
 
 

@@ -20,12 +20,13 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medtl.config import DataConfig
 from medtl.errors import CorruptImageError, InputTooLargeError, MedtlInputError, UnsupportedFormatError
 from medtl.io import ReadLimits, describe_path, read_image, read_image_bounded, using_read_limits
-from medtl.transforms import intensity_preset, scale_intensity
+from medtl.transforms.intensity import intensity_preset, scale_intensity
+from tools.bombs import write_deflated_bomb
 
 SMALL = ReadLimits(max_bytes=64 << 20, max_files=50)
 
@@ -148,37 +149,8 @@ def test_mutated_dicom_never_escapes_untyped(tmp_path):
 
 # -- memory bombs: refused fast, without allocating -------------------------------------------
 
-def _deflated_bomb(path, rows=16384, cols=16384, frames=2):
-    """A Deflated Explicit VR LE DICOM whose zero pixels inflate to rows*cols*frames*2 bytes."""
-    ds = _ct()
-    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
-    del ds.PixelData
-    buf = pydicom.filebase.DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    pydicom.filewriter.write_dataset(buf, ds)  # explicit VR little endian body without the pixels
-    body = buf.getvalue()
-    pixel_len = rows * cols * frames * 2
-    element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_len)
-    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [comp.compress(body + element)]
-    zeros = bytes(1 << 20)
-    for _ in range(pixel_len >> 20):
-        parts.append(comp.compress(zeros))
-    parts.append(comp.flush())
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    meta.ImplementationClassUID = generate_uid()
-    mbuf = io.BytesIO()
-    mbuf.write(b"\0" * 128 + b"DICM")
-    pydicom.filewriter.write_file_meta_info(mbuf, meta, enforce_standard=True)
-    path.write_bytes(mbuf.getvalue() + b"".join(parts))
-    return path
-
-
 def test_deflated_dicom_bomb_refused_fast_and_small(tmp_path):
-    bomb = _deflated_bomb(tmp_path / "bomb.dcm")  # 1 GiB of pixels, about 1 MB on disk
+    bomb = write_deflated_bomb(tmp_path / "bomb.dcm")  # 1 GiB of pixels, about 1 MB on disk
     assert bomb.stat().st_size < 3 << 20
     start = time.perf_counter()
     out, peak = _peak(lambda: read_image(bomb))

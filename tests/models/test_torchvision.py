@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from medtl.checkpoint import load_model, save_model
+from medtl.models.checkpoint import load_model, save_model
 from medtl.errors import ConfigError, WeightsError
 from medtl.explain import compute_saliency
 from medtl.models import create_encoder, encoder_groups, list_encoders, resolve_preprocessing

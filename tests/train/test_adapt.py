@@ -10,10 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from medtl.adapt import adabn, adapt, bn_statistics, information_loss, load_bn_statistics, save_bn_statistics
-from medtl.checkpoint import load_saved_run
+from medtl.adapt.batchnorm import (
+    adabn,
+    adapt,
+    bn_statistics,
+    information_loss,
+    load_bn_statistics,
+    save_bn_statistics,
+)
+from medtl.run import load_saved_run
 from medtl.cli import main
-from medtl.inference import load_run
+from medtl.predict.predictor import load_run
 from medtl.runtime import Runtime
 
 

@@ -11,7 +11,7 @@ import torch
 from medtl.config import load_config
 from medtl.errors import ConfigError
 from medtl.train import fit, run_experiment
-from medtl.train.fit import REFERENCE_BATCH, auto_batch_size, loader_workers, resolve_batch, scaled_lr
+from medtl.train.batching import REFERENCE_BATCH, auto_batch_size, loader_workers, resolve_batch, scaled_lr
 from tests.conftest import tiny_config
 
 CUDA = torch.device("cuda")  # a device name only: nothing here touches a GPU unless one is there
@@ -43,7 +43,7 @@ def test_learning_rate_scales_with_the_square_root_of_the_batch():
 
 
 def test_resolve_batch_on_a_forced_gpu_scales_the_rate_and_says_why(monkeypatch):
-    fit_mod = importlib.import_module("medtl.train.fit")  # (medtl.train.fit is also the function)
+    fit_mod = importlib.import_module("medtl.train.batching")
 
     monkeypatch.setattr(fit_mod, "auto_batch_size", lambda n, device, fits, world=1: (32, "32: the largest that fits"))
     cfg = load_config(train={"batch_size": "auto", "lr": 2e-3}).train
@@ -57,7 +57,7 @@ def test_resolve_batch_on_a_forced_gpu_scales_the_rate_and_says_why(monkeypatch)
 
 
 def test_loader_workers(monkeypatch):
-    fit_mod = importlib.import_module("medtl.train.fit")  # (medtl.train.fit is also the function)
+    fit_mod = importlib.import_module("medtl.train.batching")
 
     monkeypatch.setattr(fit_mod, "usable_cores", lambda: 16)
     assert loader_workers("auto", torch.device("cpu")) == 0  # the cores belong to the model
@@ -106,7 +106,7 @@ def tiny_data_gpu(small_manifest):
 
 
 def _toy_epoch(sync_every, stop_at=None):
-    from medtl.train.fit import train_epoch
+    from medtl.train.loop import train_epoch
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 1)
@@ -124,7 +124,7 @@ def _toy_epoch(sync_every, stop_at=None):
 
 def test_losses_read_every_few_steps_are_the_same_losses_and_still_stop_training():
     """The GPU branch (losses read every 16 steps, see loss_sync_steps) forced on the CPU with 4."""
-    from medtl.train.fit import loss_sync_steps
+    from medtl.train.loop import loss_sync_steps
 
     assert loss_sync_steps(torch.device("cpu")) == 1 and loss_sync_steps(CUDA) == 16
     every, seen1, w1 = _toy_epoch(1)
@@ -147,7 +147,7 @@ def test_auto_batch_under_torchrun_counts_per_process_batches_and_rounds_to_the_
 
 
 def test_only_allocation_failures_count_as_not_fitting():
-    from medtl.train.fit import _out_of_memory
+    from medtl.train.batching import _out_of_memory
 
     assert _out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert _out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.checkpoint import load_model, save_model
+from medtl.models.checkpoint import load_model, save_model
 from medtl.data import create_dataset, decode_records, read_manifest
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.predict import predict_probs
+from medtl.predict.forward import predict_probs
 from medtl.train import fit, plan_stages
-from medtl.transforms import create_transforms
+from medtl.transforms.chain import create_transforms
 from tests.conftest import tiny_config
 
 
@@ -159,11 +159,11 @@ def test_prefetching_batches_trains_the_same_weights(tiny_data, monkeypatch):
     """The GPU branch (batches prepared in a background thread), forced on the CPU: same weights."""
     import importlib
 
-    fit_module = importlib.import_module("medtl.train.fit")
+    trainer_module = importlib.import_module("medtl.train.trainer")
     cfg, train, val, final = tiny_data
     states = []
     for threaded in (False, True):
-        monkeypatch.setattr(fit_module, "use_prefetch", lambda device, t=threaded: t)
+        monkeypatch.setattr(trainer_module, "use_prefetch", lambda device, t=threaded: t)
         torch.manual_seed(0)
         model = create_encoder("efficientnet_lite0", num_classes=2)
         _, final_aug = create_transforms(dataclasses.replace(cfg.data, augment=True), resolve_preprocessing(model, 64),
@@ -175,7 +175,7 @@ def test_prefetching_batches_trains_the_same_weights(tiny_data, monkeypatch):
 
 
 def test_prefetch_keeps_order_and_raises_a_batch_error_in_place():
-    from medtl.train.fit import prefetch
+    from medtl.train.loop import prefetch
 
     assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
 

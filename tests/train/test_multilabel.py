@@ -12,9 +12,10 @@ from medtl.config import load_config
 from medtl.data import create_multilabel_sample, read_dataset, split_by_patient
 from medtl.data.split import check_split_classes, kfold_by_patient
 from medtl.errors import ManifestError, MedtlInputError
-from medtl.eval.metrics import compute_auc, compute_ece, compute_multilabel_metrics, fit_temperature
-from medtl.inference import load_run
-from medtl.predict import Logits, fit_decision, forward_logits
+from medtl.metrics import compute_auc, compute_ece, compute_multilabel_metrics, fit_temperature
+from medtl.predict.predictor import load_run
+from medtl.predict.post import Decision, Logits
+from medtl.predict.forward import forward_logits
 from medtl.train import run_experiment
 
 
@@ -123,11 +124,12 @@ def test_temperature_and_thresholds_are_fitted_per_finding_on_validation():
     true_logits = 3 * z  # the log-odds of y given z (up to the prior's constant)
     t = fit_temperature(true_logits * 3, y)  # logits 3x too confident: T near 3
     assert 2.4 < t < 3.6
-    temperature, op = fit_decision(Logits(y, (true_logits * 3).astype(np.float32), np.arange(400)), 2)
-    assert temperature == pytest.approx(t) and len(op["thresholds"]) == 2 and all(0 < x < 1 for x in op["thresholds"])
+    decision = Decision.fit(Logits(y, (true_logits * 3).astype(np.float32), np.arange(400)), ["a", "b"])
+    assert decision.multi_label and decision.temperature == pytest.approx(t)
+    assert len(decision.thresholds) == 2 and all(0 < x < 1 for x in decision.thresholds)
     y[:, 1] = 0  # a finding the validation studies never show keeps 0.5, and says so
-    _, op = fit_decision(Logits(y, true_logits.astype(np.float32), np.arange(400)), 2)
-    assert op["thresholds"][1] == 0.5 and "all of one kind" in op["rules"][1]
+    decision = Decision.fit(Logits(y, true_logits.astype(np.float32), np.arange(400)), ["a", "b"])
+    assert decision.thresholds[1] == 0.5 and "all of one kind" in decision.rules[1]
 
 
 def test_multilabel_run_learns_each_finding_and_shuffled_rows_do_not(multilabel_data, tmp_path):
@@ -153,15 +155,16 @@ def test_multilabel_run_decides_each_finding_and_explains_each(multilabel_run, m
     assert set(metrics["test"]["decision"]["thresholds"]) == set(names)
     assert set(metrics["train"]["label_counts"]) == set(names)
     predictor = load_run(multilabel_run)
-    assert predictor.multi_label and len(predictor.operating_point["thresholds"]) == 2
+    assert predictor.multi_label and len(predictor.decision.thresholds) == 2
     image = multilabel_data.parent / "dicom" / "img_0001.dcm"
     pred = predictor.predict(image, check=False)
-    thresholds = dict(zip(names, predictor.operating_point["thresholds"]))
+    thresholds = dict(zip(names, predictor.decision.thresholds))
+    assert pred.thresholds == thresholds
     assert pred.findings == [c for c in names if pred.probabilities[c] >= thresholds[c]]
     assert pred.label == ("|".join(pred.findings) or "No Finding")
     # independent sigmoids: the same as the logits' sigmoid at the run's temperature
     x, _ = predictor.inputs(predictor.read(image))
-    z = forward_logits(predictor.model, x, predictor.runtime) / predictor.temperature  # (at the run's precision)
+    z = forward_logits(predictor.model, x, predictor.runtime) / predictor.decision.temperature  # (at the run's precision)
     assert np.allclose([pred.probabilities[c] for c in names], z.sigmoid()[0].numpy(), atol=1e-4)
     maps = [predictor.explain(image, class_name=c, check=False) for c in names]
     assert [m.class_name for m in maps] == names
@@ -177,7 +180,7 @@ def test_multilabel_run_decides_each_finding_and_explains_each(multilabel_run, m
 
 
 def test_multilabel_evaluation_reports_each_finding(multilabel_run):
-    from medtl.eval.report import evaluate_run
+    from medtl.eval.evaluate import evaluate_run
 
     result = evaluate_run(multilabel_run, n_boot=50, methods=("gradcam",), sanity_images=1, data_randomisation=False)
     assert result["multi_label"] and set(result["per_label"]) == {"calcification", "lesion"}
@@ -192,7 +195,7 @@ def test_multilabel_evaluation_reports_each_finding(multilabel_run):
 
 
 def test_multilabel_dicom_results_hold_every_finding(multilabel_run, multilabel_data, tmp_path):
-    from medtl.dicom_results import write_dicom_results
+    from medtl.clinical.dicom_results import write_dicom_results
 
     predictor = load_run(multilabel_run)
     written = write_dicom_results(predictor, multilabel_data.parent / "dicom" / "img_0002.dcm", tmp_path, check=False)
@@ -206,7 +209,7 @@ def test_multilabel_dicom_results_hold_every_finding(multilabel_run, multilabel_
 
 def test_multilabel_page_shows_each_finding_and_its_map(multilabel_run, multilabel_data, tmp_path):
     from medtl_ui.app import decision_text, explain_case, open_case
-    from medtl.inference import Prediction
+    from medtl.predict.predictor import Prediction
 
     predictor = load_run(multilabel_run)
     case, message = open_case(predictor, multilabel_data.parent / "dicom" / "img_0003.dcm", "gradcam")

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from medtl.config import load_config
 from medtl.data import read_dataset
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.predict import extract_features, predict_probs
+from medtl.predict.forward import extract_features, predict_probs
 from medtl.runtime import Runtime
 from medtl.models import encoder_groups
 from medtl.train import auto_candidates, fit, lr_sweep, prepare_data
@@ -94,7 +94,7 @@ def test_cached_features_equal_the_live_encoder(npz):
 
 
 def test_auto_tries_each_candidate_and_keeps_the_best_on_validation(npz):
-    from medtl.eval.metrics import compute_auc
+    from medtl.metrics import compute_auc
 
     cfg = _config(npz, strategy="auto", auto_candidates=["ncm", "linear_probe", "partial"], epochs=2)
     model, (train, val, _) = _data(npz, cfg)
@@ -112,7 +112,7 @@ def test_auto_tries_each_candidate_and_keeps_the_best_on_validation(npz):
 
 
 def test_shuffled_labels_score_near_chance_and_real_labels_do_not(tmp_path):
-    from medtl.eval.metrics import compute_auc
+    from medtl.metrics import compute_auc
 
     path = write_medmnist(tmp_path / "s.npz", n=(120, 40, 200), seed=3)
     aucs = {}
@@ -230,7 +230,7 @@ def test_few_shot_heads_fit_only_the_head_and_learn_real_labels_not_shuffled_one
     random halves, and its projection on these well-separated classes swings the test AUC (measured: 10
     plain permutations gave 0.19 to 0.93, mean 0.56; this uncorrelated labelling 0.69); the regularised
     regression is held to chance."""
-    from medtl.eval.metrics import compute_auc
+    from medtl.metrics import compute_auc
 
     path = write_medmnist(tmp_path / "s.npz", n=(120, 40, 200), seed=3)
     aucs = {}
@@ -271,7 +271,7 @@ def test_bitfit_trains_only_biases_and_norms_and_the_head(npz):
 
 
 def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_path):
-    from medtl.checkpoint import load_model, save_model
+    from medtl.models.checkpoint import load_model, save_model
     from medtl.models import resolve_preprocessing
 
     cfg = _config(npz, strategy="lora", epochs=2, frozen_epochs=1, lora_rank=2, lr=3e-2)
@@ -295,7 +295,7 @@ def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_pa
 
 
 def test_lora_checkpoint_written_during_training_loads_as_the_plain_network(npz, tmp_path):
-    from medtl.checkpoint import load_model, save_model
+    from medtl.models.checkpoint import load_model, save_model
     from medtl.models import resolve_preprocessing
 
     cfg = _config(npz, strategy="lora", epochs=1, frozen_epochs=0, lora_rank=4)
@@ -318,14 +318,14 @@ def test_lp_ft_starts_fine_tuning_from_a_converged_probe(npz):
     model, (train, val, _) = _data(npz, cfg)
     result = fit(model, train, val, cfg.train, num_classes=2)
     assert [r["stage"] for r in result.history] == ["logreg", "fine_tune"]
-    from medtl.train.fit import plan_stages
+    from medtl.train.stages import plan_stages
 
     stages = plan_stages(cfg.train, 7, "lp_ft", multi_label=True)
     assert stages[0].name == "head" and stages[0].epochs >= 20 and stages[1].trainable == ALL
 
 
 def test_ensemble_soup_keeps_only_members_that_help_on_validation(npz):
-    from medtl.train.fit import validation_score
+    from medtl.train.search import validation_score
 
     cfg = _config(npz, strategy="full", epochs=1, ensemble=3)
     model, (train, val, _) = _data(npz, cfg)
@@ -342,7 +342,7 @@ def test_ensemble_soup_keeps_only_members_that_help_on_validation(npz):
 
 
 def test_strong_view_cuts_out_a_grey_square_and_weak_view_does_not():
-    from medtl.transforms import BatchAugment
+    from medtl.transforms.augment import BatchAugment
     from medtl.models import Preprocessing
 
     pre = Preprocessing(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_chans=3, spatial_dims=2)
@@ -359,7 +359,7 @@ def test_strong_view_cuts_out_a_grey_square_and_weak_view_does_not():
 def test_semi_supervised_uses_the_unlabelled_images_and_records_its_confident_share(tmp_path):
     from medtl.data import create_dataset, store_options
     from medtl.errors import ConfigError
-    from medtl.transforms import create_transforms
+    from medtl.transforms.chain import create_transforms
 
     path = write_medmnist(tmp_path / "s.npz", n=(60, 20, 20), seed=3)
     results = {}
@@ -389,7 +389,7 @@ def test_unlabelled_folder_leaves_out_validation_and_test_images(sample_dir, tmp
     import logging
 
     from medtl.models import create_model
-    from medtl.train.experiment import prepare_unlabelled
+    from medtl.train.data import prepare_unlabelled
 
     cfg = load_config(data={"path": str(sample_dir / "manifest.csv"), "unlabelled": str(sample_dir / "dicom")},
                       encoder={"input_size": 32})

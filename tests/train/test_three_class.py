@@ -15,7 +15,7 @@ from PIL import Image
 from medtl.cli import main
 from medtl.config import STRATEGIES, load_config
 from medtl.train import run_experiment
-from medtl.train.fit import plan_stages
+from medtl.train.stages import plan_stages
 from tests.conftest import tiny_config
 
 CLASSES = ("bright", "dark", "mid")  # the folder names; an image folder's classes come sorted
@@ -71,12 +71,12 @@ def test_three_class_run_predicts_three_probabilities(three_class_run, capsys):
 
 
 def test_evaluate_run_with_three_classes(three_class_run, tmp_path):
-    from medtl.eval.report import evaluate_run
-    from medtl.inference import load_run
+    from medtl.eval.evaluate import evaluate_run
+    from medtl.predict.predictor import load_run
 
     _, trained = three_class_run
     run = tmp_path / "three"
-    shutil.copytree(trained, run)  # evaluate writes into the run (temperature): keep the module's run as it was
+    shutil.copytree(trained, run)  # evaluate writes into the run (evaluation/): keep the module's run as it was
     result = evaluate_run(run, n_boot=20, methods=(), data_randomisation=False, device="cpu")
     assert result["class_names"] == list(CLASSES)
     auc = result["auc"]
@@ -90,9 +90,9 @@ def test_evaluate_run_with_three_classes(three_class_run, tmp_path):
     written = json.loads((out / "evaluation.json").read_text())
     assert written["auc"]["auc"] == pytest.approx(auc["auc"])
     assert not (out / "confusion.png").exists() and not (out / "roc.png").exists()  # binary-only figures
-    predictor = load_run(run, device="cpu")
-    assert predictor.temperature == pytest.approx(result["calibration"]["temperature"])
-    assert predictor.operating_point is None
+    predictor = load_run(run, device="cpu", decision="evaluation")
+    assert predictor.decision.temperature == pytest.approx(result["calibration"]["temperature"])
+    assert predictor.decision.threshold is None and predictor.decision.basis == "argmax"
 
 
 def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, monkeypatch):
@@ -109,9 +109,9 @@ def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, mo
     weights = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
                if not k.startswith("fc.")}, str(weights))
-    fit_module = importlib.import_module("medtl.train.fit")  # (medtl.train.fit the attribute is the function)
+    trainer_module = importlib.import_module("medtl.train.trainer")
     seen = []  # per stage: (its name, the trainable parameters while it ran, each encoder group's and the head's size)
-    run_stage = fit_module._Trainer.run_stage
+    run_stage = trainer_module.Trainer.run_stage
 
     def recording(trainer, stage):
         run_stage(trainer, stage)
@@ -120,7 +120,7 @@ def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, mo
                      [sum(p.numel() for p in g) for g in encoder_groups(model)],
                      sum(p.numel() for p in head_parameters(model))))
 
-    monkeypatch.setattr(fit_module._Trainer, "run_stage", recording)
+    monkeypatch.setattr(trainer_module.Trainer, "run_stage", recording)
     cfg = load_config(data={"path": str(small_manifest), "augment": False},
                       encoder={"name": "resnet18", "weights_file": str(weights), "input_size": 64},
                       train={"strategy": "gradual", "frozen_epochs": 0, "epochs": 2, "batch_size": 8,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.checkpoint import load_model, save_model
+from medtl.models.checkpoint import load_model, save_model
 from medtl.config import load_config
 from medtl.errors import ConfigError, CorruptImageError
 from medtl.models import WeightsError, create_encoder, encoder_groups, resolve_preprocessing
 from medtl.train import run_experiment
-from medtl.transforms import create_transforms
+from medtl.transforms.chain import create_transforms
 
 
 def write_volumes(root, n_patients=24, size=(12, 20, 20), seed=0):
@@ -109,7 +109,7 @@ def test_3d_run_trains_saves_reloads_and_predicts(tmp_path):
     assert not (run / "overlays").exists()  # no 2D saliency for a 3D model
     model, meta = load_model(run / "model.safetensors")
     assert meta["preprocessing"].spatial_dims == 3
-    from medtl.inference import load_run
+    from medtl.predict.predictor import load_run
 
     predictor = load_run(run)
     pred = predictor.predict(manifest.parent / "vol_03.nii.gz")

@@ -5,9 +5,12 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from medtl.inference import load_run
-from medtl_ui.app import (MODEL_WINDOW, analyse, create_app, decision_text, explain_case, find_runs, for_display,
-                          open_case, preset_window, render_view, run_case, store_case_files, window_presets)
+from medtl.predict.predictor import load_run
+from medtl_ui.analysis import explain_case, open_case
+from medtl_ui.app import create_app, find_runs
+from medtl_ui.case import store_case_files
+from medtl_ui.view import MODEL_WINDOW, analyse, for_display, preset_window, render_view, run_case, window_presets
+from medtl_ui.words import decision_text
 
 
 def test_dicom_and_nifti_are_answered_and_noise_is_refused(tiny_run, sample_dir, tmp_path):
@@ -35,7 +38,7 @@ def test_bad_upload_gets_a_message_not_a_trace(tiny_run, tmp_path):
     predictor = load_run(tiny_run)
     bad = tmp_path / "upload.dcm"
     bad.write_text("hello")
-    image, probs, overlay, message = analyse(predictor, str(bad), workdir=tmp_path / "w")
+    image, probs, _overlay, message = analyse(predictor, str(bad), workdir=tmp_path / "w")
     assert image is None and probs is None and "Cannot use this file" in message and "upload.dcm" in message
     assert "Traceback" not in message and str(tmp_path) not in message
     assert "Upload" in analyse(predictor, None)[3]
@@ -55,7 +58,7 @@ def test_an_identifying_file_name_never_reaches_the_page_or_the_disk(tiny_run, s
     path, files, key = store_case_files([str(gradio_copy)], work)
     assert not gradio_copy.exists() and "Doe" not in str(path) and "12345678" not in str(path)
     assert files == ["file 1 (.dcm)"] and key.startswith("case-")
-    case, message = open_case(predictor, path, files=files, key=key)
+    _case, message = open_case(predictor, path, files=files, key=key)
     assert "Doe" not in message and "12345678" not in message and "Predicted class" in message
     assert not any("Doe" in p.name for p in work.rglob("*"))
 
@@ -93,18 +96,17 @@ def test_refusals_give_the_reason(tiny_run, sample_dir, tmp_path):
     predictor.input_record = {"modalities": ["CT"], "dimensions": [2]}
     message = analyse(predictor, str(sample_dir / "nifti" / "vol_001.nii.gz"), workdir=tmp_path / "w5")[3]
     assert "2D images only" in message
-    image, probs, overlay, message, case = run_case(predictor, [str(sample_dir / "dicom" / "img_0001.dcm")],
-                                                    workdir=tmp_path / "w6")
+    *_, message, case = run_case(predictor, [str(sample_dir / "dicom" / "img_0001.dcm")], workdir=tmp_path / "w6")
     assert case is not None and "Predicted class" in message
 
 
 def test_decision_wording_says_what_the_decision_rests_on(tiny_run, sample_dir):
     predictor = load_run(tiny_run)
     pred = predictor.predict(sample_dir / "dicom" / "img_0001.dcm")
-    assert predictor.operating_point and pred.decision == "operating point"
+    assert predictor.decision.threshold is not None and pred.decision == "operating point"
     text = decision_text(predictor, pred)
     assert "threshold" in text and "chosen on validation data" in text and "calibrated" in text
-    predictor.operating_point, predictor.temperature = None, None  # a run with neither (an old run)
+    predictor.decision = predictor.decision.replace(threshold=None, temperature=None)  # an old run: neither
     pred = predictor.predict(sample_dir / "dicom" / "img_0001.dcm")
     text = decision_text(predictor, pred)
     assert pred.decision == "argmax" and "most probable class" in text and "No decision threshold" in text
@@ -115,19 +117,20 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
     import zipfile
 
     from medtl.data import create_sample_series
-    from medtl_ui.app import export_report, slice_profile
+    from medtl_ui.report import export_report
+    from medtl_ui.view import slice_profile
 
     series = create_sample_series(tmp_path / "series", n_slices=6, size=48)
     files = sorted(str(p) for p in series.iterdir())
     predictor = load_run(tiny_run)
-    _, probs, overlay, message, case = run_case(predictor, files, workdir=tmp_path / "w1")
+    _, probs, _overlay, message, case = run_case(predictor, files, workdir=tmp_path / "w1")
     assert case.scan.array.shape == (6, 48, 48) and "Predicted class" in message
     assert "middle slice only: slice" in message  # the tiny run judges a volume on its middle slice, and says so
     assert len(case.files) == 6 and "Series" in case.series_note and "different studies" not in case.series_note
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as z:
         for f in files:
             z.write(f, f.split("/")[-1])
-    _, probs_zip, _, _, case_zip = run_case(predictor, str(tmp_path / "s.zip"), workdir=tmp_path / "w2")
+    _, probs_zip, _, _, _case_zip = run_case(predictor, str(tmp_path / "s.zip"), workdir=tmp_path / "w2")
     assert probs_zip == probs
     report = export_report(predictor, case, tmp_path)
     pdf, png = report
@@ -146,14 +149,14 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
 def test_two_studies_uploaded_together_are_named_and_can_be_picked(tiny_run, tmp_path):
     """Two patients' files uploaded at once are not merged into one case: the page says so and offers both."""
     from medtl.data import create_sample_series
-    from medtl_ui.app import series_options
+    from medtl_ui.case import series_options
 
     a = create_sample_series(tmp_path / "a", n_slices=4, size=48, seed=1)
     b = create_sample_series(tmp_path / "b", n_slices=3, size=48, seed=2, lesion=False)
     files = [str(p) for p in sorted(a.iterdir())] + [str(p) for p in sorted(b.iterdir())]
     predictor = load_run(tiny_run)
     path, names, key = store_case_files(files, tmp_path / "w")
-    case, message = open_case(predictor, path, files=names, key=key)
+    case, _message = open_case(predictor, path, files=names, key=key)
     assert "2 different studies" in case.series_note and "pick another" in case.series_note
     options = series_options(case.series)
     assert len(options) == 2
@@ -196,7 +199,7 @@ def test_viewer_windows_follow_the_model_and_the_units(tiny_run, sample_dir, tmp
 def test_a_volume_judged_on_one_slice_has_no_map_elsewhere(tiny_run, sample_dir, tmp_path):
     predictor = load_run(tiny_run)
     path, names, key = store_case_files([str(sample_dir / "nifti" / "vol_001.nii.gz")], tmp_path / "w")
-    case, message = open_case(predictor, path, files=names, key=key)
+    case, _message = open_case(predictor, path, files=names, key=key)
     lv, wd = preset_window(predictor, case.scan, MODEL_WINDOW)
     _, caption = render_view(predictor, case, case.slice_index, lv, wd, True, 0.45)
     assert "map on this slice" in caption or "map is empty here" in caption  # (the tiny model's maps may be flat)
@@ -229,9 +232,17 @@ def test_a_volume_scored_slice_by_slice_gets_a_map_on_every_slice(tiny_run, samp
 
 def test_the_case_key_does_not_depend_on_the_order_or_the_stored_names(tmp_path):
     from medtl.data import create_sample_series
-    from medtl_ui.app import case_key
+    from medtl_ui.case import case_key
 
     files = sorted(create_sample_series(tmp_path / "s", n_slices=4, size=32).iterdir())
     keys = {store_case_files([str(f) for f in order], tmp_path / f"w{i}")[2]
             for i, order in enumerate([files, files[::-1], files[1:] + files[:1]])}
     assert len(keys) == 1 and keys == {case_key(files)}
+
+
+def test_the_viewer_script_and_style_are_the_package_files():
+    from medtl_ui.viewer import VIEWER_HEAD, read_static
+
+    script, style = read_static("viewer.js"), read_static("viewer.css")
+    assert "window.medtlViewer" in script and "#scan" in style
+    assert VIEWER_HEAD == f"<style>\n{style}</style>\n<script>\n{script}</script>\n"

@@ -50,7 +50,7 @@ def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_pat
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_evaluation_report_opens_offline_in_a_browser(tiny_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    from medtl.eval.report import evaluate_run
+    from medtl.eval.evaluate import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -66,7 +66,7 @@ def _probs(label: dict) -> dict:
 
 
 def test_the_page_exposes_its_handlers(client):
-    assert ENDPOINTS <= set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert ENDPOINTS.issubset(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
 
 
 def _view(client, run, index, level, width, show_map=False, alpha=0.45):
@@ -74,7 +74,7 @@ def _view(client, run, index, level, width, show_map=False, alpha=0.45):
 
 
 def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run, sample_dir):
-    from medtl.inference import load_run
+    from medtl.predict.predictor import load_run
 
     classes = load_run(tiny_run).class_names
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm")
@@ -82,7 +82,8 @@ def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run,
     probs = _probs(out[PROBS])
     assert set(probs) == {str(c) for c in classes} == {"no lesion", "lesion"}  # the classes' names, not 0/1
     assert abs(sum(probs.values()) - 1) < 1e-4
-    assert f"Predicted class: {_answer(out[PROBS])['label']}" in out[MESSAGE] and "chosen on validation data" in out[MESSAGE]
+    assert f"Predicted class: {_answer(out[PROBS])['label']}" in out[MESSAGE]
+    assert "chosen on validation data" in out[MESSAGE]
     viewer, overlay = _img(out[VIEWER]), _img(out[OVERLAY])
     assert max(viewer.shape[:2]) >= 448 and max(overlay.shape[:2]) >= 448  # enlarged for the page
     assert viewer.std() > 5 and overlay.std() > 5  # not blank
@@ -153,8 +154,8 @@ def test_opacity_handler_blends_saliency_over_the_image(client, tiny_run, sample
 def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sample_dir, monkeypatch):
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", method="gradcam")
     before = _img(out[OVERLAY])
-    overlay, sanity, view, caption = client.predict(tiny_run.name, "occlusion", 0.45, 0, 40, 400, True,
-                                                    api_name="/on_method")
+    overlay, sanity, _view, caption = client.predict(tiny_run.name, "occlusion", 0.45, 0, 40, 400, True,
+                                                     api_name="/on_method")
     assert "occlusion" in sanity and "occlusion map on this slice" in caption
     assert np.abs(_img(overlay) - before).mean() > 1  # a new map
     report = client.predict(tiny_run.name, 0.45, api_name="/export")  # the same case, its prediction kept
@@ -162,7 +163,7 @@ def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sa
 
 
 def test_jump_returns_the_cases_slice(client, tiny_run, sample_dir):
-    from medtl.inference import load_run
+    from medtl.predict.predictor import load_run
 
     assert client.predict(api_name="/jump") == 0  # no case yet
     path = sample_dir / "nifti" / "vol_002.nii.gz"
@@ -289,6 +290,36 @@ def test_multilabel_page_lists_each_finding_and_draws_the_map_of_the_one_chosen(
                 {c[0] if isinstance(c, (list, tuple)) else c for c in o["choices"]} == {"calcification", "lesion"})
     assert menu["visible"] is True and menu["value"] == max(probs, key=probs.get)  # the most probable finding's map
     other = next(c for c in ("calcification", "lesion") if c != menu["value"])
-    overlay, sanity, view, caption = client.predict(run.name, other, "gradcam", 0.45, 0, 40, 400, True,
-                                                    api_name="/on_finding")
+    overlay, _sanity, _view, _caption = client.predict(run.name, other, "gradcam", 0.45, 0, 40, 400, True,
+                                                       api_name="/on_finding")
     assert np.abs(_img(overlay) - _img(out[OVERLAY])).mean() > 1  # the other finding's map
+
+
+# -- the handlers' updates, without a server -------------------------------------------------------------
+
+def test_an_update_names_what_it_changes_and_leaves_the_rest():
+    import gradio as gr
+
+    from medtl_ui.app import gradio_outputs
+    from medtl_ui.handlers import PageUpdate, change
+
+    update = PageUpdate(level=40.0, width=change(value=400.0, interactive=False))
+    assert update.changed() == {"level", "width"}
+    assert gradio_outputs(update, ("level", "width", "preset")) == (
+        40.0, gr.update(value=400.0, interactive=False), gr.update())  # the preset is left as it is
+    assert gradio_outputs(PageUpdate(slice=3), ("slice",)) == 3  # one output: its value alone
+    with pytest.raises(ValueError, match="overlay"):  # a change the event cannot show is a bug, not a silent loss
+        gradio_outputs(PageUpdate(overlay=None, level=1.0), ("level", "width"))
+
+
+def test_every_case_output_is_reset_by_a_new_upload_or_none(tiny_run, sample_dir, tmp_path):
+    from medtl_ui.app import CASE_OUTPUTS
+    from medtl_ui.handlers import Page
+
+    page = Page([tiny_run], tmp_path)
+    for files in (None, [str(sample_dir / "dicom" / "img_0001.dcm")], [str(sample_dir / "nifti" / "vol_001.nii.gz")]):
+        update = page.on_upload(tiny_run.name, files, "gradcam", 0.45)
+        assert update.changed() == set(CASE_OUTPUTS), files  # nothing of the previous case survives
+    assert update.case.n_slices > 1 and update.slice.settings["visible"] is True
+    assert page.on_jump(update.case).slice == update.case.slice_index
+    assert page.on_series(tiny_run.name, update.case, None, "gradcam", 0.45).changed() == set()  # no series picked

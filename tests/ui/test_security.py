@@ -14,9 +14,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tiny_run):
-    from medtl_ui.app import launch
-
     import gradio as gr
+
+    from medtl_ui.app import launch
 
     def start(**kwargs):
         port = _free_port()

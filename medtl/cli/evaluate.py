@@ -1,0 +1,80 @@
+"""``medtl evaluate``: test metrics with confidence intervals, calibration, saliency sanity checks, a report.
+
+The handler imports the evaluation code (torch) when it runs, not at the top of the module, so that
+``medtl --help`` stays light: the command line's one exception to "imports at the top of the module".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medtl.cli.common import add_device
+from medtl.options import SALIENCY_METHODS
+
+
+def add_parser(sub) -> None:
+    """``evaluate`` on ``sub`` (the ``medtl`` parser's sub-commands)."""
+    s = sub.add_parser("evaluate", help="test metrics with CIs, calibration, saliency sanity checks, report.html")
+    s.add_argument("run", type=Path)
+    s.add_argument("--data", help="evaluate on this data set instead of the run's own test split")
+    s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
+    s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
+    s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four, "
+                   f"{','.join(SALIENCY_METHODS)})")
+    s.add_argument("--foreign", nargs="+", metavar="FILE",
+                   help="files unlike the training data (other modalities, body parts, photographs): report the "
+                        "out-of-distribution detector's AUROC against the test studies")
+    s.add_argument("--no-data-randomisation", action="store_true",
+                   help="skip training a shuffled-label model for the data randomisation test")
+    add_device(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtl.eval.evaluate import evaluate_run
+    from medtl.run import RunDir
+
+    methods = tuple(args.methods.split(",")) if args.methods else SALIENCY_METHODS
+    result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
+                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device,
+                          foreign=args.foreign)
+    _print_summary(args.run, result)
+    _print_per_label(result.get("per_label") or {})
+    op = result.get("operating_point")
+    if op:
+        print(f"operating point ({op['rule']}): threshold {_number(op['threshold'])}, sensitivity "
+              f"{_number(op.get('sensitivity'))}, specificity {_number(op.get('specificity'))} on the test set")
+    for s in result["saliency_sanity"]:
+        print(f"  {s['method']:22s} {s['verdict']}")
+    print(f"report: {RunDir(args.run).evaluation / 'report.html'}")
+    return 0
+
+
+def _number(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
+def _print_summary(run: Path, result: dict) -> None:
+    """The test AUC, the calibration and the out-of-distribution check."""
+    auc, calibration = result["auc"], result["calibration"]
+    print(f"{run}: test AUC {auc['auc']:.3f}" + _ci(auc["auc_ci"]) +
+          f"; ECE {calibration['test_ece_before']:.3f} -> {calibration['test_ece_after']:.3f} "
+          f"(T = {calibration['temperature']:.2f})")
+    ood = result.get("ood", {})
+    if ood.get("auroc") is not None:
+        print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} foreign "
+              f"files); refused {ood['foreign_refused']:.0%} of the foreign files and "
+              f"{ood['in_refused_by_content']:.0%} of the test studies")
+
+
+def _print_per_label(per_label: dict) -> None:
+    """Multi-label: each finding at its own threshold."""
+    for name, row in per_label.items():
+        print(f"  {name}: AUC {_number(row.get('auc'))}" + _ci(row.get("auc_ci")) +
+              f", threshold {_number(row['threshold'])}, sensitivity {_number(row.get('sensitivity'))}, specificity "
+              f"{_number(row.get('specificity'))}")

@@ -1,0 +1,80 @@
+"""``medtl adapt``, ``medtl export`` and ``medtl serve``: a trained run adapted, packaged or served.
+
+The handlers import torch, the export code and the web page when they run, not at the top of the module, so
+that ``medtl --help`` stays light: the command line's one exception to "imports at the top of the module".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medtl.cli.common import add_choice, add_device, exit_status
+from medtl.options import ADAPT_METHODS, EXPORT_FORMATS
+
+
+def add_parser(sub) -> None:
+    """``adapt``, ``export`` and ``serve`` on ``sub`` (the ``medtl`` parser's sub-commands)."""
+    s = sub.add_parser("adapt", help="adapt a run to a new site's unlabelled images (AdaBN, TENT): a new run")
+    s.add_argument("run", type=Path)
+    s.add_argument("--data", nargs="+", type=Path, required=True, help="the new site's image files or folders "
+                   "(searched recursively; no labels needed)")
+    s.add_argument("--out", type=Path, required=True, help="the adapted run's folder")
+    add_choice(s, "--method", ADAPT_METHODS, "adaptation method", default="adabn",
+               help="adabn (default: BatchNorm statistics matched to the source's), adabn_plain (the target's own "
+                    "statistics) or tent (entropy minimisation)")
+    s.add_argument("--epochs", type=int, default=1, help="tent: passes over the target images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_device(s)
+    s.set_defaults(fn=cmd_adapt)
+
+    s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
+    s.add_argument("run", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the package folder (refused if it holds files)")
+    add_choice(s, "--format", EXPORT_FORMATS, "export format", default="onnx", help="onnx (default) or torchscript")
+    s.add_argument("--force", action="store_true", help="replace the package folder's content")
+    s.set_defaults(fn=cmd_export)
+
+    # no --decision: the web page (medtl_ui.app.launch) loads its runs with the training decision
+    s = sub.add_parser("serve", help="start the web UI for a run")
+    s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", help="USER:PASS required to open the page")
+    add_device(s)
+    s.set_defaults(fn=cmd_serve)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from medtl.adapt.site import adapt_run
+    from medtl.predict.batch import find_inputs
+    from medtl.run import RunDir
+
+    with find_inputs(args.data, recursive=True, group_studies=False) as inputs:  # every image file
+        record = adapt_run(args.run, [i.path for i in inputs], args.out, args.method, force=args.force,
+                           device=args.device, epochs=args.epochs, seed=args.seed)
+    for error in record["errors"]:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{args.out}: {record['method']} on {record['target_images']} target images "
+          f"({record['skipped_files']} skipped); provenance in {RunDir(args.out) / RunDir.ADAPTATION}")
+    return exit_status(len(record["errors"]), 0)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medtl.export import export_run
+    from medtl.run import RunDir, verify_package
+
+    out = export_run(args.run, args.out, args.format, force=args.force)
+    record = verify_package(out)
+    print(f"{out}: {record['format']} ({record['file']}), probabilities within "
+          f"{record['parity_max_probability_difference']:.1e} of PyTorch; files listed in {RunDir(out) / RunDir.SUMS}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medtl_ui.app import launch
+
+    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device)
+    return 0

@@ -1,0 +1,119 @@
+"""``medtl sample-data``, ``medtl train`` and ``medtl lr-find``.
+
+The handlers import the training code when they run, not at the top of the module: ``medtl --help`` must not
+load torch, MONAI or timm (the command line's one exception to "imports at the top of the module").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from medtl.cli.config_flags import add_config_flags, config_overrides, path_text
+from medtl.config import ExperimentConfig, load_config
+
+log = logging.getLogger("medtl")
+
+# the flags of `medtl train` and `medtl lr-find` that set one configuration field each: flag -> field
+CONFIG_FLAGS = {
+    "--data": "data.path",
+    "--encoder": "encoder.name",
+    "--weights-file": "encoder.weights_file",
+    "--strategy": "train.strategy",
+    "--unlabelled": "data.unlabelled",
+    "--ensemble": "train.ensemble",
+    "--label-columns": "data.label_columns",
+    "--epochs": "train.epochs",
+    "--frozen-epochs": "train.frozen_epochs",
+    "--batch-size": "train.batch_size",
+    "--input-size": "encoder.input_size",
+    "--lr": "train.lr",
+    "--seed": "train.seed",
+    "--volume-mode": "data.volume_mode",
+    "--modality": "data.modality",
+    "--ct-window": "data.ct_window",
+    "--cache-dir": "data.cache_dir",
+    "--device": "train.device",
+    "--precision": "train.precision",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sample-data", help="write the synthetic labelled CT sample set")
+    s.add_argument("out", type=Path)
+    s.add_argument("--patients", type=int, default=48, help="patients with 2D DICOM images (default 48)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="write over an existing sample set")
+    s.set_defaults(fn=cmd_sample_data)
+
+    s = sub.add_parser("train", help="fine-tune an ImageNet encoder on a data set and write a run folder")
+    s.add_argument("--out", type=Path, required=True, help="run folder to create")
+    s.add_argument("--force", action="store_true", help="replace an existing run folder")
+    add_train_options(s)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("lr-find", help="sweep the head learning rate and suggest one (fastai-style)")
+    add_train_options(s)
+    s.add_argument("--plot", type=Path, help="write the loss-vs-learning-rate curve to this PNG")
+    s.set_defaults(fn=cmd_lr_find)
+
+
+def add_train_options(s: argparse.ArgumentParser) -> None:
+    """The experiment's settings: a ``--config`` file, and flags on top of it (:data:`CONFIG_FLAGS`)."""
+    s.add_argument("--config", type=Path, help="experiment YAML (fields of medtl.config.ExperimentConfig)")
+    s.add_argument("--manifest", type=path_text, help=argparse.SUPPRESS)  # the name --data had before
+    s.add_argument("--no-pretrained", action="store_true", help="random initialisation (from-scratch baseline)")
+    add_config_flags(s, CONFIG_FLAGS, converters={"data.path": path_text})
+
+
+def train_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment of ``--config`` with the flags given on top; an unknown encoder is refused here, before
+    any data is read."""
+    from medtl.models import check_encoder
+
+    overrides = config_overrides(args, CONFIG_FLAGS)
+    if args.data is None and args.manifest:
+        overrides.setdefault("data", {})["path"] = args.manifest
+    if args.no_pretrained:
+        overrides.setdefault("encoder", {})["pretrained"] = False
+    cfg = load_config(args.config, **overrides)
+    check_encoder(cfg.encoder)
+    return cfg
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from medtl.data import create_sample_data
+
+    manifest = create_sample_data(args.out, n_patients=args.patients, seed=args.seed, force=args.force)
+    log.info("sample data written: %s", manifest)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medtl.run import RunDir
+    from medtl.train import run_experiment
+
+    cfg = train_config(args)
+    run = RunDir(run_experiment(cfg, args.out, force=args.force))
+    metrics = run.read_json(RunDir.METRICS)
+    if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
+        return 0
+    test = metrics["test"]
+    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
+    what = "every finding right" if metrics.get("multi_label") else "accuracy"
+    print(f"{run.path}: test AUC {auc}, {what} {test['accuracy']:.3f} "
+          f"({test['n_images']} images, {test['n_patients']} patients)")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from medtl.train import find_lr
+
+    found = find_lr(train_config(args))
+    print(f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
+          f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})")
+    if args.plot:
+        found.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
