@@ -55,7 +55,7 @@ test-browser: $(STAMP)
 # seeds): fails on any untyped exception, timeout, killed reader or peak over the budget
 FUZZ_N ?= 10000
 fuzz: $(STAMP)
-	$(BIN)/python pipelines/fuzz.py --n $(FUZZ_N) --seed 0 --jobs 2 --budget 2G --out results/fuzz
+	$(BIN)/python -m tools.fuzz --n $(FUZZ_N) --seed 0 --jobs 2 --budget 2G --out results/fuzz
 
 # everything, including slow and browser tests
 test-all: $(STAMP)

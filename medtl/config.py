@@ -287,8 +287,9 @@ def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source:
                 expected="one of " + ", ".join(fields),
             )
         f = fields[key]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            kwargs[key] = config_from_dict(f.default_factory, value or {}, name, source)
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            kwargs[key] = config_from_dict(factory, value or {}, name, source)
             continue
         try:
             kwargs[key] = _check_type(value, hints[key])

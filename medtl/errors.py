@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 
 class MedtlError(Exception):
@@ -79,11 +80,12 @@ class TrainingDivergedError(MedtlError, ArithmeticError):
 def find_input_error(exc: BaseException) -> "MedtlInputError | None":
     """The MedtlInputError behind ``exc`` (MONAI wraps errors raised inside transforms), or None."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MedtlInputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MedtlInputError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -93,7 +95,10 @@ def did_you_mean(given: str, valid: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def look_up_option(given: str, valid: Iterable[str], what: str) -> str:
+_Option = TypeVar("_Option", bound=str)  # an option: a str, or one of a Literal's values
+
+
+def look_up_option(given: _Option, valid: Iterable[str], what: str) -> _Option:
     """Return ``given`` if it is one of ``valid``, else raise a ConfigError listing the options."""
     valid = list(valid)
     if given in valid:

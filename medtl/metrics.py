@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, \
     roc_curve
@@ -17,7 +18,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from medtl.errors import MedtlInputError
 
 
-def compute_auc(labels: Sequence[int], probs: np.ndarray, strict: bool = False) -> float | None:
+def compute_auc(labels: npt.ArrayLike, probs: np.ndarray, strict: bool = False) -> float | None:
     """ROC AUC: of class 1 for binary tasks, one-vs-rest macro for more classes.
 
     Returns None when ``labels`` hold a single class (AUC is undefined); with ``strict`` that
@@ -91,7 +92,7 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, names: Seq
             "exact_match": float(np.mean((pred == labels).all(axis=1))), "per_label": per}
 
 
-def compute_classification_metrics(labels: Sequence[int], probs: np.ndarray) -> dict:
+def compute_classification_metrics(labels: npt.ArrayLike, probs: np.ndarray) -> dict:
     """AUC, accuracy, and for binary tasks sensitivity/specificity of class 1 at argmax.
 
     Args:
@@ -131,7 +132,7 @@ def _check(labels: np.ndarray, probs: np.ndarray) -> None:
 
 # -- operating points ------------------------------------------------------------------------------
 
-def choose_threshold(labels: Sequence[int], scores: Sequence[float], rule: str = "youden") -> tuple[float, str]:
+def choose_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike, rule: str = "youden") -> tuple[float, str]:
     """A decision threshold on class-1 scores chosen on validation data, and its description.
 
     ``rule``: "youden" (max sensitivity + specificity - 1 on the kernel-smoothed ROC), "sensitivity:0.9" (the highest
@@ -193,14 +194,14 @@ def _smoothed_youden(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(1 / (1 + np.exp(-grid[best[len(best) // 2]])))
 
 
-def best_balanced_accuracy(labels: Sequence[int], scores: Sequence[float]) -> float:
+def best_balanced_accuracy(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """The highest balanced accuracy that any threshold on ``scores`` reaches (the ROC curve's best
     (sensitivity + specificity) / 2): what a decision rule is measured against."""
     fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores, dtype=np.float64))
     return float(np.max((tpr + 1 - fpr) / 2))
 
 
-def compute_binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict:
+def compute_binary_metrics(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float = 0.5) -> dict:
     """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy at ``threshold`` on class-1 scores."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     pred = (scores >= threshold).astype(int)
@@ -218,7 +219,8 @@ def compute_binary_metrics(labels: Sequence[int], scores: Sequence[float], thres
 
 # -- aggregation and bootstrap ---------------------------------------------------------------------
 
-def aggregate_by_group(labels: Sequence[int], probs: np.ndarray, groups: Sequence) -> tuple[np.ndarray, np.ndarray, list]:
+def aggregate_by_group(labels: npt.ArrayLike, probs: np.ndarray,
+                       groups: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, list]:
     """Patient- or study-level results: mean probability per group (labels must agree within a group)."""
     labels, probs, groups = np.asarray(labels), np.asarray(probs, np.float64), np.asarray(groups)
     keys = list(dict.fromkeys(groups.tolist()))
@@ -232,7 +234,7 @@ def aggregate_by_group(labels: Sequence[int], probs: np.ndarray, groups: Sequenc
     return np.asarray(out_l), np.stack(out_p), keys
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: Sequence, n_boot: int = 1000,
+def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: npt.ArrayLike, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
     """Percentile interval of ``statistic(indices)`` over resamples of whole groups (patients).
 
@@ -254,7 +256,7 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: Sequen
     return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
 
 
-def compute_auc_ci(labels: Sequence[int], probs: np.ndarray, groups: Sequence | None = None, n_boot: int = 1000,
+def compute_auc_ci(labels: npt.ArrayLike, probs: np.ndarray, groups: npt.ArrayLike | None = None, n_boot: int = 1000,
                    seed: int = 0) -> dict:
     """AUC with a 95% bootstrap interval resampling ``groups`` (patients; each image its own without)."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
@@ -267,7 +269,7 @@ def compute_auc_ci(labels: Sequence[int], probs: np.ndarray, groups: Sequence | 
 
 # -- calibration -----------------------------------------------------------------------------------
 
-def compute_ece(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> float:
+def compute_ece(labels: npt.ArrayLike, probs: np.ndarray, n_bins: int = 15) -> float:
     """Expected calibration error of the top-class confidence, ``n_bins`` equal-width bins; multi-label 0/1
     ``labels``: the mean over the findings of each one's (binary) ECE."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
@@ -288,7 +290,7 @@ def compute_ece(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> f
     return float(ece)
 
 
-def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15) -> dict:
+def reliability_curve(labels: npt.ArrayLike, probs: np.ndarray, n_bins: int = 15) -> dict:
     """Per-bin mean confidence, accuracy and count (for a reliability diagram); multi-label 0/1 ``labels``:
     every finding's (binary) answers pooled."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
@@ -304,7 +306,7 @@ def reliability_curve(labels: Sequence[int], probs: np.ndarray, n_bins: int = 15
     return {"bins": rows}
 
 
-def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+def fit_temperature(logits: np.ndarray, labels: npt.ArrayLike) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on validation data (Guo et al. 2017);
     multi-label ``labels`` (0/1 rows): of ``sigmoid(logits / T)``, one T for all findings."""
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -324,7 +326,7 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def compute_nll(labels: Sequence[int], probs: np.ndarray) -> float:
+def compute_nll(labels: npt.ArrayLike, probs: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (multi-label: binary cross-entropy per finding)."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     if labels.ndim == 2:

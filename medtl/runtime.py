@@ -273,7 +273,7 @@ def choose_precision(configured: str, model: torch.nn.Module, input_shape: tuple
     with torch.random.fork_rng(devices=devices):  # the probe's dropout must not move the run's random streams
         speeds = {p: measure_training_speed(model, input_shape, batch_size, runtime.replace(precision=p))
                   for p in candidates}
-    best = max(speeds, key=speeds.get)
+    best = max(speeds, key=lambda p: speeds[p])
     choice = PrecisionChoice(best, "measured", speeds)
     _write_cache(digest, {**choice.as_record(), "key": f"{name} {tuple(input_shape)} batch {batch_size}"})
     return choice

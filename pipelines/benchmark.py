@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import resource
@@ -41,14 +42,29 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange, SpatialPad
+from torch.utils.data import DataLoader
 
 from medtl.config import load_config
 from medtl.data import create_sample_data, create_sample_series, read_dataset
+from medtl.export import export_run
+from medtl.io import read_series
 from medtl.models import create_encoder, resolve_preprocessing
-from medtl.runtime import Runtime, cpu_model, synchronize, measure_training_speed, native_bf16, \
-    precision_candidates, resolve_device
-from medtl.train import fit, prepare_data
-from medtl.transforms.chain import create_transforms
+from medtl.predict import Predictor, load_run
+from medtl.runtime import (
+    Runtime,
+    cpu_model,
+    measure_training_speed,
+    native_bf16,
+    precision_candidates,
+    resolve_device,
+    synchronize,
+)
+from medtl.train import prepare_data, run_experiment, train_model
+from medtl.transforms import create_transforms
+
+CPU = torch.device("cpu")
+ENCODER = "efficientnet_lite0"  # every figure's network: the raw baselines build it by name, the loops from config
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -81,12 +97,12 @@ QUICK = Scale(sample_patients=12, train_patients=16, series_slices=20, image_px=
 
 
 def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange, SpatialPad
-
+    """Decode + preprocessing throughput of medtl's chain (with and without its decoded-input cache) against a
+    plain MONAI pipeline, for 2D files and a DICOM series."""
     manifest = work / "sample" / "manifest.csv"
     files = [r["image"] for r in read_dataset(manifest).records]
     data = load_config(data={"path": str(manifest), "augment": False}).data
-    pre = resolve_preprocessing(create_encoder("efficientnet_lite0", pretrained=False), size)
+    pre = resolve_preprocessing(create_encoder(ENCODER, pretrained=False), size)
     det, final = create_transforms(data, pre, train=False)
     records = [{"image": f, "label": 0} for f in files]
     cold = timed(lambda: [final(det(r)) for r in records], repeat)
@@ -99,9 +115,6 @@ def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
     n = len(files)
     out = {"io_2d_files": n, "io_2d_medtl_img_per_s": n / cold, "io_2d_medtl_cached_img_per_s": n / warm,
            "io_2d_plain_monai_img_per_s": n / base}
-
-    from medtl.io import read_series
-
     series = work / "series"
     n_slices = len(list(series.iterdir()))
     t_medtl = timed(lambda: read_series(series), repeat)
@@ -112,8 +125,9 @@ def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
 
 
 def _prepared(manifest: Path, size: int, augment: bool):
-    cfg = load_config(data={"path": str(manifest), "augment": augment}, encoder={"input_size": size})
-    model = create_encoder("efficientnet_lite0", num_classes=2)
+    """(experiment, a fresh pretrained encoder with a 2-class head, its (train, val, test) data sets)."""
+    cfg = load_config(data={"path": str(manifest), "augment": augment}, encoder={"name": ENCODER, "input_size": size})
+    model = create_encoder(ENCODER, num_classes=2)
     pre = resolve_preprocessing(model, size)
     prepared = prepare_data(cfg.data, pre, 0)
     return cfg, model, prepared.datasets(cfg.data, pre)
@@ -122,9 +136,7 @@ def _prepared(manifest: Path, size: int, augment: bool):
 def plain_loop(train_ds, size: int, epochs: int, batch_size: int, device: torch.device) -> float:
     """The loop a user writes first: timm model, NCHW, fp32, BatchNorm in train mode, AdamW, a DataLoader
     running the per-sample chain in the main process, each batch copied to the device."""
-    from torch.utils.data import DataLoader
-
-    model = create_encoder("efficientnet_lite0", num_classes=2).to(device)
+    model = create_encoder(ENCODER, num_classes=2).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True)
@@ -144,19 +156,19 @@ def plain_loop(train_ds, size: int, epochs: int, batch_size: int, device: torch.
 
 
 def raw_train_speed(size: int, batch_size: int, precision: str, channels_last: bool, compile_: bool,
-                    steps: int = 6, repeats: int = 3, device: torch.device = torch.device("cpu")) -> float:
+                    steps: int = 6, repeats: int = 3, device: torch.device = CPU) -> float:
     """Images/s of the training computation alone (medtl.runtime.measure_training_speed): synthetic
     tensors already in memory, the whole model trainable, BatchNorm statistics frozen (as medtl's
     default ``freeze_bn``), AdamW; ``steps`` consecutive steps timed together, the best of ``repeats``."""
     torch.manual_seed(0)
-    model = create_encoder("efficientnet_lite0", num_classes=2)
+    model = create_encoder(ENCODER, num_classes=2)
     return measure_training_speed(model, (3, size, size), batch_size, Runtime(device, precision=precision,
                                   channels_last=channels_last), steps, repeats, frozen_bn=True,
                                   compile_model=compile_)
 
 
 def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True, repeats: int = 3,
-              device: torch.device = torch.device("cpu")) -> dict:
+              device: torch.device = CPU) -> dict:
     """The best raw configuration: each precision this hardware runs natively (fp32 always; bf16 where
     native, emulated bf16 being far slower) in NCHW and channels-last, then the best of those compiled."""
     out, speeds = {}, {}
@@ -179,8 +191,7 @@ def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True,
 
 
 def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_best: bool = True,
-                n_patients: int = 128, image_px: int = 128, repeats: int = 3,
-                device: torch.device = torch.device("cpu")) -> dict:
+                n_patients: int = 128, image_px: int = 128, repeats: int = 3, device: torch.device = CPU) -> dict:
     """medtl's loop (precision auto; eager, and compiled too where a compiled raw configuration is the
     fastest) on decoded sample data with augmentation, between two measurements of the raw
     computation; each side's figure is its best timed stretch of one epoch's steps."""
@@ -195,11 +206,9 @@ def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_bes
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
     loops = {}
     for compiled in (False, True) if raw["best_raw_train_config"].endswith("compiled") else (False,):
-        torch.manual_seed(0)
-        model = create_encoder("efficientnet_lite0", num_classes=2, drop_rate=cfg.encoder.drop_rate)
         tc = dataclasses.replace(cfg.train, strategy="full", epochs=epochs, batch_size=batch_size,
                                  patience=epochs + 1, compile=compiled, device=str(device))
-        result = fit(model, train, val, tc, num_classes=2)
+        _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2)  # (seeded with train.seed, 0)
         timed_epochs = result.history[1:]  # the first epoch is a warm-up (and fills the input cache)
         loops["compiled" if compiled else "eager"] = steps * batch_size / min(r["seconds"] for r in timed_epochs)
     medtl = max(loops.values())
@@ -221,16 +230,39 @@ def bench_probe(work: Path, size: int, epochs: int) -> dict:
         cfg, model, (train, val, _) = _prepared(manifest, size, augment=False)
         tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=epochs, cache_features=cache,
                                  patience=epochs + 1)
-        out[f"probe_seconds_{'cached' if cache else 'uncached'}"] = timed(
-            lambda: fit(model, train, val, tc, num_classes=2))
+        probe = functools.partial(train_model, dataclasses.replace(cfg, train=tc), train, val, 2, model=model)
+        out[f"probe_seconds_{'cached' if cache else 'uncached'}"] = timed(probe)
     out["probe_speedup"] = out["probe_seconds_uncached"] / out["probe_seconds_cached"]
     return out
 
 
+def _infer_image(predictor: Predictor, run: Path, image: str, work: Path, repeat: int) -> dict:
+    """Latency of one image's prediction and Grad-CAM; the same run exported to ONNX, run by ONNX Runtime on the
+    CPU, against PyTorch on the CPU: the whole prediction (the same file, read the same way) and the forward pass."""
+    predictor.predict(image, check=False)
+    out = {"infer_image_predict_ms": 1000 * timed(lambda: predictor.predict(image, check=False), repeat),
+           "infer_image_explain_ms": 1000 * timed(lambda: predictor.explain(image, check=False), repeat)}
+    onnx = load_run(export_run(run, work / "run_onnx", "onnx", force=True), device="cpu", backend="onnx")
+    torch_cpu = load_run(run, device="cpu")
+    for p in (onnx, torch_cpu):
+        p.predict(image, check=False)
+    out["infer_image_predict_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu.predict(image, check=False), repeat)
+    out["infer_image_predict_onnx_cpu_ms"] = 1000 * timed(lambda: onnx.predict(image, check=False), repeat)
+    x = torch_cpu.inputs(torch_cpu.read(image))[0]
+    out["infer_forward_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu._probs(x), repeat)
+    out["infer_forward_onnx_cpu_ms"] = 1000 * timed(lambda: onnx._probs(x), repeat)
+    return out
+
+
+def _infer_volume(predictor: Predictor, series: Path) -> dict:
+    """Prediction and Grad-CAM seconds per 100-slice volume (the series timed, scaled to 100 slices)."""
+    per_100 = 100 / len(list(series.iterdir()))
+    return {"infer_volume100_predict_s": per_100 * timed(lambda: predictor.predict(series, check=False)),
+            "infer_volume100_explain_s": per_100 * timed(lambda: predictor.explain(series, check=False))}
+
+
 def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
     """Latency per image and per 100-slice volume (a shorter series is timed and scaled to 100 slices)."""
-    from medtl.train import run_experiment
-
     manifest = work / "sample" / "manifest.csv"
     out = {}
     for mode in ("middle", "slices"):
@@ -238,35 +270,15 @@ def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
                           encoder={"input_size": size}, train={"epochs": 1, "frozen_epochs": 1},
                           explain={"n_overlays": 0})
         run = run_experiment(cfg, work / f"run_{mode}", force=True)
-        from medtl.predict.predictor import load_run
-
         predictor = load_run(run)
         if mode == "middle":
-            image = read_dataset(manifest).records[0]["image"]
-            predictor.predict(image, check=False)
-            out["infer_image_predict_ms"] = 1000 * timed(lambda: predictor.predict(image, check=False), repeat)
-            out["infer_image_explain_ms"] = 1000 * timed(lambda: predictor.explain(image, check=False), repeat)
-            # the same run exported to ONNX, run by ONNX Runtime on the CPU: the same file, read the same way
-            from medtl.export import export_run
-
-            onnx = load_run(export_run(run, work / "run_onnx", "onnx", force=True), device="cpu", backend="onnx")
-            torch_cpu = load_run(run, device="cpu")
-            for p in (onnx, torch_cpu):
-                p.predict(image, check=False)
-            out["infer_image_predict_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu.predict(image, check=False), repeat)
-            out["infer_image_predict_onnx_cpu_ms"] = 1000 * timed(lambda: onnx.predict(image, check=False), repeat)
-            x = torch_cpu.inputs(torch_cpu.read(image))[0]
-            out["infer_forward_torch_cpu_ms"] = 1000 * timed(lambda: torch_cpu._probs(x), repeat)
-            out["infer_forward_onnx_cpu_ms"] = 1000 * timed(lambda: onnx._probs(x), repeat)
+            out.update(_infer_image(predictor, run, read_dataset(manifest).records[0]["image"], work, repeat))
         else:
-            series = work / "series"
-            per_100 = 100 / len(list(series.iterdir()))
-            out["infer_volume100_predict_s"] = per_100 * timed(lambda: predictor.predict(series, check=False))
-            out["infer_volume100_explain_s"] = per_100 * timed(lambda: predictor.explain(series, check=False))
+            out.update(_infer_volume(predictor, work / "series"))
     return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--size", type=int, help="encoder input size in pixels (default 224; 64 with --quick)")
@@ -278,7 +290,13 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="io,train,probe,infer", help="comma-separated subset to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (about 70 s)")
     p.add_argument("--quick", action="store_true",
-                   help="the same figures from a small, fast run (implies --no-compile): a smoke test, not a measurement")
+                   help="the same figures from a small, fast run (implies --no-compile): a smoke test, not a "
+                   "measurement")
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     scale = QUICK if args.quick else GPU if device.type == "cuda" else FULL
@@ -294,7 +312,7 @@ def main(argv=None) -> int:
         p.error("--epochs must be at least 2 (the first epoch is an untimed warm-up)")
     logging.basicConfig(level=logging.WARNING)
     figures = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_bf16": native_bf16(torch.device("cpu")), "quick": args.quick, "device": str(device),
+               "cpu_bf16": native_bf16(CPU), "quick": args.quick, "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

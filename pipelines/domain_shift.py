@@ -23,8 +23,8 @@ import dataclasses
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,8 +120,7 @@ def evaluate(model, studies: list[dict], cfg: ExperimentConfig, pre: Preprocessi
     return compute_auc(y, p), float((p.argmax(1) == y).mean())
 
 
-@dataclass
-class Source:
+class Source(NamedTuple):  # (not a dataclass: the tests import this script without registering it in sys.modules)
     """One seed's source model and what the adaptations need of it."""
 
     cfg: ExperimentConfig  # the experiment, with train.seed the seed
@@ -129,8 +128,8 @@ class Source:
     pre: Preprocessing
     model: torch.nn.Module
     runtime: Runtime
-    stats: dict | None = None  # its BatchNorm statistics on the source training images
-    auc: float | None = None  # its test AUC on the (unshifted) source
+    stats: dict  # its BatchNorm statistics on the source training images
+    auc: float | None  # its test AUC on the (unshifted) source
 
 
 def source_model(cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Preprocessing, n_classes: int,
@@ -146,11 +145,10 @@ def source_model(cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Pre
         model, result = train_model(cfg, studies["train"], studies["val"], n_classes)
         runtime = result.eval_runtime()
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(cached))
-    src = Source(cfg, studies, pre, model, runtime)
-    src.auc, _ = evaluate(model, studies["test"], cfg, pre, runtime)
+    auc, _ = evaluate(model, studies["test"], cfg, pre, runtime)
     (train_eval,) = create_datasets(cfg.data, pre, studies["train"])
-    src.stats = bn_statistics(model, _images(train_eval, runtime), runtime)
-    return src
+    stats = bn_statistics(model, _images(train_eval, runtime), runtime)
+    return Source(cfg, studies, pre, model, runtime, stats, auc)
 
 
 def zero_label_model(src: Source, method: str, target: dict[str, list[dict]], unlabelled, batches, n_classes: int,

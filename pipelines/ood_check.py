@@ -25,10 +25,9 @@ import numpy as np
 from PIL import Image
 
 from medtl.cli import report_errors
-from medtl.data.dataset import study_index
-from medtl.predict.predictor import load_run
+from medtl.data import study_index
+from medtl.predict import Prediction, Predictor, extract_features, load_run
 from medtl.predict.ood import foreign_check, study_scores
-from medtl.predict.forward import extract_features
 from medtl.train import prepare_data
 
 FOREIGN_DICOM = ["ct/693_UNCI.dcm", "ct/CT_small.dcm", "ct/J2K_pixelrep_mismatch.dcm", "ct/eCT_Supplemental.dcm",
@@ -50,7 +49,7 @@ def foreign_files(shared: Path, work: Path, photos: bool) -> list[Path]:
         Image.fromarray(s).save(work / f"brain_mri_{z}.jpg", quality=90)
         files.append(work / f"brain_mri_{z}.jpg")
     if photos:
-        import skimage.data
+        import skimage.data  # (an optional test dependency: imported only with --photos)
 
         for name in ("chelsea", "astronaut", "coffee", "rocket", "camera", "coins"):
             Image.fromarray(getattr(skimage.data, name)()).save(work / f"photo_{name}.jpg", quality=90)
@@ -58,11 +57,9 @@ def foreign_files(shared: Path, work: Path, photos: bool) -> list[Path]:
     return [f for f in files if f.exists()]
 
 
-def run(args) -> int:
-    predictor = load_run(args.run, device=args.device)
-    if predictor.ood is None:
-        print(f"{args.run}: the run has no out-of-distribution detector", file=sys.stderr)
-        return 2
+def check(args: argparse.Namespace, predictor: Predictor) -> tuple[dict, Prediction]:
+    """The detector's scores on the run's test split against the foreign files (``ood.json``'s content), and the
+    answer of ``medtl predict`` for the real head CT."""
     cfg = predictor.config
     prepared = prepare_data(cfg.data, predictor.preprocessing, cfg.train.seed)
     _, _, test_ds = prepared.datasets(cfg.data, predictor.preprocessing)
@@ -78,9 +75,11 @@ def run(args) -> int:
     answered = [predictor.predict(s["path"]) for s in samples]
     result["head_ct_refused"] = head_ct.refused
     result["test_files_answered"] = f"{sum(a.refused is None for a in answered)} of {len(answered)}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ood.json").write_text(json.dumps(result, indent=2, default=str))
+    return result, head_ct
+
+
+def summary_lines(args: argparse.Namespace, result: dict, head_ct: Prediction) -> list[str]:
+    """``summary.md``: the AUROC, the refusal rates, the head CT's answer and each foreign file's score."""
     lines = [f"# Out-of-distribution refusal: {Path(args.run).name}", "",
              f"Detector: {result['detector']['method']} (k = {result['detector']['k']}), threshold "
              f"{result['threshold']:.4f} (set on {result['detector']['n_val']} validation studies).", "",
@@ -98,6 +97,19 @@ def run(args) -> int:
         lines.append(f"| {r['file']} | {score} | {'yes' if r['refused'] else 'NO'} | {r['reason'] or ''} |")
     lines += ["", f"Command: `python pipelines/ood_check.py {args.run} --shared {args.shared} --out {args.out}"
               f"{' --photos' if args.photos else ''}`"]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    predictor = load_run(args.run, device=args.device)
+    if predictor.ood is None:
+        print(f"{args.run}: the run has no out-of-distribution detector", file=sys.stderr)
+        return 2
+    result, head_ct = check(args, predictor)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ood.json").write_text(json.dumps(result, indent=2, default=str))
+    lines = summary_lines(args, result, head_ct)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

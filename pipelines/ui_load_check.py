@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=10)
     p.add_argument("--requests", type=int, default=5)
     args = p.parse_args(argv)
-
+    # (heavy: the web app and its client, imported when the check runs, not for --help)
     from gradio_client import Client, handle_file
 
     from medtl_ui.app import launch

@@ -176,7 +176,7 @@ def test_the_commands_that_answer_with_a_run_take_decision(capsys):
     from medtl.cli import build_parser
 
     parser = build_parser()
-    for path in (["predict"], ["explain"], ["dicom-results"], ["pacs", "run"]):
+    for path in (["predict"], ["explain"], ["dicom-results"], ["pacs", "run"], ["serve"]):
         action = _option(parser, *path, "--decision")
         assert tuple(action.choices) == ("training", "evaluation") and action.default == "training"
         assert "`medtl evaluate` chose" in action.help

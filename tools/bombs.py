@@ -1,5 +1,7 @@
-"""Memory bombs against medtl's readers: each is read in a fresh process, timed, and its peak memory
-over the process's baseline measured. Prints a markdown table (results/fuzz/bombs.md).
+"""Memory bombs against medtl's readers, each read in a fresh process: seconds, peak memory, outcome.
+
+Each bomb is read in a fresh process, timed, and its peak memory over the process's baseline measured.
+Prints a markdown table (as in results/fuzz/bombs.md).
 
     python -m tools.bombs [--dir /tmp/bombs]     # from the repository root
 
@@ -48,10 +50,18 @@ print(f"{seconds:.2f}\t{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ba
 '''
 
 
+def _ct_small() -> Path:
+    """pydicom's bundled CT_small.dcm."""
+    path = get_testdata_file("CT_small.dcm")
+    if not isinstance(path, str):
+        raise FileNotFoundError("pydicom's test file CT_small.dcm is missing")
+    return Path(path)
+
+
 def write_deflated_bomb(path: Path, rows: int = 16384, cols: int = 16384, frames: int = 2) -> Path:
     """A Deflated Explicit VR LE DICOM (pydicom's CT_small less its pixels) whose zero pixels inflate to
     rows*cols*frames*2 bytes."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(_ct_small())
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
     del ds.PixelData
     buf = pydicom.filebase.DicomBytesIO()
@@ -71,7 +81,7 @@ def write_deflated_bomb(path: Path, rows: int = 16384, cols: int = 16384, frames
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     meta.ImplementationClassUID = generate_uid()
-    mbuf = io.BytesIO()
+    mbuf = pydicom.filebase.DicomBytesIO()
     mbuf.write(b"\0" * 128 + b"DICM")
     pydicom.filewriter.write_file_meta_info(mbuf, meta, enforce_standard=True)
     path.write_bytes(mbuf.getvalue() + b"".join(parts))
@@ -84,7 +94,7 @@ def _write_zips(out: Path) -> None:
             with z.open(name, "w", force_zip64=True) as f:
                 for _ in range(48):
                     f.write(bytes(64 << 20))
-    one = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    one = _ct_small().read_bytes()
     with zipfile.ZipFile(out / "10000_copies.zip", "w") as z:
         for i in range(10000):
             z.writestr(f"{i}.dcm", one)

@@ -22,12 +22,14 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from medtl.errors import MedtlError
-from medtl.options import SALIENCY_METHODS
+from medtl.options import SALIENCY_METHODS, DecisionSource
 from medtl.predict.predictor import Predictor
+from medtl.run import RunDir
 from medtl_ui.analysis import explain_case, open_case
-from medtl_ui.handlers import KEEP, Change, Page, PageUpdate
+from medtl_ui.handlers import KEEP, START, Change, Page, PageUpdate
 from medtl_ui.report import export_report
 from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup
 from medtl_ui.view import MODEL_WINDOW, header_summary, run_case
@@ -54,11 +56,11 @@ MAP_OUTPUTS = ("overlay", "case", "sanity", "viewer", "caption")
 def find_runs(path: str | Path) -> list[Path]:
     """A run folder itself, or the run folders (holding config.yaml + model.safetensors) inside it."""
     path = Path(path)
-    if (path / "config.yaml").is_file():
+    if (path / RunDir.CONFIG).is_file():
         return [path]
-    runs = sorted(p.parent for p in path.glob("*/model.safetensors") if (p.parent / "config.yaml").is_file())
+    runs = sorted(p.parent for p in path.glob(f"*/{RunDir.MODEL}") if (p.parent / RunDir.CONFIG).is_file())
     if not runs:
-        raise MedtlError(f"{path}: no medtl run found (a run folder holds config.yaml and model.safetensors)")
+        raise MedtlError(f"{path}: no medtl run found (a run folder holds {RunDir.CONFIG} and {RunDir.MODEL})")
     return runs
 
 
@@ -84,12 +86,14 @@ def gradio_handler(handler: Callable[..., PageUpdate], outputs: tuple[str, ...])
     return handle
 
 
-def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto"):
-    """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device``."""
+def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto",
+               decision: DecisionSource = "training"):
+    """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device`` and answer by
+    the ``decision`` chosen in training (default) or by ``medtl evaluate``."""
     import gradio as gr  # heavy optional dependency: imported only when the page is built
 
     runs = find_runs(run)
-    page = Page(runs, workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-")), device)
+    page = Page(runs, workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-")), device, decision)
     first = page.predictor(runs[0].name)
     with gr.Blocks(title="medtl", analytics_enabled=False) as demo:
         ui = _top(runs, first)  # the components by name, in the page's order, top to bottom
@@ -105,12 +109,12 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
     return demo
 
 
-def _top(runs: list[Path], first: Predictor) -> dict:
+def _top(runs: list[Path], first: Predictor) -> dict[str, Any]:
     """The title, the notice, the model's choice and summary, the upload, the map's settings, the case's
     heading, the series picker and the message (and the case's state)."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
-    ui = {"case": gr.State(None)}
+    ui: dict[str, Any] = {"case": gr.State(None)}
     gr.Markdown("# medtl — scan classification with saliency")
     gr.Markdown(NOTICE)
     with gr.Row():
@@ -127,16 +131,16 @@ def _top(runs: list[Path], first: Predictor) -> dict:
             ui["show_map"] = gr.Checkbox(value=True, label="Show the saliency map on the viewer")
     ui["case_info"] = gr.Markdown("", elem_id="case")
     ui["series"] = gr.Dropdown([], label="Series", visible=False, elem_id="series")
-    ui["message"] = gr.Markdown("Upload a scan to start a case.", elem_id="message")
+    ui["message"] = gr.Markdown(START, elem_id="message")
     return ui
 
 
-def _case_view(first: Predictor) -> dict:
+def _case_view(first: Predictor) -> dict[str, Any]:
     """The viewer with its slice and window controls; beside it the answer, the model's view with its map,
     the map's check and the score of each slice."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
-    ui = {}
+    ui: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown(VIEWER_HELP)
@@ -161,11 +165,11 @@ def _case_view(first: Predictor) -> dict:
     return ui
 
 
-def _bottom(first: Predictor) -> dict:
+def _bottom(first: Predictor) -> dict[str, Any]:
     """The de-identified header, the report's export and the model card."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
-    ui = {"header": gr.JSON(label="Header (de-identified)")}
+    ui: dict[str, Any] = {"header": gr.JSON(label="Header (de-identified)")}
     with gr.Row():
         ui["export"] = gr.Button("Export one-page report (PDF and PNG)", elem_id="export", interactive=False)
         ui["report"] = gr.File(label="Report (Export creates it)", interactive=False, file_count="multiple",
@@ -175,19 +179,19 @@ def _bottom(first: Predictor) -> dict:
     return ui
 
 
-def _components(ui: dict, names: tuple[str, ...]):
+def _components(ui: dict[str, Any], names: tuple[str, ...]):
     """The components named: one component for one name, else a list (as the page's events take them)."""
     return ui[names[0]] if len(names) == 1 else [ui[n] for n in names]
 
 
-def _wire(ui: dict, page: Page) -> None:
+def _wire(ui: dict[str, Any], page: Page) -> None:
     """Every event of the page: (listener, handler, inputs, outputs, options), each output named as in
     :class:`~medtl_ui.handlers.PageUpdate`."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
     queued = {"concurrency_limit": 2}
     view_changes = [ui[n].change for n in ("slice", "level", "width", "show_map", "alpha")]
-    events = [
+    events: list[tuple[Callable, Callable[..., PageUpdate], tuple[str, ...], tuple[str, ...], dict[str, Any]]] = [
         (ui["upload"].upload, page.on_upload, ("model", "upload", "method", "alpha"), CASE_OUTPUTS,
          {**queued, "api_name": "on_upload"}),
         (ui["upload"].clear, page.on_upload, ("model", "upload", "method", "alpha"), CASE_OUTPUTS,
@@ -225,7 +229,8 @@ def _examples() -> list[Path]:
 
 
 def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto"):
+           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto",
+           decision: DecisionSource = "training"):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder
     removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay)."""
     throttle = None
@@ -238,7 +243,7 @@ def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str
     workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)
     install_cleanup(workdir)
-    demo = create_app(run, workdir, device=device)
+    demo = create_app(run, workdir, device=device, decision=decision)
     return demo.launch(server_name=host, server_port=port, share=False, auth=throttle,
                        max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,
                        footer_links=[], ssr_mode=False, allowed_paths=[], head=VIEWER_HEAD,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medtl.options import DecisionSource
 from medtl.predict.predictor import Prediction, Predictor, load_run
 from medtl_ui.analysis import explain_case, open_case
 from medtl_ui.case import Case, series_options, store_case_files
@@ -134,17 +135,18 @@ class Page:
     """The page's handlers for the runs it serves (models loaded on first use, then kept); each handler
     takes the values of its inputs and returns a :class:`PageUpdate`."""
 
-    def __init__(self, runs: list[Path], workdir: Path, device: str = "auto"):
+    def __init__(self, runs: list[Path], workdir: Path, device: str = "auto", decision: DecisionSource = "training"):
         self.runs = runs  # run folders, chosen by name on the page
         self.workdir = workdir  # the private folder of uploads and reports
         self.device = device
+        self.decision = decision  # which decision the runs answer by: training's (default) or the evaluation's
         self.loaded: dict[str, Predictor] = {}
 
     def predictor(self, run_name: str) -> Predictor:
         """The predictor of the run named ``run_name`` (loaded once, reading files in the bounded worker)."""
         if run_name not in self.loaded:
             run = next(r for r in self.runs if r.name == run_name)
-            self.loaded[run_name] = load_run(run, device=self.device, bounded=True)
+            self.loaded[run_name] = load_run(run, device=self.device, bounded=True, decision=self.decision)
         return self.loaded[run_name]
 
     def on_upload(self, run_name: str, files, method: str, alpha: float) -> PageUpdate:
@@ -157,6 +159,8 @@ class Page:
         except (OSError, ValueError) as e:
             log.info("upload not stored: %s", type(e).__name__)
             return empty_page(predictor, "**Cannot use this upload**: it is not a regular file.")
+        if path is None:  # (a list of empty entries)
+            return empty_page(predictor, START)
         case, message = open_case(predictor, path, method, files=names, key=key)
         return self._show(predictor, case, message, alpha, method)
 

@@ -327,7 +327,7 @@ class ClientAddressMiddleware:
 
 def client_middleware() -> list[Any]:
     """``[Middleware(ClientAddressMiddleware)]`` for ``demo.launch(app_kwargs={"middleware": ...})``."""
-    from starlette.middleware import Middleware
+    from starlette.middleware import Middleware  # the web server's (with gradio): imported only to serve
 
     return [Middleware(ClientAddressMiddleware)]
 

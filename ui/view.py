@@ -136,7 +136,7 @@ def _map_on_slice(predictor: Predictor, case: Case, index: int, view: np.ndarray
     if sal is None:
         return view, f" The model judged slice {case.slice_index + 1} only: no map on this slice."
     if sal.shape != view.shape[:2]:
-        sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.BILINEAR))
+        sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.Resampling.BILINEAR))
     said = f" {case.method} map on this slice." if np.any(sal > 0.01) else \
         f" The {case.method} map is empty here (no region raised the score): try another method."
     return create_overlay(view / 255.0, sal, alpha), said

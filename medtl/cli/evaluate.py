@@ -67,8 +67,8 @@ def _print_summary(run: Path, result: dict) -> None:
           f"(T = {calibration['temperature']:.2f})")
     ood = result.get("ood", {})
     if ood.get("auroc") is not None:
-        print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} foreign "
-              f"files); refused {ood['foreign_refused']:.0%} of the foreign files and "
+        print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} "
+              f"foreign files); refused {ood['foreign_refused']:.0%} of the foreign files and "
               f"{ood['in_refused_by_content']:.0%} of the test studies")
 
 

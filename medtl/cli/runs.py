@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medtl.cli.common import add_choice, add_device, exit_status
+from medtl.cli.common import add_choice, add_decision, add_device, exit_status
 from medtl.options import ADAPT_METHODS, EXPORT_FORMATS
 
 
@@ -37,13 +37,13 @@ def add_parser(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace the package folder's content")
     s.set_defaults(fn=cmd_export)
 
-    # no --decision: the web page (medtl_ui.app.launch) loads its runs with the training decision
     s = sub.add_parser("serve", help="start the web UI for a run")
     s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", help="USER:PASS required to open the page")
     add_device(s)
+    add_decision(s)
     s.set_defaults(fn=cmd_serve)
 
 
@@ -76,5 +76,5 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from medtl_ui.app import launch
 
-    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device)
+    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device, decision=args.decision)
     return 0

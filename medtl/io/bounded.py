@@ -65,6 +65,7 @@ def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str, task
     from medtl.io.info import describe_path
     from medtl.io.reader import read_image
 
+    result: tuple[str, Scan | dict | MedtlInputError]  # ("scan", what was read) or ("error", the typed error)
     try:
         result = ("scan", read_image(path, **kwargs) if task == "read" else describe_path(path, **kwargs))
     except MedtlInputError as e:

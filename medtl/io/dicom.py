@@ -398,8 +398,9 @@ class FileVOI:
         else:
             bits, signed = small.BitsStored, small.PixelRepresentation == 1
             lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-            slope, intercept = geometry.rescale(ds, 0, path) or (None, None)
-            if slope is not None:
+            slope_intercept = geometry.rescale(ds, 0, path)
+            if slope_intercept is not None:
+                slope, intercept = slope_intercept
                 small.RescaleSlope, small.RescaleIntercept = slope, intercept
                 lo, hi = lo * slope + intercept, hi * slope + intercept
             y = (float(min(lo, hi)), float(max(lo, hi)))

@@ -149,9 +149,10 @@ def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path:
 
 
 def frame_order(ds, frames: int, iop, path: Path, notes: list[str]):
-    positions = [position(ds, i, path) for i in range(frames)]
+    found = [position(ds, i, path) for i in range(frames)]
     orients = [image_orientation(ds, i, path) for i in range(frames)]
-    if iop is None or any(p is None for p in positions):
+    positions = [p for p in found if p is not None]
+    if iop is None or len(positions) < len(found):
         between = numbers(ds.get("SpacingBetweenSlices", 0) or 0, "SpacingBetweenSlices", path, 1)[0]
         between = between if between > 0 else 0.0
         notes.append(f"{frames} frames without per-frame position: kept in stored order; slice spacing "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class Scan:
         """A de-identified description for ``medtl info`` and the UI."""
         real = self.array if self.padding is None else self.array[~self.padding]
         finite = real[np.isfinite(real)]
-        out = {
+        out: dict[str, Any] = {
             "file": self.path.name,
             "format": self.source,
             "modality": self.modality or "unknown",

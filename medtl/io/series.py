@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
                           UnsupportedFormatError)
@@ -45,7 +46,7 @@ class Instance:
     """One DICOM file of a study (its header, without pixels)."""
 
     name: str  # file name inside the folder or zip (no patient data)
-    ds: object  # pydicom Dataset; its pixel data is read from the file only when decoded
+    ds: pydicom.Dataset  # its pixel data is read from the file only when decoded
     file: Path | None = None  # the file on disk (for a zip: its member, unpacked into a private folder)
     keep: object = None  # what keeps that private folder alive (a TemporaryDirectory), or None
 
@@ -241,9 +242,10 @@ def _stack(series: Series, path: Path) -> Scan:
     if any(s.array.ndim != 2 for s in scans):
         raise CorruptImageError(path, f"series {series.number} holds {len(scans)} instances that are each a volume "
                                 "(multi-frame or mosaic: time points or repeats)", "one of its files, read alone")
-    iops = [image_orientation(inst.ds, 0, Path(inst.name)) for inst in series.instances]
+    found = [image_orientation(inst.ds, 0, Path(inst.name)) for inst in series.instances]
+    iops = [i for i in found if i is not None]
     positions = [inst.ds.get("ImagePositionPatient") for inst in series.instances]
-    if any(i is None for i in iops) or any(p is None or len(p) != 3 for p in positions):
+    if len(iops) < len(found) or any(p is None or len(p) != 3 for p in positions):
         raise CorruptImageError(path, f"series {series.number}: slices lack ImagePositionPatient/"
                                 "ImageOrientationPatient, so their order and spacing are unknown",
                                 "a series with patient geometry, or read the files one by one")

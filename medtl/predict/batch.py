@@ -117,16 +117,17 @@ def find_inputs(paths: Iterable[str | Path], recursive: bool = False, group_stud
                 else:
                     out.append(BatchInput(input_key(f), f, f))
     holder = tempfile.TemporaryDirectory(prefix="medtl-studies-") if any(len(v) > 1 for v in studies.values()) else None
-    for k, (uid, files) in enumerate(studies.items()):
+    for k, (uid, members) in enumerate(studies.items()):
         key = study_input_key(uid)
-        if len(files) == 1:
-            out.append(BatchInput(key, files[0], files[0]))
+        if len(members) == 1:
+            out.append(BatchInput(key, members[0], members[0]))
             continue
-        folder = Path(holder.name) / f"{k:06d}"
-        folder.mkdir(mode=0o700)
-        for i, f in enumerate(files):
-            (folder / f"{i:06d}.dcm").symlink_to(f.resolve())
-        out.append(BatchInput(key, folder, files[0].parent))
+        assert holder is not None  # made above, since this study has several files
+        study_folder = Path(holder.name) / f"{k:06d}"
+        study_folder.mkdir(mode=0o700)
+        for i, f in enumerate(members):
+            (study_folder / f"{i:06d}.dcm").symlink_to(f.resolve())
+        out.append(BatchInput(key, study_folder, members[0].parent))
     unique = list({i.key: i for i in out}.values())
     return Inputs(unique, holder)
 
@@ -163,7 +164,8 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
     classes = predictor.class_names
     fields = ["input", *(["path"] if show_paths else []), "study_key", "status", "label",
               *[f"p_{c}" for c in classes], "ood_score", "decision", "reason"]
-    counts = {"inputs": len(inputs), "skipped": len(inputs) - len(todo), "answered": 0, "refused": 0, "errors": 0}
+    counts: dict[str, int | float] = {"inputs": len(inputs), "skipped": len(inputs) - len(todo), "answered": 0,
+                                      "refused": 0, "errors": 0}
     new = not csv_path.is_file() or csv_path.stat().st_size == 0
     if new:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
         paths = [i.path for i in todo]
         for k, (path, result) in enumerate(predictor.predict_many(paths, check=check, batch_size=batch_size), 1):
             item = by_path[str(path)]
-            row = {"input": item.key, "path": str(item.source)}
+            row: dict[str, object] = {"input": item.key, "path": str(item.source)}
             if isinstance(result, MedtlError):
                 counts["errors"] += 1
                 row.update(status="error", reason=_without_path(str(result), item))

@@ -28,8 +28,8 @@ def module_network(model: torch.nn.Module, runtime: Runtime) -> Network:
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = runtime.to_input(x)
         with torch.no_grad(), runtime.autocast():
-            fmap = model.forward_features(x)
-            z, f = model.forward_head(fmap), model.forward_head(fmap, pre_logits=True)
+            fmap = model.forward_features(x)  # type: ignore[operator]  # a timm method; torch types Module attributes Tensor | Module
+            z, f = model.forward_head(fmap), model.forward_head(fmap, pre_logits=True)  # type: ignore[operator]  # as above
         return z.float(), f.float()
 
     return run

@@ -23,8 +23,8 @@ class LogitsAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.model.forward_features(x)
-        return self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True)
+        fmap = self.model.forward_features(x)  # type: ignore[operator]  # a timm method; torch types Module attributes Tensor | Module
+        return self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True)  # type: ignore[operator]  # as above
 
 
 class ExportedNetwork:

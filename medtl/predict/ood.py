@@ -88,9 +88,14 @@ class OODDetector:
         """One score per input (n, d) -> (n,): larger is further from the training set."""
         f = features.detach().float().cpu()
         if self.method == "knn":
+            if self.bank is None:
+                raise RunError(f"the k-NN out-of-distribution detector has no feature bank (a damaged {OOD_FILE}?)")
             d = torch.cdist(_normalise(f), self.bank)  # (n, bank)
             k = min(self.k, d.shape[1])
             return d.topk(k, dim=1, largest=False).values[:, -1].numpy()
+        if self.means is None or self.precision is None:
+            raise RunError("the Mahalanobis out-of-distribution detector has no class means or precision matrix "
+                           f"(a damaged {OOD_FILE}?)")
         diff = f[:, None, :] - self.means[None]  # (n, classes, d)
         m = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff).clamp_min(0).sqrt()
         return m.min(dim=1).values.numpy()

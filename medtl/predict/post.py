@@ -163,7 +163,7 @@ class Decision:
             positive = self.class_names[1]
             p1 = probabilities[positive]
             return [Judgement(positive, p1, self.threshold, p1 >= self.threshold)]
-        best = max(probabilities, key=probabilities.get)
+        best = max(probabilities, key=lambda c: probabilities[c])
         return [Judgement(best, probabilities[best], None, True)]
 
     def describe(self) -> str:

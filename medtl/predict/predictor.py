@@ -113,12 +113,13 @@ class Predictor:
 
     def _decision(self, saved, source: DecisionSource) -> Decision:
         """The decision the predictor answers by: training's (in the weights) or the evaluation's."""
-        record = {"temperature": saved.temperature, "operating_point": saved.operating_point}
         if source == "evaluation":
             record = RunDir(self.run_dir).read_decision("evaluation")
             if record is None:
                 raise RunError(f"{self.run_dir}: the run has not been evaluated (no {RunDir.EVALUATION}/"
                                f"{RunDir.DECISION}); run `medtl evaluate` first, or use the training decision")
+        else:
+            record = {"temperature": saved.temperature, "operating_point": saved.operating_point}
         return Decision.from_record(self.class_names, self.multi_label, record["temperature"],
                                     record["operating_point"], source)
 
@@ -169,7 +170,8 @@ class Predictor:
         data, decision = self.config.data, self.decision
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
-        pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=decision.label(p),
+        label = decision.label(p)
+        pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=label,
                           decision=decision.basis, decision_source=decision.source,
                           study_key=str(scan.header.get("study_key", "")))
         if self.multi_label:
@@ -178,7 +180,7 @@ class Predictor:
             k = int(p.argmax())  # a volume's slices are ranked by the most probable finding
         else:
             pred.threshold = decision.threshold
-            k = self.class_names.index(pred.label)
+            k = self.class_names.index(label)
         if len(parts) > 1:
             pred.slice_scores = [round(float(v), 4) for v in per_input[:, k]]
             pred.slice_index = int(parts[int(per_input[:, k].argmax())]["slice_index"])
@@ -186,8 +188,9 @@ class Predictor:
             pred.slice_index = int(parts[0]["slice_index"])
         return pred
 
-    def _judge(self, scan: Scan, check: bool) -> tuple[Prediction | None, torch.Tensor | None, list[dict], np.ndarray | None]:
-        """(a refusal made from the header, or None; inputs; parts; probabilities per input)."""
+    def _judge(self, scan: Scan, check: bool) -> tuple[Prediction, torch.Tensor | None, list[dict], np.ndarray | None]:
+        """(the prediction, or a refusal made from the header; inputs, parts and probabilities per input: None,
+        [] and None after a refusal from the header)."""
         reason = input_refusal(self.input_record, scan) if check else None
         if reason:
             return Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason,
@@ -320,7 +323,7 @@ class Predictor:
         most probable finding."""
         if self.multi_label or not prediction.label:
             probs = prediction.probabilities
-            return max(probs, key=probs.get) if probs else self.class_names[0]
+            return max(probs, key=lambda c: probs[c]) if probs else self.class_names[0]
         return prediction.label
 
 

@@ -1,23 +1,17 @@
 """The label-efficiency study on a tiny generated MedMNIST file: outputs, resume, subsampling."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from medtl.cli import report_errors
+from medtl.config import load_config
+from medtl.data import TooFewExamplesError, sample_per_class
+from medtl.errors import TrainingDivergedError
 from tests.data.test_sources import write_medmnist
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str = "label_efficiency"):
-    """A pipeline script imported as a module (pipelines/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.pipelines import load_pipeline
 
 
 def _fast_config(tmp_path: Path) -> Path:
@@ -28,8 +22,6 @@ def _fast_config(tmp_path: Path) -> Path:
 
 
 def test_sample_per_class_takes_n_per_class_reproducibly():
-    from medtl.data import sample_per_class
-
     labels = [0] * 10 + [1] * 6
     a, b = sample_per_class(labels, 3, seed=1), sample_per_class(labels, 3, seed=1)
     assert a == b and len(a) == 6 and sum(labels[i] for i in a) == 3
@@ -38,15 +30,13 @@ def test_sample_per_class_takes_n_per_class_reproducibly():
 
 
 def test_sample_per_class_refuses_to_shrink_a_class():
-    from medtl.data import TooFewExamplesError, sample_per_class
-
-    with pytest.raises(TooFewExamplesError, match="7 examples per class.*class benign: 10, class malignant: 6"):
+    with pytest.raises(TooFewExamplesError, match=r"7 examples per class.*class benign: 10, class malignant: 6"):
         sample_per_class([0] * 10 + [1] * 6, 7, 0, ["benign", "malignant"])
 
 
 @pytest.mark.timeout(300)
 def test_study_skips_a_label_count_a_class_cannot_fill(tmp_path, capsys):
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
     cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2,50", "--strategies",
@@ -58,9 +48,7 @@ def test_study_skips_a_label_count_a_class_cannot_fill(tmp_path, capsys):
 
 
 def test_missing_data_is_one_clear_line(tmp_path, capsys):
-    from medtl.cli import report_errors
-
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     missing = tmp_path / "shared" / "data" / "medmnist" / "breastmnist.npz"
     assert report_errors(mod.main, ["--data", str(missing), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -69,7 +57,7 @@ def test_missing_data_is_one_clear_line(tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_3d_study_trains_a_2d_encoder_on_2_5d_and_a_3d_cnn_from_scratch(tmp_path):
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "v.npz", shape=(12, 16, 16), n=(12, 6, 16))
     cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "all", "--strategies",
@@ -85,9 +73,7 @@ def test_3d_study_trains_a_2d_encoder_on_2_5d_and_a_3d_cnn_from_scratch(tmp_path
 
 
 def test_scratch_cells_learn_every_layer_and_batchnorm():
-    from medtl.config import load_config
-
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     cfg = load_config()
     cell = mod.cell_config(cfg, "scratch", 3, "resnet10_3d", 28)
     assert not cell.encoder.pretrained and cell.train.seed == 3 and cell.train.strategy == "full"
@@ -101,9 +87,7 @@ def test_scratch_cells_learn_every_layer_and_batchnorm():
 
 @pytest.mark.timeout(300)
 def test_a_diverged_cell_is_reported_and_the_study_goes_on(tmp_path, capsys, monkeypatch):
-    from medtl.errors import TrainingDivergedError
-
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     real = mod.run_cell
 
     def run_cell(cell, *args, **kwargs):
@@ -125,7 +109,7 @@ def test_a_diverged_cell_is_reported_and_the_study_goes_on(tmp_path, capsys, mon
 
 @pytest.mark.timeout(300)
 def test_study_writes_results_and_resumes(tmp_path, capsys):
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     cfg = _fast_config(tmp_path)
     args = ["--data", str(npz), "--out", str(tmp_path / "study"), "--n-per-class", "3,all",
@@ -143,7 +127,7 @@ def test_study_writes_results_and_resumes(tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_cross_validation_tests_every_image_once(tmp_path):
-    mod = _load("cross_validate")
+    mod = load_pipeline("cross_validate")
     npz = write_medmnist(tmp_path / "mm.npz", n=(30, 6, 9))
     cfg = tmp_path / "fast.yaml"
     cfg.write_text("encoder:\n  input_size: 32\ntrain:\n  epochs: 1\n  frozen_epochs: 1\n  batch_size: 4\n")
@@ -154,9 +138,7 @@ def test_cross_validation_tests_every_image_once(tmp_path):
 
 
 def test_shifts_are_deterministic_and_change_the_image():
-    import numpy as np
-
-    mod = _load("domain_shift")
+    mod = load_pipeline("domain_shift")
     image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
     for name in mod.SHIFTS:
         a = mod.shifted([{"image": image, "label": 0}], mod.create_shift(name))[0]["image"]
@@ -167,7 +149,7 @@ def test_shifts_are_deterministic_and_change_the_image():
 
 @pytest.mark.timeout(300)
 def test_domain_shift_study_runs_end_to_end(tmp_path):
-    mod = _load("domain_shift")
+    mod = load_pipeline("domain_shift")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     cfg = _fast_config(tmp_path)
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0,3",
@@ -175,10 +157,12 @@ def test_domain_shift_study_runs_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
     assert [r["method"] for r in rows] == ["source_only", "adabn", "adabn_plain", "tent", "fine_tune",
                                            "adabn+fine_tune", "retrain"]
-    assert (tmp_path / "ds" / "adaptation.png").is_file() and "fine_tune" in (tmp_path / "ds" / "results.md").read_text()
+    assert (tmp_path / "ds" / "adaptation.png").is_file()
+    assert "fine_tune" in (tmp_path / "ds" / "results.md").read_text()
     # a method added later reuses the seed's source model (cached), and only its rows are added
     assert (tmp_path / "ds" / "source_model_seed0.safetensors").is_file()
     assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0",
-                     "--seeds", "0", "--input-size", "32", "--config", str(cfg), "--methods", "source_only,self_train"]) == 0
+                     "--seeds", "0", "--input-size", "32", "--config", str(cfg),
+                     "--methods", "source_only,self_train"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
     assert [r["method"] for r in rows][-1] == "self_train" and len(rows) == 8

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.pipelines.test_pipelines import _load
+from tests.pipelines import load_pipeline
 
 # the figures benchmark.py's docstring promises, section by section
 IO = ["io_2d_files", "io_2d_medtl_img_per_s", "io_2d_medtl_cached_img_per_s", "io_2d_plain_monai_img_per_s",
@@ -25,7 +25,7 @@ def _printed(out: str) -> dict:
 
 def _bench(tmp_path, capsys, sections: str) -> tuple[dict, dict, str]:
     """benchmark.py --quick for some sections: (JSON figures, printed figures, output)."""
-    mod = _load("benchmark")
+    mod = load_pipeline("benchmark")
     result = tmp_path / "bench.json"
     assert mod.main(["--quick", "--sections", sections, "--json", str(result)]) == 0
     out = capsys.readouterr().out
@@ -73,7 +73,7 @@ def test_benchmark_quick_train_ratios(tmp_path, capsys):
 
 
 def test_benchmark_rejects_what_it_cannot_measure(capsys):
-    mod = _load("benchmark")
+    mod = load_pipeline("benchmark")
     with pytest.raises(SystemExit):
         mod.main(["--quick", "--epochs", "1"])  # the only epoch would be the untimed warm-up
     assert "at least 2" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_benchmark_rejects_what_it_cannot_measure(capsys):
 
 @pytest.mark.timeout(300)
 def test_ui_load_check_reports_no_errors_and_latencies(tiny_run, sample_dir, capsys):
-    mod = _load("ui_load_check")
+    mod = load_pipeline("ui_load_check")
     code = mod.main([str(tiny_run), str(sample_dir / "dicom" / "img_0001.dcm"), "--users", "2", "--requests", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -100,7 +100,7 @@ def test_ui_load_check_reports_no_errors_and_latencies(tiny_run, sample_dir, cap
 def test_ui_load_check_counts_refused_uploads_as_errors(tiny_run, tmp_path, capsys):
     bad = tmp_path / "broken.dcm"
     bad.write_text("not a scan")
-    mod = _load("ui_load_check")
+    mod = load_pipeline("ui_load_check")
     code = mod.main([str(tiny_run), str(bad), "--users", "1", "--requests", "1"])
     out = capsys.readouterr().out
     assert code == 1

@@ -245,4 +245,5 @@ def test_the_viewer_script_and_style_are_the_package_files():
 
     script, style = read_static("viewer.js"), read_static("viewer.css")
     assert "window.medtlViewer" in script and "#scan" in style
-    assert VIEWER_HEAD == f"<style>\n{style}</style>\n<script>\n{script}</script>\n"
+    head = VIEWER_HEAD
+    assert head == f"<style>\n{style}</style>\n<script>\n{script}</script>\n"  # inline, as read

@@ -38,7 +38,7 @@ def _warm_files(folder: Path, seeds: list[Seed]) -> list[str]:
     folder.mkdir()
     generated = [x for x in seeds if x.id.startswith("gen:")]
     real = sorted((x for x in seeds if x.id.startswith("data:") and len(x.data) < 1 << 20), key=lambda x: x.id)[:12]
-    warm = []
+    warm: list[str] = []
     for s in generated + real:
         p = folder / f"w{len(warm):03d}{s.suffix}"
         p.write_bytes(s.data)

@@ -13,6 +13,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -55,11 +56,11 @@ def _dicom_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _new_dicom(sop_class: str, n: int, modality: str) -> Dataset:
+def _new_dicom(sop_class: UID, n: int, modality: str) -> Dataset:
     uid = f"{UID_ROOT}.{n}"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uid + ".1"
+    meta.MediaStorageSOPInstanceUID = UID(uid + ".1")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -112,9 +113,9 @@ def _dicom_seeds(rng: np.random.Generator, rgb: np.ndarray) -> list[Seed]:
     ct = _ct_dicom(rng, 32, 10, 0, 10)
     seeds = [_generated("ct_slice.dcm", "dicom", ct), _generated("ct_slice_no_suffix", "dicom",
                                                                  _ct_dicom(rng, 32, 11, 1, 11))]
-    ds = pydicom.dcmread(io.BytesIO(ct))
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    seeds.append(_generated("ct_deflated.dcm", "dicom", _dicom_bytes(ds)))
+    deflated = pydicom.dcmread(io.BytesIO(ct))
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    seeds.append(_generated("ct_deflated.dcm", "dicom", _dicom_bytes(deflated)))
     ds = _new_dicom(SecondaryCaptureImageStorage, 1, "OT")
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 24, 32, 3, 0
     ds.PhotometricInterpretation = "RGB"

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]  # the worker runs here, so ``-m tools.fuzz.worker`` finds the package
 
@@ -22,7 +23,7 @@ class Server:
         self.config = {"reader": reader, "budget": budget, "warm": list(warm)}
         self.log = log
         self.scratch = scratch  # TMPDIR of the server and its children (a killed child leaves its files there)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.buf = b""
 
     def _env(self) -> dict:
@@ -44,9 +45,15 @@ class Server:
             self.stop()
             raise RuntimeError(f"fuzz server did not start (got {line!r}); run with --log to see why")
 
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        """The worker's stdin and stdout."""
+        if self.proc is None or self.proc.stdin is None or self.proc.stdout is None:
+            raise RuntimeError("the fuzz server is not running")
+        return self.proc.stdin, self.proc.stdout
+
     def _readline(self, seconds: float) -> str | None:
         deadline = time.monotonic() + seconds
-        fd = self.proc.stdout.fileno()
+        fd = self._pipes()[1].fileno()
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -65,8 +72,9 @@ class Server:
         t0 = time.monotonic()
         job = {"path": os.path.abspath(path), "timeout": timeout}  # (the worker runs in the repository root)
         try:
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-            self.proc.stdin.flush()
+            stdin = self._pipes()[0]
+            stdin.write((json.dumps(job) + "\n").encode())
+            stdin.flush()
             line = self._readline(timeout + 30)
         except OSError:  # (BrokenPipeError included)
             line = None
@@ -79,8 +87,9 @@ class Server:
     def stop(self) -> None:
         if self.proc is None:
             return
+        stdin, stdout = self._pipes()
         try:
-            self.proc.stdin.close()
+            stdin.close()
             self.proc.wait(5)
         except Exception:  # whatever went wrong, the process is ended below
             self.proc.terminate()
@@ -89,7 +98,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stdout.close()
+        stdout.close()
         self.proc = None
 
     def __enter__(self):
