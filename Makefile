@@ -39,8 +39,8 @@ test: $(STAMP)
 # training and inference tests with bf16 forced (emulated where the CPU has no native bf16), so every
 # machine covers the path that native-bf16 machines choose
 test-bf16: $(STAMP)
-	MEDTL_PRECISION=bf16 $(BIN)/python -m pytest tests/train tests/test_runtime.py tests/test_cli.py tests/eval \
-		tests/explain tests/pipelines tests/ui/test_app.py tests/test_ood.py
+	MEDTL_PRECISION=bf16 $(BIN)/python -m pytest tests/train tests/test_runtime.py tests/cli/test_cli.py tests/eval \
+		tests/explain tests/pipelines tests/ui/test_app.py tests/predict/test_ood.py tests/predict/test_decision.py
 
 # slow tests (torch.compile training: about a minute on 2 cores)
 test-slow: $(STAMP)

@@ -44,10 +44,10 @@ def __dir__():
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from medtl.config import ExperimentConfig, load_config
     from medtl.errors import MedtlError, MedtlInputError
-    from medtl.predict.predictor import Predictor, load_run
     from medtl.io import Scan, read_image
     from medtl.models import create_encoder, list_encoders
     from medtl.predict.post import Decision
+    from medtl.predict.predictor import Predictor, load_run
     from medtl.run import RunDir
     from medtl.runtime import Runtime
     from medtl.train import run_experiment, train_model

@@ -77,7 +77,7 @@ class TrainingDivergedError(MedtlError, ArithmeticError):
     """The training loss or the model's outputs became NaN or infinite (learning rate too high)."""
 
 
-def find_input_error(exc: BaseException) -> "MedtlInputError | None":
+def find_input_error(exc: BaseException) -> MedtlInputError | None:
     """The MedtlInputError behind ``exc`` (MONAI wraps errors raised inside transforms), or None."""
     seen = set()
     current: BaseException | None = exc

@@ -12,8 +12,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, \
-    roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from medtl.errors import MedtlInputError
 
@@ -87,7 +93,7 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, names: Seq
                      "ece": compute_ece(labels[:, k], two)}
     defined = [a for a in aucs if a is not None]
     pred = (probs >= np.asarray(thresholds)[None, :]).astype(int)
-    return {"n_images": int(len(labels)), "auc": float(np.mean(defined)) if defined else None,
+    return {"n_images": len(labels), "auc": float(np.mean(defined)) if defined else None,
             "auc_kind": f"macro over the {len(defined)} findings with positive and negative examples",
             "exact_match": float(np.mean((pred == labels).all(axis=1))), "per_label": per}
 
@@ -107,7 +113,7 @@ def compute_classification_metrics(labels: npt.ArrayLike, probs: np.ndarray) -> 
     _check(labels, probs)
     pred = probs.argmax(axis=1)
     out = {
-        "n_images": int(len(labels)),
+        "n_images": len(labels),
         "auc": compute_auc(labels, probs),
         "accuracy": float(accuracy_score(labels, pred)),
         "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(probs.shape[1]))).tolist(),

@@ -74,11 +74,11 @@ class Runtime:
         layout = torch.channels_last if self.channels_last and not has_conv3d(model) else torch.contiguous_format
         return model.to(memory_format=layout)
 
-    def replace(self, **changes) -> "Runtime":
+    def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def of(cls, model: torch.nn.Module, runtime: "Runtime | None" = None) -> "Runtime":
+    def of(cls, model: torch.nn.Module, runtime: Runtime | None = None) -> Runtime:
         """``runtime``, or where none is given the default runtime on the device ``model`` is on (a model
         left on a GPU by training is run there, not fed CPU tensors)."""
         if runtime is not None:

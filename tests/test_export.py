@@ -10,10 +10,10 @@ import torch
 
 from medtl.cli import main
 from medtl.errors import RunError
-from medtl.predict.network import FORMATS, load_network
 from medtl.export import PARITY_LIMIT, export_run
-from medtl.run import verify_package
+from medtl.predict.network import FORMATS, load_network
 from medtl.predict.predictor import load_run
+from medtl.run import verify_package
 
 
 @pytest.fixture(scope="module")

@@ -162,8 +162,8 @@ def test_no_module_or_function_too_long():
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"]])
 def test_start_up_imports_no_torch_monai_or_timm(args):
-    code = ("import sys; from medtl.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))" % (args,))
+    code = (f"import sys; from medtl.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
@@ -172,8 +172,8 @@ def test_info_imports_only_the_readers(tmp_path):
     from PIL import Image
 
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    code = ("import sys; from medtl.cli import main; main(['-q', 'info', %r]); "
-            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))" % str(tmp_path / "x.png"))
+    code = (f"import sys; from medtl.cli import main; main(['-q', 'info', {str(tmp_path / 'x.png')!r}]); "
+            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert '"usable": true' in out and out.strip().splitlines()[-1] == "[]"
 

@@ -14,9 +14,9 @@ import medtl.runtime as runtime_mod
 from medtl.config import load_config
 from medtl.data import create_dataset, read_dataset
 from medtl.errors import ConfigError
-from medtl.predict.predictor import load_run
 from medtl.models import create_encoder, resolve_preprocessing
 from medtl.predict.forward import predict_logits
+from medtl.predict.predictor import load_run
 from medtl.runtime import Runtime, choose_precision, inference_precision
 from medtl.train import fit, prepare_data
 from medtl.transforms.chain import TrainingTransform, create_transforms
@@ -87,7 +87,7 @@ def test_prediction_runs_the_model_under_autocast_and_the_data_outside(npz):
     cfg, model, _ = _setup(npz)
     _, val, spies = _spied(cfg, model, npz)
     dtypes = []
-    model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    model.get_classifier().register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))  # the head's logits
     out = predict_logits(model, val, Runtime(precision="bf16", tta=True), batch_size=4)
     assert dtypes and set(dtypes) == {torch.bfloat16} and spies[1].seen and not any(spies[1].seen)
     assert out.logits.dtype == np.float32 and out.logits.shape == (len(val), 2)

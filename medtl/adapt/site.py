@@ -85,7 +85,7 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
     run.write_checksums()
     record = {
         "adapted_from": str(run_dir.resolve()), "source_weights_sha256": file_sha256(run_dir / RunDir.MODEL),
-        "method": method, "target_images": len(keys), "target_inputs": int(len(x)), "skipped_files": len(errors),
+        "method": method, "target_images": len(keys), "target_inputs": len(x), "skipped_files": len(errors),
         "target_keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
         "epochs": epochs if method == "tent" else None, "seed": seed, "medtl_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -41,8 +41,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from medtl.version import __version__
 from medtl.errors import ConfigError, MedtlError, MedtlInputError
+from medtl.version import __version__
 
 log = logging.getLogger("medtl.clinical.deid")
 

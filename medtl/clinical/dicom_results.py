@@ -20,17 +20,23 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, ImageContentItem, NumContentItem,
-                          TextContentItem)
+from highdicom.sr import (
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    ImageContentItem,
+    NumContentItem,
+    TextContentItem,
+)
 from highdicom.sr import RelationshipTypeValues as Rel
 
-from medtl.version import __version__
 from medtl.clinical.deid import Deidentifier
 from medtl.errors import MedtlInputError
-from medtl.predict.predictor import Predictor
-from medtl.run import RunDir
 from medtl.io.reader import sniff_format
 from medtl.models.encoders import file_sha256
+from medtl.predict.predictor import Predictor
+from medtl.run import RunDir
+from medtl.version import __version__
 
 # highdicom logs the UIDs of the datasets it copies from at INFO: kept out of medtl's output (they can be traced)
 logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 
 import pydicom
 
-from medtl.predict.batch import done_keys, study_input_key
 from medtl.clinical.dicom_results import write_dicom_results
 from medtl.errors import ConfigError, MedtlError, MedtlInputError
+from medtl.predict.batch import done_keys, study_input_key
 from medtl.predict.predictor import Predictor
 
 log = logging.getLogger("medtl.clinical.pacs")
@@ -60,7 +60,7 @@ class Credentials:
     password: str = field(repr=False)
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Credentials | None":
+    def load(cls, path: str | Path | None = None) -> Credentials | None:
         """From the file ``path`` (JSON or ``user:password``), else from ``$MEDTL_PACS_USER`` /
         ``$MEDTL_PACS_PASSWORD``; None when neither is given (a PACS without authentication)."""
         if path is not None:
@@ -270,7 +270,7 @@ class _OutcomeWriter:
         path = Path(path)
         new = not path.is_file() or path.stat().st_size == 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", newline="")
+        self.file = open(path, "a", newline="")  # noqa: SIM115 -- kept open for the run's rows; close() ends it
         self.writer = csv.DictWriter(self.file, fieldnames=OUTCOME_FIELDS)
         if new:
             self.writer.writeheader()
@@ -344,7 +344,7 @@ class OrthancServer:
             "HttpTimeout": 60, "StableAge": 1,
         }
 
-    def start(self, timeout: float = 60) -> "OrthancServer":
+    def start(self, timeout: float = 60) -> OrthancServer:
         import requests
 
         self.storage.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -352,7 +352,7 @@ class OrthancServer:
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the password
         with os.fdopen(fd, "w") as f:
             json.dump(self.config(), f, indent=1)
-        self._log = open(self.storage / "orthanc.log", "wb")
+        self._log = open(self.storage / "orthanc.log", "wb")  # noqa: SIM115 -- the server's output; stop() closes it
         self.process = subprocess.Popen([self.program, str(config)], stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -385,7 +385,7 @@ class OrthancServer:
         if self._own is not None:
             self._own.cleanup()
 
-    def __enter__(self) -> "OrthancServer":
+    def __enter__(self) -> OrthancServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -122,7 +122,7 @@ class InputDataset(Dataset):
         self.memory_bytes, self.spill_dir = memory_bytes, spill_dir
         self._store: InputStore | None = None
 
-    def store(self, workers: int = 0) -> "InputStore":
+    def store(self, workers: int = 0) -> InputStore:
         """The data set's inputs as an :class:`InputStore`, prepared at the first call (in ``workers``
         processes when more than 0) and kept."""
         if self._store is None:
@@ -153,7 +153,7 @@ class InputStore:
         return torch.from_numpy(mapped), where, mapped
 
     @classmethod
-    def build(cls, dataset: InputDataset, workers: int = 0) -> "InputStore":
+    def build(cls, dataset: InputDataset, workers: int = 0) -> InputStore:
         shape_chain, finish = split_final(dataset.transform)
         n, dtype = len(dataset), dataset.store_dtype
         first = _as_tensor(shape_chain(dict(dataset.data[0]))["image"])
@@ -184,7 +184,7 @@ class InputStore:
         store._mapped = mapped
         return store
 
-    def to(self, device: torch.device) -> "InputStore":
+    def to(self, device: torch.device) -> InputStore:
         """The store on ``device`` (the same object when already there; a memory-mapped store stays on disk)."""
         if self.images.device == device or self._mapped is not None:
             return self
@@ -223,7 +223,7 @@ def exact_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def place_store(dataset: "InputDataset", device: torch.device | str, workers: int = 0) -> "InputStore":
+def place_store(dataset: InputDataset, device: torch.device | str, workers: int = 0) -> InputStore:
     """Prepare ``dataset``'s store (in ``workers`` processes) and, on a GPU, move it there when it takes at
     most a quarter of the free memory (batches are then gathered on the device); return it."""
     device = exact_device(device)

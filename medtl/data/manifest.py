@@ -77,7 +77,7 @@ def label_counts(labels, class_names: list[str]) -> dict[str, int]:
     if len(labels) and is_multi_label(labels[0]):
         totals = np.asarray(labels, dtype=np.int64).sum(axis=0)
         return {name: int(totals[i]) for i, name in enumerate(class_names)}
-    counts = {name: 0 for name in class_names}
+    counts = dict.fromkeys(class_names, 0)
     for y in labels:
         counts[class_names[int(y)]] += 1
     return counts

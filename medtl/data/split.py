@@ -79,7 +79,7 @@ def _check_findings(labels: np.ndarray, parts: dict[str, np.ndarray], minimum: i
 
 
 def _one_fold(idx, labels, patients, fraction, seed):
-    n_splits = max(2, int(round(1.0 / fraction)))
+    n_splits = max(2, round(1.0 / fraction))
     n_patients = len(set(patients.tolist()))
     if n_patients < n_splits:
         raise MedtlInputError(None, f"only {n_patients} patients: too few for a {fraction:.0%} hold-out",

@@ -12,7 +12,6 @@ from medtl.data.manifest import label_counts
 from medtl.run import RunDir, SavedRun
 from medtl.version import __version__
 
-
 INTENDED_USE = ("Research on transfer learning for medical image classification. Not a medical device: "
                 "not for diagnosis, triage or any clinical decision.")
 

@@ -65,8 +65,8 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
     _, test_p = test_logits.study_probs(decision.temperature or 1.0)
     patients = np.asarray([s["patient_id"] for s in prepared.sets["test"]])
     result: dict = {"run": saved.run_dir.name, "date": datetime.date.today().isoformat(),
-                    "data": Path(cfg.data.path).name, "n_test_images": int(len(test_y)),
-                    "n_test_patients": int(len(set(patients.tolist()))), "class_names": class_names,
+                    "data": Path(cfg.data.path).name, "n_test_images": len(test_y),
+                    "n_test_patients": len(set(patients.tolist())), "class_names": class_names,
                     "precision": runtime.precision, "device": str(runtime.device)}
     result["auc"] = compute_auc_ci(test_y, test_p, patients, n_boot, seed)
     result["calibration"] = _calibration(val_logits, decision, test_y, test_p_raw, test_p, patients, n_boot, seed)

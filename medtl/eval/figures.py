@@ -115,7 +115,10 @@ def _confusion_figure(cm, class_names, title):
 def _curves_figure(history_path: Path):
     plt = _pyplot()
 
-    rows = list(csv.DictReader(open(history_path))) if history_path.is_file() else []
+    rows = []
+    if history_path.is_file():
+        with open(history_path, newline="") as f:
+            rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     if rows:
         ep = [int(r["epoch"]) for r in rows]

@@ -72,7 +72,7 @@ def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str, task
         result = ("error", e.with_traceback(None))
     except MemoryError:
         result = ("error", InputTooLargeError(path, "reading it ran out of the memory allowed to one input"))
-    except BaseException as e:  # noqa: BLE001 - nothing but a typed error leaves the worker
+    except BaseException as e:
         result = ("error", CorruptImageError(path, f"file cannot be read ({safe_message(e)})"))
     try:
         conn.send(result)

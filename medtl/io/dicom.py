@@ -22,9 +22,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
+from medtl.io import dicom_geometry as geometry
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
-from medtl.io import dicom_geometry as geometry
 from medtl.io.scan import Scan, is_colour, luminance
 
 log = logging.getLogger("medtl.io")
@@ -47,7 +47,7 @@ def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool =
     """
     path = Path(name)
     with reading(path, "DICOM header"):
-        fp = BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        fp = BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115 -- `with fp` below
         with fp:
             try:
                 preamble = pydicom.filereader.read_preamble(fp, force=True)
@@ -376,7 +376,7 @@ class FileVOI:
         self.mirror: float | None = None
 
     @classmethod
-    def from_dataset(cls, ds: pydicom.Dataset, path: Path) -> "FileVOI | None":
+    def from_dataset(cls, ds: pydicom.Dataset, path: Path) -> FileVOI | None:
         lut = ds.get("VOILUTSequence")
         has_lut = bool(lut) and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper().strip()

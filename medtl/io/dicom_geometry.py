@@ -13,7 +13,6 @@ import pydicom
 from medtl.errors import CorruptImageError
 from medtl.io.guard import safe_message
 
-
 LPS = ("L", "P", "S")  # DICOM patient axes: +x toward the patient's left, +y posterior, +z superior
 
 

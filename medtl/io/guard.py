@@ -56,7 +56,7 @@ def reading(path: str | Path | None, what: str):
                                  "a smaller input, or a lower MEDTL_MAX_INPUT_BYTES to refuse it early") from None
     except RecursionError:
         raise CorruptImageError(path, f"{what} is nested too deeply to be parsed") from None
-    except Exception as e:  # noqa: BLE001 - the purpose of this boundary
+    except Exception as e:
         raise CorruptImageError(path, f"{what} cannot be read ({safe_message(e)})") from None
 
 

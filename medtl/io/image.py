@@ -13,8 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
-                          UnsupportedFormatError)
+from medtl.errors import (
+    CorruptImageError,
+    FileMissingError,
+    InputTooLargeError,
+    MedtlInputError,
+    UnsupportedFormatError,
+)
 from medtl.io.guard import reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance

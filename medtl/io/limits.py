@@ -42,7 +42,7 @@ class ReadLimits:
                                      f"{_size(self.max_bytes)}; refused before allocating",
                                      "a smaller input, or raise MEDTL_MAX_INPUT_BYTES")
 
-    def replace(self, **changes) -> "ReadLimits":
+    def replace(self, **changes) -> ReadLimits:
         return replace(self, **changes)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gzip
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np

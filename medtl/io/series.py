@@ -11,7 +11,6 @@ override them, and the reason for the choice is reported.
 
 from __future__ import annotations
 
-
 import logging
 import tempfile
 import zipfile
@@ -21,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from medtl.errors import (CorruptImageError, FileMissingError, InputTooLargeError, MedtlInputError,
-                          UnsupportedFormatError)
+from medtl.errors import (
+    CorruptImageError,
+    FileMissingError,
+    InputTooLargeError,
+    MedtlInputError,
+    UnsupportedFormatError,
+)
 from medtl.io.dicom import dataset_to_scan, declared_bytes, open_dicom, study_key
 from medtl.io.dicom_geometry import image_orientation, orientation_letters, sort_along_normal
 from medtl.io.guard import reading

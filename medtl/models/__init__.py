@@ -1,5 +1,6 @@
 """Encoders (timm architectures with ImageNet weights) and their preprocessing records."""
 
+from medtl.errors import WeightsError  # (re-exported: where users of medtl.models look for it)
 from medtl.models._registry import EncoderSpec, get_encoder_spec, list_encoders, register_encoder
 from medtl.models.encoders import (
     Preprocessing,
@@ -10,7 +11,6 @@ from medtl.models.encoders import (
     load_state_dict_file,
     resolve_preprocessing,
 )
-from medtl.errors import WeightsError  # (re-exported: where users of medtl.models look for it)
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.models.volumetric import is_volume_model
 

@@ -20,7 +20,7 @@ class EncoderSpec:
     name: str  # medtl's name for it ("efficientnet_lite0")
     timm_name: str  # the timm architecture built for it
     description: str  # one line for `medtl encoders` and error messages
-    offline_weights: Callable[[], "object"] | None = None  # returns (path, sha256 or prefix) of bundled weights
+    offline_weights: Callable[[], object] | None = None  # returns (path, sha256 or prefix) of bundled weights
     cam_layer: str | None = None  # module whose output Grad-CAM uses; None = the last feature stage
     spatial_dims: int = 2  # 2: a timm image encoder; 3: a MONAI volume CNN (medtl.models.volumetric)
     source: str = "timm"  # who builds it: "timm", "torchvision" (medtl.models.tvision) or "monai"
@@ -29,7 +29,7 @@ class EncoderSpec:
 _ENCODERS: dict[str, EncoderSpec] = {}
 
 
-def register_encoder(spec: "EncoderSpec | Callable[[], EncoderSpec]") -> EncoderSpec:
+def register_encoder(spec: EncoderSpec | Callable[[], EncoderSpec]) -> EncoderSpec:
     """Register an encoder by its spec, or (used as a decorator) by a function returning its spec."""
     if callable(spec) and not isinstance(spec, EncoderSpec):
         spec = spec()

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medtl.errors import RunError
-from medtl.models.peft import plain_state_dict
 from medtl.models.encoders import Preprocessing, create_encoder
+from medtl.models.peft import plain_state_dict
 
 FORMAT_VERSION = "1"
 
@@ -53,7 +53,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is no mapping
     except Exception as e:
         raise RunError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") != "medtl-classifier":
@@ -77,4 +77,4 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 
 
-__all__ = ["save_model", "load_model", "load_saved_run", "SavedRun", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "FORMAT_VERSION"]

@@ -98,7 +98,7 @@ class TorchvisionEncoder(ClassifierAdapter):
         layers = list(enc.layers)
         for layer in layers[:-1]:
             x = layer(x)
-        side = int(round((x.shape[1] - 1) ** 0.5))
+        side = round((x.shape[1] - 1) ** 0.5)
         grid = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
         grid = self.token_grid(grid)
         x = torch.cat([x[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)

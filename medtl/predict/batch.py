@@ -23,8 +23,8 @@ from pathlib import Path
 import pydicom
 
 from medtl.errors import MedtlError
-from medtl.predict.predictor import Predictor
 from medtl.io.reader import sniff_format
+from medtl.predict.predictor import Predictor
 
 log = logging.getLogger("medtl.predict.batch")
 
@@ -61,7 +61,7 @@ class Inputs(list):
             self._folder.cleanup()
             self._folder = None
 
-    def __enter__(self) -> "Inputs":
+    def __enter__(self) -> Inputs:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -158,7 +158,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
     done = done_keys(final) | {k for part in part_files(final) for k in done_keys(part)}
     todo = [i for i in inputs if i.key not in done]
     if world > 1:  # this process's shard (by key, the same in every process); its rows go to its own part
-        todo = [i for i in sorted(todo, key=lambda i: i.key)[rank::world]]
+        todo = sorted(todo, key=lambda i: i.key)[rank::world]
         csv_path = final.with_name(f"{final.name}.part{rank}")
     by_path = {str(i.path): i for i in todo}
     classes = predictor.class_names

@@ -11,7 +11,6 @@ from torch import nn
 
 from medtl.run import RunDir
 
-
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
 
@@ -31,8 +30,8 @@ class ExportedNetwork:
     """An exported network run by ONNX Runtime (on a GPU where asked and available) or TorchScript: an image
     batch in, (logits, features) out as CPU float32 tensors."""
 
-    def __init__(self, path: Path, fmt: str, device: torch.device = torch.device("cpu")):
-        self.format, self.device = fmt, device
+    def __init__(self, path: Path, fmt: str, device: torch.device | None = None):
+        self.format, self.device = fmt, device or torch.device("cpu")
         if fmt == "onnx":
             import onnxruntime as ort  # imported on use: only exported packages need it
 
@@ -53,7 +52,7 @@ class ExportedNetwork:
         return z.float().cpu(), f.float().cpu()
 
 
-def load_network(folder: str | Path, fmt: str | None = None, device: torch.device = torch.device("cpu")) -> ExportedNetwork:
+def load_network(folder: str | Path, fmt: str | None = None, device: torch.device | None = None) -> ExportedNetwork:
     """The exported network of a package folder (its format from ``export.json`` unless given)."""
     folder = Path(folder)
     fmt = fmt or RunDir(folder).read_json(RunDir.EXPORT)["format"]

@@ -134,7 +134,7 @@ class OODDetector:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is no mapping
         except Exception as e:
             raise RunError(f"{path}: not a readable out-of-distribution file ({type(e).__name__})") from None
         if meta.get("format") != "medtl-ood" or meta.get("method") not in METHODS:
@@ -208,7 +208,7 @@ def foreign_check(predictor, in_scores: np.ndarray, foreign: list[str | Path]) -
         y = np.r_[np.zeros(len(in_scores)), np.ones(len(scored))]
         auroc = float(roc_auc_score(y, np.r_[in_scores, scored]))
     return {"measured": True, "method": det.method, "threshold": det.threshold, "auroc": auroc,
-            "n_in": int(len(in_scores)), "n_foreign": len(rows),
+            "n_in": len(in_scores), "n_foreign": len(rows),
             "in_refused_by_content": float(np.mean(in_scores > det.threshold)) if len(in_scores) else None,
             "foreign_refused": float(np.mean([r["refused"] for r in rows])) if rows else None,
             "foreign_refused_by_content": float(np.mean(np.asarray(scored) > det.threshold)) if scored else None,

@@ -26,6 +26,7 @@ from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.transforms.chain import create_transforms
 from medtl.transforms.read import display_image, prepare_inputs
 
+
 @dataclass
 class Prediction:
     """A model's answer for one file, or its refusal to answer."""

@@ -53,3 +53,4 @@ UNLIKE_TRAINING = ("it does not look like the images the model was trained on (i
                    "what {pct} of the validation images reached)")
 
 
+__all__ = ["input_refusal", "UNLIKE_TRAINING"]

@@ -9,16 +9,16 @@ one :class:`~medtl.train.trainer.Trainer` running the :mod:`~medtl.train.stages`
 :mod:`~medtl.train.objectives`, :mod:`~medtl.train.heads`, :mod:`~medtl.train.batching` and
 :mod:`~medtl.train.loop` it needs."""
 
+from medtl.models.groups import ALL
 from medtl.train.data import PreparedData, create_datasets, prepare_data, read_data
 from medtl.train.experiment import environment, run_experiment
-from medtl.models.groups import ALL
-from medtl.train.trainer import FitResult
-from medtl.train.stages import Stage, from_scratch, param_groups, plan_stages
-from medtl.train.search import auto_candidates
 from medtl.train.fitting import fit
 from medtl.train.loop import prefetch, use_prefetch
 from medtl.train.lr_find import LRFindResult, find_lr, lr_sweep
 from medtl.train.recipe import create_seeded_model, train_model
+from medtl.train.search import auto_candidates
+from medtl.train.stages import Stage, from_scratch, param_groups, plan_stages
+from medtl.train.trainer import FitResult
 
 __all__ = ["run_experiment", "train_model", "create_seeded_model", "create_datasets", "prepare_data", "read_data",
            "PreparedData", "environment", "fit", "FitResult", "Stage", "ALL", "plan_stages", "param_groups",

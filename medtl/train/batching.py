@@ -12,7 +12,6 @@ import torch
 from medtl.config import TrainConfig
 from medtl.runtime import Runtime, measure_training_speed, usable_cores
 
-
 REFERENCE_BATCH = 8  # train.lr is the learning rate for batches of this size (the default batch_size)
 
 

@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from medtl.config import DataConfig
-from medtl.data import Manifest, Problem, check_split_classes, create_dataset, decode_records, read_dataset, \
-    read_unlabelled, split_by_patient
+from medtl.data import (
+    Manifest,
+    Problem,
+    check_split_classes,
+    create_dataset,
+    decode_records,
+    read_dataset,
+    read_unlabelled,
+    split_by_patient,
+)
 from medtl.data.dataset import decode_workers, store_options
 from medtl.errors import ConfigError, MedtlInputError
 from medtl.models import Preprocessing

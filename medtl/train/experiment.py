@@ -38,9 +38,9 @@ from medtl.predict.post import Decision, Logits, aggregate_slices
 from medtl.run import RunDir
 from medtl.runtime import Runtime, distributed
 from medtl.train.data import PreparedData, prepare_data, prepare_unlabelled, read_data
-from medtl.train.trainer import FitResult
-from medtl.train.stages import from_scratch
 from medtl.train.recipe import create_seeded_model, train_model
+from medtl.train.stages import from_scratch
+from medtl.train.trainer import FitResult
 from medtl.transforms import create_transforms, display_image, prepare_inputs
 from medtl.version import __version__
 

@@ -20,8 +20,8 @@ from medtl.predict.forward import extract_features
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train.batching import REFERENCE_BATCH
 from medtl.train.data import prepare_data, read_data
-from medtl.train.recipe import create_seeded_model
 from medtl.train.loop import train_epoch
+from medtl.train.recipe import create_seeded_model
 
 
 @dataclass

@@ -14,8 +14,8 @@ from torch.utils.data import Dataset
 from medtl.config import ExperimentConfig
 from medtl.models import Preprocessing, create_model, resolve_preprocessing
 from medtl.train.data import create_datasets
-from medtl.train.trainer import FitResult
 from medtl.train.fitting import fit
+from medtl.train.trainer import FitResult
 
 
 def create_seeded_model(cfg: ExperimentConfig, n_classes: int, seed: int | None = None,

@@ -31,14 +31,14 @@ class BatchAugment:
         self.warp = AffineTransform(normalized=False, zero_centered=True, align_corners=False, padding_mode="zeros")
         self.set_random_state(seed)
 
-    def stronger(self, seed: int) -> "BatchAugment":
+    def stronger(self, seed: int) -> BatchAugment:
         """The strong view of semi-supervised consistency training (FixMatch's, in kind): rotations up to 30
         degrees, zoom by up to 25 %, shifts up to 12.5 %, gamma in [0.5, 2], noise up to 0.05, twice the
         colour jitter, and a cut-out square (side up to half the image) filled with mid-grey."""
         return BatchAugment(self.pre, self.flip, 30.0, 0.25, 0.125, seed, min(0.5, 2 * self.color_jitter), 0.5,
                             (0.5, 2.0), 0.05)
 
-    def set_random_state(self, seed: int) -> "BatchAugment":
+    def set_random_state(self, seed: int) -> BatchAugment:
         self.R = torch.Generator().manual_seed(int(seed))
         self._device_R: dict[str, torch.Generator] = {}
         return self
@@ -143,3 +143,4 @@ class BatchAugment:
         return (x * gain).clamp(0, 1)
 
 
+__all__ = ["BatchAugment"]

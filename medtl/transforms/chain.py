@@ -3,7 +3,6 @@ normalisation, the same for training and inference (:func:`create_transforms`)."
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from monai.transforms import (
@@ -15,37 +14,11 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medtl.transforms.augment import BatchAugment
-from medtl.transforms.read import LoadScan2Dd
 from medtl.config import DataConfig
 from medtl.errors import ConfigError
 from medtl.models.encoders import Preprocessing
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+from medtl.transforms.augment import BatchAugment
+from medtl.transforms.read import LoadScan2Dd
 
 
 def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tuple[Compose, Compose]:
@@ -137,12 +110,10 @@ def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], siz
     """Undo the pad-to-square and resize of :func:`create_transforms` on a (size, size) map."""
     h, w = (int(v) for v in original_shape)
     scale = size / max(h, w)
-    rh, rw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
     top, left = (size - rh) // 2, (size - rw) // 2
     crop = saliency[top:top + rh, left:left + rw]
     return np.asarray(Resize((h, w), mode="bilinear")(crop[None]))[0]
 
 
-__all__ = ["intensity_preset", "scale_intensity", "volume_inputs", "scan_from_array", "LoadScan2Dd", "split_slices",
-           "prepare_inputs", "display_image", "aggregate_slices", "aggregate_studies", "create_transforms",
-           "BatchAugment", "TrainingTransform", "EncoderInputd", "split_final", "input_to_original", "XRAY_MODALITIES"]
+__all__ = ["create_transforms", "TrainingTransform", "EncoderInputd", "split_final", "input_to_original"]

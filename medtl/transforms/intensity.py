@@ -10,7 +10,6 @@ from medtl.config import CT_WINDOWS, DataConfig
 from medtl.errors import MedtlInputError
 from medtl.io import Scan
 
-
 XRAY_MODALITIES = ("CR", "DX", "DR", "MG", "RF", "XA", "PX", "IO", "XR", "DF")
 
 
@@ -98,3 +97,4 @@ def use_colour(scan: Scan, data: DataConfig, channels: int = 3) -> bool:
     return scan.rgb is not None and data.color != "grey" and channels == 3
 
 
+__all__ = ["XRAY_MODALITIES", "intensity_preset", "scale_intensity", "scale_colour", "use_colour"]

@@ -147,3 +147,4 @@ def display_image(part: dict) -> np.ndarray:
     return channels[channels.shape[0] // 2]
 
 
+__all__ = ["LoadScan2Dd", "volume_inputs", "scan_from_array", "split_slices", "prepare_inputs", "display_image"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from medtl.eval.sanity import run_sanity_checks
 from medtl.explain.saliency import METHODS, compute_saliency, integrated_gradients
-from medtl.eval.sanity import rank_correlation, run_sanity_checks
 from medtl.models import create_encoder
 
 SIZE = 128  # Grad-CAM's last feature map is 4x4 at this size

@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtl.cli import main
-from medtl.errors import InputTooLargeError, CorruptImageError
+from medtl.errors import CorruptImageError, InputTooLargeError
 from medtl.io import choose_series, describe_path, list_series, read_image
 
 
@@ -70,7 +70,7 @@ def test_localizer_left_out_and_the_choice_reported(tmp_path):
     assert chosen.uid == axial and "localizer" in reason
     scan = read_image(study)
     assert scan.array.shape[0] == 6 and "localizer" in scan.header["series_choice"]
-    other = [s.uid for s in listing.series if s.uid != axial][0]
+    other = next(s.uid for s in listing.series if s.uid != axial)
     assert read_image(study, series_uid=other).array.shape[0] == 8  # the user overrides the rules
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
-from medtl.models.checkpoint import load_model, save_model
 from medtl.errors import ConfigError, WeightsError
 from medtl.explain import compute_saliency
 from medtl.models import create_encoder, encoder_groups, list_encoders, resolve_preprocessing
+from medtl.models.checkpoint import load_model, save_model
 from medtl.models.groups import set_trainable
 
 TV = ["tv_resnet18", "tv_resnet50", "tv_densenet121", "tv_efficientnet_b0", "tv_convnext_tiny", "tv_vit_b_16"]

@@ -3,7 +3,6 @@
 import csv
 
 import numpy as np
-import pytest
 
 from medtl.predict import Decision, Logits
 from medtl.predict.predictor import load_run

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.models.checkpoint import load_model, save_model
 from medtl.data import create_dataset, decode_records, read_manifest
 from medtl.models import create_encoder, resolve_preprocessing
+from medtl.models.checkpoint import load_model, save_model
 from medtl.predict.forward import predict_probs
 from medtl.train import fit, plan_stages
 from medtl.transforms.chain import create_transforms
@@ -147,7 +147,7 @@ def test_no_patient_in_two_splits_of_a_run(tiny_run, sample_dir):
     patient = {}
     with open(sample_dir / "manifest.csv") as f:
         for row in csv.DictReader(f):
-            patient[str((sample_dir / row["image"]))] = row["patient_id"]
+            patient[str(sample_dir / row["image"])] = row["patient_id"]
     split_of = {}
     with open(tiny_run / "splits.csv") as f:
         for row in csv.DictReader(f):
@@ -188,5 +188,5 @@ def test_prefetch_keeps_order_and_raises_a_batch_error_in_place():
         for item in prefetch(broken()):
             got.append(item)
     assert got == [1]
-    for item in prefetch(iter(range(100)), depth=1):  # leaving early ends the producer thread
+    for _ in prefetch(iter(range(100)), depth=1):  # leaving early ends the producer thread
         break

@@ -13,9 +13,9 @@ from medtl.data import create_multilabel_sample, read_dataset, split_by_patient
 from medtl.data.split import check_split_classes, kfold_by_patient
 from medtl.errors import ManifestError, MedtlInputError
 from medtl.metrics import compute_auc, compute_ece, compute_multilabel_metrics, fit_temperature
-from medtl.predict.predictor import load_run
-from medtl.predict.post import Decision, Logits
 from medtl.predict.forward import forward_logits
+from medtl.predict.post import Decision, Logits
+from medtl.predict.predictor import load_run
 from medtl.train import run_experiment
 
 
@@ -208,8 +208,8 @@ def test_multilabel_dicom_results_hold_every_finding(multilabel_run, multilabel_
 
 
 def test_multilabel_page_shows_each_finding_and_its_map(multilabel_run, multilabel_data, tmp_path):
-    from medtl_ui.app import decision_text, explain_case, open_case
     from medtl.predict.predictor import Prediction
+    from medtl_ui.app import decision_text, explain_case, open_case
 
     predictor = load_run(multilabel_run)
     case, message = open_case(predictor, multilabel_data.parent / "dicom" / "img_0003.dcm", "gradcam")
@@ -218,7 +218,7 @@ def test_multilabel_page_shows_each_finding_and_its_map(multilabel_run, multilab
     text = decision_text(predictor, Prediction(**case.prediction))
     assert text.count("≥") + text.count("<") == 2
     first = case.saliency.copy()
-    other = [c for c in predictor.class_names if c != predictor.default_target(Prediction(**case.prediction))][0]
+    other = next(c for c in predictor.class_names if c != predictor.default_target(Prediction(**case.prediction)))
     case.target = other
     explain_case(predictor, case, "gradcam")
     assert not np.allclose(first, case.saliency)

@@ -1,5 +1,6 @@
 """The fine-tuning ladder: exact freezing, cached features, layer-wise rates, auto, DDP, LR finder."""
 
+import itertools
 import os
 
 import numpy as np
@@ -9,12 +10,10 @@ import torch.multiprocessing as mp
 
 from medtl.config import load_config
 from medtl.data import read_dataset
-from medtl.models import create_encoder, resolve_preprocessing
+from medtl.models import create_encoder, encoder_groups, resolve_preprocessing
 from medtl.predict.forward import extract_features, predict_probs
 from medtl.runtime import Runtime
-from medtl.models import encoder_groups
-from medtl.train import auto_candidates, fit, lr_sweep, prepare_data
-from medtl.train import ALL, Stage, param_groups
+from medtl.train import ALL, Stage, auto_candidates, fit, lr_sweep, param_groups, prepare_data
 from tests.data.test_sources import write_medmnist
 
 
@@ -72,7 +71,7 @@ def test_layerwise_learning_rates_decay_from_the_top():
     groups = param_groups(model, Stage("full", 1, ALL, head_lr=1e-3, encoder_lr=1e-4, layer_decay=0.5))
     lrs = [g["lr"] for g in groups]
     assert lrs[0] == 1e-3 and lrs[1] == 1e-4 and lrs[2] == pytest.approx(5e-5)
-    assert len(groups) == 1 + len(encoder_groups(model)) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert len(groups) == 1 + len(encoder_groups(model)) and all(a > b for a, b in itertools.pairwise(lrs[1:]))
 
 
 def test_cached_features_equal_the_live_encoder(npz):
@@ -271,8 +270,8 @@ def test_bitfit_trains_only_biases_and_norms_and_the_head(npz):
 
 
 def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_path):
-    from medtl.models.checkpoint import load_model, save_model
     from medtl.models import resolve_preprocessing
+    from medtl.models.checkpoint import load_model, save_model
 
     cfg = _config(npz, strategy="lora", epochs=2, frozen_epochs=1, lora_rank=2, lr=3e-2)
     model, (train, val, test) = _data(npz, cfg)
@@ -280,7 +279,7 @@ def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_pa
     result = fit(model, train, val, cfg.train, num_classes=2)
     assert [r["stage"] for r in result.history] == ["head", "lora", "lora"]
     changed = _changed(before, model)
-    assert not any("bn" in k or k.endswith("bias") and "classifier" not in k for k in changed), changed
+    assert not any("bn" in k or (k.endswith("bias") and "classifier" not in k) for k in changed), changed
     delta = {k: model.state_dict()[k] - before[k] for k in changed if k.endswith("conv_pw.weight")}
     if result.best_epoch > 1:  # the best epoch is a LoRA one: the encoder's pointwise convolutions moved
         assert delta
@@ -295,8 +294,8 @@ def test_lora_updates_are_low_rank_and_merged_into_the_saved_network(npz, tmp_pa
 
 
 def test_lora_checkpoint_written_during_training_loads_as_the_plain_network(npz, tmp_path):
-    from medtl.models.checkpoint import load_model, save_model
     from medtl.models import resolve_preprocessing
+    from medtl.models.checkpoint import load_model, save_model
 
     cfg = _config(npz, strategy="lora", epochs=1, frozen_epochs=0, lora_rank=4)
     model, (train, val, _) = _data(npz, cfg)
@@ -342,8 +341,8 @@ def test_ensemble_soup_keeps_only_members_that_help_on_validation(npz):
 
 
 def test_strong_view_cuts_out_a_grey_square_and_weak_view_does_not():
-    from medtl.transforms.augment import BatchAugment
     from medtl.models import Preprocessing
+    from medtl.transforms.augment import BatchAugment
 
     pre = Preprocessing(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_chans=3, spatial_dims=2)
     weak = BatchAugment(pre, seed=0)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from medtl.cli import main
-from medtl.config import STRATEGIES, load_config
+from medtl.config import load_config
 from medtl.train import run_experiment
 from medtl.train.stages import plan_stages
 from tests.conftest import tiny_config
@@ -133,7 +133,7 @@ def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, mo
     assert stages == sorted(stages, key=lambda s: int(s.split("_")[1]))  # unfrozen top-down, never re-frozen
     assert [name for name, *_ in seen] == stages  # one history row per stage (one epoch each)
     trainable = [n for _, n, _, _ in seen]
-    assert all(b > a for a, b in zip(trainable, trainable[1:])), trainable  # the trainable set grows every stage
+    assert all(b > a for a, b in itertools.pairwise(trainable)), trainable  # the trainable set grows every stage
     _, _, sizes, head = seen[0]
     assert trainable[0] == head + sizes[-1]  # first stage: the head and the top layer group only
     assert trainable[1] == head + sizes[-1] + sizes[-2]  # then the group below it too

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.models.checkpoint import load_model, save_model
 from medtl.config import load_config
 from medtl.errors import ConfigError, CorruptImageError
 from medtl.models import WeightsError, create_encoder, encoder_groups, resolve_preprocessing
+from medtl.models.checkpoint import load_model, save_model
 from medtl.train import run_experiment
 from medtl.transforms.chain import create_transforms
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from medtl.cli import main
-from medtl.predict.predictor import load_run
 from medtl.predict.ood import OOD_FILE, OODDetector, foreign_check, study_scores, tolerance_threshold
+from medtl.predict.predictor import load_run
 
 
 def _clusters(seed=0, n=200, d=32):
@@ -83,9 +83,10 @@ def test_the_run_refuses_foreign_files_and_predict_exits_3(tiny_run, sample_dir,
 
 
 def test_a_run_without_a_detector_still_answers(tiny_run, sample_dir, tmp_path):
-    old = tmp_path / "old_run"  # a run trained before medtl kept a detector
+    old = tmp_path / "old_run"  # a run trained before medtl kept a detector (and checksums)
     shutil.copytree(tiny_run, old)
     (old / OOD_FILE).unlink()
+    (old / "SHA256SUMS").unlink()
     predictor = load_run(old)
     assert predictor.ood is None
     pred = predictor.predict(sample_dir / "dicom" / "img_0001.dcm")

@@ -15,8 +15,8 @@ import pytest
 
 from medtl.cli import main
 from medtl.clinical.pacs import Credentials, OrthancServer, Pacs, PacsError, find_orthanc
-from tests.test_deid import Canaries
-from tests.test_dicom_results import _dciodvfy_errors
+from tests.clinical.test_deid import Canaries
+from tests.clinical.test_dicom_results import _dciodvfy_errors
 
 pytestmark = pytest.mark.pacs
 

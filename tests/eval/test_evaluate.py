@@ -60,7 +60,7 @@ def test_run_metrics_and_evaluate_report_the_same_test_auc(tiny_run, tmp_path):
 
 
 def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_path):
-    from medtl.eval.card import model_card_markdown, report_html
+    from medtl.eval.card import report_html
 
     result = {"run": "<script>x</script>", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4,
               "n_test_patients": 2, "auc": {"auc": 0.75, "auc_ci": [0.5, 1.0], "resampled": "patients", "n_boot": 10},

@@ -18,9 +18,9 @@ from medtl.adapt.batchnorm import (
     load_bn_statistics,
     save_bn_statistics,
 )
-from medtl.run import load_saved_run
 from medtl.cli import main
 from medtl.predict.predictor import load_run
+from medtl.run import load_saved_run
 from medtl.runtime import Runtime
 
 

@@ -10,8 +10,8 @@ from medtl.config import CT_WINDOWS, load_config
 from medtl.errors import ConfigError
 from medtl.io import Scan
 from medtl.models import Preprocessing
-from medtl.transforms.augment import BatchAugment
 from medtl.predict.post import aggregate_slices
+from medtl.transforms.augment import BatchAugment
 from medtl.transforms.chain import create_transforms
 from medtl.transforms.intensity import intensity_preset, scale_intensity
 from medtl.transforms.read import split_slices, volume_inputs
