@@ -68,7 +68,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
               "operating_point": saved.operating_point, "medtl": __version__, "torch": torch.__version__,
               "parity_max_probability_difference": parity, "source_run": source.name}
     package.write_json(RunDir.EXPORT, record)
-    card = source.evaluation / "model_card.md"
+    card = source.evaluation / RunDir.EVALUATION_CARD
     (package / RunDir.CARD).write_text(card.read_text() if card.is_file() else _short_card(source, record))
     package.write_checksums(p.name for p in out.iterdir() if p.is_file())
     return out

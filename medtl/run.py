@@ -73,6 +73,10 @@ class RunDir:
     SUMS = "SHA256SUMS"
     EVALUATION = "evaluation"
     DECISION = "decision.json"  # in evaluation/: the decision `medtl evaluate` chose
+    EVALUATION_RECORD = "evaluation.json"  # in evaluation/: what `medtl evaluate` measured
+    EVALUATION_CARD = "model_card.md"  # in evaluation/: the model card (model_card.json: the same as data)
+    EVALUATION_CARD_RECORD = "model_card.json"
+    REPORT = "report.html"  # in evaluation/: the self-contained report
     ADAPTATION = "adaptation.json"
     EXPORT = "export.json"
     CARD = "MODEL_CARD.md"  # an export package's model card

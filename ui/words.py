@@ -18,8 +18,6 @@ VOLUME_JUDGED = {  # how a volume reached a 2D model, in words (data.volume_mode
     "middle": "its middle slice only", "mip": "a maximum-intensity projection of all its slices",
     "2.5d": "its middle slice with its two neighbours (2.5D)", "3d": "the whole volume (3D model)",
 }
-MODEL_CARD = "model_card.md"  # in the run's evaluation/ folder (written by `medtl evaluate`)
-EVALUATION_RECORD = "evaluation.json"  # in the run's evaluation/ folder
 
 
 # -- the answer ------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def probability_label(predictor: Predictor) -> str:
 def trust_panel(predictor: Predictor) -> str:
     """The model card written by `medtl evaluate`, or what is known without it, in a clinician's words."""
     run = RunDir(predictor.run_dir)
-    card = run.evaluation / MODEL_CARD
+    card = run.evaluation / RunDir.EVALUATION_CARD
     if card.is_file():
         return card.read_text()
     auc = (run.read_json(RunDir.METRICS, {}).get("test") or {}).get("auc")
@@ -196,7 +194,7 @@ def trust_panel(predictor: Predictor) -> str:
 
 def sanity_text(predictor: Predictor, method: str) -> str:
     """What the evaluation's saliency check said of ``method``'s maps for this model, or that none was made."""
-    record = RunDir(predictor.run_dir).read_json(f"{RunDir.EVALUATION}/{EVALUATION_RECORD}", {})
+    record = RunDir(predictor.run_dir).read_json(f"{RunDir.EVALUATION}/{RunDir.EVALUATION_RECORD}", {})
     verdicts = {s["method"]: s["verdict"] for s in record.get("saliency_sanity", [])}
     if method in verdicts:
         return f"Check of the {method} map: {verdicts[method]}"

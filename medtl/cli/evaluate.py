@@ -47,7 +47,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"{_number(op.get('sensitivity'))}, specificity {_number(op.get('specificity'))} on the test set")
     for s in result["saliency_sanity"]:
         print(f"  {s['method']:22s} {s['verdict']}")
-    print(f"report: {RunDir(args.run).evaluation / 'report.html'}")
+    print(f"report: {RunDir(args.run).evaluation / RunDir.REPORT}")
     return 0
 
 

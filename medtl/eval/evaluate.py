@@ -206,10 +206,10 @@ def write_evaluation(run: RunDir, ev: Evaluation, card: dict, figures: dict[str,
     run.evaluation.mkdir(exist_ok=True)
     for name, png in figures.items():
         (run.evaluation / f"{name}.png").write_bytes(png)
-    run.write_json(f"{RunDir.EVALUATION}/evaluation.json", ev.result)
-    run.write_json(f"{RunDir.EVALUATION}/model_card.json", card)
-    (run.evaluation / "model_card.md").write_text(model_card_markdown(card))
-    (run.evaluation / "report.html").write_text(report_html(ev.result, card, figures))
+    run.write_json(f"{RunDir.EVALUATION}/{RunDir.EVALUATION_RECORD}", ev.result)
+    run.write_json(f"{RunDir.EVALUATION}/{RunDir.EVALUATION_CARD_RECORD}", card)
+    (run.evaluation / RunDir.EVALUATION_CARD).write_text(model_card_markdown(card))
+    (run.evaluation / RunDir.REPORT).write_text(report_html(ev.result, card, figures))
     run.write_decision(ev.decision.to_record())
 
 

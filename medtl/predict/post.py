@@ -172,8 +172,8 @@ class Decision:
             return ("each finding's probability against its threshold chosen on validation data" if self.thresholds
                     else "each finding's probability against 0.5 (no thresholds were chosen for this model)")
         if self.threshold is not None:
-            return (f"the probability of {self.class_names[1]} against the decision threshold {self.threshold:.2f} "
-                    f"chosen on validation data ({self.rule})")
+            return (f"the probability of {self.class_names[1]} against the decision threshold chosen on validation "
+                    f"data ({self.rule})")  # (the number: Judgement.comparison, with the digits it needs)
         return "the most probable class (no decision threshold was chosen for this model)"
 
     @property
