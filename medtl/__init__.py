@@ -16,14 +16,21 @@ from medtl.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "ExperimentConfig": "medtl.config", "load_config": "medtl.config",
-    "MedtlError": "medtl.errors", "MedtlInputError": "medtl.errors",
-    "Predictor": "medtl.predict.predictor", "load_run": "medtl.predict.predictor",
-    "Scan": "medtl.io", "read_image": "medtl.io",
-    "create_encoder": "medtl.models", "list_encoders": "medtl.models",
+    "ExperimentConfig": "medtl.config",
+    "load_config": "medtl.config",
+    "MedtlError": "medtl.errors",
+    "MedtlInputError": "medtl.errors",
+    "Predictor": "medtl.predict.predictor",
+    "load_run": "medtl.predict.predictor",
+    "Scan": "medtl.io",
+    "read_image": "medtl.io",
+    "create_encoder": "medtl.models",
+    "list_encoders": "medtl.models",
     "run_experiment": "medtl.train",
     "Runtime": "medtl.runtime",
-    "RunDir": "medtl.run", "Decision": "medtl.predict.post", "train_model": "medtl.train",
+    "RunDir": "medtl.run",
+    "Decision": "medtl.predict.post",
+    "train_model": "medtl.train",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -56,13 +56,19 @@ class DataConfig:
 
     path: str | None = None  # manifest CSV, image folder (one sub-folder per class) or MedMNIST .npz
     modality: Modality = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
-    intensity: Intensity = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
+    intensity: Intensity = (
+        "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
+    )
     ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
     ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
     percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
-    volume_mode: VolumeMode = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
+    volume_mode: VolumeMode = (
+        "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
+    )
     #   or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
-    slice_aggregation: SliceAggregation = "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
+    slice_aggregation: SliceAggregation = (
+        "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
+    )
     top_k: int = 3  # slices averaged by slice_aggregation "topk"
     volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)
     val_fraction: float = 0.2  # share of patients held out for validation (ignored when the data has its own split)
@@ -72,7 +78,9 @@ class DataConfig:
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
     input_store: InputStore = "float16"  # how prepared model inputs are kept for training and evaluation: "float16"
     #   (half the memory; finer than bf16 compute) or "float32"; memory-mapped (in cache_dir) above 2 GiB
-    color: ColourMode = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
+    color: ColourMode = (
+        "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
+    )
     #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
     color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
     classes: tuple[str, ...] | dict[str, str] | None = None  # the labels accepted, in class order (None: the
@@ -97,12 +105,13 @@ class EncoderConfig:
     drop_rate: float = 0.2  # dropout before the classification head
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: Strategy = "fine_tune"  # one of medtl.options.STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
+    strategy: Strategy = (
+        "fine_tune"  # one of medtl.options.STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
+    )
     #   validation (their scores are saved with the run);
     #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features; "bitfit" / "lora":
     #   parameter-efficient (biases and norms / low-rank updates of the encoder); "lp_ft": converged linear probe,
@@ -137,7 +146,9 @@ class TrainConfig:
     ood_quantile: float = 0.99  # refusal threshold: this quantile of the validation studies' scores
     cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
     patience: int = 6  # stop a stage after this many epochs without a better validation score
-    precision: Precision = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
+    precision: Precision = (
+        "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
+    )
     channels_last: bool = True  # NHWC memory layout (about 2x faster convolutions on CPU)
     compile: bool = False  # torch.compile the model for stages that train the encoder
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
@@ -291,8 +302,9 @@ def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source:
         try:
             kwargs[key] = _check_type(value, hints[key])
         except TypeError:
-            raise ConfigError(source, f"{name}: {value!r} is not {_expected(hints[key])}",
-                              _expected(hints[key])) from None
+            raise ConfigError(
+                source, f"{name}: {value!r} is not {_expected(hints[key])}", _expected(hints[key])
+            ) from None
     return cls(**kwargs)
 
 
@@ -314,16 +326,32 @@ def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> 
 
 # (section.field, lowest, highest, lowest allowed itself): numeric limits checked by validate_config
 LIMITS = [
-    ("data.top_k", 1, None, True), ("data.volume_index", 0, None, True), ("data.color_jitter", 0.0, 0.5, True),
-    ("encoder.input_size", 16, 4096, True), ("encoder.drop_rate", 0.0, 1.0, True),
-    ("train.frozen_epochs", 0, None, True), ("train.epochs", 0, None, True), ("train.unfreeze_groups", 1, None, True),
-    ("train.gradual_epochs", 1, None, True), ("train.lora_rank", 1, 512, True), ("train.ensemble", 1, 64, True),
-    ("train.unlabelled_weight", 0.0, None, True), ("train.pseudo_threshold", 0.5, 1.0, False), ("train.batch_size", 1, None, True), ("train.workers", 0, 64, True), ("train.lr", 0.0, 10.0, False),
-    ("train.encoder_lr_mult", 0.0, None, True), ("train.layer_decay", 0.0, 1.0, False),
-    ("train.weight_decay", 0.0, None, True), ("train.warmup_epochs", 0.0, None, True),
-    ("train.label_smoothing", 0.0, 1.0, True), ("train.ood_quantile", 0.5, 0.9999, True),
-    ("train.mixup", 0.0, None, True), ("train.patience", 1, None, True),
-    ("explain.n_overlays", 0, None, True), ("explain.alpha", 0.0, 1.0, True),
+    ("data.top_k", 1, None, True),
+    ("data.volume_index", 0, None, True),
+    ("data.color_jitter", 0.0, 0.5, True),
+    ("encoder.input_size", 16, 4096, True),
+    ("encoder.drop_rate", 0.0, 1.0, True),
+    ("train.frozen_epochs", 0, None, True),
+    ("train.epochs", 0, None, True),
+    ("train.unfreeze_groups", 1, None, True),
+    ("train.gradual_epochs", 1, None, True),
+    ("train.lora_rank", 1, 512, True),
+    ("train.ensemble", 1, 64, True),
+    ("train.unlabelled_weight", 0.0, None, True),
+    ("train.pseudo_threshold", 0.5, 1.0, False),
+    ("train.batch_size", 1, None, True),
+    ("train.workers", 0, 64, True),
+    ("train.lr", 0.0, 10.0, False),
+    ("train.encoder_lr_mult", 0.0, None, True),
+    ("train.layer_decay", 0.0, 1.0, False),
+    ("train.weight_decay", 0.0, None, True),
+    ("train.warmup_epochs", 0.0, None, True),
+    ("train.label_smoothing", 0.0, 1.0, True),
+    ("train.ood_quantile", 0.5, 0.9999, True),
+    ("train.mixup", 0.0, None, True),
+    ("train.patience", 1, None, True),
+    ("explain.n_overlays", 0, None, True),
+    ("explain.alpha", 0.0, 1.0, True),
 ]
 
 
@@ -339,8 +367,11 @@ def _check_limits(cfg: ExperimentConfig, source) -> None:
             raise ConfigError(source, f"{name}: {value!r} is out of range", f"a value {bound}")
     lo, hi = cfg.data.percentiles
     if not 0 <= lo < hi <= 100:
-        raise ConfigError(source, f"data.percentiles: {list(cfg.data.percentiles)} is out of range",
-                          "two percentiles 0 <= low < high <= 100")
+        raise ConfigError(
+            source,
+            f"data.percentiles: {list(cfg.data.percentiles)} is out of range",
+            "two percentiles 0 <= low < high <= 100",
+        )
 
 
 def validate_config(cfg: ExperimentConfig, source: str | Path | None = None) -> None:
@@ -369,22 +400,30 @@ def _check_options(cfg: ExperimentConfig) -> None:
 
 def _validate(cfg: ExperimentConfig) -> None:
     if not 1 <= cfg.schema_version <= SCHEMA_VERSION:
-        raise ConfigError(None, f"schema_version {cfg.schema_version} is not one this medtl reads (a newer medtl "
-                          "wrote it?)", f"1 to {SCHEMA_VERSION}")
+        raise ConfigError(
+            None,
+            f"schema_version {cfg.schema_version} is not one this medtl reads (a newer medtl wrote it?)",
+            f"1 to {SCHEMA_VERSION}",
+        )
     _check_options(cfg)
     look_up_option(cfg.data.ct_window, [*CT_WINDOWS, "multi"], "CT window")
-    if cfg.data.color_jitter > 0 and (cfg.data.color == "grey" or cfg.data.ct_window == "multi"
-                                      or cfg.data.volume_mode in ("2.5d", "slices_2.5d")):
-        raise ConfigError(None, "data.color_jitter needs colour inputs: its hue and saturation would mix "
-                          "CT windows or neighbouring slices", "color 'auto' or 'rgb', one CT window, a non-2.5d mode")
+    if cfg.data.color_jitter > 0 and (
+        cfg.data.color == "grey" or cfg.data.ct_window == "multi" or cfg.data.volume_mode in ("2.5d", "slices_2.5d")
+    ):
+        raise ConfigError(
+            None,
+            "data.color_jitter needs colour inputs: its hue and saturation would mix CT windows or neighbouring slices",
+            "color 'auto' or 'rgb', one CT window, a non-2.5d mode",
+        )
     if cfg.data.ct_window == "multi":
         if len(cfg.data.ct_multi_windows) != 3:
             raise ConfigError(None, f"data.ct_multi_windows needs 3 windows, got {len(cfg.data.ct_multi_windows)}")
         for w in cfg.data.ct_multi_windows:
             look_up_option(w, CT_WINDOWS, "CT window")
         if cfg.data.volume_mode.endswith("2.5d"):
-            raise ConfigError(None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels",
-                              "one of the two")
+            raise ConfigError(
+                None, "ct_window 'multi' and a 2.5d volume mode both fill the 3 input channels", "one of the two"
+            )
     for name in cfg.train.auto_candidates:
         look_up_option(name, [s for s in STRATEGIES if s != "auto"], "strategy (train.auto_candidates)")
     for name in ("batch_size", "workers"):
@@ -393,8 +432,11 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(None, f"train.{name}: {value!r} is not an integer or 'auto'", "an integer or 'auto'")
     device = cfg.train.device
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(None, f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",
-                          "'auto', 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index)")
+        raise ConfigError(
+            None,
+            f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",
+            "'auto', 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index)",
+        )
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:
         if not 0.0 < v < 0.5:
             raise ConfigError(None, f"{name} must be between 0 and 0.5, got {v}")

@@ -25,8 +25,6 @@ PARITY_LIMIT = 1e-4  # the largest difference of probabilities from PyTorch an e
 OPSET = 17
 
 
-
-
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: bool = False) -> Path:
     """Write the export package of ``run_dir`` to ``out`` (refused when ``out`` holds files, unless
     ``force``). The exported network's probabilities are compared with PyTorch's on generated inputs;
@@ -44,9 +42,16 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
     target = out / FORMATS[fmt]
     with torch.no_grad():
         if fmt == "onnx":
-            torch.onnx.export(wrapper, (example,), str(target), dynamo=False, input_names=["image"],
-                              output_names=["logits", "features"], opset_version=OPSET,
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(target),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits", "features"],
+                opset_version=OPSET,
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+            )
         else:
             torch.jit.trace(wrapper, (example,)).save(str(target))
     for name in (RunDir.CONFIG, RunDir.MODEL, RunDir.OOD):
@@ -56,17 +61,34 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
     parity = max_probability_difference(load_network(out, fmt), wrapper, check)
     if parity > PARITY_LIMIT:
         shutil.rmtree(out)
-        raise RunError(f"{source.path}: the {fmt} export differs from PyTorch by {parity:.2g} in probability "
-                       f"(limit {PARITY_LIMIT:g}); nothing was written")
-    record = {"format": fmt, "file": FORMATS[fmt], "opset": OPSET if fmt == "onnx" else None,
-              "input": {"name": "image", "shape": ["batch", pre.in_chans, *(pre.input_size,) * pre.spatial_dims],
-                        "dtype": "float32", "preprocessing": asdict(pre),
-                        "note": "files are read and prepared as config.yaml says (medtl.predict.Predictor)"},
-              "outputs": {"logits": "class logits (divide by the temperature, then softmax)",
-                          "features": "pooled encoder features (the out-of-distribution detector's input)"},
-              "encoder": saved.encoder, "class_names": saved.class_names, "temperature": saved.temperature,
-              "operating_point": saved.operating_point, "medtl": __version__, "torch": torch.__version__,
-              "parity_max_probability_difference": parity, "source_run": source.name}
+        raise RunError(
+            f"{source.path}: the {fmt} export differs from PyTorch by {parity:.2g} in probability "
+            f"(limit {PARITY_LIMIT:g}); nothing was written"
+        )
+    record = {
+        "format": fmt,
+        "file": FORMATS[fmt],
+        "opset": OPSET if fmt == "onnx" else None,
+        "input": {
+            "name": "image",
+            "shape": ["batch", pre.in_chans, *(pre.input_size,) * pre.spatial_dims],
+            "dtype": "float32",
+            "preprocessing": asdict(pre),
+            "note": "files are read and prepared as config.yaml says (medtl.predict.Predictor)",
+        },
+        "outputs": {
+            "logits": "class logits (divide by the temperature, then softmax)",
+            "features": "pooled encoder features (the out-of-distribution detector's input)",
+        },
+        "encoder": saved.encoder,
+        "class_names": saved.class_names,
+        "temperature": saved.temperature,
+        "operating_point": saved.operating_point,
+        "medtl": __version__,
+        "torch": torch.__version__,
+        "parity_max_probability_difference": parity,
+        "source_run": source.name,
+    }
     package.write_json(RunDir.EXPORT, record)
     card = source.evaluation / RunDir.EVALUATION_CARD
     (package / RunDir.CARD).write_text(card.read_text() if card.is_file() else _short_card(source, record))
@@ -77,24 +99,18 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
 def _short_card(run: RunDir, record: dict) -> str:
     """A model card from the run's own ``metrics.json`` (``medtl evaluate`` writes the full one)."""
     test = run.read_json(RunDir.METRICS, {}).get("test", {})
-    lines = [f"# Model card: {run.name}", "",
-             "Research on transfer learning for medical image classification. Not a medical device.", "",
-             f"- Encoder: {record['encoder']}; classes: {', '.join(record['class_names'])}",
-             f"- Test AUC {test.get('auc')}, accuracy {test.get('accuracy')} on {test.get('n_images')} images of "
-             f"{test.get('n_patients')} patients (the run's own split; `medtl evaluate` adds confidence intervals)",
-             f"- Temperature {record['temperature']}; operating point {record['operating_point']}",
-             f"- Exported as {record['format']} by medtl {record['medtl']} (torch {record['torch']})"]
+    lines = [
+        f"# Model card: {run.name}",
+        "",
+        "Research on transfer learning for medical image classification. Not a medical device.",
+        "",
+        f"- Encoder: {record['encoder']}; classes: {', '.join(record['class_names'])}",
+        f"- Test AUC {test.get('auc')}, accuracy {test.get('accuracy')} on {test.get('n_images')} images of "
+        f"{test.get('n_patients')} patients (the run's own split; `medtl evaluate` adds confidence intervals)",
+        f"- Temperature {record['temperature']}; operating point {record['operating_point']}",
+        f"- Exported as {record['format']} by medtl {record['medtl']} (torch {record['torch']})",
+    ]
     return "\n".join(lines) + "\n"
-
-
-
-
-
-
-
-
-
-
 
 
 __all__ = ["export_run", "PARITY_LIMIT", "OPSET"]

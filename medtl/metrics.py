@@ -35,14 +35,20 @@ def compute_auc(labels: npt.ArrayLike, probs: np.ndarray, strict: bool = False) 
     if labels.ndim == 2:
         aucs = [a for a in compute_label_aucs(labels, probs) if a is not None]
         if not aucs and strict:
-            raise MedtlInputError(None, "AUC is undefined: no finding has both positive and negative examples",
-                                  "images with and without the findings")
+            raise MedtlInputError(
+                None,
+                "AUC is undefined: no finding has both positive and negative examples",
+                "images with and without the findings",
+            )
         return float(np.mean(aucs)) if aucs else None
     _check(labels, probs)
     if len(np.unique(labels)) < 2:
         if strict:
-            raise MedtlInputError(None, f"AUC is undefined: all {len(labels)} labels are class "
-                                  f"{int(labels[0]) if len(labels) else '-'}", "labels of at least two classes")
+            raise MedtlInputError(
+                None,
+                f"AUC is undefined: all {len(labels)} labels are class {int(labels[0]) if len(labels) else '-'}",
+                "labels of at least two classes",
+            )
         return None
     if probs.shape[1] == 2:
         return float(roc_auc_score(labels, probs[:, 1]))
@@ -56,22 +62,28 @@ def compute_label_aucs(labels: np.ndarray, probs: np.ndarray) -> list[float | No
     """Multi-label: each finding's ROC AUC (None for a finding whose images are all positive or all negative)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     _check_multi_label(labels, probs)
-    return [float(roc_auc_score(labels[:, k], probs[:, k])) if len(np.unique(labels[:, k])) == 2 else None
-            for k in range(labels.shape[1])]
+    return [
+        float(roc_auc_score(labels[:, k], probs[:, k])) if len(np.unique(labels[:, k])) == 2 else None
+        for k in range(labels.shape[1])
+    ]
 
 
 def _check_multi_label(labels: np.ndarray, probs: np.ndarray) -> None:
     if labels.shape != probs.shape:
-        raise MedtlInputError(None, f"multi-label labels of shape {labels.shape} but scores of shape {probs.shape}",
-                              "one score per finding and image")
+        raise MedtlInputError(
+            None,
+            f"multi-label labels of shape {labels.shape} but scores of shape {probs.shape}",
+            "one score per finding and image",
+        )
     if not np.all(np.isfinite(probs)):
         raise MedtlInputError(None, "scores contain NaN or infinity")
     if not np.isin(labels, (0, 1)).all():
         raise MedtlInputError(None, "multi-label labels other than 0 and 1")
 
 
-def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
-                               thresholds: Sequence[float] | None = None) -> dict:
+def compute_multilabel_metrics(
+    labels: np.ndarray, probs: np.ndarray, names: Sequence[str], thresholds: Sequence[float] | None = None
+) -> dict:
     """Multi-label metrics: macro AUC, and per finding its AUC, prevalence, and the sensitivity, specificity,
     PPV and F1 at its threshold (``thresholds``, chosen on validation; 0.5 when None), with the Brier score
     and expected calibration error of its probabilities.
@@ -87,15 +99,23 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, names: Seq
     for k, name in enumerate(names):
         at = compute_binary_metrics(labels[:, k], probs[:, k], thresholds[k])
         two = np.stack([1 - probs[:, k], probs[:, k]], axis=1)
-        per[name] = {"auc": aucs[k], "n_positive": int(labels[:, k].sum()), "prevalence": float(labels[:, k].mean()),
-                     **{m: at[m] for m in ("threshold", "sensitivity", "specificity", "ppv", "f1")},
-                     "brier": float(np.mean((probs[:, k] - labels[:, k]) ** 2)),
-                     "ece": compute_ece(labels[:, k], two)}
+        per[name] = {
+            "auc": aucs[k],
+            "n_positive": int(labels[:, k].sum()),
+            "prevalence": float(labels[:, k].mean()),
+            **{m: at[m] for m in ("threshold", "sensitivity", "specificity", "ppv", "f1")},
+            "brier": float(np.mean((probs[:, k] - labels[:, k]) ** 2)),
+            "ece": compute_ece(labels[:, k], two),
+        }
     defined = [a for a in aucs if a is not None]
     pred = (probs >= np.asarray(thresholds)[None, :]).astype(int)
-    return {"n_images": len(labels), "auc": float(np.mean(defined)) if defined else None,
-            "auc_kind": f"macro over the {len(defined)} findings with positive and negative examples",
-            "exact_match": float(np.mean((pred == labels).all(axis=1))), "per_label": per}
+    return {
+        "n_images": len(labels),
+        "auc": float(np.mean(defined)) if defined else None,
+        "auc_kind": f"macro over the {len(defined)} findings with positive and negative examples",
+        "exact_match": float(np.mean((pred == labels).all(axis=1))),
+        "per_label": per,
+    }
 
 
 def compute_classification_metrics(labels: npt.ArrayLike, probs: np.ndarray) -> dict:
@@ -128,8 +148,9 @@ def compute_classification_metrics(labels: npt.ArrayLike, probs: np.ndarray) -> 
 
 def _check(labels: np.ndarray, probs: np.ndarray) -> None:
     if probs.ndim != 2 or len(labels) != len(probs):
-        raise MedtlInputError(None, f"{len(labels)} labels but scores of shape {probs.shape}",
-                              "one row of class probabilities per label")
+        raise MedtlInputError(
+            None, f"{len(labels)} labels but scores of shape {probs.shape}", "one row of class probabilities per label"
+        )
     if not np.all(np.isfinite(probs)):
         raise MedtlInputError(None, "scores contain NaN or infinity")
     if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
@@ -137,6 +158,7 @@ def _check(labels: np.ndarray, probs: np.ndarray) -> None:
 
 
 # -- operating points ------------------------------------------------------------------------------
+
 
 def choose_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike, rule: str = "youden") -> tuple[float, str]:
     """A decision threshold on class-1 scores chosen on validation data, and its description.
@@ -157,16 +179,18 @@ def choose_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike, rule: str = "
     try:
         target = float(value)
     except ValueError:
-        raise MedtlInputError(None, f"unknown operating-point rule {rule!r}",
-                              "'youden', 'sensitivity:0.9' or 'specificity:0.9'") from None
+        raise MedtlInputError(
+            None, f"unknown operating-point rule {rule!r}", "'youden', 'sensitivity:0.9' or 'specificity:0.9'"
+        ) from None
     if kind == "sensitivity":
         i = int(np.argmax(tpr >= target))
     elif kind == "specificity":
         ok = np.where(1 - fpr >= target)[0]
         i = int(ok[-1])
     else:
-        raise MedtlInputError(None, f"unknown operating-point rule {rule!r}",
-                              "'youden', 'sensitivity:0.9' or 'specificity:0.9'")
+        raise MedtlInputError(
+            None, f"unknown operating-point rule {rule!r}", "'youden', 'sensitivity:0.9' or 'specificity:0.9'"
+        )
     return float(thr[i]), f"{kind} >= {target:g} on validation (sens {tpr[i]:.2f}, spec {1 - fpr[i]:.2f})"
 
 
@@ -193,8 +217,10 @@ def _smoothed_youden(labels: np.ndarray, scores: np.ndarray) -> float:
         return max(0.9 * spread * len(x) ** -0.2, 1e-3)
 
     grid = np.linspace(logit.min() - 1, logit.max() + 1, 2001)
-    cdf = [np.mean([norm.cdf((grid - v) / h) for v in x], axis=0) for x, h in ((pos, bandwidth(pos)),
-                                                                                (neg, bandwidth(neg)))]
+    cdf = [
+        np.mean([norm.cdf((grid - v) / h) for v in x], axis=0)
+        for x, h in ((pos, bandwidth(pos)), (neg, bandwidth(neg)))
+    ]
     j = cdf[1] - cdf[0]  # sensitivity - (1 - specificity) = F_neg(t) - F_pos(t)
     best = np.flatnonzero(j >= j.max() - 1e-9)
     return float(1 / (1 + np.exp(-grid[best[len(best) // 2]])))
@@ -216,17 +242,25 @@ def compute_binary_metrics(labels: npt.ArrayLike, scores: npt.ArrayLike, thresho
     def ratio(a, b):
         return float(a / b) if b else None
 
-    return {"threshold": float(threshold), "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
-            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "f1": float(f1_score(labels, pred, zero_division=0)),
-            "accuracy": float(accuracy_score(labels, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-            "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]]}
+    return {
+        "threshold": float(threshold),
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "f1": float(f1_score(labels, pred, zero_division=0)),
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
 
 
 # -- aggregation and bootstrap ---------------------------------------------------------------------
 
-def aggregate_by_group(labels: npt.ArrayLike, probs: np.ndarray,
-                       groups: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, list]:
+
+def aggregate_by_group(
+    labels: npt.ArrayLike, probs: np.ndarray, groups: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Patient- or study-level results: mean probability per group (labels must agree within a group)."""
     labels, probs, groups = np.asarray(labels), np.asarray(probs, np.float64), np.asarray(groups)
     keys = list(dict.fromkeys(groups.tolist()))
@@ -240,8 +274,13 @@ def aggregate_by_group(labels: npt.ArrayLike, probs: np.ndarray,
     return np.asarray(out_l), np.stack(out_p), keys
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: npt.ArrayLike, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float | None],
+    groups: npt.ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
     """Percentile interval of ``statistic(indices)`` over resamples of whole groups (patients).
 
     ``statistic`` takes image indices and may return None (undefined on that resample: skipped).
@@ -262,18 +301,24 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], groups: npt.Ar
     return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
 
 
-def compute_auc_ci(labels: npt.ArrayLike, probs: np.ndarray, groups: npt.ArrayLike | None = None, n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+def compute_auc_ci(
+    labels: npt.ArrayLike, probs: np.ndarray, groups: npt.ArrayLike | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict:
     """AUC with a 95% bootstrap interval resampling ``groups`` (patients; each image its own without)."""
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     auc = compute_auc(labels, probs, strict=True)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     ci = bootstrap_ci(lambda idx: compute_auc(labels[idx], probs[idx]), groups, n_boot, seed)
-    return {"auc": auc, "auc_ci": ci, "n_boot": n_boot, "resampled": "patients" if len(set(groups.tolist())) <
-            len(groups) else "images (one per patient)"}
+    return {
+        "auc": auc,
+        "auc_ci": ci,
+        "n_boot": n_boot,
+        "resampled": "patients" if len(set(groups.tolist())) < len(groups) else "images (one per patient)",
+    }
 
 
 # -- calibration -----------------------------------------------------------------------------------
+
 
 def compute_ece(labels: npt.ArrayLike, probs: np.ndarray, n_bins: int = 15) -> float:
     """Expected calibration error of the top-class confidence, ``n_bins`` equal-width bins; multi-label 0/1
@@ -281,8 +326,14 @@ def compute_ece(labels: npt.ArrayLike, probs: np.ndarray, n_bins: int = 15) -> f
     labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
     if labels.ndim == 2:
         _check_multi_label(labels, probs)
-        return float(np.mean([compute_ece(labels[:, k], np.stack([1 - probs[:, k], probs[:, k]], 1), n_bins)
-                              for k in range(labels.shape[1])]))
+        return float(
+            np.mean(
+                [
+                    compute_ece(labels[:, k], np.stack([1 - probs[:, k], probs[:, k]], 1), n_bins)
+                    for k in range(labels.shape[1])
+                ]
+            )
+        )
     _check(labels, probs)
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     correct = (pred == labels).astype(np.float64)
@@ -306,9 +357,16 @@ def reliability_curve(labels: npt.ArrayLike, probs: np.ndarray, n_bins: int = 15
     conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
     edges = np.linspace(0, 1, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    rows = [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int((bins == b).sum()),
-             "confidence": float(conf[bins == b].mean()) if (bins == b).any() else None,
-             "accuracy": float(correct[bins == b].mean()) if (bins == b).any() else None} for b in range(n_bins)]
+    rows = [
+        {
+            "lo": float(edges[b]),
+            "hi": float(edges[b + 1]),
+            "count": int((bins == b).sum()),
+            "confidence": float(conf[bins == b].mean()) if (bins == b).any() else None,
+            "accuracy": float(correct[bins == b].mean()) if (bins == b).any() else None,
+        }
+        for b in range(n_bins)
+    ]
     return {"bins": rows}
 
 
@@ -345,5 +403,3 @@ def seed_mean_ci(values) -> tuple[float, float]:
     """Mean over seeds and the half-width of its normal 95% interval (0 for a single seed)."""
     v = np.asarray(values, dtype=float)
     return float(v.mean()), float(1.96 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-
-

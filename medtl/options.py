@@ -14,8 +14,9 @@ VolumeMode = Literal["middle", "mip", "2.5d", "slices", "slices_2.5d", "3d"]  # 
 SliceAggregation = Literal["mean", "max", "topk"]  # data.slice_aggregation
 ColourMode = Literal["auto", "rgb", "grey"]  # data.color
 InputStore = Literal["float16", "float32"]  # data.input_store
-Strategy = Literal["auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm", "bitfit",
-                   "lora", "lp_ft"]  # train.strategy
+Strategy = Literal[
+    "auto", "linear_probe", "partial", "fine_tune", "gradual", "full", "logreg", "ncm", "bitfit", "lora", "lp_ft"
+]  # train.strategy
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # train.precision
 OODMethod = Literal["knn", "mahalanobis", "off"]  # train.ood
 SaliencyMethod = Literal["gradcam", "gradcampp", "occlusion", "integrated_gradients"]  # explain.method
@@ -40,8 +41,34 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 DECISION_SOURCES: tuple[str, ...] = get_args(DecisionSource)
 FEW_SHOT_HEADS = ("logreg", "ncm")  # strategies that fit a single-label head in closed form on cached features
 
-__all__ = ["Modality", "Intensity", "VolumeMode", "SliceAggregation", "ColourMode", "InputStore", "Strategy",
-           "Precision", "OODMethod", "SaliencyMethod", "AdaptMethod", "ExportFormat", "Backend", "DecisionSource",
-           "MODALITIES", "INTENSITIES", "VOLUME_MODES", "SLICE_AGGREGATIONS", "COLOUR_MODES", "INPUT_STORES",
-           "STRATEGIES", "PRECISIONS", "OOD_METHODS", "SALIENCY_METHODS", "ADAPT_METHODS", "EXPORT_FORMATS", "BACKENDS",
-           "DECISION_SOURCES", "FEW_SHOT_HEADS"]
+__all__ = [
+    "Modality",
+    "Intensity",
+    "VolumeMode",
+    "SliceAggregation",
+    "ColourMode",
+    "InputStore",
+    "Strategy",
+    "Precision",
+    "OODMethod",
+    "SaliencyMethod",
+    "AdaptMethod",
+    "ExportFormat",
+    "Backend",
+    "DecisionSource",
+    "MODALITIES",
+    "INTENSITIES",
+    "VOLUME_MODES",
+    "SLICE_AGGREGATIONS",
+    "COLOUR_MODES",
+    "INPUT_STORES",
+    "STRATEGIES",
+    "PRECISIONS",
+    "OOD_METHODS",
+    "SALIENCY_METHODS",
+    "ADAPT_METHODS",
+    "EXPORT_FORMATS",
+    "BACKENDS",
+    "DECISION_SOURCES",
+    "FEW_SHOT_HEADS",
+]

@@ -217,8 +217,9 @@ class RunDir:
             if name not in present:
                 raise RunError(f"{self.path}: {name} is listed in {self.SUMS} but missing")
             if file_sha256(self / name) != listed[name]:
-                raise RunError(f"{self.path}: {name} does not match its sha256 in {self.SUMS} (changed after it was "
-                               "written)")
+                raise RunError(
+                    f"{self.path}: {name} does not match its sha256 in {self.SUMS} (changed after it was written)"
+                )
 
 
 def verify_package(folder: str | Path) -> dict:
@@ -226,8 +227,10 @@ def verify_package(folder: str | Path) -> dict:
     does not (changed, missing, or not listed)."""
     run = RunDir(folder)
     if not (run / RunDir.SUMS).is_file() or not (run / RunDir.EXPORT).is_file():
-        raise RunError(f"{run.path}: not a medtl export package (no {RunDir.SUMS} or {RunDir.EXPORT}); "
-                       "write one with `medtl export RUN --out DIR`")
+        raise RunError(
+            f"{run.path}: not a medtl export package (no {RunDir.SUMS} or {RunDir.EXPORT}); "
+            "write one with `medtl export RUN --out DIR`"
+        )
     run.verify(every_file=True)
     return run.read_json(RunDir.EXPORT)
 
@@ -255,8 +258,18 @@ def load_saved_run(run_dir: str | Path) -> SavedRun:
     config, resolved = run.read_config()
     run.verify()
     model, meta = load_model(run / RunDir.MODEL)
-    return SavedRun(run.path, config, model, meta["encoder"], meta["class_names"], meta["preprocessing"],
-                    meta["temperature"], meta["operating_point"], resolved.get("input_record", {}), meta["multi_label"])
+    return SavedRun(
+        run.path,
+        config,
+        model,
+        meta["encoder"],
+        meta["class_names"],
+        meta["preprocessing"],
+        meta["temperature"],
+        meta["operating_point"],
+        resolved.get("input_record", {}),
+        meta["multi_label"],
+    )
 
 
 __all__ = ["RunDir", "SavedRun", "load_saved_run", "verify_package", "MIGRATIONS"]

@@ -40,8 +40,9 @@ CACHE_ENV = "MEDTL_CACHE_DIR"  # folder of the precision probe's answers (defaul
 # Measured on an AMX CPU (torch 2.14): bf16 backward passes of MONAI's 3D ResNet-10 gave non-finite gradients in
 # 1 of 20 fresh networks (0 of 20 in fp32), and 3 different gradients in 40 repeats of one pass; training runs
 # diverged with NaN now and then. So 3D networks train in fp32 on a CPU, whatever precision is asked for.
-VOLUME_CPU_REASON = ("3D convolutions train in fp32 on a CPU: in bf16 their backward pass gave non-finite and "
-                     "unrepeatable gradients")
+VOLUME_CPU_REASON = (
+    "3D convolutions train in fp32 on a CPU: in bf16 their backward pass gave non-finite and unrepeatable gradients"
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def precision_candidates(device: torch.device) -> tuple[str, ...]:
 
 # -- precision by measurement ----------------------------------------------------------------------
 
+
 @dataclass
 class PrecisionChoice:
     """The precision a run uses and how it was chosen."""
@@ -142,13 +144,23 @@ class PrecisionChoice:
     img_per_s: dict[str, float] = field(default_factory=dict)  # training images/s of each candidate measured
 
     def as_record(self) -> dict:
-        return {"precision": self.precision, "reason": self.reason,
-                "img_per_s": {k: round(v, 2) for k, v in self.img_per_s.items()}}
+        return {
+            "precision": self.precision,
+            "reason": self.reason,
+            "img_per_s": {k: round(v, 2) for k, v in self.img_per_s.items()},
+        }
 
 
-def measure_training_speed(model: torch.nn.Module, input_shape: tuple[int, ...], batch_size: int, runtime: Runtime,
-                           steps: int = 3, repeats: int = 1, frozen_bn: bool = False,
-                           compile_model: bool = False) -> float:
+def measure_training_speed(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    runtime: Runtime,
+    steps: int = 3,
+    repeats: int = 1,
+    frozen_bn: bool = False,
+    compile_model: bool = False,
+) -> float:
     """Training images/s of a copy of ``model`` (forward, backward, AdamW step) on random inputs: after an
     untimed warm-up step (two when compiling), ``steps`` consecutive steps timed together, the best of
     ``repeats``. ``frozen_bn`` keeps BatchNorm in eval mode (medtl's ``freeze_bn``). The model is not touched."""
@@ -246,8 +258,14 @@ def _write_cache(key: str, record: dict) -> None:
         log.debug("precision cache not written (%s)", e)
 
 
-def choose_precision(configured: str, model: torch.nn.Module, input_shape: tuple[int, ...], batch_size: int,
-                     runtime: Runtime, model_name: str = "") -> PrecisionChoice:
+def choose_precision(
+    configured: str,
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    runtime: Runtime,
+    model_name: str = "",
+) -> PrecisionChoice:
     """The precision to train in: ``MEDTL_PRECISION`` if set, else ``configured`` unless it is
     ``"auto"``; for ``"auto"`` the fastest of :func:`precision_candidates` in a short training probe
     of this model, input shape and batch size (cached per host). A 3D network on a CPU trains in
@@ -264,15 +282,18 @@ def choose_precision(configured: str, model: torch.nn.Module, input_shape: tuple
     if len(candidates) == 1:
         return PrecisionChoice(candidates[0], "the only candidate: this hardware runs no bf16 natively")
     name = model_name or type(model).__name__
-    digest = hashlib.sha1(f"{host_key(runtime.device)}|{runtime.device.type}|{name}|{tuple(input_shape)}|"
-                          f"{batch_size}|{runtime.channels_last}|{candidates}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(
+        f"{host_key(runtime.device)}|{runtime.device.type}|{name}|{tuple(input_shape)}|"
+        f"{batch_size}|{runtime.channels_last}|{candidates}".encode()
+    ).hexdigest()[:16]
     cached = _read_cache().get(digest)
     if cached and cached.get("precision") in candidates:
         return PrecisionChoice(cached["precision"], "cached measurement", cached.get("img_per_s", {}))
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the probe's dropout must not move the run's random streams
-        speeds = {p: measure_training_speed(model, input_shape, batch_size, runtime.replace(precision=p))
-                  for p in candidates}
+        speeds = {
+            p: measure_training_speed(model, input_shape, batch_size, runtime.replace(precision=p)) for p in candidates
+        }
     best = max(speeds, key=lambda p: speeds[p])
     choice = PrecisionChoice(best, "measured", speeds)
     _write_cache(digest, {**choice.as_record(), "key": f"{name} {tuple(input_shape)} batch {batch_size}"})
@@ -290,6 +311,7 @@ def inference_precision(precision: str | None) -> str:
 
 
 # -- distributed ---------------------------------------------------------------------------------
+
 
 def distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun (process group initialised on first use), else (0, 1)."""
@@ -311,7 +333,22 @@ def local_device(device: torch.device, world: int) -> torch.device:
     return device
 
 
-__all__ = ["Runtime", "PrecisionChoice", "resolve_device", "has_conv3d", "native_bf16", "precision_override", "synchronize", "cpu_model",
-           "usable_cores",
-           "precision_candidates", "choose_precision", "inference_precision", "measure_training_speed",
-           "distributed", "local_device", "PRECISIONS", "PRECISION_ENV"]
+__all__ = [
+    "Runtime",
+    "PrecisionChoice",
+    "resolve_device",
+    "has_conv3d",
+    "native_bf16",
+    "precision_override",
+    "synchronize",
+    "cpu_model",
+    "usable_cores",
+    "precision_candidates",
+    "choose_precision",
+    "inference_precision",
+    "measure_training_speed",
+    "distributed",
+    "local_device",
+    "PRECISIONS",
+    "PRECISION_ENV",
+]

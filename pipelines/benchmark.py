@@ -92,8 +92,16 @@ class Scale(NamedTuple):  # not a dataclass: the tests import this script withou
 
 FULL = Scale()
 GPU = Scale(train_patients=640, batch_size=64)  # 768 training images: 12 steps of 64 per epoch
-QUICK = Scale(sample_patients=12, train_patients=16, series_slices=20, image_px=64, probe_epochs=2, repeat=1,
-              batch_size=4, size=64)
+QUICK = Scale(
+    sample_patients=12,
+    train_patients=16,
+    series_slices=20,
+    image_px=64,
+    probe_epochs=2,
+    repeat=1,
+    batch_size=4,
+    size=64,
+)
 
 
 def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
@@ -108,19 +116,32 @@ def bench_io(work: Path, size: int, repeat: int = 3) -> dict:
     cold = timed(lambda: [final(det(r)) for r in records], repeat)
     cached = [det(r) for r in records]
     warm = timed(lambda: [final({"image": c["image"], "label": 0}) for c in cached], repeat)
-    plain = Compose([LoadImage(image_only=True, reader="PydicomReader"), EnsureChannelFirst(),
-                     ScaleIntensityRange(-160, 240, 0, 1, clip=True), Resize(size, size_mode="longest"),
-                     SpatialPad((size, size))])
+    plain = Compose(
+        [
+            LoadImage(image_only=True, reader="PydicomReader"),
+            EnsureChannelFirst(),
+            ScaleIntensityRange(-160, 240, 0, 1, clip=True),
+            Resize(size, size_mode="longest"),
+            SpatialPad((size, size)),
+        ]
+    )
     base = timed(lambda: [plain(f) for f in files], repeat)
     n = len(files)
-    out = {"io_2d_files": n, "io_2d_medtl_img_per_s": n / cold, "io_2d_medtl_cached_img_per_s": n / warm,
-           "io_2d_plain_monai_img_per_s": n / base}
+    out = {
+        "io_2d_files": n,
+        "io_2d_medtl_img_per_s": n / cold,
+        "io_2d_medtl_cached_img_per_s": n / warm,
+        "io_2d_plain_monai_img_per_s": n / base,
+    }
     series = work / "series"
     n_slices = len(list(series.iterdir()))
     t_medtl = timed(lambda: read_series(series), repeat)
     t_plain = timed(lambda: LoadImage(image_only=True, reader="PydicomReader")(str(series)), repeat)
-    out.update(io_series_slices=n_slices, io_series_medtl_slices_per_s=n_slices / t_medtl,
-               io_series_plain_monai_slices_per_s=n_slices / t_plain)
+    out.update(
+        io_series_slices=n_slices,
+        io_series_medtl_slices_per_s=n_slices / t_medtl,
+        io_series_plain_monai_slices_per_s=n_slices / t_plain,
+    )
     return out
 
 
@@ -155,20 +176,36 @@ def plain_loop(train_ds, size: int, epochs: int, batch_size: int, device: torch.
     return n / (time.perf_counter() - t0)
 
 
-def raw_train_speed(size: int, batch_size: int, precision: str, channels_last: bool, compile_: bool,
-                    steps: int = 6, repeats: int = 3, device: torch.device = CPU) -> float:
+def raw_train_speed(
+    size: int,
+    batch_size: int,
+    precision: str,
+    channels_last: bool,
+    compile_: bool,
+    steps: int = 6,
+    repeats: int = 3,
+    device: torch.device = CPU,
+) -> float:
     """Images/s of the training computation alone (medtl.runtime.measure_training_speed): synthetic
     tensors already in memory, the whole model trainable, BatchNorm statistics frozen (as medtl's
     default ``freeze_bn``), AdamW; ``steps`` consecutive steps timed together, the best of ``repeats``."""
     torch.manual_seed(0)
     model = create_encoder(ENCODER, num_classes=2)
-    return measure_training_speed(model, (3, size, size), batch_size, Runtime(device, precision=precision,
-                                  channels_last=channels_last), steps, repeats, frozen_bn=True,
-                                  compile_model=compile_)
+    return measure_training_speed(
+        model,
+        (3, size, size),
+        batch_size,
+        Runtime(device, precision=precision, channels_last=channels_last),
+        steps,
+        repeats,
+        frozen_bn=True,
+        compile_model=compile_,
+    )
 
 
-def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True, repeats: int = 3,
-              device: torch.device = CPU) -> dict:
+def bench_raw(
+    size: int, batch_size: int, steps: int, compile_best: bool = True, repeats: int = 3, device: torch.device = CPU
+) -> dict:
     """The best raw configuration: each precision this hardware runs natively (fp32 always; bf16 where
     native, emulated bf16 being far slower) in NCHW and channels-last, then the best of those compiled."""
     out, speeds = {}, {}
@@ -180,8 +217,7 @@ def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True,
     best = max(speeds, key=speeds.get)
     if compile_best:
         precision, layout = best.split("_", 1)
-        compiled = raw_train_speed(size, batch_size, precision, layout == "channels_last", True, steps, repeats,
-                                   device)
+        compiled = raw_train_speed(size, batch_size, precision, layout == "channels_last", True, steps, repeats, device)
         out[f"raw_{best}_compiled_img_per_s"] = compiled
         if compiled > speeds[best]:
             speeds[f"{best}_compiled"] = compiled
@@ -190,8 +226,17 @@ def bench_raw(size: int, batch_size: int, steps: int, compile_best: bool = True,
     return out
 
 
-def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_best: bool = True,
-                n_patients: int = 128, image_px: int = 128, repeats: int = 3, device: torch.device = CPU) -> dict:
+def bench_train(
+    work: Path,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    compile_best: bool = True,
+    n_patients: int = 128,
+    image_px: int = 128,
+    repeats: int = 3,
+    device: torch.device = CPU,
+) -> dict:
     """medtl's loop (precision auto; eager, and compiled too where a compiled raw configuration is the
     fastest) on decoded sample data with augmentation, between two measurements of the raw
     computation; each side's figure is its best timed stretch of one epoch's steps."""
@@ -206,21 +251,46 @@ def bench_train(work: Path, size: int, epochs: int, batch_size: int, compile_bes
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
     loops = {}
     for compiled in (False, True) if raw["best_raw_train_config"].endswith("compiled") else (False,):
-        tc = dataclasses.replace(cfg.train, strategy="full", epochs=epochs, batch_size=batch_size,
-                                 patience=epochs + 1, compile=compiled, device=str(device))
+        tc = dataclasses.replace(
+            cfg.train,
+            strategy="full",
+            epochs=epochs,
+            batch_size=batch_size,
+            patience=epochs + 1,
+            compile=compiled,
+            device=str(device),
+        )
         _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2)  # (seeded with train.seed, 0)
         timed_epochs = result.history[1:]  # the first epoch is a warm-up (and fills the input cache)
         loops["compiled" if compiled else "eager"] = steps * batch_size / min(r["seconds"] for r in timed_epochs)
     medtl = max(loops.values())
     precision, layout = raw["best_raw_train_config"].split("_", 1)
-    again = raw_train_speed(size, batch_size, precision, layout.startswith("channels_last"),
-                            layout.endswith("compiled"), steps, repeats, device)
+    again = raw_train_speed(
+        size,
+        batch_size,
+        precision,
+        layout.startswith("channels_last"),
+        layout.endswith("compiled"),
+        steps,
+        repeats,
+        device,
+    )
     best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
-    return {**raw, "best_raw_train_img_per_s": best_raw, "device": str(device), "train_input_px": size,
-            "train_batch_size": batch_size,
-            "train_images": len(train), "train_precision": result.precision, "train_timed_epochs": len(timed_epochs),
-            **{f"train_{k}_img_per_s": v for k, v in loops.items()}, "plain_train_img_per_s": plain,
-            "train_img_per_s": medtl, "speedup": medtl / plain, "train_vs_best_raw": medtl / best_raw}
+    return {
+        **raw,
+        "best_raw_train_img_per_s": best_raw,
+        "device": str(device),
+        "train_input_px": size,
+        "train_batch_size": batch_size,
+        "train_images": len(train),
+        "train_precision": result.precision,
+        "train_timed_epochs": len(timed_epochs),
+        **{f"train_{k}_img_per_s": v for k, v in loops.items()},
+        "plain_train_img_per_s": plain,
+        "train_img_per_s": medtl,
+        "speedup": medtl / plain,
+        "train_vs_best_raw": medtl / best_raw,
+    }
 
 
 def bench_probe(work: Path, size: int, epochs: int) -> dict:
@@ -228,8 +298,9 @@ def bench_probe(work: Path, size: int, epochs: int) -> dict:
     out = {"probe_epochs": epochs}
     for cache in (True, False):
         cfg, model, (train, val, _) = _prepared(manifest, size, augment=False)
-        tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=epochs, cache_features=cache,
-                                 patience=epochs + 1)
+        tc = dataclasses.replace(
+            cfg.train, strategy="linear_probe", epochs=epochs, cache_features=cache, patience=epochs + 1
+        )
         probe = functools.partial(train_model, dataclasses.replace(cfg, train=tc), train, val, 2, model=model)
         out[f"probe_seconds_{'cached' if cache else 'uncached'}"] = timed(probe)
     out["probe_speedup"] = out["probe_seconds_uncached"] / out["probe_seconds_cached"]
@@ -240,8 +311,10 @@ def _infer_image(predictor: Predictor, run: Path, image: str, work: Path, repeat
     """Latency of one image's prediction and Grad-CAM; the same run exported to ONNX, run by ONNX Runtime on the
     CPU, against PyTorch on the CPU: the whole prediction (the same file, read the same way) and the forward pass."""
     predictor.predict(image, check=False)
-    out = {"infer_image_predict_ms": 1000 * timed(lambda: predictor.predict(image, check=False), repeat),
-           "infer_image_explain_ms": 1000 * timed(lambda: predictor.explain(image, check=False), repeat)}
+    out = {
+        "infer_image_predict_ms": 1000 * timed(lambda: predictor.predict(image, check=False), repeat),
+        "infer_image_explain_ms": 1000 * timed(lambda: predictor.explain(image, check=False), repeat),
+    }
     onnx = load_run(export_run(run, work / "run_onnx", "onnx", force=True), device="cpu", backend="onnx")
     torch_cpu = load_run(run, device="cpu")
     for p in (onnx, torch_cpu):
@@ -257,8 +330,10 @@ def _infer_image(predictor: Predictor, run: Path, image: str, work: Path, repeat
 def _infer_volume(predictor: Predictor, series: Path) -> dict:
     """Prediction and Grad-CAM seconds per 100-slice volume (the series timed, scaled to 100 slices)."""
     per_100 = 100 / len(list(series.iterdir()))
-    return {"infer_volume100_predict_s": per_100 * timed(lambda: predictor.predict(series, check=False)),
-            "infer_volume100_explain_s": per_100 * timed(lambda: predictor.explain(series, check=False))}
+    return {
+        "infer_volume100_predict_s": per_100 * timed(lambda: predictor.predict(series, check=False)),
+        "infer_volume100_explain_s": per_100 * timed(lambda: predictor.explain(series, check=False)),
+    }
 
 
 def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
@@ -266,9 +341,12 @@ def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
     manifest = work / "sample" / "manifest.csv"
     out = {}
     for mode in ("middle", "slices"):
-        cfg = load_config(data={"path": str(manifest), "augment": False, "volume_mode": mode},
-                          encoder={"input_size": size}, train={"epochs": 1, "frozen_epochs": 1},
-                          explain={"n_overlays": 0})
+        cfg = load_config(
+            data={"path": str(manifest), "augment": False, "volume_mode": mode},
+            encoder={"input_size": size},
+            train={"epochs": 1, "frozen_epochs": 1},
+            explain={"n_overlays": 0},
+        )
         run = run_experiment(cfg, work / f"run_{mode}", force=True)
         predictor = load_run(run)
         if mode == "middle":
@@ -282,16 +360,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--size", type=int, help="encoder input size in pixels (default 224; 64 with --quick)")
-    p.add_argument("--epochs", type=int,
-                   help="training epochs per loop, the first untimed (default 4; 2 with --quick; at least 2)")
+    p.add_argument(
+        "--epochs", type=int, help="training epochs per loop, the first untimed (default 4; 2 with --quick; at least 2)"
+    )
     p.add_argument("--batch-size", type=int, help="default 16 (64 on a GPU); 4 with --quick")
-    p.add_argument("--device", default="auto", help="where the training figures are measured: auto (a GPU where "
-                   "one can be reached), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the training figures are measured: auto (a GPU where one can be reached), cpu, cuda or cuda:N",
+    )
     p.add_argument("--sections", default="io,train,probe,infer", help="comma-separated subset to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (about 70 s)")
-    p.add_argument("--quick", action="store_true",
-                   help="the same figures from a small, fast run (implies --no-compile): a smoke test, not a "
-                   "measurement")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same figures from a small, fast run (implies --no-compile): a smoke test, not a measurement",
+    )
     return p
 
 
@@ -311,19 +395,28 @@ def main(argv=None) -> int:
     if epochs < 2:
         p.error("--epochs must be at least 2 (the first epoch is an untimed warm-up)")
     logging.basicConfig(level=logging.WARNING)
-    figures = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_bf16": native_bf16(CPU), "quick": args.quick, "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()}
+    figures = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_bf16": native_bf16(CPU),
+        "quick": args.quick,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        create_sample_data(work / "sample", n_patients=scale.sample_patients, n_volumes=0, size=scale.image_px,
-                           force=True)
+        create_sample_data(
+            work / "sample", n_patients=scale.sample_patients, n_volumes=0, size=scale.image_px, force=True
+        )
         create_sample_series(work / "series", n_slices=scale.series_slices, size=scale.image_px)
-        steps = {"io": lambda: bench_io(work, size, scale.repeat),
-                 "train": lambda: bench_train(work, size, epochs, batch_size, compile_best, scale.train_patients,
-                                              scale.image_px, scale.repeat, device),
-                 "probe": lambda: bench_probe(work, size, scale.probe_epochs),
-                 "infer": lambda: bench_infer(work, size, 5 if scale.repeat > 1 else 1)}
+        steps = {
+            "io": lambda: bench_io(work, size, scale.repeat),
+            "train": lambda: bench_train(
+                work, size, epochs, batch_size, compile_best, scale.train_patients, scale.image_px, scale.repeat, device
+            ),
+            "probe": lambda: bench_probe(work, size, scale.probe_epochs),
+            "infer": lambda: bench_infer(work, size, 5 if scale.repeat > 1 else 1),
+        }
         for name in sections:
             t0 = time.perf_counter()
             result = steps[name]()

@@ -43,8 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_fold(cfg: ExperimentConfig, pre: Preprocessing, studies: list[dict], labels: np.ndarray,
-             patients: np.ndarray, rest: np.ndarray, test: np.ndarray, n_classes: int, seed: int) -> dict:
+def run_fold(
+    cfg: ExperimentConfig,
+    pre: Preprocessing,
+    studies: list[dict],
+    labels: np.ndarray,
+    patients: np.ndarray,
+    rest: np.ndarray,
+    test: np.ndarray,
+    n_classes: int,
+    seed: int,
+) -> dict:
     """Train on the fold's ``rest`` (a validation share of its patients picks the epoch), the encoder's head
     initialised with ``seed``; the metrics on its ``test`` studies."""
     t0 = time.perf_counter()
@@ -52,20 +61,27 @@ def run_fold(cfg: ExperimentConfig, pre: Preprocessing, studies: list[dict], lab
     train_idx = rest[np.concatenate([inner["train"], inner["test"]])]  # the inner test goes back to training
     val_idx = rest[inner["val"]]
     model, _ = create_seeded_model(cfg, n_classes, seed=seed)
-    model, result = train_model(cfg, [studies[i] for i in train_idx], [studies[i] for i in val_idx], n_classes,
-                                model=model)
+    model, result = train_model(
+        cfg, [studies[i] for i in train_idx], [studies[i] for i in val_idx], n_classes, model=model
+    )
     (test_ds,) = create_datasets(cfg.data, pre, [studies[i] for i in test])
     y, prob = predict_probs(model, test_ds, result.eval_runtime(), 64)
     m = compute_classification_metrics(y, prob)
-    return {"n_test": len(test), **{name: m.get(name) for name in METRICS},
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "n_test": len(test),
+        **{name: m.get(name) for name in METRICS},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def summary_lines(rows: list[dict], folds: int, data: str, n_images: int, n_patients: int) -> list[str]:
     """summary.md: the mean of each metric with a 95% t-interval over folds."""
-    lines = [f"{folds}-fold patient-level cross-validation of {Path(data).name} "
-             f"({n_images} images, {n_patients} patients)", "",
-             "| metric | mean | 95% CI (t, over folds) |", "|---|---|---|"]
+    lines = [
+        f"{folds}-fold patient-level cross-validation of {Path(data).name} ({n_images} images, {n_patients} patients)",
+        "",
+        "| metric | mean | 95% CI (t, over folds) |",
+        "|---|---|---|",
+    ]
     for name in METRICS:
         v = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
         if len(v) < 2:
@@ -78,8 +94,11 @@ def summary_lines(rows: list[dict], folds: int, data: str, n_images: int, n_pati
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = load_config(args.config, data={"path": args.data},
-                      **({"encoder": {"input_size": args.input_size}} if args.input_size else {}))
+    cfg = load_config(
+        args.config,
+        data={"path": args.data},
+        **({"encoder": {"input_size": args.input_size}} if args.input_size else {}),
+    )
     manifest = read_data(cfg.data)
     manifest.splits = None  # pool everything: the folds are the splits
     n_classes = len(manifest.class_names)
@@ -93,8 +112,10 @@ def main(argv=None) -> int:
     for k, (rest, test) in enumerate(kfold_by_patient(labels, patients, args.folds, args.seed)):
         row = {"fold": k, **run_fold(cfg, pre, studies, labels, patients, rest, test, n_classes, args.seed)}
         rows.append(row)
-        print(f"fold {k + 1}/{args.folds}: " + ", ".join(f"{n} {row[n]:.3f}" for n in METRICS if row[n] is not None),
-              flush=True)
+        print(
+            f"fold {k + 1}/{args.folds}: " + ", ".join(f"{n} {row[n]:.3f}" for n in METRICS if row[n] is not None),
+            flush=True,
+        )
     with open(args.out / "folds.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -112,8 +112,9 @@ def _images(dataset, runtime, shuffle: bool = False, seed: int = 0, batch_size: 
         yield batch["image"]
 
 
-def evaluate(model, studies: list[dict], cfg: ExperimentConfig, pre: Preprocessing,
-             runtime: Runtime) -> tuple[float | None, float]:
+def evaluate(
+    model, studies: list[dict], cfg: ExperimentConfig, pre: Preprocessing, runtime: Runtime
+) -> tuple[float | None, float]:
     """Test AUC and accuracy of ``model`` on ``studies``."""
     (dataset,) = create_datasets(cfg.data, pre, studies)
     y, p = predict_probs(model, dataset, runtime, 64)
@@ -132,8 +133,9 @@ class Source(NamedTuple):  # (not a dataclass: the tests import this script with
     auc: float | None  # its test AUC on the (unshifted) source
 
 
-def source_model(cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Preprocessing, n_classes: int,
-                 cached: Path) -> Source:
+def source_model(
+    cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Preprocessing, n_classes: int, cached: Path
+) -> Source:
     """The seed's source model: trained on the source splits, or loaded from ``cached`` (saved when trained, so
     methods added later reuse it); its test AUC and BatchNorm statistics on the source."""
     if cached.is_file():
@@ -151,17 +153,23 @@ def source_model(cfg: ExperimentConfig, studies: dict[str, list[dict]], pre: Pre
     return Source(cfg, studies, pre, model, runtime, stats, auc)
 
 
-def zero_label_model(src: Source, method: str, target: dict[str, list[dict]], unlabelled, batches, n_classes: int,
-                     pseudo_fraction: float) -> torch.nn.Module:
+def zero_label_model(
+    src: Source, method: str, target: dict[str, list[dict]], unlabelled, batches, n_classes: int, pseudo_fraction: float
+) -> torch.nn.Module:
     """A zero-label method: the source model itself, AdaBN or TENT on the target, self-training on confident
     pseudo-labels, or FixMatch consistency on the unlabelled target (``semi``, ``adabn+semi``)."""
     first_adabn, strategy, _ = parse_method(method)
     if strategy == "semi":  # zero labels: the source labels, with consistency on the unlabelled target
-        model = adapt(src.model, "adabn", batches, src.stats, src.runtime) if first_adabn else \
-            copy.deepcopy(src.model)
+        model = adapt(src.model, "adabn", batches, src.stats, src.runtime) if first_adabn else copy.deepcopy(src.model)
         tc = dataclasses.replace(src.cfg.train, strategy="full", frozen_epochs=0, epochs=min(src.cfg.train.epochs, 5))
-        train_model(dataclasses.replace(src.cfg, train=tc), src.studies["train"], src.studies["val"], n_classes,
-                    model=model, unlabelled=unlabelled)  # (5 epochs: each sweeps the whole unlabelled target once)
+        train_model(
+            dataclasses.replace(src.cfg, train=tc),
+            src.studies["train"],
+            src.studies["val"],
+            n_classes,
+            model=model,
+            unlabelled=unlabelled,
+        )  # (5 epochs: each sweeps the whole unlabelled target once)
         return model
     if method == "self_train":  # source-matched AdaBN, then fine-tuning on confident pseudo-labels
         model = adapt(src.model, "adabn", batches, src.stats, src.runtime)
@@ -172,13 +180,17 @@ def zero_label_model(src: Source, method: str, target: dict[str, list[dict]], un
     return src.model if method == "source_only" else adapt(src.model, method, batches, src.stats, src.runtime)
 
 
-def few_label_model(src: Source, method: str, few: list[dict], target: dict[str, list[dict]], unlabelled, batches,
-                    n_classes: int) -> torch.nn.Module:
+def few_label_model(
+    src: Source, method: str, few: list[dict], target: dict[str, list[dict]], unlabelled, batches, n_classes: int
+) -> torch.nn.Module:
     """A method with k target labels per class: fine-tuning the source model (after AdaBN with ``adabn+``, with
     any train.strategy), or training from the ImageNet weights on them alone (``retrain``)."""
     first_adabn, strategy, semi = parse_method(method)
-    cell = src.cfg if strategy in ("retrain", "fine_tune") else \
-        dataclasses.replace(src.cfg, train=dataclasses.replace(src.cfg.train, strategy=strategy))
+    cell = (
+        src.cfg
+        if strategy in ("retrain", "fine_tune")
+        else dataclasses.replace(src.cfg, train=dataclasses.replace(src.cfg.train, strategy=strategy))
+    )
     if strategy == "retrain":
         model = None  # (train_model builds it, seeded with the seed)
     elif first_adabn:
@@ -189,8 +201,16 @@ def few_label_model(src: Source, method: str, few: list[dict], target: dict[str,
     return model
 
 
-def run_method(src: Source, shift: str, k: int, method: str, target: dict[str, list[dict]], n_classes: int,
-               pseudo_fraction: float, seconds_before: float = 0.0) -> dict | None:
+def run_method(
+    src: Source,
+    shift: str,
+    k: int,
+    method: str,
+    target: dict[str, list[dict]],
+    n_classes: int,
+    pseudo_fraction: float,
+    seconds_before: float = 0.0,
+) -> dict | None:
     """One row of results.csv: ``method`` with ``k`` target labels per class (None where a class has fewer);
     ``seconds_before`` is added to its time."""
     seed = src.cfg.train.seed
@@ -210,28 +230,47 @@ def run_method(src: Source, shift: str, k: int, method: str, target: dict[str, l
             return None
         model = few_label_model(src, method, few, target, unlabelled, batches, n_classes)
     auc, acc = evaluate(model, target["test"], src.cfg, src.pre, src.runtime)
-    return {"shift": shift, "k_per_class": k, "method": method, "seed": seed, "target_auc": auc, "target_acc": acc,
-            "source_auc": src.auc, "seconds": round(time.perf_counter() - t1 + seconds_before, 1)}
+    return {
+        "shift": shift,
+        "k_per_class": k,
+        "method": method,
+        "seed": seed,
+        "target_auc": auc,
+        "target_acc": acc,
+        "source_auc": src.auc,
+        "seconds": round(time.perf_counter() - t1 + seconds_before, 1),
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shift", default="all", help="comma-separated, of " + ", ".join(SHIFTS) + " (ignored with "
-                   "--site-column); the source model of a seed is trained once for all of them")
-    p.add_argument("--methods", default="source_only,adabn,adabn_plain,tent,fine_tune,adabn+fine_tune,retrain",
-                   help="k=0: source_only and the zero-label adaptations (adabn: source-matched, adabn_plain, "
-                   "tent, self_train: AdaBN then fine-tuning on confident pseudo-labels, validated on the source; "
-                   "semi / adabn+semi: the source labels with FixMatch consistency on the unlabelled target images); "
-                   "k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target training images, "
-                   "then fine-tuning on the k labels), any train.strategy in their place (adabn+lp_ft, lora, ...), "
-                   "a +semi suffix for consistency on the unlabelled target images, retrain")
+    p.add_argument(
+        "--shift",
+        default="all",
+        help="comma-separated, of " + ", ".join(SHIFTS) + " (ignored with "
+        "--site-column); the source model of a seed is trained once for all of them",
+    )
+    p.add_argument(
+        "--methods",
+        default="source_only,adabn,adabn_plain,tent,fine_tune,adabn+fine_tune,retrain",
+        help="k=0: source_only and the zero-label adaptations (adabn: source-matched, adabn_plain, "
+        "tent, self_train: AdaBN then fine-tuning on confident pseudo-labels, validated on the source; "
+        "semi / adabn+semi: the source labels with FixMatch consistency on the unlabelled target images); "
+        "k>0: fine_tune, adabn+fine_tune (source-matched AdaBN on the unlabelled target training images, "
+        "then fine-tuning on the k labels), any train.strategy in their place (adabn+lp_ft, lora, ...), "
+        "a +semi suffix for consistency on the unlabelled target images, retrain",
+    )
     p.add_argument("--k", default="0,5,10,25,50", help="target labels per class for adaptation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--pseudo-fraction", type=float, default=0.5, help="self_train: the most confident fraction of "
-                   "each predicted class kept as pseudo-labels")
+    p.add_argument(
+        "--pseudo-fraction",
+        type=float,
+        default=0.5,
+        help="self_train: the most confident fraction of each predicted class kept as pseudo-labels",
+    )
     p.add_argument("--config")
     p.add_argument("--site-column", help="manifest column naming the site (real shift)")
     p.add_argument("--source-site", help="the site used as source (with --site-column)")
@@ -242,13 +281,16 @@ def source_and_targets(args: argparse.Namespace, sets: dict[str, list[dict]]) ->
     """The source splits, and the target splits of each shift: the other sites' images (--site-column), or
     shifted copies of every split."""
     if args.site_column:
+
         def by_site(part, source):
             return [s for s in part if (str(s.get(args.site_column)) == args.source_site) == source]
+
         source = {n: by_site(part, True) for n, part in sets.items()}
         target = {n: by_site(part, False) for n, part in sets.items()}
         return source, {f"{args.site_column}!={args.source_site}": target}
-    return sets, {name: {n: shifted(part, create_shift(name)) for n, part in sets.items()}
-                  for name in args.shift.split(",")}
+    return sets, {
+        name: {n: shifted(part, create_shift(name)) for n, part in sets.items()} for name in args.shift.split(",")
+    }
 
 
 def read_done(results: Path) -> set[tuple[str, str, str, str]]:
@@ -276,8 +318,13 @@ def main(argv=None) -> int:
         if new_file:
             writer.writeheader()
         for seed in [int(s) for s in args.seeds.split(",")]:
-            todo = [(name, k, m) for name in targets for k in ks for m in methods
-                    if (k == 0) == (m in ZERO_LABEL) and (name, str(k), m, str(seed)) not in done]
+            todo = [
+                (name, k, m)
+                for name in targets
+                for k in ks
+                for m in methods
+                if (k == 0) == (m in ZERO_LABEL) and (name, str(k), m, str(seed)) not in done
+            ]
             if not todo:
                 continue
             t0 = time.perf_counter()
@@ -286,15 +333,19 @@ def main(argv=None) -> int:
             base_seconds = time.perf_counter() - t0
             for shift_name, k, method in todo:
                 before = base_seconds if method == "source_only" else 0.0  # (its time includes the source model's)
-                row = run_method(src, shift_name, k, method, targets[shift_name], n_classes, args.pseudo_fraction,
-                                 before)
+                row = run_method(
+                    src, shift_name, k, method, targets[shift_name], n_classes, args.pseudo_fraction, before
+                )
                 if row is None:
                     continue
                 writer.writerow(row)
                 f.flush()
                 auc = row["target_auc"]
-                print(f"{shift_name} k={k:>3d} {method:16s} seed={seed}: target AUC "
-                      f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {src.auc:.3f})", flush=True)
+                print(
+                    f"{shift_name} k={k:>3d} {method:16s} seed={seed}: target AUC "
+                    f"{'n/a' if auc is None else f'{auc:.3f}'} (source test AUC {src.auc:.3f})",
+                    flush=True,
+                )
     with open(results) as f:
         summarise(list(csv.DictReader(f)), args.out)
     return 0
@@ -314,14 +365,37 @@ def summarise(rows: list[dict], out: Path) -> None:
         src = [float(r["source_auc"]) for r in rows if r["shift"] == shift and r["method"] == "source_only"]
         if src:
             ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
-            lines.append(f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
-                         + " — |" * (len(ks) - 1))
-        for method in dict.fromkeys(("source_only", "adabn", "adabn_plain", "tent", "self_train", "semi", "adabn+semi",
-                                     "fine_tune", "adabn+fine_tune", *(r["method"] for r in rows), "retrain")):
+            lines.append(
+                f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
+                + " — |" * (len(ks) - 1)
+            )
+        for method in dict.fromkeys(
+            (
+                "source_only",
+                "adabn",
+                "adabn_plain",
+                "tent",
+                "self_train",
+                "semi",
+                "adabn+semi",
+                "fine_tune",
+                "adabn+fine_tune",
+                *(r["method"] for r in rows),
+                "retrain",
+            )
+        ):
             cells, xs, means, halfs = [], [], [], []
             for k in ks:
-                v = np.array([float(r["target_auc"]) for r in rows if r["shift"] == shift and r["method"] == method
-                              and int(r["k_per_class"]) == k and r["target_auc"] not in ("", "None")])
+                v = np.array(
+                    [
+                        float(r["target_auc"])
+                        for r in rows
+                        if r["shift"] == shift
+                        and r["method"] == method
+                        and int(r["k_per_class"]) == k
+                        and r["target_auc"] not in ("", "None")
+                    ]
+                )
                 cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "—")
                 if len(v):
                     mean, half = seed_mean_ci(v)
@@ -332,14 +406,21 @@ def summarise(rows: list[dict], out: Path) -> None:
                 continue
             lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
             if method in ZERO_LABEL:  # no target labels: a level to beat, not a curve
-                ax.axhline(means[0], ls="--", color="black" if method == "source_only" else None,
-                           label=f"{method} on shifted test ({shift})")
+                ax.axhline(
+                    means[0],
+                    ls="--",
+                    color="black" if method == "source_only" else None,
+                    label=f"{method} on shifted test ({shift})",
+                )
                 continue
             means, halfs = np.array(means), np.array(halfs)
             ax.plot(xs, means, "o-", label=f"{method} ({shift})")
             ax.fill_between(xs, means - halfs, means + halfs, alpha=0.2)
-    ax.set(xlabel="labelled target examples per class", ylabel="target test AUC (95% CI over seeds)",
-           title="Adaptation to a shift")
+    ax.set(
+        xlabel="labelled target examples per class",
+        ylabel="target test AUC (95% CI over seeds)",
+        title="Adaptation to a shift",
+    )
     save_study(fig, ax, out / "adaptation.png", lines, out / "results.md")
 
 

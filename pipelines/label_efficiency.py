@@ -51,25 +51,35 @@ def read_done(path: Path) -> set[tuple[str, str, int]]:
         return {(r["strategy"], r["n_per_class"], int(r["seed"])) for r in csv.DictReader(f)}
 
 
-def cell_config(cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str, size_3d: int,
-                lr_3d: float | None = None) -> ExperimentConfig:
+def cell_config(
+    cfg: ExperimentConfig, strategy: str, seed: int, encoder_3d: str, size_3d: int, lr_3d: float | None = None
+) -> ExperimentConfig:
     """The experiment of one study cell: the strategy's encoder, weights, input and training settings."""
     train = dataclasses.replace(cfg.train, seed=seed)
     if strategy == "scratch_3d":
         return dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, volume_mode="3d"),
+            cfg,
+            data=dataclasses.replace(cfg.data, volume_mode="3d"),
             train=from_scratch(dataclasses.replace(train, lr=lr_3d or train.lr)),
-            encoder=dataclasses.replace(cfg.encoder, name=encoder_3d, pretrained=False, input_size=size_3d))
+            encoder=dataclasses.replace(cfg.encoder, name=encoder_3d, pretrained=False, input_size=size_3d),
+        )
     if strategy == "scratch":
-        return dataclasses.replace(cfg, train=from_scratch(train), encoder=dataclasses.replace(cfg.encoder,
-                                                                                              pretrained=False))
+        return dataclasses.replace(
+            cfg, train=from_scratch(train), encoder=dataclasses.replace(cfg.encoder, pretrained=False)
+        )
     strategy = strategy.replace("+semi", "")  # (run_cell adds the unlabelled images)
     strategy, _, soup = strategy.partition("+soup")  # "full+soup3": 3 seeds of full fine-tuning in a greedy soup
     return dataclasses.replace(cfg, train=dataclasses.replace(train, strategy=strategy, ensemble=int(soup or 1)))
 
 
-def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre: Preprocessing, n_classes: int,
-             train_idx: list[int], semi: bool = False) -> dict:
+def run_cell(
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    pre: Preprocessing,
+    n_classes: int,
+    train_idx: list[int],
+    semi: bool = False,
+) -> dict:
     """Train one cell's model on ``train_idx`` of the training split; its test AUC and accuracy. With ``semi``, the
     rest of the training split, labels hidden, is the unlabelled pool of semi-supervised training."""
     train = [prepared.sets["train"][i] for i in train_idx]
@@ -82,8 +92,11 @@ def run_cell(cfg: ExperimentConfig, prepared: PreparedData, pre: Preprocessing, 
     model, result = train_model(cfg, train, prepared.sets["val"], n_classes, unlabelled=unlabelled)
     (test,) = create_datasets(cfg.data, pre, prepared.sets["test"])
     y, p = predict_probs(model, test, result.eval_runtime(), 64)
-    return {"test_auc": compute_auc(y, p), "test_acc": float((p.argmax(1) == y).mean()),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "test_auc": compute_auc(y, p),
+        "test_acc": float((p.argmax(1) == y).mean()),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def summarise(rows: list[dict], out: Path) -> None:
@@ -109,8 +122,9 @@ def summarise(rows: list[dict], out: Path) -> None:
             if not len(aucs):
                 cols.append("—")
                 continue
-            cols.append(f"AUC {aucs.mean():.3f} ± {aucs.std():.3f}, acc {accs.mean():.3f} ± {accs.std():.3f} "
-                        f"(n={len(aucs)})")
+            cols.append(
+                f"AUC {aucs.mean():.3f} ± {aucs.std():.3f}, acc {accs.mean():.3f} ± {accs.std():.3f} (n={len(aucs)})"
+            )
             mean, half = seed_mean_ci(aucs)
             xs.append(k)
             means.append(mean)
@@ -164,16 +178,22 @@ class StudyData:
         return self.prepared[key]
 
 
-def plan_cells(args: argparse.Namespace, strategies: list[str], labels: list[int], class_names: list[str],
-               done: set[tuple[str, str, int]]) -> list[tuple[str, str, int, list[int]]]:
+def plan_cells(
+    args: argparse.Namespace,
+    strategies: list[str],
+    labels: list[int],
+    class_names: list[str],
+    done: set[tuple[str, str, int]],
+) -> list[tuple[str, str, int, list[int]]]:
     """(strategy, label count, seed, training indices) of every cell not done yet; a label count that a class
     cannot fill is reported and skipped."""
     seeds = [int(s) for s in args.seeds.split(",")]
     todo = []
     for n in args.n_per_class.split(","):
         try:
-            draws = {seed: sample_per_class(labels, None if n == "all" else int(n), seed, class_names)
-                     for seed in seeds}
+            draws = {
+                seed: sample_per_class(labels, None if n == "all" else int(n), seed, class_names) for seed in seeds
+            }
         except TooFewExamplesError as e:
             print(f"skipped n={n} per class: {e.problem}", flush=True)
             continue
@@ -195,8 +215,12 @@ def run_cells(args: argparse.Namespace, cfg: ExperimentConfig, data: StudyData, 
             cell = cell_config(cfg, strategy, seed, args.encoder_3d, args.input_size_3d, args.lr_3d)
             prepared, pre = data(cell)
             try:
-                row = {"strategy": strategy, "n_per_class": n, "seed": seed,
-                       **run_cell(cell, prepared, pre, data.n_classes, idx, semi="+semi" in strategy)}
+                row = {
+                    "strategy": strategy,
+                    "n_per_class": n,
+                    "seed": seed,
+                    **run_cell(cell, prepared, pre, data.n_classes, idx, semi="+semi" in strategy),
+                }
             except TrainingDivergedError as e:
                 failed += 1
                 print(f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: failed, {e}", flush=True)
@@ -206,9 +230,12 @@ def run_cells(args: argparse.Namespace, cfg: ExperimentConfig, data: StudyData, 
             elapsed = time.perf_counter() - t_start
             eta = elapsed / k * (len(todo) - k)
             auc = "n/a" if row["test_auc"] is None else f"{row['test_auc']:.3f}"
-            print(f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: test AUC {auc}, acc "
-                  f"{row['test_acc']:.3f}, {row['seconds']:.0f}s; elapsed {elapsed / 60:.1f} min, "
-                  f"ETA {eta / 60:.1f} min", flush=True)
+            print(
+                f"[{k}/{len(todo)}] {strategy:12s} n={n:>4s} seed={seed}: test AUC {auc}, acc "
+                f"{row['test_acc']:.3f}, {row['seconds']:.0f}s; elapsed {elapsed / 60:.1f} min, "
+                f"ETA {eta / 60:.1f} min",
+                flush=True,
+            )
     return failed
 
 
@@ -226,8 +253,11 @@ def main(argv=None) -> int:
     first = cell_config(cfg, strategies[0], 0, args.encoder_3d, args.input_size_3d, args.lr_3d)
     labels = [s["label"] for s in data(first)[0].sets["train"]]
     todo = plan_cells(args, strategies, labels, data.manifest.class_names, done)
-    print(f"{len(done)} cells done, {len(todo)} to run ({len(strategies)} strategies x "
-          f"{len(args.n_per_class.split(','))} label counts x {len(args.seeds.split(','))} seeds)", flush=True)
+    print(
+        f"{len(done)} cells done, {len(todo)} to run ({len(strategies)} strategies x "
+        f"{len(args.n_per_class.split(','))} label counts x {len(args.seeds.split(','))} seeds)",
+        flush=True,
+    )
     failed = run_cells(args, cfg, data, todo, results)
     if not results.is_file() or not read_done(results):
         print("no cell could run", file=sys.stderr)

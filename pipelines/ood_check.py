@@ -30,9 +30,20 @@ from medtl.predict import Prediction, Predictor, extract_features, load_run
 from medtl.predict.ood import foreign_check, study_scores
 from medtl.train import prepare_data
 
-FOREIGN_DICOM = ["ct/693_UNCI.dcm", "ct/CT_small.dcm", "ct/J2K_pixelrep_mismatch.dcm", "ct/eCT_Supplemental.dcm",
-                 "ct/explicit_VR-UN.dcm", "mr/MR_small.dcm", "mr/MR2_UNCI.dcm", "mr/emri_small.dcm",
-                 "mr/examples_overlay.dcm", "cr/RG1_J2KI.dcm", "cr/RG3_J2KR.dcm", "series/dicom2nifti_hitachi_mr64"]
+FOREIGN_DICOM = [
+    "ct/693_UNCI.dcm",
+    "ct/CT_small.dcm",
+    "ct/J2K_pixelrep_mismatch.dcm",
+    "ct/eCT_Supplemental.dcm",
+    "ct/explicit_VR-UN.dcm",
+    "mr/MR_small.dcm",
+    "mr/MR2_UNCI.dcm",
+    "mr/emri_small.dcm",
+    "mr/examples_overlay.dcm",
+    "cr/RG1_J2KI.dcm",
+    "cr/RG3_J2KR.dcm",
+    "series/dicom2nifti_hitachi_mr64",
+]
 THUMBNAIL_SERIES = "series/pydicom_dicomdirtests"  # 16x16 series of CT, MR and CR
 FOREIGN_NIFTI = ["ch2bet.nii.gz", "anatomical.nii", "S0_10slices.nii.gz", "aniso_vox.nii.gz"]
 
@@ -80,23 +91,32 @@ def check(args: argparse.Namespace, predictor: Predictor) -> tuple[dict, Predict
 
 def summary_lines(args: argparse.Namespace, result: dict, head_ct: Prediction) -> list[str]:
     """``summary.md``: the AUROC, the refusal rates, the head CT's answer and each foreign file's score."""
-    lines = [f"# Out-of-distribution refusal: {Path(args.run).name}", "",
-             f"Detector: {result['detector']['method']} (k = {result['detector']['k']}), threshold "
-             f"{result['threshold']:.4f} (set on {result['detector']['n_val']} validation studies).", "",
-             f"- AUROC of the content score, {result['n_in']} test studies vs {result['n_foreign']} foreign files: "
-             f"**{result['auroc']:.3f}**",
-             f"- test studies refused by content: {result['in_refused_by_content']:.1%}",
-             f"- foreign files refused (header checks and content): {result['foreign_refused']:.1%}; by content alone: "
-             f"{result['foreign_refused_by_content']:.1%}",
-             f"- `medtl predict` on the real head CT (693_UNCI.dcm): "
-             f"{'refused: ' + head_ct.refused if head_ct.refused else 'ANSWERED ' + str(head_ct.label)}",
-             f"- the run's own test files answered: {result['test_files_answered']}", "",
-             "| foreign file | score | refused | reason |", "|---|---|---|---|"]
+    lines = [
+        f"# Out-of-distribution refusal: {Path(args.run).name}",
+        "",
+        f"Detector: {result['detector']['method']} (k = {result['detector']['k']}), threshold "
+        f"{result['threshold']:.4f} (set on {result['detector']['n_val']} validation studies).",
+        "",
+        f"- AUROC of the content score, {result['n_in']} test studies vs {result['n_foreign']} foreign files: "
+        f"**{result['auroc']:.3f}**",
+        f"- test studies refused by content: {result['in_refused_by_content']:.1%}",
+        f"- foreign files refused (header checks and content): {result['foreign_refused']:.1%}; by content alone: "
+        f"{result['foreign_refused_by_content']:.1%}",
+        f"- `medtl predict` on the real head CT (693_UNCI.dcm): "
+        f"{'refused: ' + head_ct.refused if head_ct.refused else 'ANSWERED ' + str(head_ct.label)}",
+        f"- the run's own test files answered: {result['test_files_answered']}",
+        "",
+        "| foreign file | score | refused | reason |",
+        "|---|---|---|---|",
+    ]
     for r in result["foreign"]:
         score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
         lines.append(f"| {r['file']} | {score} | {'yes' if r['refused'] else 'NO'} | {r['reason'] or ''} |")
-    lines += ["", f"Command: `python pipelines/ood_check.py {args.run} --shared {args.shared} --out {args.out}"
-              f"{' --photos' if args.photos else ''}`"]
+    lines += [
+        "",
+        f"Command: `python pipelines/ood_check.py {args.run} --shared {args.shared} --out {args.out}"
+        f"{' --photos' if args.photos else ''}`",
+    ]
     return lines
 
 

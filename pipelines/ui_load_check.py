@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     errors = [e for _, e in results if e]
     print(f"{args.users} users x {args.requests} requests = {len(results)} requests in {wall:.1f} s")
     print(f"errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
-    print(f"latency p50 {np.percentile(latencies, 50):.2f} s, p95 {np.percentile(latencies, 95):.2f} s, "
-          f"max {latencies.max():.2f} s")
+    print(
+        f"latency p50 {np.percentile(latencies, 50):.2f} s, p95 {np.percentile(latencies, 95):.2f} s, "
+        f"max {latencies.max():.2f} s"
+    )
     return 1 if errors else 0
 
 

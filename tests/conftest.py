@@ -28,8 +28,10 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     if _must_run_skipped:
-        print(f"\nMEDTL_NO_SKIP: {len(_must_run_skipped)} browser/real-data/PACS tests were skipped:\n  "
-              + "\n  ".join(_must_run_skipped))
+        print(
+            f"\nMEDTL_NO_SKIP: {len(_must_run_skipped)} browser/real-data/PACS tests were skipped:\n  "
+            + "\n  ".join(_must_run_skipped)
+        )
         session.exitstatus = 1
 
 
@@ -39,8 +41,13 @@ def restore_global_state():
     it found them (a test that changes one cannot change the next test's outcome)."""
     from medtl.io import limits
 
-    threads, env, tmp, cwd, read = torch.get_num_threads(), dict(os.environ), tempfile.tempdir, os.getcwd(), \
-        limits._current
+    threads, env, tmp, cwd, read = (
+        torch.get_num_threads(),
+        dict(os.environ),
+        tempfile.tempdir,
+        os.getcwd(),
+        limits._current,
+    )
     yield
     torch.set_num_threads(threads)
     os.environ.clear()
@@ -62,10 +69,12 @@ def no_leftover_reader_folders():
 
 def tiny_config(manifest: Path, **train):
     """A config small enough to train in seconds: 64 px inputs, one epoch per stage."""
-    return load_config(data={"path": str(manifest), "augment": False},
-                       encoder={"input_size": 64},
-                       train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train},
-                       explain={"n_overlays": 2})
+    return load_config(
+        data={"path": str(manifest), "augment": False},
+        encoder={"input_size": 64},
+        train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train},
+        explain={"n_overlays": 2},
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

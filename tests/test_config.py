@@ -17,8 +17,9 @@ def test_unknown_encoder_and_strategy_listed(tmp_path, capsys):
     from medtl.cli import main
 
     absent = tmp_path / "absent.csv"  # never read: the encoder is refused first
-    assert main(["train", "--data", str(absent), "--out", str(tmp_path / "run"), "--encoder",
-                 "efficientnet_lite9"]) == 2
+    assert (
+        main(["train", "--data", str(absent), "--out", str(tmp_path / "run"), "--encoder", "efficientnet_lite9"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: unknown encoder 'efficientnet_lite9'; did you mean") and "'efficientnet_lite0'" in err
     assert "'resnet18'" in err and "absent.csv" not in err and "Traceback" not in err
@@ -45,17 +46,20 @@ def test_numbers_written_in_exponent_form_are_numbers(tmp_path):
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.weight_decay == 0.05
 
 
-@pytest.mark.parametrize("text, words", [
-    ("train:\n  batch_size: 2.5\n", r"train.batch_size: 2.5 is not an integer"),
-    ("train:\n  lr: abc\n", r"train.lr: 'abc' is not a number"),
-    ("train:\n  epochs: -1\n", r"train.epochs: -1 is out of range \(expected a value >= 0\)"),
-    ("train:\n  lr: 0\n", r"train.lr: 0.0 is out of range"),
-    ("train:\n  freeze_bn: 'no'\n", r"train.freeze_bn: 'no' is not true or false"),
-    ("data:\n  percentiles: [1]\n", r"data.percentiles: \[1\] is not a list of 2 numbers"),
-    ("encoder:\n  input_size: big\n", r"encoder.input_size: 'big' is not an integer \(or null\)"),
-    ("data:\n  augment: 1\n", r"data.augment: 1 is not true or false"),
-    ("train:\n  strategy: 3\n", r"train.strategy: 3 is not a string"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("train:\n  batch_size: 2.5\n", r"train.batch_size: 2.5 is not an integer"),
+        ("train:\n  lr: abc\n", r"train.lr: 'abc' is not a number"),
+        ("train:\n  epochs: -1\n", r"train.epochs: -1 is out of range \(expected a value >= 0\)"),
+        ("train:\n  lr: 0\n", r"train.lr: 0.0 is out of range"),
+        ("train:\n  freeze_bn: 'no'\n", r"train.freeze_bn: 'no' is not true or false"),
+        ("data:\n  percentiles: [1]\n", r"data.percentiles: \[1\] is not a list of 2 numbers"),
+        ("encoder:\n  input_size: big\n", r"encoder.input_size: 'big' is not an integer \(or null\)"),
+        ("data:\n  augment: 1\n", r"data.augment: 1 is not true or false"),
+        ("train:\n  strategy: 3\n", r"train.strategy: 3 is not a string"),
+    ],
+)
 def test_a_value_of_the_wrong_type_or_range_names_file_key_value_and_expectation(tmp_path, text, words):
     p = _yaml(tmp_path, text)
     with pytest.raises(ConfigError, match=words) as e:

@@ -30,10 +30,13 @@ def test_every_example_config_loads_and_is_current(path):
 
 def test_the_demo_config_trains_end_to_end(sample_dir, tmp_path):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sample_ct.yaml")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(sample_dir / "manifest.csv")),
-                              encoder=dataclasses.replace(cfg.encoder, input_size=64),
-                              train=dataclasses.replace(cfg.train, frozen_epochs=1, epochs=1),
-                              explain=dataclasses.replace(cfg.explain, n_overlays=1))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=str(sample_dir / "manifest.csv")),
+        encoder=dataclasses.replace(cfg.encoder, input_size=64),
+        train=dataclasses.replace(cfg.train, frozen_epochs=1, epochs=1),
+        explain=dataclasses.replace(cfg.explain, n_overlays=1),
+    )
     run = run_experiment(cfg, tmp_path / "demo")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == "fine_tune" and metrics["test"]["n_images"] > 0

@@ -32,8 +32,15 @@ def _compare(reference, exported, files):
 
 def test_onnx_package_holds_everything_and_matches_pytorch(tiny_run, onnx_package, sample_dir):
     names = {p.name for p in onnx_package.iterdir()}
-    assert names == {"config.yaml", "model.safetensors", "ood.safetensors", "model.onnx", "export.json",
-                     "MODEL_CARD.md", "SHA256SUMS"}
+    assert names == {
+        "config.yaml",
+        "model.safetensors",
+        "ood.safetensors",
+        "model.onnx",
+        "export.json",
+        "MODEL_CARD.md",
+        "SHA256SUMS",
+    }
     record = verify_package(onnx_package)
     assert record["format"] == "onnx" and record["parity_max_probability_difference"] <= PARITY_LIMIT
     assert record["class_names"] == ["no lesion", "lesion"] and record["input"]["shape"][1:] == [3, 64, 64]

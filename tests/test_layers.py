@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each part may import only the parts on lower levels (or its own). Read from the bottom: a part's level is
 # above everything it needs.
 LEVELS = {
-    "medtl.version": 0, "medtl.errors": 0, "medtl.options": 0,  # names and words, no dependencies
-    "medtl.config": 1, "medtl.runtime": 1, "medtl.metrics": 1,  # settings, the machine, pure metrics
+    "medtl.version": 0,
+    "medtl.errors": 0,
+    "medtl.options": 0,  # names and words, no dependencies
+    "medtl.config": 1,
+    "medtl.runtime": 1,
+    "medtl.metrics": 1,  # settings, the machine, pure metrics
     "medtl.io": 2,  # reading scans
     "medtl.models": 3,  # encoders, their weights and preprocessing records
     "medtl.run": 4,  # the run folder
@@ -23,7 +27,8 @@ LEVELS = {
     "medtl.predict": 8,  # the prediction path, the decision, Predictor
     "medtl.adapt": 9,  # adapting a run to a new site
     "medtl.train": 10,  # the training loop and recipe
-    "medtl.eval": 11, "medtl.export": 11,  # judging a run; packaging it
+    "medtl.eval": 11,
+    "medtl.export": 11,  # judging a run; packaging it
     "medtl.clinical": 12,  # de-identification, DICOM results, PACS
     "medtl_ui": 13,  # the web page
     "medtl.cli": 14,  # the command line (``medtl serve`` starts the web page)
@@ -113,8 +118,10 @@ def test_layers_point_down_counting_imports_inside_functions():
         for target in edges:
             other = _part(target)
             if other and other != own and LEVELS[other] >= LEVELS[own]:
-                wrong.append(f"{module} imports {target} ({other}, level {LEVELS[other]}, is not below {own}, "
-                             f"level {LEVELS[own]})")
+                wrong.append(
+                    f"{module} imports {target} ({other}, level {LEVELS[other]}, is not below {own}, "
+                    f"level {LEVELS[own]})"
+                )
     assert not wrong, "\n".join(sorted(wrong))
 
 
@@ -127,7 +134,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -139,10 +146,14 @@ def test_no_import_cycle():
 
 
 def test_no_module_imports_another_modules_private_names():
-    wrong = [f"{module}: from {imported} import {name}" for module, tree in _modules()
-             for imported, names, _ in _imports(tree)
-             if imported.startswith(("medtl", "ui")) and imported != module
-             for name in names if name.startswith("_") and name != "__version__"]
+    wrong = [
+        f"{module}: from {imported} import {name}"
+        for module, tree in _modules()
+        for imported, names, _ in _imports(tree)
+        if imported.startswith(("medtl", "ui")) and imported != module
+        for name in names
+        if name.startswith("_") and name != "__version__"
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -162,8 +173,10 @@ def test_no_module_or_function_too_long():
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"]])
 def test_start_up_imports_no_torch_monai_or_timm(args):
-    code = (f"import sys; from medtl.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))")
+    code = (
+        f"import sys; from medtl.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
@@ -172,8 +185,10 @@ def test_info_imports_only_the_readers(tmp_path):
     from PIL import Image
 
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    code = (f"import sys; from medtl.cli import main; main(['-q', 'info', {str(tmp_path / 'x.png')!r}]); "
-            "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))")
+    code = (
+        f"import sys; from medtl.cli import main; main(['-q', 'info', {str(tmp_path / 'x.png')!r}]); "
+        "print(sorted(m for m in ('torch', 'monai', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert '"usable": true' in out and out.strip().splitlines()[-1] == "[]"
 

@@ -29,8 +29,11 @@ def npz(tmp_path_factory):
 
 
 def _setup(path, augment=False, **train):
-    cfg = load_config(data={"path": str(path), "augment": augment}, encoder={"input_size": 32},
-                      train={"epochs": 1, "frozen_epochs": 1, "batch_size": 4, **train})
+    cfg = load_config(
+        data={"path": str(path), "augment": augment},
+        encoder={"input_size": 32},
+        train={"epochs": 1, "frozen_epochs": 1, "batch_size": 4, **train},
+    )
     torch.manual_seed(0)
     model = create_encoder("efficientnet_lite0", num_classes=2)
     pre = resolve_preprocessing(model, 32)
@@ -186,8 +189,11 @@ def test_a_label_efficiency_cell_trains_in_bf16(npz, monkeypatch):
 
     monkeypatch.delenv("MEDTL_PRECISION", raising=False)
     mod = _load()
-    cfg = load_config(data={"path": str(npz), "augment": True}, encoder={"input_size": 32},
-                      train={"epochs": 1, "frozen_epochs": 1, "batch_size": 4, "precision": "bf16"})
+    cfg = load_config(
+        data={"path": str(npz), "augment": True},
+        encoder={"input_size": 32},
+        train={"epochs": 1, "frozen_epochs": 1, "batch_size": 4, "precision": "bf16"},
+    )
     model = create_encoder("efficientnet_lite0", num_classes=2)
     pre = resolve_preprocessing(model, 32)
     prepared = prepare_data(cfg.data, pre, 0, read_dataset(npz))
@@ -201,9 +207,15 @@ def test_run_metrics_record_the_precision_and_how_it_was_chosen(tiny_run):
     assert metrics["precision_choice"]["precision"] == metrics["precision"] and metrics["precision_choice"]["reason"]
 
 
-@pytest.mark.parametrize("device, native, expected", [
-    ("cpu", True, ("fp32", "bf16")), ("cpu", False, ("fp32",)),
-    ("cuda", True, ("fp32", "bf16")), ("cuda", False, ("fp32", "fp16"))])
+@pytest.mark.parametrize(
+    "device, native, expected",
+    [
+        ("cpu", True, ("fp32", "bf16")),
+        ("cpu", False, ("fp32",)),
+        ("cuda", True, ("fp32", "bf16")),
+        ("cuda", False, ("fp32", "fp16")),
+    ],
+)
 def test_candidates_follow_the_hardware(monkeypatch, device, native, expected):
     """Every hardware branch, forced: what the probe measures on a CPU or a GPU with or without bf16."""
     from medtl.runtime import precision_candidates
@@ -246,9 +258,11 @@ def test_compiled_training_matches_eager(npz, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_models.append(m) or real(m, **kw))
     states = []
     for compiled in (False, True):
-        cfg = load_config(data={"path": str(npz), "augment": False}, encoder={"input_size": 32, "drop_rate": 0.0},
-                          train={"strategy": "full", "epochs": 1, "batch_size": 4, "precision": "fp32",
-                                 "compile": compiled})
+        cfg = load_config(
+            data={"path": str(npz), "augment": False},
+            encoder={"input_size": 32, "drop_rate": 0.0},
+            train={"strategy": "full", "epochs": 1, "batch_size": 4, "precision": "fp32", "compile": compiled},
+        )
         torch.manual_seed(0)
         model = create_encoder("efficientnet_lite0", num_classes=2, drop_rate=0.0)
         pre = resolve_preprocessing(model, 32)

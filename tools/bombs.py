@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     write_bombs(args.dir)
     print("| bomb | on disk | seconds | peak RSS over baseline (MiB) | outcome |\n|---|---:|---:|---:|---|")
     for path in sorted(args.dir.iterdir()):
-        r = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, cwd=ROOT,
-                           check=False)  # (a reader that crashes is a row of the table, not an error here)
+        r = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, cwd=ROOT, check=False
+        )  # (a reader that crashes is a row of the table, not an error here)
         seconds, mib, outcome = (r.stdout.strip().split("\t") + ["", "", r.stderr[-200:]])[:3]
         print(f"| {path.name} | {path.stat().st_size / 2**20:.1f} MiB | {seconds} | {mib} | {outcome} |")
     return 0

@@ -24,10 +24,14 @@ def _files(rev: str | None) -> dict[str, str]:
     """Path -> text of every Python file under FOLDERS, at ``rev`` (None: the working tree)."""
     if rev is None:
         return {str(p): p.read_text() for f in FOLDERS if Path(f).is_dir() for p in sorted(Path(f).rglob("*.py"))}
-    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, *FOLDERS], capture_output=True, text=True,
-                           check=True).stdout.split()
-    return {n: subprocess.run(["git", "show", f"{rev}:{n}"], capture_output=True, text=True, check=True).stdout
-            for n in names if n.endswith(".py")}
+    names = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, *FOLDERS], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {
+        n: subprocess.run(["git", "show", f"{rev}:{n}"], capture_output=True, text=True, check=True).stdout
+        for n in names
+        if n.endswith(".py")
+    }
 
 
 def _module(path: str) -> str:
@@ -47,8 +51,13 @@ def _imports(tree) -> tuple[list[str], int, int]:
     """(every absolute medtl import's module, how many import statements sit inside functions, how many of those
     import medtl itself)."""
     top = {id(n) for n in tree.body}
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
-                   ast.unparse(node.test) for b in node.body for n in ast.walk(b)}
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for b in node.body
+        for n in ast.walk(b)
+    }
     out, inside, inside_medtl = [], 0, 0
     for node in ast.walk(tree):
         if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in typing_only:
@@ -138,11 +147,17 @@ def report(rev: str | None) -> dict:
             if m in known and m != "medtl" and _module(path) != "medtl" and _part(m) != own:
                 edges[own].add(_part(m))
     layers, cycles = _layers(edges)
-    return {"lines": dict(sorted(lines.items())), "modules": len(modules),
-            "modules_over_500": sorted((m for m in modules if m[0] > 500), reverse=True),
-            "functions_over_60": sorted((f for f in functions if f[0] > 60), reverse=True),
-            "imports_inside_functions": inside, "medtl_imports_inside_functions": inside_medtl, "parts": len(set(edges) | {t for v in edges.values() for t in v}),
-            "layers": layers, "cycles": cycles}
+    return {
+        "lines": dict(sorted(lines.items())),
+        "modules": len(modules),
+        "modules_over_500": sorted((m for m in modules if m[0] > 500), reverse=True),
+        "functions_over_60": sorted((f for f in functions if f[0] > 60), reverse=True),
+        "imports_inside_functions": inside,
+        "medtl_imports_inside_functions": inside_medtl,
+        "parts": len(set(edges) | {t for v in edges.values() for t in v}),
+        "layers": layers,
+        "cycles": cycles,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'all':28s} {sum(r['lines'].values()):6d} lines in {r['modules']} modules")
     print("modules over 500 lines:", ", ".join(f"{p} ({n})" for n, p in r["modules_over_500"]) or "none")
     print("functions over 60 lines:", ", ".join(f"{p} ({n})" for n, p in r["functions_over_60"]) or "none")
-    print(f"imports inside functions in medtl/ and ui/: {r['imports_inside_functions']} "
-          f"({r['medtl_imports_inside_functions']} of them of medtl itself)")
+    print(
+        f"imports inside functions in medtl/ and ui/: {r['imports_inside_functions']} "
+        f"({r['medtl_imports_inside_functions']} of them of medtl itself)"
+    )
     print(f"import graph: {r['parts']} parts, {r['layers']} layers, cycles: {r['cycles'] or 'none'}")
     return 0
 

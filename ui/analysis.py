@@ -27,8 +27,14 @@ from medtl_ui.words import (
 log = logging.getLogger("medtl.ui")
 
 
-def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_uid: str | None = None,
-              files: list[str] | None = None, key: str = "") -> tuple[Case | None, str]:
+def open_case(
+    predictor: Predictor,
+    path: Path,
+    method: str = "gradcam",
+    series_uid: str | None = None,
+    files: list[str] | None = None,
+    key: str = "",
+) -> tuple[Case | None, str]:
     """Read, judge and explain one case; (case, message). The case is None when the file cannot be read."""
     files = files or [path.name]
     name = upload_name(files)
@@ -42,10 +48,21 @@ def open_case(predictor: Predictor, path: Path, method: str = "gradcam", series_
         log.error("analysis failed: %s", type(e).__name__)
         return None, failed_text(name, e)
     note = " ".join(x for x in (note, modality_note(predictor, scan)) if x)
-    case = Case(path=path, scan=scan, key=key, files=files, series=series, series_uid=series_uid or
-                scan.header.get("series", {}).get("series_uid"), series_note=note, prediction=vars(pred),
-                refused=pred.refused, method=method, slice_index=int(pred.slice_index or 0),
-                judged_slice=pred.slice_index is not None or not scan.is_volume, series_chosen=bool(series_uid))
+    case = Case(
+        path=path,
+        scan=scan,
+        key=key,
+        files=files,
+        series=series,
+        series_uid=series_uid or scan.header.get("series", {}).get("series_uid"),
+        series_note=note,
+        prediction=vars(pred),
+        refused=pred.refused,
+        method=method,
+        slice_index=int(pred.slice_index or 0),
+        judged_slice=pred.slice_index is not None or not scan.is_volume,
+        series_chosen=bool(series_uid),
+    )
     if not case.judged_slice or pred.refused:
         case.slice_index = case.n_slices // 2
     if pred.refused:
@@ -76,8 +93,7 @@ def explain_case(predictor: Predictor, case: Case, method: str) -> None:
     try:
         if case.inputs is None:
             case.inputs = predictor.inputs(case.scan)
-        expl = predictor.saliency(case.scan, pred, class_name=case.target, method=method,
-                                  prepared=(*case.inputs, None))
+        expl = predictor.saliency(case.scan, pred, class_name=case.target, method=method, prepared=(*case.inputs, None))
     except Exception as e:  # a 3D model, or a map that fails: no map, and the answer stands
         log.info("no saliency map: %s", type(e).__name__)
         case.image = case.saliency = None
@@ -97,7 +113,8 @@ def slice_map(predictor: Predictor, case: Case, index: int) -> np.ndarray | None
         return case.saliency if index == case.slice_index or not case.scan.is_volume else None
     pred = Prediction(**case.prediction)
     case.inputs = case.inputs or predictor.inputs(case.scan)
-    expl = predictor.saliency(case.scan, pred, class_name=case.target, method=case.method, slice_index=index,
-                              prepared=(*case.inputs, None))
+    expl = predictor.saliency(
+        case.scan, pred, class_name=case.target, method=case.method, slice_index=index, prepared=(*case.inputs, None)
+    )
     case.keep_map((case.method, case.target, index), expl.saliency)
     return expl.saliency

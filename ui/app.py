@@ -37,18 +37,48 @@ from medtl_ui.viewer import VIEWER_HEAD, VIEWER_HELP
 from medtl_ui.words import decision_text, model_summary, probability_label, trust_panel
 
 # launch and create_app, and (for the scripts and tests that import them from here) a case's main calls
-__all__ = ["launch", "create_app", "find_runs", "open_case", "explain_case", "decision_text", "run_case",
-           "header_summary", "export_report"]
+__all__ = [
+    "launch",
+    "create_app",
+    "find_runs",
+    "open_case",
+    "explain_case",
+    "decision_text",
+    "run_case",
+    "header_summary",
+    "export_report",
+]
 
-NOTICE = ("**Research software — not for diagnostic use.** The model answers only for images like those it "
-          "was trained on, and says so when an image is not; read its model card before trusting any answer.")
+NOTICE = (
+    "**Research software — not for diagnostic use.** The model answers only for images like those it "
+    "was trained on, and says so when an image is not; read its model card before trusting any answer."
+)
 MAX_FILE_SIZE = "200mb"
 
 # The components each kind of event changes, in the order Gradio gets them (PageUpdate's field names). The
 # page's API (gradio_client) returns them in this order, less the case state.
-CASE_OUTPUTS = ("viewer", "probabilities", "overlay", "message", "case", "slice", "header", "profile", "jump",
-                "sanity", "preset", "level", "width", "case_info", "series", "report", "caption", "upload", "export",
-                "finding")
+CASE_OUTPUTS = (
+    "viewer",
+    "probabilities",
+    "overlay",
+    "message",
+    "case",
+    "slice",
+    "header",
+    "profile",
+    "jump",
+    "sanity",
+    "preset",
+    "level",
+    "width",
+    "case_info",
+    "series",
+    "report",
+    "caption",
+    "upload",
+    "export",
+    "finding",
+)
 MODEL_OUTPUTS = ("model_info", "model_card", *CASE_OUTPUTS)
 MAP_OUTPUTS = ("overlay", "case", "sanity", "viewer", "caption")
 
@@ -80,14 +110,17 @@ def gradio_outputs(update: PageUpdate, names: tuple[str, ...]):
 
 def gradio_handler(handler: Callable[..., PageUpdate], outputs: tuple[str, ...]) -> Callable:
     """``handler`` as Gradio calls it: the same parameters (Gradio reads them), Gradio's outputs returned."""
+
     @functools.wraps(handler)
     def handle(*args):
         return gradio_outputs(handler(*args), outputs)
+
     return handle
 
 
-def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto",
-               decision: DecisionSource = "training"):
+def create_app(
+    run: str | Path, workdir: Path | None = None, device: str = "auto", decision: DecisionSource = "training"
+):
     """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device`` and answer by
     the ``decision`` chosen in training (default) or by ``medtl evaluate``."""
     import gradio as gr  # heavy optional dependency: imported only when the page is built
@@ -103,8 +136,14 @@ def create_app(run: str | Path, workdir: Path | None = None, device: str = "auto
         examples = _examples()
         if examples:
             upload = gradio_handler(lambda files: page.on_upload(runs[0].name, files, "gradcam", 0.45), CASE_OUTPUTS)
-            gr.Examples([[[str(e)]] for e in examples], inputs=[ui["upload"]], outputs=_components(ui, CASE_OUTPUTS),
-                        fn=upload, run_on_click=True, label="Examples from sample_data")
+            gr.Examples(
+                [[[str(e)]] for e in examples],
+                inputs=[ui["upload"]],
+                outputs=_components(ui, CASE_OUTPUTS),
+                fn=upload,
+                run_on_click=True,
+                label="Examples from sample_data",
+            )
     demo.queue(max_size=16, default_concurrency_limit=max(1, (os.cpu_count() or 2) // 2))
     return demo
 
@@ -118,12 +157,17 @@ def _top(runs: list[Path], first: Predictor) -> dict[str, Any]:
     gr.Markdown("# medtl — scan classification with saliency")
     gr.Markdown(NOTICE)
     with gr.Row():
-        ui["model"] = gr.Dropdown([r.name for r in runs], value=runs[0].name, label="Model (run)",
-                                  interactive=len(runs) > 1)
+        ui["model"] = gr.Dropdown(
+            [r.name for r in runs], value=runs[0].name, label="Model (run)", interactive=len(runs) > 1
+        )
         ui["model_info"] = gr.Markdown(model_summary(first), elem_id="model-info")
     with gr.Row():
-        ui["upload"] = gr.File(label="New case: a DICOM file, several files of one series, a .zip of a study, a "
-                               "NIfTI or a PNG/JPEG", type="filepath", file_count="multiple", elem_id="upload")
+        ui["upload"] = gr.File(
+            label="New case: a DICOM file, several files of one series, a .zip of a study, a NIfTI or a PNG/JPEG",
+            type="filepath",
+            file_count="multiple",
+            elem_id="upload",
+        )
         with gr.Column():
             ui["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="gradcam", label="Saliency method")
             ui["finding"] = gr.Dropdown([], label="Saliency map of the finding", visible=False, elem_id="finding")
@@ -144,21 +188,28 @@ def _case_view(first: Predictor) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown(VIEWER_HELP)
-            ui["viewer"] = gr.Image(label="Viewer", type="numpy", elem_id="scan", interactive=False, height=480,
-                                    buttons=["fullscreen"])
+            ui["viewer"] = gr.Image(
+                label="Viewer", type="numpy", elem_id="scan", interactive=False, height=480, buttons=["fullscreen"]
+            )
             ui["caption"] = gr.Markdown("", elem_id="view-caption")
             # the server checks values against the maximum it was built with, not the case's: a wide one
             ui["slice"] = gr.Slider(0, 4096, value=0, step=1, label="Slice", visible=False, elem_id="slice")
             with gr.Row():
-                ui["preset"] = gr.Dropdown([MODEL_WINDOW, "custom"], value=MODEL_WINDOW, label="Window",
-                                           elem_id="preset")
+                ui["preset"] = gr.Dropdown(
+                    [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, label="Window", elem_id="preset"
+                )
                 ui["level"] = gr.Number(value=40, label="Level", elem_id="level")
                 ui["width"] = gr.Number(value=400, label="Width", minimum=1e-6, elem_id="width")
         with gr.Column(scale=2):
-            ui["probabilities"] = gr.Label(label=probability_label(first), elem_id="probabilities",
-                                           show_heading=False)
-            ui["overlay"] = gr.Image(label="Model's view with its saliency map", type="numpy", elem_id="overlay",
-                                     interactive=False, height=300, buttons=["fullscreen", "download"])
+            ui["probabilities"] = gr.Label(label=probability_label(first), elem_id="probabilities", show_heading=False)
+            ui["overlay"] = gr.Image(
+                label="Model's view with its saliency map",
+                type="numpy",
+                elem_id="overlay",
+                interactive=False,
+                height=300,
+                buttons=["fullscreen", "download"],
+            )
             ui["sanity"] = gr.Markdown("", elem_id="sanity")
             ui["profile"] = gr.Image(label="Score of each slice", type="numpy", interactive=False, visible=False)
             ui["jump"] = gr.Button("Go to the slice the model judged", visible=False)
@@ -172,8 +223,9 @@ def _bottom(first: Predictor) -> dict[str, Any]:
     ui: dict[str, Any] = {"header": gr.JSON(label="Header (de-identified)")}
     with gr.Row():
         ui["export"] = gr.Button("Export one-page report (PDF and PNG)", elem_id="export", interactive=False)
-        ui["report"] = gr.File(label="Report (Export creates it)", interactive=False, file_count="multiple",
-                               elem_id="report")
+        ui["report"] = gr.File(
+            label="Report (Export creates it)", interactive=False, file_count="multiple", elem_id="report"
+        )
     with gr.Accordion("Model card", open=False):
         ui["model_card"] = gr.Markdown(trust_panel(first))
     return ui
@@ -192,26 +244,69 @@ def _wire(ui: dict[str, Any], page: Page) -> None:
     queued = {"concurrency_limit": 2}
     view_changes = [ui[n].change for n in ("slice", "level", "width", "show_map", "alpha")]
     events: list[tuple[Callable, Callable[..., PageUpdate], tuple[str, ...], tuple[str, ...], dict[str, Any]]] = [
-        (ui["upload"].upload, page.on_upload, ("model", "upload", "method", "alpha"), CASE_OUTPUTS,
-         {**queued, "api_name": "on_upload"}),
-        (ui["upload"].clear, page.on_upload, ("model", "upload", "method", "alpha"), CASE_OUTPUTS,
-         {"api_name": "on_clear"}),
-        (ui["series"].input, page.on_series, ("model", "case", "series", "method", "alpha"), CASE_OUTPUTS,
-         {**queued, "api_name": "on_series"}),
-        (ui["model"].change, page.on_model, ("model", "case", "method", "alpha"), MODEL_OUTPUTS,
-         {**queued, "api_name": "on_model"}),
-        (ui["method"].change, page.on_method, ("model", "case", "method", "alpha", "slice", "level", "width",
-                                               "show_map"), MAP_OUTPUTS, {**queued, "api_name": "on_method"}),
-        (ui["finding"].input, page.on_finding, ("model", "case", "finding", "method", "alpha", "slice", "level",
-                                                "width", "show_map"), MAP_OUTPUTS,
-         {**queued, "api_name": "on_finding"}),
-        (functools.partial(gr.on, view_changes), page.on_view, ("model", "case", "slice", "level", "width",
-                                                                "show_map", "alpha"), ("viewer", "caption"),
-         {"show_progress": "hidden", "api_name": "on_view"}),
-        (ui["preset"].input, page.on_preset, ("model", "case", "preset"), ("level", "width"),
-         {"api_name": "on_preset"}),
-        (ui["alpha"].change, page.on_alpha, ("case", "alpha"), ("overlay",),
-         {"show_progress": "hidden", "api_name": "on_alpha"}),
+        (
+            ui["upload"].upload,
+            page.on_upload,
+            ("model", "upload", "method", "alpha"),
+            CASE_OUTPUTS,
+            {**queued, "api_name": "on_upload"},
+        ),
+        (
+            ui["upload"].clear,
+            page.on_upload,
+            ("model", "upload", "method", "alpha"),
+            CASE_OUTPUTS,
+            {"api_name": "on_clear"},
+        ),
+        (
+            ui["series"].input,
+            page.on_series,
+            ("model", "case", "series", "method", "alpha"),
+            CASE_OUTPUTS,
+            {**queued, "api_name": "on_series"},
+        ),
+        (
+            ui["model"].change,
+            page.on_model,
+            ("model", "case", "method", "alpha"),
+            MODEL_OUTPUTS,
+            {**queued, "api_name": "on_model"},
+        ),
+        (
+            ui["method"].change,
+            page.on_method,
+            ("model", "case", "method", "alpha", "slice", "level", "width", "show_map"),
+            MAP_OUTPUTS,
+            {**queued, "api_name": "on_method"},
+        ),
+        (
+            ui["finding"].input,
+            page.on_finding,
+            ("model", "case", "finding", "method", "alpha", "slice", "level", "width", "show_map"),
+            MAP_OUTPUTS,
+            {**queued, "api_name": "on_finding"},
+        ),
+        (
+            functools.partial(gr.on, view_changes),
+            page.on_view,
+            ("model", "case", "slice", "level", "width", "show_map", "alpha"),
+            ("viewer", "caption"),
+            {"show_progress": "hidden", "api_name": "on_view"},
+        ),
+        (
+            ui["preset"].input,
+            page.on_preset,
+            ("model", "case", "preset"),
+            ("level", "width"),
+            {"api_name": "on_preset"},
+        ),
+        (
+            ui["alpha"].change,
+            page.on_alpha,
+            ("case", "alpha"),
+            ("overlay",),
+            {"show_progress": "hidden", "api_name": "on_alpha"},
+        ),
         (ui["jump"].click, page.on_jump, ("case",), ("slice",), {"api_name": "jump"}),
         (ui["export"].click, page.on_export, ("model", "case", "alpha"), ("report",), {"api_name": "export"}),
     ]
@@ -224,13 +319,23 @@ def _wire(ui: dict[str, Any], page: Page) -> None:
 def _examples() -> list[Path]:
     """The sample files offered as examples, where ``sample_data/`` is beside the package."""
     root = Path(__file__).resolve().parents[1] / "sample_data"
-    return [p for p in (root / "dicom" / "img_0003.dcm", root / "dicom" / "img_0001.dcm",
-                        root / "nifti" / "vol_001.nii.gz") if p.is_file()]
+    return [
+        p
+        for p in (root / "dicom" / "img_0003.dcm", root / "dicom" / "img_0001.dcm", root / "nifti" / "vol_001.nii.gz")
+        if p.is_file()
+    ]
 
 
-def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           prevent_thread_lock: bool = False, max_file_size: str = MAX_FILE_SIZE, device: str = "auto",
-           decision: DecisionSource = "training"):
+def launch(
+    run: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    auth: str | None = None,
+    prevent_thread_lock: bool = False,
+    max_file_size: str = MAX_FILE_SIZE,
+    device: str = "auto",
+    decision: DecisionSource = "training",
+):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder
     removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay)."""
     throttle = None
@@ -244,7 +349,17 @@ def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, auth: str
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)
     install_cleanup(workdir)
     demo = create_app(run, workdir, device=device, decision=decision)
-    return demo.launch(server_name=host, server_port=port, share=False, auth=throttle,
-                       max_file_size=max_file_size, show_error=False, prevent_thread_lock=prevent_thread_lock,
-                       footer_links=[], ssr_mode=False, allowed_paths=[], head=VIEWER_HEAD,
-                       app_kwargs={"middleware": client_middleware()})
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        auth=throttle,
+        max_file_size=max_file_size,
+        show_error=False,
+        prevent_thread_lock=prevent_thread_lock,
+        footer_links=[],
+        ssr_mode=False,
+        allowed_paths=[],
+        head=VIEWER_HEAD,
+        app_kwargs={"middleware": client_middleware()},
+    )

@@ -83,8 +83,13 @@ def series_options(series: list[dict]) -> list[tuple[str, str]]:
             continue
         seen.add(s["series_uid"])
         desc = f" · {s['description']}" if shown_description(s.get("description")) else ""
-        options.append((f"series {s['series_number']} · {s['modality']}{desc} · {s['slices']} slice(s) · "
-                        f"{s['size'][0]}×{s['size'][1]}", s["series_uid"]))
+        options.append(
+            (
+                f"series {s['series_number']} · {s['modality']}{desc} · {s['slices']} slice(s) · "
+                f"{s['size'][0]}×{s['size'][1]}",
+                s["series_uid"],
+            )
+        )
     return options
 
 

@@ -88,12 +88,27 @@ def empty_page(predictor: Predictor, message: str) -> PageUpdate:
     """Every case output of the page with no case: nothing of the previous case survives."""
     none = change(choices=[], value=None, visible=False)
     return PageUpdate(
-        viewer=None, probabilities=change(value=None, label=probability_label(predictor)), overlay=None,
-        message=message, case=None, slice=change(visible=False, value=0), header=None,
-        profile=change(value=None, visible=False), jump=change(visible=False), sanity="",
-        preset=change(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True), level=40, width=400,
-        case_info="", series=none, report=None, caption="", upload=change(value=None),
-        export=change(interactive=False), finding=none)
+        viewer=None,
+        probabilities=change(value=None, label=probability_label(predictor)),
+        overlay=None,
+        message=message,
+        case=None,
+        slice=change(visible=False, value=0),
+        header=None,
+        profile=change(value=None, visible=False),
+        jump=change(visible=False),
+        sanity="",
+        preset=change(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True),
+        level=40,
+        width=400,
+        case_info="",
+        series=none,
+        report=None,
+        caption="",
+        upload=change(value=None),
+        export=change(interactive=False),
+        finding=none,
+    )
 
 
 def case_page(predictor: Predictor, case: Case, message: str, alpha: float, method: str) -> PageUpdate:
@@ -107,21 +122,35 @@ def case_page(predictor: Predictor, case: Case, message: str, alpha: float, meth
     view, caption = render_view(predictor, case, case.slice_index, level, width, True, alpha)
     profile = None if refused else slice_profile(case)
     options = series_options(case.series)
-    answer = change(value=None, label="Class probabilities: none, the image was not analysed") if refused else \
-        change(value=case.prediction["probabilities"], label=probability_label(predictor))
+    answer = (
+        change(value=None, label="Class probabilities: none, the image was not analysed")
+        if refused
+        else change(value=case.prediction["probabilities"], label=probability_label(predictor))
+    )
     return PageUpdate(
-        viewer=view, probabilities=answer, overlay=overlay_view(case, alpha), message=message, case=case,
+        viewer=view,
+        probabilities=answer,
+        overlay=overlay_view(case, alpha),
+        message=message,
+        case=case,
         slice=change(visible=case.n_slices > 1, maximum=max(case.n_slices - 1, 1), value=case.slice_index),
-        header=header_summary(case.scan), profile=change(value=profile, visible=profile is not None),
+        header=header_summary(case.scan),
+        profile=change(value=profile, visible=profile is not None),
         jump=change(visible=case.scan.is_volume and case.judged_slice and not refused),
         sanity=sanity_text(predictor, method) if mapped else "",
-        preset=change(choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour,
-                      info=why or None),
+        preset=change(
+            choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour, info=why or None
+        ),
         level=change(value=round(level, 2), interactive=not colour),
         width=change(value=round(width, 2), interactive=not colour),
-        case_info=case_heading(case), series=change(choices=options, value=case.series_uid, visible=len(options) > 1),
-        report=None, caption=caption, upload=change(value=None), export=change(interactive=mapped),
-        finding=finding_menu(predictor, case))
+        case_info=case_heading(case),
+        series=change(choices=options, value=case.series_uid, visible=len(options) > 1),
+        report=None,
+        caption=caption,
+        upload=change(value=None),
+        export=change(interactive=mapped),
+        finding=finding_menu(predictor, case),
+    )
 
 
 def finding_menu(predictor: Predictor, case: Case) -> Change:
@@ -181,14 +210,30 @@ class Page:
         if case is None:
             update = empty_page(predictor, START)
         else:
-            new, message = open_case(predictor, case.path, method, files=case.files, key=case.key,
-                                     series_uid=case.series_uid if case.series_chosen else None)
+            new, message = open_case(
+                predictor,
+                case.path,
+                method,
+                files=case.files,
+                key=case.key,
+                series_uid=case.series_uid if case.series_chosen else None,
+            )
             update = self._show(predictor, new, message, alpha, method)
         update.model_info, update.model_card = model_summary(predictor), trust_panel(predictor)
         return update
 
-    def on_method(self, run_name: str, case: Case | None, method: str, alpha: float, index: int, level: float,
-                  width: float, show_map: bool, finding: str | None = None) -> PageUpdate:
+    def on_method(
+        self,
+        run_name: str,
+        case: Case | None,
+        method: str,
+        alpha: float,
+        index: int,
+        level: float,
+        width: float,
+        show_map: bool,
+        finding: str | None = None,
+    ) -> PageUpdate:
         """Another saliency method (or finding): only the map is recomputed, the prediction is kept."""
         predictor = self.predictor(run_name)
         if case is None or case.refused or case.image is None:
@@ -199,16 +244,32 @@ class Page:
         if case.image is None:
             return PageUpdate(overlay=None, case=case, sanity="", caption="")
         view, caption = render_view(predictor, case, index, level, width, show_map, alpha)
-        return PageUpdate(overlay=overlay_view(case, alpha), case=case, sanity=sanity_text(predictor, method),
-                          viewer=view, caption=caption)
+        return PageUpdate(
+            overlay=overlay_view(case, alpha),
+            case=case,
+            sanity=sanity_text(predictor, method),
+            viewer=view,
+            caption=caption,
+        )
 
-    def on_finding(self, run_name: str, case: Case | None, finding: str, method: str, alpha: float, index: int,
-                   level: float, width: float, show_map: bool) -> PageUpdate:
+    def on_finding(
+        self,
+        run_name: str,
+        case: Case | None,
+        finding: str,
+        method: str,
+        alpha: float,
+        index: int,
+        level: float,
+        width: float,
+        show_map: bool,
+    ) -> PageUpdate:
         """Multi-label: the map of another finding (the prediction is kept)."""
         return self.on_method(run_name, case, method, alpha, index, level, width, show_map, finding)
 
-    def on_view(self, run_name: str, case: Case | None, index: int, level: float, width: float, show_map: bool,
-                alpha: float) -> PageUpdate:
+    def on_view(
+        self, run_name: str, case: Case | None, index: int, level: float, width: float, show_map: bool, alpha: float
+    ) -> PageUpdate:
         """The viewer at another slice, window, opacity, or with the map shown or hidden."""
         view, caption = render_view(self.predictor(run_name), case, index, level, width, show_map, alpha)
         return PageUpdate(viewer=view, caption=caption)

@@ -39,8 +39,18 @@ from typing import Any
 
 log = logging.getLogger("medtl.ui.safety")
 
-__all__ = ["SAFE_EXTENSIONS", "StoredFile", "safe_extension", "store_upload", "looks_identifying", "install_cleanup",
-           "LoginThrottle", "client_middleware", "ClientAddressMiddleware", "current_client"]
+__all__ = [
+    "SAFE_EXTENSIONS",
+    "StoredFile",
+    "safe_extension",
+    "store_upload",
+    "looks_identifying",
+    "install_cleanup",
+    "LoginThrottle",
+    "client_middleware",
+    "ClientAddressMiddleware",
+    "current_client",
+]
 
 # -- uploads ---------------------------------------------------------------------------------------
 
@@ -91,8 +101,9 @@ def _move(src: Path, dest: Path) -> None:
         src.unlink()
 
 
-def store_upload(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str] | None] | None,
-                 workdir: Path) -> list[StoredFile]:
+def store_upload(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str] | None] | None, workdir: Path
+) -> list[StoredFile]:
     """Move uploaded files into a new private folder (mode 0700) under ``workdir``, each under a random
     name (``secrets.token_hex``) that keeps only a :data:`SAFE_EXTENSIONS` extension.
 
@@ -170,7 +181,8 @@ def _take_gradio_upload(i: int, src: Path, dest: Path) -> None:
 # -- identifying names -----------------------------------------------------------------------------
 
 # Words common in imaging file names: a capitalised word that is none of these may be a person's name.
-_VOCABULARY = frozenset("""
+_VOCABULARY = frozenset(
+    """
     dcm dicom dicomdir ima nii gz nifti png jpg jpeg tif tiff bmp zip npz npy mha mhd nrrd raw img image images
     scan scans series study studies slice slices vol volume file files data sample samples example test case
     ct mr mri pet spect us cr dx xr xray ray mg mammo nm ot sc rf dr cxr cbct angio
@@ -181,16 +193,19 @@ _VOCABULARY = frozenset("""
     im se sr me seg mask label labels roi pred preds overlay report thumb preview anon anonymised anonymized
     deid normal abnormal positive negative pneumonia covid tb fracture nodule tumor tumour lesion
     train val valid validation phantom demo copy final new old
-""".split())  # noqa: SIM905 (a block of words reads better than a list)
+""".split()
+)  # a block of words reads better than a list
 
-_CARE = re.compile(r"mrn|patient|pat|dob|ssn|nhs|nhi|accession|acc|birth|born|surname|forename|firstname|"
-                   r"lastname|fullname|name")
+_CARE = re.compile(
+    r"mrn|patient|pat|dob|ssn|nhs|nhi|accession|acc|birth|born|surname|forename|firstname|"
+    r"lastname|fullname|name"
+)
 _MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*"
 _DATES = (
-    re.compile(r"(?<!\d)\d{4}[-_. /]\d{1,2}[-_. /]\d{1,2}(?!\d)"),        # 1965-03-12
+    re.compile(r"(?<!\d)\d{4}[-_. /]\d{1,2}[-_. /]\d{1,2}(?!\d)"),  # 1965-03-12
     re.compile(r"(?<!\d)\d{1,2}[-_. /]\d{1,2}[-_. /](?:\d{4}|\d{2})(?!\d)"),  # 12.03.1965, 03/12/65
-    re.compile(r"(?<!\d)\d{1,2}[-_ ]?" + _MONTHS + r"[-_ ]?\d{2,4}(?!\d)"),     # 12mar1965, 12-March-65
-    re.compile(_MONTHS + r"[-_ ]?\d{1,2}[-_, ]+\d{4}(?!\d)"),                    # march_12_1965
+    re.compile(r"(?<!\d)\d{1,2}[-_ ]?" + _MONTHS + r"[-_ ]?\d{2,4}(?!\d)"),  # 12mar1965, 12-March-65
+    re.compile(_MONTHS + r"[-_ ]?\d{1,2}[-_, ]+\d{4}(?!\d)"),  # march_12_1965
 )
 
 
@@ -277,8 +292,10 @@ def install_cleanup(workdir: Path) -> None:
             atexit.register(_remove, folder)
         if not main:
             if key not in _signal_folders:
-                log.warning("upload folder cleanup on signals not installed (not the main thread); "
-                            "it is removed at normal exit only")
+                log.warning(
+                    "upload folder cleanup on signals not installed (not the main thread); "
+                    "it is removed at normal exit only"
+                )
             return
         if key in _signal_folders:
             return
@@ -357,9 +374,18 @@ class LoginThrottle:
     is logged, never the user name or address.
     """
 
-    def __init__(self, user: str, password: str, *, free_failures: int = 3, base_delay: float = 1.0,
-                 max_delay: float = 60.0, global_free_failures: int | None = 10,
-                 clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000) -> None:
+    def __init__(
+        self,
+        user: str,
+        password: str,
+        *,
+        free_failures: int = 3,
+        base_delay: float = 1.0,
+        max_delay: float = 60.0,
+        global_free_failures: int | None = 10,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
         if not user or not password:
             raise ValueError("user and password must not be empty")
         if free_failures < 0 or base_delay <= 0 or max_delay < base_delay:
@@ -413,8 +439,10 @@ class LoginThrottle:
         with self._lock:
             now = self.clock()
             record = self._records.get(self._key(username, client))
-            until = max(record.locked_until if record else 0.0,
-                        self._global.locked_until if self.global_free_failures is not None else 0.0)
+            until = max(
+                record.locked_until if record else 0.0,
+                self._global.locked_until if self.global_free_failures is not None else 0.0,
+            )
             return max(0.0, until - now)
 
     def __call__(self, username: str, password: str) -> bool:

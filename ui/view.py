@@ -20,8 +20,7 @@ from medtl_ui.analysis import open_case, slice_map
 from medtl_ui.case import Case, read_as, store_case_files
 
 MODEL_WINDOW = "model's window"
-SHOWN_FIELDS = ("modality", "BodyPartExamined", "Manufacturer", "shape", "spacing_mm", "orientation", "units",
-                "format")
+SHOWN_FIELDS = ("modality", "BodyPartExamined", "Manufacturer", "shape", "spacing_mm", "orientation", "units", "format")
 
 
 def for_display(array: np.ndarray, min_side: int = 448, aspect: float = 1.0) -> np.ndarray:
@@ -53,6 +52,7 @@ def overlay_view(case: Case, alpha: float) -> np.ndarray | None:
 
 
 # -- windows ----------------------------------------------------------------------------------------
+
 
 def window_presets(predictor: Predictor, scan: Scan) -> tuple[list[str], str]:
     """(window presets that apply to this scan, why others are missing); the first is the model's own."""
@@ -98,8 +98,11 @@ def window_slice(scan: Scan, index: int, level: float, width: float) -> np.ndarr
         rgb = scan.rgb[int(np.clip(index, 0, scan.rgb.shape[0] - 1))] if scan.is_volume else scan.rgb
         top = scan.value_max or max(float(rgb.max(initial=0)), 1.0)
         return (np.clip(rgb / top, 0, 1) * 255).astype(np.uint8)
-    a = scan.array[int(np.clip(index, 0, scan.array.shape[0] - 1))] if scan.is_volume else \
-        (scan.array if scan.array.ndim == 2 else scan.array[0])
+    a = (
+        scan.array[int(np.clip(index, 0, scan.array.shape[0] - 1))]
+        if scan.is_volume
+        else (scan.array if scan.array.ndim == 2 else scan.array[0])
+    )
     lo, hi = level - width / 2, level + width / 2
     out = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
     return (out * 255).astype(np.uint8)
@@ -107,8 +110,10 @@ def window_slice(scan: Scan, index: int, level: float, width: float) -> np.ndarr
 
 # -- the viewer -------------------------------------------------------------------------------------
 
-def render_view(predictor: Predictor, case: Case | None, index: int, level: float, width: float, show_map: bool,
-                alpha: float) -> tuple[np.ndarray | None, str]:
+
+def render_view(
+    predictor: Predictor, case: Case | None, index: int, level: float, width: float, show_map: bool, alpha: float
+) -> tuple[np.ndarray | None, str]:
     """(viewer image, caption): the windowed slice, with the saliency map on it where the model judged it."""
     if case is None:
         return None, ""
@@ -121,8 +126,9 @@ def render_view(predictor: Predictor, case: Case | None, index: int, level: floa
     return for_display(view, aspect=pixel_aspect(case.scan)), caption.strip()
 
 
-def _map_on_slice(predictor: Predictor, case: Case, index: int, view: np.ndarray,
-                  alpha: float) -> tuple[np.ndarray, str]:
+def _map_on_slice(
+    predictor: Predictor, case: Case, index: int, view: np.ndarray, alpha: float
+) -> tuple[np.ndarray, str]:
     """(the slice with its saliency map on it, the caption's words on the map); the slice as it was where the
     model drew no map for it."""
     try:
@@ -137,8 +143,11 @@ def _map_on_slice(predictor: Predictor, case: Case, index: int, view: np.ndarray
         return view, f" The model judged slice {case.slice_index + 1} only: no map on this slice."
     if sal.shape != view.shape[:2]:
         sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.Resampling.BILINEAR))
-    said = f" {case.method} map on this slice." if np.any(sal > 0.01) else \
-        f" The {case.method} map is empty here (no region raised the score): try another method."
+    said = (
+        f" {case.method} map on this slice."
+        if np.any(sal > 0.01)
+        else f" The {case.method} map is empty here (no region raised the score): try another method."
+    )
     return create_overlay(view / 255.0, sal, alpha), said
 
 
@@ -175,14 +184,21 @@ def slice_profile(case: Case | None) -> np.ndarray | None:
 
 # -- one call, for scripts and tests -----------------------------------------------------------------
 
-def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
-             workdir: Path | None = None) -> tuple:
+
+def run_case(
+    predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45, workdir: Path | None = None
+) -> tuple:
     """(image, probabilities, overlay, message, case) for an upload (a path or a list of paths); the
     files are moved to random names under ``workdir``. The case is None when nothing could be read."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-"))
     if not file_path:
-        return None, None, None, "Upload a DICOM (file, several files of one series or a .zip of a study), NIfTI or " \
-            "PNG/JPEG.", None
+        return (
+            None,
+            None,
+            None,
+            "Upload a DICOM (file, several files of one series or a .zip of a study), NIfTI or PNG/JPEG.",
+            None,
+        )
     path, files, key = store_case_files(file_path, workdir)
     case, message = open_case(predictor, path, method, files=files, key=key)
     if case is None or case.refused:
@@ -192,11 +208,17 @@ def run_case(predictor: Predictor, file_path, method: str = "gradcam", alpha: fl
     aspect = pixel_aspect(case.scan)
     image = (np.clip(case.image, 0, 1) * 255).astype(np.uint8)
     overlay = create_overlay(case.image, case.saliency, alpha)
-    return (for_display(image, aspect=aspect), case.prediction["probabilities"], for_display(overlay, aspect=aspect),
-            message, case)
+    return (
+        for_display(image, aspect=aspect),
+        case.prediction["probabilities"],
+        for_display(overlay, aspect=aspect),
+        message,
+        case,
+    )
 
 
-def analyse(predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45,
-            workdir: Path | None = None) -> tuple:
+def analyse(
+    predictor: Predictor, file_path, method: str = "gradcam", alpha: float = 0.45, workdir: Path | None = None
+) -> tuple:
     """(image, probabilities, overlay, message) for an upload (see :func:`run_case`)."""
     return run_case(predictor, file_path, method, alpha, workdir)[:4]

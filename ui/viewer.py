@@ -72,8 +72,10 @@ __all__ = ["VIEWER_HEAD", "VIEWER_HELP", "ELEM_IDS", "read_static"]
 #: The elem_ids the viewer looks for (the only coupling with the app).
 ELEM_IDS = {"image": "scan", "level": "level", "width": "width", "slice": "slice"}
 
-VIEWER_HELP = ("**Viewer:** drag: window/level (→ wider, ↓ higher level) · wheel or ↑/↓: slices · "
-               "Ctrl+wheel or +/−: zoom · right-drag or Shift+drag: pan · double-click or R: reset")
+VIEWER_HELP = (
+    "**Viewer:** drag: window/level (→ wider, ↓ higher level) · wheel or ↑/↓: slices · "
+    "Ctrl+wheel or +/−: zoom · right-drag or Shift+drag: pan · double-click or R: reset"
+)
 
 
 def read_static(name: str) -> str:

@@ -15,5 +15,15 @@ from medtl.adapt.batchnorm import (
     tent,
 )
 
-__all__ = ["adabn", "tent", "adapt", "bn_statistics", "batchnorms", "information_loss", "save_bn_statistics",
-           "load_bn_statistics", "METHODS", "BN_FILE"]
+__all__ = [
+    "adabn",
+    "tent",
+    "adapt",
+    "bn_statistics",
+    "batchnorms",
+    "information_loss",
+    "save_bn_statistics",
+    "load_bn_statistics",
+    "METHODS",
+    "BN_FILE",
+]

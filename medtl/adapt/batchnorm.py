@@ -71,16 +71,18 @@ def _inputs(batches: Iterable[torch.Tensor], runtime: Runtime) -> Iterable[torch
 
 
 @torch.no_grad()
-def bn_statistics(model: torch.nn.Module, batches: Iterable[torch.Tensor], runtime: Runtime | None = None
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def bn_statistics(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], runtime: Runtime | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The mean and variance of every BatchNorm layer's input over ``batches`` (model inputs), with the
     model as it is (eval mode): what :func:`adabn` matches a target to. Saved in a run by
     :func:`save_bn_statistics`."""
     runtime = Runtime.of(model, runtime)
     layers = batchnorms(model)
     moments = {name: _Moments() for name in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: moments[name].add(inp[0]))
-             for name, m in layers.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, name=name: moments[name].add(inp[0])) for name, m in layers.items()
+    ]
     model.eval()
     try:
         for x in _inputs(batches, runtime):
@@ -130,6 +132,7 @@ class _Matched:
             if module.affine:
                 z = z * module.weight.view(shape) + module.bias.view(shape)
             return _post(module, z)
+
         return hook
 
     def remove(self) -> None:
@@ -157,8 +160,13 @@ def _assign(layers: dict[str, _BatchNorm], measured: dict, original: dict, sourc
 
 
 @torch.no_grad()
-def adabn(model: torch.nn.Module, batches: Callable[[], Iterable[torch.Tensor]] | Iterable[torch.Tensor],
-          source_stats: dict | None = None, runtime: Runtime | None = None, passes: int = 3) -> torch.nn.Module:
+def adabn(
+    model: torch.nn.Module,
+    batches: Callable[[], Iterable[torch.Tensor]] | Iterable[torch.Tensor],
+    source_stats: dict | None = None,
+    runtime: Runtime | None = None,
+    passes: int = 3,
+) -> torch.nn.Module:
     """Re-estimate every BatchNorm layer's statistics on the target ``batches`` (unlabelled model inputs,
     or a function giving them anew), in place: matched to ``source_stats`` (from :func:`bn_statistics` on
     the source) or, without them, the target's own (plain AdaBN). Nothing else changes.
@@ -190,7 +198,7 @@ def _match(m: _BatchNorm, r_mean, r_var, t_mean, t_var, s_mean, s_var) -> None:
     r_std = torch.sqrt(r_var + m.eps)
     new_std = r_std * torch.sqrt(t_var + m.eps) / torch.sqrt(s_var + m.eps)
     m.running_mean.copy_(t_mean - new_std * (s_mean - r_mean) / r_std)
-    m.running_var.copy_((new_std ** 2 - m.eps).clamp_min(0))
+    m.running_var.copy_((new_std**2 - m.eps).clamp_min(0))
 
 
 def information_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -201,8 +209,14 @@ def information_loss(logits: torch.Tensor) -> torch.Tensor:
     return entropy + (mean * torch.log(mean + 1e-8)).sum()
 
 
-def tent(model: torch.nn.Module, batches: Callable[[], Iterable[torch.Tensor]], source_stats: dict | None = None,
-         epochs: int = 1, lr: float = 1e-3, runtime: Runtime | None = None) -> torch.nn.Module:
+def tent(
+    model: torch.nn.Module,
+    batches: Callable[[], Iterable[torch.Tensor]],
+    source_stats: dict | None = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    runtime: Runtime | None = None,
+) -> torch.nn.Module:
     """TENT on the target: only the BatchNorm scales and shifts are trained, by :func:`information_loss`,
     with each batch normalised by its own moments (matched to the source's when ``source_stats`` are
     given); then the statistics are set by :func:`adabn`. ``batches()`` gives one epoch of unlabelled
@@ -234,14 +248,23 @@ def tent(model: torch.nn.Module, batches: Callable[[], Iterable[torch.Tensor]], 
     return adabn(model, batches, source_stats, runtime)
 
 
-def adapt(model: torch.nn.Module, method: str, batches: Callable[[], Iterable[torch.Tensor]],
-          source_stats: dict | None, runtime: Runtime | None = None, **options) -> torch.nn.Module:
+def adapt(
+    model: torch.nn.Module,
+    method: str,
+    batches: Callable[[], Iterable[torch.Tensor]],
+    source_stats: dict | None,
+    runtime: Runtime | None = None,
+    **options,
+) -> torch.nn.Module:
     """A copy of ``model`` adapted to the target by ``method`` (one of :data:`METHODS`)."""
     model = copy.deepcopy(model)
     if method == "adabn":
         if source_stats is None:
-            raise ConfigError(None, "source-matched AdaBN without the source's BatchNorm statistics",
-                              "the run's bn_source.safetensors, or adabn_plain")
+            raise ConfigError(
+                None,
+                "source-matched AdaBN without the source's BatchNorm statistics",
+                "the run's bn_source.safetensors, or adabn_plain",
+            )
         return adabn(model, batches, source_stats, runtime)
     if method == "adabn_plain":
         return adabn(model, batches, None, runtime)
@@ -252,10 +275,18 @@ def adapt(model: torch.nn.Module, method: str, batches: Callable[[], Iterable[to
 
 def save_bn_statistics(stats: dict, run_dir: str | Path) -> Path:
     path = Path(run_dir) / BN_FILE
-    tensors = {f"{name}|{part}": t.contiguous().cpu() for name, (mean, var) in stats.items()
-               for part, t in (("mean", mean), ("var", var))}
-    save_file(tensors, str(path), metadata={"what": "mean and variance of each BatchNorm layer's input over the "
-                                            "source training inputs (medtl.adapt)"})
+    tensors = {
+        f"{name}|{part}": t.contiguous().cpu()
+        for name, (mean, var) in stats.items()
+        for part, t in (("mean", mean), ("var", var))
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "what": "mean and variance of each BatchNorm layer's input over the source training inputs (medtl.adapt)"
+        },
+    )
     return path
 
 
@@ -268,5 +299,14 @@ def load_bn_statistics(run_dir: str | Path) -> dict | None:
     return {n: (tensors[f"{n}|mean"], tensors[f"{n}|var"]) for n in names}
 
 
-__all__ = ["adabn", "tent", "adapt", "bn_statistics", "information_loss", "save_bn_statistics",
-           "load_bn_statistics", "METHODS", "BN_FILE"]
+__all__ = [
+    "adabn",
+    "tent",
+    "adapt",
+    "bn_statistics",
+    "information_loss",
+    "save_bn_statistics",
+    "load_bn_statistics",
+    "METHODS",
+    "BN_FILE",
+]

@@ -51,8 +51,16 @@ def target_inputs(predictor: Predictor, files: list[Path]) -> tuple[torch.Tensor
     return torch.cat(inputs), keys, errors
 
 
-def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, method: str = "adabn",
-              force: bool = False, device: str = "auto", epochs: int = 1, seed: int = 0) -> dict:
+def adapt_run(
+    run_dir: str | Path,
+    files: list[str | Path],
+    out: str | Path,
+    method: str = "adabn",
+    force: bool = False,
+    device: str = "auto",
+    epochs: int = 1,
+    seed: int = 0,
+) -> dict:
     """Adapt the run to the unlabelled ``files``; write the new run to ``out``; return its provenance."""
     look_up_option(method, ADAPT_METHODS, "adaptation method")
     run_dir = Path(run_dir)
@@ -61,15 +69,19 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
     predictor = Predictor(run_dir, device=device, bounded=True)
     source_stats = load_bn_statistics(run_dir)
     if source_stats is None and method != "adabn_plain":
-        raise RunError(f"{run_dir}: the run holds no BatchNorm statistics of its training images "
-                       f"(bn_source.safetensors, written by medtl train since 0.1; or the encoder has no BatchNorm): "
-                       f"use --method adabn_plain")
+        raise RunError(
+            f"{run_dir}: the run holds no BatchNorm statistics of its training images "
+            f"(bn_source.safetensors, written by medtl train since 0.1; or the encoder has no BatchNorm): "
+            f"use --method adabn_plain"
+        )
     x, keys, errors = target_inputs(predictor, [Path(f) for f in files])
     runtime = predictor.runtime
     generator = torch.Generator().manual_seed(seed)
 
     def batches():
-        for idx in torch.randperm(len(x), generator=generator).split(64):  # large batches: moments closer to the whole set's
+        for idx in torch.randperm(len(x), generator=generator).split(
+            64
+        ):  # large batches: moments closer to the whole set's
             yield x[idx].to(runtime.device)
 
     options = {"epochs": epochs} if method == "tent" else {}
@@ -80,14 +92,28 @@ def adapt_run(run_dir: str | Path, files: list[str | Path], out: str | Path, met
             shutil.copy2(run_dir / name, run / name)
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
-    save_model(model, run / RunDir.MODEL, predictor.encoder, predictor.class_names, predictor.preprocessing,
-               predictor.decision.temperature, predictor.decision.operating_point, predictor.multi_label)
+    save_model(
+        model,
+        run / RunDir.MODEL,
+        predictor.encoder,
+        predictor.class_names,
+        predictor.preprocessing,
+        predictor.decision.temperature,
+        predictor.decision.operating_point,
+        predictor.multi_label,
+    )
     run.write_checksums()
     record = {
-        "adapted_from": str(run_dir.resolve()), "source_weights_sha256": file_sha256(run_dir / RunDir.MODEL),
-        "method": method, "target_images": len(keys), "target_inputs": len(x), "skipped_files": len(errors),
+        "adapted_from": str(run_dir.resolve()),
+        "source_weights_sha256": file_sha256(run_dir / RunDir.MODEL),
+        "method": method,
+        "target_images": len(keys),
+        "target_inputs": len(x),
+        "skipped_files": len(errors),
         "target_keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
-        "epochs": epochs if method == "tent" else None, "seed": seed, "medtl_version": __version__,
+        "epochs": epochs if method == "tent" else None,
+        "seed": seed,
+        "medtl_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kept_from_source": "temperature, operating point and out-of-distribution detector (no target labels)",
     }

@@ -56,8 +56,11 @@ def report_errors(fn: Callable[..., int], *args) -> int:
     except MedtlError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, FileMissingError) and "shared" in str(e.path or ""):
-            print("  the project's real data sets are in ../shared/data next to a developer's clone (see its "
-                  "README); a user's clone has none: pass your own manifest, image folder or .npz", file=sys.stderr)
+            print(
+                "  the project's real data sets are in ../shared/data next to a developer's clone (see its "
+                "README); a user's clone has none: pass your own manifest, image folder or .npz",
+                file=sys.stderr,
+            )
         return 2
 
 

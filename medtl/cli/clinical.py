@@ -13,14 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from medtl.cli.common import (
-    EXIT_CODES,
-    add_choice,
-    add_decision,
-    add_device,
-    each_file,
-    exit_status,
-)
+from medtl.cli.common import EXIT_CODES, add_choice, add_decision, add_device, each_file, exit_status
 from medtl.errors import MedtlError
 from medtl.options import SALIENCY_METHODS
 
@@ -29,33 +22,56 @@ CREDENTIALS = "credentials.json"  # `pacs serve`: the new password's file in Ort
 
 def add_parser(sub) -> None:
     """``deid``, ``dicom-results`` and ``pacs`` on ``sub`` (the ``medtl`` parser's sub-commands)."""
-    s = sub.add_parser("deid", help="de-identify DICOM files (PS3.15 Annex E basic profile: UIDs remapped "
-                       "consistently, dates shifted, private tags removed)", epilog=EXIT_CODES)
+    s = sub.add_parser(
+        "deid",
+        help="de-identify DICOM files (PS3.15 Annex E basic profile: UIDs remapped "
+        "consistently, dates shifted, private tags removed)",
+        epilog=EXIT_CODES,
+    )
     s.add_argument("inputs", nargs="+", type=Path, help="DICOM files or folders (searched recursively)")
-    s.add_argument("--out", type=Path, required=True, help="folder: out/study-KEY/series-KEY/KEY.dcm; existing "
-                   "files are never overwritten")
-    s.add_argument("--dates", default="shift", help="shift (default: back by a per-patient number of days, "
-                   "times kept) or remove (the basic profile's actions on dates and times)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder: out/study-KEY/series-KEY/KEY.dcm; existing files are never overwritten",
+    )
+    s.add_argument(
+        "--dates",
+        default="shift",
+        help="shift (default: back by a per-patient number of days, "
+        "times kept) or remove (the basic profile's actions on dates and times)",
+    )
     _add_deid_options(s)
     s.set_defaults(fn=cmd_deid)
 
-    s = sub.add_parser("dicom-results", help="write DICOM results (Structured Report + Secondary Capture of the "
-                       "saliency overlay) for DICOM files or series folders", epilog=EXIT_CODES)
+    s = sub.add_parser(
+        "dicom-results",
+        help="write DICOM results (Structured Report + Secondary Capture of the "
+        "saliency overlay) for DICOM files or series folders",
+        epilog=EXIT_CODES,
+    )
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--out", required=True, help="folder: one sub-folder per input, named by a key")
     _add_overlay_method(s)
     s.add_argument("--force", action="store_true", help="replace existing results")
-    s.add_argument("--identified", action="store_true", help="keep the source's patient, dates and UIDs (for "
-                   "storing back to its PACS by hand); by default the results are de-identified (PS3.15 basic "
-                   "profile, see medtl deid)")
+    s.add_argument(
+        "--identified",
+        action="store_true",
+        help="keep the source's patient, dates and UIDs (for "
+        "storing back to its PACS by hand); by default the results are de-identified (PS3.15 basic "
+        "profile, see medtl deid)",
+    )
     _add_deid_options(s)
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_dicom_results)
 
-    s = sub.add_parser("pacs", help="a PACS over DICOMweb: query studies, run a model on them and store the "
-                       "results (SR + Secondary Capture) back; or start a local Orthanc")
+    s = sub.add_parser(
+        "pacs",
+        help="a PACS over DICOMweb: query studies, run a model on them and store the "
+        "results (SR + Secondary Capture) back; or start a local Orthanc",
+    )
     _add_pacs_commands(s.add_subparsers(dest="pacs_command", required=True))
 
 
@@ -65,16 +81,23 @@ def _add_pacs_commands(pacs) -> None:
     s.add_argument("--show-identifiers", action="store_true", help="add each study's UID and date")
     s.set_defaults(fn=cmd_pacs_query)
 
-    s = pacs.add_parser("run", help="retrieve studies (WADO-RS), predict, store an SR and a Secondary Capture "
-                        "in each (STOW-RS; results already there are not stored again)", epilog=EXIT_CODES)
+    s = pacs.add_parser(
+        "run",
+        help="retrieve studies (WADO-RS), predict, store an SR and a Secondary Capture "
+        "in each (STOW-RS; results already there are not stored again)",
+        epilog=EXIT_CODES,
+    )
     s.add_argument("run", type=Path)
     _add_pacs_options(s)
     s.add_argument("--study", action="append", help="a StudyInstanceUID (repeatable; with or instead of filters)")
     s.add_argument("--csv", type=Path, help="append one row per study; studies already in it are skipped")
     s.add_argument("--no-store", action="store_true", help="do not store the results back")
     _add_overlay_method(s)
-    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images "
-                   "too (default: refused, with an SR that says so)")
+    s.add_argument(
+        "--answer-unfamiliar",
+        action="store_true",
+        help="answer studies unlike the training images too (default: refused, with an SR that says so)",
+    )
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_pacs_run)
@@ -82,27 +105,43 @@ def _add_pacs_commands(pacs) -> None:
     s = pacs.add_parser("serve", help="start Orthanc with DICOMweb on loopback (Debian orthanc, orthanc-dicomweb)")
     s.add_argument("--storage", type=Path, required=True, help="Orthanc's database folder")
     s.add_argument("--port", type=int, default=8042)
-    s.add_argument("--credentials", type=Path, help="the users' credentials file (default: a new random "
-                   f"password, written to STORAGE/{CREDENTIALS})")
+    s.add_argument(
+        "--credentials",
+        type=Path,
+        help=f"the users' credentials file (default: a new random password, written to STORAGE/{CREDENTIALS})",
+    )
     s.set_defaults(fn=cmd_pacs_serve)
 
 
 def _add_overlay_method(s: argparse.ArgumentParser) -> None:
-    add_choice(s, "--method", SALIENCY_METHODS, "saliency method",
-               help="saliency method of the overlay (default: the run's)")
+    add_choice(
+        s, "--method", SALIENCY_METHODS, "saliency method", help="saliency method of the overlay (default: the run's)"
+    )
 
 
 def _add_deid_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--key-file", type=Path, help="a secret key (16+ bytes; or $MEDTL_DEID_KEY): the same key "
-                   "gives the same UIDs, pseudonyms and date shifts in every run; without one a random key")
-    s.add_argument("--accept-burned-in", action="store_true", help="de-identify images marked BurnedInAnnotation "
-                   "YES (their headers only: the text in the pixels stays); refused by default")
+    s.add_argument(
+        "--key-file",
+        type=Path,
+        help="a secret key (16+ bytes; or $MEDTL_DEID_KEY): the same key "
+        "gives the same UIDs, pseudonyms and date shifts in every run; without one a random key",
+    )
+    s.add_argument(
+        "--accept-burned-in",
+        action="store_true",
+        help="de-identify images marked BurnedInAnnotation "
+        "YES (their headers only: the text in the pixels stays); refused by default",
+    )
 
 
 def _add_pacs_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("url", help="the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web")
-    s.add_argument("--credentials", type=Path, help="a file: JSON {\"user\": ..., \"password\": ...} or one "
-                   "user:password line (default: $MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD; never on the command line)")
+    s.add_argument(
+        "--credentials",
+        type=Path,
+        help="a file: JSON {\"user\": ..., \"password\": ...} or one "
+        "user:password line (default: $MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD; never on the command line)",
+    )
     s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
     s.add_argument("--patient-id", help="studies of this patient")
     s.add_argument("--date", help="study date YYYYMMDD or range YYYYMMDD-YYYYMMDD")
@@ -112,19 +151,16 @@ def _add_pacs_options(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_deid(args: argparse.Namespace) -> int:
-    from medtl.clinical.deid import (
-        Deidentifier,
-        deidentify_files,
-        dicom_files,
-        read_key,
-    )
+    from medtl.clinical.deid import Deidentifier, deidentify_files, dicom_files, read_key
 
     deid = Deidentifier(read_key(args.key_file), dates=args.dates, accept_burned_in=args.accept_burned_in)
     result = deidentify_files(dicom_files(args.inputs), args.out, deid)
     for error in result.errors:
         print(f"error: {error}", file=sys.stderr)
-    print(f"{args.out}: {len(result.written)} de-identified, {len(result.skipped)} already there, "
-          f"{len(result.errors)} skipped (reported above)")
+    print(
+        f"{args.out}: {len(result.written)} de-identified, {len(result.skipped)} already there, "
+        f"{len(result.errors)} skipped (reported above)"
+    )
     return exit_status(len(result.errors), 0)
 
 
@@ -157,8 +193,12 @@ def _pacs(args: argparse.Namespace):
 
 
 def _pacs_filters(args: argparse.Namespace) -> dict:
-    return {"patient_id": args.patient_id, "study_date": args.date, "modality": args.modality,
-            "accession": args.accession}
+    return {
+        "patient_id": args.patient_id,
+        "study_date": args.date,
+        "modality": args.modality,
+        "accession": args.accession,
+    }
 
 
 def cmd_pacs_query(args: argparse.Namespace) -> int:
@@ -182,8 +222,15 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
         print("no study matches", file=sys.stderr)
         return 0
     predictor = load_run(args.run, device=args.device, bounded=True, decision=args.decision)
-    outcomes = run_studies(predictor, pacs, dict.fromkeys(uids), store=not args.no_store, method=args.method,
-                           check=not args.answer_unfamiliar, csv_path=args.csv)
+    outcomes = run_studies(
+        predictor,
+        pacs,
+        dict.fromkeys(uids),
+        store=not args.no_store,
+        method=args.method,
+        check=not args.answer_unfamiliar,
+        csv_path=args.csv,
+    )
     for o in outcomes:
         what = f"{o.label} {o.probability:.3f}" if o.status == "answered" else o.reason
         print(f"{o.key}\t{o.status.upper()}\t{what}\t{o.stored} stored, {o.already} already there")

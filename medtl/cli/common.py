@@ -11,10 +11,14 @@ from medtl.errors import ConfigError, MedtlError, look_up_option
 from medtl.options import DECISION_SOURCES
 
 EXIT_FAILED, EXIT_REFUSED = 1, 3  # a file could not be read; the model refused a file (unlike its training images)
-EXIT_CODES = ("exit status: 0 every file answered; 1 a file could not be read (reported, the others done); "
-              "2 a usage or run error; 3 the model refused a file unlike its training images (reason printed)")
-DECISION_HELP = ("which decision the run answers by: the one chosen on validation data when it was trained "
-                 "(default), or the one `medtl evaluate` chose")
+EXIT_CODES = (
+    "exit status: 0 every file answered; 1 a file could not be read (reported, the others done); "
+    "2 a usage or run error; 3 the model refused a file unlike its training images (reason printed)"
+)
+DECISION_HELP = (
+    "which decision the run answers by: the one chosen on validation data when it was trained "
+    "(default), or the one `medtl evaluate` chose"
+)
 
 
 class OptionError(MedtlError):
@@ -43,8 +47,9 @@ def add_choice(s: argparse.ArgumentParser, flag: str, options: Iterable[str], wh
 
 
 def add_device(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--device", default="auto", help="auto (a GPU where one can be reached; default), cpu, cuda or "
-                   "cuda:N")
+    s.add_argument(
+        "--device", default="auto", help="auto (a GPU where one can be reached; default), cpu, cuda or cuda:N"
+    )
 
 
 def add_decision(s: argparse.ArgumentParser) -> None:

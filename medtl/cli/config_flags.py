@@ -23,16 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medtl.cli.common import one_of
-from medtl.config import (
-    CT_WINDOWS,
-    DataConfig,
-    EncoderConfig,
-    ExplainConfig,
-    TrainConfig,
-)
+from medtl.config import CT_WINDOWS, DataConfig, EncoderConfig, ExplainConfig, TrainConfig
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "encoder": EncoderConfig, "train": TrainConfig,
-                             "explain": ExplainConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "encoder": EncoderConfig,
+    "train": TrainConfig,
+    "explain": ExplainConfig,
+}
 # fixed sets of options that are not a Literal type: field -> (the options, their name in an error message)
 OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {"data.ct_window": ((*CT_WINDOWS, "multi"), "CT window")}
 
@@ -42,8 +40,11 @@ def field_comments(cls: type) -> dict[str, str]:
     """Field name -> the comment beside the field in ``cls``'s source, with its ``#   ...`` continuation
     lines."""
     source = textwrap.dedent(inspect.getsource(cls))
-    ends = {node.end_lineno: node.target.id for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    ends = {
+        node.end_lineno: node.target.id
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
     comments: dict[str, list[str]] = {}
     field, previous = None, 0
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -106,8 +107,9 @@ def field_argument(field: str, converter: Callable[[str], typing.Any] | None = N
     return kwargs
 
 
-def add_config_flags(s: argparse.ArgumentParser, flags: dict[str, str],
-                     converters: dict[str, Callable[[str], typing.Any]] | None = None) -> None:
+def add_config_flags(
+    s: argparse.ArgumentParser, flags: dict[str, str], converters: dict[str, Callable[[str], typing.Any]] | None = None
+) -> None:
     """Add ``flags`` (flag -> the field it sets, "section.name") to ``s``; ``converters``: field -> a type
     other than the one its annotation implies."""
     for flag, field in flags.items():
@@ -123,4 +125,3 @@ def config_overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[st
             section, name = field.split(".")
             overrides.setdefault(section, {})[name] = value
     return overrides
-

@@ -20,13 +20,21 @@ def add_parser(sub) -> None:
     s.add_argument("--data", help="evaluate on this data set instead of the run's own test split")
     s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
     s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
-    s.add_argument("--methods", help="comma-separated saliency methods to check (default: all four, "
-                   f"{','.join(SALIENCY_METHODS)})")
-    s.add_argument("--foreign", nargs="+", metavar="FILE",
-                   help="files unlike the training data (other modalities, body parts, photographs): report the "
-                        "out-of-distribution detector's AUROC against the test studies")
-    s.add_argument("--no-data-randomisation", action="store_true",
-                   help="skip training a shuffled-label model for the data randomisation test")
+    s.add_argument(
+        "--methods", help=f"comma-separated saliency methods to check (default: all four, {','.join(SALIENCY_METHODS)})"
+    )
+    s.add_argument(
+        "--foreign",
+        nargs="+",
+        metavar="FILE",
+        help="files unlike the training data (other modalities, body parts, photographs): report the "
+        "out-of-distribution detector's AUROC against the test studies",
+    )
+    s.add_argument(
+        "--no-data-randomisation",
+        action="store_true",
+        help="skip training a shuffled-label model for the data randomisation test",
+    )
     add_device(s)
     s.set_defaults(fn=cmd_evaluate)
 
@@ -36,15 +44,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtl.run import RunDir
 
     methods = tuple(args.methods.split(",")) if args.methods else SALIENCY_METHODS
-    result = evaluate_run(args.run, data=args.data, n_boot=args.boot, operating_point=args.operating_point,
-                          methods=methods, data_randomisation=not args.no_data_randomisation, device=args.device,
-                          foreign=args.foreign)
+    result = evaluate_run(
+        args.run,
+        data=args.data,
+        n_boot=args.boot,
+        operating_point=args.operating_point,
+        methods=methods,
+        data_randomisation=not args.no_data_randomisation,
+        device=args.device,
+        foreign=args.foreign,
+    )
     _print_summary(args.run, result)
     _print_per_label(result.get("per_label") or {})
     op = result.get("operating_point")
     if op:
-        print(f"operating point ({op['rule']}): threshold {_number(op['threshold'])}, sensitivity "
-              f"{_number(op.get('sensitivity'))}, specificity {_number(op.get('specificity'))} on the test set")
+        print(
+            f"operating point ({op['rule']}): threshold {_number(op['threshold'])}, sensitivity "
+            f"{_number(op.get('sensitivity'))}, specificity {_number(op.get('specificity'))} on the test set"
+        )
     for s in result["saliency_sanity"]:
         print(f"  {s['method']:22s} {s['verdict']}")
     print(f"report: {RunDir(args.run).evaluation / RunDir.REPORT}")
@@ -62,19 +79,27 @@ def _ci(ci: list[float] | None) -> str:
 def _print_summary(run: Path, result: dict) -> None:
     """The test AUC, the calibration and the out-of-distribution check."""
     auc, calibration = result["auc"], result["calibration"]
-    print(f"{run}: test AUC {auc['auc']:.3f}" + _ci(auc["auc_ci"]) +
-          f"; ECE {calibration['test_ece_before']:.3f} -> {calibration['test_ece_after']:.3f} "
-          f"(T = {calibration['temperature']:.2f})")
+    print(
+        f"{run}: test AUC {auc['auc']:.3f}"
+        + _ci(auc["auc_ci"])
+        + f"; ECE {calibration['test_ece_before']:.3f} -> {calibration['test_ece_after']:.3f} "
+        f"(T = {calibration['temperature']:.2f})"
+    )
     ood = result.get("ood", {})
     if ood.get("auroc") is not None:
-        print(f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} "
-              f"foreign files); refused {ood['foreign_refused']:.0%} of the foreign files and "
-              f"{ood['in_refused_by_content']:.0%} of the test studies")
+        print(
+            f"out-of-distribution: AUROC {ood['auroc']:.3f} ({ood['n_in']} test studies vs {ood['n_foreign']} "
+            f"foreign files); refused {ood['foreign_refused']:.0%} of the foreign files and "
+            f"{ood['in_refused_by_content']:.0%} of the test studies"
+        )
 
 
 def _print_per_label(per_label: dict) -> None:
     """Multi-label: each finding at its own threshold."""
     for name, row in per_label.items():
-        print(f"  {name}: AUC {_number(row.get('auc'))}" + _ci(row.get("auc_ci")) +
-              f", threshold {_number(row['threshold'])}, sensitivity {_number(row.get('sensitivity'))}, specificity "
-              f"{_number(row.get('specificity'))}")
+        print(
+            f"  {name}: AUC {_number(row.get('auc'))}"
+            + _ci(row.get("auc_ci"))
+            + f", threshold {_number(row['threshold'])}, sensitivity {_number(row.get('sensitivity'))}, specificity "
+            f"{_number(row.get('specificity'))}"
+        )

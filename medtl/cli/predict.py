@@ -13,14 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from medtl.cli.common import (
-    EXIT_CODES,
-    add_choice,
-    add_decision,
-    add_device,
-    each_file,
-    exit_status,
-)
+from medtl.cli.common import EXIT_CODES, add_choice, add_decision, add_device, each_file, exit_status
 from medtl.errors import MedtlError
 from medtl.options import BACKENDS, SALIENCY_METHODS
 
@@ -33,15 +26,32 @@ def add_parser(sub) -> None:
     s.add_argument("run", type=Path)
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
-    s.add_argument("--recursive", action="store_true", help="search folders: each folder holding DICOM files is "
-                   "one input (a study), each NIfTI or picture file another")
-    s.add_argument("--csv", type=Path, help="append one row per input to this CSV instead of printing; inputs "
-                   "already in it are skipped (an interrupted run resumes)")
-    s.add_argument("--show-paths", action="store_true", help="add each input's path to the CSV (paths may hold "
-                   "patients' names; rows name inputs by a key otherwise)")
+    s.add_argument(
+        "--recursive",
+        action="store_true",
+        help="search folders: each folder holding DICOM files is "
+        "one input (a study), each NIfTI or picture file another",
+    )
+    s.add_argument(
+        "--csv",
+        type=Path,
+        help="append one row per input to this CSV instead of printing; inputs "
+        "already in it are skipped (an interrupted run resumes)",
+    )
+    s.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="add each input's path to the CSV (paths may hold patients' names; rows name inputs by a key otherwise)",
+    )
     s.add_argument("--batch-size", type=int, default=32, help="model inputs per forward pass, across files")
-    add_choice(s, "--backend", BACKENDS, "backend", default="torch", help="torch (default), or for a `medtl "
-               "export` package its onnx (ONNX Runtime) or torchscript network")
+    add_choice(
+        s,
+        "--backend",
+        BACKENDS,
+        "backend",
+        default="torch",
+        help="torch (default), or for a `medtl export` package its onnx (ONNX Runtime) or torchscript network",
+    )
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_predict)
@@ -51,8 +61,13 @@ def add_parser(sub) -> None:
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--out", help="output .png (one image) or folder (default: current folder)")
     s.add_argument("--target", help="class to explain (default: the predicted one)")
-    add_choice(s, "--method", SALIENCY_METHODS, "saliency method", help="saliency method (default: the run's, "
-               "gradcam unless its configuration says otherwise)")
+    add_choice(
+        s,
+        "--method",
+        SALIENCY_METHODS,
+        "saliency method",
+        help="saliency method (default: the run's, gradcam unless its configuration says otherwise)",
+    )
     s.add_argument("--force", action="store_true", help="replace existing overlay files")
     add_decision(s)
     add_device(s)
@@ -87,8 +102,10 @@ def _predict_to_csv(args: argparse.Namespace, predictor, inputs, rank: int, worl
 
     counts = predict_to_csv(predictor, inputs, args.csv, args.batch_size, args.show_paths, rank=rank, world=world)
     where = f" (process {rank + 1} of {world})" if world > 1 else ""
-    print(f"{args.csv}{where}: {counts['answered']} answered, {counts['refused']} refused, {counts['errors']} "
-          f"could not be read, {counts['skipped']} already in the file; {counts['seconds']} s")
+    print(
+        f"{args.csv}{where}: {counts['answered']} answered, {counts['refused']} refused, {counts['errors']} "
+        f"could not be read, {counts['skipped']} already in the file; {counts['seconds']} s"
+    )
     if world > 1:
         _merge_shards(args.csv, rank)
     return exit_status(counts["errors"], counts["refused"])

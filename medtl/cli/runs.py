@@ -18,12 +18,23 @@ def add_parser(sub) -> None:
     """``adapt``, ``export`` and ``serve`` on ``sub`` (the ``medtl`` parser's sub-commands)."""
     s = sub.add_parser("adapt", help="adapt a run to a new site's unlabelled images (AdaBN, TENT): a new run")
     s.add_argument("run", type=Path)
-    s.add_argument("--data", nargs="+", type=Path, required=True, help="the new site's image files or folders "
-                   "(searched recursively; no labels needed)")
+    s.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="the new site's image files or folders (searched recursively; no labels needed)",
+    )
     s.add_argument("--out", type=Path, required=True, help="the adapted run's folder")
-    add_choice(s, "--method", ADAPT_METHODS, "adaptation method", default="adabn",
-               help="adabn (default: BatchNorm statistics matched to the source's), adabn_plain (the target's own "
-                    "statistics) or tent (entropy minimisation)")
+    add_choice(
+        s,
+        "--method",
+        ADAPT_METHODS,
+        "adaptation method",
+        default="adabn",
+        help="adabn (default: BatchNorm statistics matched to the source's), adabn_plain (the target's own "
+        "statistics) or tent (entropy minimisation)",
+    )
     s.add_argument("--epochs", type=int, default=1, help="tent: passes over the target images")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -53,12 +64,22 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from medtl.run import RunDir
 
     with find_inputs(args.data, recursive=True, group_studies=False) as inputs:  # every image file
-        record = adapt_run(args.run, [i.path for i in inputs], args.out, args.method, force=args.force,
-                           device=args.device, epochs=args.epochs, seed=args.seed)
+        record = adapt_run(
+            args.run,
+            [i.path for i in inputs],
+            args.out,
+            args.method,
+            force=args.force,
+            device=args.device,
+            epochs=args.epochs,
+            seed=args.seed,
+        )
     for error in record["errors"]:
         print(f"error: {error}", file=sys.stderr)
-    print(f"{args.out}: {record['method']} on {record['target_images']} target images "
-          f"({record['skipped_files']} skipped); provenance in {RunDir(args.out) / RunDir.ADAPTATION}")
+    print(
+        f"{args.out}: {record['method']} on {record['target_images']} target images "
+        f"({record['skipped_files']} skipped); provenance in {RunDir(args.out) / RunDir.ADAPTATION}"
+    )
     return exit_status(len(record["errors"]), 0)
 
 
@@ -68,8 +89,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(args.run, args.out, args.format, force=args.force)
     record = verify_package(out)
-    print(f"{out}: {record['format']} ({record['file']}), probabilities within "
-          f"{record['parity_max_probability_difference']:.1e} of PyTorch; files listed in {RunDir(out) / RunDir.SUMS}")
+    print(
+        f"{out}: {record['format']} ({record['file']}), probabilities within "
+        f"{record['parity_max_probability_difference']:.1e} of PyTorch; files listed in {RunDir(out) / RunDir.SUMS}"
+    )
     return 0
 
 

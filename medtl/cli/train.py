@@ -102,8 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = metrics["test"]
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
     what = "every finding right" if metrics.get("multi_label") else "accuracy"
-    print(f"{run.path}: test AUC {auc}, {what} {test['accuracy']:.3f} "
-          f"({test['n_images']} images, {test['n_patients']} patients)")
+    print(
+        f"{run.path}: test AUC {auc}, {what} {test['accuracy']:.3f} "
+        f"({test['n_images']} images, {test['n_patients']} patients)"
+    )
     return 0
 
 
@@ -111,8 +113,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from medtl.train import find_lr
 
     found = find_lr(train_config(args))
-    print(f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
-          f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})")
+    print(
+        f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
+        f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})"
+    )
     if args.plot:
         found.plot(args.plot)
         print(f"plot written to {args.plot}")

@@ -52,12 +52,23 @@ DATE_VRS = ("DA", "DT")
 # the table's categories, as the actions medtl applies (a combination names what is allowed; D on a
 # date is a shift or a dummy date, X otherwise; U* sequences are kept: their UIDs are remapped and
 # their items cleaned like any other dataset)
-CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "ZD", "X_Z_TAGS": "X",
-              "X_D_TAGS": "XD", "X_Z_D_TAGS": "XD", "X_Z_U_STAR_TAGS": "K"}
+CATEGORIES = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "ZD",
+    "X_Z_TAGS": "X",
+    "X_D_TAGS": "XD",
+    "X_Z_D_TAGS": "XD",
+    "X_Z_U_STAR_TAGS": "K",
+}
 DUMMY_TEXT = "ANONYMIZED"
 BIRTH_DATE = 0x00100030  # emptied (the profile's Z) even when other dates are shifted
-METHOD_CODES = (("113100", "Basic Application Confidentiality Profile"),
-                ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
+METHOD_CODES = (
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+)
 
 
 class BurnedInAnnotationError(MedtlInputError):
@@ -154,9 +165,12 @@ class Deidentifier:
         """De-identify ``ds`` in place and return it. ``name`` is the file, for errors: they say what was
         wrong, never a value from the file."""
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not self.accept_burned_in:
-            raise BurnedInAnnotationError(name, "the image has text burned into its pixels (BurnedInAnnotation "
-                                          "YES); its header can be cleaned, the text cannot",
-                                          "an image without burned-in annotation, or accept_burned_in")
+            raise BurnedInAnnotationError(
+                name,
+                "the image has text burned into its pixels (BurnedInAnnotation "
+                "YES); its header can be cleaned, the text cannot",
+                "an image without burned-in annotation, or accept_burned_in",
+            )
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
         days = self.shift_days(patient)
         self._clean(ds, days)
@@ -164,16 +178,19 @@ class Deidentifier:
         ds.PatientName = ds.PatientID + "^"  # a family name only (the caret says so)
         ds.PatientIdentityRemoved = "YES"
         ds.LongitudinalTemporalInformationModified = "MODIFIED" if self.dates == "shift" else "REMOVED"
-        ds.DeidentificationMethod = (f"medtl {__version__}: PS3.15 E.1 Basic Profile"
-                                     + (", Retain Longitudinal Temporal Information with Modified Dates Option"
-                                        if self.dates == "shift" else ""))[:64]
+        ds.DeidentificationMethod = (
+            f"medtl {__version__}: PS3.15 E.1 Basic Profile"
+            + (", Retain Longitudinal Temporal Information with Modified Dates Option" if self.dates == "shift" else "")
+        )[:64]
         codes = METHOD_CODES if self.dates == "shift" else METHOD_CODES[:1]
         ds.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in codes])
         meta = getattr(ds, "file_meta", None)
         new_meta = FileMetaDataset()
         new_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID") if meta else "")
         new_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
-        new_meta.TransferSyntaxUID = (meta.get("TransferSyntaxUID") if meta else None) or pydicom.uid.ExplicitVRLittleEndian
+        new_meta.TransferSyntaxUID = (
+            meta.get("TransferSyntaxUID") if meta else None
+        ) or pydicom.uid.ExplicitVRLittleEndian
         new_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         new_meta.ImplementationVersionName = "MEDTL_DEID"
         ds.file_meta = new_meta  # the source's (AE titles, private meta elements) is not kept
@@ -194,8 +211,7 @@ class Deidentifier:
                 for item in elem.value:  # D (Content Sequence), U*, or not listed: clean each item
                     self._clean(item, days)
                 continue
-            if vr in DATE_VRS + ("TM",) and self.dates == "shift" and action not in ("X", "U") \
-                    and tag != BIRTH_DATE:
+            if vr in DATE_VRS + ("TM",) and self.dates == "shift" and action not in ("X", "U") and tag != BIRTH_DATE:
                 if vr != "TM":  # dates moved back; times of day kept (the Modified Dates Option)
                     elem.value = self._shift(elem, days)
                 continue
@@ -271,8 +287,9 @@ def _short(uid) -> str:
     return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
 
 
-def deidentify_files(files: Iterable[str | Path], out: str | Path, deidentifier: Deidentifier | None = None
-                     ) -> DeidResult:
+def deidentify_files(
+    files: Iterable[str | Path], out: str | Path, deidentifier: Deidentifier | None = None
+) -> DeidResult:
     """De-identify DICOM files into ``out``, as ``out/<study>/<series>/<instance>.dcm`` (names from the new
     UIDs, never the source's names, which may hold a patient's). A file that cannot be read, is not
     DICOM, or is refused is reported in the result and skipped; an output that exists is never
@@ -293,8 +310,12 @@ def deidentify_files(files: Iterable[str | Path], out: str | Path, deidentifier:
             log.warning("skipped: %s", e)
             result.errors.append(e)
             continue
-        target = (out / f"study-{_short(ds.get('StudyInstanceUID', ''))}"
-                  / f"series-{_short(ds.get('SeriesInstanceUID', ''))}" / f"{_short(ds.SOPInstanceUID)}.dcm")
+        target = (
+            out
+            / f"study-{_short(ds.get('StudyInstanceUID', ''))}"
+            / f"series-{_short(ds.get('SeriesInstanceUID', ''))}"
+            / f"{_short(ds.SOPInstanceUID)}.dcm"
+        )
         if target.exists():
             result.skipped.append(target)
             continue
@@ -314,4 +335,12 @@ def dicom_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-__all__ = ["Deidentifier", "BurnedInAnnotationError", "deidentify_files", "dicom_files", "read_key", "profile_table", "KEY_ENV"]
+__all__ = [
+    "Deidentifier",
+    "BurnedInAnnotationError",
+    "deidentify_files",
+    "dicom_files",
+    "read_key",
+    "profile_table",
+    "KEY_ENV",
+]

@@ -45,8 +45,17 @@ SCHEME = "99MEDTL"  # a private coding scheme for a run's own classes and medtl'
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 # patient and study attributes the results inherit, required (Type 2: present, possibly empty) in them
-TYPE2_INHERITED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                   "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE2_INHERITED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
@@ -76,10 +85,23 @@ def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.
 # what results take from their source: the patient and study they are filed with, the instance they
 # reference, the geometry of the overlay; nothing else of the source's header reaches them (highdicom
 # would copy whatever patient-study attributes it finds, damaged values included)
-KEPT_FROM_SOURCE = ("SpecificCharacterSet", "StudyInstanceUID", *TYPE2_INHERITED, "SOPClassUID", "SOPInstanceUID",
-                    "SeriesInstanceUID", "Modality", "InstanceNumber", "ImageOrientationPatient", "Laterality",
-                    "FrameOfReferenceUID", "PatientIdentityRemoved", "DeidentificationMethod",
-                    "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+KEPT_FROM_SOURCE = (
+    "SpecificCharacterSet",
+    "StudyInstanceUID",
+    *TYPE2_INHERITED,
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "InstanceNumber",
+    "ImageOrientationPatient",
+    "Laterality",
+    "FrameOfReferenceUID",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
 
 
 def _minimal(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -112,8 +134,12 @@ def result_uid(sources: list[pydicom.Dataset], weights_sha256: str, what: str) -
     return "2.25." + str(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:16], "big"))  # PS3.5 B.2
 
 
-DEID_MARKS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-              "LongitudinalTemporalInformationModified")
+DEID_MARKS = (
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
 
 
 def _mark_deidentified(result: pydicom.Dataset, source: pydicom.Dataset) -> None:
@@ -123,8 +149,14 @@ def _mark_deidentified(result: pydicom.Dataset, source: pydicom.Dataset) -> None
             setattr(result, keyword, source.data_element(keyword).value)
 
 
-def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path, method: str | None = None,
-                        check: bool = True, deidentifier: Deidentifier | None = None) -> list[Path]:
+def write_dicom_results(
+    predictor: Predictor,
+    path: str | Path,
+    out: str | Path,
+    method: str | None = None,
+    check: bool = True,
+    deidentifier: Deidentifier | None = None,
+) -> list[Path]:
     """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
     answered input) into ``out``; return the files written.
 
@@ -143,17 +175,29 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(predictor.run_dir / RunDir.MODEL)
     items = _algorithm_items(predictor, sha) + _finding_items(predictor, pred)
-    items += [ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
-                               referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
-                               relationship_type=Rel.CONTAINS) for ds in sources]
+    items += [
+        ImageContentItem(
+            name=CodedConcept("121112", "DCM", "Source of Measurement"),
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            relationship_type=Rel.CONTAINS,
+        )
+        for ds in sources
+    ]
     # the finding is part of the SR's identity: a study answered after being refused gets a new SR
     finding = "not assessed" if pred.refused else pred.label
     root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
     root.ContentSequence = items
-    sr = hd.sr.ComprehensiveSR(evidence=sources, content=root, series_instance_uid=result_uid(sources, sha, "sr series"),
-                               series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
-                               instance_number=1,
-                               manufacturer="medtl", is_complete=True)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=sources,
+        content=root,
+        series_instance_uid=result_uid(sources, sha, "sr series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
+        instance_number=1,
+        manufacturer="medtl",
+        is_complete=True,
+    )
     written = [out / "sr.dcm"]
     _mark_deidentified(sr, sources[0])
     sr.save_as(written[0])
@@ -165,11 +209,16 @@ def write_dicom_results(predictor: Predictor, path: str | Path, out: str | Path,
 def _algorithm_items(predictor: Predictor, sha: str) -> list:
     """The SR's observation context: the algorithm's name and version (with its weights' sha256)."""
     return [
-        TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=f"medtl {predictor.encoder}",
-                        relationship_type=Rel.HAS_OBS_CONTEXT),
-        TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"),
-                        value=f"medtl {__version__}; weights sha256 {sha[:16]}",
-                        relationship_type=Rel.HAS_OBS_CONTEXT),
+        TextContentItem(
+            name=CodedConcept("111001", "DCM", "Algorithm Name"),
+            value=f"medtl {predictor.encoder}",
+            relationship_type=Rel.HAS_OBS_CONTEXT,
+        ),
+        TextContentItem(
+            name=CodedConcept("111003", "DCM", "Algorithm Version"),
+            value=f"medtl {__version__}; weights sha256 {sha[:16]}",
+            relationship_type=Rel.HAS_OBS_CONTEXT,
+        ),
     ]
 
 
@@ -178,28 +227,45 @@ def _finding_items(predictor: Predictor, pred) -> list:
     probability, threshold and decision for a multi-label model; else the decided class, its probability and
     the operating point's threshold (where the run has one)."""
     if pred.refused:
-        return [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
-                                value=CodedConcept("not-assessed", SCHEME, "Not assessed"),
-                                relationship_type=Rel.CONTAINS),
-                TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=pred.refused[:1024],
-                                relationship_type=Rel.CONTAINS)]
+        return [
+            CodeContentItem(
+                name=CodedConcept("121071", "DCM", "Finding"),
+                value=CodedConcept("not-assessed", SCHEME, "Not assessed"),
+                relationship_type=Rel.CONTAINS,
+            ),
+            TextContentItem(
+                name=CodedConcept("121106", "DCM", "Comment"), value=pred.refused[:1024], relationship_type=Rel.CONTAINS
+            ),
+        ]
     items = []
     if predictor.multi_label:
         for k, (name, t) in enumerate(zip(predictor.class_names, predictor.decision.finding_thresholds)):
             present = name in (pred.findings or [])
-            items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
-                                      value=CodedConcept(str(k), SCHEME, name[:64]), relationship_type=Rel.CONTAINS),
-                      _number("probability", "Probability of finding", pred.probabilities[name]),
-                      _number("threshold", "Operating point threshold", t),
-                      TextContentItem(name=CodedConcept("121106", "DCM", "Comment"),
-                                      value=f"{name}: {'present' if present else 'absent'} (probability "
-                                            f"{'at or above' if present else 'below'} its threshold)"[:1024],
-                                      relationship_type=Rel.CONTAINS)]
+            items += [
+                CodeContentItem(
+                    name=CodedConcept("121071", "DCM", "Finding"),
+                    value=CodedConcept(str(k), SCHEME, name[:64]),
+                    relationship_type=Rel.CONTAINS,
+                ),
+                _number("probability", "Probability of finding", pred.probabilities[name]),
+                _number("threshold", "Operating point threshold", t),
+                TextContentItem(
+                    name=CodedConcept("121106", "DCM", "Comment"),
+                    value=f"{name}: {'present' if present else 'absent'} (probability "
+                    f"{'at or above' if present else 'below'} its threshold)"[:1024],
+                    relationship_type=Rel.CONTAINS,
+                ),
+            ]
         return items
     k = predictor.class_names.index(pred.label)
-    items += [CodeContentItem(name=CodedConcept("121071", "DCM", "Finding"),
-                              value=CodedConcept(str(k), SCHEME, pred.label[:64]), relationship_type=Rel.CONTAINS),
-              _number("probability", "Probability of finding", pred.probabilities[pred.label])]
+    items += [
+        CodeContentItem(
+            name=CodedConcept("121071", "DCM", "Finding"),
+            value=CodedConcept(str(k), SCHEME, pred.label[:64]),
+            relationship_type=Rel.CONTAINS,
+        ),
+        _number("probability", "Probability of finding", pred.probabilities[pred.label]),
+    ]
     if predictor.decision.threshold is not None:
         items.append(_number("threshold", "Operating point threshold", predictor.decision.threshold))
     return items
@@ -207,8 +273,12 @@ def _finding_items(predictor: Predictor, pred) -> list:
 
 def _number(code: str, meaning: str, value: float) -> NumContentItem:
     """A unitless number of medtl's own coding scheme, rounded to 6 decimals."""
-    return NumContentItem(name=CodedConcept(code, SCHEME, meaning), value=round(float(value), 6), unit=NO_UNITS,
-                          relationship_type=Rel.CONTAINS)
+    return NumContentItem(
+        name=CodedConcept(code, SCHEME, meaning),
+        value=round(float(value), 6),
+        unit=NO_UNITS,
+        relationship_type=Rel.CONTAINS,
+    )
 
 
 def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -> Path:
@@ -217,13 +287,19 @@ def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -
     pred = expl.prediction
     ref = sources[min(len(sources) - 1, max(0, pred.slice_index or 0))] if len(sources) > 1 else sources[0]
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref, pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
-        photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-        patient_orientation=_patient_orientation(ref), series_instance_uid=result_uid(sources, sha, "sc series"),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
+        ref_dataset=ref,
+        pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        patient_orientation=_patient_orientation(ref),
+        series_instance_uid=result_uid(sources, sha, "sc series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
         instance_number=1,
         manufacturer="medtl",
-        series_description=f"medtl {expl.method} overlay"[:64])
+        series_description=f"medtl {expl.method} overlay"[:64],
+    )
     # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
     # (dciodvfy then warns that absent would do for an unpaired part, but reports absence as an error)
     sc.Laterality = ref.get("Laterality", "")

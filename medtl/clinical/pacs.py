@@ -46,8 +46,13 @@ for _name in ("dicomweb_client", "urllib3", "requests"):
 
 USER_ENV, PASSWORD_ENV = "MEDTL_PACS_USER", "MEDTL_PACS_PASSWORD"
 NOT_IMAGES = ("SR", "KO", "PR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC", "AU", "ECG")
-STUDY_FIELDS = ("StudyInstanceUID", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
-                "NumberOfStudyRelatedSeries")
+STUDY_FIELDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfStudyRelatedSeries",
+)
 
 
 class PacsError(MedtlError):
@@ -74,8 +79,11 @@ class Credentials:
             except (ValueError, KeyError, TypeError):
                 user, sep, password = text.partition(":")
                 if not sep or "\n" in text:
-                    raise ConfigError(path, "no credentials in the file",
-                                      'JSON {"user": ..., "password": ...} or one user:password line') from None
+                    raise ConfigError(
+                        path,
+                        "no credentials in the file",
+                        'JSON {"user": ..., "password": ...} or one user:password line',
+                    ) from None
             return cls(str(user), str(password))
         user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
         if user is None and password is None:
@@ -104,8 +112,11 @@ class Pacs:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(None, f"PACS URL {url!r}", "an http(s) URL of the DICOMweb service")
         if parts.username or parts.password:
-            raise ConfigError(None, "credentials in the PACS URL (they would show in process lists and logs)",
-                              f"a credentials file or ${USER_ENV} / ${PASSWORD_ENV}")
+            raise ConfigError(
+                None,
+                "credentials in the PACS URL (they would show in process lists and logs)",
+                f"a credentials file or ${USER_ENV} / ${PASSWORD_ENV}",
+            )
         self.url = url.rstrip("/")
         self.client = DICOMwebClient(self.url, session=_session(credentials), timeout=timeout)
         self.client.set_http_retry_params(retry=False)  # a failure is reported at once, the batch goes on
@@ -126,15 +137,35 @@ class Pacs:
         except requests.RequestException as e:
             raise PacsError(f"{what}: {type(e).__name__} talking to {self.url}") from None
 
-    def query(self, patient_id: str | None = None, study_date: str | None = None, modality: str | None = None,
-              accession: str | None = None, study_uid: str | None = None, limit: int | None = None) -> list[dict]:
+    def query(
+        self,
+        patient_id: str | None = None,
+        study_date: str | None = None,
+        modality: str | None = None,
+        accession: str | None = None,
+        study_uid: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
         """Studies matching every filter given (QIDO-RS): a list of ``{"study_uid", "key", "date",
         "modalities", "instances"}``. ``study_date`` is a date or a range ``YYYYMMDD-YYYYMMDD``."""
-        filters = {k: v for k, v in (("PatientID", patient_id), ("StudyDate", study_date),
-                                     ("ModalitiesInStudy", modality), ("AccessionNumber", accession),
-                                     ("StudyInstanceUID", study_uid)) if v}
-        found = self._call("study query", self.client.search_for_studies, search_filters=filters,
-                           fields=list(STUDY_FIELDS), limit=limit)
+        filters = {
+            k: v
+            for k, v in (
+                ("PatientID", patient_id),
+                ("StudyDate", study_date),
+                ("ModalitiesInStudy", modality),
+                ("AccessionNumber", accession),
+                ("StudyInstanceUID", study_uid),
+            )
+            if v
+        }
+        found = self._call(
+            "study query",
+            self.client.search_for_studies,
+            search_filters=filters,
+            fields=list(STUDY_FIELDS),
+            limit=limit,
+        )
         studies = []
         for item in found:
             ds = pydicom.Dataset.from_json(item)
@@ -142,9 +173,15 @@ class Pacs:
             if not uid:
                 continue
             modalities = ds.get("ModalitiesInStudy", [])
-            studies.append({"study_uid": uid, "key": study_input_key(uid), "date": str(ds.get("StudyDate", "")),
-                            "modalities": "/".join([modalities] if isinstance(modalities, str) else modalities),
-                            "instances": int(ds.get("NumberOfStudyRelatedInstances", 0) or 0)})
+            studies.append(
+                {
+                    "study_uid": uid,
+                    "key": study_input_key(uid),
+                    "date": str(ds.get("StudyDate", "")),
+                    "modalities": "/".join([modalities] if isinstance(modalities, str) else modalities),
+                    "instances": int(ds.get("NumberOfStudyRelatedInstances", 0) or 0),
+                }
+            )
         return studies
 
     def retrieve(self, study_uid: str, folder: str | Path) -> list[Path]:
@@ -171,8 +208,12 @@ class Pacs:
         return written
 
     def has_instance(self, study_uid: str, sop_instance_uid: str) -> bool:
-        found = self._call(f"{study_input_key(study_uid)}: instance query", self.client.search_for_instances,
-                           study_uid, search_filters={"SOPInstanceUID": sop_instance_uid})
+        found = self._call(
+            f"{study_input_key(study_uid)}: instance query",
+            self.client.search_for_instances,
+            study_uid,
+            search_filters={"SOPInstanceUID": sop_instance_uid},
+        )
         return bool(found)
 
     def store(self, datasets: list[pydicom.Dataset]) -> tuple[int, int]:
@@ -201,9 +242,16 @@ class StudyOutcome:
 OUTCOME_FIELDS = ["study", "status", "label", "probability", "stored", "already_there", "reason"]
 
 
-def run_studies(predictor: Predictor, pacs: Pacs, study_uids: Iterable[str], cache: str | Path | None = None,
-                store: bool = True, method: str | None = None, check: bool = True,
-                csv_path: str | Path | None = None) -> list[StudyOutcome]:
+def run_studies(
+    predictor: Predictor,
+    pacs: Pacs,
+    study_uids: Iterable[str],
+    cache: str | Path | None = None,
+    store: bool = True,
+    method: str | None = None,
+    check: bool = True,
+    csv_path: str | Path | None = None,
+) -> list[StudyOutcome]:
     """Retrieve each study, predict, write its SR and Secondary Capture and store them back (unless
     ``store`` is False). A study's files live in ``cache`` (a private temporary folder by default,
     removed afterwards). One outcome per study; a failure is an outcome, not an exception. With
@@ -236,8 +284,9 @@ def run_studies(predictor: Predictor, pacs: Pacs, study_uids: Iterable[str], cac
     return outcomes
 
 
-def _run_study(predictor: Predictor, pacs: Pacs, uid: str, root: Path, store: bool, method: str | None,
-               check: bool) -> StudyOutcome:
+def _run_study(
+    predictor: Predictor, pacs: Pacs, uid: str, root: Path, store: bool, method: str | None, check: bool
+) -> StudyOutcome:
     key = study_input_key(uid)
     t0 = time.perf_counter()
     folder = root / key
@@ -248,14 +297,28 @@ def _run_study(predictor: Predictor, pacs: Pacs, uid: str, root: Path, store: bo
         sr, answered = datasets[0], len(datasets) > 1
         stored, already = pacs.store(datasets) if store else (0, 0)
         if answered:
-            outcome = StudyOutcome(key, "answered", _content(sr, "Finding").ConceptCodeSequence[0].CodeMeaning,
-                                   float(_content(sr, "Probability of finding").MeasuredValueSequence[0].NumericValue),
-                                   stored, already)
+            outcome = StudyOutcome(
+                key,
+                "answered",
+                _content(sr, "Finding").ConceptCodeSequence[0].CodeMeaning,
+                float(_content(sr, "Probability of finding").MeasuredValueSequence[0].NumericValue),
+                stored,
+                already,
+            )
         else:
-            outcome = StudyOutcome(key, "refused", stored=stored, already=already,
-                                   reason=str(_content(sr, "Comment").TextValue))
-        log.info("%s: %d images, %s%s, %d results stored, %d already there (%.1f s)", key, len(files), outcome.status,
-                 f" {outcome.label}" if answered else "", stored, already, time.perf_counter() - t0)
+            outcome = StudyOutcome(
+                key, "refused", stored=stored, already=already, reason=str(_content(sr, "Comment").TextValue)
+            )
+        log.info(
+            "%s: %d images, %s%s, %d results stored, %d already there (%.1f s)",
+            key,
+            len(files),
+            outcome.status,
+            f" {outcome.label}" if answered else "",
+            stored,
+            already,
+            time.perf_counter() - t0,
+        )
         return outcome
     except MedtlError as e:
         message = str(e).replace(str(folder / "images"), key).replace(str(folder), key).replace(uid, key)
@@ -276,9 +339,17 @@ class _OutcomeWriter:
             self.writer.writeheader()
 
     def write(self, o: StudyOutcome) -> None:
-        self.writer.writerow({"study": o.key, "status": o.status, "label": o.label,
-                              "probability": "" if o.probability is None else round(o.probability, 6),
-                              "stored": o.stored, "already_there": o.already, "reason": o.reason})
+        self.writer.writerow(
+            {
+                "study": o.key,
+                "status": o.status,
+                "label": o.label,
+                "probability": "" if o.probability is None else round(o.probability, 6),
+                "stored": o.stored,
+                "already_there": o.already,
+                "reason": o.reason,
+            }
+        )
         self.file.flush()
 
     def close(self) -> None:
@@ -286,7 +357,8 @@ class _OutcomeWriter:
 
 
 def _content(sr: pydicom.Dataset, meaning: str) -> pydicom.Dataset:
-    """The SR's content item named ``meaning`` (as :func:`medtl.clinical.dicom_results.write_dicom_results` writes it)."""
+    """The SR's content item named ``meaning`` (as :func:`medtl.clinical.dicom_results.write_dicom_results`
+    writes it)."""
     return next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == meaning)
 
 
@@ -298,10 +370,17 @@ ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins",
 def find_orthanc() -> tuple[str, str] | None:
     """(the Orthanc program, its DICOMweb plugin) when both are installed (Debian: ``orthanc``,
     ``orthanc-dicomweb``), else None."""
-    program = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
-                                                if os.access(p, os.X_OK)), None)
-    plugin = next((str(Path(d) / "libOrthancDicomWeb.so") for d in ORTHANC_PLUGIN_DIRS
-                   if (Path(d) / "libOrthancDicomWeb.so").is_file()), None)
+    program = shutil.which("Orthanc") or next(
+        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(p, os.X_OK)), None
+    )
+    plugin = next(
+        (
+            str(Path(d) / "libOrthancDicomWeb.so")
+            for d in ORTHANC_PLUGIN_DIRS
+            if (Path(d) / "libOrthancDicomWeb.so").is_file()
+        ),
+        None,
+    )
     return (program, plugin) if program and plugin else None
 
 
@@ -317,12 +396,14 @@ class OrthancServer:
     context manager, or :meth:`start` / :meth:`stop`. The credentials are ``credentials`` or a new
     random password for user ``medtl`` (see :attr:`credentials`)."""
 
-    def __init__(self, storage: str | Path | None = None, port: int | None = None,
-                 credentials: Credentials | None = None):
+    def __init__(
+        self, storage: str | Path | None = None, port: int | None = None, credentials: Credentials | None = None
+    ):
         found = find_orthanc()
         if found is None:
-            raise MedtlError("Orthanc with its DICOMweb plugin is not installed "
-                             "(Debian: apt-get install orthanc orthanc-dicomweb)")
+            raise MedtlError(
+                "Orthanc with its DICOMweb plugin is not installed (Debian: apt-get install orthanc orthanc-dicomweb)"
+            )
         self.program, self.plugin = found
         self._own = tempfile.TemporaryDirectory(prefix="medtl-orthanc-") if storage is None else None
         self.storage = Path(self._own.name if self._own else storage)
@@ -336,12 +417,20 @@ class OrthancServer:
 
     def config(self) -> dict:
         return {
-            "Name": "medtl", "StorageDirectory": str(self.storage / "db"), "IndexDirectory": str(self.storage / "db"),
-            "HttpPort": self.port, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "Name": "medtl",
+            "StorageDirectory": str(self.storage / "db"),
+            "IndexDirectory": str(self.storage / "db"),
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
             "RegisteredUsers": {self.credentials.user: self.credentials.password},
-            "DicomServerEnabled": False, "OverwriteInstances": False, "StorageCompression": False,
-            "Plugins": [self.plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-            "HttpTimeout": 60, "StableAge": 1,
+            "DicomServerEnabled": False,
+            "OverwriteInstances": False,
+            "StorageCompression": False,
+            "Plugins": [self.plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+            "HttpTimeout": 60,
+            "StableAge": 1,
         }
 
     def start(self, timeout: float = 60) -> OrthancServer:
@@ -353,8 +442,9 @@ class OrthancServer:
         with os.fdopen(fd, "w") as f:
             json.dump(self.config(), f, indent=1)
         self._log = open(self.storage / "orthanc.log", "wb")  # noqa: SIM115 -- the server's output; stop() closes it
-        self.process = subprocess.Popen([self.program, str(config)], stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [self.program, str(config)], stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         auth = (self.credentials.user, self.credentials.password)
         while time.monotonic() < deadline:

@@ -22,7 +22,29 @@ from medtl.data.split import (
     split_by_patient,
 )
 
-__all__ = ["Manifest", "Problem", "read_manifest", "read_dataset", "read_image_folder", "read_medmnist", "read_unlabelled",
-           "split_by_patient", "kfold_by_patient", "check_split_classes", "create_dataset", "decode_records",
-           "create_sample_data", "create_sample_series", "create_multilabel_sample", "sample_per_class", "TooFewExamplesError", "InputDataset",
-           "InputStore", "iterate_batches", "store_options", "expand_inputs", "study_index", "MEMORY_CACHE_BYTES"]
+__all__ = [
+    "Manifest",
+    "Problem",
+    "read_manifest",
+    "read_dataset",
+    "read_image_folder",
+    "read_medmnist",
+    "read_unlabelled",
+    "split_by_patient",
+    "kfold_by_patient",
+    "check_split_classes",
+    "create_dataset",
+    "decode_records",
+    "create_sample_data",
+    "create_sample_series",
+    "create_multilabel_sample",
+    "sample_per_class",
+    "TooFewExamplesError",
+    "InputDataset",
+    "InputStore",
+    "iterate_batches",
+    "store_options",
+    "expand_inputs",
+    "study_index",
+    "MEMORY_CACHE_BYTES",
+]

@@ -23,12 +23,27 @@ from medtl.transforms.read import split_slices
 
 log = logging.getLogger("medtl.data")
 
-KEEP = ("image", "label", "patient_id", "path", "original_shape", "slice_index", "n_inputs", "study_id", "site",
-        "modality", "scan_ndim", "scan_modality", "scan_colour", "scan_min_side")
+KEEP = (
+    "image",
+    "label",
+    "patient_id",
+    "path",
+    "original_shape",
+    "slice_index",
+    "n_inputs",
+    "study_id",
+    "site",
+    "modality",
+    "scan_ndim",
+    "scan_modality",
+    "scan_colour",
+    "scan_min_side",
+)
 
 
-def decode_records(records: Sequence[dict], deterministic: Compose, cache_dir: str | None = None,
-                   workers: int = 0) -> tuple[list[dict], list[Problem]]:
+def decode_records(
+    records: Sequence[dict], deterministic: Compose, cache_dir: str | None = None, workers: int = 0
+) -> tuple[list[dict], list[Problem]]:
     """Apply the deterministic (read + scale + shrink) chain once to every record, in ``workers``
     processes when more than 0 (the files are read in parallel; results come back in order).
 
@@ -38,8 +53,9 @@ def decode_records(records: Sequence[dict], deterministic: Compose, cache_dir: s
     """
     source = _Decoded(records, deterministic, cache_dir)
     if workers > 0 and len(records) > 1:
-        source = DataLoader(source, batch_size=None, shuffle=False, num_workers=min(workers, len(records)),
-                            collate_fn=_as_is)
+        source = DataLoader(
+            source, batch_size=None, shuffle=False, num_workers=min(workers, len(records)), collate_fn=_as_is
+        )
     samples, problems = [], []
     for out in source:
         if isinstance(out, Problem):
@@ -113,9 +129,15 @@ class InputDataset(Dataset):
     that last step then runs on whole batches on the model's device.
     """
 
-    def __init__(self, data: Sequence[dict], transform: Compose, aggregation: tuple[str, int] = ("mean", 3),
-                 store_dtype: str = "float16", memory_bytes: int = MEMORY_CACHE_BYTES,
-                 spill_dir: str | Path | None = None):
+    def __init__(
+        self,
+        data: Sequence[dict],
+        transform: Compose,
+        aggregation: tuple[str, int] = ("mean", 3),
+        store_dtype: str = "float16",
+        memory_bytes: int = MEMORY_CACHE_BYTES,
+        spill_dir: str | Path | None = None,
+    ):
         super().__init__(data, transform)
         self.aggregation = aggregation  # (rule, k): "mean", "max" or "topk" over a study's slice scores
         self.store_dtype = STORE_DTYPES[look_up_option(store_dtype, STORE_DTYPES, "input store dtype")]
@@ -159,14 +181,22 @@ class InputStore:
         first = _as_tensor(shape_chain(dict(dataset.data[0]))["image"])
         full = finish.channels if finish is not None else first.shape[0]  # grey and colour inputs mixed: all repeated
         images, where, mapped = cls._allocate(dataset, (n, *first.shape))
-        labels = torch.empty((n, *label_tensor(dataset.data[0]["label"]).shape), dtype=torch.long)  # multi-label: (n, L)
+        labels = torch.empty(
+            (n, *label_tensor(dataset.data[0]["label"]).shape), dtype=torch.long
+        )  # multi-label: (n, L)
         source = _Prepared(dataset.data, shape_chain)
-        loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                            persistent_workers=False) if workers > 0 else source
+        loader = (
+            DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
+            if workers > 0
+            else source
+        )
         for i, (image, label) in enumerate(loader):
             image = _as_tensor(image)
-            if image.shape[1:] == images.shape[2:] and image.shape[0] != images.shape[1] and \
-                    {image.shape[0], images.shape[1]} == {1, full}:
+            if (
+                image.shape[1:] == images.shape[2:]
+                and image.shape[0] != images.shape[1]
+                and {image.shape[0], images.shape[1]} == {1, full}
+            ):
                 if images.shape[1] == 1:  # the first of several channels: from now on every input has them
                     wider, where, mapped = cls._allocate(dataset, (n, full, *images.shape[2:]))
                     wider[:i] = images[:i].expand(-1, full, *images.shape[2:])
@@ -174,12 +204,15 @@ class InputStore:
                 else:
                     image = image.expand(full, *image.shape[1:])
             if tuple(image.shape) != tuple(images.shape[1:]):
-                raise ConfigError(None, f"input {i} of the data set has shape {tuple(image.shape)}, the others "
-                                  f"{tuple(images.shape[1:])}", "a final chain that gives every input one shape")
+                raise ConfigError(
+                    None,
+                    f"input {i} of the data set has shape {tuple(image.shape)}, the others {tuple(images.shape[1:])}",
+                    "a final chain that gives every input one shape",
+                )
             images[i] = image
             labels[i] = label
         need = images.element_size() * images.nelement()
-        log.debug("%d inputs stored in %s as %s (%.1f MiB)", n, where, dtype, need / 2 ** 20)
+        log.debug("%d inputs stored in %s as %s (%.1f MiB)", n, where, dtype, need / 2**20)
         store = cls(images, labels, finish, where)
         store._mapped = mapped
         return store
@@ -253,8 +286,11 @@ def label_tensor(label) -> torch.Tensor:
 
 
 def _as_tensor(x) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(np.asarray(x) if not
-                                                                        isinstance(x, torch.Tensor) else x)
+    return (
+        x.as_tensor()
+        if hasattr(x, "as_tensor")
+        else torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    )
 
 
 def _mapped_array(folder: str | Path | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[np.ndarray, str]:
@@ -269,8 +305,11 @@ def _mapped_array(folder: str | Path | None, shape: tuple[int, ...], dtype: torc
         try:  # reserved now: a disk filling up later would kill the process (SIGBUS) instead of an error here
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
-            raise ConfigError(None, f"no room for the {size / 2 ** 20:.0f} MiB input store in {folder} "
-                              f"({e.strerror})", "data.cache_dir on a disk with room for it") from None
+            raise ConfigError(
+                None,
+                f"no room for the {size / 2**20:.0f} MiB input store in {folder} ({e.strerror})",
+                "data.cache_dir on a disk with room for it",
+            ) from None
         mapped = np.memmap(name, dtype=np_dtype, mode="r+", shape=shape)
     finally:
         os.close(fd)
@@ -284,9 +323,14 @@ def store_options(data) -> dict:
     return {"store_dtype": data.input_store, "spill_dir": data.cache_dir}
 
 
-def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[str, int] = ("mean", 3),
-                   store_dtype: str = "float16", memory_bytes: int = MEMORY_CACHE_BYTES,
-                   spill_dir: str | Path | None = None) -> InputDataset:
+def create_dataset(
+    studies: Sequence[dict],
+    final: Compose,
+    aggregation: tuple[str, int] = ("mean", 3),
+    store_dtype: str = "float16",
+    memory_bytes: int = MEMORY_CACHE_BYTES,
+    spill_dir: str | Path | None = None,
+) -> InputDataset:
     """The model inputs of ``studies`` (slices of volumes in the "slices" modes) applying ``final``.
 
     ``aggregation`` (rule, k) tells evaluation how slice scores make a study score. ``final`` is
@@ -303,8 +347,14 @@ def create_dataset(studies: Sequence[dict], final: Compose, aggregation: tuple[s
     return InputDataset(items, final, aggregation, store_dtype, memory_bytes, spill_dir)
 
 
-def iterate_batches(dataset, batch_size: int, device: torch.device | str = "cpu", order: Sequence[int] | None = None,
-                    drop_last: bool = False, workers: int = 0) -> Iterator[dict]:
+def iterate_batches(
+    dataset,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    order: Sequence[int] | None = None,
+    drop_last: bool = False,
+    workers: int = 0,
+) -> Iterator[dict]:
     """``{"image", "label"}`` batches of a data set on ``device``, in ``order`` (default: the data set's),
     ``batch_size`` at a time. An :class:`InputDataset` is read from its store (on a GPU, the store moves
     to the device when it takes at most a quarter of the free memory: batches are then gathered there);
@@ -318,14 +368,23 @@ def iterate_batches(dataset, batch_size: int, device: torch.device | str = "cpu"
     if isinstance(dataset, InputDataset):
         store = place_store(dataset, device, workers)
         for s in range(steps):
-            yield store.batch(order[s * batch_size:(s + 1) * batch_size], device)
+            yield store.batch(order[s * batch_size : (s + 1) * batch_size], device)
         return
-    loader = DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
-                        drop_last=drop_last, num_workers=workers, persistent_workers=False,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=drop_last,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     for batch in loader:
-        yield {"image": _moved(torch.as_tensor(batch["image"]), device),
-               "label": _moved(torch.as_tensor(batch["label"]).long(), device)}
+        yield {
+            "image": _moved(torch.as_tensor(batch["image"]), device),
+            "label": _moved(torch.as_tensor(batch["label"]).long(), device),
+        }
 
 
 def _free_memory(device: torch.device) -> int:

@@ -56,15 +56,20 @@ class Manifest:
 
     def label_counts(self, indices=None) -> dict[str, int]:
         """Images per class (multi-label: images with each finding)."""
-        return label_counts([self.records[i]["label"] for i in (range(len(self.records)) if indices is None
-                                                                 else indices)], self.class_names)
+        return label_counts(
+            [self.records[i]["label"] for i in (range(len(self.records)) if indices is None else indices)],
+            self.class_names,
+        )
 
     def __repr__(self) -> str:
         patients = len({r["patient_id"] for r in self.records})
-        split = f", fixed split {{{', '.join(f'{k}: {len(v)}' for k, v in self.splits.items())}}}" \
-            if self.splits else ""
-        return (f"Manifest({self.path.name} [{self.kind}]: {len(self.records)} images, {patients} patients, "
-                f"labels {self.label_counts()}, {len(self.problems)} skipped{split})")
+        split = (
+            f", fixed split {{{', '.join(f'{k}: {len(v)}' for k, v in self.splits.items())}}}" if self.splits else ""
+        )
+        return (
+            f"Manifest({self.path.name} [{self.kind}]: {len(self.records)} images, {patients} patients, "
+            f"labels {self.label_counts()}, {len(self.problems)} skipped{split})"
+        )
 
 
 def is_multi_label(label) -> bool:
@@ -107,9 +112,12 @@ def _class_order(values: list[str]) -> list[str]:
         return unique
 
 
-def index_labels(records: list[dict], problems: list[Problem],
-                 classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
-                 where=lambda r: str(r.get("image", ""))) -> tuple[list[dict], list[str]]:
+def index_labels(
+    records: list[dict],
+    problems: list[Problem],
+    classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
+    where=lambda r: str(r.get("image", "")),
+) -> tuple[list[dict], list[str]]:
     """Check every record's ``label_value`` and replace it by a class index; return (kept records, class names).
 
     With ``classes`` (``data.classes``), only those labels are accepted, in that order; a mapping
@@ -131,27 +139,39 @@ def index_labels(records: list[dict], problems: list[Problem],
     if isinstance(classes, dict):
         classes, names = [_label_key(k) for k in classes], [str(v) for v in classes.values()]
         if len(set(names)) != len(names):
-            raise ManifestError(None, f"data.classes gives two labels one name ({', '.join(names)})",
-                                "a different name for each label")
+            raise ManifestError(
+                None, f"data.classes gives two labels one name ({', '.join(names)})", "a different name for each label"
+            )
     if classes is not None:
         class_names = [_label_key(c) for c in classes]
         allowed = set(class_names)
         good = [r for r in kept if r["label_value"] in allowed]
         for r in kept:
             if r["label_value"] not in allowed:
-                problems.append(Problem(where(r), f"label {r['label_value'][:24]!r} is not one of data.classes "
-                                        f"({', '.join(class_names)})"))
+                problems.append(
+                    Problem(
+                        where(r),
+                        f"label {r['label_value'][:24]!r} is not one of data.classes ({', '.join(class_names)})",
+                    )
+                )
     else:
         forms = [_label_form(r["label_value"]) for r in kept]
         n_index, n_name = forms.count("index"), forms.count("name")
         form = "index" if n_index >= n_name else "name"
         good = [r for r, f in zip(kept, forms) if f == form]
-        expected = "a class index (0, 1, 2, ...) like the other rows" if form == "index" else \
-            "a class name starting with a letter, like the other rows"
+        expected = (
+            "a class index (0, 1, 2, ...) like the other rows"
+            if form == "index"
+            else "a class name starting with a letter, like the other rows"
+        )
         for r, f in zip(kept, forms):
             if f != form:
-                problems.append(Problem(where(r), f"label {r['label_value'][:24]!r} is not {expected} "
-                                        "(or list the labels in data.classes)"))
+                problems.append(
+                    Problem(
+                        where(r),
+                        f"label {r['label_value'][:24]!r} is not {expected} (or list the labels in data.classes)",
+                    )
+                )
         class_names = _class_order([r["label_value"] for r in good])
     index = {name: i for i, name in enumerate(class_names)}
     for r in good:
@@ -198,8 +218,13 @@ def inside(root: Path, image: str) -> Path | None:
     return joined if joined == root or root in joined.parents else None
 
 
-def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str, ...] | None = None,
-                  allow_outside_paths: bool = False, label_columns: tuple[str, ...] | None = None) -> Manifest:
+def read_manifest(
+    path: str | Path,
+    check_files: bool = True,
+    classes: tuple[str, ...] | None = None,
+    allow_outside_paths: bool = False,
+    label_columns: tuple[str, ...] | None = None,
+) -> Manifest:
     """Read a manifest CSV. Image paths are relative to the manifest's folder.
 
     A path that is absolute or leads out of that folder (``../``) is refused unless
@@ -215,14 +240,22 @@ def read_manifest(path: str | Path, check_files: bool = True, classes: tuple[str
     """
     path = Path(path)
     rows, columns = _read_rows(path)
-    multi = "columns" if label_columns else FINDINGS_COLUMN if "label" not in columns and FINDINGS_COLUMN in columns \
+    multi = (
+        "columns"
+        if label_columns
+        else FINDINGS_COLUMN
+        if "label" not in columns and FINDINGS_COLUMN in columns
         else None
+    )
     required = [c for c in REQUIRED_COLUMNS if c != "label" or not multi] + list(label_columns or ())
     missing = [c for c in required if c not in columns]
     if missing:
-        raise ManifestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}",
-                            "a header with " + ", ".join(REQUIRED_COLUMNS) + f" (multi-label: {FINDINGS_COLUMN} in "
-                            "place of label, or the 0/1 columns named by data.label_columns)")
+        raise ManifestError(
+            path,
+            f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}",
+            "a header with " + ", ".join(REQUIRED_COLUMNS) + f" (multi-label: {FINDINGS_COLUMN} in "
+            "place of label, or the 0/1 columns named by data.label_columns)",
+        )
     root = Path(os.path.normpath(path.parent.absolute()))
     records, problems = [], []
     for i, row in enumerate(rows, start=2):  # row 1 is the header
@@ -258,8 +291,9 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
-def _record(row: dict, where: str, root: Path, problems: list[Problem], check_files: bool,
-            allow_outside_paths: bool) -> dict | None:
+def _record(
+    row: dict, where: str, root: Path, problems: list[Problem], check_files: bool, allow_outside_paths: bool
+) -> dict | None:
     """The record of one manifest row (image, patient, optional columns; its label is added by the caller), or
     None with the reason appended to ``problems``: an empty field, a path outside the folder, a missing image."""
     empty = [c for c in REQUIRED_COLUMNS if c != "label" and not row.get(c)]
@@ -269,8 +303,13 @@ def _record(row: dict, where: str, root: Path, problems: list[Problem], check_fi
     image = inside(root, row["image"])
     if image is None:
         if not allow_outside_paths:
-            problems.append(Problem(where, f"image path {row['image']} is absolute or leads out of the manifest's "
-                                    "folder (set data.allow_outside_paths to allow it)"))
+            problems.append(
+                Problem(
+                    where,
+                    f"image path {row['image']} is absolute or leads out of the manifest's "
+                    "folder (set data.allow_outside_paths to allow it)",
+                )
+            )
             return None
         image = Path(row["image"]) if Path(row["image"]).is_absolute() else root / row["image"]
     if check_files and not image.is_file():
@@ -286,10 +325,13 @@ def _record(row: dict, where: str, root: Path, problems: list[Problem], check_fi
 _ZERO_ONE = {"0": 0, "0.0": 0, "false": 0, "1": 1, "1.0": 1, "true": 1}
 
 
-def index_findings(records: list[dict], problems: list[Problem],
-                   classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
-                   where=lambda r: str(r.get("image", "")), columns: tuple[str, ...] | None = None
-                   ) -> tuple[list[dict], list[str]]:
+def index_findings(
+    records: list[dict],
+    problems: list[Problem],
+    classes: tuple[str, ...] | list[str] | dict[str, str] | None = None,
+    where=lambda r: str(r.get("image", "")),
+    columns: tuple[str, ...] | None = None,
+) -> tuple[list[dict], list[str]]:
     """Multi-label records: replace each record's ``label_value`` by a tuple of 0/1, one per finding;
     return (kept records, finding names).
 
@@ -307,8 +349,13 @@ def index_findings(records: list[dict], problems: list[Problem],
             bad = {c: v for c, v in value.items() if v.strip().lower() not in _ZERO_ONE}
             if bad:
                 c, v = next(iter(bad.items()))
-                problems.append(Problem(where(r), f"column {c!r}: {v[:24]!r} is not 0 or 1" +
-                                        (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")))
+                problems.append(
+                    Problem(
+                        where(r),
+                        f"column {c!r}: {v[:24]!r} is not 0 or 1"
+                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                    )
+                )
                 continue
             r["label"] = tuple(_ZERO_ONE[v.strip().lower()] for v in value.values())
             kept.append(r)
@@ -317,8 +364,11 @@ def index_findings(records: list[dict], problems: list[Problem],
         if value.lower() in MISSING_LABELS:
             problems.append(Problem(where(r), f"findings missing ({value!r}; write {NO_FINDING[0]!r} for none)"))
             continue
-        r["findings"] = [] if value.lower() in NO_FINDING else sorted(
-            {f.strip() for f in value.split(FINDINGS_SEPARATOR) if f.strip()})
+        r["findings"] = (
+            []
+            if value.lower() in NO_FINDING
+            else sorted({f.strip() for f in value.split(FINDINGS_SEPARATOR) if f.strip()})
+        )
         kept.append(r)
     rename = None
     if kept and "label" in kept[0]:  # 0/1 columns: the findings are the columns, named by data.classes' mapping
@@ -330,14 +380,16 @@ def index_findings(records: list[dict], problems: list[Problem],
         return kept, names
     if isinstance(classes, dict):
         classes, rename = list(classes), [str(v) for v in classes.values()]
-    names = [str(c).strip() for c in classes] if classes is not None else sorted(
-        {f for r in kept for f in r["findings"]})
+    names = (
+        [str(c).strip() for c in classes] if classes is not None else sorted({f for r in kept for f in r["findings"]})
+    )
     allowed, good = set(names), []
     for r in kept:
         outside = [f for f in r["findings"] if f not in allowed]
         if outside:
-            problems.append(Problem(where(r), f"finding {outside[0][:24]!r} is not one of data.classes "
-                                    f"({', '.join(names)})"))
+            problems.append(
+                Problem(where(r), f"finding {outside[0][:24]!r} is not one of data.classes ({', '.join(names)})")
+            )
             continue
         present = set(r.pop("findings"))
         r["label"] = tuple(int(n in present) for n in names)

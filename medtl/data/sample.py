@@ -1,9 +1,10 @@
 """A small, deterministic, labelled synthetic CT study set in real file formats.
 
 Class 1 images hold a faint round hypodense lesion (35-70 HU below the surrounding tissue,
-8-14 px radius at 128 px, anywhere inside the body wall); class 0 images do not. Organs are brighter ovals. Body shape, organs, texture, contrast and noise vary, so the
-task is learnable but not trivial. Files are real DICOM (CT Image Storage, Rescale
-Slope/Intercept, synthetic patient identifiers) and NIfTI volumes, listed in ``manifest.csv``.
+8-14 px radius at 128 px, anywhere inside the body wall); class 0 images do not. Organs are brighter
+ovals. Body shape, organs, texture, contrast and noise vary, so the task is learnable but not trivial.
+Files are real DICOM (CT Image Storage, Rescale Slope/Intercept, synthetic patient identifiers) and NIfTI
+volumes, listed in ``manifest.csv``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
     return n / (n.std() + 1e-8)
 
 
-def _soft_disc(rng: np.random.Generator, inside: np.ndarray, yy: np.ndarray, xx: np.ndarray,
-               radius: tuple[float, float], edge: float) -> np.ndarray:
+def _soft_disc(
+    rng: np.random.Generator,
+    inside: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    radius: tuple[float, float],
+    edge: float,
+) -> np.ndarray:
     """A round, soft-edged disc (1 inside, 0 outside) at a random point of ``inside``, its radius drawn from
     ``radius`` (pixels at 128 px), kept within ``inside``."""
     ys, xs = np.nonzero(inside)
@@ -87,8 +94,11 @@ def _write_ct_dicom(path: Path, hu: np.ndarray, patient: str, seed: int, index: 
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.InstanceNumber = index + 1
     spacing = round(spacing, 6)  # DS values hold at most 16 characters
-    ds.ImagePositionPatient = [round(-spacing * hu.shape[1] / 2, 4), round(-spacing * hu.shape[0] / 2, 4),
-                               float(index) * 5.0]
+    ds.ImagePositionPatient = [
+        round(-spacing * hu.shape[1] / 2, 4),
+        round(-spacing * hu.shape[0] / 2, 4),
+        float(index) * 5.0,
+    ]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [spacing, spacing]
     ds.SliceThickness = 5.0
@@ -108,8 +118,15 @@ def _write_ct_dicom(path: Path, hu: np.ndarray, patient: str, seed: int, index: 
 CLASS_NAMES = ("no lesion", "lesion")  # label 0, label 1
 
 
-def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_patient: int = 2,
-                       n_volumes: int = 8, size: int = 128, seed: int = 0, force: bool = False) -> Path:
+def create_sample_data(
+    out_dir: str | Path,
+    n_patients: int = 48,
+    images_per_patient: int = 2,
+    n_volumes: int = 8,
+    size: int = 128,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
     """Write the synthetic study set into ``out_dir`` and return the path of its manifest.
 
     Half of the patients are positive (every image of theirs shows a lesion). Patients
@@ -130,23 +147,32 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
             hu = synthetic_ct_slice(rng, size, lesion=bool(label))
             name = f"dicom/img_{len(rows) + 1:04d}.dcm"  # file names carry no patient identifier
             _write_ct_dicom(out / name, hu, patient, seed, i, spacing)
-            rows.append({"image": name, "label": label, "label_name": CLASS_NAMES[label], "patient_id": patient,
-                         "modality": "CT"})
+            rows.append(
+                {
+                    "image": name,
+                    "label": label,
+                    "label_name": CLASS_NAMES[label],
+                    "patient_id": patient,
+                    "modality": "CT",
+                }
+            )
     for v in range(n_volumes):
         patient, label = f"SYNV{v + 1:03d}", v % 2
         depth = 12
         vol = np.stack([synthetic_ct_slice(rng, size, lesion=False) for _ in range(depth)])
         if label:  # a lesion through the middle slices
-            vol[depth // 2 - 1: depth // 2 + 2] = np.stack(
-                [synthetic_ct_slice(rng, size, lesion=True) for _ in range(3)])
+            vol[depth // 2 - 1 : depth // 2 + 2] = np.stack(
+                [synthetic_ct_slice(rng, size, lesion=True) for _ in range(3)]
+            )
         spacing = float(rng.uniform(0.65, 0.9))
         data = vol[:, ::-1, ::-1].transpose(2, 1, 0)  # display (slices, rows, cols) -> RAS (x, y, z)
         img = nib.Nifti1Image(np.round(data).astype(np.int16), np.diag([spacing, spacing, 3.0, 1.0]))
         img.header.set_xyzt_units("mm")
         name = f"nifti/vol_{v + 1:03d}.nii.gz"
         nib.save(img, out / name)
-        rows.append({"image": name, "label": label, "label_name": CLASS_NAMES[label], "patient_id": patient,
-                     "modality": "CT"})
+        rows.append(
+            {"image": name, "label": label, "label_name": CLASS_NAMES[label], "patient_id": patient, "modality": "CT"}
+        )
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "label", "label_name", "patient_id", "modality"])
         writer.writeheader()
@@ -157,8 +183,14 @@ def create_sample_data(out_dir: str | Path, n_patients: int = 48, images_per_pat
 FINDINGS = ("calcification", "lesion")  # the findings of the multi-label sample
 
 
-def create_multilabel_sample(out_dir: str | Path, n_patients: int = 64, images_per_patient: int = 1, size: int = 96,
-                             seed: int = 0, force: bool = False) -> Path:
+def create_multilabel_sample(
+    out_dir: str | Path,
+    n_patients: int = 64,
+    images_per_patient: int = 1,
+    size: int = 96,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
     """Write a synthetic multi-label CT set (DICOM slices) into ``out_dir``; return its manifest's path.
 
     Each patient has, independently, a hypodense lesion (half of them) and a calcification (a third of
@@ -180,8 +212,14 @@ def create_multilabel_sample(out_dir: str | Path, n_patients: int = 64, images_p
             hu = synthetic_ct_slice(rng, size, lesion=has["lesion"], calcification=has["calcification"])
             name = f"dicom/img_{len(rows) + 1:04d}.dcm"
             _write_ct_dicom(out / name, hu, patient, seed, i, spacing)
-            rows.append({"image": name, "findings": "|".join(f for f in FINDINGS if has[f]) or "No Finding",
-                         "patient_id": patient, "modality": "CT"})
+            rows.append(
+                {
+                    "image": name,
+                    "findings": "|".join(f for f in FINDINGS if has[f]) or "No Finding",
+                    "patient_id": patient,
+                    "modality": "CT",
+                }
+            )
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "findings", "patient_id", "modality"])
         writer.writeheader()
@@ -189,8 +227,9 @@ def create_multilabel_sample(out_dir: str | Path, n_patients: int = 64, images_p
     return manifest
 
 
-def create_sample_series(out_dir: str | Path, n_slices: int = 100, size: int = 128, seed: int = 0,
-                         lesion: bool = True) -> Path:
+def create_sample_series(
+    out_dir: str | Path, n_slices: int = 100, size: int = 128, seed: int = 0, lesion: bool = True
+) -> Path:
     """Write one synthetic axial CT series (``n_slices`` DICOM files, 5 mm apart) into ``out_dir``.
 
     File names are shuffled with respect to slice position, as they often are in exports; with

@@ -21,8 +21,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".ni
 MEDMNIST_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
 
 
-def read_dataset(path: str | Path, classes: tuple[str, ...] | dict[str, str] | None = None,
-                 allow_outside_paths: bool = False, label_columns: tuple[str, ...] | None = None) -> Manifest:
+def read_dataset(
+    path: str | Path,
+    classes: tuple[str, ...] | dict[str, str] | None = None,
+    allow_outside_paths: bool = False,
+    label_columns: tuple[str, ...] | None = None,
+) -> Manifest:
     """Read a labelled data set: a manifest ``.csv``, a MedMNIST ``.npz`` or an image folder.
 
     An image folder holds one sub-folder per class (``root/<class>/<image>``); every image
@@ -40,10 +44,12 @@ def read_dataset(path: str | Path, classes: tuple[str, ...] | dict[str, str] | N
     if path.suffix.lower() == ".npz":
         return read_medmnist(path, classes)
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return read_manifest(path, classes=classes, allow_outside_paths=allow_outside_paths,
-                             label_columns=label_columns)
-    raise UnsupportedFormatError(path, f"unrecognised data set file {path.name!r}",
-                                 "a manifest .csv, an image folder or a MedMNIST .npz")
+        return read_manifest(
+            path, classes=classes, allow_outside_paths=allow_outside_paths, label_columns=label_columns
+        )
+    raise UnsupportedFormatError(
+        path, f"unrecognised data set file {path.name!r}", "a manifest .csv, an image folder or a MedMNIST .npz"
+    )
 
 
 def read_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> Manifest:
@@ -51,8 +57,11 @@ def read_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        raise ManifestError(root, f"image folder has {len(classes)} class sub-folder(s)",
-                            "one sub-folder per class (at least 2), each holding images")
+        raise ManifestError(
+            root,
+            f"image folder has {len(classes)} class sub-folder(s)",
+            "one sub-folder per class (at least 2), each holding images",
+        )
     records, problems = [], []
     for name in classes:
         for f in sorted(q for q in (root / name).rglob("*") if q.is_file()):
@@ -79,13 +88,41 @@ MEDMNIST_LABELS = {
     "adrenalmnist3d": ["normal", "hyperplasia"],
     "nodulemnist3d": ["benign", "malignant"],
     "vesselmnist3d": ["vessel", "aneurysm"],
-    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
-                   "vascular lesions"],
-    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
-                   "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"],
-    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
-                   "neutrophil", "platelet"],
+    "dermamnist": [
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ],
+    "chestmnist": [
+        "atelectasis",
+        "cardiomegaly",
+        "effusion",
+        "infiltration",
+        "mass",
+        "nodule",
+        "pneumonia",
+        "pneumothorax",
+        "consolidation",
+        "edema",
+        "emphysema",
+        "fibrosis",
+        "pleural",
+        "hernia",
+    ],
+    "bloodmnist": [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ],
 }
 
 
@@ -106,8 +143,9 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
         npz = np.load(path, allow_pickle=False)
         missing = [k for k in MEDMNIST_KEYS if k not in npz.files]
         if missing:
-            raise UnsupportedFormatError(path, f"not a MedMNIST file: missing {', '.join(missing)}",
-                                         "keys " + ", ".join(MEDMNIST_KEYS))
+            raise UnsupportedFormatError(
+                path, f"not a MedMNIST file: missing {', '.join(missing)}", "keys " + ", ".join(MEDMNIST_KEYS)
+            )
         arrays = {k: npz[k] for k in MEDMNIST_KEYS}
     except (UnsupportedFormatError, FileMissingError):
         raise
@@ -118,24 +156,36 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
     for split in ("train", "val", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if multi:
-            if labels.ndim != 2 or labels.shape[1] != arrays["train_labels"].shape[1] or not np.isin(labels, (0, 1)).all():
-                raise ManifestError(path, f"{split}: multi-label labels of shape {labels.shape}, not 0/1 columns like "
-                                    f"the training split's {arrays['train_labels'].shape[1]}")
+            if (
+                labels.ndim != 2
+                or labels.shape[1] != arrays["train_labels"].shape[1]
+                or not np.isin(labels, (0, 1)).all()
+            ):
+                raise ManifestError(
+                    path,
+                    f"{split}: multi-label labels of shape {labels.shape}, not 0/1 columns like "
+                    f"the training split's {arrays['train_labels'].shape[1]}",
+                )
         else:
             labels = labels.reshape(-1)
         if len(images) != len(labels):
             raise ManifestError(path, f"{split}: {len(images)} images but {len(labels)} labels")
         start = len(records)
         for i, (image, label) in enumerate(zip(images, labels)):
-            records.append({"image": image, "label": tuple(int(v) for v in label) if multi else int(label),
-                            "patient_id": f"{split}-{i}", "path": f"{path.name}:{split}/{i}"})
+            records.append(
+                {
+                    "image": image,
+                    "label": tuple(int(v) for v in label) if multi else int(label),
+                    "patient_id": f"{split}-{i}",
+                    "path": f"{path.name}:{split}/{i}",
+                }
+            )
         splits[split] = list(range(start, len(records)))
     n_classes = arrays["train_labels"].shape[1] if multi else int(max(r["label"] for r in records)) + 1
     names = medmnist_class_names(path, n_classes)
     if isinstance(classes, dict):  # data.classes {index: name} names them
         names = [classes.get(str(c), names[c]) for c in range(n_classes)]
-    return Manifest(path=path, records=records, class_names=names, splits=splits,
-                    kind="medmnist", multi_label=multi)
+    return Manifest(path=path, records=records, class_names=names, splits=splits, kind="medmnist", multi_label=multi)
 
 
 def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list[dict]:
@@ -151,10 +201,14 @@ def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list
     if not path.exists():
         raise FileMissingError(path, "unlabelled data not found", "an image folder, a manifest .csv or a MedMNIST .npz")
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and f.name.lower().endswith(IMAGE_SUFFIXES))
-        records = [{"image": str(f), "label": 0, "patient_id": f.relative_to(path).with_suffix("").as_posix()}
-                   for f in files]
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMAGE_SUFFIXES)
+        )
+        records = [
+            {"image": str(f), "label": 0, "patient_id": f.relative_to(path).with_suffix("").as_posix()} for f in files
+        ]
     elif path.suffix.lower() == ".npz":
         m = read_medmnist(path)
         records = [{**m.records[i], "label": 0} for i in m.splits["train"]]

@@ -24,14 +24,37 @@ from medtl.metrics import (
     seed_mean_ci,
 )
 
-_LATER = {"evaluate_run": "evaluate", "compute_evaluation": "evaluate", "Evaluation": "evaluate",
-          "write_evaluation": "evaluate", "evaluation_figures": "figures", "save_study": "figures",
-          "model_card": "card", "model_card_markdown": "card", "report_html": "card", "INTENDED_USE": "card",
-          "run_sanity_checks": "sanity", "SanityResult": "sanity", "rank_correlation": "sanity"}
+_LATER = {
+    "evaluate_run": "evaluate",
+    "compute_evaluation": "evaluate",
+    "Evaluation": "evaluate",
+    "write_evaluation": "evaluate",
+    "evaluation_figures": "figures",
+    "save_study": "figures",
+    "model_card": "card",
+    "model_card_markdown": "card",
+    "report_html": "card",
+    "INTENDED_USE": "card",
+    "run_sanity_checks": "sanity",
+    "SanityResult": "sanity",
+    "rank_correlation": "sanity",
+}
 
-__all__ = ["compute_auc", "compute_auc_ci", "compute_classification_metrics", "compute_binary_metrics",
-           "choose_threshold", "aggregate_by_group", "bootstrap_ci", "compute_ece", "compute_nll", "fit_temperature",
-           "reliability_curve", "seed_mean_ci", *_LATER]
+__all__ = [
+    "compute_auc",
+    "compute_auc_ci",
+    "compute_classification_metrics",
+    "compute_binary_metrics",
+    "choose_threshold",
+    "aggregate_by_group",
+    "bootstrap_ci",
+    "compute_ece",
+    "compute_nll",
+    "fit_temperature",
+    "reliability_curve",
+    "seed_mean_ci",
+    *_LATER,
+]
 
 
 def __getattr__(name: str):

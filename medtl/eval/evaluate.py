@@ -52,9 +52,18 @@ class Evaluation:
     cases: list[dict] = field(default_factory=list)  # wrong and correct test cases with their Grad-CAM overlays
 
 
-def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot: int = 1000,
-                       operating_point: str = "youden", methods: tuple[str, ...] = METHODS,
-                       sanity_images: int = 3, data_randomisation: bool = True, seed: int = 0) -> Evaluation:
+def compute_evaluation(
+    saved: SavedRun,
+    cfg,
+    prepared,
+    runtime: Runtime,
+    n_boot: int = 1000,
+    operating_point: str = "youden",
+    methods: tuple[str, ...] = METHODS,
+    sanity_images: int = 3,
+    data_randomisation: bool = True,
+    seed: int = 0,
+) -> Evaluation:
     """Measure a saved run on ``prepared``'s test split: every choice (temperature, operating point) is
     made on the validation split; intervals resample patients."""
     model, pre, class_names = saved.model, saved.preprocessing, saved.class_names
@@ -64,28 +73,42 @@ def compute_evaluation(saved: SavedRun, cfg, prepared, runtime: Runtime, n_boot:
     test_y, test_p_raw = test_logits.study_probs()
     _, test_p = test_logits.study_probs(decision.temperature or 1.0)
     patients = np.asarray([s["patient_id"] for s in prepared.sets["test"]])
-    result: dict = {"run": saved.run_dir.name, "date": datetime.date.today().isoformat(),
-                    "data": Path(cfg.data.path).name, "n_test_images": len(test_y),
-                    "n_test_patients": len(set(patients.tolist())), "class_names": class_names,
-                    "precision": runtime.precision, "device": str(runtime.device)}
+    result: dict = {
+        "run": saved.run_dir.name,
+        "date": datetime.date.today().isoformat(),
+        "data": Path(cfg.data.path).name,
+        "n_test_images": len(test_y),
+        "n_test_patients": len(set(patients.tolist())),
+        "class_names": class_names,
+        "precision": runtime.precision,
+        "device": str(runtime.device),
+    }
     result["auc"] = compute_auc_ci(test_y, test_p, patients, n_boot, seed)
     result["calibration"] = _calibration(val_logits, decision, test_y, test_p_raw, test_p, patients, n_boot, seed)
     if decision.multi_label:
         result["multi_label"] = True
         result["per_label"] = _per_label(test_y, test_p_raw, test_p, decision, patients, n_boot, seed)
     elif decision.threshold is not None:
-        result["operating_point"] = {**decision.operating_point, **_binary_metrics_ci(
-            test_y, test_p[:, 1], decision.threshold, patients, n_boot, seed)}
+        result["operating_point"] = {
+            **decision.operating_point,
+            **_binary_metrics_ci(test_y, test_p[:, 1], decision.threshold, patients, n_boot, seed),
+        }
     result["subgroups"] = _subgroups(prepared.sets["test"], test_y, test_p, patients, n_boot, seed)
-    inputs, cases = _cases(model, test_ds, prepared.sets["test"], test_y, test_p, decision.choose(test_p),
-                           class_names, runtime)
-    shuffled = _train_on_shuffled_labels(cfg, prepared, len(class_names), seed, runtime) if data_randomisation \
-        else None
+    inputs, cases = _cases(
+        model, test_ds, prepared.sets["test"], test_y, test_p, decision.choose(test_p), class_names, runtime
+    )
+    shuffled = _train_on_shuffled_labels(cfg, prepared, len(class_names), seed, runtime) if data_randomisation else None
     result["saliency_sanity"] = []
     for method in methods:
-        res = run_sanity_checks(model, inputs[:sanity_images],
-                                lambda m, x, c, meth=method: compute_saliency(m, x, c, meth, runtime=runtime), method,
-                                shuffled, seed, runtime=runtime)
+        res = run_sanity_checks(
+            model,
+            inputs[:sanity_images],
+            lambda m, x, c, meth=method: compute_saliency(m, x, c, meth, runtime=runtime),
+            method,
+            shuffled,
+            seed,
+            runtime=runtime,
+        )
         result["saliency_sanity"].append(res.to_dict())
         log.info("saliency %s: %s", method, res.verdict)
     return Evaluation(result, class_names, test_y, test_p_raw, test_p, patients, decision, cases)
@@ -95,10 +118,14 @@ def _calibration(val_logits, decision: Decision, test_y, test_p_raw, test_p, pat
     """The temperature's effect: validation NLL and test ECE before and after it (with the ECE's interval)."""
     val_y, val_p_raw = val_logits.study_probs()
     _, val_p_cal = val_logits.study_probs(decision.temperature or 1.0)
-    return {"temperature": decision.temperature, "val_nll_before": compute_nll(val_y, val_p_raw),
-            "val_nll_after": compute_nll(val_y, val_p_cal),
-            "test_ece_before": compute_ece(test_y, test_p_raw), "test_ece_after": compute_ece(test_y, test_p),
-            "test_ece_after_ci": bootstrap_ci(lambda i: compute_ece(test_y[i], test_p[i]), patients, n_boot, seed)}
+    return {
+        "temperature": decision.temperature,
+        "val_nll_before": compute_nll(val_y, val_p_raw),
+        "val_nll_after": compute_nll(val_y, val_p_cal),
+        "test_ece_before": compute_ece(test_y, test_p_raw),
+        "test_ece_after": compute_ece(test_y, test_p),
+        "test_ece_after_ci": bootstrap_ci(lambda i: compute_ece(test_y[i], test_p[i]), patients, n_boot, seed),
+    }
 
 
 def _per_label(labels, probs_raw, probs, decision: Decision, patients, n_boot, seed) -> dict:
@@ -113,8 +140,12 @@ def _per_label(labels, probs_raw, probs, decision: Decision, patients, n_boot, s
             row.update(compute_auc_ci(y, np.stack([1 - p, p], 1), patients, n_boot, seed))
             row.update(_binary_metrics_ci(y, p, thresholds[k], patients, n_boot, seed))
         else:
-            row.update(auc=None, auc_ci=None, threshold=thresholds[k],
-                       why="the test studies are all of one kind for this finding")
+            row.update(
+                auc=None,
+                auc_ci=None,
+                threshold=thresholds[k],
+                why="the test studies are all of one kind for this finding",
+            )
         row["ece_before"] = compute_ece(y, np.stack([1 - probs_raw[:, k], probs_raw[:, k]], 1))
         row["ece_after"] = compute_ece(y, np.stack([1 - p, p], 1))
         out[name] = row
@@ -125,8 +156,9 @@ def _binary_metrics_ci(labels, scores, threshold, patients, n_boot, seed) -> dic
     """Sensitivity, specificity, PPV, NPV, F1 at ``threshold``, with patient-bootstrap CIs for the first three."""
     at = compute_binary_metrics(labels, scores, threshold)
     for key in ("sensitivity", "specificity", "balanced_accuracy"):
-        at[f"{key}_ci"] = bootstrap_ci(lambda i, k=key: compute_binary_metrics(labels[i], scores[i], threshold)[k],
-                                       patients, n_boot, seed)
+        at[f"{key}_ci"] = bootstrap_ci(
+            lambda i, k=key: compute_binary_metrics(labels[i], scores[i], threshold)[k], patients, n_boot, seed
+        )
     return at
 
 
@@ -165,17 +197,31 @@ def _cases(model, test_ds, studies, labels, probs, pred, class_names, runtime) -
         image = display_image(studies[i])
         target = int(probs[i].argmax()) if multi else int(pred[i])
         _, overlay = explain_input(model, x, image, target, "gradcam", runtime)
-        cases.append({"image": image, "overlay": overlay, "true": label_text(labels[i], class_names),
-                      "pred": label_text(pred[i], class_names), "p": float(probs[i, target]),
-                      "correct": bool(right[i])})
+        cases.append(
+            {
+                "image": image,
+                "overlay": overlay,
+                "true": label_text(labels[i], class_names),
+                "pred": label_text(pred[i], class_names),
+                "p": float(probs[i, target]),
+                "correct": bool(right[i]),
+            }
+        )
     return inputs, cases
 
 
-
-
-def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 1000, operating_point: str = "youden",
-                 methods: tuple[str, ...] = METHODS, sanity_images: int = 3, data_randomisation: bool = True,
-                 seed: int = 0, device: str = "auto", foreign: list[str | Path] | None = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    n_boot: int = 1000,
+    operating_point: str = "youden",
+    methods: tuple[str, ...] = METHODS,
+    sanity_images: int = 3,
+    data_randomisation: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    foreign: list[str | Path] | None = None,
+) -> dict:
     """Evaluate a run on its test split (or on ``data``); write the report, figures, model card and the
     decision it chose (see module doc) into ``RUN/evaluation/``. Models run on ``device``.
 
@@ -192,11 +238,16 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, n_boot: int = 100
     if manifest.class_names != saved.class_names:
         raise RunError(f"{cfg.data.path}: classes {manifest.class_names} differ from the model's {saved.class_names}")
     prepared = prepare_data(cfg.data, saved.preprocessing, cfg.train.seed, manifest)
-    ev = compute_evaluation(saved, cfg, prepared, runtime, n_boot, operating_point, methods, sanity_images,
-                            data_randomisation, seed)
+    ev = compute_evaluation(
+        saved, cfg, prepared, runtime, n_boot, operating_point, methods, sanity_images, data_randomisation, seed
+    )
     ev.result["ood"] = _ood_check(run, saved, cfg, prepared, foreign or [], device)
-    write_evaluation(run, ev, model_card(run, ev.result, prepared, cfg, saved),
-                     evaluation_figures(ev, run / RunDir.HISTORY, min(n_boot, 300), seed))
+    write_evaluation(
+        run,
+        ev,
+        model_card(run, ev.result, prepared, cfg, saved),
+        evaluation_figures(ev, run / RunDir.HISTORY, min(n_boot, 300), seed),
+    )
     log.info("evaluation written to %s", run.evaluation)
     return ev.result
 
@@ -219,8 +270,11 @@ def _ood_check(run: RunDir, saved: SavedRun, cfg, prepared, foreign: list, devic
     if predictor.ood is None:
         return {"measured": False, "why": "the run has no out-of-distribution detector"}
     if not foreign:
-        return {"measured": False, **predictor.ood.describe(),
-                "why": "no foreign images given (medtl evaluate --foreign FILE...)"}
+        return {
+            "measured": False,
+            **predictor.ood.describe(),
+            "why": "no foreign images given (medtl evaluate --foreign FILE...)",
+        }
     _, _, test_ds = prepared.datasets(cfg.data, saved.preprocessing)
     features, _ = extract_features(predictor.model, test_ds, predictor.runtime)
     in_scores = study_scores(predictor.ood.score(features), study_index(test_ds))
@@ -234,10 +288,17 @@ def _train_on_shuffled_labels(cfg, prepared, n_classes, seed, runtime: Runtime):
     train = [dict(s) for s in prepared.sets["train"]]
     for s, y in zip(train, rng.permutation(np.asarray([s["label"] for s in train]))):
         s["label"] = tuple(int(v) for v in y) if np.ndim(y) else int(y)  # multi-label: whole rows move
-    short = dataclasses.replace(cfg.train, frozen_epochs=min(cfg.train.frozen_epochs, 2),
-                                epochs=min(cfg.train.epochs, 3), device=str(runtime.device))
-    log.info("training on shuffled labels for the data randomisation test (%d + %d epochs)", short.frozen_epochs,
-             short.epochs)
+    short = dataclasses.replace(
+        cfg.train,
+        frozen_epochs=min(cfg.train.frozen_epochs, 2),
+        epochs=min(cfg.train.epochs, 3),
+        device=str(runtime.device),
+    )
+    log.info(
+        "training on shuffled labels for the data randomisation test (%d + %d epochs)",
+        short.frozen_epochs,
+        short.epochs,
+    )
     model, _ = create_seeded_model(cfg, n_classes, seed)  # the same network as the run's (drop_rate too)
     model, _ = train_model(dataclasses.replace(cfg, train=short), train, prepared.sets["val"], n_classes, model=model)
     return model

@@ -91,8 +91,12 @@ def _reliability_figure(labels, before, after, t):
     fig, ax = plt.subplots(figsize=(4.2, 4), dpi=110)
     for probs, name in ((before, "before"), (after, f"after (T = {t:.2f})")):
         rows = [r for r in reliability_curve(labels, probs)["bins"] if r["count"]]
-        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-",
-                label=f"{name}: ECE {compute_ece(labels, probs):.3f}")
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            "o-",
+            label=f"{name}: ECE {compute_ece(labels, probs):.3f}",
+        )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (test, 15 bins)", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=8)
@@ -107,8 +111,15 @@ def _confusion_figure(cm, class_names, title):
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=11)
-    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xticklabels=class_names,
-           yticklabels=class_names, xlabel="predicted", ylabel="true", title=title)
+    ax.set(
+        xticks=range(len(class_names)),
+        yticks=range(len(class_names)),
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     return _fig_png(fig)
 
 
@@ -141,8 +152,12 @@ def _case_grid(cases):
     for j, case in enumerate(cases):
         axes[0, j].imshow(case["image"], cmap="gray", vmin=0, vmax=1)
         axes[1, j].imshow(case["overlay"])
-        axes[0, j].set_title(f"{'correct' if case['correct'] else 'WRONG'}\ntrue {case['true']} / pred {case['pred']}"
-                             f"\np={case['p']:.2f}", fontsize=7, color="black" if case["correct"] else "red")
+        axes[0, j].set_title(
+            f"{'correct' if case['correct'] else 'WRONG'}\ntrue {case['true']} / pred {case['pred']}"
+            f"\np={case['p']:.2f}",
+            fontsize=7,
+            color="black" if case["correct"] else "red",
+        )
         for a in axes[:, j]:
             a.set_axis_off()
     fig.suptitle("Test cases and their Grad-CAM maps", fontsize=9)
@@ -156,16 +171,17 @@ def evaluation_figures(ev, history_path: Path, n_boot: int = 300, seed: int = 0)
         figures["roc"] = _roc_findings_figure(ev.test_labels, ev.test_probs, ev.class_names)
     elif ev.decision.threshold is not None:
         op = ev.result["operating_point"]
-        figures["confusion"] = _confusion_figure(op["confusion_matrix"], ev.class_names,
-                                                 f"At the operating point (p1 >= {op['threshold']:.2f})")
+        figures["confusion"] = _confusion_figure(
+            op["confusion_matrix"], ev.class_names, f"At the operating point (p1 >= {op['threshold']:.2f})"
+        )
         figures["roc"] = _roc_figure(ev.test_labels, ev.test_probs[:, 1], ev.patients, n_boot, seed)
-    figures["reliability"] = _reliability_figure(ev.test_labels, ev.test_probs_raw, ev.test_probs, ev.decision.temperature or 1.0)
+    figures["reliability"] = _reliability_figure(
+        ev.test_labels, ev.test_probs_raw, ev.test_probs, ev.decision.temperature or 1.0
+    )
     figures["learning_curves"] = _curves_figure(history_path)
     if ev.cases:
         figures["cases"] = _case_grid(ev.cases)
     return figures
-
-
 
 
 __all__ = ["evaluation_figures", "save_study"]

@@ -37,8 +37,13 @@ class SanityResult:
     verdict: str = ""
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "cascade": self.cascade, "data_randomisation": self.data_randomisation,
-                "passed": self.passed, "verdict": self.verdict}
+        return {
+            "method": self.method,
+            "cascade": self.cascade,
+            "data_randomisation": self.data_randomisation,
+            "passed": self.passed,
+            "verdict": self.verdict,
+        }
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,9 +76,15 @@ def _group_modules(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
     return groups
 
 
-def run_sanity_checks(model: torch.nn.Module, inputs: Sequence[torch.Tensor], saliency_fn: Callable, method: str,
-                      random_label_model: torch.nn.Module | None = None, seed: int = 0,
-                      runtime: Runtime | None = None) -> SanityResult:
+def run_sanity_checks(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    saliency_fn: Callable,
+    method: str,
+    random_label_model: torch.nn.Module | None = None,
+    seed: int = 0,
+    runtime: Runtime | None = None,
+) -> SanityResult:
     """Cascading randomisation (and, given ``random_label_model``, data randomisation) for one method.
 
     ``saliency_fn(model, x, class_idx) -> (H, W) map``; ``inputs`` are (1, C, H, W) tensors. Maps
@@ -99,8 +110,10 @@ def run_sanity_checks(model: torch.nn.Module, inputs: Sequence[torch.Tensor], sa
     final = result.cascade[-1]["spearman"]
     worst = max([final] + ([result.data_randomisation] if result.data_randomisation is not None else []))
     result.passed = worst < PASS_THRESHOLD
-    result.verdict = (f"passes: maps change when the model is randomised (rank correlation {worst:.2f} < "
-                      f"{PASS_THRESHOLD})" if result.passed else
-                      f"UNTRUSTWORTHY for this model: maps barely change when the model is randomised "
-                      f"(rank correlation {worst:.2f} >= {PASS_THRESHOLD})")
+    result.verdict = (
+        f"passes: maps change when the model is randomised (rank correlation {worst:.2f} < {PASS_THRESHOLD})"
+        if result.passed
+        else f"UNTRUSTWORTHY for this model: maps barely change when the model is randomised "
+        f"(rank correlation {worst:.2f} >= {PASS_THRESHOLD})"
+    )
     return result

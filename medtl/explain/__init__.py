@@ -13,5 +13,15 @@ from medtl.explain.saliency import (
     normalize_map,
 )
 
-__all__ = ["METHODS", "compute_gradcam", "compute_occlusion", "compute_integrated_gradients", "integrated_gradients",
-           "compute_saliency", "explain_input", "normalize_map", "create_overlay", "add_legend"]
+__all__ = [
+    "METHODS",
+    "compute_gradcam",
+    "compute_occlusion",
+    "compute_integrated_gradients",
+    "integrated_gradients",
+    "compute_saliency",
+    "explain_input",
+    "normalize_map",
+    "create_overlay",
+    "add_legend",
+]

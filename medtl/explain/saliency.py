@@ -36,8 +36,9 @@ def _check_class(model: torch.nn.Module, class_idx: int | None) -> None:
         raise MedtlInputError(None, f"target class {class_idx} does not exist", f"0..{n_classes - 1}")
 
 
-def compute_gradcam(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
-                    plus_plus: bool = False) -> np.ndarray:
+def compute_gradcam(
+    model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None, plus_plus: bool = False
+) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) of ``class_idx`` (default: the predicted class) for one input (1, C, H, W)."""
     _check_class(model, class_idx)
     model.eval()
@@ -48,8 +49,9 @@ def compute_gradcam(model: torch.nn.Module, x: torch.Tensor, class_idx: int | No
     return result[0, 0].detach().float().cpu().numpy()
 
 
-def compute_occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
-                      mask_fraction: float = 0.2) -> np.ndarray:
+def compute_occlusion(
+    model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None, mask_fraction: float = 0.2
+) -> np.ndarray:
     """Occlusion sensitivity (MONAI): how much the class probability drops when each region is hidden."""
     _check_class(model, class_idx)
     model.eval()
@@ -57,15 +59,17 @@ def compute_occlusion(model: torch.nn.Module, x: torch.Tensor, class_idx: int | 
     with torch.no_grad():
         if class_idx is None:
             class_idx = int(model(x.float()).argmax(dim=1)[0])
-        occ = OcclusionSensitivity(model, mask_size=max(4, int(size * mask_fraction)), n_batch=16, verbose=False,
-                                   overlap=0.25, activate=True)
+        occ = OcclusionSensitivity(
+            model, mask_size=max(4, int(size * mask_fraction)), n_batch=16, verbose=False, overlap=0.25, activate=True
+        )
         occ_map, _ = occ(x.float())
     drop = -occ_map[0, class_idx]  # (B, classes, H, W): lower probability when occluded = more important
     return normalize_map(drop[None])[0].cpu().numpy().astype(np.float32)
 
 
-def compute_integrated_gradients(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
-                                 steps: int = 24, batch_size: int = 24) -> np.ndarray:
+def compute_integrated_gradients(
+    model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None, steps: int = 24, batch_size: int = 24
+) -> np.ndarray:
     """Integrated Gradients from an all-zero (mean-grey) input baseline, summed over channels, absolute value."""
     _check_class(model, class_idx)
     model.eval()
@@ -77,8 +81,9 @@ def compute_integrated_gradients(model: torch.nn.Module, x: torch.Tensor, class_
     return normalize_map(attribution)[0].detach().cpu().numpy().astype(np.float32)
 
 
-def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, class_idx: int, steps: int = 24,
-                         batch_size: int = 24) -> torch.Tensor:
+def integrated_gradients(
+    model: torch.nn.Module, x: torch.Tensor, class_idx: int, steps: int = 24, batch_size: int = 24
+) -> torch.Tensor:
     """Signed IG attributions (1, C, H, W) of the class logit; they sum to logit(x) - logit(baseline)."""
     baseline = torch.zeros_like(x)
     alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps  # midpoint Riemann sum
@@ -91,8 +96,13 @@ def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, class_idx: int
     return ((x - baseline) * grads / steps).detach()
 
 
-def compute_saliency(model: torch.nn.Module, x: torch.Tensor, class_idx: int | None = None,
-                     method: str = "gradcam", runtime: Runtime | None = None) -> np.ndarray:
+def compute_saliency(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    class_idx: int | None = None,
+    method: str = "gradcam",
+    runtime: Runtime | None = None,
+) -> np.ndarray:
     """A saliency map of one input (1, C, H, W) by ``method`` (one of :data:`METHODS`).
 
     The model must already be on ``runtime.device``; the input is moved there and the model's
@@ -111,9 +121,15 @@ def compute_saliency(model: torch.nn.Module, x: torch.Tensor, class_idx: int | N
         return compute_integrated_gradients(model, x, class_idx)
 
 
-def explain_input(model: torch.nn.Module, x: torch.Tensor, image: np.ndarray, class_idx: int | None = None,
-                  method: str = "gradcam", runtime: Runtime | None = None,
-                  alpha: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+def explain_input(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    image: np.ndarray,
+    class_idx: int | None = None,
+    method: str = "gradcam",
+    runtime: Runtime | None = None,
+    alpha: float = 0.45,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(saliency, overlay)`` of one model input (1, C, S, S) drawn on its original (H, W) image: the map
     of ``method`` with the pad-to-square and resize undone, and its colour overlay."""
     cam = compute_saliency(model, x, class_idx, method, runtime=runtime)
@@ -131,8 +147,7 @@ def create_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.45)
     img = np.clip(np.asarray(image, np.float32), 0, 1)
     img = img.transpose(2, 0, 1) if img.ndim == 3 else img[None]
     sal = np.clip(np.asarray(saliency, np.float32), 0, 1)[None]
-    rgb = blend_images(img, sal, alpha=alpha * sal, cmap="jet", rescale_arrays=False,
-                       transparent_background=False)
+    rgb = blend_images(img, sal, alpha=alpha * sal, cmap="jet", rescale_arrays=False, transparent_background=False)
     return (np.clip(np.asarray(rgb), 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 

@@ -10,6 +10,22 @@ from medtl.io.reader import read_image, sniff_format
 from medtl.io.scan import Scan
 from medtl.io.series import SERIES_RULES, choose_series, list_series, read_series
 
-__all__ = ["Scan", "read_image", "read_image_bounded", "describe_path_bounded", "ReadLimits", "read_limits", "set_read_limits",
-           "using_read_limits", "read_dicom", "read_nifti", "read_picture", "read_series", "list_series",
-           "choose_series", "SERIES_RULES", "sniff_format", "describe_path"]
+__all__ = [
+    "Scan",
+    "read_image",
+    "read_image_bounded",
+    "describe_path_bounded",
+    "ReadLimits",
+    "read_limits",
+    "set_read_limits",
+    "using_read_limits",
+    "read_dicom",
+    "read_nifti",
+    "read_picture",
+    "read_series",
+    "list_series",
+    "choose_series",
+    "SERIES_RULES",
+    "sniff_format",
+    "describe_path",
+]

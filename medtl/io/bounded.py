@@ -109,15 +109,21 @@ def _bounded(path: str | Path, limits: ReadLimits | None, kwargs: dict, task: st
     try:
         if not receiver.poll(limits.timeout_s):
             proc.kill()
-            raise InputTooLargeError(path, f"reading it took longer than {limits.timeout_s:g} s; stopped",
-                                     "a file that reads in time, or raise the time limit")
+            raise InputTooLargeError(
+                path,
+                f"reading it took longer than {limits.timeout_s:g} s; stopped",
+                "a file that reads in time, or raise the time limit",
+            )
         try:
             kind, value = receiver.recv()
         except (EOFError, OSError):
             proc.join(5)
             code = proc.exitcode
-            raise CorruptImageError(path, "the reader process died while reading it"
-                                    + (f" (signal {-code})" if code is not None and code < 0 else "")) from None
+            raise CorruptImageError(
+                path,
+                "the reader process died while reading it"
+                + (f" (signal {-code})" if code is not None and code < 0 else ""),
+            ) from None
     finally:
         receiver.close()
         proc.join(5)

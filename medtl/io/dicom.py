@@ -29,16 +29,35 @@ from medtl.io.scan import Scan, is_colour, luminance
 
 log = logging.getLogger("medtl.io")
 
-SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT",
-                         "PALETTE COLOR")
+SUPPORTED_PHOTOMETRIC = (
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_RCT",
+    "YBR_ICT",
+    "PALETTE COLOR",
+)
 # De-identified header fields that may be shown to a user.
-SAFE_FIELDS = ("Modality", "BodyPartExamined", "Manufacturer", "PhotometricInterpretation", "SeriesDescription",
-               "ImageType", "Rows", "Columns", "NumberOfFrames", "BitsStored")
+SAFE_FIELDS = (
+    "Modality",
+    "BodyPartExamined",
+    "Manufacturer",
+    "PhotometricInterpretation",
+    "SeriesDescription",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsStored",
+)
 CT_OUTSIDE_HU = -1100.0  # CT values below this (air is -1000 HU) are outside the field of view: padding
 
 
-def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool = False,
-               defer_pixels: bool = False) -> pydicom.Dataset:
+def open_dicom(
+    source: str | Path | bytes, name: str | Path, header_only: bool = False, defer_pixels: bool = False
+) -> pydicom.Dataset:
     """Parse a DICOM file (a path, or its bytes from a zip) with a typed error on failure.
 
     ``header_only`` stops before the pixel data; ``defer_pixels`` parses everything but reads
@@ -53,21 +72,26 @@ def open_dicom(source: str | Path | bytes, name: str | Path, header_only: bool =
                 preamble = pydicom.filereader.read_preamble(fp, force=True)
                 meta = pydicom.filereader._read_file_meta_info(fp) if preamble is not None else None
             except InvalidDicomError:
-                raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
-                                             "a DICOM Part 10 file") from None
+                raise UnsupportedFormatError(
+                    path, "not a DICOM file (no DICM preamble or valid dataset)", "a DICOM Part 10 file"
+                ) from None
             except Exception as e:
-                raise CorruptImageError(path, f"DICOM file meta information cannot be parsed ({safe_message(e)})") \
-                    from None
+                raise CorruptImageError(
+                    path, f"DICOM file meta information cannot be parsed ({safe_message(e)})"
+                ) from None
             if meta is not None and meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
                 return _read_deflated(fp, meta, path, header_only)
             fp.seek(0)
             try:
-                return pydicom.dcmread(BytesIO(source) if isinstance(source, bytes) else source,
-                                       stop_before_pixels=header_only,
-                                       defer_size="256 KB" if defer_pixels and not isinstance(source, bytes) else None)
+                return pydicom.dcmread(
+                    BytesIO(source) if isinstance(source, bytes) else source,
+                    stop_before_pixels=header_only,
+                    defer_size="256 KB" if defer_pixels and not isinstance(source, bytes) else None,
+                )
             except InvalidDicomError:
-                raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble or valid dataset)",
-                                             "a DICOM Part 10 file") from None
+                raise UnsupportedFormatError(
+                    path, "not a DICOM file (no DICM preamble or valid dataset)", "a DICOM Part 10 file"
+                ) from None
             except EOFError:
                 raise CorruptImageError(path, "DICOM file ends inside its header (truncated)") from None
             except Exception as e:  # truncated or garbled headers raise many kinds of error in pydicom
@@ -82,8 +106,12 @@ def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.filereader.read_dataset(BytesIO(head), is_implicit_VR=False, is_little_endian=True,
-                                                     stop_when=lambda tag, vr, length: tag >= 0x7FE00000)
+                ds = pydicom.filereader.read_dataset(
+                    BytesIO(head),
+                    is_implicit_VR=False,
+                    is_little_endian=True,
+                    stop_when=lambda tag, vr, length: tag >= 0x7FE00000,
+                )
             raw, needed = declared_bytes(ds, path)
         except MedtlInputError:
             raise
@@ -93,8 +121,12 @@ def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
         return len(head) + raw + (16 << 20)
 
     body = inflate_capped(fp, limits.max_bytes, path, "deflated DICOM", on_first=declared_cap)
-    ds = pydicom.filereader.read_dataset(BytesIO(body), is_implicit_VR=False, is_little_endian=True,
-                                         stop_when=(lambda tag, vr, length: tag == 0x7FE00010) if header_only else None)
+    ds = pydicom.filereader.read_dataset(
+        BytesIO(body),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=(lambda tag, vr, length: tag == 0x7FE00010) if header_only else None,
+    )
     meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # the inflated body is plain explicit VR LE
     ds.file_meta = meta
     ds.set_original_encoding(False, True)
@@ -134,36 +166,47 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
 def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     """Refuse objects medtl cannot turn into trustworthy pixels, before decoding anything."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "get", lambda k: "")(
-            "MediaStorageSOPClassUID") or "")
+        sop = str(
+            ds.get("SOPClassUID", "")
+            or getattr(ds.get("file_meta"), "get", lambda k: "")("MediaStorageSOPClassUID")
+            or ""
+        )
         if "Image Storage" in pydicom.uid.UID(sop).name or "Rows" in ds or not sop:
-            raise CorruptImageError(path, "DICOM file ends before its pixel data (truncated or damaged)",
-                                    "a complete DICOM image file")
-        raise UnsupportedFormatError(path, "DICOM file has no pixel data (not an image object)",
-                                     "an image object such as CT, MR, CR or DX")
+            raise CorruptImageError(
+                path, "DICOM file ends before its pixel data (truncated or damaged)", "a complete DICOM image file"
+            )
+        raise UnsupportedFormatError(
+            path, "DICOM file has no pixel data (not an image object)", "an image object such as CT, MR, CR or DX"
+        )
     photometric = str(ds.get("PhotometricInterpretation", "")).upper().strip()
     if photometric not in SUPPORTED_PHOTOMETRIC:
         shown = f" {photometric!r}" if re.fullmatch(r"[A-Z0-9_ ]{1,16}", photometric) else ""  # a code, not a name
-        raise UnsupportedFormatError(path, f"unsupported PhotometricInterpretation{shown}",
-                                     ", ".join(SUPPORTED_PHOTOMETRIC))
+        raise UnsupportedFormatError(
+            path, f"unsupported PhotometricInterpretation{shown}", ", ".join(SUPPORTED_PHOTOMETRIC)
+        )
     ts = getattr(ds.get("file_meta"), "get", lambda k: None)("TransferSyntaxUID")
     if ts is None or not pydicom.uid.UID(str(ts)).is_transfer_syntax:
         shown = str(ts)[:64] if ts is not None and pydicom.uid.UID(str(ts)).is_valid else "missing or not a UID"
-        raise UnsupportedFormatError(path, f"transfer syntax {shown} is not one medtl can decode",
-                                     "a DICOM standard transfer syntax")
+        raise UnsupportedFormatError(
+            path, f"transfer syntax {shown} is not one medtl can decode", "a DICOM standard transfer syntax"
+        )
     bits_alloc, bits_stored = _int(ds, "BitsAllocated", 8, path), _int(ds, "BitsStored", 0, path)
     if bits_stored and not 0 < bits_stored <= bits_alloc:
         raise CorruptImageError(path, f"BitsStored ({bits_stored}) not within BitsAllocated ({bits_alloc})")
     samples = _int(ds, "SamplesPerPixel", 1, path)
     if (samples == 1) != (photometric.startswith("MONOCHROME") or photometric == "PALETTE COLOR"):
-        raise CorruptImageError(path, f"SamplesPerPixel {samples} does not fit PhotometricInterpretation "
-                                f"{photometric}")
+        raise CorruptImageError(path, f"SamplesPerPixel {samples} does not fit PhotometricInterpretation {photometric}")
     if photometric == "PALETTE COLOR" and not all(
-            f"{c}PaletteColorLookupTableDescriptor" in ds for c in ("Red", "Green", "Blue")):
+        f"{c}PaletteColorLookupTableDescriptor" in ds for c in ("Red", "Green", "Blue")
+    ):
         raise CorruptImageError(path, "PALETTE COLOR image without its palette lookup tables")
     raw, needed = declared_bytes(ds, path)
-    read_limits().check(path, needed, f"decoding {_int(ds, 'Rows', 0, path)}x{_int(ds, 'Columns', 0, path)}"
-                        f"x{_int(ds, 'NumberOfFrames', 1, path) or 1} pixels")
+    read_limits().check(
+        path,
+        needed,
+        f"decoding {_int(ds, 'Rows', 0, path)}x{_int(ds, 'Columns', 0, path)}"
+        f"x{_int(ds, 'NumberOfFrames', 1, path) or 1} pixels",
+    )
     if "PixelData" in ds:
         length = _stored_length(ds, "PixelData")
         if length == 0:
@@ -172,10 +215,14 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
             read_limits().check(path, length, "the pixel data element")
         if not pydicom.uid.UID(str(ts)).is_compressed and length < raw:
             raise CorruptImageError(
-                path, f"pixel data holds {length} bytes, fewer than Rows x Columns x frames needs ({raw})")
+                path, f"pixel data holds {length} bytes, fewer than Rows x Columns x frames needs ({raw})"
+            )
     if str(ds.get("Modality", "")).upper() == "CT" and geometry.rescale(ds, 0, path) is None:
-        raise CorruptImageError(path, "CT image without Rescale Intercept: values cannot be put in "
-                                "Hounsfield units", "a CT with RescaleSlope/RescaleIntercept")
+        raise CorruptImageError(
+            path,
+            "CT image without Rescale Intercept: values cannot be put in Hounsfield units",
+            "a CT with RescaleSlope/RescaleIntercept",
+        )
 
 
 def _stored_length(ds: pydicom.Dataset, key: str) -> int:
@@ -235,8 +282,10 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     window = geometry.window(ds, 0, path)
     voi = FileVOI.from_dataset(ds, path)
     if padding is not None:
-        notes.append(f"{int(padding.sum())} padding pixels (PixelPaddingValue, or CT values below "
-                     f"{CT_OUTSIDE_HU:g} HU) set to the background")
+        notes.append(
+            f"{int(padding.sum())} padding pixels (PixelPaddingValue, or CT values below "
+            f"{CT_OUTSIDE_HU:g} HU) set to the background"
+        )
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         lo, hi = lo_hi
         array = (lo + hi) - array
@@ -250,9 +299,18 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     positions: tuple[float, ...] = ()
     if geometry.is_mosaic(ds) and frames == 1:
         array, spacing, orient = geometry.demosaic(ds, array[0], path)
-        return Scan(array=array, spacing=spacing, modality=modality, source="dicom", path=path,
-                    units="HU" if modality == "CT" else "", header=header, window=window, orientation=orient,
-                    notes=notes + [f"Siemens mosaic de-tiled into {array.shape[0]} slices (nibabel CSA reader)"])
+        return Scan(
+            array=array,
+            spacing=spacing,
+            modality=modality,
+            source="dicom",
+            path=path,
+            units="HU" if modality == "CT" else "",
+            header=header,
+            window=window,
+            orientation=orient,
+            notes=notes + [f"Siemens mosaic de-tiled into {array.shape[0]} slices (nibabel CSA reader)"],
+        )
     if frames > 1:
         order, positions, slice_spacing = geometry.frame_order(ds, frames, orientation_cosines, path, notes)
         array = array[order]
@@ -264,15 +322,34 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
         padding = None if padding is None else padding[0]
         rgb = None if rgb is None else rgb[0]
         spacing = (row_spacing, col_spacing)
-    if "PixelSpacing" not in ds and "ImagerPixelSpacing" not in ds and not geometry.shared_item(ds, "PixelMeasuresSequence"):
+    if (
+        "PixelSpacing" not in ds
+        and "ImagerPixelSpacing" not in ds
+        and not geometry.shared_item(ds, "PixelMeasuresSequence")
+    ):
         notes.append("no PixelSpacing: 1 mm per pixel assumed for display only")
     if not np.all(np.isfinite(array)):
         raise CorruptImageError(path, "pixel values are not all finite (NaN or infinity)")
-    orientation = geometry.orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
-    return Scan(array=np.ascontiguousarray(array, dtype=np.float32), spacing=spacing, modality=modality,
-                source="dicom", path=path, units="HU" if modality == "CT" else "", header=header, window=window,
-                orientation=orientation, slice_positions=positions, notes=notes, voi=voi, padding=padding, rgb=rgb,
-                value_max=lo_hi[1] if rgb is not None else None)
+    orientation = (
+        geometry.orientation_letters(orientation_cosines, volume=array.ndim == 3) if orientation_cosines else ""
+    )
+    return Scan(
+        array=np.ascontiguousarray(array, dtype=np.float32),
+        spacing=spacing,
+        modality=modality,
+        source="dicom",
+        path=path,
+        units="HU" if modality == "CT" else "",
+        header=header,
+        window=window,
+        orientation=orientation,
+        slice_positions=positions,
+        notes=notes,
+        voi=voi,
+        padding=padding,
+        rgb=rgb,
+        value_max=lo_hi[1] if rgb is not None else None,
+    )
 
 
 def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
@@ -292,8 +369,9 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     samples = _int(ds, "SamplesPerPixel", 1, path)
     expected = (frames, rows, cols, samples)
     if int(np.prod(pixels.shape)) != int(np.prod(expected)):
-        raise CorruptImageError(path, f"decoded pixels have shape {pixels.shape}, not the {expected} the header "
-                                "declares")
+        raise CorruptImageError(
+            path, f"decoded pixels have shape {pixels.shape}, not the {expected} the header declares"
+        )
     if samples > 1 or photometric == "PALETTE COLOR":
         if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
@@ -310,7 +388,7 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
             out[i] = pixels[i].astype(np.float64) * slope_intercept[0] + slope_intercept[1]
     bits = _int(ds, "BitsStored", 16, path) or 16
     signed = _int(ds, "PixelRepresentation", 0, path) == 1
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     slope, intercept = geometry.rescale(ds, 0, path) or (1.0, 0.0)
     if str(ds.get("Modality", "")).upper() == "CT" and slope_intercept_all(ds, frames, path):
         below_air = out < CT_OUTSIDE_HU  # no tissue is below air (-1000 HU): outside the field of view
@@ -341,6 +419,7 @@ def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
     """Pixels whose stored value is PixelPaddingValue (up to PixelPaddingRangeLimit), or None."""
     if "PixelPaddingValue" not in ds:
         return None
+
     def stored(key):
         value = ds[key].value
         if isinstance(value, bytes):  # ambiguous "US or SS" left undecoded
@@ -350,6 +429,7 @@ def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
             return int(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
         except (TypeError, ValueError, IndexError):
             raise CorruptImageError(path, f"{key} is not a whole number") from None
+
     first = stored("PixelPaddingValue")
     if first is None:
         return None
@@ -367,8 +447,16 @@ class FileVOI:
     ``mirror`` is set for MONOCHROME1 images, whose array medtl stores inverted.
     """
 
-    _KEYS = ("VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "BitsStored", "PixelRepresentation",
-             "RescaleSlope", "RescaleIntercept")
+    _KEYS = (
+        "VOILUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+    )
 
     def __init__(self, ds: pydicom.Dataset, y_range: tuple[float, float]):
         self.dataset = ds
@@ -397,7 +485,7 @@ class FileVOI:
             y = (float(data.min()), float(data.max()))
         else:
             bits, signed = small.BitsStored, small.PixelRepresentation == 1
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
             slope_intercept = geometry.rescale(ds, 0, path)
             if slope_intercept is not None:
                 slope, intercept = slope_intercept
@@ -416,30 +504,3 @@ class FileVOI:
 
 
 # -- functional groups: a value is looked up per frame, then in the shared groups, then top level --
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -56,8 +56,12 @@ def rescale(ds, frame: int, path: Path | None = None) -> tuple[float, float] | N
 def window(ds, frame: int, path: Path | None = None) -> tuple[float, float] | None:
     item = shared_item(ds, "FrameVOILUTSequence", frame)
     src = item if item is not None and "WindowCenter" in item else ds
-    if "WindowCenter" in src and "WindowWidth" in src and src.WindowCenter not in (None, "") \
-            and src.WindowWidth not in (None, ""):
+    if (
+        "WindowCenter" in src
+        and "WindowWidth" in src
+        and src.WindowCenter not in (None, "")
+        and src.WindowWidth not in (None, "")
+    ):
         c = numbers(src.WindowCenter, "WindowCenter", path)[0]
         w = numbers(src.WindowWidth, "WindowWidth", path)[0]
         return (c, w) if w > 0 else None
@@ -113,6 +117,7 @@ def orientation_letters(iop: tuple[float, ...], volume: bool) -> str:
 
     Rows run along the column cosines, columns along the row cosines, slices along their normal.
     """
+
     def letter(v):
         k = int(np.argmax(np.abs(v)))
         return LPS[k] if v[k] > 0 else OPPOSITE[LPS[k]]
@@ -122,8 +127,9 @@ def orientation_letters(iop: tuple[float, ...], volume: bool) -> str:
     return (letter(slice_normal(iop)) + letters) if volume else letters
 
 
-def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path: Path,
-                      what: str) -> tuple[np.ndarray, tuple[float, ...], float]:
+def sort_along_normal(
+    positions: list[np.ndarray], iop: tuple[float, ...], path: Path, what: str
+) -> tuple[np.ndarray, tuple[float, ...], float]:
     """Order slices by their position along the normal; check the spacing is regular.
 
     Returns (order, sorted positions in mm, slice spacing). Raises CorruptImageError for
@@ -137,13 +143,19 @@ def sort_along_normal(positions: list[np.ndarray], iop: tuple[float, ...], path:
         return order, tuple(d.tolist()), 1.0
     steps = np.diff(d)
     if np.any(steps < 1e-3):
-        raise CorruptImageError(path, f"{what}: {int(np.sum(steps < 1e-3)) + 1} slices share a position "
-                                "(several volumes, echoes or time points in one series?)",
-                                "one volume per series, or pick the volume explicitly")
+        raise CorruptImageError(
+            path,
+            f"{what}: {int(np.sum(steps < 1e-3)) + 1} slices share a position "
+            "(several volumes, echoes or time points in one series?)",
+            "one volume per series, or pick the volume explicitly",
+        )
     spacing = float(np.median(steps))
     if np.max(np.abs(steps - spacing)) > 0.1 * spacing:
-        raise CorruptImageError(path, f"{what}: irregular slice spacing (from {steps.min():.3g} to "
-                                f"{steps.max():.3g} mm; missing slices?)", "evenly spaced slices")
+        raise CorruptImageError(
+            path,
+            f"{what}: irregular slice spacing (from {steps.min():.3g} to {steps.max():.3g} mm; missing slices?)",
+            "evenly spaced slices",
+        )
     return order, tuple(d.tolist()), spacing
 
 
@@ -154,12 +166,15 @@ def frame_order(ds, frames: int, iop, path: Path, notes: list[str]):
     if iop is None or len(positions) < len(found):
         between = numbers(ds.get("SpacingBetweenSlices", 0) or 0, "SpacingBetweenSlices", path, 1)[0]
         between = between if between > 0 else 0.0
-        notes.append(f"{frames} frames without per-frame position: kept in stored order; slice spacing "
-                     + (f"{between} mm from SpacingBetweenSlices" if between > 0 else "unknown (1 mm shown)"))
+        notes.append(
+            f"{frames} frames without per-frame position: kept in stored order; slice spacing "
+            + (f"{between} mm from SpacingBetweenSlices" if between > 0 else "unknown (1 mm shown)")
+        )
         return np.arange(frames), (), between or 1.0
     if any(o is None or not np.allclose(o, iop, atol=1e-3) for o in orients):
-        raise CorruptImageError(path, "frames have different orientations (a localizer or multi-plane object)",
-                                "frames of one plane")
+        raise CorruptImageError(
+            path, "frames have different orientations (a localizer or multi-plane object)", "frames of one plane"
+        )
     order, pos, spacing = sort_along_normal(positions, iop, path, "frames")
     if not np.array_equal(order, np.arange(frames)):
         notes.append("frames re-ordered along the slice normal from their per-frame positions")
@@ -181,8 +196,11 @@ def demosaic(ds, tiled: np.ndarray, path: Path):
             voxel = wrapper.voxel_sizes
             iop = wrapper.image_orient_patient  # (3, 2): row and column direction cosines
     except Exception as e:
-        raise CorruptImageError(path, f"Siemens mosaic cannot be de-tiled ({safe_message(e)})",
-                                "a mosaic with its CSA header (NumberOfImagesInMosaic)") from None
+        raise CorruptImageError(
+            path,
+            f"Siemens mosaic cannot be de-tiled ({safe_message(e)})",
+            "a mosaic with its CSA header (NumberOfImagesInMosaic)",
+        ) from None
     if data.ndim != 3 or not np.all(np.isfinite(data)):
         raise CorruptImageError(path, f"Siemens mosaic de-tiles into an unusable array of shape {data.shape}")
     array = np.ascontiguousarray(data.transpose(2, 1, 0))
@@ -199,8 +217,21 @@ def plain_value(value):
     return str(value)
 
 
-
-
-__all__ = ["shared_item", "numbers", "rescale", "window", "pixel_spacing", "image_orientation", "position",
-           "slice_normal", "orientation_letters", "sort_along_normal", "frame_order", "is_mosaic", "demosaic",
-           "plain_value", "LPS", "OPPOSITE"]
+__all__ = [
+    "shared_item",
+    "numbers",
+    "rescale",
+    "window",
+    "pixel_spacing",
+    "image_orientation",
+    "position",
+    "slice_normal",
+    "orientation_letters",
+    "sort_along_normal",
+    "frame_order",
+    "is_mosaic",
+    "demosaic",
+    "plain_value",
+    "LPS",
+    "OPPOSITE",
+]

@@ -52,16 +52,26 @@ def reading(path: str | Path | None, what: str):
     except MedtlInputError:
         raise
     except MemoryError:
-        raise InputTooLargeError(path, f"{what} needs more memory than this machine can give it",
-                                 "a smaller input, or a lower MEDTL_MAX_INPUT_BYTES to refuse it early") from None
+        raise InputTooLargeError(
+            path,
+            f"{what} needs more memory than this machine can give it",
+            "a smaller input, or a lower MEDTL_MAX_INPUT_BYTES to refuse it early",
+        ) from None
     except RecursionError:
         raise CorruptImageError(path, f"{what} is nested too deeply to be parsed") from None
     except Exception as e:
         raise CorruptImageError(path, f"{what} cannot be read ({safe_message(e)})") from None
 
 
-def inflate_capped(stream, cap: int, path: str | Path | None, what: str, wbits: int = -zlib.MAX_WBITS,
-                   chunk: int = 1 << 16, on_first=None) -> bytes:
+def inflate_capped(
+    stream,
+    cap: int,
+    path: str | Path | None,
+    what: str,
+    wbits: int = -zlib.MAX_WBITS,
+    chunk: int = 1 << 16,
+    on_first=None,
+) -> bytes:
     """Decompress a zlib/deflate/gzip ``stream`` (a file object) without producing more than ``cap`` bytes.
 
     ``on_first(head)`` is called once with the first MiB of output (or all of it, if less) and may
@@ -83,8 +93,11 @@ def inflate_capped(stream, cap: int, path: str | Path | None, what: str, wbits: 
             cap = min(cap, on_first(bytes(out[: 1 << 20])) or cap)
             checked = True
         if len(out) > cap:
-            raise InputTooLargeError(path, f"{what} inflates to more than {cap} bytes; refused while inflating",
-                                     "a smaller input, or raise MEDTL_MAX_INPUT_BYTES")
+            raise InputTooLargeError(
+                path,
+                f"{what} inflates to more than {cap} bytes; refused while inflating",
+                "a smaller input, or raise MEDTL_MAX_INPUT_BYTES",
+            )
         if d.eof:
             break
     out += d.flush()

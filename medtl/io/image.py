@@ -63,8 +63,11 @@ def read_picture(path: str | Path) -> Scan:
         except UnidentifiedImageError:
             raise UnsupportedFormatError(path, "not a readable PNG/JPEG/TIFF image") from None
         except Image.DecompressionBombError:
-            raise InputTooLargeError(path, "picture declares more pixels than the memory budget allows "
-                                     f"({Image.MAX_IMAGE_PIXELS} pixels)", "a smaller picture") from None
+            raise InputTooLargeError(
+                path,
+                f"picture declares more pixels than the memory budget allows ({Image.MAX_IMAGE_PIXELS} pixels)",
+                "a smaller picture",
+            ) from None
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
             raise CorruptImageError(path, f"image data is damaged ({safe_message(e)})") from None
     if array.ndim != 2 or array.size == 0 or not np.all(np.isfinite(array)):
@@ -75,5 +78,13 @@ def read_picture(path: str | Path) -> Scan:
         value_max = None
     else:
         value_max = 255.0
-    return Scan(array=array, spacing=(1.0, 1.0), modality="", source="image", path=path, value_max=value_max,
-                header={"file_format": fmt}, rgb=rgb)
+    return Scan(
+        array=array,
+        spacing=(1.0, 1.0),
+        modality="",
+        source="image",
+        path=path,
+        value_max=value_max,
+        header={"file_format": fmt},
+        rgb=rgb,
+    )

@@ -10,8 +10,13 @@ from medtl.io.reader import read_image
 from medtl.io.series import SERIES_RULES, choose_series, list_series, read_instances
 
 
-def describe_path(path: str | Path, series_uid: str | None = None, modality: str | None = None,
-                  volume_index: int | None = None, decode: bool = True) -> dict:
+def describe_path(
+    path: str | Path,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    volume_index: int | None = None,
+    decode: bool = True,
+) -> dict:
     """A de-identified report of ``path``: for a file its geometry and values, or the error; for a
     folder or zip every series found, which one would be used and why, and the unreadable files.
 

@@ -38,9 +38,12 @@ class ReadLimits:
     def check(self, path: str | Path | None, needed: int | float, what: str) -> None:
         """Raise InputTooLargeError when ``needed`` bytes exceed the budget."""
         if needed > self.max_bytes:
-            raise InputTooLargeError(path, f"{what} needs {_size(needed)}, over the memory budget of "
-                                     f"{_size(self.max_bytes)}; refused before allocating",
-                                     "a smaller input, or raise MEDTL_MAX_INPUT_BYTES")
+            raise InputTooLargeError(
+                path,
+                f"{what} needs {_size(needed)}, over the memory budget of "
+                f"{_size(self.max_bytes)}; refused before allocating",
+                "a smaller input, or raise MEDTL_MAX_INPUT_BYTES",
+            )
 
     def replace(self, **changes) -> ReadLimits:
         return replace(self, **changes)

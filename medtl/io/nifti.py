@@ -51,8 +51,9 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
         data = data[..., 0]
     if data.ndim == 4:
         if volume_index is None:
-            raise UnsupportedFormatError(path, f"4D NIfTI with {data.shape[3]} volumes",
-                                         "a 3D volume, or pass volume_index")
+            raise UnsupportedFormatError(
+                path, f"4D NIfTI with {data.shape[3]} volumes", "a 3D volume, or pass volume_index"
+            )
         if not 0 <= volume_index < data.shape[3]:
             raise UnsupportedFormatError(path, f"volume_index {volume_index} out of range 0..{data.shape[3] - 1}")
         data = data[..., volume_index]
@@ -67,8 +68,16 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
     # (x: R, y: A, z: S) -> (slices, rows, columns) with anterior at the top, patient right on the left.
     array = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
-    return Scan(array=array, spacing=spacing, modality="", source="nifti", path=path, orientation="SPL",
-                header={"dimensions": list(data.shape)}, notes=notes)
+    return Scan(
+        array=array,
+        spacing=spacing,
+        modality="",
+        source="nifti",
+        path=path,
+        orientation="SPL",
+        header={"dimensions": list(data.shape)},
+        notes=notes,
+    )
 
 
 def _check_holds(path: Path, needed: int) -> None:
@@ -81,8 +90,9 @@ def _check_holds(path: Path, needed: int) -> None:
     size = path.stat().st_size
     if not path.name.lower().endswith(".gz"):
         if size < needed:
-            raise CorruptImageError(path, f"header declares {needed} bytes of data but the file holds {size}; "
-                                    "refused before allocating")
+            raise CorruptImageError(
+                path, f"header declares {needed} bytes of data but the file holds {size}; refused before allocating"
+            )
         return
     with open(path, "rb") as f:
         if f.read(2) != b"\x1f\x8b":
@@ -99,5 +109,6 @@ def _check_holds(path: Path, needed: int) -> None:
                 break
             held += len(piece)
     if held < needed:
-        raise CorruptImageError(path, f"header declares {needed} bytes of data but the file inflates to {held}; "
-                                "refused before allocating")
+        raise CorruptImageError(
+            path, f"header declares {needed} bytes of data but the file inflates to {held}; refused before allocating"
+        )

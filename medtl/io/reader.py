@@ -15,8 +15,7 @@ from medtl.io.series import read_series
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
-ACCEPTED = ("DICOM (.dcm or no suffix; a folder or .zip of a series), NIfTI (.nii, .nii.gz) "
-            "or PNG/JPEG/TIFF")
+ACCEPTED = "DICOM (.dcm or no suffix; a folder or .zip of a series), NIfTI (.nii, .nii.gz) or PNG/JPEG/TIFF"
 
 
 def sniff_format(path: Path) -> str:
@@ -37,8 +36,9 @@ def sniff_format(path: Path) -> str:
     raise UnsupportedFormatError(path, "unrecognised file type", ACCEPTED)
 
 
-def read_image(path: str | Path, volume_index: int | None = None, series_uid: str | None = None,
-               modality: str | None = None) -> Scan:
+def read_image(
+    path: str | Path, volume_index: int | None = None, series_uid: str | None = None, modality: str | None = None
+) -> Scan:
     """Read a DICOM file, a DICOM series (folder or .zip), a NIfTI volume or a PNG/JPEG/TIFF image.
 
     For a folder or zip, the series is chosen by :data:`medtl.io.series.SERIES_RULES`

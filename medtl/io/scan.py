@@ -77,5 +77,7 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 def is_colour(rgb: np.ndarray, tolerance: float = 0.5) -> bool:
     """Whether an (..., 3) array holds colour (not grey stored in three equal channels)."""
     rgb = np.asarray(rgb)
-    return bool(np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0) > tolerance
-                or np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0) > tolerance)
+    return bool(
+        np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0) > tolerance
+        or np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0) > tolerance
+    )

@@ -72,10 +72,17 @@ class Series:
 
     def describe(self) -> dict:
         ds = self.instances[0].ds
-        return {"series_uid": self.uid, "series_number": self.number, "modality": self.modality,
-                "study_key": study_key(ds),
-                "description": self.description, "image_type": self.image_type, "instances": len(self.instances),
-                "slices": self.n_slices, "size": [int(ds.get("Rows", 0)), int(ds.get("Columns", 0))]}
+        return {
+            "series_uid": self.uid,
+            "series_number": self.number,
+            "modality": self.modality,
+            "study_key": study_key(ds),
+            "description": self.description,
+            "image_type": self.image_type,
+            "instances": len(self.instances),
+            "slices": self.n_slices,
+            "size": [int(ds.get("Rows", 0)), int(ds.get("Columns", 0))],
+        }
 
 
 @dataclass
@@ -99,19 +106,31 @@ def _iter_sources(path: Path):
             if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR":
                 files.append(p)
                 if len(files) > limits.max_files:
-                    raise InputTooLargeError(path, f"folder holds more than {limits.max_files} files",
-                                             "a folder of one study, or raise MEDTL_MAX_INPUT_FILES")
+                    raise InputTooLargeError(
+                        path,
+                        f"folder holds more than {limits.max_files} files",
+                        "a folder of one study, or raise MEDTL_MAX_INPUT_FILES",
+                    )
         for p in sorted(files):
             yield str(p.relative_to(path)), p, None
         return
     with reading(path, "zip file"):
         z = zipfile.ZipFile(path)
     with z:
-        members = [m for m in z.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")
-                   and Path(m.filename).name.upper() != "DICOMDIR" and not m.filename.startswith("__MACOSX")]
+        members = [
+            m
+            for m in z.infolist()
+            if not m.is_dir()
+            and not Path(m.filename).name.startswith(".")
+            and Path(m.filename).name.upper() != "DICOMDIR"
+            and not m.filename.startswith("__MACOSX")
+        ]
         if len(members) > limits.max_files:
-            raise InputTooLargeError(path, f"zip holds {len(members)} files, more than the limit of "
-                                     f"{limits.max_files}", "a zip of one study, or raise MEDTL_MAX_INPUT_FILES")
+            raise InputTooLargeError(
+                path,
+                f"zip holds {len(members)} files, more than the limit of {limits.max_files}",
+                "a zip of one study, or raise MEDTL_MAX_INPUT_FILES",
+            )
         total = sum(m.file_size for m in members)
         limits.check(path, total, f"unpacking {len(members)} zip members")
         # members are unpacked one at a time into a private folder (mode 0700, removed with the
@@ -125,8 +144,11 @@ def _iter_sources(path: Path):
                     while piece := f.read(1 << 20):
                         written += len(piece)
                         if written > limits.max_bytes:
-                            raise InputTooLargeError(path, f"zip member {m.filename} inflates past the memory "
-                                                     f"budget ({limits.max_bytes} bytes for the whole study); refused")
+                            raise InputTooLargeError(
+                                path,
+                                f"zip member {m.filename} inflates past the memory "
+                                f"budget ({limits.max_bytes} bytes for the whole study); refused",
+                            )
                         out.write(piece)
             except InputTooLargeError:
                 folder.cleanup()
@@ -161,10 +183,13 @@ def list_series(path: str | Path) -> StudyListing:
                 iop = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient") or ())
                 key = (str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID), rows_cols, iop)
                 if key not in groups:
-                    groups[key] = Series(uid=str(ds.SeriesInstanceUID), number=int(ds.get("SeriesNumber", 0) or 0),
-                                         modality=str(ds.get("Modality", "")).upper(),
-                                         description=str(ds.get("SeriesDescription", "")),
-                                         image_type="\\".join(str(v) for v in (ds.get("ImageType") or [])))
+                    groups[key] = Series(
+                        uid=str(ds.SeriesInstanceUID),
+                        number=int(ds.get("SeriesNumber", 0) or 0),
+                        modality=str(ds.get("Modality", "")).upper(),
+                        description=str(ds.get("SeriesDescription", "")),
+                        image_type="\\".join(str(v) for v in (ds.get("ImageType") or [])),
+                    )
         except MedtlInputError as e:
             problems.append((name, e.problem))
             continue
@@ -175,25 +200,33 @@ def list_series(path: str | Path) -> StudyListing:
     return StudyListing(path=path, series=series, problems=problems)
 
 
-def choose_series(listing: StudyListing, series_uid: str | None = None,
-                  modality: str | None = None) -> tuple[Series, str]:
+def choose_series(
+    listing: StudyListing, series_uid: str | None = None, modality: str | None = None
+) -> tuple[Series, str]:
     """Pick the series to use by :data:`SERIES_RULES`; return it and the reason, in words."""
     candidates = [s for s in listing.series if s.instances[0].ds.get("Rows")]  # image objects only
     if not candidates:
-        raise MedtlInputError(listing.path, f"no image series found ({len(listing.problems)} unreadable files)",
-                              "a folder or zip holding DICOM images")
+        raise MedtlInputError(
+            listing.path,
+            f"no image series found ({len(listing.problems)} unreadable files)",
+            "a folder or zip holding DICOM images",
+        )
     if series_uid:
         match = [s for s in candidates if s.uid == series_uid]
         if not match:
-            raise MedtlInputError(listing.path, f"series {series_uid} not found",
-                                  "one of " + ", ".join(s.uid for s in candidates))
+            raise MedtlInputError(
+                listing.path, f"series {series_uid} not found", "one of " + ", ".join(s.uid for s in candidates)
+            )
         return match[0], "chosen by the user (series_uid)"
     reasons = []
     if modality:
         kept = [s for s in candidates if s.modality == modality.upper()]
         if not kept:
-            raise MedtlInputError(listing.path, f"no {modality} series",
-                                  "one of the modalities " + ", ".join(sorted({s.modality for s in candidates})))
+            raise MedtlInputError(
+                listing.path,
+                f"no {modality} series",
+                "one of the modalities " + ", ".join(sorted({s.modality for s in candidates})),
+            )
         candidates = kept
         reasons.append(f"modality {modality.upper()}")
     primary = [s for s in candidates if not any(t in s.image_type.upper() for t in _EXCLUDED_TYPES)]
@@ -201,8 +234,11 @@ def choose_series(listing: StudyListing, series_uid: str | None = None,
         reasons.append(f"{len(candidates) - len(primary)} localizer/projection series left out")
         candidates = primary
     best = max(candidates, key=lambda s: (s.n_slices > 1, s.n_slices, -s.number))
-    reasons.append(f"most slices ({best.n_slices}) of {len(candidates)} candidate series"
-                   if len(candidates) > 1 else "the only candidate series")
+    reasons.append(
+        f"most slices ({best.n_slices}) of {len(candidates)} candidate series"
+        if len(candidates) > 1
+        else "the only candidate series"
+    )
     return best, "; ".join(reasons)
 
 
@@ -217,8 +253,13 @@ def read_series(path: str | Path, series_uid: str | None = None, modality: str |
     listing = list_series(path)
     series, reason = choose_series(listing, series_uid, modality)
     scan = read_instances(series, path)
-    scan.header = {**scan.header, "series": series.describe(), "series_choice": reason,
-                   "series_found": len(listing.series), "files_skipped": len(listing.problems)}
+    scan.header = {
+        **scan.header,
+        "series": series.describe(),
+        "series_choice": reason,
+        "series_found": len(listing.series),
+        "files_skipped": len(listing.problems),
+    }
     scan.notes.insert(0, f"series {series.number} used: {reason}")
     return scan
 
@@ -231,8 +272,9 @@ def read_instances(series: Series, path: Path) -> Scan:
     """
     with reading(path, f"DICOM series {series.number}"):
         needed = sum(declared_bytes(inst.ds, Path(inst.name))[1] for inst in series.instances)
-        stacked = sum(int(inst.ds.get("Rows", 0) or 0) * int(inst.ds.get("Columns", 0) or 0)
-                      for inst in series.instances) * 4
+        stacked = (
+            sum(int(inst.ds.get("Rows", 0) or 0) * int(inst.ds.get("Columns", 0) or 0) for inst in series.instances) * 4
+        )
         read_limits().check(path, needed + stacked, f"series {series.number} ({len(series.instances)} files)")
         return _stack(series, path)
 
@@ -244,19 +286,27 @@ def _stack(series: Series, path: Path) -> Scan:
         scan.path, scan.source = path, "dicom-series"
         return scan
     if any(s.array.ndim != 2 for s in scans):
-        raise CorruptImageError(path, f"series {series.number} holds {len(scans)} instances that are each a volume "
-                                "(multi-frame or mosaic: time points or repeats)", "one of its files, read alone")
+        raise CorruptImageError(
+            path,
+            f"series {series.number} holds {len(scans)} instances that are each a volume "
+            "(multi-frame or mosaic: time points or repeats)",
+            "one of its files, read alone",
+        )
     found = [image_orientation(inst.ds, 0, Path(inst.name)) for inst in series.instances]
     iops = [i for i in found if i is not None]
     positions = [inst.ds.get("ImagePositionPatient") for inst in series.instances]
     if len(iops) < len(found) or any(p is None or len(p) != 3 for p in positions):
-        raise CorruptImageError(path, f"series {series.number}: slices lack ImagePositionPatient/"
-                                "ImageOrientationPatient, so their order and spacing are unknown",
-                                "a series with patient geometry, or read the files one by one")
+        raise CorruptImageError(
+            path,
+            f"series {series.number}: slices lack ImagePositionPatient/"
+            "ImageOrientationPatient, so their order and spacing are unknown",
+            "a series with patient geometry, or read the files one by one",
+        )
     if any(not np.allclose(i, iops[0], atol=1e-3) for i in iops):
         raise CorruptImageError(path, f"series {series.number}: slices have different orientations")
-    order, pos, spacing = sort_along_normal([np.array([float(v) for v in p]) for p in positions], iops[0], path,
-                                            f"series {series.number}")
+    order, pos, spacing = sort_along_normal(
+        [np.array([float(v) for v in p]) for p in positions], iops[0], path, f"series {series.number}"
+    )
     if any(s.array.shape != scans[0].array.shape for s in scans):
         raise CorruptImageError(path, f"series {series.number}: slices of different sizes")
     pix = [s.spacing for s in scans]
@@ -265,13 +315,27 @@ def _stack(series: Series, path: Path) -> Scan:
     array = np.stack([scans[i].array for i in order])
     padding = None
     if any(s.padding is not None for s in scans):
-        padding = np.stack([scans[i].padding if scans[i].padding is not None else
-                            np.zeros(scans[i].array.shape, bool) for i in order])
+        padding = np.stack(
+            [scans[i].padding if scans[i].padding is not None else np.zeros(scans[i].array.shape, bool) for i in order]
+        )
         array[padding] = array[~padding].min()  # one background for the whole volume
     rgb = np.stack([scans[i].rgb for i in order]) if all(s.rgb is not None for s in scans) else None
     first = scans[order[0]]
     notes = sorted({n for s in scans for n in s.notes})
-    return Scan(array=array, spacing=(spacing, *first.spacing), modality=first.modality, source="dicom-series",
-                path=path, units=first.units, header=first.header, window=first.window,
-                orientation=orientation_letters(iops[0], volume=True), slice_positions=pos, notes=notes,
-                voi=first.voi, padding=padding, rgb=rgb, value_max=first.value_max)
+    return Scan(
+        array=array,
+        spacing=(spacing, *first.spacing),
+        modality=first.modality,
+        source="dicom-series",
+        path=path,
+        units=first.units,
+        header=first.header,
+        window=first.window,
+        orientation=orientation_letters(iops[0], volume=True),
+        slice_positions=pos,
+        notes=notes,
+        voi=first.voi,
+        padding=padding,
+        rgb=rgb,
+        value_max=first.value_max,
+    )

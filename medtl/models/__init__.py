@@ -14,6 +14,23 @@ from medtl.models.encoders import (
 from medtl.models.groups import ALL, encoder_groups, encoder_modules, head_parameters, set_trainable
 from medtl.models.volumetric import is_volume_model
 
-__all__ = ["create_encoder", "create_model", "check_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "list_encoders",
-           "register_encoder", "get_encoder_spec", "EncoderSpec", "cam_layer_name", "load_state_dict_file",
-           "is_volume_model", "ALL", "encoder_groups", "encoder_modules", "head_parameters", "set_trainable"]
+__all__ = [
+    "create_encoder",
+    "create_model",
+    "check_encoder",
+    "resolve_preprocessing",
+    "Preprocessing",
+    "WeightsError",
+    "list_encoders",
+    "register_encoder",
+    "get_encoder_spec",
+    "EncoderSpec",
+    "cam_layer_name",
+    "load_state_dict_file",
+    "is_volume_model",
+    "ALL",
+    "encoder_groups",
+    "encoder_modules",
+    "head_parameters",
+    "set_trainable",
+]

@@ -18,9 +18,16 @@ from medtl.models.peft import plain_state_dict
 FORMAT_VERSION = "1"
 
 
-def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_names: list[str],
-               preprocessing: Preprocessing, temperature: float | None = None,
-               operating_point: dict | None = None, multi_label: bool = False) -> None:
+def save_model(
+    model: torch.nn.Module,
+    path: str | Path,
+    encoder: str,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    temperature: float | None = None,
+    operating_point: dict | None = None,
+    multi_label: bool = False,
+) -> None:
     """Write weights and everything needed to rebuild and feed the model to one safetensors file.
 
     ``temperature`` (fitted on validation data) calibrates the probabilities; ``operating_point``
@@ -29,8 +36,11 @@ def save_model(model: torch.nn.Module, path: str | Path, encoder: str, class_nam
     """
     state = {k: v.detach().cpu().contiguous() for k, v in plain_state_dict(model).items()}  # LoRA updates folded in
     meta = {
-        "format": "medtl-classifier", "format_version": FORMAT_VERSION, "encoder": encoder,
-        "class_names": json.dumps(class_names), "preprocessing": json.dumps(asdict(preprocessing)),
+        "format": "medtl-classifier",
+        "format_version": FORMAT_VERSION,
+        "encoder": encoder,
+        "class_names": json.dumps(class_names),
+        "preprocessing": json.dumps(asdict(preprocessing)),
     }
     if multi_label:
         meta["multi_label"] = "true"
@@ -58,8 +68,9 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise RunError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") != "medtl-classifier":
         raise RunError(f"{path}: not a medtl model (no medtl metadata)")
-    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads(meta["preprocessing"]).items()})
+    pre = Preprocessing(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["preprocessing"]).items()}
+    )
     class_names = json.loads(meta["class_names"])
     model = create_encoder(meta["encoder"], pretrained=False, num_classes=len(class_names), in_chans=pre.in_chans)
     try:
@@ -67,14 +78,14 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as e:
         raise RunError(f"{path}: weights do not fit {meta['encoder']}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
-    return model, {"encoder": meta["encoder"], "class_names": class_names, "preprocessing": pre,
-                   "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
-                   "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None,
-                   "multi_label": meta.get("multi_label") == "true"}
-
-
-
-
+    return model, {
+        "encoder": meta["encoder"],
+        "class_names": class_names,
+        "preprocessing": pre,
+        "temperature": json.loads(meta["temperature"]) if "temperature" in meta else None,
+        "operating_point": json.loads(meta["operating_point"]) if "operating_point" in meta else None,
+        "multi_label": meta.get("multi_label") == "true",
+    }
 
 
 __all__ = ["save_model", "load_model", "FORMAT_VERSION"]

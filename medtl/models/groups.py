@@ -45,7 +45,7 @@ def set_trainable(model: torch.nn.Module, trainable: int | bool) -> None:
     else:
         k = min(int(trainable), len(groups))
     train = set(map(id, head_parameters(model)))
-    for g in groups[len(groups) - k:] if k else []:
+    for g in groups[len(groups) - k :] if k else []:
         train.update(map(id, g))
     for p in model.parameters():
         p.requires_grad_(id(p) in train)

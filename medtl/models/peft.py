@@ -43,8 +43,11 @@ class LoRAUpdate(nn.Module):
 
 def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers of ``module`` LoRA adapts: linear layers and convolutions that are not depthwise."""
-    return [(name, m) for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)]
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+    ]
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None) -> int:
@@ -67,8 +70,9 @@ def merge_lora(model: nn.Module) -> int:
     network again). Returns the number of layers merged."""
     merged = 0
     for _, m in list(model.named_modules()):
-        if parametrize.is_parametrized(m, "weight") and any(isinstance(p, LoRAUpdate)
-                                                            for p in m.parametrizations.weight):
+        if parametrize.is_parametrized(m, "weight") and any(
+            isinstance(p, LoRAUpdate) for p in m.parametrizations.weight
+        ):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
             merged += 1
     return merged
@@ -99,5 +103,12 @@ def is_bitfit_parameter(model: nn.Module, name: str) -> bool:
     return isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm))
 
 
-__all__ = ["LoRAUpdate", "add_lora", "merge_lora", "plain_state_dict", "lora_layers", "is_lora_parameter",
-           "is_bitfit_parameter"]
+__all__ = [
+    "LoRAUpdate",
+    "add_lora",
+    "merge_lora",
+    "plain_state_dict",
+    "lora_layers",
+    "is_lora_parameter",
+    "is_bitfit_parameter",
+]

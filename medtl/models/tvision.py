@@ -27,16 +27,35 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FAMILIES = {
     "tv_resnet18": ("resnet18", r"^net\.(?:conv1|bn1)\.", r"^net\.layer(\d+)\.", "net.layer4", "net.conv1"),
     "tv_resnet50": ("resnet50", r"^net\.(?:conv1|bn1)\.", r"^net\.layer(\d+)\.", "net.layer4", "net.conv1"),
-    "tv_densenet121": ("densenet121", r"^net\.features\.(?:conv0|norm0)\.",
-                       r"^net\.features\.(?:denseblock|transition)(\d+)\.", "net.features", "net.features.conv0"),
-    "tv_efficientnet_b0": ("efficientnet_b0", r"^net\.features\.0\.", r"^net\.features\.(\d+)\.", "net.features",
-                           "net.features.0.0"),
+    "tv_densenet121": (
+        "densenet121",
+        r"^net\.features\.(?:conv0|norm0)\.",
+        r"^net\.features\.(?:denseblock|transition)(\d+)\.",
+        "net.features",
+        "net.features.conv0",
+    ),
+    "tv_efficientnet_b0": (
+        "efficientnet_b0",
+        r"^net\.features\.0\.",
+        r"^net\.features\.(\d+)\.",
+        "net.features",
+        "net.features.0.0",
+    ),
     # ConvNeXt: each downsampling layer (features.2, 4, 6) joins the stage after it, as in timm's grouping
-    "tv_convnext_tiny": ("convnext_tiny", r"^net\.features\.0\.",
-                         [(r"^net\.features\.([1246])\.", None), (r"^net\.features\.([357])\.", (99999,))],
-                         "net.features", "net.features.0.0"),
-    "tv_vit_b_16": ("vit_b_16", r"^net\.(?:conv_proj|class_token|encoder\.pos_embedding)",
-                    r"^net\.encoder\.layers\.encoder_layer_(\d+)\.", "token_grid", "net.conv_proj"),
+    "tv_convnext_tiny": (
+        "convnext_tiny",
+        r"^net\.features\.0\.",
+        [(r"^net\.features\.([1246])\.", None), (r"^net\.features\.([357])\.", (99999,))],
+        "net.features",
+        "net.features.0.0",
+    ),
+    "tv_vit_b_16": (
+        "vit_b_16",
+        r"^net\.(?:conv_proj|class_token|encoder\.pos_embedding)",
+        r"^net\.encoder\.layers\.encoder_layer_(\d+)\.",
+        "token_grid",
+        "net.conv_proj",
+    ),
 }
 
 
@@ -70,9 +89,16 @@ class TorchvisionEncoder(ClassifierAdapter):
         self.token_grid = nn.Identity()  # ViT: the patch tokens entering the last block, as a (N, C, 14, 14) grid
         self.drop_rate = drop_rate
         self.reset_classifier(num_classes)
-        self.pretrained_cfg = {"architecture": f"torchvision.models.{arch}", "input_size": (3, 224, 224),
-                               "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
-                               "first_conv": first_conv, "spatial_dims": 2, "fixed_input_size": arch.startswith("vit")}
+        self.pretrained_cfg = {
+            "architecture": f"torchvision.models.{arch}",
+            "input_size": (3, 224, 224),
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "interpolation": "bilinear",
+            "first_conv": first_conv,
+            "spatial_dims": 2,
+            "fixed_input_size": arch.startswith("vit"),
+        }
         self.feature_info = [{"module": self._cam, "num_chs": self.num_features}]
 
     # -- timm's interface -------------------------------------------------------------------------

@@ -15,8 +15,14 @@ from torch import nn
 
 from medtl.models.classifier import ClassifierAdapter
 
-RESNET_3D_DEPTHS = {"resnet10_3d": 10, "resnet18_3d": 18, "resnet34_3d": 34,
-                    "resnet10_3d_gn": 10, "resnet18_3d_gn": 18, "resnet34_3d_gn": 34}
+RESNET_3D_DEPTHS = {
+    "resnet10_3d": 10,
+    "resnet18_3d": 18,
+    "resnet34_3d": 34,
+    "resnet10_3d_gn": 10,
+    "resnet18_3d_gn": 18,
+    "resnet34_3d_gn": 34,
+}
 
 
 def _group_norm_layer(channels: int) -> nn.GroupNorm:
@@ -41,13 +47,13 @@ class ResNet3D(ClassifierAdapter):
     statistics, and the network in eval mode then outputs one saturated class for every volume.
     """
 
-    def __init__(self, depth: int, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0,
-                 group_norm: bool = False):
+    def __init__(
+        self, depth: int, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, group_norm: bool = False
+    ):
         super().__init__()
         build = getattr(resnet, f"resnet{depth}")
         # The stride-2 stem of the 2D ResNets (MONAI's 3D default keeps full resolution, 8x the cost).
-        self.net = build(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2, num_classes=1,
-                         feed_forward=False)
+        self.net = build(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2, num_classes=1, feed_forward=False)
         if group_norm:
             # Swapped after construction: MONAI's ResNet passes its ``norm`` argument to the stem
             # only, its residual blocks keep BatchNorm (Project-MONAI/MONAI PR #9028).
@@ -75,10 +81,16 @@ def create_volume_encoder(name: str, num_classes: int, in_chans: int = 1, drop_r
     names ending in ``_gn`` use GroupNorm (batch-size independent: the choice from scratch in small batches)."""
     gn = name.endswith("_gn")
     model = ResNet3D(RESNET_3D_DEPTHS[name], num_classes, in_chans, drop_rate, group_norm=gn)
-    model.pretrained_cfg = {"architecture": f"monai.networks.nets.resnet{RESNET_3D_DEPTHS[name]}(spatial_dims=3)"
-                                            + (", GroupNorm" if gn else ""),
-                            "input_size": (in_chans, 64, 64, 64), "mean": (0.5,), "std": (0.5,),
-                            "interpolation": "trilinear", "spatial_dims": 3, "first_conv": "net.conv1"}
+    model.pretrained_cfg = {
+        "architecture": f"monai.networks.nets.resnet{RESNET_3D_DEPTHS[name]}(spatial_dims=3)"
+        + (", GroupNorm" if gn else ""),
+        "input_size": (in_chans, 64, 64, 64),
+        "mean": (0.5,),
+        "std": (0.5,),
+        "interpolation": "trilinear",
+        "spatial_dims": 3,
+        "first_conv": "net.conv1",
+    }
     model.feature_info = [{"module": "net.layer4", "num_chs": model.num_features}]
     return model
 

@@ -28,12 +28,34 @@ from medtl.predict.forward import (
 )
 from medtl.predict.post import Decision, Judgement, Logits, aggregate_slices, aggregate_studies, to_probabilities
 
-_LATER = {"Predictor": "predictor", "Prediction": "predictor", "Explanation": "predictor", "load_run": "predictor",
-          "input_refusal": "refusal", "find_inputs": "batch", "predict_to_csv": "batch"}
+_LATER = {
+    "Predictor": "predictor",
+    "Prediction": "predictor",
+    "Explanation": "predictor",
+    "load_run": "predictor",
+    "input_refusal": "refusal",
+    "find_inputs": "batch",
+    "predict_to_csv": "batch",
+}
 
-__all__ = ["Network", "module_network", "network_outputs", "forward_logits", "batched_outputs", "batched_logits",
-           "predict_logits", "predict_probs", "extract_features", "Decision", "Judgement", "Logits",
-           "aggregate_slices", "aggregate_studies", "to_probabilities", *_LATER]
+__all__ = [
+    "Network",
+    "module_network",
+    "network_outputs",
+    "forward_logits",
+    "batched_outputs",
+    "batched_logits",
+    "predict_logits",
+    "predict_probs",
+    "extract_features",
+    "Decision",
+    "Judgement",
+    "Logits",
+    "aggregate_slices",
+    "aggregate_studies",
+    "to_probabilities",
+    *_LATER,
+]
 
 
 def __getattr__(name: str):

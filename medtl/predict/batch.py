@@ -144,8 +144,16 @@ def done_keys(csv_path: Path, column: str = "input") -> set[str]:
         return {row[column] for row in csv.DictReader(f) if row.get(column)}
 
 
-def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str | Path, batch_size: int = 32,
-                   show_paths: bool = False, check: bool = True, rank: int = 0, world: int = 1) -> dict:
+def predict_to_csv(
+    predictor: Predictor,
+    inputs: list[BatchInput],
+    csv_path: str | Path,
+    batch_size: int = 32,
+    show_paths: bool = False,
+    check: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
     """Append a row per input of ``inputs`` not yet in ``csv_path``; return the counts (``done``,
     ``skipped`` as already there, ``answered``, ``refused``, ``errors``) and the ``seconds`` taken.
     A file that cannot be read gets a row with its error, a refused one its reason, and the rest go on.
@@ -162,10 +170,24 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
         csv_path = final.with_name(f"{final.name}.part{rank}")
     by_path = {str(i.path): i for i in todo}
     classes = predictor.class_names
-    fields = ["input", *(["path"] if show_paths else []), "study_key", "status", "label",
-              *[f"p_{c}" for c in classes], "ood_score", "decision", "reason"]
-    counts: dict[str, int | float] = {"inputs": len(inputs), "skipped": len(inputs) - len(todo), "answered": 0,
-                                      "refused": 0, "errors": 0}
+    fields = [
+        "input",
+        *(["path"] if show_paths else []),
+        "study_key",
+        "status",
+        "label",
+        *[f"p_{c}" for c in classes],
+        "ood_score",
+        "decision",
+        "reason",
+    ]
+    counts: dict[str, int | float] = {
+        "inputs": len(inputs),
+        "skipped": len(inputs) - len(todo),
+        "answered": 0,
+        "refused": 0,
+        "errors": 0,
+    }
     new = not csv_path.is_file() or csv_path.stat().st_size == 0
     if new:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +212,12 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
                     row.update(status="refused", reason=result.refused)
                 else:
                     counts["answered"] += 1
-                    row.update(status="answered", label=result.label, decision=result.decision,
-                               **{f"p_{c}": round(v, 6) for c, v in result.probabilities.items()})
+                    row.update(
+                        status="answered",
+                        label=result.label,
+                        decision=result.decision,
+                        **{f"p_{c}": round(v, 6) for c, v in result.probabilities.items()},
+                    )
             writer.writerow(row)
             f.flush()
             now = time.perf_counter() - t0
@@ -199,8 +225,15 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
                 last = now
                 rate = k / now if now > 0 else 0.0
                 eta = (len(todo) - k) / rate if rate else 0.0
-                log.info("%d/%d inputs (%d already done), %.1f inputs/s, ETA %d:%02d", k, len(todo),
-                         counts["skipped"], rate, eta // 60, eta % 60)
+                log.info(
+                    "%d/%d inputs (%d already done), %.1f inputs/s, ETA %d:%02d",
+                    k,
+                    len(todo),
+                    counts["skipped"],
+                    rate,
+                    eta // 60,
+                    eta % 60,
+                )
     counts["seconds"] = round(time.perf_counter() - t0, 2)
     return counts
 
@@ -208,7 +241,9 @@ def predict_to_csv(predictor: Predictor, inputs: list[BatchInput], csv_path: str
 def part_files(csv_path: str | Path) -> list[Path]:
     """The part files of a sharded run writing ``csv_path`` (see :func:`predict_to_csv`)."""
     csv_path = Path(csv_path)
-    return sorted(p for p in csv_path.parent.glob(csv_path.name + ".part*") if p.name[len(csv_path.name) + 5:].isdigit())
+    return sorted(
+        p for p in csv_path.parent.glob(csv_path.name + ".part*") if p.name[len(csv_path.name) + 5 :].isdigit()
+    )
 
 
 def merge_parts(csv_path: str | Path) -> int:
@@ -238,8 +273,7 @@ def merge_parts(csv_path: str | Path) -> int:
 
 def shard_from_environment() -> tuple[int, int, int]:
     """(rank, world size, local rank) set by ``torchrun``; (0, 1, 0) in a plain process."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _header(csv_path: Path) -> list[str]:
@@ -256,5 +290,15 @@ def _without_path(message: str, item: BatchInput) -> str:
     return message
 
 
-__all__ = ["find_inputs", "predict_to_csv", "input_key", "study_input_key", "done_keys",
-           "merge_parts", "part_files", "shard_from_environment", "BatchInput", "Inputs"]
+__all__ = [
+    "find_inputs",
+    "predict_to_csv",
+    "input_key",
+    "study_input_key",
+    "done_keys",
+    "merge_parts",
+    "part_files",
+    "shard_from_environment",
+    "BatchInput",
+    "Inputs",
+]

@@ -49,8 +49,9 @@ def forward_logits(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime) ->
     return network_outputs(module_network(model, runtime), x, runtime.tta)[0]
 
 
-def batched_outputs(network: Network, x: torch.Tensor, tta: bool = False,
-                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_outputs(
+    network: Network, x: torch.Tensor, tta: bool = False, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`network_outputs` of many inputs (a volume's slices) ``batch_size`` at a time, on the CPU."""
     parts = [network_outputs(network, chunk, tta) for chunk in torch.split(x, batch_size)]
     return torch.cat([z.cpu() for z, _ in parts]), torch.cat([f.cpu() for _, f in parts])
@@ -70,18 +71,19 @@ def predict_logits(model: torch.nn.Module, dataset, runtime: Runtime | None = No
     for batch in iterate_batches(dataset, batch_size, runtime.device):
         logits.append(forward_logits(model, batch["image"], runtime).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
-    return Logits(np.concatenate(labels), np.concatenate(logits), study_index(dataset),
-                  tuple(dataset.aggregation))
+    return Logits(np.concatenate(labels), np.concatenate(logits), study_index(dataset), tuple(dataset.aggregation))
 
 
-def predict_probs(model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32,
-                  temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(
+    model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32, temperature: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) per study of a data set: :func:`predict_logits` then :meth:`Logits.study_probs`."""
     return predict_logits(model, dataset, runtime, batch_size).study_probs(temperature)
 
 
-def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = None,
-                     batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) on ``runtime.device``: the encoder's pooled output (what the head sees)
     for every input, in eval mode, as fp32."""
     runtime = Runtime.of(model, runtime)
@@ -94,5 +96,14 @@ def extract_features(model: torch.nn.Module, dataset, runtime: Runtime | None = 
     return torch.cat(feats), torch.cat(labels)
 
 
-__all__ = ["Network", "module_network", "network_outputs", "forward_logits", "batched_outputs", "batched_logits",
-           "predict_logits", "predict_probs", "extract_features"]
+__all__ = [
+    "Network",
+    "module_network",
+    "network_outputs",
+    "forward_logits",
+    "batched_outputs",
+    "batched_logits",
+    "predict_logits",
+    "predict_probs",
+    "extract_features",
+]

@@ -67,6 +67,4 @@ def max_probability_difference(network: ExportedNetwork, reference: nn.Module, x
     return float(np.abs((got - expected).numpy()).max())
 
 
-
-
 __all__ = ["ExportedNetwork", "LogitsAndFeatures", "load_network", "max_probability_difference", "FORMATS"]

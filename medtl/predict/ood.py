@@ -62,8 +62,9 @@ class OODDetector:
     val_scores: tuple[float, ...] = ()  # for the record (percentiles in the model card)
 
     @classmethod
-    def fit(cls, train_features: torch.Tensor, train_labels: torch.Tensor, method: str = "knn", k: int = 5,
-            seed: int = 0) -> OODDetector:
+    def fit(
+        cls, train_features: torch.Tensor, train_labels: torch.Tensor, method: str = "knn", k: int = 5, seed: int = 0
+    ) -> OODDetector:
         """A detector of the training features (threshold unset: call :meth:`calibrate` on validation scores)."""
         if method not in METHODS:
             raise ValueError(f"unknown out-of-distribution method {method!r}; one of {', '.join(METHODS)}")
@@ -75,7 +76,6 @@ class OODDetector:
                 bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:MAX_BANK]]
             det.bank = bank.contiguous()
         else:
-
             labels = train_labels.detach().cpu().long()
             classes = sorted(set(labels.tolist()))
             means = torch.stack([f[labels == c].mean(0) for c in classes])
@@ -94,8 +94,10 @@ class OODDetector:
             k = min(self.k, d.shape[1])
             return d.topk(k, dim=1, largest=False).values[:, -1].numpy()
         if self.means is None or self.precision is None:
-            raise RunError("the Mahalanobis out-of-distribution detector has no class means or precision matrix "
-                           f"(a damaged {OOD_FILE}?)")
+            raise RunError(
+                "the Mahalanobis out-of-distribution detector has no class means or precision matrix "
+                f"(a damaged {OOD_FILE}?)"
+            )
         diff = f[:, None, :] - self.means[None]  # (n, classes, d)
         m = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff).clamp_min(0).sqrt()
         return m.min(dim=1).values.numpy()
@@ -116,16 +118,30 @@ class OODDetector:
 
     def describe(self) -> dict:
         """What the model card and ``metrics.json`` say of the detector."""
-        return {"method": self.method, "k": self.k if self.method == "knn" else None,
-                "threshold": round(self.threshold, 6), "quantile": self.quantile, "n_train": self.n_train,
-                "n_val": len(self.val_scores)}
+        return {
+            "method": self.method,
+            "k": self.k if self.method == "knn" else None,
+            "threshold": round(self.threshold, 6),
+            "quantile": self.quantile,
+            "n_train": self.n_train,
+            "n_val": len(self.val_scores),
+        }
 
     def save(self, path: str | Path) -> Path:
-        tensors = {k: v.contiguous() for k, v in (("bank", self.bank), ("means", self.means),
-                                                  ("precision", self.precision)) if v is not None}
-        meta = {"format": "medtl-ood", "method": self.method, "threshold": json.dumps(self.threshold),
-                "quantile": json.dumps(self.quantile), "k": str(self.k), "n_train": str(self.n_train),
-                "val_scores": json.dumps(list(self.val_scores))}
+        tensors = {
+            k: v.contiguous()
+            for k, v in (("bank", self.bank), ("means", self.means), ("precision", self.precision))
+            if v is not None
+        }
+        meta = {
+            "format": "medtl-ood",
+            "method": self.method,
+            "threshold": json.dumps(self.threshold),
+            "quantile": json.dumps(self.quantile),
+            "k": str(self.k),
+            "n_train": str(self.n_train),
+            "val_scores": json.dumps(list(self.val_scores)),
+        }
         save_file(tensors, str(path), metadata=meta)
         return Path(path)
 
@@ -139,9 +155,15 @@ class OODDetector:
             raise RunError(f"{path}: not a readable out-of-distribution file ({type(e).__name__})") from None
         if meta.get("format") != "medtl-ood" or meta.get("method") not in METHODS:
             raise RunError(f"{path}: not a medtl out-of-distribution file")
-        return cls(method=meta["method"], threshold=json.loads(meta["threshold"]), quantile=json.loads(meta["quantile"]),
-                   k=int(meta["k"]), n_train=int(meta["n_train"]), val_scores=tuple(json.loads(meta["val_scores"])),
-                   **tensors)
+        return cls(
+            method=meta["method"],
+            threshold=json.loads(meta["threshold"]),
+            quantile=json.loads(meta["quantile"]),
+            k=int(meta["k"]),
+            n_train=int(meta["n_train"]),
+            val_scores=tuple(json.loads(meta["val_scores"])),
+            **tensors,
+        )
 
 
 def tolerance_threshold(scores: np.ndarray, quantile: float = 0.99, confidence: float = 0.9) -> float:
@@ -166,9 +188,9 @@ def tolerance_threshold(scores: np.ndarray, quantile: float = 0.99, confidence: 
     if n < 3 or spread == 0 or not 0 < quantile < 1:
         return empirical
     zp, zg = NormalDist().inv_cdf(quantile), NormalDist().inv_cdf(confidence)
-    a = 1 - zg ** 2 / (2 * (n - 1))
-    b = zp ** 2 - zg ** 2 / n
-    k = (zp + np.sqrt(max(zp ** 2 - a * b, 0.0))) / a
+    a = 1 - zg**2 / (2 * (n - 1))
+    b = zp**2 - zg**2 / n
+    k = (zp + np.sqrt(max(zp**2 - a * b, 0.0))) / a
     return max(empirical, centre + k * spread)
 
 
@@ -207,12 +229,18 @@ def foreign_check(predictor, in_scores: np.ndarray, foreign: list[str | Path]) -
     if len(in_scores) and scored:
         y = np.r_[np.zeros(len(in_scores)), np.ones(len(scored))]
         auroc = float(roc_auc_score(y, np.r_[in_scores, scored]))
-    return {"measured": True, "method": det.method, "threshold": det.threshold, "auroc": auroc,
-            "n_in": len(in_scores), "n_foreign": len(rows),
-            "in_refused_by_content": float(np.mean(in_scores > det.threshold)) if len(in_scores) else None,
-            "foreign_refused": float(np.mean([r["refused"] for r in rows])) if rows else None,
-            "foreign_refused_by_content": float(np.mean(np.asarray(scored) > det.threshold)) if scored else None,
-            "foreign": rows}
+    return {
+        "measured": True,
+        "method": det.method,
+        "threshold": det.threshold,
+        "auroc": auroc,
+        "n_in": len(in_scores),
+        "n_foreign": len(rows),
+        "in_refused_by_content": float(np.mean(in_scores > det.threshold)) if len(in_scores) else None,
+        "foreign_refused": float(np.mean([r["refused"] for r in rows])) if rows else None,
+        "foreign_refused_by_content": float(np.mean(np.asarray(scored) > det.threshold)) if scored else None,
+        "foreign": rows,
+    }
 
 
 def load_detector(run_dir: str | Path) -> OODDetector | None:
@@ -221,4 +249,12 @@ def load_detector(run_dir: str | Path) -> OODDetector | None:
     return OODDetector.load(path) if path.is_file() else None
 
 
-__all__ = ["OODDetector", "load_detector", "foreign_check", "study_scores", "tolerance_threshold", "OOD_FILE", "METHODS"]
+__all__ = [
+    "OODDetector",
+    "load_detector",
+    "foreign_check",
+    "study_scores",
+    "tolerance_threshold",
+    "OOD_FILE",
+    "METHODS",
+]

@@ -25,19 +25,22 @@ def aggregate_slices(probs: np.ndarray, how: str, k: int = 3) -> np.ndarray:
     if how == "max":  # each class its highest slice score, renormalised
         p = probs.max(axis=0)
         return p / p.sum()
-    top = np.sort(probs, axis=0)[-min(k, len(probs)):]  # top-k mean per class, renormalised
+    top = np.sort(probs, axis=0)[-min(k, len(probs)) :]  # top-k mean per class, renormalised
     p = top.mean(axis=0)
     return p / p.sum()
 
 
-def aggregate_studies(labels: np.ndarray, probs: np.ndarray, studies: np.ndarray, how: str = "mean",
-                      k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def aggregate_studies(
+    labels: np.ndarray, probs: np.ndarray, studies: np.ndarray, how: str = "mean", k: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """One row per study (in order of first appearance) from per-input labels and probabilities."""
     order = list(dict.fromkeys(np.asarray(studies).tolist()))
     if len(order) == len(studies):
         return labels, probs
-    return (np.asarray([labels[studies == s][0] for s in order]),
-            np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]))
+    return (
+        np.asarray([labels[studies == s][0] for s in order]),
+        np.stack([aggregate_slices(probs[studies == s], how, k) for s in order]),
+    )
 
 
 def to_probabilities(logits, temperature=1.0, multi_label: bool = False) -> torch.Tensor:
@@ -157,8 +160,10 @@ class Decision:
         finding against its threshold; the second class against the operating point; or the most probable
         class, with no threshold."""
         if self.multi_label:
-            return [Judgement(c, probabilities[c], t, probabilities[c] >= t)
-                    for c, t in zip(self.class_names, self.finding_thresholds)]
+            return [
+                Judgement(c, probabilities[c], t, probabilities[c] >= t)
+                for c, t in zip(self.class_names, self.finding_thresholds)
+            ]
         if self.threshold is not None:
             positive = self.class_names[1]
             p1 = probabilities[positive]
@@ -169,11 +174,16 @@ class Decision:
     def describe(self) -> str:
         """Where the decision comes from, in words (for pages, reports and DICOM results)."""
         if self.multi_label:
-            return ("each finding's probability against its threshold chosen on validation data" if self.thresholds
-                    else "each finding's probability against 0.5 (no thresholds were chosen for this model)")
+            return (
+                "each finding's probability against its threshold chosen on validation data"
+                if self.thresholds
+                else "each finding's probability against 0.5 (no thresholds were chosen for this model)"
+            )
         if self.threshold is not None:
-            return (f"the probability of {self.class_names[1]} against the decision threshold chosen on validation "
-                    f"data ({self.rule})")  # (the number: Judgement.comparison, with the digits it needs)
+            return (
+                f"the probability of {self.class_names[1]} against the decision threshold chosen on validation "
+                f"data ({self.rule})"
+            )  # (the number: Judgement.comparison, with the digits it needs)
         return "the most probable class (no decision threshold was chosen for this model)"
 
     @property
@@ -181,8 +191,11 @@ class Decision:
         """The operating point as saved with a model's weights: ``{"threshold", "rule"}`` (binary),
         ``{"thresholds", "rules", "rule"}`` (multi-label), or None."""
         if self.multi_label:
-            return None if self.thresholds is None else {
-                "thresholds": list(self.thresholds), "rules": list(self.rules), "rule": self.rule}
+            return (
+                None
+                if self.thresholds is None
+                else {"thresholds": list(self.thresholds), "rules": list(self.rules), "rule": self.rule}
+            )
         return None if self.threshold is None else {"threshold": self.threshold, "rule": self.rule}
 
     def to_record(self) -> dict:
@@ -190,19 +203,41 @@ class Decision:
         return {"source": self.source, "temperature": self.temperature, "operating_point": self.operating_point}
 
     @classmethod
-    def from_record(cls, class_names, multi_label: bool, temperature: float | None, operating_point: dict | None,
-                    source: DecisionSource = "training") -> Decision:
+    def from_record(
+        cls,
+        class_names,
+        multi_label: bool,
+        temperature: float | None,
+        operating_point: dict | None,
+        source: DecisionSource = "training",
+    ) -> Decision:
         """The decision of a saved temperature and operating point (see :attr:`operating_point`). An operating
         point is used only where it applies: a binary threshold for two classes, thresholds per finding."""
         op = operating_point or {}
         names = tuple(class_names)
         if multi_label:
             thresholds = op.get("thresholds")
-            return cls(names, True, temperature, None, None if thresholds is None else tuple(map(float, thresholds)),
-                       str(op.get("rule", "")), tuple(op.get("rules") or ()), source)
+            return cls(
+                names,
+                True,
+                temperature,
+                None,
+                None if thresholds is None else tuple(map(float, thresholds)),
+                str(op.get("rule", "")),
+                tuple(op.get("rules") or ()),
+                source,
+            )
         threshold = op.get("threshold") if len(names) == 2 else None
-        return cls(names, False, temperature, None if threshold is None else float(threshold), None,
-                   str(op.get("rule", "")), (), source)
+        return cls(
+            names,
+            False,
+            temperature,
+            None if threshold is None else float(threshold),
+            None,
+            str(op.get("rule", "")),
+            (),
+            source,
+        )
 
     @classmethod
     def fit(cls, val: Logits, class_names, rule: str = "youden", source: DecisionSource = "training") -> Decision:
@@ -234,5 +269,12 @@ class Decision:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["Decision", "DecisionSource", "Judgement", "Logits", "to_probabilities", "aggregate_slices",
-           "aggregate_studies"]
+__all__ = [
+    "Decision",
+    "DecisionSource",
+    "Judgement",
+    "Logits",
+    "to_probabilities",
+    "aggregate_slices",
+    "aggregate_studies",
+]

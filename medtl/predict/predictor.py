@@ -56,6 +56,7 @@ class Prediction:
         probs = "  ".join(f"{k}: {v:.3f}" for k, v in self.probabilities.items())
         return f"{self.file}\t{self.label}\t{probs}"
 
+
 @dataclass
 class Explanation:
     """A saliency map on the original image's pixels, and its colour overlay."""
@@ -78,8 +79,15 @@ class Predictor:
     """A trained run loaded for inference; files are fed exactly as in training, and inputs unlike the
     training images are refused (:attr:`Prediction.refused`) rather than answered."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto", precision: str | None = None,
-                 bounded: bool = False, backend: str = "torch", decision: DecisionSource = "training"):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        device: str = "auto",
+        precision: str | None = None,
+        bounded: bool = False,
+        backend: str = "torch",
+        decision: DecisionSource = "training",
+    ):
         """``device``: "auto" (a GPU where one can be reached), "cpu", "cuda", ...; ``precision``:
         of the forward passes (default fp32; ``MEDTL_PRECISION`` overrides); ``bounded``: read
         files in the bounded worker (:func:`medtl.io.read_image_bounded`), for untrusted input;
@@ -117,16 +125,21 @@ class Predictor:
         if source == "evaluation":
             record = RunDir(self.run_dir).read_decision("evaluation")
             if record is None:
-                raise RunError(f"{self.run_dir}: the run has not been evaluated (no {RunDir.EVALUATION}/"
-                               f"{RunDir.DECISION}); run `medtl evaluate` first, or use the training decision")
+                raise RunError(
+                    f"{self.run_dir}: the run has not been evaluated (no {RunDir.EVALUATION}/"
+                    f"{RunDir.DECISION}); run `medtl evaluate` first, or use the training decision"
+                )
         else:
             record = {"temperature": saved.temperature, "operating_point": saved.operating_point}
-        return Decision.from_record(self.class_names, self.multi_label, record["temperature"],
-                                    record["operating_point"], source)
+        return Decision.from_record(
+            self.class_names, self.multi_label, record["temperature"], record["operating_point"], source
+        )
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names}, decision "
-                f"{self.decision.basis} chosen in {self.decision.source})")
+        return (
+            f"Predictor({self.run_dir.name}: {self.encoder}, classes {self.class_names}, decision "
+            f"{self.decision.basis} chosen in {self.decision.source})"
+        )
 
     def read(self, path: str | Path | Scan) -> Scan:
         """The scan of a file, folder or zip (in the bounded worker when the predictor is ``bounded``)."""
@@ -172,9 +185,14 @@ class Predictor:
         p = aggregate_slices(per_input, data.slice_aggregation, data.top_k)
         probs = {c: float(v) for c, v in zip(self.class_names, p)}
         label = decision.label(p)
-        pred = Prediction(file=Path(scan.path).name, probabilities=probs, label=label,
-                          decision=decision.basis, decision_source=decision.source,
-                          study_key=str(scan.header.get("study_key", "")))
+        pred = Prediction(
+            file=Path(scan.path).name,
+            probabilities=probs,
+            label=label,
+            decision=decision.basis,
+            decision_source=decision.source,
+            study_key=str(scan.header.get("study_key", "")),
+        )
         if self.multi_label:
             pred.findings = decision.findings(p)
             pred.thresholds = dict(zip(self.class_names, decision.finding_thresholds))
@@ -194,14 +212,25 @@ class Predictor:
         [] and None after a refusal from the header)."""
         reason = input_refusal(self.input_record, scan) if check else None
         if reason:
-            return Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason,
-                              study_key=str(scan.header.get("study_key", ""))), None, [], None
+            return (
+                Prediction(
+                    file=Path(scan.path).name,
+                    probabilities={},
+                    label=None,
+                    refused=reason,
+                    study_key=str(scan.header.get("study_key", "")),
+                ),
+                None,
+                [],
+                None,
+            )
         x, parts = self._prepare(scan)
         per_input, features = self._probs(x)
         return self._finish(scan, per_input, features, parts, check), x, parts, per_input
 
-    def _finish(self, scan: Scan, per_input: np.ndarray, features: torch.Tensor, parts: list[dict],
-                check: bool) -> Prediction:
+    def _finish(
+        self, scan: Scan, per_input: np.ndarray, features: torch.Tensor, parts: list[dict], check: bool
+    ) -> Prediction:
         """The prediction of a scan from its inputs' probabilities and features: the decision, then the
         out-of-distribution score and (with ``check``) the refusal."""
         pred = self._prediction(scan, per_input, parts)
@@ -213,8 +242,9 @@ class Predictor:
             pred.label = pred.findings = None
         return pred
 
-    def predict_many(self, items: Iterable[str | Path | Scan], check: bool = True,
-                     batch_size: int = 32) -> Iterator[tuple[str | Path | Scan, Prediction | MedtlError]]:
+    def predict_many(
+        self, items: Iterable[str | Path | Scan], check: bool = True, batch_size: int = 32
+    ) -> Iterator[tuple[str | Path | Scan, Prediction | MedtlError]]:
         """(item, its :class:`Prediction`) for every file, folder or scan of ``items``, in order, with the
         inputs of several files put through the model together, ``batch_size`` at a time. A file that
         cannot be read gives its typed error in place of a prediction, and the others go on."""
@@ -238,8 +268,16 @@ class Predictor:
                 reason = input_refusal(self.input_record, scan) if check else None
                 if reason:
                     yield from flush()
-                    yield item, Prediction(file=Path(scan.path).name, probabilities={}, label=None, refused=reason,
-                                           study_key=str(scan.header.get("study_key", "")))
+                    yield (
+                        item,
+                        Prediction(
+                            file=Path(scan.path).name,
+                            probabilities={},
+                            label=None,
+                            refused=reason,
+                            study_key=str(scan.header.get("study_key", "")),
+                        ),
+                    )
                     continue
                 x, parts = self._prepare(scan)
             except MedtlError as e:
@@ -262,8 +300,9 @@ class Predictor:
         pred, *_ = self._judge(self.read(path), check)
         return pred
 
-    def explain(self, path: str | Path | Scan, class_name: str | None = None, method: str | None = None,
-                check: bool = True) -> Explanation:
+    def explain(
+        self, path: str | Path | Scan, class_name: str | None = None, method: str | None = None, check: bool = True
+    ) -> Explanation:
         """Grad-CAM (or ``method``) of ``class_name`` (default: the predicted class) drawn on the original
         image, with the prediction. A refused input gets no map (``saliency`` None; see :meth:`predict`).
 
@@ -271,24 +310,41 @@ class Predictor:
         that class.
         """
         if is_volume_model(self.model):
-            raise ConfigError(None, f"saliency maps of 3D models ({self.encoder}) are not drawn",
-                              "a run of a 2D encoder; use predict() for this one")
+            raise ConfigError(
+                None,
+                f"saliency maps of 3D models ({self.encoder}) are not drawn",
+                "a run of a 2D encoder; use predict() for this one",
+            )
         scan = self.read(path)
         pred, x, parts, per_input = self._judge(scan, check)
         if pred.refused:
-            return Explanation(prediction=pred, image=None, saliency=None, overlay=None, class_name=None,
-                               method=method or self.config.explain.method)
+            return Explanation(
+                prediction=pred,
+                image=None,
+                saliency=None,
+                overlay=None,
+                class_name=None,
+                method=method or self.config.explain.method,
+            )
         return self.saliency(scan, pred, class_name, method, (x, parts, per_input))
 
-    def saliency(self, scan: Scan, prediction: Prediction, class_name: str | None = None, method: str | None = None,
-                 prepared: tuple | None = None, slice_index: int | None = None) -> Explanation:
+    def saliency(
+        self,
+        scan: Scan,
+        prediction: Prediction,
+        class_name: str | None = None,
+        method: str | None = None,
+        prepared: tuple | None = None,
+        slice_index: int | None = None,
+    ) -> Explanation:
         """The map of ``method`` for a prediction made already (:meth:`predict`): the forward pass that
         gave the probabilities is not repeated, only the map is computed. ``slice_index``: the map of
         that slice of a volume read slice by slice (default: the slice that scores highest); a slice the
         model did not judge raises :class:`ConfigError`."""
         if is_volume_model(self.model):
-            raise ConfigError(None, f"saliency maps of 3D models ({self.encoder}) are not drawn",
-                              "a run of a 2D encoder")
+            raise ConfigError(
+                None, f"saliency maps of 3D models ({self.encoder}) are not drawn", "a run of a 2D encoder"
+            )
         method = method or self.config.explain.method
         x, parts, per_input = prepared or (*self._prepare(scan), None)
         target = class_name or self.default_target(prediction)
@@ -298,8 +354,9 @@ class Predictor:
         if slice_index is not None and len(parts) > 1:
             found = [i for i, p in enumerate(parts) if int(p["slice_index"]) == int(slice_index)]
             if not found:
-                raise ConfigError(None, f"slice {slice_index} was not judged by the model",
-                                  f"a slice from 0 to {len(parts) - 1}")
+                raise ConfigError(
+                    None, f"slice {slice_index} was not judged by the model", f"a slice from 0 to {len(parts) - 1}"
+                )
             best = found[0]
         elif len(parts) == 1:
             best = 0
@@ -311,13 +368,14 @@ class Predictor:
             best = int(self._probs(x)[0][:, k].argmax())
         image = display_image(parts[best])
         with self._model_lock:
-            saliency, overlay = explain_input(self.model, x[best:best + 1], image, k, method, self.runtime,
-                                              self.config.explain.alpha)
+            saliency, overlay = explain_input(
+                self.model, x[best : best + 1], image, k, method, self.runtime, self.config.explain.alpha
+            )
         if len(parts) > 1 and slice_index is None:
             prediction.slice_index = int(parts[best]["slice_index"])
-        return Explanation(prediction=prediction, image=image, saliency=saliency, overlay=overlay, class_name=target,
-                           method=method)
-
+        return Explanation(
+            prediction=prediction, image=image, saliency=saliency, overlay=overlay, class_name=target, method=method
+        )
 
     def default_target(self, prediction: Prediction) -> str:
         """The class a map explains when none is named: the decided class, or for a multi-label model the
@@ -328,8 +386,14 @@ class Predictor:
         return prediction.label
 
 
-def load_run(run_dir: str | Path, device: str = "auto", precision: str | None = None,
-             bounded: bool = False, backend: str = "torch", decision: DecisionSource = "training") -> Predictor:
+def load_run(
+    run_dir: str | Path,
+    device: str = "auto",
+    precision: str | None = None,
+    bounded: bool = False,
+    backend: str = "torch",
+    decision: DecisionSource = "training",
+) -> Predictor:
     """Load a run folder written by ``medtl train`` (or a package written by ``medtl export``) for
     prediction and explanation on ``device`` (``bounded``: read files in the bounded worker, for
     untrusted input; ``backend`` and ``decision``: see :class:`Predictor`)."""

@@ -30,14 +30,19 @@ def input_refusal(record: dict, scan: Scan) -> str | None:
     dims = record.get("dimensions", [])
     ndim = 3 if scan.is_volume else 2
     if dims and ndim not in dims:
-        return (f"the model was trained on {'volumes' if 3 in dims else '2D images'} only, and this is a "
-                f"{'volume' if ndim == 3 else '2D image'}")
+        return (
+            f"the model was trained on {'volumes' if 3 in dims else '2D images'} only, and this is a "
+            f"{'volume' if ndim == 3 else '2D image'}"
+        )
     side = int(min(a.shape[-2:]))
     smallest = record.get("min_side")
     if side < 8 or (smallest and side < smallest / 2):
-        return (f"the image is {a.shape[-2]}×{a.shape[-1]} pixels, far smaller than the training images "
-                f"(at least {smallest} pixels a side)" if smallest else
-                f"the image is {a.shape[-2]}×{a.shape[-1]} pixels: too small to judge")
+        return (
+            f"the image is {a.shape[-2]}×{a.shape[-1]} pixels, far smaller than the training images "
+            f"(at least {smallest} pixels a side)"
+            if smallest
+            else f"the image is {a.shape[-2]}×{a.shape[-1]} pixels: too small to judge"
+        )
     return None
 
 
@@ -49,8 +54,10 @@ def _is_colour_photo(rgb: np.ndarray) -> bool:
     return float(np.mean(saturation > 40)) > 0.1
 
 
-UNLIKE_TRAINING = ("it does not look like the images the model was trained on (its features lie outside "
-                   "what {pct} of the validation images reached)")
+UNLIKE_TRAINING = (
+    "it does not look like the images the model was trained on (its features lie outside "
+    "what {pct} of the validation images reached)"
+)
 
 
 __all__ = ["input_refusal", "UNLIKE_TRAINING"]

@@ -20,6 +20,26 @@ from medtl.train.search import auto_candidates
 from medtl.train.stages import Stage, from_scratch, param_groups, plan_stages
 from medtl.train.trainer import FitResult
 
-__all__ = ["run_experiment", "train_model", "create_seeded_model", "create_datasets", "prepare_data", "read_data",
-           "PreparedData", "environment", "fit", "FitResult", "Stage", "ALL", "plan_stages", "param_groups",
-           "auto_candidates", "from_scratch", "prefetch", "use_prefetch", "find_lr", "lr_sweep", "LRFindResult"]
+__all__ = [
+    "run_experiment",
+    "train_model",
+    "create_seeded_model",
+    "create_datasets",
+    "prepare_data",
+    "read_data",
+    "PreparedData",
+    "environment",
+    "fit",
+    "FitResult",
+    "Stage",
+    "ALL",
+    "plan_stages",
+    "param_groups",
+    "auto_candidates",
+    "from_scratch",
+    "prefetch",
+    "use_prefetch",
+    "find_lr",
+    "lr_sweep",
+    "LRFindResult",
+]

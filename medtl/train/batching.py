@@ -30,8 +30,10 @@ def auto_batch_size(n_train: int, device: torch.device, fits: Callable[[int], bo
     for b in AUTO_BATCHES:
         if b == REFERENCE_BATCH or (n_train // (b * world) >= 8 and fits(b)):
             each = f" ({b} in each of {world} processes)" if world > 1 else ""
-            return b * world, (f"{b * world}{each}: the largest of {', '.join(map(str, AUTO_BATCHES))} with at least "
-                               f"8 steps per epoch over {n_train} training inputs that fits in the GPU's memory")
+            return b * world, (
+                f"{b * world}{each}: the largest of {', '.join(map(str, AUTO_BATCHES))} with at least "
+                f"8 steps per epoch over {n_train} training inputs that fits in the GPU's memory"
+            )
     return REFERENCE_BATCH * world, ""
 
 
@@ -44,12 +46,19 @@ def scaled_lr(lr: float, batch_size: int) -> float:
 def _out_of_memory(e: BaseException) -> bool:
     """Whether an error is a device allocation failure (torch's own, or one raised by cuDNN/cuBLAS)."""
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and any(m in str(e) for m in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED",
-                                                                    "CUBLAS_STATUS_ALLOC_FAILED")))
+        isinstance(e, RuntimeError)
+        and any(m in str(e) for m in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
+    )
 
 
-def resolve_batch(cfg: TrainConfig, model: torch.nn.Module, train_ds, device: torch.device,
-                  runtime: Runtime | None = None, world: int = 1) -> tuple[TrainConfig, dict]:
+def resolve_batch(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    train_ds,
+    device: torch.device,
+    runtime: Runtime | None = None,
+    world: int = 1,
+) -> tuple[TrainConfig, dict]:
     """``cfg`` with an integer batch size (``auto`` resolved by :func:`auto_batch_size`, the learning rate
     scaled by :func:`scaled_lr`), and the record saved with the run: batch size, learning rate, rule.
     The probe's steps draw no numbers from the seeded generators (they are forked)."""
@@ -87,8 +96,6 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return max(0, min(8, usable_cores() - 1))
-
-
 
 
 __all__ = ["auto_batch_size", "scaled_lr", "resolve_batch", "loader_workers", "REFERENCE_BATCH", "AUTO_BATCHES"]

@@ -42,20 +42,24 @@ class PreparedData:
     def datasets(self, data: DataConfig, pre: Preprocessing, train_subset: list[int] | None = None):
         """(train, val, test) MONAI datasets; ``train_subset`` picks training studies by index."""
         train = self.sets["train"] if train_subset is None else [self.sets["train"][i] for i in train_subset]
-        return (*create_datasets(data, pre, train, train=True), *create_datasets(data, pre, self.sets["val"],
-                                                                                 self.sets["test"]))
+        return (
+            *create_datasets(data, pre, train, train=True),
+            *create_datasets(data, pre, self.sets["val"], self.sets["test"]),
+        )
 
 
 def read_data(data: DataConfig) -> Manifest:
     """The data set named by ``data.path`` (a manifest .csv, an image folder or a MedMNIST .npz)."""
     if not data.path:
         raise ConfigError(None, "no data given", "data.path (CLI: --data PATH: a manifest .csv, image folder or .npz)")
-    return read_dataset(data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths,
-                        label_columns=data.label_columns)
+    return read_dataset(
+        data.path, classes=data.classes, allow_outside_paths=data.allow_outside_paths, label_columns=data.label_columns
+    )
 
 
-def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None,
-                 workers: int | str = "auto") -> PreparedData:
+def prepare_data(
+    data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: Manifest | None = None, workers: int | str = "auto"
+) -> PreparedData:
     """Read the data set of ``data.path``, decode every image once and split it by patient.
 
     A MedMNIST file keeps its own split; other data sets get a patient-level, label-stratified
@@ -65,20 +69,24 @@ def prepare_data(data: DataConfig, pre: Preprocessing, seed: int = 0, manifest: 
     manifest = manifest or read_data(data)
     deterministic, _ = create_transforms(data, pre, train=False)
     log.info("%r; decoding images", manifest)
-    samples, problems = decode_records(manifest.records, deterministic, cache_folder(data, pre),
-                                       decode_workers(workers, len(manifest.records)))
+    samples, problems = decode_records(
+        manifest.records, deterministic, cache_folder(data, pre), decode_workers(workers, len(manifest.records))
+    )
     problems = manifest.problems + problems
     if not samples:
         raise MedtlInputError(manifest.path, "no image in the data set could be read")
     labels = [s["label"] for s in samples]
     if manifest.splits:
         kept = {s["path"]: i for i, s in enumerate(samples)}
-        parts = {name: np.asarray([kept[manifest.records[i]["path"]] for i in idx
-                                   if manifest.records[i]["path"] in kept]) for name, idx in manifest.splits.items()}
+        parts = {
+            name: np.asarray([kept[manifest.records[i]["path"]] for i in idx if manifest.records[i]["path"] in kept])
+            for name, idx in manifest.splits.items()
+        }
         how = "fixed (from the file)"
     else:
-        parts = split_by_patient(labels, [s["patient_id"] for s in samples], data.val_fraction, data.test_fraction,
-                                 seed)
+        parts = split_by_patient(
+            labels, [s["patient_id"] for s in samples], data.val_fraction, data.test_fraction, seed
+        )
         how = f"patient-level stratified, seed {seed}"
     check_split_classes(labels, parts, len(manifest.class_names))
     sets = {name: [samples[i] for i in idx] for name, idx in parts.items()}
@@ -96,8 +104,7 @@ def prepare_unlabelled(data: DataConfig, pre: Preprocessing, prepared: PreparedD
     if len(kept) < len(records):
         log.warning("data.unlabelled: %d image(s) of the validation or test split left out", len(records) - len(kept))
     deterministic, final = create_transforms(data, pre, train=False)
-    samples, problems = decode_records(kept, deterministic, cache_folder(data, pre),
-                                       decode_workers(workers, len(kept)))
+    samples, problems = decode_records(kept, deterministic, cache_folder(data, pre), decode_workers(workers, len(kept)))
     prepared.problems.extend(problems)
     log.info("data.unlabelled: %d images for semi-supervised training (%d unreadable)", len(samples), len(problems))
     return create_dataset(samples, final, (data.slice_aggregation, data.top_k), **store_options(data))
@@ -108,11 +115,36 @@ def cache_folder(data: DataConfig, pre: Preprocessing) -> str | None:
     colour, volume or size settings never read each other's cached inputs."""
     if not data.cache_dir:
         return None
-    shaping = {k: v for k, v in dataclasses.asdict(data).items()
-               if k not in ("path", "cache_dir", "val_fraction", "test_fraction", "augment", "flip", "color_jitter",
-                            "classes", "allow_outside_paths", "slice_aggregation", "top_k", "input_store")}
-    key = json.dumps({"data": shaping, "input_size": pre.input_size, "in_chans": pre.in_chans,
-                      "spatial_dims": pre.spatial_dims, "medtl": CACHE_FORMAT}, sort_keys=True, default=str)
+    shaping = {
+        k: v
+        for k, v in dataclasses.asdict(data).items()
+        if k
+        not in (
+            "path",
+            "cache_dir",
+            "val_fraction",
+            "test_fraction",
+            "augment",
+            "flip",
+            "color_jitter",
+            "classes",
+            "allow_outside_paths",
+            "slice_aggregation",
+            "top_k",
+            "input_store",
+        )
+    }
+    key = json.dumps(
+        {
+            "data": shaping,
+            "input_size": pre.input_size,
+            "in_chans": pre.in_chans,
+            "spatial_dims": pre.spatial_dims,
+            "medtl": CACHE_FORMAT,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return str(Path(data.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
@@ -127,5 +159,12 @@ def create_datasets(data: DataConfig, pre: Preprocessing, *parts: list[dict], tr
     return [create_dataset(part, final, agg, **store) for part in parts]
 
 
-__all__ = ["PreparedData", "read_data", "prepare_data", "prepare_unlabelled", "cache_folder", "create_datasets",
-           "CACHE_FORMAT"]
+__all__ = [
+    "PreparedData",
+    "read_data",
+    "prepare_data",
+    "prepare_unlabelled",
+    "cache_folder",
+    "create_datasets",
+    "CACHE_FORMAT",
+]

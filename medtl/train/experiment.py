@@ -60,8 +60,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     check_encoder(cfg.encoder)
     if not cfg.encoder.pretrained and cfg.encoder.weights_file is None:
         cfg = dataclasses.replace(cfg, train=from_scratch(cfg.train))
-        log.info("random initialisation: every layer trains at train.lr and BatchNorm statistics are learnt "
-                 "(strategy full)")
+        log.info(
+            "random initialisation: every layer trains at train.lr and BatchNorm statistics are learnt (strategy full)"
+        )
     t_start = time.perf_counter()
     rank, _ = distributed()
     run = RunDir.create(out, force) if rank == 0 else RunDir(out)
@@ -69,29 +70,48 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
     names, multi = manifest.class_names, manifest.multi_label
     model, pre = create_seeded_model(cfg, len(names))
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest, cfg.train.workers)
-    log.info("encoder %s (%s), input %d px; split %s", cfg.encoder.name, model.pretrained_cfg["weights_source"],
-             pre.input_size, prepared.split_source)
+    log.info(
+        "encoder %s (%s), input %d px; split %s",
+        cfg.encoder.name,
+        model.pretrained_cfg["weights_source"],
+        pre.input_size,
+        prepared.split_source,
+    )
 
     def checkpoint(m, row):
         save_model(m, run / RunDir.MODEL, cfg.encoder.name, names, pre, multi_label=multi)
 
     datasets = prepared.datasets(cfg.data, pre)
     unlabelled = prepare_unlabelled(cfg.data, pre, prepared, cfg.train.workers)
-    model, result = train_model(cfg, datasets[0], datasets[1], len(names), model=model, unlabelled=unlabelled,
-                                on_improve=checkpoint)
+    model, result = train_model(
+        cfg, datasets[0], datasets[1], len(names), model=model, unlabelled=unlabelled, on_improve=checkpoint
+    )
     if rank == 0:
         metrics = finish_run(run, cfg, model, pre, prepared, datasets, result)
         metrics["seconds"] = round(time.perf_counter() - t_start, 1)
         run.write_json(RunDir.METRICS, metrics)
         test = metrics["test"]
-        log.info("test AUC %s, %s %.3f on %d images of %d patients; run written to %s", _fmt(test["auc"]),
-                 "every finding right" if multi else "accuracy", test["accuracy"], test["n_images"],
-                 test["n_patients"], run.path)
+        log.info(
+            "test AUC %s, %s %.3f on %d images of %d patients; run written to %s",
+            _fmt(test["auc"]),
+            "every finding right" if multi else "accuracy",
+            test["accuracy"],
+            test["n_images"],
+            test["n_patients"],
+            run.path,
+        )
     return run.path
 
 
-def finish_run(run: RunDir, cfg: ExperimentConfig, model: torch.nn.Module, pre: Preprocessing,
-               prepared: PreparedData, datasets: tuple, result: FitResult) -> dict:
+def finish_run(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    pre: Preprocessing,
+    prepared: PreparedData,
+    datasets: tuple,
+    result: FitResult,
+) -> dict:
     """What follows training, on rank 0: the decision and the refusal threshold chosen on validation data (the
     run's own answers are calibrated and decided at an operating point without ``medtl evaluate``), the test
     metrics, overlays, and every file of the run but ``metrics.json``; returns the metrics. ``datasets``: the
@@ -101,22 +121,44 @@ def finish_run(run: RunDir, cfg: ExperimentConfig, model: torch.nn.Module, pre: 
     _, val_ds, test_ds = datasets
     val_logits = predict_logits(model, val_ds, runtime, bs)
     decision = Decision.fit(val_logits, names)
-    train_eval = create_dataset(prepared.sets["train"], create_transforms(cfg.data, pre, train=False)[1],
-                                (cfg.data.slice_aggregation, cfg.data.top_k), **store_options(cfg.data))
+    train_eval = create_dataset(
+        prepared.sets["train"],
+        create_transforms(cfg.data, pre, train=False)[1],
+        (cfg.data.slice_aggregation, cfg.data.top_k),
+        **store_options(cfg.data),
+    )
     detector = fit_ood(model, train_eval, cfg, val_ds, runtime, bs)
     # the BatchNorm layers' input moments on the training images: what `medtl adapt` matches a new site to
-    bn_stats = bn_statistics(model, (b["image"] for b in iterate_batches(train_eval, bs, runtime.device)), runtime) \
-        if batchnorms(model) else None
+    bn_stats = (
+        bn_statistics(model, (b["image"] for b in iterate_batches(train_eval, bs, runtime.device)), runtime)
+        if batchnorms(model)
+        else None
+    )
     metrics = run_metrics(model, result, prepared, (val_logits, test_ds), runtime, bs, decision)
     if detector is not None:
         metrics["ood"] = detector.describe()
     if prepared.manifest.kind != "medmnist" and not is_volume_model(model):  # overlays need files and a 2D map
-        write_overlays(model, prepared.sets["test"][: cfg.explain.n_overlays], create_transforms(
-            cfg.data, pre, train=False)[1], runtime, decision, cfg, run / RunDir.OVERLAYS)
+        write_overlays(
+            model,
+            prepared.sets["test"][: cfg.explain.n_overlays],
+            create_transforms(cfg.data, pre, train=False)[1],
+            runtime,
+            decision,
+            cfg,
+            run / RunDir.OVERLAYS,
+        )
     model.cpu()
     model.to(memory_format=torch.contiguous_format)
-    save_model(model, run / RunDir.MODEL, cfg.encoder.name, names, pre, decision.temperature,
-               decision.operating_point, decision.multi_label)
+    save_model(
+        model,
+        run / RunDir.MODEL,
+        cfg.encoder.name,
+        names,
+        pre,
+        decision.temperature,
+        decision.operating_point,
+        decision.multi_label,
+    )
     if detector is not None:
         detector.save(run / RunDir.OOD)
     if bn_stats:
@@ -126,8 +168,9 @@ def finish_run(run: RunDir, cfg: ExperimentConfig, model: torch.nn.Module, pre: 
     return metrics
 
 
-def fit_ood(model: torch.nn.Module, train_eval, cfg: ExperimentConfig, val_ds, runtime: Runtime,
-            batch_size: int) -> OODDetector | None:
+def fit_ood(
+    model: torch.nn.Module, train_eval, cfg: ExperimentConfig, val_ds, runtime: Runtime, batch_size: int
+) -> OODDetector | None:
     """The out-of-distribution detector (``train.ood``) of the training images' encoder features
     (``train_eval``: read without augmentation), its threshold set on the validation studies; None when
     ``train.ood`` is off."""
@@ -139,13 +182,25 @@ def fit_ood(model: torch.nn.Module, train_eval, cfg: ExperimentConfig, val_ds, r
     detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
     val_f, _ = extract_features(model, val_ds, runtime, batch_size)
     detector.calibrate(study_scores(detector.score(val_f), study_index(val_ds)), cfg.train.ood_quantile)
-    log.info("out-of-distribution refusal (%s): threshold %.4f, the %g quantile of %d validation studies",
-             detector.method, detector.threshold, detector.quantile, len(detector.val_scores))
+    log.info(
+        "out-of-distribution refusal (%s): threshold %.4f, the %g quantile of %d validation studies",
+        detector.method,
+        detector.threshold,
+        detector.quantile,
+        len(detector.val_scores),
+    )
     return detector
 
 
-def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedData, datasets: tuple, runtime: Runtime,
-                batch_size: int, decision: Decision) -> dict:
+def run_metrics(
+    model: torch.nn.Module,
+    result: FitResult,
+    prepared: PreparedData,
+    datasets: tuple,
+    runtime: Runtime,
+    batch_size: int,
+    decision: Decision,
+) -> dict:
     """``metrics.json``'s content: how training went, validation and test metrics per study (through
     the one prediction path, calibrated as ``decision`` says), the test decisions at its operating point
     against the best any threshold allows, and images, patients and labels per split. ``datasets``:
@@ -156,22 +211,33 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
     for name, ds in zip(("val", "test"), datasets):
         logits = ds if isinstance(ds, Logits) else predict_logits(model, ds, runtime, batch_size)
         y, p = logits.study_probs(decision.temperature or 1.0)
-        metrics[name] = compute_multilabel_metrics(y, p, names, decision.thresholds and list(decision.thresholds)) \
-            if decision.multi_label else compute_classification_metrics(y, p)
+        metrics[name] = (
+            compute_multilabel_metrics(y, p, names, decision.thresholds and list(decision.thresholds))
+            if decision.multi_label
+            else compute_classification_metrics(y, p)
+        )
     if decision.multi_label:
         metrics["multi_label"] = True
         metrics["test"]["accuracy"] = metrics["test"]["exact_match"]  # (all findings right) for the summary line
         if decision.thresholds is not None:
-            metrics["test"]["decision"] = {"thresholds": dict(zip(names, decision.thresholds)),
-                                           "rules": dict(zip(names, decision.rules))}
+            metrics["test"]["decision"] = {
+                "thresholds": dict(zip(names, decision.thresholds)),
+                "rules": dict(zip(names, decision.rules)),
+            }
     elif decision.threshold is not None:
         at_op = compute_binary_metrics(y, p[:, 1], decision.threshold)
-        metrics["test"]["decision"] = {**decision.operating_point, **{k: at_op[k] for k in (
-            "sensitivity", "specificity", "balanced_accuracy")}, "best_balanced_accuracy": best_balanced_accuracy(y, p[:, 1])}
+        metrics["test"]["decision"] = {
+            **decision.operating_point,
+            **{k: at_op[k] for k in ("sensitivity", "specificity", "balanced_accuracy")},
+            "best_balanced_accuracy": best_balanced_accuracy(y, p[:, 1]),
+        }
     for name, part in prepared.sets.items():
         metrics.setdefault(name, {})
-        metrics[name].update(n_images=len(part), n_patients=len({s["patient_id"] for s in part}),
-                             label_counts=label_counts([s["label"] for s in part], names))
+        metrics[name].update(
+            n_images=len(part),
+            n_patients=len({s["patient_id"] for s in part}),
+            label_counts=label_counts([s["label"] for s in part], names),
+        )
     metrics["n_skipped"] = len(prepared.problems)
     return metrics
 
@@ -179,10 +245,17 @@ def run_metrics(model: torch.nn.Module, result: FitResult, prepared: PreparedDat
 def training_record(result: FitResult) -> dict:
     """How training went, for ``metrics.json``: best epoch, strategy and why, precision, device, throughput,
     batch; ``auto``'s candidates and an ensemble's soup where there were any."""
-    record = {"best_epoch": result.best_epoch, "strategy": result.strategy, "strategy_reason": result.strategy_reason,
-              "precision": result.precision, "precision_choice": result.precision_choice, "device": result.device,
-              "world_size": result.world_size, "train_images_per_s": round(result.train_images_per_s, 2),
-              "batch": result.batch}
+    record = {
+        "best_epoch": result.best_epoch,
+        "strategy": result.strategy,
+        "strategy_reason": result.strategy_reason,
+        "precision": result.precision,
+        "precision_choice": result.precision_choice,
+        "device": result.device,
+        "world_size": result.world_size,
+        "train_images_per_s": round(result.train_images_per_s, 2),
+        "batch": result.batch,
+    }
     if result.candidates:
         record["auto_candidates"] = result.candidates
     if result.soup:
@@ -193,35 +266,63 @@ def training_record(result: FitResult) -> dict:
 def input_record(train: list[dict]) -> dict:
     """What the model was trained on, from its decoded training studies: modalities, dimensions, colour and
     the smallest side (inputs outside it are refused; :func:`medtl.predict.refusal.input_refusal`)."""
-    return {"modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in train}),
-            "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in train}),
-            "colour_inputs": sum(bool(s.get("scan_colour")) for s in train),
-            "grey_inputs": sum(not s.get("scan_colour") for s in train),
-            "min_side": min((int(s["scan_min_side"]) for s in train if s.get("scan_min_side")), default=None)}
+    return {
+        "modalities": sorted({s.get("scan_modality", "UNKNOWN") for s in train}),
+        "dimensions": sorted({int(s.get("scan_ndim", 2)) for s in train}),
+        "colour_inputs": sum(bool(s.get("scan_colour")) for s in train),
+        "grey_inputs": sum(not s.get("scan_colour") for s in train),
+        "min_side": min((int(s["scan_min_side"]) for s in train if s.get("scan_min_side")), default=None),
+    }
 
 
-def write_run_files(run: RunDir, cfg: ExperimentConfig, prepared: PreparedData, result: FitResult,
-                    pre: Preprocessing, weights_source: str) -> None:
+def write_run_files(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    result: FitResult,
+    pre: Preprocessing,
+    weights_source: str,
+) -> None:
     """``config.yaml`` (the resolved configuration and what the run resolved), ``history.csv``,
     ``splits.csv`` and ``skipped.csv``."""
     sets, names = prepared.sets, prepared.manifest.class_names
     resolved = to_dict(cfg)
     resolved["data"]["path"] = str(Path(cfg.data.path).resolve())
-    resolved["resolved"] = {"class_names": names, "preprocessing": asdict(pre),
-                            "strategy": result.strategy, "strategy_reason": result.strategy_reason,
-                            "input_record": input_record(sets["train"]),
-                            "weights_source": weights_source, "precision": result.precision, "batch": result.batch,
-                            "environment": environment()}
+    resolved["resolved"] = {
+        "class_names": names,
+        "preprocessing": asdict(pre),
+        "strategy": result.strategy,
+        "strategy_reason": result.strategy_reason,
+        "input_record": input_record(sets["train"]),
+        "weights_source": weights_source,
+        "precision": result.precision,
+        "batch": result.batch,
+        "environment": environment(),
+    }
     run.write_config(resolved)
     run.write_csv(RunDir.HISTORY, result.history)
-    run.write_csv(RunDir.SPLITS, [{"image": s["path"], "label": label_text(s["label"], names), "split": name}
-                                  for name, part in sets.items() for s in part])
-    run.write_csv(RunDir.SKIPPED, [{"where": p.where, "reason": p.reason} for p in prepared.problems],
-                  ["where", "reason"])
+    run.write_csv(
+        RunDir.SPLITS,
+        [
+            {"image": s["path"], "label": label_text(s["label"], names), "split": name}
+            for name, part in sets.items()
+            for s in part
+        ],
+    )
+    run.write_csv(
+        RunDir.SKIPPED, [{"where": p.where, "reason": p.reason} for p in prepared.problems], ["where", "reason"]
+    )
 
 
-def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: Runtime, decision: Decision,
-                   cfg: ExperimentConfig, out: Path) -> None:
+def write_overlays(
+    model: torch.nn.Module,
+    studies: list[dict],
+    final,
+    runtime: Runtime,
+    decision: Decision,
+    cfg: ExperimentConfig,
+    out: Path,
+) -> None:
     """Saliency overlays of decoded test studies, named by true and decided class (the run's ``decision``, as
     ``medtl predict`` decides). A volume read slice by slice is drawn on the slice that scores highest for
     the decided class (multi-label: the map of the most probable finding)."""
@@ -234,8 +335,15 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
         p = aggregate_slices(per_input, cfg.data.slice_aggregation, cfg.data.top_k)
         target = int(p.argmax()) if multi else names.index(decision.label(p))
         best = int(per_input[:, target].argmax())
-        _, overlay = explain_input(model, x[best:best + 1], display_image(parts[best]), target, cfg.explain.method,
-                                   runtime, cfg.explain.alpha)
+        _, overlay = explain_input(
+            model,
+            x[best : best + 1],
+            display_image(parts[best]),
+            target,
+            cfg.explain.method,
+            runtime,
+            cfg.explain.alpha,
+        )
         true = label_text(study["label"], names).replace(FINDINGS_SEPARATOR, "+").replace(" ", "-")
         name = f"test_{k:02d}_true-{true}_{'map' if multi else 'pred'}-{names[target]}.png"
         Image.fromarray(overlay).save(out / name)
@@ -243,9 +351,15 @@ def write_overlays(model: torch.nn.Module, studies: list[dict], final, runtime: 
 
 def environment() -> dict:
     """Versions that decide a run's numbers: medtl, Python, torch, timm, MONAI, the CPU/GPU."""
-    env = {"medtl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "timm": timm.__version__, "monai": monai.__version__, "machine": platform.machine(),
-           "torch_threads": torch.get_num_threads()}
+    env = {
+        "medtl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -255,5 +369,14 @@ def _fmt(v):
     return "n/a" if v is None else f"{v:.3f}"
 
 
-__all__ = ["run_experiment", "finish_run", "fit_ood", "run_metrics", "training_record", "input_record",
-           "write_run_files", "write_overlays", "environment"]
+__all__ = [
+    "run_experiment",
+    "finish_run",
+    "fit_ood",
+    "run_metrics",
+    "training_record",
+    "input_record",
+    "write_run_files",
+    "write_overlays",
+    "environment",
+]

@@ -25,8 +25,15 @@ from medtl.train.stages import plan_stages
 from medtl.train.trainer import FitResult, Trainer
 
 
-def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes: int,
-        on_improve: Callable | None = None, unlabelled_ds=None) -> FitResult:
+def fit(
+    model: torch.nn.Module,
+    train_ds,
+    val_ds,
+    cfg: TrainConfig,
+    num_classes: int,
+    on_improve: Callable | None = None,
+    unlabelled_ds=None,
+) -> FitResult:
     """Train ``model`` through the stages of its strategy; keep the best validation epoch.
 
     Validation AUC (or, where undefined, minus validation loss) picks the epoch whose weights
@@ -35,6 +42,7 @@ def fit(model: torch.nn.Module, train_ds, val_ds, cfg: TrainConfig, num_classes:
     with warm-up + cosine decay. ``unlabelled_ds`` (a data set of unlabelled inputs) adds FixMatch's
     consistency loss to the stages that train the encoder (:class:`medtl.train.objectives.FixMatch`).
     """
+
     def train_one(c: TrainConfig) -> FitResult:
         return fit(model, train_ds, val_ds, c, num_classes, unlabelled_ds=unlabelled_ds)
 
@@ -56,13 +64,16 @@ def run_strategy(trainer: Trainer, strategy: str) -> FitResult:
     parameter trainable again, in eval mode) and return the result."""
     model = trainer.model
     if trainer.multi_label and strategy in FEW_SHOT_HEADS:
-        raise ConfigError(None, f"train.strategy {strategy!r} fits a single-label head",
-                          "linear_probe, partial, fine_tune, gradual, full, bitfit, lora or lp_ft for a multi-label "
-                          "data set")
+        raise ConfigError(
+            None,
+            f"train.strategy {strategy!r} fits a single-label head",
+            "linear_probe, partial, fine_tune, gradual, full, bitfit, lora or lp_ft for a multi-label data set",
+        )
     trainer.result.strategy, trainer.result.strategy_reason = strategy, "set in the configuration"
     trainer.log("strategy %s", strategy)
-    stages = [s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy, trainer.multi_label)
-              if s.epochs > 0]
+    stages = [
+        s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy, trainer.multi_label) if s.epochs > 0
+    ]
     trainer.total_epochs = sum(s.epochs for s in stages)
     try:
         for stage in stages:

@@ -14,9 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 
-def train_epoch(batches: Iterable, step: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer,
-                schedule=None, scaler: torch.amp.GradScaler | None = None,
-                on_loss: Callable[[list[float]], bool] | None = None, sync_every: int = 1) -> list[float]:
+def train_epoch(
+    batches: Iterable,
+    step: Callable[[Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    schedule=None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_loss: Callable[[list[float]], bool] | None = None,
+    sync_every: int = 1,
+) -> list[float]:
     """One pass of the training loop: for each batch, ``step(batch)`` gives the loss; backward, optimizer
     step (through ``scaler`` for fp16), then ``schedule`` steps. ``on_loss(losses so far)`` returning True
     ends the pass early. Every stage of :func:`fit` and the learning-rate finder run through here.
@@ -84,7 +90,7 @@ def feature_batches(n: int, batch_size: int, generator: torch.Generator, device:
     """Index batches over ``n`` cached feature rows in a fresh random order (one epoch; ``n`` < batch size: one)."""
     order = torch.randperm(n, generator=generator).to(device)
     steps = n // batch_size if n > batch_size else 1
-    return (order[s * batch_size:(s + 1) * batch_size] for s in range(steps))
+    return (order[s * batch_size : (s + 1) * batch_size] for s in range(steps))
 
 
 def use_prefetch(device: torch.device) -> bool:
@@ -139,8 +145,6 @@ def progress(loader, rank: int, desc: str, total: int | None = None):
     if rank != 0 or not sys.stderr.isatty():
         return loader
     return tqdm(loader, desc=desc, leave=False, unit="batch", total=total)
-
-
 
 
 __all__ = ["train_epoch", "cycled", "loss_sync_steps", "feature_batches", "use_prefetch", "prefetch", "progress"]

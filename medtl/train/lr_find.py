@@ -47,15 +47,23 @@ class LRFindResult:
         return Path(path)
 
 
-def lr_sweep(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, start: float = 1e-5,
-             end: float = 10.0, steps: int = 100, batch_size: int = 8, seed: int = 0) -> LRFindResult:
+def lr_sweep(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    start: float = 1e-5,
+    end: float = 10.0,
+    steps: int = 100,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> LRFindResult:
     """Exponential learning-rate sweep of ``head`` (AdamW) on fixed features, through the training loop's
     :func:`medtl.train.loop.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
     stops when the smoothed loss diverges."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=start)
     factor = (end / start) ** (1 / max(1, steps - 1))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor ** s)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor**s)
     lrs, smoothed, avg = [], [], [0.0]
 
     def step(idx):
@@ -85,8 +93,9 @@ def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
     model, pre = create_seeded_model(cfg, len(manifest.class_names))
     prepared = prepare_data(cfg.data, pre, cfg.train.seed, manifest)
     train_ds, _, _ = prepared.datasets(cfg.data, pre)
-    runtime = Runtime(resolve_device(cfg.train.device), inference_precision(cfg.train.precision),
-                      cfg.train.channels_last)
+    runtime = Runtime(
+        resolve_device(cfg.train.device), inference_precision(cfg.train.precision), cfg.train.channels_last
+    )
     runtime.prepare(model)
     features, labels = extract_features(model, train_ds, runtime)
     batch_size = cfg.train.batch_size if cfg.train.batch_size != "auto" else REFERENCE_BATCH

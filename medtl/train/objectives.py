@@ -55,8 +55,7 @@ class Objective:
         return per_sample.mean()
 
 
-def create_objective(labels: np.ndarray, num_classes: int, cfg: TrainConfig,
-                     device: torch.device) -> Objective:
+def create_objective(labels: np.ndarray, num_classes: int, cfg: TrainConfig, device: torch.device) -> Objective:
     """The objective of a training set whose labels are ``labels`` (class indices, or 0/1 rows: several
     findings per input, a sigmoid and binary cross-entropy each): weighted by class frequency when
     ``train.class_weighting``, smoothed by ``train.label_smoothing``."""
@@ -86,8 +85,17 @@ class FixMatch:
     strong view. Averaged over the whole batch (unconfident answers count as 0); the share of confident
     answers is kept per step (:meth:`confident_share`)."""
 
-    def __init__(self, store, weak, strong, threshold: float, weight: float, multi_label: bool, batch_size: int,
-                 generator: torch.Generator):
+    def __init__(
+        self,
+        store,
+        weak,
+        strong,
+        threshold: float,
+        weight: float,
+        multi_label: bool,
+        batch_size: int,
+        generator: torch.Generator,
+    ):
         self.store, self.weak, self.strong = store, weak, strong  # the unlabelled inputs; the two augmentations
         self.threshold, self.weight, self.multi_label = threshold, weight, multi_label
         self.batch_size, self.generator = batch_size, generator

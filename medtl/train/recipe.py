@@ -18,17 +18,25 @@ from medtl.train.fitting import fit
 from medtl.train.trainer import FitResult
 
 
-def create_seeded_model(cfg: ExperimentConfig, n_classes: int, seed: int | None = None,
-                        pretrained: bool | None = None) -> tuple[torch.nn.Module, Preprocessing]:
+def create_seeded_model(
+    cfg: ExperimentConfig, n_classes: int, seed: int | None = None, pretrained: bool | None = None
+) -> tuple[torch.nn.Module, Preprocessing]:
     """The encoder and head of ``cfg.encoder`` for ``n_classes``, its head initialised after seeding torch with
     ``seed`` (default ``cfg.train.seed``), so two runs of one configuration start from the same weights."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     return create_model(cfg.encoder, n_classes, pretrained=pretrained)
 
 
-def train_model(cfg: ExperimentConfig, train: list[dict] | Dataset, val: list[dict] | Dataset, n_classes: int, *,
-                model: torch.nn.Module | None = None, unlabelled=None, on_improve=None,
-                ) -> tuple[torch.nn.Module, FitResult]:
+def train_model(
+    cfg: ExperimentConfig,
+    train: list[dict] | Dataset,
+    val: list[dict] | Dataset,
+    n_classes: int,
+    *,
+    model: torch.nn.Module | None = None,
+    unlabelled=None,
+    on_improve=None,
+) -> tuple[torch.nn.Module, FitResult]:
     """Train ``cfg``'s encoder on the ``train`` studies, choosing epochs on ``val``; return the model (the best
     validation epoch's weights, in eval mode) and what training recorded. ``train`` and ``val``: decoded
     studies (:attr:`medtl.train.PreparedData.sets`), or data sets made of them already
@@ -43,8 +51,9 @@ def train_model(cfg: ExperimentConfig, train: list[dict] | Dataset, val: list[di
         pre = resolve_preprocessing(model, cfg.encoder.input_size)
     train_ds = create_datasets(cfg.data, pre, train, train=True)[0] if isinstance(train, list) else train
     val_ds = create_datasets(cfg.data, pre, val)[0] if isinstance(val, list) else val
-    result = fit(model, train_ds, val_ds, cfg.train, num_classes=n_classes, on_improve=on_improve,
-                 unlabelled_ds=unlabelled)
+    result = fit(
+        model, train_ds, val_ds, cfg.train, num_classes=n_classes, on_improve=on_improve, unlabelled_ds=unlabelled
+    )
     return model.eval(), result
 
 

@@ -36,16 +36,20 @@ def validation_score(model: torch.nn.Module, val_ds, runtime: Runtime, batch_siz
     return auc if auc is not None else -validation_loss(y, p)
 
 
-def fit_auto(model: torch.nn.Module, train_one: TrainOne, cfg: TrainConfig, multi_label: bool,
-             on_improve: Callable | None) -> FitResult:
+def fit_auto(
+    model: torch.nn.Module, train_one: TrainOne, cfg: TrainConfig, multi_label: bool, on_improve: Callable | None
+) -> FitResult:
     """``strategy: auto``: train each of :func:`auto_candidates` from the same starting weights and seed, and keep
     the one with the best validation score (AUC; the cheaper candidate, earlier in the list, on a tie). The
     candidates' scores and seconds are in the result (``candidates``) and in its reason; their epochs are in the
     history, each stage named ``candidate:stage``. The test split is never seen."""
     candidates = auto_candidates(cfg, multi_label)
     if not candidates:
-        raise ConfigError(None, "train.auto_candidates leaves no strategy to try for this data",
-                          "strategies such as linear_probe, partial, fine_tune")
+        raise ConfigError(
+            None,
+            "train.auto_candidates leaves no strategy to try for this data",
+            "strategies such as linear_probe, partial, fine_tune",
+        )
     start = copy.deepcopy(plain_state_dict(model))
     best, history, scores = None, [], {}
     for name in candidates:
@@ -53,8 +57,11 @@ def fit_auto(model: torch.nn.Module, train_one: TrainOne, cfg: TrainConfig, mult
         t0 = time.perf_counter()
         result = train_one(dataclasses.replace(cfg, strategy=name))
         seconds = time.perf_counter() - t0
-        scores[name] = {"val_score": round(float(result.best_score), 4), "seconds": round(seconds, 1),
-                        "best_epoch": result.best_epoch}
+        scores[name] = {
+            "val_score": round(float(result.best_score), 4),
+            "seconds": round(seconds, 1),
+            "best_epoch": result.best_epoch,
+        }
         history += [{**row, "stage": f"{name}:{row['stage']}"} for row in result.history]
         log.info("auto: candidate %s scored %.4f on validation in %.1fs", name, result.best_score, seconds)
         if best is None or result.best_score > best[1].best_score + 1e-9:
@@ -65,9 +72,11 @@ def fit_auto(model: torch.nn.Module, train_one: TrainOne, cfg: TrainConfig, mult
     if on_improve is not None and distributed()[0] == 0:
         on_improve(model, result.history[result.best_epoch - 1] if result.history else {})
     result.history, result.strategy, result.candidates = history, name, scores
-    result.strategy_reason = ("chosen on validation among " + ", ".join(
-        f"{c} {v['val_score']:.3f} ({v['seconds']:.0f} s)" for c, v in scores.items()) +
-        f"; {sum(v['seconds'] for v in scores.values()):.0f} s in all")
+    result.strategy_reason = (
+        "chosen on validation among "
+        + ", ".join(f"{c} {v['val_score']:.3f} ({v['seconds']:.0f} s)" for c, v in scores.items())
+        + f"; {sum(v['seconds'] for v in scores.values()):.0f} s in all"
+    )
     log.info("auto: %s (%s)", name, result.strategy_reason)
     return result
 
@@ -123,8 +132,9 @@ def _output_ensemble_auc(model, members, val_ds, runtime: Runtime, bs: int) -> f
     return compute_auc(probs[0][0], np.mean([p for _, p in probs], axis=0))
 
 
-def fit_soup(model: torch.nn.Module, train_one: TrainOne, val_ds, cfg: TrainConfig,
-             on_improve: Callable | None) -> FitResult:
+def fit_soup(
+    model: torch.nn.Module, train_one: TrainOne, val_ds, cfg: TrainConfig, on_improve: Callable | None
+) -> FitResult:
     """``train.ensemble`` = n > 1: n trainings from the same starting weights with seeds ``seed`` .. ``seed + n - 1``,
     combined into one network by a greedy weight-space soup (Wortsman et al. 2022): members in order of their
     validation score, each one averaged in only where the average scores at least as well on validation. The
@@ -142,17 +152,25 @@ def fit_soup(model: torch.nn.Module, train_one: TrainOne, val_ds, cfg: TrainConf
     top_score = max(r.best_score for _, r, _ in members)
     result = members[soup[0]][1]
     result.history, result.best_score = history, best
-    result.soup = {"members": [{"seed": seed, "val_score": round(float(r.best_score), 4)} for seed, r, _ in members],
-                   "ingredients": [members[j][0] for j in soup], "greedy_steps": tried, "soup_val_score": round(best, 4),
-                   "output_ensemble_val_score": None if output_auc is None else round(output_auc, 4),
-                   "training_seconds": round(time.perf_counter() - t_all, 1),
-                   "cost": f"{len(members)} trainings; prediction costs one model"}
-    log.info("ensemble: soup of seeds %s scores %.4f on validation (best member %.4f, output ensemble %s)",
-             result.soup["ingredients"], best, top_score, result.soup["output_ensemble_val_score"])
+    result.soup = {
+        "members": [{"seed": seed, "val_score": round(float(r.best_score), 4)} for seed, r, _ in members],
+        "ingredients": [members[j][0] for j in soup],
+        "greedy_steps": tried,
+        "soup_val_score": round(best, 4),
+        "output_ensemble_val_score": None if output_auc is None else round(output_auc, 4),
+        "training_seconds": round(time.perf_counter() - t_all, 1),
+        "cost": f"{len(members)} trainings; prediction costs one model",
+    }
+    log.info(
+        "ensemble: soup of seeds %s scores %.4f on validation (best member %.4f, output ensemble %s)",
+        result.soup["ingredients"],
+        best,
+        top_score,
+        result.soup["output_ensemble_val_score"],
+    )
     if on_improve is not None and distributed()[0] == 0:
         on_improve(model, {})
     return result
 
 
-__all__ = ["fit_auto", "fit_soup", "validation_score", "average_states",
-           "TrainOne"]
+__all__ = ["fit_auto", "fit_soup", "validation_score", "average_states", "TrainOne"]

@@ -75,11 +75,16 @@ def plan_stages(cfg: TrainConfig, n_groups: int, strategy: str | None = None, mu
     if strategy in ("bitfit", "lora"):
         return head + [Stage(strategy, cfg.epochs, ALL, cfg.lr / 2, cfg.lr / 2, 1.0, params=strategy)]
     if strategy == "lp_ft":
-        probe = Stage("head", max(cfg.frozen_epochs, 20), 0, cfg.lr, 0.0) if multi_label else Stage("logreg", 1, 0, cfg.lr, 0.0)
+        probe = (
+            Stage("head", max(cfg.frozen_epochs, 20), 0, cfg.lr, 0.0)
+            if multi_label
+            else Stage("logreg", 1, 0, cfg.lr, 0.0)
+        )
         return [probe, Stage("fine_tune", cfg.epochs, ALL, cfg.lr / 2, enc_lr, cfg.layer_decay)]
     if strategy == "partial":
-        return head + [Stage("partial", cfg.epochs, min(cfg.unfreeze_groups, n_groups), cfg.lr / 2, enc_lr,
-                             cfg.layer_decay)]
+        return head + [
+            Stage("partial", cfg.epochs, min(cfg.unfreeze_groups, n_groups), cfg.lr / 2, enc_lr, cfg.layer_decay)
+        ]
     if strategy == "gradual":  # fastai/ULMFiT: one more group from the top every `gradual_epochs`
         stages, left = list(head), cfg.epochs
         for k in range(1, n_groups + 1):  # within train.epochs: the last stage takes what is left
@@ -106,10 +111,10 @@ def param_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
     groups = [{"params": head_parameters(model), "lr": stage.head_lr}]
     enc = encoder_groups(model)
     k = len(enc) if stage.trainable == ALL else stage.trainable
-    for depth, params in enumerate(reversed(enc[len(enc) - k:])):
+    for depth, params in enumerate(reversed(enc[len(enc) - k :])):
         params = [p for p in params if p.requires_grad]  # (bitfit, lora: a selection of the group's parameters)
         if params:
-            groups.append({"params": params, "lr": stage.encoder_lr * stage.layer_decay ** depth})
+            groups.append({"params": params, "lr": stage.encoder_lr * stage.layer_decay**depth})
     return groups
 
 
@@ -128,7 +133,13 @@ def select_parameters(model: torch.nn.Module, stage: Stage, lora_rank: int = 8) 
         p.requires_grad_(is_lora_parameter(name) if stage.params == "lora" else is_bitfit_parameter(model, name))
 
 
-
-
-__all__ = ["Stage", "plan_stages", "from_scratch", "auto_candidates", "param_groups", "select_parameters",
-           "train_mode", "FEW_SHOT_HEADS"]
+__all__ = [
+    "Stage",
+    "plan_stages",
+    "from_scratch",
+    "auto_candidates",
+    "param_groups",
+    "select_parameters",
+    "train_mode",
+    "FEW_SHOT_HEADS",
+]

@@ -100,8 +100,9 @@ class Trainer:
         self.multi_label = labels.ndim == 2  # several findings per input: a sigmoid and binary cross-entropy each
         self.objective = create_objective(labels, num_classes, self.cfg, self.device)
         self.log("batch size %d, learning rate %.3g (%s)", batch["batch_size"], batch["lr"], batch["rule"])
-        self.result = FitResult(precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime,
-                                batch=batch)
+        self.result = FitResult(
+            precision_choice=choice.as_record(), world_size=self.world, runtime=self.runtime, batch=batch
+        )
         self.best_state = copy.deepcopy(plain_state_dict(model))
         self.best_val_loss = math.inf
         self.epoch, self.total_epochs, self.stale = 0, 0, 0  # stale: epochs without a better validation score
@@ -119,23 +120,42 @@ class Trainer:
     def resolve(self, cfg: TrainConfig):
         """(``cfg`` with its batch size resolved, the batch record, the precision chosen): rank 0 decides (probes
         per rank could differ by free memory or timing noise) and tells the others."""
-        batch = [resolve_batch(cfg, self.model, self.train_ds, self.device, self.runtime, self.world)
-                 if self.rank == 0 else None]
+        batch = [
+            resolve_batch(cfg, self.model, self.train_ds, self.device, self.runtime, self.world)
+            if self.rank == 0
+            else None
+        ]
         if self.world > 1:
             dist.broadcast_object_list(batch, src=0)
         cfg, record = batch[0]
-        choice = [choose_precision(cfg.precision, self.model, tuple(self.train_ds[0]["image"].shape),
-                                   max(1, cfg.batch_size // self.world), self.runtime,
-                                   self.model.pretrained_cfg.get("medtl_encoder", "")) if self.rank == 0 else None]
+        choice = [
+            choose_precision(
+                cfg.precision,
+                self.model,
+                tuple(self.train_ds[0]["image"].shape),
+                max(1, cfg.batch_size // self.world),
+                self.runtime,
+                self.model.pretrained_cfg.get("medtl_encoder", ""),
+            )
+            if self.rank == 0
+            else None
+        ]
         if self.world > 1:
             dist.broadcast_object_list(choice, src=0)
         choice = choice[0]
         self.runtime = self.runtime.replace(precision=choice.precision)
-        self.log("precision %s (%s)%s", choice.precision, choice.reason, "".join(
-            f"; {p} {v:.1f} img/s" for p, v in choice.img_per_s.items()))
+        self.log(
+            "precision %s (%s)%s",
+            choice.precision,
+            choice.reason,
+            "".join(f"; {p} {v:.1f} img/s" for p, v in choice.img_per_s.items()),
+        )
         if cfg.batch_size % self.world:
-            raise ConfigError(None, f"train.batch_size {cfg.batch_size} is not a multiple of the {self.world} "
-                              "processes", "a global batch size divisible by the number of processes")
+            raise ConfigError(
+                None,
+                f"train.batch_size {cfg.batch_size} is not a multiple of the {self.world} processes",
+                "a global batch size divisible by the number of processes",
+            )
         return cfg, record, choice
 
     def semi_supervised(self, unlabelled_ds) -> FixMatch | None:
@@ -143,25 +163,50 @@ class Trainer:
         if unlabelled_ds is None or not len(unlabelled_ds):
             return None
         if self.augment is None:
-            raise ConfigError(None, "semi-supervised training compares a weak and a strong augmentation of each "
-                              "unlabelled image, and data.augment is off", "data.augment: true")
+            raise ConfigError(
+                None,
+                "semi-supervised training compares a weak and a strong augmentation of each "
+                "unlabelled image, and data.augment is off",
+                "data.augment: true",
+            )
         if self.world > 1:
-            raise ConfigError(None, "semi-supervised training runs in one process (its extra forward passes "
-                              "are not synchronised across torchrun's)", "a run without torchrun")
+            raise ConfigError(
+                None,
+                "semi-supervised training runs in one process (its extra forward passes "
+                "are not synchronised across torchrun's)",
+                "a run without torchrun",
+            )
         cfg = self.cfg
         store = place_store(unlabelled_ds, self.device, self.workers)
-        self.log("semi-supervised: %d unlabelled inputs, consistency weight %g, confidence %g",
-                 len(unlabelled_ds), cfg.unlabelled_weight, cfg.pseudo_threshold)
-        return FixMatch(store, self.augment, self.augment.stronger(cfg.seed + 11), cfg.pseudo_threshold,
-                        cfg.unlabelled_weight, self.multi_label, cfg.batch_size,
-                        torch.Generator().manual_seed(cfg.seed + 13))
+        self.log(
+            "semi-supervised: %d unlabelled inputs, consistency weight %g, confidence %g",
+            len(unlabelled_ds),
+            cfg.unlabelled_weight,
+            cfg.pseudo_threshold,
+        )
+        return FixMatch(
+            store,
+            self.augment,
+            self.augment.stronger(cfg.seed + 11),
+            cfg.pseudo_threshold,
+            cfg.unlabelled_weight,
+            self.multi_label,
+            cfg.batch_size,
+            torch.Generator().manual_seed(cfg.seed + 13),
+        )
 
     def loader(self) -> tuple[Callable[[int], Iterable], int]:
         """(epoch -> this process's batches of the training set on the device, in a fresh seeded order;
         steps per epoch). Inputs come from the data set's store (prepared once, normalised per batch on
         the device); the order is DistributedSampler's, so each process under torchrun reads its share."""
-        sampler = DistributedSampler(self.train_ds, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.cfg.seed, drop_last=self.world > 1)
+        sampler = DistributedSampler(
+            self.train_ds,
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.cfg.seed,
+            drop_last=self.world > 1,
+        )
         per_rank = self.cfg.batch_size // self.world
         drop_last = len(self.train_ds) > self.cfg.batch_size
         n = len(sampler)
@@ -176,8 +221,9 @@ class Trainer:
     def schedule(self, optimizer, steps_per_epoch: int, epochs: int):
         steps = max(1, epochs * steps_per_epoch)
         warmup = max(1, int(self.cfg.warmup_epochs * steps_per_epoch))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, s / steps))))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+        )
 
     def run_stage(self, stage: Stage) -> None:
         """The stage's epochs over the training set (the encoder's trainable groups with the head)."""
@@ -190,8 +236,7 @@ class Trainer:
             return self.run_head_on_features(stage)
         net = model
         if self.world > 1:
-            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                          else None)
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile and not stage.head_only:
             net = torch.compile(net)
         optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
@@ -201,8 +246,12 @@ class Trainer:
 
         def batches():
             loader = epoch_batches(self.epoch)
-            return progress(prefetch(loader, device=self.device) if self.prefetch else loader, self.rank,
-                            f"epoch {self.epoch}/{self.total_epochs}", steps)
+            return progress(
+                prefetch(loader, device=self.device) if self.prefetch else loader,
+                self.rank,
+                f"epoch {self.epoch}/{self.total_epochs}",
+                steps,
+            )
 
         def step(batch):
             x = batch["image"]
@@ -226,10 +275,16 @@ class Trainer:
         if self._features is None:
             t0 = time.perf_counter()
             bs, rt = max(32, self.cfg.batch_size), self.runtime
-            self._features = (extract_features(self.model, self.train_ds, rt, bs),
-                              extract_features(self.model, self.val_ds, rt, bs))
-            self.log("encoder features cached for %d + %d inputs in %.1fs", len(self._features[0][0]),
-                     len(self._features[1][0]), time.perf_counter() - t0)
+            self._features = (
+                extract_features(self.model, self.train_ds, rt, bs),
+                extract_features(self.model, self.val_ds, rt, bs),
+            )
+            self.log(
+                "encoder features cached for %d + %d inputs in %.1fs",
+                len(self._features[0][0]),
+                len(self._features[1][0]),
+                time.perf_counter() - t0,
+            )
         return self._features
 
     def validate_head(self, head, vf, vy) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +319,26 @@ class Trainer:
         def validate():
             return self.validate_head(head, vf, vy)
 
-        self.run_epochs(stage, optimizer, n // bs if n > bs else 1,
-                        lambda: feature_batches(n, bs, self.rng, xf.device), step, validate, head.train)
+        self.run_epochs(
+            stage,
+            optimizer,
+            n // bs if n > bs else 1,
+            lambda: feature_batches(n, bs, self.rng, xf.device),
+            step,
+            validate,
+            head.train,
+        )
 
-    def run_epochs(self, stage: Stage, optimizer, steps_per_epoch: int, batches: Callable[[], Iterable],
-                   step: Callable[[Any], torch.Tensor], validate: Callable[[], tuple], train: Callable) -> None:
+    def run_epochs(
+        self,
+        stage: Stage,
+        optimizer,
+        steps_per_epoch: int,
+        batches: Callable[[], Iterable],
+        step: Callable[[Any], torch.Tensor],
+        validate: Callable[[], tuple],
+        train: Callable,
+    ) -> None:
         """The epoch skeleton every stage shares: warm-up + cosine schedule, :func:`train_epoch` over
         ``batches()`` with ``step`` (a batch to its loss), the divergence check, validation, early stopping
         and the best-epoch checkpoint. Encoder stages' throughput is recorded."""
@@ -278,9 +348,15 @@ class Trainer:
             self.epoch += 1
             t0 = time.perf_counter()
             train()
-            losses = train_epoch(batches(), step, optimizer, schedule, self.scaler,
-                                 on_loss=lambda losses: self.check_loss(stage, losses),
-                                 sync_every=loss_sync_steps(self.device))
+            losses = train_epoch(
+                batches(),
+                step,
+                optimizer,
+                schedule,
+                self.scaler,
+                on_loss=lambda losses: self.check_loss(stage, losses),
+                sync_every=loss_sync_steps(self.device),
+            )
             seconds = time.perf_counter() - t0
             if not stage.head_only:
                 self.encoder_images += len(losses) * self.cfg.batch_size
@@ -296,24 +372,39 @@ class Trainer:
             self.diverged(stage, "non-finite validation outputs")
         val_loss, val_auc = validation_loss(y_val, p_val), compute_auc(y_val, p_val)
         score = val_auc if val_auc is not None else -val_loss
-        row = {"epoch": self.epoch, "stage": stage.name, "train_loss": float(np.mean(losses)) if losses else None,
-               "val_loss": val_loss, "val_auc": val_auc, "seconds": round(seconds, 3)}
+        row = {
+            "epoch": self.epoch,
+            "stage": stage.name,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "val_loss": val_loss,
+            "val_auc": val_auc,
+            "seconds": round(seconds, 3),
+        }
         if self.fixmatch is not None:  # the share of unlabelled answers confident enough to train on
             row["pseudo_confident"] = self.fixmatch.confident_share()
         self.result.history.append(row)
         # a tie in AUC (frequent on small validation sets) goes to the lower loss: the epoch whose probabilities
         # have not collapsed to one side
         improved = score > self.result.best_score + 1e-9 or (
-            abs(score - self.result.best_score) <= 1e-9 and val_loss < self.best_val_loss)
+            abs(score - self.result.best_score) <= 1e-9 and val_loss < self.best_val_loss
+        )
         if improved:
             self.result.best_score, self.result.best_epoch = score, self.epoch
             self.best_val_loss = val_loss
             self.best_state = copy.deepcopy(plain_state_dict(self.model))
             if self.on_improve is not None and self.rank == 0:
                 self.on_improve(self.model, row)
-        self.log("epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s", self.epoch,
-                 self.total_epochs, stage.name, row["train_loss"] or float("nan"), val_loss,
-                 f"{val_auc:.3f}" if val_auc is not None else "n/a", seconds, "  *" if improved else "")
+        self.log(
+            "epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s",
+            self.epoch,
+            self.total_epochs,
+            stage.name,
+            row["train_loss"] or float("nan"),
+            val_loss,
+            f"{val_auc:.3f}" if val_auc is not None else "n/a",
+            seconds,
+            "  *" if improved else "",
+        )
         self.stale = 0 if improved else self.stale + 1
         if self.stale >= self.cfg.patience:
             self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, self.stale)
@@ -330,7 +421,8 @@ class Trainer:
         raise TrainingDivergedError(
             f"training diverged in epoch {self.epoch} ({stage.name} stage): {what}; lower train.lr "
             f"(now {self.cfg.lr:g}), or for a network trained from scratch in small batches use GroupNorm "
-            "(e.g. the *_3d_gn encoders)")
+            "(e.g. the *_3d_gn encoders)"
+        )
 
     def log(self, *args):
         if self.rank == 0:
@@ -341,8 +433,11 @@ def validation_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     """The negative log-likelihood of validation labels under the probabilities (multi-label: binary
     cross-entropy per finding)."""
     if labels.ndim == 2:
-        return float(F.binary_cross_entropy(torch.from_numpy(probs).float().clamp(1e-7, 1 - 1e-7),
-                                            torch.from_numpy(labels).float()))
+        return float(
+            F.binary_cross_entropy(
+                torch.from_numpy(probs).float().clamp(1e-7, 1 - 1e-7), torch.from_numpy(labels).float()
+            )
+        )
     return float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(labels).long()))
 
 

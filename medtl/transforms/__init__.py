@@ -9,13 +9,7 @@ augmentation training applies on its device.
 """
 
 from medtl.transforms.augment import BatchAugment
-from medtl.transforms.chain import (
-    EncoderInputd,
-    TrainingTransform,
-    create_transforms,
-    input_to_original,
-    split_final,
-)
+from medtl.transforms.chain import EncoderInputd, TrainingTransform, create_transforms, input_to_original, split_final
 from medtl.transforms.intensity import XRAY_MODALITIES, intensity_preset, scale_colour, scale_intensity, use_colour
 from medtl.transforms.read import (
     LoadScan2Dd,
@@ -26,6 +20,22 @@ from medtl.transforms.read import (
     volume_inputs,
 )
 
-__all__ = ["create_transforms", "EncoderInputd", "TrainingTransform", "split_final", "input_to_original",
-           "BatchAugment", "XRAY_MODALITIES", "intensity_preset", "scale_intensity", "scale_colour", "use_colour",
-           "LoadScan2Dd", "volume_inputs", "scan_from_array", "split_slices", "prepare_inputs", "display_image"]
+__all__ = [
+    "create_transforms",
+    "EncoderInputd",
+    "TrainingTransform",
+    "split_final",
+    "input_to_original",
+    "BatchAugment",
+    "XRAY_MODALITIES",
+    "intensity_preset",
+    "scale_intensity",
+    "scale_colour",
+    "use_colour",
+    "LoadScan2Dd",
+    "volume_inputs",
+    "scan_from_array",
+    "split_slices",
+    "prepare_inputs",
+    "display_image",
+]

@@ -22,9 +22,19 @@ class BatchAugment:
     object's own generator (``set_random_state``), so seeded runs repeat exactly.
     """
 
-    def __init__(self, pre: Preprocessing, flip: bool = True, rotate_deg: float = 10.0, zoom: float = 0.1,
-                 shift: float = 0.05, seed: int = 0, color_jitter: float = 0.0, cutout: float = 0.0,
-                 gamma: tuple[float, float] = (0.8, 1.25), noise: float = 0.02):
+    def __init__(
+        self,
+        pre: Preprocessing,
+        flip: bool = True,
+        rotate_deg: float = 10.0,
+        zoom: float = 0.1,
+        shift: float = 0.05,
+        seed: int = 0,
+        color_jitter: float = 0.0,
+        cutout: float = 0.0,
+        gamma: tuple[float, float] = (0.8, 1.25),
+        noise: float = 0.02,
+    ):
         self.pre, self.flip, self.color_jitter = pre, flip, float(color_jitter)
         self.rotate, self.zoom, self.shift = np.deg2rad(rotate_deg), zoom, shift
         self.cutout, self.gamma, self.noise = float(cutout), tuple(gamma), float(noise)
@@ -35,8 +45,9 @@ class BatchAugment:
         """The strong view of semi-supervised consistency training (FixMatch's, in kind): rotations up to 30
         degrees, zoom by up to 25 %, shifts up to 12.5 %, gamma in [0.5, 2], noise up to 0.05, twice the
         colour jitter, and a cut-out square (side up to half the image) filled with mid-grey."""
-        return BatchAugment(self.pre, self.flip, 30.0, 0.25, 0.125, seed, min(0.5, 2 * self.color_jitter), 0.5,
-                            (0.5, 2.0), 0.05)
+        return BatchAugment(
+            self.pre, self.flip, 30.0, 0.25, 0.125, seed, min(0.5, 2 * self.color_jitter), 0.5, (0.5, 2.0), 0.05
+        )
 
     def set_random_state(self, seed: int) -> BatchAugment:
         self.R = torch.Generator().manual_seed(int(seed))
@@ -49,7 +60,7 @@ class BatchAugment:
         if device.type == "cpu":
             return self.R
         if str(device) not in self._device_R:
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.R))
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.R))
             self._device_R[str(device)] = torch.Generator(device=device).manual_seed(seed)
         return self._device_R[str(device)]
 
@@ -128,11 +139,14 @@ class BatchAugment:
         x = x * factor(j)
         mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         x = (x - mean) * factor(j) + mean
-        grey = (x * torch.as_tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(
-            (1, 3) + (1,) * (x.ndim - 2))).sum(1, keepdim=True)
+        grey = (
+            x
+            * torch.as_tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view((1, 3) + (1,) * (x.ndim - 2))
+        ).sum(1, keepdim=True)
         x = (x - grey) * factor(2 * j) + grey
-        yiq = torch.as_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              dtype=x.dtype, device=x.device)
+        yiq = torch.as_tensor(
+            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=x.dtype, device=x.device
+        )
         angle = (self._uniform(m) * np.pi * j).to(x.device, x.dtype)
         rot = torch.zeros(m, 3, 3, dtype=x.dtype, device=x.device)
         rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    MapTransform,
-    Resize,
-    Resized,
-    SpatialPadd,
-)
+from monai.transforms import Compose, EnsureTyped, MapTransform, Resize, Resized, SpatialPadd
 
 from medtl.config import DataConfig
 from medtl.errors import ConfigError
@@ -34,13 +27,21 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
     """
     size, dims = pre.input_size, pre.spatial_dims
     if (dims == 3) != (data.volume_mode == "3d"):
-        raise ConfigError(None, f"volume_mode {data.volume_mode!r} with a {dims}D encoder",
-                          "volume_mode '3d' with a 3D encoder (resnet18_3d, ...), any other mode with a 2D one")
+        raise ConfigError(
+            None,
+            f"volume_mode {data.volume_mode!r} with a {dims}D encoder",
+            "volume_mode '3d' with a 3D encoder (resnet18_3d, ...), any other mode with a 2D one",
+        )
     deterministic = Compose([LoadScan2Dd("image", data, max_size=size, channels=pre.in_chans)])
     final: list = [
         EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-        Resized("image", spatial_size=size, size_mode="longest", mode="bilinear" if dims == 2 else "trilinear",
-                anti_aliasing=False),
+        Resized(
+            "image",
+            spatial_size=size,
+            size_mode="longest",
+            mode="bilinear" if dims == 2 else "trilinear",
+            anti_aliasing=False,
+        ),
         SpatialPadd("image", spatial_size=(size,) * dims, mode="constant"),
     ]
     final.append(EncoderInputd("image", pre))
@@ -48,8 +49,6 @@ def create_transforms(data: DataConfig, pre: Preprocessing, train: bool) -> tupl
         return deterministic, Compose(final)
     augment = BatchAugment(pre, flip=data.flip, color_jitter=data.color_jitter) if data.augment else None
     return deterministic, TrainingTransform(final, augment)
-
-
 
 
 class TrainingTransform(Compose):
@@ -80,8 +79,11 @@ class EncoderInputd(MapTransform):
         """A new float32 (N, channels, ...) tensor from an (N, 1 or channels, ...) batch of [0, 1] intensities."""
         if x.shape[1] != self.channels:
             if x.shape[1] != 1:
-                raise ConfigError(None, f"{x.shape[1]}-channel inputs for an encoder with {self.channels}",
-                                  "1-channel inputs, or an encoder with as many input channels")
+                raise ConfigError(
+                    None,
+                    f"{x.shape[1]}-channel inputs for an encoder with {self.channels}",
+                    "1-channel inputs, or an encoder with as many input channels",
+                )
             x = x.expand(-1, self.channels, *x.shape[2:])
         view = (1, -1) + (1,) * (x.ndim - 2)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(view)
@@ -112,7 +114,7 @@ def input_to_original(saliency: np.ndarray, original_shape: tuple[int, int], siz
     scale = size / max(h, w)
     rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
     top, left = (size - rh) // 2, (size - rw) // 2
-    crop = saliency[top:top + rh, left:left + rw]
+    crop = saliency[top : top + rh, left : left + rw]
     return np.asarray(Resize((h, w), mode="bilinear")(crop[None]))[0]
 
 

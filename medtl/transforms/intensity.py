@@ -26,8 +26,11 @@ def intensity_preset(scan: Scan, modality: str, data: DataConfig) -> str:
         return "dtype" if scan.value_max is not None else "percentile"
     if data.intensity != "auto":
         if data.intensity == "file_window" and scan.window is None:
-            raise MedtlInputError(scan.path, "intensity 'file_window' but the file has no VOI window",
-                                  "a DICOM with WindowCenter/WindowWidth, or another data.intensity")
+            raise MedtlInputError(
+                scan.path,
+                "intensity 'file_window' but the file has no VOI window",
+                "a DICOM with WindowCenter/WindowWidth, or another data.intensity",
+            )
         if data.intensity == "dtype" and scan.value_max is None:
             raise MedtlInputError(scan.path, "intensity 'dtype' needs an 8/16-bit picture or array")
         return data.intensity
@@ -48,6 +51,7 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
     (:class:`medtl.io.dicom.FileVOI`), else its linear window. Padding pixels (``scan.padding``)
     are left out of the percentiles and come out as 0, the background.
     """
+
     def window(level, width):
         return ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
 
@@ -65,8 +69,9 @@ def scale_intensity(image: np.ndarray, preset: str, data: DataConfig, scan: Scan
         else:
             real = image if padding is None else image[~padding]
             lo, hi = np.percentile(real, data.percentiles)
-            t = ScaleIntensityRange(a_min=float(lo), a_max=float(hi) if hi > lo else float(lo) + 1.0,
-                                    b_min=0.0, b_max=1.0, clip=True)
+            t = ScaleIntensityRange(
+                a_min=float(lo), a_max=float(hi) if hi > lo else float(lo) + 1.0, b_min=0.0, b_max=1.0, clip=True
+            )
         out = np.asarray(t(image), dtype=np.float32)[None]
     if padding is not None:
         out[:, padding] = 0.0
@@ -91,7 +96,9 @@ def use_colour(scan: Scan, data: DataConfig, channels: int = 3) -> bool:
     Raises MedtlInputError for a grey source where ``data.color`` is "rgb".
     """
     if data.color == "rgb" and scan.rgb is None:
-        raise MedtlInputError(scan.path, "a grey image where data.color is 'rgb'", "a colour image, or data.color 'auto'")
+        raise MedtlInputError(
+            scan.path, "a grey image where data.color is 'rgb'", "a colour image, or data.color 'auto'"
+        )
     if scan.is_volume and data.volume_mode in ("2.5d", "slices_2.5d"):
         return False  # the three channels are neighbouring slices: luminance
     return scan.rgb is not None and data.color != "grey" and channels == 3

@@ -51,8 +51,15 @@ def scan_from_array(array: np.ndarray, name: str, modality: str = "") -> Scan:
         rgb = array[..., :3].astype(np.float32)
         array = luminance(rgb)
         rgb = rgb if is_colour(rgb) else None
-    return Scan(array=np.asarray(array, np.float32), spacing=(1.0,) * array.ndim, modality=modality,
-                source="array", path=Path(name), value_max=value_max, rgb=rgb)
+    return Scan(
+        array=np.asarray(array, np.float32),
+        spacing=(1.0,) * array.ndim,
+        modality=modality,
+        source="array",
+        path=Path(name),
+        value_max=value_max,
+        rgb=rgb,
+    )
 
 
 class LoadScan2Dd(MapTransform):
@@ -86,16 +93,22 @@ class LoadScan2Dd(MapTransform):
             d["path"] = str(d.get("path") or scan.path)
             preset = intensity_preset(scan, str(d.get("modality") or scan.modality), self.data)
             colour = use_colour(scan, self.data, self.channels)
-            scaled = scale_colour(scan.rgb, preset, self.data, scan) if colour else \
-                scale_intensity(scan.array, preset, self.data, scan)  # (C, [D,] H, W)
+            scaled = (
+                scale_colour(scan.rgb, preset, self.data, scan)
+                if colour
+                else scale_intensity(scan.array, preset, self.data, scan)
+            )  # (C, [D,] H, W)
             d["scan_colour"] = colour
             d["scan_ndim"] = int(scan.array.ndim if scan.is_volume else 2)
             d["scan_min_side"] = int(min(scan.array.shape[-2:]))  # in-plane size, rows or columns
             d["scan_modality"] = (str(d.get("modality") or scan.modality) or "unknown").upper()
             if self.data.volume_mode == "3d":  # the whole volume is one input of a 3D network
                 if scaled.ndim != 4 or scan.array.shape[0] < 2:
-                    raise CorruptImageError(d["path"], f"a {scan.array.ndim}D image where volume_mode '3d' "
-                                            "needs a volume", "a 3D scan (or a 2D volume mode)")
+                    raise CorruptImageError(
+                        d["path"],
+                        f"a {scan.array.ndim}D image where volume_mode '3d' needs a volume",
+                        "a 3D scan (or a 2D volume mode)",
+                    )
                 d["original_shape"] = np.asarray(scaled.shape[-3:])
                 d["slice_index"], d["n_inputs"] = np.array([-1]), 1
                 if self.max_size and max(scaled.shape[-3:]) > self.max_size:
@@ -125,8 +138,10 @@ def split_slices(sample: dict) -> list[dict]:
         return [out]
     image = sample["image"]
     c = image.shape[0] // n
-    return [{**sample, "image": image[i * c:(i + 1) * c], "slice_index": int(sample["slice_index"][i]),
-             "n_inputs": 1} for i in range(n)]
+    return [
+        {**sample, "image": image[i * c : (i + 1) * c], "slice_index": int(sample["slice_index"][i]), "n_inputs": 1}
+        for i in range(n)
+    ]
 
 
 def prepare_inputs(sample: dict, final: Compose) -> tuple[torch.Tensor, list[dict]]:
@@ -143,7 +158,7 @@ def display_image(part: dict) -> np.ndarray:
     if part.get("scan_colour"):
         n = int(part.get("n_inputs", 1) or 1)  # a whole study of n colour slices: its middle slice
         middle = (n // 2) * 3 if channels.shape[0] == 3 * n else 0
-        return np.ascontiguousarray(channels[middle:middle + 3].transpose(1, 2, 0))
+        return np.ascontiguousarray(channels[middle : middle + 3].transpose(1, 2, 0))
     return channels[channels.shape[0] // 2]
 
 

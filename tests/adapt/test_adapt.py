@@ -10,14 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from medtl.adapt.batchnorm import (
-    adabn,
-    adapt,
-    bn_statistics,
-    information_loss,
-    load_bn_statistics,
-    save_bn_statistics,
-)
+from medtl.adapt.batchnorm import adabn, adapt, bn_statistics, information_loss, load_bn_statistics, save_bn_statistics
 from medtl.cli import main
 from medtl.predict.predictor import load_run
 from medtl.run import load_saved_run
@@ -26,8 +19,17 @@ from medtl.runtime import Runtime
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     for m in net.modules():  # statistics of another domain (as ImageNet's are to a scan)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -13,8 +13,21 @@ def test_sample_train_predict_explain_end_to_end(tmp_path, capsys):
     assert (data / "manifest.csv").is_file()
     assert main(["sample-data", str(data)]) == 2  # refuses to overwrite
     run = tmp_path / "runs" / "r1"
-    args = ["train", "--manifest", str(data / "manifest.csv"), "--out", str(run), "--input-size", "64",
-            "--epochs", "1", "--frozen-epochs", "1", "--batch-size", "8"]
+    args = [
+        "train",
+        "--manifest",
+        str(data / "manifest.csv"),
+        "--out",
+        str(run),
+        "--input-size",
+        "64",
+        "--epochs",
+        "1",
+        "--frozen-epochs",
+        "1",
+        "--batch-size",
+        "8",
+    ]
     assert main(args) == 0
     assert "test AUC" in capsys.readouterr().out
     stamp = (run / "model.safetensors").stat().st_mtime_ns
@@ -44,8 +57,26 @@ def test_train_reports_bad_manifest_rows_and_uses_the_rest(tmp_path, sample_dir,
     with open(data / "manifest.csv", "a") as f:
         f.write("dicom/absent.dcm,1,PX,CT\n")
     run = tmp_path / "run"
-    assert main(["train", "--manifest", str(data / "manifest.csv"), "--out", str(run), "--input-size", "64",
-                 "--epochs", "1", "--frozen-epochs", "0", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--manifest",
+                str(data / "manifest.csv"),
+                "--out",
+                str(run),
+                "--input-size",
+                "64",
+                "--epochs",
+                "1",
+                "--frozen-epochs",
+                "0",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     skipped = (run / "skipped.csv").read_text()
     assert "img_0003.dcm" in skipped and "absent.dcm" in skipped
     assert "img_0003.dcm" in caplog.text
@@ -76,8 +107,9 @@ def test_ui_is_installed_with_the_package(tmp_path):
     import sys
 
     code = "import medtl_ui.app, medtl.cli; print(medtl_ui.app.__name__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-500:]
 
 
@@ -86,8 +118,26 @@ def test_train_on_a_medmnist_npz_uses_its_split(tmp_path):
 
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     run = tmp_path / "run"
-    assert main(["train", "--data", str(npz), "--out", str(run), "--input-size", "32", "--epochs", "1",
-                 "--frozen-epochs", "1", "--strategy", "partial"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(npz),
+                "--out",
+                str(run),
+                "--input-size",
+                "32",
+                "--epochs",
+                "1",
+                "--frozen-epochs",
+                "1",
+                "--strategy",
+                "partial",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"].startswith("fixed") and metrics["test"]["n_images"] == 10
     assert metrics["strategy"] == "partial"
@@ -140,26 +190,50 @@ def test_train_flags_are_made_from_the_config_fields():
         assert "auto_candidates" in strategy.help  # the comment's continuation lines too
     assert tuple(_option(parser, "train", "--precision").choices) == PRECISIONS
     assert tuple(_option(parser, "train", "--volume-mode").choices) == VOLUME_MODES
-    assert field_comments(DataConfig)["volume_mode"].endswith("or \"3d\": the whole volume into a 3D encoder "
-                                                               "(resnet18_3d, ...)")
-    args = parser.parse_args(["train", "--out", "r", "--data", "d/", "--epochs", "3", "--batch-size", "auto",
-                              "--label-columns", "a,b", "--input-size", "64"])
+    assert field_comments(DataConfig)["volume_mode"].endswith(
+        "or \"3d\": the whole volume into a 3D encoder (resnet18_3d, ...)"
+    )
+    args = parser.parse_args(
+        [
+            "train",
+            "--out",
+            "r",
+            "--data",
+            "d/",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "auto",
+            "--label-columns",
+            "a,b",
+            "--input-size",
+            "64",
+        ]
+    )
     assert config_overrides(args, CONFIG_FLAGS) == {
-        "data": {"path": "d", "label_columns": ("a", "b")}, "train": {"epochs": 3, "batch_size": "auto"},
-        "encoder": {"input_size": 64}}
+        "data": {"path": "d", "label_columns": ("a", "b")},
+        "train": {"epochs": 3, "batch_size": "auto"},
+        "encoder": {"input_size": 64},
+    }
     assert _option(parser, "train", "--manifest").help == argparse.SUPPRESS  # the old name of --data still works
     assert config_overrides(parser.parse_args(["train", "--out", "r"]), CONFIG_FLAGS) == {}
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["train", "--strategy", "linear-probe"], "unknown train.strategy 'linear-probe'; did you mean 'linear_probe'?"),
-    (["train", "--precision", "fp64"], "unknown train.precision 'fp64'"),
-    (["train", "--ct-window", "lungs"], "unknown CT window 'lungs'; did you mean 'lung'?"),
-    (["export", "RUN", "--out", "pkg", "--format", "tflite"], "unknown export format 'tflite'"),
-    (["adapt", "RUN", "--data", "x", "--out", "a", "--method", "tent2"], "unknown adaptation method 'tent2'"),
-    (["predict", "RUN", "x.dcm", "--decision", "test"], "unknown decision 'test'"),
-    (["explain", "RUN", "x.dcm", "--method", "gradcam2"], "unknown saliency method 'gradcam2'"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["train", "--strategy", "linear-probe"],
+            "unknown train.strategy 'linear-probe'; did you mean 'linear_probe'?",
+        ),
+        (["train", "--precision", "fp64"], "unknown train.precision 'fp64'"),
+        (["train", "--ct-window", "lungs"], "unknown CT window 'lungs'; did you mean 'lung'?"),
+        (["export", "RUN", "--out", "pkg", "--format", "tflite"], "unknown export format 'tflite'"),
+        (["adapt", "RUN", "--data", "x", "--out", "a", "--method", "tent2"], "unknown adaptation method 'tent2'"),
+        (["predict", "RUN", "x.dcm", "--decision", "test"], "unknown decision 'test'"),
+        (["explain", "RUN", "x.dcm", "--method", "gradcam2"], "unknown saliency method 'gradcam2'"),
+    ],
+)
 def test_a_value_outside_a_flags_options_is_refused_in_the_librarys_words(argv, words, tmp_path, capsys):
     """Fixed option sets are argparse choices (listed by --help); a value outside them is one line and exit 2
     before anything is read, as the library says it."""

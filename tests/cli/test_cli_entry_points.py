@@ -27,21 +27,24 @@ def _class_names(run: Path) -> list[str]:
 
 
 def _train(manifest: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data", str(manifest), "--out", str(out), "--input-size", "64", "--batch-size", "8",
-                 *extra])
-
-
+    return main(
+        ["train", "--data", str(manifest), "--out", str(out), "--input-size", "64", "--batch-size", "8", *extra]
+    )
 
 
 # -- lr-find --------------------------------------------------------------------------------------
 
+
 def test_lr_find_suggests_a_rate_and_plots_it(small_manifest, tmp_path, capsys):
     plot = tmp_path / "lr.png"
-    assert main(["lr-find", "--data", str(small_manifest), "--input-size", "64", "--batch-size", "8",
-                 "--plot", str(plot)]) == 0
+    assert (
+        main(["lr-find", "--data", str(small_manifest), "--input-size", "64", "--batch-size", "8", "--plot", str(plot)])
+        == 0
+    )
     out = capsys.readouterr().out
-    m = re.search(r"suggested head learning rate: (\S+) \(steepest loss descent over (\d+) steps from (\S+) to (\S+)\)",
-                  out)
+    m = re.search(
+        r"suggested head learning rate: (\S+) \(steepest loss descent over (\d+) steps from (\S+) to (\S+)\)", out
+    )
     assert m, out
     lr, steps, lo, hi = float(m[1]), int(m[2]), float(m[3]), float(m[4])
     assert 12 <= steps <= 100  # the sweep stops early only once the loss diverges (after 11 steps)
@@ -53,6 +56,7 @@ def test_lr_find_suggests_a_rate_and_plots_it(small_manifest, tmp_path, capsys):
 
 
 # -- serve ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("auth", ["nocolon", ":s3cret", "user:"])
 def test_serve_refuses_a_bad_auth_value_without_starting(auth, tmp_path, monkeypatch, capsys):
@@ -71,6 +75,7 @@ def test_serve_refuses_a_bad_auth_value_without_starting(auth, tmp_path, monkeyp
 
 
 # -- predict --------------------------------------------------------------------------------------
+
 
 def test_predict_prints_classes_and_reports_a_broken_file(tiny_run, sample_dir, tmp_path, capsys):
     classes = _class_names(tiny_run)
@@ -117,8 +122,13 @@ def test_predict_decision_evaluation_answers_by_the_evaluations_decision(tiny_ru
     assert "Traceback" not in err
 
     classes = _class_names(run)
-    RunDir(run).write_decision({"source": "evaluation", "temperature": 1.0,  # every image the second class
-                                "operating_point": {"rule": "by hand", "threshold": 0.0}})
+    RunDir(run).write_decision(
+        {
+            "source": "evaluation",
+            "temperature": 1.0,  # every image the second class
+            "operating_point": {"rule": "by hand", "threshold": 0.0},
+        }
+    )
     assert main(["predict", str(run), img, "--decision", "evaluation", "--json", "--device", "cpu"]) == 0
     pred = json.loads(capsys.readouterr().out)
     assert pred["decision_source"] == "evaluation" and pred["threshold"] == 0.0 and pred["label"] == classes[1]
@@ -128,14 +138,29 @@ def test_predict_decision_evaluation_answers_by_the_evaluations_decision(tiny_ru
 
 # -- explain --------------------------------------------------------------------------------------
 
+
 def test_explain_occlusion_writes_one_overlay_per_input(tiny_run, sample_dir, tmp_path, capsys):
     from medtl.io import read_image
 
     inputs = [sample_dir / "dicom" / "img_0002.dcm", sample_dir / "nifti" / "vol_002.nii.gz"]
     target = _class_names(tiny_run)[1]
     out = tmp_path / "maps"
-    assert main(["explain", str(tiny_run), *map(str, inputs), "--method", "occlusion", "--target", target,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(tiny_run),
+                *map(str, inputs),
+                "--method",
+                "occlusion",
+                "--target",
+                target,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     expected = ["img_0002_occlusion.png", "vol_002_occlusion.png"]
     assert sorted(p.name for p in out.iterdir()) == expected
@@ -169,6 +194,7 @@ def test_explain_refuses_an_unknown_target_or_method(tiny_run, sample_dir, tmp_p
 
 
 # -- info -----------------------------------------------------------------------------------------
+
 
 def _info(capsys, *argv) -> tuple[int, dict]:
     code = main(["info", *map(str, argv)])
@@ -240,8 +266,8 @@ def test_info_volume_index_picks_a_volume_of_a_4d_nifti(tmp_path, capsys):
 
 # -- evaluate -------------------------------------------------------------------------------------
 
-def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_manifest, tmp_path, capsys,
-                                                              monkeypatch):
+
+def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_manifest, tmp_path, capsys, monkeypatch):
     import functools
 
     import medtl.eval.evaluate as report
@@ -251,8 +277,23 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
     monkeypatch.setattr(report, "evaluate_run", functools.partial(report.evaluate_run, sanity_images=1))
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)  # evaluate writes into the run: leave the session's run as it was
-    assert main(["evaluate", str(run), "--data", str(small_manifest), "--operating-point",
-                 "specificity:0.8", "--boot", "20", "--methods", "gradcam"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                "--data",
+                str(small_manifest),
+                "--operating-point",
+                "specificity:0.8",
+                "--boot",
+                "20",
+                "--methods",
+                "gradcam",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "test AUC" in out and "gradcam" in out
     assert f"report: {run / 'evaluation' / 'report.html'}" in out
@@ -280,6 +321,7 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
 
 # -- train options --------------------------------------------------------------------------------
 
+
 def _cache_files(cache: Path) -> dict[str, int]:
     return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
 
@@ -292,9 +334,15 @@ def test_train_config_file_and_cache_dir(small_manifest, tmp_path):
     manifest = small_manifest
     n_rows = len(manifest.read_text().strip().splitlines()) - 1
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump({"train": {"strategy": "linear_probe", "epochs": 1, "frozen_epochs": 0,
-                                                "seed": 3, "precision": "fp32"},
-                                      "data": {"augment": False}, "explain": {"n_overlays": 0}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train": {"strategy": "linear_probe", "epochs": 1, "frozen_epochs": 0, "seed": 3, "precision": "fp32"},
+                "data": {"augment": False},
+                "explain": {"n_overlays": 0},
+            }
+        )
+    )
     cache = tmp_path / "cache"
     runs = [tmp_path / "a", tmp_path / "b"]
     assert _train(manifest, runs[0], "--config", str(config), "--cache-dir", str(cache)) == 0
@@ -332,8 +380,13 @@ def test_cache_dir_is_not_shared_by_different_preprocessing(sample_dir, tmp_path
     decoded, folders = {}, {}
     pre = Preprocessing(input_size=64)
     for window, cache in [("lung", tmp_path / "cache"), ("bone", tmp_path / "cache"), ("bone", None)]:
-        cfg = load_config(data={"path": str(sample_dir / "manifest.csv"), "ct_window": window,
-                                "cache_dir": str(cache) if cache else None})
+        cfg = load_config(
+            data={
+                "path": str(sample_dir / "manifest.csv"),
+                "ct_window": window,
+                "cache_dir": str(cache) if cache else None,
+            }
+        )
         chain, _ = create_transforms(cfg.data, pre, train=False)
         folders[window, cache is None] = cache_folder(cfg.data, pre)
         samples, _ = decode_records(records, chain, folders[window, cache is None])
@@ -345,8 +398,10 @@ def test_cache_dir_is_not_shared_by_different_preprocessing(sample_dir, tmp_path
 
 def test_train_no_pretrained_records_random_initialisation(small_manifest, tmp_path):
     run = tmp_path / "scratch"
-    assert _train(small_manifest, run, "--no-pretrained", "--epochs", "1", "--frozen-epochs", "1",
-                  "--precision", "fp32") == 0
+    assert (
+        _train(small_manifest, run, "--no-pretrained", "--epochs", "1", "--frozen-epochs", "1", "--precision", "fp32")
+        == 0
+    )
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["encoder"]["pretrained"] is False
     assert written["resolved"]["weights_source"] == "random initialisation"
@@ -367,27 +422,42 @@ def test_train_weights_file_is_loaded_and_a_mismatch_is_a_weights_error(small_ma
     from medtl.models import WeightsError, create_model
 
     torch.manual_seed(5)
-    encoder = {k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_lite0").state_dict().items()
-               if not k.startswith("classifier.")}  # an encoder-only file: the head is always new
+    encoder = {
+        k: v.contiguous()
+        for k, v in timm.create_model("tf_efficientnet_lite0").state_dict().items()
+        if not k.startswith("classifier.")
+    }  # an encoder-only file: the head is always new
     weights = tmp_path / "lite0_own.safetensors"
     save_file(encoder, str(weights))
     run = tmp_path / "own"
-    assert _train(small_manifest, run, "--weights-file", str(weights), "--strategy", "linear_probe",
-                  "--epochs", "1", "--precision", "fp32") == 0
+    assert (
+        _train(
+            small_manifest,
+            run,
+            "--weights-file",
+            str(weights),
+            "--strategy",
+            "linear_probe",
+            "--epochs",
+            "1",
+            "--precision",
+            "fp32",
+        )
+        == 0
+    )
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["encoder"]["weights_file"] == str(weights)
     assert written["resolved"]["weights_source"].startswith("lite0_own.safetensors (sha256 ")
     saved = load_file(str(run / "model.safetensors"))
     for key in ("conv_stem.weight", "blocks.3.0.conv_pw.weight", "conv_head.weight"):  # a linear probe keeps
-        assert torch.equal(saved[key], encoder[key])                                    # the file's encoder
+        assert torch.equal(saved[key], encoder[key])  # the file's encoder
 
     wrong = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}, str(wrong))
     cfg = load_config(encoder={"weights_file": str(wrong), "input_size": 64})
     with pytest.raises(WeightsError, match="does not fit"):
         create_model(cfg.encoder, 2)
-    assert _train(small_manifest, tmp_path / "bad", "--weights-file", str(wrong),
-                  "--epochs", "1") == 2
+    assert _train(small_manifest, tmp_path / "bad", "--weights-file", str(wrong), "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "resnet18.safetensors: does not fit" in err and "Traceback" not in err
     assert not (tmp_path / "bad" / "model.safetensors").exists()

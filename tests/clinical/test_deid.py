@@ -57,18 +57,28 @@ class Canaries:
             self.times.append(f"10{n % 60:02d}{n % 60:02d}.314159")
             return self.times[-1]
         # a value valid for the VR, and the text that gives it away
-        searched = {"UR": (f"http://canary{n:03d}.invalid", f"canary{n:03d}"),
-                    "DA": (f"1931{1 + n % 12:02d}{1 + n % 28:02d}",) * 2,
-                    "DT": (f"1932{1 + n % 12:02d}{1 + n % 28:02d}101112",) * 2,
-                    "UI": (f"1.2.826.0.1.3680043.10.999.{n}.31415926",) * 2,
-                    "AS": (f"{n % 100:03d}W",) * 2, "DS": (f"{n}.31415",) * 2, "IS": (str(314159000 + n),) * 2}
+        searched = {
+            "UR": (f"http://canary{n:03d}.invalid", f"canary{n:03d}"),
+            "DA": (f"1931{1 + n % 12:02d}{1 + n % 28:02d}",) * 2,
+            "DT": (f"1932{1 + n % 12:02d}{1 + n % 28:02d}101112",) * 2,
+            "UI": (f"1.2.826.0.1.3680043.10.999.{n}.31415926",) * 2,
+            "AS": (f"{n % 100:03d}W",) * 2,
+            "DS": (f"{n}.31415",) * 2,
+            "IS": (str(314159000 + n),) * 2,
+        }
         if vr in searched:
             value, text = searched[vr]
             self.text.append(text)
             return value
         # binary: searched for as bytes (two-byte ones only in the parsed outputs)
-        packed = {"FD": (31415.0 + n / 1024, "<d"), "FL": (31415.0 + n / 1024, "<f"), "UL": (0x3141_0000 + n, "<I"),
-                  "SL": (0x3141_0000 + n, "<i"), "US": (31000 + n, None), "SS": (31000 + n, None)}
+        packed = {
+            "FD": (31415.0 + n / 1024, "<d"),
+            "FL": (31415.0 + n / 1024, "<f"),
+            "UL": (0x3141_0000 + n, "<I"),
+            "SL": (0x3141_0000 + n, "<i"),
+            "US": (31000 + n, None),
+            "SS": (31000 + n, None),
+        }
         if vr in packed:
             value, fmt = packed[vr]
             if fmt:
@@ -227,8 +237,9 @@ def test_no_canary_reaches_any_output(canaried, tiny_run, tmp_path, capsys, capl
     main(["-v", "info", str(files[0])])
     outputs = written + results
     leaks = {str(f.relative_to(tmp_path)): canaries.found_in_bytes(f.read_bytes()) for f in outputs}
-    leaks.update({f"{f.relative_to(tmp_path)} (parsed)": canaries.found_in_dataset(pydicom.dcmread(f))
-                  for f in outputs})
+    leaks.update(
+        {f"{f.relative_to(tmp_path)} (parsed)": canaries.found_in_dataset(pydicom.dcmread(f)) for f in outputs}
+    )
     assert not any(leaks.values()), leaks
     # results de-identified: pseudonymised patient, no source UID
     assert all(pydicom.dcmread(f).PatientID.startswith("medtl-") for f in results)

@@ -50,7 +50,8 @@ def test_an_answered_file_gets_a_valid_sr_and_secondary_capture(tiny_run, sample
     finding = items["Finding"].ConceptCodeSequence[0]
     assert finding.CodingSchemeDesignator == SCHEME and finding.CodeMeaning == pred.label
     assert float(items["Probability of finding"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
-        pred.probabilities[pred.label], abs=1e-5)
+        pred.probabilities[pred.label], abs=1e-5
+    )
     assert "weights sha256" in items["Algorithm Version"].TextValue
     assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     sc = pydicom.dcmread(files[1])
@@ -72,8 +73,12 @@ def test_a_refused_file_gets_an_sr_that_says_so(tiny_run, sample_dir, tmp_path, 
 @pytest.mark.shared_data
 def test_real_ct_file_and_series_results_validate(tiny_run, shared_data, tmp_path):
     predictor = load_run(tiny_run, device="cpu")
-    for k, src in enumerate([shared_data / "dicom" / "ct" / "CT_small.dcm",
-                             shared_data / "dicom" / "series" / "pydicom_dicomdirtests" / "98892001" / "CT2N"]):
+    for k, src in enumerate(
+        [
+            shared_data / "dicom" / "ct" / "CT_small.dcm",
+            shared_data / "dicom" / "series" / "pydicom_dicomdirtests" / "98892001" / "CT2N",
+        ]
+    ):
         files = write_dicom_results(predictor, src, tmp_path / str(k), check=False)
         first = src if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())[0]
         _check(files, pydicom.dcmread(first, stop_before_pixels=True))

@@ -21,8 +21,18 @@ from tests.clinical.test_dicom_results import _dciodvfy_errors
 pytestmark = pytest.mark.pacs
 
 # what a result inherits from its source so the PACS files it with the patient's images
-FILED_WITH = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-              "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyInstanceUID")
+FILED_WITH = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyInstanceUID",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +52,18 @@ def env(orthanc, monkeypatch):
 
 def _instances(pacs: Pacs, study_uid: str, modality: str) -> list[pydicom.Dataset]:
     series = [pydicom.Dataset.from_json(s) for s in pacs.client.search_for_series(study_uid)]
-    return [inst for s in series if s.Modality == modality
-            for inst in pacs.client.retrieve_series(study_uid, s.SeriesInstanceUID)]
+    return [
+        inst
+        for s in series
+        if s.Modality == modality
+        for inst in pacs.client.retrieve_series(study_uid, s.SeriesInstanceUID)
+    ]
 
 
 @pytest.mark.shared_data
-def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, tiny_run, shared_data, tmp_path,
-                                                                          capsys, caplog):
+def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(
+    env, tiny_run, shared_data, tmp_path, capsys, caplog
+):
     caplog.set_level(logging.DEBUG)
     canaries = Canaries()
     source = pydicom.dcmread(shared_data / "dicom" / "ct" / "CT_small.dcm")
@@ -67,12 +82,28 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
     # the synthetic-trained model refuses a real CT (a "Not assessed" SR), then is made to answer it
     first = main(["-v", "pacs", "run", str(tiny_run), env.url, "--accession", "CANARYACC1"])
     assert first in (0, 3)
-    args = ["-v", "pacs", "run", str(tiny_run), env.url, "--accession", "CANARYACC1", "--answer-unfamiliar",
-            "--csv", str(tmp_path / "studies.csv")]
+    args = [
+        "-v",
+        "pacs",
+        "run",
+        str(tiny_run),
+        env.url,
+        "--accession",
+        "CANARYACC1",
+        "--answer-unfamiliar",
+        "--csv",
+        str(tmp_path / "studies.csv"),
+    ]
     assert main(args) == 0
     srs, sc = _instances(pacs, source.StudyInstanceUID, "SR"), _instances(pacs, source.StudyInstanceUID, "OT")
-    finding = lambda ds: next(i.ConceptCodeSequence[0].CodeMeaning for i in ds.ContentSequence  # noqa: E731
-                              if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding")
+
+    def finding(ds):
+        return next(
+            i.ConceptCodeSequence[0].CodeMeaning
+            for i in ds.ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+        )
+
     # refused first, then answered: a new SR; the "Not assessed" one does not stand in for the answer
     assert len(srs) == (2 if first == 3 else 1) and len(sc) == 1
     sr = [ds for ds in srs if finding(ds) != "Not assessed"]
@@ -98,8 +129,11 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
     preview = requests.get(f"{rest}/instances/{found[0]['ID']}/preview", auth=auth, timeout=30)
     assert preview.status_code == 200 and preview.content[:4] == b"\x89PNG"
     assert sr[0].ContentSequence  # and the SR references the source instance
-    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr[0].ContentSequence
-            if "ReferencedSOPSequence" in i]
+    refs = [
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in sr[0].ContentSequence
+        if "ReferencedSOPSequence" in i
+    ]
     assert source.SOPInstanceUID in refs
 
     # run again, without the CSV's resume: nothing is stored twice
@@ -117,8 +151,9 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(env, 
     assert env.credentials.password not in text
 
 
-def test_bad_pacs_wrong_password_and_a_study_without_images(env, tiny_run, sample_dir, tmp_path, capsys, caplog,
-                                                            monkeypatch):
+def test_bad_pacs_wrong_password_and_a_study_without_images(
+    env, tiny_run, sample_dir, tmp_path, capsys, caplog, monkeypatch
+):
     caplog.set_level(logging.DEBUG)
     image = pydicom.dcmread(sorted((sample_dir / "dicom").glob("*.dcm"))[3])
     image.StudyInstanceUID = pydicom.uid.generate_uid()
@@ -127,8 +162,18 @@ def test_bad_pacs_wrong_password_and_a_study_without_images(env, tiny_run, sampl
     report_only.Modality = "KO"  # a study with nothing medtl can read
     assert Pacs(env.url, env.credentials).store([image, report_only]) == (2, 0)
 
-    code = main(["pacs", "run", str(tiny_run), env.url, "--study", report_only.StudyInstanceUID,
-                 "--study", image.StudyInstanceUID])
+    code = main(
+        [
+            "pacs",
+            "run",
+            str(tiny_run),
+            env.url,
+            "--study",
+            report_only.StudyInstanceUID,
+            "--study",
+            image.StudyInstanceUID,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1  # one study failed, the other was answered
     lines = dict(line.split("\t", 1) for line in out.strip().splitlines())

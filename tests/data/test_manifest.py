@@ -8,7 +8,8 @@ def test_bad_rows_reported_and_rest_used(tmp_path, caplog):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "b.png").write_bytes(b"x")
     (tmp_path / "m.csv").write_text(
-        "image,label,patient_id\na.png,0,P1\nmissing.png,1,P2\n,1,P3\nb.png,1,P4\nb.png,,P5\n")
+        "image,label,patient_id\na.png,0,P1\nmissing.png,1,P2\n,1,P3\nb.png,1,P4\nb.png,,P5\n"
+    )
     m = read_manifest(tmp_path / "m.csv")
     assert [r["patient_id"] for r in m.records] == ["P1", "P4"]
     assert [r["label"] for r in m.records] == [0, 1]
@@ -63,8 +64,9 @@ def test_paths_outside_the_manifest_folder_refused_unless_allowed(tmp_path):
     (data / "a.png").write_bytes(b"x")
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"x")
-    (data / "m.csv").write_text(f"image,label,patient_id\na.png,0,P1\n../secret.png,1,P2\n{secret},1,P3\n"
-                                "sub/../a.png,1,P4\n")
+    (data / "m.csv").write_text(
+        f"image,label,patient_id\na.png,0,P1\n../secret.png,1,P2\n{secret},1,P3\nsub/../a.png,1,P4\n"
+    )
     m = read_manifest(data / "m.csv")
     assert [r["patient_id"] for r in m.records] == ["P1", "P4"]
     assert all("leads out of the manifest's folder" in p.reason for p in m.problems) and len(m.problems) == 2

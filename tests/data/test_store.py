@@ -14,8 +14,10 @@ from medtl.transforms.chain import EncoderInputd, create_transforms
 
 def _studies(n=10, size=12, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"image": rng.random((1, size, size + 4)).astype(np.float32), "label": i % 2,
-             "slice_index": np.array([-1])} for i in range(n)]
+    return [
+        {"image": rng.random((1, size, size + 4)).astype(np.float32), "label": i % 2, "slice_index": np.array([-1])}
+        for i in range(n)
+    ]
 
 
 def _final(size=16):
@@ -49,7 +51,7 @@ def test_float16_store_is_a_quarter_of_the_float32_inputs_and_close_to_them():
     assert ds16.store().images.dtype == torch.float16
     assert ds16.store().nbytes * 6 == 10 * 3 * 16 * 16 * 4  # 1 channel of 2 bytes vs 3 channels of 4
     # float16 keeps 11 significant bits of the [0, 1] intensities: at most 2^-12 of the range, / std
-    assert (x16 - x32).abs().max() <= 2 ** -12 / 0.224 + 1e-6
+    assert (x16 - x32).abs().max() <= 2**-12 / 0.224 + 1e-6
 
 
 def test_each_input_is_prepared_once_and_a_bad_shape_is_refused():
@@ -83,8 +85,11 @@ def test_grey_and_three_channel_inputs_mixed_are_stored_together():
     """2D images (1 channel) next to 2.5D volume inputs (3 slices as channels): the store widens to 3
     channels at the first 3-channel input, and every batch still equals the per-sample chain."""
     rng = np.random.default_rng(1)
-    studies = _studies(4) + [{"image": rng.random((3, 12, 16)).astype(np.float32), "label": 1,
-                              "slice_index": np.array([-1])}] + _studies(3, seed=2)
+    studies = (
+        _studies(4)
+        + [{"image": rng.random((3, 12, 16)).astype(np.float32), "label": 1, "slice_index": np.array([-1])}]
+        + _studies(3, seed=2)
+    )
     ds = create_dataset(studies, _final(), store_dtype="float32")
     x = next(iterate_batches(ds, 8))["image"]
     assert ds.store().images.shape[1] == 3

@@ -36,8 +36,9 @@ def test_evaluate_writes_report_card_and_a_decision_used_when_asked(tiny_run, sa
     assert unchanged.probabilities == before.probabilities and unchanged.label == before.label
     assert unchanged.decision_source == "training"
     predictor = load_run(run, decision="evaluation")  # unless the evaluation's is asked for
-    assert predictor.decision.temperature == t and predictor.decision.threshold == \
-        result["operating_point"]["threshold"]
+    assert (
+        predictor.decision.temperature == t and predictor.decision.threshold == result["operating_point"]["threshold"]
+    )
     after = predictor.predict(image)
     assert after.decision_source == "evaluation" and after.threshold == predictor.decision.threshold
     # calibrated probabilities are softmax(z / T) of the same logits: softmax(log p * T_train / T) of the
@@ -62,11 +63,24 @@ def test_run_metrics_and_evaluate_report_the_same_test_auc(tiny_run, tmp_path):
 def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_path):
     from medtl.eval.card import report_html
 
-    result = {"run": "<script>x</script>", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4,
-              "n_test_patients": 2, "auc": {"auc": 0.75, "auc_ci": [0.5, 1.0], "resampled": "patients", "n_boot": 10},
-              "calibration": {"temperature": 1.5, "val_nll_before": 0.7, "val_nll_after": 0.6, "test_ece_before": 0.2,
-                              "test_ece_after": 0.1, "test_ece_after_ci": [0.05, 0.3]},
-              "subgroups": {"site": [{"value": "A", "n": 2, "auc": None}]}, "saliency_sanity": []}
+    result = {
+        "run": "<script>x</script>",
+        "date": "2026-11-28",
+        "data": "d.csv",
+        "n_test_images": 4,
+        "n_test_patients": 2,
+        "auc": {"auc": 0.75, "auc_ci": [0.5, 1.0], "resampled": "patients", "n_boot": 10},
+        "calibration": {
+            "temperature": 1.5,
+            "val_nll_before": 0.7,
+            "val_nll_after": 0.6,
+            "test_ece_before": 0.2,
+            "test_ece_after": 0.1,
+            "test_ece_after_ci": [0.05, 0.3],
+        },
+        "subgroups": {"site": [{"value": "A", "n": 2, "auc": None}]},
+        "saliency_sanity": [],
+    }
     card = {"encoder": "efficientnet_lite0", "version": "0.1.0", "known_limits": ["small <test> set"]}
     html = report_html(result, card, {"roc": b"\x89PNG"})
     assert "<script>x</script>" not in html and "&lt;script&gt;" in html and "small &lt;test&gt; set" in html
@@ -77,11 +91,23 @@ def test_the_report_and_card_are_rendered_from_templates_and_escape_html(tmp_pat
 def test_a_subgroup_without_both_classes_renders_without_an_auc():
     from medtl.eval.card import report_html
 
-    result = {"run": "r", "date": "2026-11-28", "data": "d.csv", "n_test_images": 4, "n_test_patients": 2,
-              "auc": {"auc": 0.75, "auc_ci": None, "resampled": "patients", "n_boot": 10},
-              "calibration": {"temperature": 1.0, "val_nll_before": 0.7, "val_nll_after": 0.6, "test_ece_before": 0.2,
-                              "test_ece_after": 0.1, "test_ece_after_ci": None},
-              "subgroups": {"site": [{"value": "A", "n": 2}, {"value": "B", "n": 2, "auc": 0.5, "auc_ci": None}]},
-              "saliency_sanity": []}
+    result = {
+        "run": "r",
+        "date": "2026-11-28",
+        "data": "d.csv",
+        "n_test_images": 4,
+        "n_test_patients": 2,
+        "auc": {"auc": 0.75, "auc_ci": None, "resampled": "patients", "n_boot": 10},
+        "calibration": {
+            "temperature": 1.0,
+            "val_nll_before": 0.7,
+            "val_nll_after": 0.6,
+            "test_ece_before": 0.2,
+            "test_ece_after": 0.1,
+            "test_ece_after_ci": None,
+        },
+        "subgroups": {"site": [{"value": "A", "n": 2}, {"value": "B", "n": 2, "auc": 0.5, "auc_ci": None}]},
+        "saliency_sanity": [],
+    }
     html = report_html(result, {"encoder": "e", "version": "0", "known_limits": []}, {})
     assert "<td>site</td><td>A</td><td>2</td><td>n/a</td>" in html and "<td>B</td><td>2</td><td>0.500</td>" in html

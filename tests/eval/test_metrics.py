@@ -55,8 +55,7 @@ def test_ece_matches_a_direct_computation():
     conf = PROBS.max(1)
     correct = (PROBS.argmax(1) == LABELS).astype(float)
     bins = np.minimum((np.ceil(conf * 15) - 1).astype(int), 14)
-    direct = sum(np.mean(bins == b) * abs(correct[bins == b].mean() - conf[bins == b].mean())
-                 for b in np.unique(bins))
+    direct = sum(np.mean(bins == b) * abs(correct[bins == b].mean() - conf[bins == b].mean()) for b in np.unique(bins))
     assert compute_ece(LABELS, PROBS) == pytest.approx(direct)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert compute_ece([0, 1], perfect) == 0.0

@@ -20,7 +20,7 @@ def _blob_images(n, rng):
         label = i % 2
         c = rng.integers(20, SIZE - 20, 2)
         if label:
-            img[(yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= 12 ** 2] = 0.9
+            img[(yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= 12**2] = 0.9
         images.append(img)
         labels.append(label)
         centres.append(c)
@@ -52,7 +52,7 @@ def test_gradcam_peak_lies_on_the_blob(blob_model):
     assert acc >= 0.9
     hits = 0
     for i in np.where(y.numpy() == 1)[0]:
-        cam = compute_saliency(blob_model, x[i:i + 1], 1, "gradcam")
+        cam = compute_saliency(blob_model, x[i : i + 1], 1, "gradcam")
         # the map's 4x4 cells are upsampled into plateaus: the peak is the plateau holding the blob's centre
         hits += cam[tuple(centres[i])] >= 0.8
     assert hits >= 6  # of 8 positive images
@@ -76,7 +76,7 @@ def test_integrated_gradients_are_complete(blob_model):
 
 def test_randomisation_flags_a_method_that_ignores_the_model(blob_model):
     x, _, _ = _blob_images(4, np.random.default_rng(4))
-    inputs = [x[i:i + 1] for i in (1, 3)]
+    inputs = [x[i : i + 1] for i in (1, 3)]
     before = {k: v.clone() for k, v in blob_model.state_dict().items()}
     blind = run_sanity_checks(blob_model, inputs, lambda m, xi, c: xi[0, 0].numpy(), "image itself")
     assert not blind.passed and "UNTRUSTWORTHY" in blind.verdict and blind.cascade[-1]["spearman"] == 1.0

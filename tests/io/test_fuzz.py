@@ -60,15 +60,17 @@ def fake_reader(path):
 
 
 def _failures(report) -> str:
-    return "\n".join(f"{s['count']} x {s['outcome']} {s['error']} at {s['location'] or s['where']}: "
-                     f"{s['message'][:120]} (e.g. mutant {s['example']['index']}: {s['example']['mutator']} on "
-                     f"{s['example']['seed']})" for s in report["signatures"])
+    return "\n".join(
+        f"{s['count']} x {s['outcome']} {s['error']} at {s['location'] or s['where']}: "
+        f"{s['message'][:120]} (e.g. mutant {s['example']['index']}: {s['example']['mutator']} on "
+        f"{s['example']['seed']})"
+        for s in report["signatures"]
+    )
 
 
 @pytest.mark.timeout(180)
 def test_seeded_run_reads_or_refuses_every_mutant_in_budget(tmp_path):
-    report = run(n=300, seed=0, jobs=2, budget="512M", timeout=10, seeds="generated", out=tmp_path,
-                      progress=None)
+    report = run(n=300, seed=0, jobs=2, budget="512M", timeout=10, seeds="generated", out=tmp_path, progress=None)
     message = f"\n{format_report(report)}\n\nfailures:\n{_failures(report)}"
     outcomes = report["outcomes"]
     assert sum(outcomes.values()) == 300
@@ -169,8 +171,25 @@ def test_child_outcomes_are_classified(tmp_path):
 @pytest.mark.timeout(60)
 def test_cli_exits_1_and_records_failures(tmp_path, capsys):
     out = tmp_path / "fz"
-    code = fuzz_main(["--n", "6", "--seed", "1", "--jobs", "1", "--budget", "256M", "--seeds", "generated",
-                      "--out", str(out), "--keep-failures", "--reader", "tests.io.test_fuzz:always_untyped"])
+    code = fuzz_main(
+        [
+            "--n",
+            "6",
+            "--seed",
+            "1",
+            "--jobs",
+            "1",
+            "--budget",
+            "256M",
+            "--seeds",
+            "generated",
+            "--out",
+            str(out),
+            "--keep-failures",
+            "--reader",
+            "tests.io.test_fuzz:always_untyped",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1
     assert "| **total** | 6 | 0 | 0 | 6 | 0 | 0 |" in printed, printed

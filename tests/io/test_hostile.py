@@ -69,25 +69,49 @@ def _peak(fn):
 MARK = "0.111"  # a value written in place of a field, then overwritten in the file's bytes
 
 
-@pytest.mark.parametrize("change, raw, error, words", [
-    (lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.3.4.5"), None, UnsupportedFormatError,
-     "transfer syntax"),
-    (lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", ExplicitVRLittleEndian), b"not-a-uid-at-all-xy\0",
-     UnsupportedFormatError, "transfer syntax"),
-    (lambda ds: setattr(ds, "PixelData", b""), None, CorruptImageError, "empty"),
-    (lambda ds: setattr(ds, "Rows", 4096), None, CorruptImageError, "pixel data holds"),
-    (lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]), None, CorruptImageError, "mosaic"),
-    (lambda ds: setattr(ds, "PixelSpacing", [MARK, "1"]), b"abc  ", CorruptImageError, "PixelSpacing"),
-    (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, MARK, 0, 1, 0]), b"x    ", CorruptImageError,
-     "ImageOrientationPatient"),
-    (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), None, CorruptImageError, "parallel"),
-    (lambda ds: setattr(ds, "PhotometricInterpretation", "PALETTE COLOR"), None, CorruptImageError, "palette"),
-    (lambda ds: setattr(ds, "RescaleSlope", MARK), b"1e999", CorruptImageError, "RescaleSlope"),
-    (lambda ds: setattr(ds, "BitsAllocated", 12), None, CorruptImageError, "BitsAllocated"),
-    (lambda ds: setattr(ds, "SamplesPerPixel", 3), None, CorruptImageError, "SamplesPerPixel"),
-    (lambda ds: (setattr(ds, "WindowWidth", 400), setattr(ds, "WindowCenter", MARK)), b"abc  ", CorruptImageError,
-     "WindowCenter"),
-])
+@pytest.mark.parametrize(
+    "change, raw, error, words",
+    [
+        (
+            lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.3.4.5"),
+            None,
+            UnsupportedFormatError,
+            "transfer syntax",
+        ),
+        (
+            lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", ExplicitVRLittleEndian),
+            b"not-a-uid-at-all-xy\0",
+            UnsupportedFormatError,
+            "transfer syntax",
+        ),
+        (lambda ds: setattr(ds, "PixelData", b""), None, CorruptImageError, "empty"),
+        (lambda ds: setattr(ds, "Rows", 4096), None, CorruptImageError, "pixel data holds"),
+        (
+            lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]),
+            None,
+            CorruptImageError,
+            "mosaic",
+        ),
+        (lambda ds: setattr(ds, "PixelSpacing", [MARK, "1"]), b"abc  ", CorruptImageError, "PixelSpacing"),
+        (
+            lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, MARK, 0, 1, 0]),
+            b"x    ",
+            CorruptImageError,
+            "ImageOrientationPatient",
+        ),
+        (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), None, CorruptImageError, "parallel"),
+        (lambda ds: setattr(ds, "PhotometricInterpretation", "PALETTE COLOR"), None, CorruptImageError, "palette"),
+        (lambda ds: setattr(ds, "RescaleSlope", MARK), b"1e999", CorruptImageError, "RescaleSlope"),
+        (lambda ds: setattr(ds, "BitsAllocated", 12), None, CorruptImageError, "BitsAllocated"),
+        (lambda ds: setattr(ds, "SamplesPerPixel", 3), None, CorruptImageError, "SamplesPerPixel"),
+        (
+            lambda ds: (setattr(ds, "WindowWidth", 400), setattr(ds, "WindowCenter", MARK)),
+            b"abc  ",
+            CorruptImageError,
+            "WindowCenter",
+        ),
+    ],
+)
 def test_broken_dicom_headers_are_typed_errors_naming_file_and_field(tmp_path, change, raw, error, words):
     ds = _ct()
     path = tmp_path / "broken.dcm"
@@ -107,7 +131,7 @@ def test_broken_dicom_headers_are_typed_errors_naming_file_and_field(tmp_path, c
 def test_unknown_vr_and_truncated_header_are_typed(tmp_path):
     raw = bytearray(open(get_testdata_file("CT_small.dcm"), "rb").read())
     at = raw.index(b"\x28\x00\x30\x00DS")  # (0028,0030) PixelSpacing, explicit VR
-    raw[at + 4:at + 6] = b"ZZ"
+    raw[at + 4 : at + 6] = b"ZZ"
     (tmp_path / "vr.dcm").write_bytes(bytes(raw))
     try:  # pydicom reads an unknown VR as raw bytes: read or refused, but typed
         read_image(tmp_path / "vr.dcm")
@@ -135,7 +159,7 @@ def test_mutated_dicom_never_escapes_untyped(tmp_path):
             raw = raw[: int(rng.integers(10, len(raw)))]
         else:  # a huge length on some element
             at = int(rng.integers(140, header_end - 8))
-            raw[at:at + 4] = struct.pack("<I", 0xFFFFFFF0)
+            raw[at : at + 4] = struct.pack("<I", 0xFFFFFFF0)
         path = tmp_path / f"m{i}.dcm"
         path.write_bytes(bytes(raw))
         try:
@@ -148,6 +172,7 @@ def test_mutated_dicom_never_escapes_untyped(tmp_path):
 
 
 # -- memory bombs: refused fast, without allocating -------------------------------------------
+
 
 def test_deflated_dicom_bomb_refused_fast_and_small(tmp_path):
     bomb = write_deflated_bomb(tmp_path / "bomb.dcm")  # 1 GiB of pixels, about 1 MB on disk
@@ -206,15 +231,17 @@ def test_picture_bombs_and_broken_chunks_are_typed(tmp_path):
             at = chunk.index(b"IDAT") - 4
             chunk[at:at] = struct.pack(">I", 4) + b"tEXtab\0c" + struct.pack(">I", zlib.crc32(b"tEXtab\0c"))
         at = chunk.index(kind) - 4
-        chunk[at:at + 4] = struct.pack(">I", 0x7FFFFFFF)
+        chunk[at : at + 4] = struct.pack(">I", 0x7FFFFFFF)
         (tmp_path / "chunk.png").write_bytes(bytes(chunk))
         try:
             read_image(tmp_path / "chunk.png")
         except MedtlInputError as e:
             assert "chunk.png" in str(e)
     Image.new("L", (3000, 3000)).save(tmp_path / "big.png")  # valid, but over a 64 MiB budget
-    with using_read_limits(ReadLimits(max_bytes=128 << 20)), pytest.raises(InputTooLargeError,
-                                                                           match="big.png: a 3000x3000 picture needs"):
+    with (
+        using_read_limits(ReadLimits(max_bytes=128 << 20)),
+        pytest.raises(InputTooLargeError, match="big.png: a 3000x3000 picture needs"),
+    ):
         read_image(tmp_path / "big.png")
 
 
@@ -237,6 +264,7 @@ def test_nifti_bombs_refused_before_allocating(tmp_path):
 
 # -- correct pixels ----------------------------------------------------------------------------
 
+
 def _colour_dicom(path, rgb: np.ndarray, photometric: str):
     ds = _ct()
     ds.Modality = "OT"
@@ -255,8 +283,15 @@ def _colour_dicom(path, rgb: np.ndarray, photometric: str):
             data = ybr.tobytes()
         else:  # YBR_FULL_422: Y1 Y2 Cb Cr for each pair of pixels, chroma averaged
             y, cb, cr = ybr[..., 0], ybr[..., 1].astype(int), ybr[..., 2].astype(int)
-            pairs = np.stack([y[:, 0::2], y[:, 1::2], ((cb[:, 0::2] + cb[:, 1::2]) // 2).astype(np.uint8),
-                              ((cr[:, 0::2] + cr[:, 1::2]) // 2).astype(np.uint8)], axis=-1)
+            pairs = np.stack(
+                [
+                    y[:, 0::2],
+                    y[:, 1::2],
+                    ((cb[:, 0::2] + cb[:, 1::2]) // 2).astype(np.uint8),
+                    ((cr[:, 0::2] + cr[:, 1::2]) // 2).astype(np.uint8),
+                ],
+                axis=-1,
+            )
             data = pairs.astype(np.uint8).tobytes()
     ds.PixelData = data + (b"\0" if len(data) % 2 else b"")
     ds["PixelData"].VR = "OB"
@@ -333,6 +368,7 @@ def test_padding_is_background_and_out_of_the_statistics(tmp_path):
 
 # -- the bounded reader ------------------------------------------------------------------------
 
+
 def test_bounded_reader_returns_the_scan_or_the_typed_error(tmp_path):
     path = get_testdata_file("CT_small.dcm")
     np.testing.assert_array_equal(read_image_bounded(path).array, read_image(path).array)
@@ -342,8 +378,9 @@ def test_bounded_reader_returns_the_scan_or_the_typed_error(tmp_path):
     with pytest.raises(InputTooLargeError, match="memory budget"):
         read_image_bounded(path, limits=ReadLimits(max_bytes=1000))
     big = tmp_path / "big.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 99, (160, 160, 160)).astype(np.int16),
-                             np.eye(4)), big)
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).integers(0, 99, (160, 160, 160)).astype(np.int16), np.eye(4)), big
+    )
     with pytest.raises(InputTooLargeError, match="longer than"):
         read_image_bounded(big, limits=ReadLimits(timeout_s=0.01))
 
@@ -366,7 +403,7 @@ def test_header_values_stay_out_of_warnings_logs_and_errors(tmp_path, caplog, re
         _save(ds, tmp_path / "named.dcm")
     data = (tmp_path / "named.dcm").read_bytes()
     at = data.index(b"\x28\x00\x08\x00IS")  # (0028,0008) NumberOfFrames: a name where a number belongs
-    data = data[:at + 6] + struct.pack("<H", 6) + b"DOEJAN" + data[at + 10:]
+    data = data[: at + 6] + struct.pack("<H", 6) + b"DOEJAN" + data[at + 10 :]
     (tmp_path / "named.dcm").write_bytes(data)
     with caplog.at_level("DEBUG"):
         with pytest.raises(MedtlInputError) as e:
@@ -380,8 +417,12 @@ def test_missing_files_are_file_missing_errors_for_every_reader(tmp_path):
     from medtl.errors import FileMissingError
     from medtl.io import read_dicom, read_nifti, read_picture
 
-    for reader, name in ((read_dicom, "a.dcm"), (read_nifti, "a.nii.gz"), (read_picture, "a.png"),
-                         (read_image, "a.dcm")):
+    for reader, name in (
+        (read_dicom, "a.dcm"),
+        (read_nifti, "a.nii.gz"),
+        (read_picture, "a.png"),
+        (read_image, "a.dcm"),
+    ):
         with pytest.raises(FileMissingError, match=name):
             reader(tmp_path / name)
 

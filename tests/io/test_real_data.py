@@ -33,8 +33,10 @@ def _frame_order(ds, frames):
     plane = (groups[0].get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
     iop = np.array([float(v) for v in plane.ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
-    dist = [float(np.dot([float(v) for v in groups[i].PlanePositionSequence[0].ImagePositionPatient], normal))
-            for i in range(frames)]
+    dist = [
+        float(np.dot([float(v) for v in groups[i].PlanePositionSequence[0].ImagePositionPatient], normal))
+        for i in range(frames)
+    ]
     return np.argsort(dist, kind="stable")
 
 
@@ -52,7 +54,7 @@ def test_every_real_dicom_matches_pydicom_after_rescale(shared_data):
             expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
         if ds.PhotometricInterpretation == "MONOCHROME1":  # inverted within the stored range, rescaled
             bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
             slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
             expected = (lo + hi) * slope + 2 * intercept - expected
         padding = np.zeros(expected.shape, bool)
@@ -61,30 +63,44 @@ def test_every_real_dicom_matches_pydicom_after_rescale(shared_data):
         if ds.Modality == "CT":
             padding |= expected < -1100  # below air: outside the field of view
         if padding.any():  # padding is the background (the lowest real value), and out of the statistics
-            assert scan.padding is not None and np.array_equal(scan.padding, padding.reshape(scan.padding.shape)), \
+            assert scan.padding is not None and np.array_equal(scan.padding, padding.reshape(scan.padding.shape)), (
                 path.name
+            )
             assert np.all(scan.array[scan.padding] == expected[~padding].min()), path.name
             expected = np.where(padding, expected[~padding].min(), expected)
         else:
             assert scan.padding is None, path.name
         if frames > 1:  # frames in the order of their positions along the slice normal, computed here
             expected = expected.reshape(frames, *expected.shape[-2:])[_frame_order(ds, frames)]
-        np.testing.assert_allclose(scan.array, expected.reshape(scan.array.shape), err_msg=path.name, rtol=1e-6,
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            scan.array, expected.reshape(scan.array.shape), err_msg=path.name, rtol=1e-6, atol=1e-3
+        )
         if ds.Modality == "CT":
             assert scan.units == "HU", path.name
             assert scan.array.min() >= -1100 and scan.array.max() < 5000, path.name
 
 
 def _dcmdump_values(path, outdir):
-    text = subprocess.run(["dcmdump", "+L", "+W", str(outdir), str(path)], capture_output=True, encoding="latin-1",
-                          check=True).stdout
+    text = subprocess.run(
+        ["dcmdump", "+L", "+W", str(outdir), str(path)], capture_output=True, encoding="latin-1", check=True
+    ).stdout
+
     def value(tag):
         m = re.search(rf"^\({tag}\) \w\w \[?([-\d.]+)", text, re.M)  # top level only (not the icon image)
         return float(m.group(1)) if m else None
+
     raw = re.search(r"^\(7fe0,0010\) \w\w =(\S+)", text, re.M).group(1)  # the file dcmtk wrote the pixel data to
-    return {k: value(t) for k, t in [("rows", "0028,0010"), ("cols", "0028,0011"), ("bits", "0028,0100"),
-                                      ("signed", "0028,0103"), ("intercept", "0028,1052"), ("slope", "0028,1053")]}, raw
+    return {
+        k: value(t)
+        for k, t in [
+            ("rows", "0028,0010"),
+            ("cols", "0028,0011"),
+            ("bits", "0028,0100"),
+            ("signed", "0028,0103"),
+            ("intercept", "0028,1052"),
+            ("slope", "0028,1053"),
+        ]
+    }, raw
 
 
 @pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump not installed (apt-get install dcmtk)")
@@ -92,8 +108,11 @@ def test_uncompressed_real_dicom_matches_dcmtk(shared_data, tmp_path):
     checked = 0
     for path in _single_files(shared_data):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.file_meta.TransferSyntaxUID.is_compressed or int(ds.get("NumberOfFrames", 1) or 1) > 1 \
-                or ds.PhotometricInterpretation != "MONOCHROME2":
+        if (
+            ds.file_meta.TransferSyntaxUID.is_compressed
+            or int(ds.get("NumberOfFrames", 1) or 1) > 1
+            or ds.PhotometricInterpretation != "MONOCHROME2"
+        ):
             continue
         out = tmp_path / path.stem
         out.mkdir()

@@ -14,8 +14,18 @@ from medtl.errors import CorruptImageError, InputTooLargeError
 from medtl.io import choose_series, describe_path, list_series, read_image
 
 
-def write_series(folder, n=5, spacing=2.5, series_uid=None, study_uid="1.2.3.4", image_type=None, number=3,
-                 shuffle=True, positions=None, orientation=(1, 0, 0, 0, 1, 0)):
+def write_series(
+    folder,
+    n=5,
+    spacing=2.5,
+    series_uid=None,
+    study_uid="1.2.3.4",
+    image_type=None,
+    number=3,
+    shuffle=True,
+    positions=None,
+    orientation=(1, 0, 0, 0, 1, 0),
+):
     """Write an axial CT series whose file names and InstanceNumbers do NOT follow slice position.
 
     Slice k has all pixels equal to 100*k before rescale, so the stored order is visible.
@@ -164,7 +174,7 @@ def test_monochrome1_inverted_and_voi_window_kept(tmp_path):
     ds.save_as(p)
     scan = read_image(p)
     raw = ds.pixel_array.astype(np.float32)
-    lo, hi = -(2 ** 15), 2 ** 15 - 1  # BitsStored 16, signed
+    lo, hi = -(2**15), 2**15 - 1  # BitsStored 16, signed
     np.testing.assert_allclose(scan.array, lo + hi - raw)
     assert scan.window == (lo + hi - 600, 400)
     assert any("MONOCHROME1" in n for n in scan.notes)

@@ -64,6 +64,7 @@ def test_encoder_without_offline_weights_names_the_fix(tmp_path, monkeypatch):
     # a local weight file in the timm layout loads strictly
     donor = create_encoder("resnet18", pretrained=False, num_classes=1000)
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "r18.safetensors"))
     model = create_encoder("resnet18", pretrained=True, weights_file=tmp_path / "r18.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), donor.state_dict().values()))

@@ -28,8 +28,10 @@ def test_every_family_is_registered_with_stages_as_layer_groups():
         assert trainable == {id(p) for p in groups[-1]} | {id(p) for p in model.get_classifier().parameters()}
 
 
-@pytest.mark.parametrize("name, arch", [("tv_resnet18", "resnet18"), ("tv_efficientnet_b0", "efficientnet_b0"),
-                                        ("tv_convnext_tiny", "convnext_tiny")])
+@pytest.mark.parametrize(
+    "name, arch",
+    [("tv_resnet18", "resnet18"), ("tv_efficientnet_b0", "efficientnet_b0"), ("tv_convnext_tiny", "convnext_tiny")],
+)
 def test_a_torchvision_weight_file_gives_torchvision_s_outputs(name, arch, tmp_path):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, arch)(weights=None).eval()
@@ -46,8 +48,10 @@ def test_a_torchvision_weight_file_gives_torchvision_s_outputs(name, arch, tmp_p
     torch.save(body, tmp_path / "body.pth")
     two = create_encoder(name, weights_file=tmp_path / "body.pth", num_classes=2).eval()
     with torch.no_grad():
-        torch.testing.assert_close(two.forward_head(two.forward_features(x), pre_logits=True),
-                                   model.forward_head(model.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(
+            two.forward_head(two.forward_features(x), pre_logits=True),
+            model.forward_head(model.forward_features(x), pre_logits=True),
+        )
 
 
 def test_a_file_of_another_network_and_a_missing_download_are_refused(tmp_path, monkeypatch):
@@ -55,8 +59,9 @@ def test_a_file_of_another_network_and_a_missing_download_are_refused(tmp_path, 
     with pytest.raises(WeightsError, match="does not fit tv_resnet50"):
         create_encoder("tv_resnet50", weights_file=tmp_path / "r18.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no cached file; no network here
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    monkeypatch.setattr(
+        torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("no network"))
+    )
     with pytest.raises(WeightsError, match=r"download.pytorch.org/models/resnet18-.*weights_file"):
         create_encoder("tv_resnet18")
 
@@ -91,7 +96,9 @@ def test_a_torchvision_encoder_trains_saves_and_reloads(tmp_path, small_manifest
     stem = model.net.conv1.weight.detach().clone()
     top = model.net.layer4[1].conv2.weight.detach().clone()
     fit(model, train, val, cfg.train, num_classes=2)
-    assert torch.equal(stem, model.net.conv1.weight.cpu()) and not torch.equal(top, model.net.layer4[1].conv2.weight.cpu())
+    assert torch.equal(stem, model.net.conv1.weight.cpu()) and not torch.equal(
+        top, model.net.layer4[1].conv2.weight.cpu()
+    )
     model.cpu()
     save_model(model, tmp_path / "m.safetensors", "tv_resnet18", ["a", "b"], pre)
     loaded, _ = load_model(tmp_path / "m.safetensors")

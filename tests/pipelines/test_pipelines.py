@@ -39,8 +39,27 @@ def test_study_skips_a_label_count_a_class_cannot_fill(tmp_path, capsys):
     mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
     cfg = _fast_config(tmp_path)
-    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2,50", "--strategies",
-                     "linear_probe", "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
+    assert (
+        mod.main(
+            [
+                "--data",
+                str(npz),
+                "--out",
+                str(tmp_path / "s"),
+                "--n-per-class",
+                "2,50",
+                "--strategies",
+                "linear_probe",
+                "--seeds",
+                "0",
+                "--input-size",
+                "32",
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "skipped n=50 per class: 50 examples per class asked for, the data has class 0: 6, class 1: 6" in out
     rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
@@ -60,9 +79,31 @@ def test_3d_study_trains_a_2d_encoder_on_2_5d_and_a_3d_cnn_from_scratch(tmp_path
     mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "v.npz", shape=(12, 16, 16), n=(12, 6, 16))
     cfg = _fast_config(tmp_path)
-    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "all", "--strategies",
-                     "linear_probe,scratch_3d", "--seeds", "0", "--input-size", "32", "--volume-mode", "2.5d",
-                     "--input-size-3d", "16", "--config", str(cfg)]) == 0
+    assert (
+        mod.main(
+            [
+                "--data",
+                str(npz),
+                "--out",
+                str(tmp_path / "s"),
+                "--n-per-class",
+                "all",
+                "--strategies",
+                "linear_probe,scratch_3d",
+                "--seeds",
+                "0",
+                "--input-size",
+                "32",
+                "--volume-mode",
+                "2.5d",
+                "--input-size-3d",
+                "16",
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
     assert [r["strategy"] for r in rows] == ["linear_probe", "scratch_3d"]
     aucs = {r["strategy"]: float(r["test_auc"]) for r in rows}
@@ -97,8 +138,22 @@ def test_a_diverged_cell_is_reported_and_the_study_goes_on(tmp_path, capsys, mon
 
     monkeypatch.setattr(mod, "run_cell", run_cell)
     npz = write_medmnist(tmp_path / "mm.npz", n=(12, 6, 6))
-    args = ["--data", str(npz), "--out", str(tmp_path / "s"), "--n-per-class", "2", "--strategies",
-            "linear_probe,full", "--seeds", "0", "--input-size", "32", "--config", str(_fast_config(tmp_path))]
+    args = [
+        "--data",
+        str(npz),
+        "--out",
+        str(tmp_path / "s"),
+        "--n-per-class",
+        "2",
+        "--strategies",
+        "linear_probe,full",
+        "--seeds",
+        "0",
+        "--input-size",
+        "32",
+        "--config",
+        str(_fast_config(tmp_path)),
+    ]
     assert mod.main(args) == 1
     captured = capsys.readouterr()
     assert "full         n=   2 seed=0: failed, training diverged in epoch 1" in captured.out
@@ -112,8 +167,22 @@ def test_study_writes_results_and_resumes(tmp_path, capsys):
     mod = load_pipeline("label_efficiency")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     cfg = _fast_config(tmp_path)
-    args = ["--data", str(npz), "--out", str(tmp_path / "study"), "--n-per-class", "3,all",
-            "--strategies", "scratch,linear_probe", "--seeds", "0", "--input-size", "32", "--config", str(cfg)]
+    args = [
+        "--data",
+        str(npz),
+        "--out",
+        str(tmp_path / "study"),
+        "--n-per-class",
+        "3,all",
+        "--strategies",
+        "scratch,linear_probe",
+        "--seeds",
+        "0",
+        "--input-size",
+        "32",
+        "--config",
+        str(cfg),
+    ]
     assert mod.main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "study" / "results.csv")))
     assert len(rows) == 4 and set(rows[0]) == set(mod.FIELDS)
@@ -152,17 +221,63 @@ def test_domain_shift_study_runs_end_to_end(tmp_path):
     mod = load_pipeline("domain_shift")
     npz = write_medmnist(tmp_path / "mm.npz", n=(24, 8, 10))
     cfg = _fast_config(tmp_path)
-    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0,3",
-                     "--seeds", "0", "--input-size", "32", "--config", str(cfg)]) == 0
+    assert (
+        mod.main(
+            [
+                "--data",
+                str(npz),
+                "--out",
+                str(tmp_path / "ds"),
+                "--shift",
+                "gamma",
+                "--k",
+                "0,3",
+                "--seeds",
+                "0",
+                "--input-size",
+                "32",
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
-    assert [r["method"] for r in rows] == ["source_only", "adabn", "adabn_plain", "tent", "fine_tune",
-                                           "adabn+fine_tune", "retrain"]
+    assert [r["method"] for r in rows] == [
+        "source_only",
+        "adabn",
+        "adabn_plain",
+        "tent",
+        "fine_tune",
+        "adabn+fine_tune",
+        "retrain",
+    ]
     assert (tmp_path / "ds" / "adaptation.png").is_file()
     assert "fine_tune" in (tmp_path / "ds" / "results.md").read_text()
     # a method added later reuses the seed's source model (cached), and only its rows are added
     assert (tmp_path / "ds" / "source_model_seed0.safetensors").is_file()
-    assert mod.main(["--data", str(npz), "--out", str(tmp_path / "ds"), "--shift", "gamma", "--k", "0",
-                     "--seeds", "0", "--input-size", "32", "--config", str(cfg),
-                     "--methods", "source_only,self_train"]) == 0
+    assert (
+        mod.main(
+            [
+                "--data",
+                str(npz),
+                "--out",
+                str(tmp_path / "ds"),
+                "--shift",
+                "gamma",
+                "--k",
+                "0",
+                "--seeds",
+                "0",
+                "--input-size",
+                "32",
+                "--config",
+                str(cfg),
+                "--methods",
+                "source_only,self_train",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "ds" / "results.csv")))
     assert [r["method"] for r in rows][-1] == "self_train" and len(rows) == 8

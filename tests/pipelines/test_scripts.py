@@ -9,13 +9,27 @@ import pytest
 from tests.pipelines import load_pipeline
 
 # the figures benchmark.py's docstring promises, section by section
-IO = ["io_2d_files", "io_2d_medtl_img_per_s", "io_2d_medtl_cached_img_per_s", "io_2d_plain_monai_img_per_s",
-      "io_series_slices", "io_series_medtl_slices_per_s", "io_series_plain_monai_slices_per_s"]
-TRAIN = ["plain_train_img_per_s", "best_raw_train_img_per_s", "best_raw_train_config", "train_img_per_s", "speedup",
-         "train_vs_best_raw", "train_precision", "train_images"]
+IO = [
+    "io_2d_files",
+    "io_2d_medtl_img_per_s",
+    "io_2d_medtl_cached_img_per_s",
+    "io_2d_plain_monai_img_per_s",
+    "io_series_slices",
+    "io_series_medtl_slices_per_s",
+    "io_series_plain_monai_slices_per_s",
+]
+TRAIN = [
+    "plain_train_img_per_s",
+    "best_raw_train_img_per_s",
+    "best_raw_train_config",
+    "train_img_per_s",
+    "speedup",
+    "train_vs_best_raw",
+    "train_precision",
+    "train_images",
+]
 PROBE = ["probe_seconds_cached", "probe_seconds_uncached", "probe_speedup"]
-INFER = ["infer_image_predict_ms", "infer_image_explain_ms", "infer_volume100_predict_s",
-         "infer_volume100_explain_s"]
+INFER = ["infer_image_predict_ms", "infer_image_explain_ms", "infer_volume100_predict_s", "infer_volume100_explain_s"]
 
 
 def _printed(out: str) -> dict:
@@ -48,8 +62,9 @@ def test_benchmark_quick_io_probe_infer(tmp_path, capsys):
     figures, _, out = _bench(tmp_path, capsys, "io,probe,infer")
     assert "[train: " not in out and "speedup" not in figures  # only the sections asked for
     # each ratio is against the baseline measured in the same run
-    assert figures["probe_speedup"] == pytest.approx(figures["probe_seconds_uncached"]
-                                                     / figures["probe_seconds_cached"])
+    assert figures["probe_speedup"] == pytest.approx(
+        figures["probe_seconds_uncached"] / figures["probe_seconds_cached"]
+    )
     # --quick's small settings, reported as such
     assert figures["io_series_slices"] == 20 and figures["probe_epochs"] == 2
     assert figures["io_2d_files"] == 24
@@ -61,8 +76,9 @@ def test_benchmark_quick_io_probe_infer(tmp_path, capsys):
 def test_benchmark_quick_train_ratios(tmp_path, capsys):
     figures, _, _ = _bench(tmp_path, capsys, "train")
     assert figures["speedup"] == pytest.approx(figures["train_img_per_s"] / figures["plain_train_img_per_s"])
-    assert figures["train_vs_best_raw"] == pytest.approx(figures["train_img_per_s"]
-                                                         / figures["best_raw_train_img_per_s"])
+    assert figures["train_vs_best_raw"] == pytest.approx(
+        figures["train_img_per_s"] / figures["best_raw_train_img_per_s"]
+    )
     # the best raw configuration is the fastest of those measured, and none was compiled (--quick)
     raw = {k: v for k, v in figures.items() if k.startswith("raw_") and k.endswith("_img_per_s")}
     assert raw and not any("compiled" in k for k in raw)

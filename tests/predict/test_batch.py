@@ -86,8 +86,20 @@ def test_a_row_cut_off_by_a_kill_is_redone(tiny_run, sample_dir, tmp_path):
 def test_the_command_killed_half_way_resumes(tiny_run, sample_dir, tmp_path):
     files = [str(f) for f in sorted((sample_dir / "dicom").glob("*.dcm"))]
     out = tmp_path / "out.csv"
-    cmd = [sys.executable, "-m", "medtl.cli", "predict", str(tiny_run), *files, "--csv", str(out), "--batch-size", "1",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medtl.cli",
+        "predict",
+        str(tiny_run),
+        *files,
+        "--csv",
+        str(out),
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
     # a killed process cannot remove its reader's private folders: they go to a scratch TMPDIR of this test
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
@@ -114,12 +126,32 @@ def test_torchrun_shards_the_inputs_and_merges_one_row_each(tiny_run, sample_dir
     one-process run's, row for row."""
     files = [str(f) for f in sorted((sample_dir / "dicom").glob("*.dcm"))[:8]]
     base = ["predict", str(tiny_run), *files, "--batch-size", "4", "--device", "auto"]
-    one = subprocess.run([sys.executable, "-m", "medtl.cli", *base, "--csv", str(tmp_path / "one.csv")],
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "medtl.cli", *base, "--csv", str(tmp_path / "one.csv")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode in (0, 3), one.stderr
-    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "medtl.cli", *base, "--csv", str(tmp_path / "two.csv")],
-                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sharded = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "medtl.cli",
+            *base,
+            "--csv",
+            str(tmp_path / "two.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert sharded.returncode in (0, 3), sharded.stderr[-3000:]
     assert "process 1 of 2" in sharded.stdout and "process 2 of 2" in sharded.stdout
     assert not list(tmp_path.glob("two.csv.part*"))

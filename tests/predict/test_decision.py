@@ -22,8 +22,11 @@ def test_a_binary_decision_at_its_operating_point_differs_from_the_argmax():
 
 def test_the_temperature_calibrates_probabilities_and_multi_label_decides_each_finding():
     z = np.array([[2.0, -1.0]], dtype=np.float32)
-    np.testing.assert_allclose(Decision(("a", "b"), temperature=2.0).probabilities(z)[0],
-                               np.exp([1.0, -0.5]) / np.exp([1.0, -0.5]).sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        Decision(("a", "b"), temperature=2.0).probabilities(z)[0],
+        np.exp([1.0, -0.5]) / np.exp([1.0, -0.5]).sum(),
+        rtol=1e-6,
+    )
     m = Decision(("effusion", "nodule"), multi_label=True, thresholds=(0.4, 0.9))
     assert m.findings(np.array([0.5, 0.8])) == ["effusion"] and m.label(np.array([0.5, 0.8])) == "effusion"
     assert m.label(np.array([0.1, 0.1])) == "No Finding" and m.basis == "operating points"
@@ -32,8 +35,9 @@ def test_the_temperature_calibrates_probabilities_and_multi_label_decides_each_f
 
 def test_a_decision_survives_its_record_and_ignores_a_threshold_that_does_not_apply():
     d = Decision(("a", "b"), temperature=1.5, threshold=0.4, rule="youden", source="evaluation")
-    again = Decision.from_record(d.class_names, False, **{k: v for k, v in d.to_record().items() if k != "source"},
-                                 source="evaluation")
+    again = Decision.from_record(
+        d.class_names, False, **{k: v for k, v in d.to_record().items() if k != "source"}, source="evaluation"
+    )
     assert again == d
     three = Decision.from_record(("a", "b", "c"), False, 1.0, {"threshold": 0.4, "rule": "x"})
     assert three.threshold is None and three.basis == "argmax"  # a binary threshold means nothing for 3 classes

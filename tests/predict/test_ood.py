@@ -27,7 +27,7 @@ def _clusters(seed=0, n=200, d=32):
 def _foreign(n=200, d=32, seed=6):
     """Features of another kind of image: active on the other half of the dimensions."""
     f = torch.zeros(n, d)
-    f[:, d // 2:] = torch.rand(n, d // 2, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    f[:, d // 2 :] = torch.rand(n, d // 2, generator=torch.Generator().manual_seed(seed)) * 3 + 1
     return f
 
 
@@ -103,8 +103,9 @@ def test_evaluate_reports_the_detectors_auroc_against_foreign_files(tiny_run, tm
     photo = np.zeros((64, 64, 3), np.uint8)
     photo[..., 0] = 200
     Image.fromarray(photo).save(tmp_path / "red.jpg")
-    result = evaluate_run(run, n_boot=20, methods=("gradcam",), data_randomisation=False,
-                          foreign=[noise, tmp_path / "red.jpg"])
+    result = evaluate_run(
+        run, n_boot=20, methods=("gradcam",), data_randomisation=False, foreign=[noise, tmp_path / "red.jpg"]
+    )
     ood = result["ood"]
     assert ood["measured"] and ood["n_foreign"] == 2 and ood["auroc"] is not None and ood["auroc"] > 0.9
     html = (run / "evaluation" / "report.html").read_text()

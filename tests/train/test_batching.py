@@ -67,8 +67,15 @@ def test_loader_workers(monkeypatch):
     assert loader_workers(3, torch.device("cpu")) == 3
 
 
-@pytest.mark.parametrize("train, match", [({"batch_size": "big"}, "batch_size"), ({"batch_size": 0}, "batch_size"),
-                                          ({"workers": -1}, "workers"), ({"workers": "many"}, "workers")])
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"batch_size": "big"}, "batch_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"workers": -1}, "workers"),
+        ({"workers": "many"}, "workers"),
+    ],
+)
 def test_batch_and_worker_settings_are_checked(train, match):
     with pytest.raises(ConfigError, match=match):
         load_config(train=train)
@@ -76,12 +83,14 @@ def test_batch_and_worker_settings_are_checked(train, match):
 
 def test_auto_batch_run_records_the_rule(small_manifest, tmp_path):
     cfg = tiny_config(small_manifest, batch_size="auto", workers=1, strategy="full", frozen_epochs=0)
-    run = run_experiment(dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, n_overlays=0)),
-                         tmp_path / "run")
+    run = run_experiment(
+        dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, n_overlays=0)), tmp_path / "run"
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     expected = 8 if not torch.cuda.is_available() else metrics["batch"]["batch_size"]
     assert metrics["batch"]["batch_size"] == expected and metrics["batch"]["lr"] == pytest.approx(
-        scaled_lr(cfg.train.lr, expected))
+        scaled_lr(cfg.train.lr, expected)
+    )
     assert "batch" in (run / "config.yaml").read_text()
 
 

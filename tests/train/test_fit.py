@@ -34,8 +34,9 @@ def test_frozen_stage_leaves_encoder_bit_identical(tiny_data, cache_features):
     model = create_encoder("efficientnet_lite0", num_classes=2)
     head = {k for k in model.state_dict() if k.startswith("classifier.")}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tc = dataclasses.replace(cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False,
-                             cache_features=cache_features)
+    tc = dataclasses.replace(
+        cfg.train, strategy="linear_probe", epochs=2, freeze_bn=False, cache_features=cache_features
+    )
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     after = {k: v.cpu() for k, v in model.state_dict().items()}  # (fit leaves the model on its device)
     for k in before:  # parameters and BatchNorm running statistics alike
@@ -57,8 +58,9 @@ def test_partial_trains_the_top_groups_only(tiny_data):
     frozen = {names[id(p)] for g in groups[:-2] for p in g}
     trained = {names[id(p)] for g in groups[-2:] for p in g}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tc = dataclasses.replace(cfg.train, strategy="partial", frozen_epochs=0, epochs=1, unfreeze_groups=2,
-                             freeze_bn=False, patience=5)
+    tc = dataclasses.replace(
+        cfg.train, strategy="partial", frozen_epochs=0, epochs=1, unfreeze_groups=2, freeze_bn=False, patience=5
+    )
     fit(model, create_dataset(train, final), create_dataset(val, final), tc, num_classes=2)
     after = {k: v.cpu() for k, v in model.state_dict().items()}  # (fit leaves the model on its device)
     frozen_modules = {k.rsplit(".", 1)[0] for k in frozen}
@@ -86,9 +88,16 @@ def test_a_diverging_run_stops_with_a_typed_error(tiny_data):
     cfg, train, val, final = tiny_data
     bad = [dict(s, image=np.full_like(np.asarray(s["image"]), np.nan)) for s in train]
     tc = dataclasses.replace(cfg.train, strategy="full", epochs=2)
-    with pytest.raises(TrainingDivergedError, match=r"epoch 1 \(full stage\): training loss nan at step 1.*lower train.lr"):
-        fit(create_encoder("efficientnet_lite0", num_classes=2), create_dataset(bad, final),
-            create_dataset(val, final), tc, num_classes=2)
+    with pytest.raises(
+        TrainingDivergedError, match=r"epoch 1 \(full stage\): training loss nan at step 1.*lower train.lr"
+    ):
+        fit(
+            create_encoder("efficientnet_lite0", num_classes=2),
+            create_dataset(bad, final),
+            create_dataset(val, final),
+            tc,
+            num_classes=2,
+        )
 
 
 def test_strategies_are_stage_lists():
@@ -107,8 +116,9 @@ def test_two_seeded_runs_give_identical_weights(tiny_data):
         torch.manual_seed(0)
         model = create_encoder("efficientnet_lite0", num_classes=2)
         tc = dataclasses.replace(cfg.train, epochs=1, frozen_epochs=1)
-        _, final_aug = create_transforms(dataclasses.replace(cfg.data, augment=True),
-                                         resolve_preprocessing(model, 64), train=True)
+        _, final_aug = create_transforms(
+            dataclasses.replace(cfg.data, augment=True), resolve_preprocessing(model, 64), train=True
+        )
         fit(model, create_dataset(train, final_aug), create_dataset(val, final), tc, num_classes=2)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -166,8 +176,9 @@ def test_prefetching_batches_trains_the_same_weights(tiny_data, monkeypatch):
         monkeypatch.setattr(trainer_module, "use_prefetch", lambda device, t=threaded: t)
         torch.manual_seed(0)
         model = create_encoder("efficientnet_lite0", num_classes=2)
-        _, final_aug = create_transforms(dataclasses.replace(cfg.data, augment=True), resolve_preprocessing(model, 64),
-                                         train=True)
+        _, final_aug = create_transforms(
+            dataclasses.replace(cfg.data, augment=True), resolve_preprocessing(model, 64), train=True
+        )
         tc = dataclasses.replace(cfg.train, strategy="full", epochs=2, precision="fp32")
         fit(model, create_dataset(train, final_aug), create_dataset(val, final), tc, num_classes=2)
         states.append(model.state_dict())

@@ -20,8 +20,12 @@ from medtl.train import run_experiment
 
 
 def _config(manifest, **train):
-    return load_config(data={"path": str(manifest), "augment": False}, encoder={"input_size": 64},
-                       train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train}, explain={"n_overlays": 2})
+    return load_config(
+        data={"path": str(manifest), "augment": False},
+        encoder={"input_size": 64},
+        train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, **train},
+        explain={"n_overlays": 2},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +49,19 @@ def _write(path, header, rows):
 def test_findings_column_is_read_as_one_row_of_zeros_and_ones(tmp_path):
     for i in range(5):
         (tmp_path / f"{i}.png").write_bytes(b"x")
-    m = read_dataset(_write(tmp_path / "m.csv", ["image", "findings", "patient_id"], [
-        ["0.png", "effusion|nodule", "p0"], ["1.png", "No Finding", "p1"], ["2.png", " nodule ", "p2"],
-        ["3.png", "", "p3"], ["4.png", "effusion|mass", "p4"]]))
+    m = read_dataset(
+        _write(
+            tmp_path / "m.csv",
+            ["image", "findings", "patient_id"],
+            [
+                ["0.png", "effusion|nodule", "p0"],
+                ["1.png", "No Finding", "p1"],
+                ["2.png", " nodule ", "p2"],
+                ["3.png", "", "p3"],
+                ["4.png", "effusion|mass", "p4"],
+            ],
+        )
+    )
     assert m.multi_label and m.class_names == ["effusion", "mass", "nodule"]
     assert [r["label"] for r in m.records] == [(1, 0, 1), (0, 0, 0), (0, 0, 1), (1, 1, 0)]
     assert m.label_counts() == {"effusion": 2, "mass": 1, "nodule": 2}
@@ -61,8 +75,11 @@ def test_findings_column_is_read_as_one_row_of_zeros_and_ones(tmp_path):
 def test_label_columns_take_zero_or_one_and_report_the_rest(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"x")
-    path = _write(tmp_path / "m.csv", ["image", "patient_id", "Edema", "Effusion"],
-                  [["0.png", "a", "1", "0"], ["1.png", "b", "-1", "1"], ["2.png", "c", "0.0", "true"]])
+    path = _write(
+        tmp_path / "m.csv",
+        ["image", "patient_id", "Edema", "Effusion"],
+        [["0.png", "a", "1", "0"], ["1.png", "b", "-1", "1"], ["2.png", "c", "0.0", "true"]],
+    )
     m = read_dataset(path, label_columns=("Effusion", "Edema"))
     assert m.multi_label and m.class_names == ["Effusion", "Edema"]
     assert [r["label"] for r in m.records] == [(0, 1), (1, 0)]
@@ -73,8 +90,11 @@ def test_label_columns_take_zero_or_one_and_report_the_rest(tmp_path):
 
 def test_medmnist_multilabel_file_keeps_its_columns(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": (rng.integers(0, 255, (6, 8, 8), dtype=np.uint8) if k == "images" else
-                           rng.integers(0, 2, (6, 14))) for s in ("train", "val", "test") for k in ("images", "labels")}
+    arrays = {
+        f"{s}_{k}": (rng.integers(0, 255, (6, 8, 8), dtype=np.uint8) if k == "images" else rng.integers(0, 2, (6, 14)))
+        for s in ("train", "val", "test")
+        for k in ("images", "labels")
+    }
     np.savez(tmp_path / "chestmnist.npz", **arrays)
     m = read_dataset(tmp_path / "chestmnist.npz")
     assert m.multi_label and m.class_names[:3] == ["atelectasis", "cardiomegaly", "effusion"]
@@ -113,8 +133,9 @@ def test_multilabel_metrics_are_per_finding():
     assert m["auc"] == compute_auc(y, p) == 0.875
     assert m["per_label"]["b"]["sensitivity"] == 0.5 and m["per_label"]["b"]["specificity"] == 1.0
     assert m["exact_match"] == 0.75
-    assert compute_ece(y, p) == pytest.approx(np.mean([compute_ece(y[:, k], np.stack([1 - p[:, k], p[:, k]], 1))
-                                                       for k in range(2)]))
+    assert compute_ece(y, p) == pytest.approx(
+        np.mean([compute_ece(y[:, k], np.stack([1 - p[:, k], p[:, k]], 1)) for k in range(2)])
+    )
 
 
 def test_temperature_and_thresholds_are_fitted_per_finding_on_validation():
@@ -141,8 +162,11 @@ def test_multilabel_run_learns_each_finding_and_shuffled_rows_do_not(multilabel_
     rows = list(csv.DictReader(open(multilabel_data)))
     findings = np.random.default_rng(0).permutation([r["findings"] for r in rows])
     shuffled = multilabel_data.parent / "shuffled.csv"
-    _write(shuffled, list(rows[0]), [[r["image"], f, r["patient_id"], r["modality"]] for r in rows
-                                     for f in [findings[rows.index(r)]]])
+    _write(
+        shuffled,
+        list(rows[0]),
+        [[r["image"], f, r["patient_id"], r["modality"]] for r in rows for f in [findings[rows.index(r)]]],
+    )
     cfg = _config(shuffled, strategy="linear_probe", epochs=20, frozen_epochs=0, ood="off")
     metrics = json.loads((run_experiment(cfg, tmp_path / "shuffled") / "metrics.json").read_text())
     assert metrics["test"]["auc"] < 0.68
@@ -164,7 +188,9 @@ def test_multilabel_run_decides_each_finding_and_explains_each(multilabel_run, m
     assert pred.label == ("|".join(pred.findings) or "No Finding")
     # independent sigmoids: the same as the logits' sigmoid at the run's temperature
     x, _ = predictor.inputs(predictor.read(image))
-    z = forward_logits(predictor.model, x, predictor.runtime) / predictor.decision.temperature  # (at the run's precision)
+    z = (
+        forward_logits(predictor.model, x, predictor.runtime) / predictor.decision.temperature
+    )  # (at the run's precision)
     assert np.allclose([pred.probabilities[c] for c in names], z.sigmoid()[0].numpy(), atol=1e-4)
     maps = [predictor.explain(image, class_name=c, check=False) for c in names]
     assert [m.class_name for m in maps] == names
@@ -200,8 +226,11 @@ def test_multilabel_dicom_results_hold_every_finding(multilabel_run, multilabel_
     predictor = load_run(multilabel_run)
     written = write_dicom_results(predictor, multilabel_data.parent / "dicom" / "img_0002.dcm", tmp_path, check=False)
     sr = pydicom.dcmread(written[0])
-    findings = [i.ConceptCodeSequence[0].CodeMeaning for i in sr.ContentSequence
-                if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"]
+    findings = [
+        i.ConceptCodeSequence[0].CodeMeaning
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+    ]
     comments = [i.TextValue for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
     assert findings == ["calcification", "lesion"] and len(comments) == 2
     assert all(("present" in c) != ("absent" in c) for c in comments)

@@ -18,8 +18,11 @@ from tests.data.test_sources import write_medmnist
 
 
 def _config(path, data=None, **train):
-    return load_config(data={"path": str(path), "augment": False, **(data or {})}, encoder={"input_size": 32, "drop_rate": 0.0},
-                       train={"epochs": 1, "frozen_epochs": 0, "batch_size": 4, "class_weighting": False, **train})
+    return load_config(
+        data={"path": str(path), "augment": False, **(data or {})},
+        encoder={"input_size": 32, "drop_rate": 0.0},
+        train={"epochs": 1, "frozen_epochs": 0, "batch_size": 4, "class_weighting": False, **train},
+    )
 
 
 def _data(path, cfg, shuffle_labels=False, shuffle_seed=0):
@@ -127,8 +130,14 @@ def test_shuffled_labels_score_near_chance_and_real_labels_do_not(tmp_path):
 
 
 def _ddp_worker(rank, world, path, out, port, precision="fp32"):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), MEDTL_DDP_BACKEND="gloo")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        MEDTL_DDP_BACKEND="gloo",
+    )
     torch.set_num_threads(1)
     cfg = _config(path, strategy="full", epochs=2, batch_size=4, channels_last=False, precision=precision)
     torch.manual_seed(0)
@@ -363,14 +372,18 @@ def test_semi_supervised_uses_the_unlabelled_images_and_records_its_confident_sh
     path = write_medmnist(tmp_path / "s.npz", n=(60, 20, 20), seed=3)
     results = {}
     for weight in (0.0, 1.0):
-        cfg = _config(path, data={"augment": True}, strategy="full", epochs=2, unlabelled_weight=weight,
-                      pseudo_threshold=0.6)
+        cfg = _config(
+            path, data={"augment": True}, strategy="full", epochs=2, unlabelled_weight=weight, pseudo_threshold=0.6
+        )
         torch.manual_seed(0)
         model, (train, val, _) = _data(path, cfg)
         pre = resolve_preprocessing(model, 32)
         prepared = prepare_data(cfg.data, pre, 0, read_dataset(path))
-        pool = create_dataset([{**s, "label": 0} for s in prepared.sets["train"][:40]],
-                              create_transforms(cfg.data, pre, train=False)[1], **store_options(cfg.data))
+        pool = create_dataset(
+            [{**s, "label": 0} for s in prepared.sets["train"][:40]],
+            create_transforms(cfg.data, pre, train=False)[1],
+            **store_options(cfg.data),
+        )
         result = fit(model, train, val, cfg.train, num_classes=2, unlabelled_ds=pool)
         rows = [r for r in result.history if r["stage"] == "full"]
         assert all(0.0 <= r["pseudo_confident"] <= 1.0 for r in rows)
@@ -390,8 +403,10 @@ def test_unlabelled_folder_leaves_out_validation_and_test_images(sample_dir, tmp
     from medtl.models import create_model
     from medtl.train.data import prepare_unlabelled
 
-    cfg = load_config(data={"path": str(sample_dir / "manifest.csv"), "unlabelled": str(sample_dir / "dicom")},
-                      encoder={"input_size": 32})
+    cfg = load_config(
+        data={"path": str(sample_dir / "manifest.csv"), "unlabelled": str(sample_dir / "dicom")},
+        encoder={"input_size": 32},
+    )
     _, pre = create_model(cfg.encoder, 2, pretrained=False)
     prepared = prepare_data(cfg.data, pre, 0)
     held = sum(1 for name in ("val", "test") for s in prepared.sets[name] if s["path"].endswith(".dcm"))

@@ -27,8 +27,6 @@ def _history(run) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-
-
 @pytest.fixture(scope="module")
 def three_class_run(tmp_path_factory):
     """An image folder (one sub-folder per class, 10 grey PNGs each, classes differing in brightness and
@@ -40,11 +38,14 @@ def three_class_run(tmp_path_factory):
         for i in range(10):
             img = rng.normal(LEVEL[name], 12, (40, 40))
             y, x = rng.integers(4, 24, 2)
-            img[y:y + 12, x:x + 12] = 255 - LEVEL[name]  # a square of the opposite brightness (mid: none to see)
+            img[y : y + 12, x : x + 12] = 255 - LEVEL[name]  # a square of the opposite brightness (mid: none to see)
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:02d}.png")
-    cfg = load_config(data={"path": str(root), "augment": False}, encoder={"input_size": 64},
-                      train={"strategy": "linear_probe", "epochs": 4, "batch_size": 8, "precision": "fp32"},
-                      explain={"n_overlays": 1})
+    cfg = load_config(
+        data={"path": str(root), "augment": False},
+        encoder={"input_size": 64},
+        train={"strategy": "linear_probe", "epochs": 4, "batch_size": 8, "precision": "fp32"},
+        explain={"n_overlays": 1},
+    )
     run = run_experiment(cfg, tmp_path_factory.mktemp("runs3") / "three")
     return root, run
 
@@ -107,8 +108,14 @@ def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, mo
 
     # resnet18 (5 layer groups) with a local weight file: a pretrained run, so the strategy is kept
     weights = tmp_path / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
-               if not k.startswith("fc.")}, str(weights))
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
+            if not k.startswith("fc.")
+        },
+        str(weights),
+    )
     trainer_module = importlib.import_module("medtl.train.trainer")
     seen = []  # per stage: (its name, the trainable parameters while it ran, each encoder group's and the head's size)
     run_stage = trainer_module.Trainer.run_stage
@@ -116,15 +123,22 @@ def test_gradual_unfreezes_encoder_groups_in_stages(small_manifest, tmp_path, mo
     def recording(trainer, stage):
         run_stage(trainer, stage)
         model = trainer.model
-        seen.append((stage.name, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     [sum(p.numel() for p in g) for g in encoder_groups(model)],
-                     sum(p.numel() for p in head_parameters(model))))
+        seen.append(
+            (
+                stage.name,
+                sum(p.numel() for p in model.parameters() if p.requires_grad),
+                [sum(p.numel() for p in g) for g in encoder_groups(model)],
+                sum(p.numel() for p in head_parameters(model)),
+            )
+        )
 
     monkeypatch.setattr(trainer_module.Trainer, "run_stage", recording)
-    cfg = load_config(data={"path": str(small_manifest), "augment": False},
-                      encoder={"name": "resnet18", "weights_file": str(weights), "input_size": 64},
-                      train={"strategy": "gradual", "frozen_epochs": 0, "epochs": 2, "batch_size": 8,
-                             "precision": "fp32"}, explain={"n_overlays": 0})
+    cfg = load_config(
+        data={"path": str(small_manifest), "augment": False},
+        encoder={"name": "resnet18", "weights_file": str(weights), "input_size": 64},
+        train={"strategy": "gradual", "frozen_epochs": 0, "epochs": 2, "batch_size": 8, "precision": "fp32"},
+        explain={"n_overlays": 0},
+    )
     run = run_experiment(cfg, tmp_path / "gradual")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == "gradual"
@@ -147,8 +161,10 @@ def test_gradual_plan_keeps_the_epoch_budget():
 
 
 def test_auto_strategy_is_resolved_and_explained(small_manifest, tmp_path):
-    run = run_experiment(tiny_config(small_manifest, strategy="auto", precision="fp32",
-                                     auto_candidates=["linear_probe", "partial"]), tmp_path / "auto")
+    run = run_experiment(
+        tiny_config(small_manifest, strategy="auto", precision="fp32", auto_candidates=["linear_probe", "partial"]),
+        tmp_path / "auto",
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     strategy, reason = metrics["strategy"], metrics["strategy_reason"]
     assert strategy in ("linear_probe", "partial")

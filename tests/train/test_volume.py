@@ -25,7 +25,7 @@ def write_volumes(root, n_patients=24, size=(12, 20, 20), seed=0):
         vol = rng.normal(100, 20, size).astype(np.float32)
         if label:
             z, y, x = (rng.integers(2, s - 6) for s in size)
-            vol[z:z + 4, y:y + 5, x:x + 5] += 300
+            vol[z : z + 4, y : y + 5, x : x + 5] += 300
         path = root / f"vol_{i:02d}.nii.gz"
         nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0), np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
         rows.append(f"{path.name},{'abnormal' if label else 'normal'},P{i:02d}")
@@ -47,8 +47,10 @@ def test_3d_encoder_has_no_bundled_weights_but_loads_a_file(tmp_path):
     with pytest.raises(WeightsError, match="no bundled weights"):
         create_encoder("resnet10_3d", pretrained=True, num_classes=2)
     donor = create_encoder("resnet10_3d", pretrained=False, num_classes=2)
-    torch.save({"state_dict": {f"module.{k[4:]}": v for k, v in donor.state_dict().items() if k.startswith("net.")}},
-               tmp_path / "medicalnet.pth")
+    torch.save(
+        {"state_dict": {f"module.{k[4:]}": v for k, v in donor.state_dict().items() if k.startswith("net.")}},
+        tmp_path / "medicalnet.pth",
+    )
     model = create_encoder("resnet10_3d", pretrained=True, num_classes=2, weights_file=tmp_path / "medicalnet.pth")
     assert torch.equal(model.net.conv1.weight, donor.net.conv1.weight)
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
@@ -99,10 +101,20 @@ def test_3d_run_trains_saves_reloads_and_predicts(tmp_path):
     """(In bf16 this net diverged now and then on a native-bf16 CPU, 0 of 10 times in fp32: 3D nets
     now train in fp32 on a CPU, see the test below.)"""
     manifest = write_volumes(tmp_path)
-    cfg = load_config(data={"path": str(manifest), "volume_mode": "3d", "augment": False},
-                      encoder={"name": "resnet10_3d", "pretrained": False, "input_size": 16},
-                      train={"strategy": "full", "epochs": 2, "batch_size": 4, "freeze_bn": False,
-                             "encoder_lr_mult": 1.0, "layer_decay": 1.0, "lr": 1e-3, "precision": "fp32"})
+    cfg = load_config(
+        data={"path": str(manifest), "volume_mode": "3d", "augment": False},
+        encoder={"name": "resnet10_3d", "pretrained": False, "input_size": 16},
+        train={
+            "strategy": "full",
+            "epochs": 2,
+            "batch_size": 4,
+            "freeze_bn": False,
+            "encoder_lr_mult": 1.0,
+            "layer_decay": 1.0,
+            "lr": 1e-3,
+            "precision": "fp32",
+        },
+    )
     run = run_experiment(cfg, tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == "full" and metrics["test"]["n_images"] > 0
@@ -128,10 +140,18 @@ def test_3d_nets_train_in_fp32_on_a_cpu_even_when_bf16_is_asked(tmp_path, monkey
     else:
         monkeypatch.delenv("MEDTL_PRECISION", raising=False)
     manifest = write_volumes(tmp_path)
-    cfg = load_config(data={"path": str(manifest), "volume_mode": "3d", "augment": True},
-                      encoder={"name": "resnet10_3d_gn", "pretrained": False, "input_size": 16},
-                      train={"strategy": "full", "epochs": 2, "batch_size": 4, "lr": 1e-3, "device": "cpu",
-                             "precision": "bf16" if asked == "config" else "auto"})
+    cfg = load_config(
+        data={"path": str(manifest), "volume_mode": "3d", "augment": True},
+        encoder={"name": "resnet10_3d_gn", "pretrained": False, "input_size": 16},
+        train={
+            "strategy": "full",
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "device": "cpu",
+            "precision": "bf16" if asked == "config" else "auto",
+        },
+    )
     run = run_experiment(cfg, tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["precision"] == "fp32" and "3D convolutions train in fp32" in metrics["precision_choice"]["reason"]

@@ -52,9 +52,12 @@ def test_a_label_carried_by_colour_is_learnt_in_rgb_only(tmp_path, color, low, h
     from medtl.train import run_experiment
 
     data = write_colour_medmnist(tmp_path / "hue.npz")
-    cfg = load_config(data={"path": str(data), "augment": False, "color": color}, encoder={"input_size": 64},
-                      train={"strategy": "linear_probe", "epochs": 0, "frozen_epochs": 8, "batch_size": 16,
-                             "lr": 3e-3}, explain={"n_overlays": 0})
+    cfg = load_config(
+        data={"path": str(data), "augment": False, "color": color},
+        encoder={"input_size": 64},
+        train={"strategy": "linear_probe", "epochs": 0, "frozen_epochs": 8, "batch_size": 16, "lr": 3e-3},
+        explain={"n_overlays": 0},
+    )
     run = run_experiment(cfg, tmp_path / f"run-{color}")
     metrics = json.loads((run / "metrics.json").read_text())
     assert low <= metrics["test"]["auc"] <= high, metrics["test"]

@@ -20,8 +20,15 @@ from medtl.transforms.read import split_slices, volume_inputs
 def _scan(array, modality="", source="dicom", window=None, value_max=None):
     from pathlib import Path
 
-    return Scan(array=np.asarray(array, np.float32), spacing=(1.0,) * np.ndim(array), modality=modality,
-                source=source, path=Path("x"), window=window, value_max=value_max)
+    return Scan(
+        array=np.asarray(array, np.float32),
+        spacing=(1.0,) * np.ndim(array),
+        modality=modality,
+        source=source,
+        path=Path("x"),
+        window=window,
+        value_max=value_max,
+    )
 
 
 def test_presets_follow_the_modality():
@@ -50,8 +57,8 @@ def test_ct_windows_in_hounsfield_units_and_multi_window_channels():
 def test_file_window_and_dtype_scaling():
     data = load_config().data
     a = np.array([[0.0, 50.0, 100.0]])
-    np.testing.assert_allclose(scale_intensity(a, "file_window", data, _scan(a, window=(50, 100)))[0], [[0, .5, 1]])
-    np.testing.assert_allclose(scale_intensity(a, "dtype", data, _scan(a, value_max=100.0))[0], [[0, .5, 1]])
+    np.testing.assert_allclose(scale_intensity(a, "file_window", data, _scan(a, window=(50, 100)))[0], [[0, 0.5, 1]])
+    np.testing.assert_allclose(scale_intensity(a, "dtype", data, _scan(a, value_max=100.0))[0], [[0, 0.5, 1]])
 
 
 def test_volume_modes_keep_their_slice():
@@ -131,8 +138,14 @@ def test_batch_augmentation_flips_left_right_and_turns_3d_volumes_in_plane_only(
     flip_only._chosen = lambda n, p, device: torch.arange(n) if p == 0.5 else torch.arange(0)  # flips alone
     assert torch.allclose(flip_only(x), x.flip(-1), atol=1e-5)
     vol = _square_batch(n=4, size=16, channels=1, dims=3)
-    turn = BatchAugment(Preprocessing(input_size=16, in_chans=1, mean=(0.5,), std=(0.5,), spatial_dims=3),
-                        rotate_deg=10, zoom=0, shift=0, flip=False, seed=0)
+    turn = BatchAugment(
+        Preprocessing(input_size=16, in_chans=1, mean=(0.5,), std=(0.5,), spatial_dims=3),
+        rotate_deg=10,
+        zoom=0,
+        shift=0,
+        flip=False,
+        seed=0,
+    )
     turn._chosen = lambda n, p, device: torch.arange(n) if p == 0.5 else torch.arange(0)  # the affine alone
     out = turn(vol)
     # a rotation about the slice axis moves voxels within each slice, never between slices
@@ -155,10 +168,18 @@ def test_batch_augmentation_matches_the_per_sample_monai_chain_in_distribution()
     image = np.clip(image, 0, 1)[None]
     # ranges per axis: a scalar range gives MONAI's RandAffine one parameter, the first axis's (the old
     # chain passed scalars, so it zoomed and shifted rows only; BatchAugment does both axes, as meant)
-    chain = [RandAffine(prob=0.5, rotate_range=np.deg2rad(10), scale_range=(0.1, 0.1),
-                        translate_range=(size * 0.05,) * 2, padding_mode="zeros"),
-             RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)), RandGaussianNoise(prob=0.3, std=0.02),
-             RandFlip(prob=0.5, spatial_axis=-1)]
+    chain = [
+        RandAffine(
+            prob=0.5,
+            rotate_range=np.deg2rad(10),
+            scale_range=(0.1, 0.1),
+            translate_range=(size * 0.05,) * 2,
+            padding_mode="zeros",
+        ),
+        RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
+        RandGaussianNoise(prob=0.3, std=0.02),
+        RandFlip(prob=0.5, spatial_axis=-1),
+    ]
     for k, t in enumerate(chain):
         t.set_random_state(seed=k + 1)
     per_sample = []
@@ -173,9 +194,13 @@ def test_batch_augmentation_matches_the_per_sample_monai_chain_in_distribution()
 
     def stats(x):
         x = x[:, 0]
-        return {"mean": x.mean((1, 2)), "std": x.std((1, 2)), "empty": (x.abs() < 1e-6).float().mean((1, 2)),
-                "left_minus_right": x[:, :, : size // 2].mean((1, 2)) - x[:, :, size // 2:].mean((1, 2)),
-                "roughness": (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2))}
+        return {
+            "mean": x.mean((1, 2)),
+            "std": x.std((1, 2)),
+            "empty": (x.abs() < 1e-6).float().mean((1, 2)),
+            "left_minus_right": x[:, :, : size // 2].mean((1, 2)) - x[:, :, size // 2 :].mean((1, 2)),
+            "roughness": (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2)),
+        }
 
     a, b = stats(per_sample), stats(batch)
     for name in a:

@@ -83,8 +83,10 @@ def test_refusals_give_the_reason(tiny_run, sample_dir, tmp_path):
     photo[..., 0] = rng.integers(150, 255, (64, 64))  # strongly coloured: a photograph, not a scan
     photo[..., 2] = rng.integers(0, 60, (64, 64))
     Image.fromarray(photo).save(tmp_path / "cat.jpg")
-    assert "colour image, and the model was trained on grey images only" in \
-        analyse(predictor, str(tmp_path / "cat.jpg"), workdir=tmp_path / "w2")[3]
+    assert (
+        "colour image, and the model was trained on grey images only"
+        in analyse(predictor, str(tmp_path / "cat.jpg"), workdir=tmp_path / "w2")[3]
+    )
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     mr.save_as(tmp_path / "mr.dcm")
     message = analyse(predictor, str(tmp_path / "mr.dcm"), workdir=tmp_path / "w3")[3]
@@ -138,11 +140,13 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
     assert case.key in pdf
     assert case.prediction.get("slice_scores") is None and slice_profile(case) is None  # "middle": one input
     scores = [0.1, 0.2, 0.9, 0.3, 0.2, 0.1]  # a volume read slice by slice: the profile is drawn
-    profile = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": scores},
-                                                slice_index=2))
+    profile = slice_profile(
+        dataclasses.replace(case, prediction={**case.prediction, "slice_scores": scores}, slice_index=2)
+    )
     assert profile.ndim == 3 and profile.shape[2] == 3 and profile.shape[1] > 300
-    flat = slice_profile(dataclasses.replace(case, prediction={**case.prediction, "slice_scores": [0.5] * 6},
-                                             slice_index=2))
+    flat = slice_profile(
+        dataclasses.replace(case, prediction={**case.prediction, "slice_scores": [0.5] * 6}, slice_index=2)
+    )
     assert not np.array_equal(profile, flat)  # the plot follows the scores
 
 
@@ -235,8 +239,10 @@ def test_the_case_key_does_not_depend_on_the_order_or_the_stored_names(tmp_path)
     from medtl_ui.case import case_key
 
     files = sorted(create_sample_series(tmp_path / "s", n_slices=4, size=32).iterdir())
-    keys = {store_case_files([str(f) for f in order], tmp_path / f"w{i}")[2]
-            for i, order in enumerate([files, files[::-1], files[1:] + files[:1]])}
+    keys = {
+        store_case_files([str(f) for f in order], tmp_path / f"w{i}")[2]
+        for i, order in enumerate([files, files[::-1], files[1:] + files[:1]])
+    }
     assert len(keys) == 1 and keys == {case_key(files)}
 
 

@@ -29,8 +29,10 @@ def test_upload_dicom_shows_prediction_and_overlay(tiny_run, sample_dir, tmp_pat
     app, _, _ = launch(tiny_run, port=port, prevent_thread_lock=True)
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            )
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
             page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)

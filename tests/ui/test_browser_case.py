@@ -35,8 +35,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 KEY = re.compile(r"case-[0-9a-f]{12}")
 ANSWER = 60_000  # ms: a first analysis loads the model's code paths
 # Gradio's loading overlay on an element is gone (no update pending)
-_SETTLED = ("sel => [...document.querySelectorAll(sel + ' [data-testid=status-tracker]')]"
-            ".every(s => s.classList.contains('hide'))")
+_SETTLED = (
+    "sel => [...document.querySelectorAll(sel + ' [data-testid=status-tracker]')]"
+    ".every(s => s.classList.contains('hide'))"
+)
 
 
 def _free_port() -> int:
@@ -59,6 +61,7 @@ def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float =
 
 
 # -- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
@@ -111,7 +114,9 @@ class Page:
         self.page.wait_for_function(
             "([old, want]) => { const m = document.querySelector('#message');"
             " return m && m.innerText !== old && m.innerText.includes(want); }",
-            arg=[old, expect], timeout=ANSWER)
+            arg=[old, expect],
+            timeout=ANSWER,
+        )
         self.settle()
         return self.text("#message")
 
@@ -165,8 +170,9 @@ def _stable_src(page, quiet: float = 0.8, timeout: float = 20.0) -> str:
     deadline = time.monotonic() + timeout
     src, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        now = page.evaluate("() => { const i = document.querySelector('#scan img');"
-                            " return i && i.complete ? i.src : null; }")
+        now = page.evaluate(
+            "() => { const i = document.querySelector('#scan img'); return i && i.complete ? i.src : null; }"
+        )
         if now != src:
             src, since = now, time.monotonic()
         elif src and time.monotonic() - since >= quiet:
@@ -176,6 +182,7 @@ def _stable_src(page, quiet: float = 0.8, timeout: float = 20.0) -> str:
 
 
 # -- helpers for the PDF --------------------------------------------------------------------------
+
 
 def _pdf_streams(data: bytes) -> list[bytes]:
     """The PDF's streams, Flate-decoded where they are compressed."""
@@ -201,6 +208,7 @@ def _pdf_text(data: bytes) -> str:
 
 
 # -- tests --------------------------------------------------------------------------------------
+
 
 def test_two_cases_in_a_row_leave_no_stale_output(open_page, sample_dir):
     ui = open_page("two_cases")
@@ -306,8 +314,11 @@ def test_viewer_drag_and_wheel_on_the_app(open_page, sample_dir):
     ui.upload(sample_dir / "nifti" / "vol_001.nii.gz", expect="This volume of")
     img = page.locator("#scan img").first
     img.wait_for(state="visible", timeout=30_000)
-    page.wait_for_function("() => window.medtlViewer && document.querySelector('#scan img.medtl-viewer')"
-                           " && document.querySelector('#scan img').complete", timeout=10_000)
+    page.wait_for_function(
+        "() => window.medtlViewer && document.querySelector('#scan img.medtl-viewer')"
+        " && document.querySelector('#scan img').complete",
+        timeout=10_000,
+    )
     level, width = page.locator("#level input[type=number]"), page.locator("#width input[type=number]")
     preset = page.locator("#preset input").first
     rng = page.locator("#slice input[type=range]")
@@ -323,11 +334,18 @@ def test_viewer_drag_and_wheel_on_the_app(open_page, sample_dir):
     page.mouse.down()
     page.mouse.move(cx + 64, cy + 32, steps=12)
     page.mouse.up()
-    page.wait_for_function("([l, w]) => +document.querySelector('#level input').value > l"
-                           " && +document.querySelector('#width input').value > w", arg=[l0, w0], timeout=10_000)
+    page.wait_for_function(
+        "([l, w]) => +document.querySelector('#level input').value > l"
+        " && +document.querySelector('#width input').value > w",
+        arg=[l0, w0],
+        timeout=10_000,
+    )
     page.wait_for_function("() => document.querySelector('#preset input').value === 'custom'", timeout=10_000)
-    page.wait_for_function("old => { const i = document.querySelector('#scan img');"
-                           " return i && i.src && i.src !== old && i.complete; }", arg=src0, timeout=20_000)
+    page.wait_for_function(
+        "old => { const i = document.querySelector('#scan img'); return i && i.src && i.src !== old && i.complete; }",
+        arg=src0,
+        timeout=20_000,
+    )
     ui.settle()
     assert preset.input_value() == "custom"
     assert float(width.input_value()) > w0 and float(level.input_value()) > l0
@@ -340,12 +358,15 @@ def test_viewer_drag_and_wheel_on_the_app(open_page, sample_dir):
     step = 1 if s0 < smax else -1
     page.mouse.move(cx, cy)
     page.mouse.wheel(0, 100 * step)
-    page.wait_for_function("s => +document.querySelector('#slice input[type=range]').value === s",
-                           arg=s0 + step, timeout=10_000)
-    page.wait_for_function("old => { const i = document.querySelector('#scan img');"
-                           " return i && i.src && i.src !== old && i.complete; }", arg=src1, timeout=20_000)
-    page.wait_for_function("c => document.querySelector('#view-caption').innerText !== c", arg=caption0,
-                           timeout=10_000)
+    page.wait_for_function(
+        "s => +document.querySelector('#slice input[type=range]').value === s", arg=s0 + step, timeout=10_000
+    )
+    page.wait_for_function(
+        "old => { const i = document.querySelector('#scan img'); return i && i.src && i.src !== old && i.complete; }",
+        arg=src1,
+        timeout=20_000,
+    )
+    page.wait_for_function("c => document.querySelector('#view-caption').innerText !== c", arg=caption0, timeout=10_000)
     ui.settle()
     assert f"Slice {s0 + step + 1} of" in ui.text("#view-caption")
     assert preset.input_value() == "custom"  # a slice change keeps the window the user set
@@ -359,8 +380,12 @@ def test_sigterm_removes_the_upload_folder(tiny_run, sample_dir, browser, tmp_pa
     shutil.copy(sample_dir / "dicom" / "img_0003.dcm", upload)
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "medtl.cli", "serve", str(tiny_run), "--port", str(port)],
-                            env={**os.environ, "TMPDIR": str(private_tmp)}, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medtl.cli", "serve", str(tiny_run), "--port", str(port)],
+        env={**os.environ, "TMPDIR": str(private_tmp)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_port(port, proc)
         ui = Page(browser, f"http://127.0.0.1:{port}/", tmp_path, "sigterm")

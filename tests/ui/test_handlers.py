@@ -16,11 +16,38 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 
-ENDPOINTS = {"/on_upload", "/on_clear", "/on_view", "/on_alpha", "/on_method", "/on_preset", "/on_series",
-             "/on_model", "/jump", "/export", "/on_finding"}
+ENDPOINTS = {
+    "/on_upload",
+    "/on_clear",
+    "/on_view",
+    "/on_alpha",
+    "/on_method",
+    "/on_preset",
+    "/on_series",
+    "/on_model",
+    "/jump",
+    "/export",
+    "/on_finding",
+}
 # outputs of /on_upload, in the order create_app lists them (the case state is not sent to the client)
-(VIEWER, PROBS, OVERLAY, MESSAGE, SLIDER, HEADER, PROFILE, SANITY, PRESET, LEVEL, WIDTH, CASE, SERIES, REPORT,
- CAPTION, UPLOAD) = range(16)
+(
+    VIEWER,
+    PROBS,
+    OVERLAY,
+    MESSAGE,
+    SLIDER,
+    HEADER,
+    PROFILE,
+    SANITY,
+    PRESET,
+    LEVEL,
+    WIDTH,
+    CASE,
+    SERIES,
+    REPORT,
+    CAPTION,
+    UPLOAD,
+) = range(16)
 
 
 def _free_port() -> int:
@@ -154,8 +181,9 @@ def test_opacity_handler_blends_saliency_over_the_image(client, tiny_run, sample
 def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sample_dir, monkeypatch):
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", method="gradcam")
     before = _img(out[OVERLAY])
-    overlay, sanity, _view, caption = client.predict(tiny_run.name, "occlusion", 0.45, 0, 40, 400, True,
-                                                     api_name="/on_method")
+    overlay, sanity, _view, caption = client.predict(
+        tiny_run.name, "occlusion", 0.45, 0, 40, 400, True, api_name="/on_method"
+    )
     assert "occlusion" in sanity and "occlusion map on this slice" in caption
     assert np.abs(_img(overlay) - before).mean() > 1  # a new map
     report = client.predict(tiny_run.name, 0.45, api_name="/export")  # the same case, its prediction kept
@@ -230,17 +258,25 @@ def test_a_decompression_bomb_gets_a_plain_message(client, tiny_run, tmp_path):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     bomb = tmp_path / "bomb.png"  # declares 100000 x 100000 pixels
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     out = _upload(client, tiny_run, bomb)
     assert out[MESSAGE].startswith("**Cannot use this file**"), out[MESSAGE]
     assert "DecompressionBomb" not in out[MESSAGE] and "Analysis failed" not in out[MESSAGE]
 
 
-@pytest.mark.parametrize("name, content", [
-    ("upload.dcm", b"hello, not a scan"),
-    ("volume.nii.gz", b"\x1f\x8b\x08\x00" + b"\x00" * 40),  # a gzip header and nothing usable
-], ids=["text-as-dicom", "truncated-nifti"])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("upload.dcm", b"hello, not a scan"),
+        ("volume.nii.gz", b"\x1f\x8b\x08\x00" + b"\x00" * 40),  # a gzip header and nothing usable
+    ],
+    ids=["text-as-dicom", "truncated-nifti"],
+)
 def test_broken_upload_gets_a_typed_refusal(client, tiny_run, tmp_path, name, content):
     bad = tmp_path / name
     bad.write_bytes(content)
@@ -270,9 +306,15 @@ def multilabel_page(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlpage")
     manifest = create_multilabel_sample(root / "data", n_patients=40, size=48, seed=2)
-    run = run_experiment(load_config(data={"path": str(manifest), "augment": False}, encoder={"input_size": 64},
-                                     train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, "ood": "off"},
-                                     explain={"n_overlays": 0}), root / "run")
+    run = run_experiment(
+        load_config(
+            data={"path": str(manifest), "augment": False},
+            encoder={"input_size": 64},
+            train={"epochs": 1, "frozen_epochs": 1, "batch_size": 8, "ood": "off"},
+            explain={"n_overlays": 0},
+        ),
+        root / "run",
+    )
     port = _free_port()
     launch(run, port=port, prevent_thread_lock=True)
     yield run, manifest.parent, f"http://127.0.0.1:{port}/"
@@ -286,16 +328,23 @@ def test_multilabel_page_lists_each_finding_and_draws_the_map_of_the_one_chosen(
     assert "Findings:" in out[MESSAGE] and "calcification" in out[MESSAGE] and "lesion" in out[MESSAGE]
     probs = _probs(out[PROBS])
     assert set(probs) == {"calcification", "lesion"}  # independent: they need not add up to 1
-    menu = next(o for o in out if isinstance(o, dict) and o.get("choices") and
-                {c[0] if isinstance(c, (list, tuple)) else c for c in o["choices"]} == {"calcification", "lesion"})
+    menu = next(
+        o
+        for o in out
+        if isinstance(o, dict)
+        and o.get("choices")
+        and {c[0] if isinstance(c, (list, tuple)) else c for c in o["choices"]} == {"calcification", "lesion"}
+    )
     assert menu["visible"] is True and menu["value"] == max(probs, key=probs.get)  # the most probable finding's map
     other = next(c for c in ("calcification", "lesion") if c != menu["value"])
-    overlay, _sanity, _view, _caption = client.predict(run.name, other, "gradcam", 0.45, 0, 40, 400, True,
-                                                       api_name="/on_finding")
+    overlay, _sanity, _view, _caption = client.predict(
+        run.name, other, "gradcam", 0.45, 0, 40, 400, True, api_name="/on_finding"
+    )
     assert np.abs(_img(overlay) - _img(out[OVERLAY])).mean() > 1  # the other finding's map
 
 
 # -- the handlers' updates, without a server -------------------------------------------------------------
+
 
 def test_an_update_names_what_it_changes_and_leaves_the_rest():
     import gradio as gr
@@ -306,7 +355,10 @@ def test_an_update_names_what_it_changes_and_leaves_the_rest():
     update = PageUpdate(level=40.0, width=change(value=400.0, interactive=False))
     assert update.changed() == {"level", "width"}
     assert gradio_outputs(update, ("level", "width", "preset")) == (
-        40.0, gr.update(value=400.0, interactive=False), gr.update())  # the preset is left as it is
+        40.0,
+        gr.update(value=400.0, interactive=False),
+        gr.update(),
+    )  # the preset is left as it is
     assert gradio_outputs(PageUpdate(slice=3), ("slice",)) == 3  # one output: its value alone
     with pytest.raises(ValueError, match="overlay"):  # a change the event cannot show is a bug, not a silent loss
         gradio_outputs(PageUpdate(overlay=None, level=1.0), ("level", "width"))

@@ -23,16 +23,49 @@ from medtl_ui.safety import LoginThrottle, looks_identifying, safe_extension, st
 REPO = Path(__file__).resolve().parents[2]
 
 IDENTIFYING = [
-    "Doe^John_MRN12345678_CT.dcm", "DOE^JOHN.dcm", "Doe_John.dcm", "Doe-John-CT.dcm", "John Doe.png",
-    "DOE_JOHN_CT.dcm", "JohnDoe.nii.gz", "Smith.dcm", "Müller_Jürgen.dcm", "scan_12345.dcm",
-    "19650312_ct.dcm", "ct_1965-03-12.dcm", "ct_12.03.1965.dcm", "ct_03-12-65.dcm", "12mar1965.dcm",
-    "scan_march_12_1965.dcm", "mrn_4711.dcm", "MRN4711.dcm", "patient7.png", "PatientName.dcm", "pat_12.dcm",
-    "dob_1965.png", "ssn-123.dcm", "nhs_943.dcm", "accession_9.zip", "1.2.840.113619.2.55.3.dcm",
+    "Doe^John_MRN12345678_CT.dcm",
+    "DOE^JOHN.dcm",
+    "Doe_John.dcm",
+    "Doe-John-CT.dcm",
+    "John Doe.png",
+    "DOE_JOHN_CT.dcm",
+    "JohnDoe.nii.gz",
+    "Smith.dcm",
+    "Müller_Jürgen.dcm",
+    "scan_12345.dcm",
+    "19650312_ct.dcm",
+    "ct_1965-03-12.dcm",
+    "ct_12.03.1965.dcm",
+    "ct_03-12-65.dcm",
+    "12mar1965.dcm",
+    "scan_march_12_1965.dcm",
+    "mrn_4711.dcm",
+    "MRN4711.dcm",
+    "patient7.png",
+    "PatientName.dcm",
+    "pat_12.dcm",
+    "dob_1965.png",
+    "ssn-123.dcm",
+    "nhs_943.dcm",
+    "accession_9.zip",
+    "1.2.840.113619.2.55.3.dcm",
     "j.doe@example.org.png",
 ]
 SHOWN = [
-    "img_0003.dcm", "img_0001.dcm", "vol_001.nii.gz", "chest.png", "series.zip", "CT_HEAD.dcm", "IM-0001-0001.dcm",
-    "slice_12.png", "t1_axial.nii", "brain_mask.npz", "knee_ap.jpg", "Chest_Xray.jpeg", "IMG_0042.DCM", "scan",
+    "img_0003.dcm",
+    "img_0001.dcm",
+    "vol_001.nii.gz",
+    "chest.png",
+    "series.zip",
+    "CT_HEAD.dcm",
+    "IM-0001-0001.dcm",
+    "slice_12.png",
+    "t1_axial.nii",
+    "brain_mask.npz",
+    "knee_ap.jpg",
+    "Chest_Xray.jpeg",
+    "IMG_0042.DCM",
+    "scan",
 ]
 
 
@@ -47,12 +80,14 @@ def test_ordinary_names_are_not(name):
 
 
 def test_safe_extension():
-    assert [safe_extension(n) for n in ["a.DCM", "b.nii.GZ", "c.nii", "d.jpeg", "e.exe", "f.tar.gz", "noext",
-                                        "g.png.sh", "h.npz"]] == \
-        [".dcm", ".nii.gz", ".nii", ".jpeg", "", "", "", "", ".npz"]
+    assert [
+        safe_extension(n)
+        for n in ["a.DCM", "b.nii.GZ", "c.nii", "d.jpeg", "e.exe", "f.tar.gz", "noext", "g.png.sh", "h.npz"]
+    ] == [".dcm", ".nii.gz", ".nii", ".jpeg", "", "", "", "", ".npz"]
 
 
 # -- store_upload ----------------------------------------------------------------------------------
+
 
 def _gradio_upload(workdir: Path, name: str, data: bytes) -> Path:
     """Where Gradio puts an upload: <GRADIO_TEMP_DIR>/<sha256>/<original name>."""
@@ -159,8 +194,9 @@ CHILD = textwrap.dedent("""
 def _start(tmp_path, setup="", after=""):
     work = tmp_path / "medtl-ui-child"
     code = CHILD.format(setup=setup, after=after)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
@@ -169,8 +205,10 @@ def _start(tmp_path, setup="", after=""):
     return proc, work
 
 
-@pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, -signal.SIGINT),
-                                           (signal.SIGHUP, -signal.SIGHUP)])
+@pytest.mark.parametrize(
+    "sig, expected",
+    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, -signal.SIGINT), (signal.SIGHUP, -signal.SIGHUP)],
+)
 def test_signal_removes_the_upload_folder(tmp_path, sig, expected):
     proc, work = _start(tmp_path)
     proc.send_signal(sig)
@@ -182,10 +220,12 @@ def test_signal_removes_the_upload_folder(tmp_path, sig, expected):
 
 
 def test_previous_handler_still_runs_and_ignored_signals_stay_ignored(tmp_path):
-    setup = ("def previous(s, f):\n"
-             "    print('previous handler', flush=True); sys.exit(7)\n"
-             "signal.signal(signal.SIGTERM, previous)\n"
-             "signal.signal(signal.SIGHUP, signal.SIG_IGN)")
+    setup = (
+        "def previous(s, f):\n"
+        "    print('previous handler', flush=True); sys.exit(7)\n"
+        "signal.signal(signal.SIGTERM, previous)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)"
+    )
     after = "assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN"
     proc, work = _start(tmp_path, setup=setup, after=after)
     proc.send_signal(signal.SIGHUP)  # ignored: nothing happens, the folder stays
@@ -216,6 +256,7 @@ def test_from_another_thread_only_atexit(tmp_path):
 
 
 # -- LoginThrottle ---------------------------------------------------------------------------------
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -285,6 +326,7 @@ def test_throttle_per_client_and_global_backstop():
 
 # -- the real Gradio /login ------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,8 +340,16 @@ def _serve(throttle, **launch):
     with gr.Blocks() as demo:
         gr.Markdown("hello")
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, auth=throttle, prevent_thread_lock=True, quiet=True,
-                ssr_mode=False, share=False, **launch)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        auth=throttle,
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+        share=False,
+        **launch,
+    )
     return f"http://127.0.0.1:{port}"
 
 
@@ -334,8 +384,9 @@ def test_gradio_login_per_client_with_middleware():
         base = _serve(throttle, app_kwargs={"middleware": safety.client_middleware()})
         with httpx.Client(base_url=base, timeout=10) as c:
             a = {"X-Forwarded-For": "10.0.0.1"}  # uvicorn takes the client address from it (peer is 127.0.0.1)
-            assert {c.post("/login", data={"username": "u", "password": "x"}, headers=a).status_code
-                    for _ in range(10)} == {400}
+            assert {
+                c.post("/login", data={"username": "u", "password": "x"}, headers=a).status_code for _ in range(10)
+            } == {400}
             assert throttle.checks == 4 and throttle.lock_remaining("u", "10.0.0.1") > 0
             assert c.post("/login", data={"username": "u", "password": "p"}, headers=a).status_code == 400
             b = {"X-Forwarded-For": "10.0.0.2"}

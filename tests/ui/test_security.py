@@ -29,8 +29,13 @@ def served(tiny_run):
 
 def test_path_traversal_and_absolute_paths_are_refused(served):
     base = served()
-    for attempt in ["/gradio_api/file=../../../../etc/passwd", "/gradio_api/file=/etc/passwd",
-                    "/file=../../etc/passwd", "/file=/etc/passwd", "/gradio_api/file=%2e%2e/%2e%2e/etc/passwd"]:
+    for attempt in [
+        "/gradio_api/file=../../../../etc/passwd",
+        "/gradio_api/file=/etc/passwd",
+        "/file=../../etc/passwd",
+        "/file=/etc/passwd",
+        "/gradio_api/file=%2e%2e/%2e%2e/etc/passwd",
+    ]:
         r = httpx.get(base + attempt, follow_redirects=True)
         assert r.status_code in (400, 403, 404), (attempt, r.status_code)
         assert "root:" not in r.text
@@ -65,8 +70,9 @@ def test_failed_logins_are_locked_out_with_a_growing_delay(served):
     """50 wrong passwords in a row: after a few, the server stops checking them (locked), and even the right
     password is refused until the lock expires."""
     base = served(auth="doctor:s3cret-pass")
-    codes = [httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}).status_code
-             for i in range(50)]
+    codes = [
+        httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}).status_code for i in range(50)
+    ]
     assert all(c in (400, 401, 403) for c in codes)
     right = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"})
     assert right.status_code != 200  # locked: the right password does not get through either

@@ -28,8 +28,10 @@ def _free_port() -> int:
 
 
 # Gradio's loading overlay on the image is gone (no render pending)
-_SETTLED = ("() => [...document.querySelectorAll('#scan [data-testid=status-tracker]')]"
-            ".every(s => s.classList.contains('hide'))")
+_SETTLED = (
+    "() => [...document.querySelectorAll('#scan [data-testid=status-tracker]')]"
+    ".every(s => s.classList.contains('hide'))"
+)
 
 
 def _wait_until(condition, timeout: float = 10.0) -> None:
@@ -100,8 +102,16 @@ def test_viewer_mouse_and_keyboard(tmp_path):
     typed: list = []
     port = _free_port()
     demo = _app(calls, typed)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False,
-                footer_links=[], ssr_mode=False, head=VIEWER_HEAD)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        footer_links=[],
+        ssr_mode=False,
+        head=VIEWER_HEAD,
+    )
     shots = []
 
     def settle():
@@ -123,8 +133,10 @@ def test_viewer_mouse_and_keyboard(tmp_path):
 
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -132,8 +144,9 @@ def test_viewer_mouse_and_keyboard(tmp_path):
 
             img = page.locator("#scan img").first
             img.wait_for(state="visible", timeout=60_000)
-            page.wait_for_function("() => window.medtlViewer && document.querySelector('#scan img.medtl-viewer')",
-                                   timeout=10_000)
+            page.wait_for_function(
+                "() => window.medtlViewer && document.querySelector('#scan img.medtl-viewer')", timeout=10_000
+            )
             level = page.locator("#level input[type=number]")
             width = page.locator("#width input[type=number]")
             rng = page.locator("#slice input[type=range]")
@@ -142,9 +155,12 @@ def test_viewer_mouse_and_keyboard(tmp_path):
                 return img.get_attribute("src")
 
             def wait_new_src(old):
-                page.wait_for_function("old => { const i = document.querySelector('#scan img');"
-                                       " return i && i.src && i.src !== old && i.complete; }",
-                                       arg=old, timeout=20_000)
+                page.wait_for_function(
+                    "old => { const i = document.querySelector('#scan img');"
+                    " return i && i.src && i.src !== old && i.complete; }",
+                    arg=old,
+                    timeout=20_000,
+                )
 
             def transform():
                 return page.eval_on_selector("#scan img", "i => getComputedStyle(i).transform")
@@ -156,8 +172,10 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             page.wait_for_function("() => document.querySelector('#scan img').complete")
             assert float(level.input_value()) == LEVEL0 and float(width.input_value()) == WIDTH0
             assert rng.input_value() == str(SLICE0)
-            page.wait_for_function("() => document.querySelector('#scan .medtl-viewer-hud')"
-                                   ".textContent.includes('slice 11/20')", timeout=5_000)
+            page.wait_for_function(
+                "() => document.querySelector('#scan .medtl-viewer-hud').textContent.includes('slice 11/20')",
+                timeout=5_000,
+            )
             shot(page, "initial")
 
             # 1. left-drag: right widens the window, down raises the level; throttled, then re-rendered
@@ -172,7 +190,9 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             page.wait_for_function(
                 "([l, w]) => +document.querySelector('#level input').value === l"
                 " && +document.querySelector('#width input').value === w",
-                arg=[LEVEL0 + 32 * k, WIDTH0 + 64 * k], timeout=5_000)
+                arg=[LEVEL0 + 32 * k, WIDTH0 + 64 * k],
+                timeout=5_000,
+            )
             assert float(width.input_value()) > WIDTH0 and float(level.input_value()) > LEVEL0
             commits = page.evaluate("() => window.medtlViewer.stats.commits")
             assert 1 <= commits < 20, commits  # throttled: far fewer updates than mouse moves
@@ -188,15 +208,19 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             scroll0 = page.evaluate("() => window.scrollY")
             for _ in range(3):
                 page.mouse.wheel(0, 100)
-            page.wait_for_function("() => document.querySelector('#slice input[type=range]').value === '13'",
-                                   timeout=5_000)
+            page.wait_for_function(
+                "() => document.querySelector('#slice input[type=range]').value === '13'", timeout=5_000
+            )
             page.mouse.wheel(0, -100)
-            page.wait_for_function("() => document.querySelector('#slice input[type=range]').value === '12'",
-                                   timeout=5_000)
+            page.wait_for_function(
+                "() => document.querySelector('#slice input[type=range]').value === '12'", timeout=5_000
+            )
             assert page.evaluate("() => window.scrollY") == scroll0
             wait_new_src(before)
-            page.wait_for_function("() => document.querySelector('#scan .medtl-viewer-hud')"
-                                   ".textContent.includes('slice 13/20')", timeout=5_000)
+            page.wait_for_function(
+                "() => document.querySelector('#scan .medtl-viewer-hud').textContent.includes('slice 13/20')",
+                timeout=5_000,
+            )
             _wait_until(lambda: calls[-1][2] == 12 and "slice" in typed)
             settle()
             shot(page, "wheel_slices")
@@ -207,8 +231,9 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             page.keyboard.down("Control")
             page.mouse.wheel(0, -200)
             page.keyboard.up("Control")
-            page.wait_for_function("() => getComputedStyle(document.querySelector('#scan img')).transform"
-                                   " !== 'none'", timeout=5_000)
+            page.wait_for_function(
+                "() => getComputedStyle(document.querySelector('#scan img')).transform !== 'none'", timeout=5_000
+            )
             assert scale() > 1.0
             t_zoomed = transform()
             page.keyboard.down("Shift")
@@ -227,15 +252,17 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             page.mouse.move(cx + 10, cy + 30, steps=5)
             page.mouse.up(button="right")
             assert transform() != t_panned
-            clip = page.eval_on_selector("#scan img", "i => getComputedStyle(i.closest('.image-frame') ||"
-                                                      " i.parentElement).overflow")
+            clip = page.eval_on_selector(
+                "#scan img", "i => getComputedStyle(i.closest('.image-frame') || i.parentElement).overflow"
+            )
             assert clip == "hidden"
             shot(page, "zoomed")
             page.wait_for_timeout(300)
             assert len(calls) == n_calls  # zoom and pan never reached the server
             img.dblclick()
-            page.wait_for_function("() => getComputedStyle(document.querySelector('#scan img')).transform"
-                                   " === 'none'", timeout=5_000)
+            page.wait_for_function(
+                "() => getComputedStyle(document.querySelector('#scan img')).transform === 'none'", timeout=5_000
+            )
             # keys: + zooms, r resets
             img.focus()
             page.keyboard.press("+")
@@ -248,15 +275,20 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             img.focus()
             assert page.evaluate("() => document.activeElement === document.querySelector('#scan img')")
             page.keyboard.press("ArrowDown")
-            page.wait_for_function("() => document.querySelector('#slice input[type=range]').value === '13'",
-                                   timeout=5_000)
+            page.wait_for_function(
+                "() => document.querySelector('#slice input[type=range]').value === '13'", timeout=5_000
+            )
             wait_new_src(before)
             page.keyboard.press("End")
             page.keyboard.press("ArrowDown")  # clamped at the last slice
-            page.wait_for_function(f"() => document.querySelector('#slice input[type=range]').value"
-                                   f" === '{N_SLICES - 1}'", timeout=5_000)
-            page.wait_for_function(f"() => document.querySelector('#scan .medtl-viewer-hud')"
-                                   f".textContent.includes('slice {N_SLICES}/{N_SLICES}')", timeout=5_000)
+            page.wait_for_function(
+                f"() => document.querySelector('#slice input[type=range]').value === '{N_SLICES - 1}'", timeout=5_000
+            )
+            page.wait_for_function(
+                f"() => document.querySelector('#scan .medtl-viewer-hud')"
+                f".textContent.includes('slice {N_SLICES}/{N_SLICES}')",
+                timeout=5_000,
+            )
             page.wait_for_timeout(300)
             assert rng.input_value() == str(N_SLICES - 1)
             _wait_until(lambda: calls[-1][2] == N_SLICES - 1)
@@ -264,26 +296,33 @@ def test_viewer_mouse_and_keyboard(tmp_path):
             shot(page, "keyboard")
 
             # 5. a 2D image (the slider hidden): the wheel is left to the page, drag still sets the window
-            page.evaluate("() => window.addEventListener('wheel', e => { window.__lastWheelPrevented ="
-                          " e.defaultPrevented; })")
+            page.evaluate(
+                "() => window.addEventListener('wheel', e => { window.__lastWheelPrevented = e.defaultPrevented; })"
+            )
             page.locator("#flat input[type=checkbox]").check()
-            page.wait_for_function("() => { const s = document.querySelector('#slice');"
-                                   " return !s || s.getClientRects().length === 0; }", timeout=10_000)
+            page.wait_for_function(
+                "() => { const s = document.querySelector('#slice'); return !s || s.getClientRects().length === 0; }",
+                timeout=10_000,
+            )
             n_calls = len(calls)
             page.mouse.move(cx, cy)
             page.mouse.wheel(0, 100)
             page.wait_for_function("() => window.__lastWheelPrevented === false", timeout=5_000)
             page.wait_for_timeout(300)
             assert len(calls) == n_calls
-            page.wait_for_function("() => !document.querySelector('#scan .medtl-viewer-hud')"
-                                   ".textContent.includes('slice')", timeout=5_000)
+            page.wait_for_function(
+                "() => !document.querySelector('#scan .medtl-viewer-hud').textContent.includes('slice')", timeout=5_000
+            )
             before = src()
             page.mouse.move(cx, cy)
             page.mouse.down()
             page.mouse.move(cx - 128, cy, steps=5)  # left: narrower window
             page.mouse.up()
-            page.wait_for_function("w => +document.querySelector('#width input').value === w",
-                                   arg=WIDTH0 + 64 * k - 128 * (WIDTH0 + 64 * k) / 256, timeout=5_000)
+            page.wait_for_function(
+                "w => +document.querySelector('#width input').value === w",
+                arg=WIDTH0 + 64 * k - 128 * (WIDTH0 + 64 * k) / 256,
+                timeout=5_000,
+            )
             wait_new_src(before)
             settle()
             shot(page, "flat")

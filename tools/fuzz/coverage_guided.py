@@ -62,14 +62,17 @@ def libfuzzer_args(kind: str, corpus: Path | None, data: Path | None, budget: in
         corpus = corpus or Path("results/fuzz_atheris") / kind
         print(f"corpus {corpus}: {seed_corpus(kind, corpus, data)} files", flush=True)
         libfuzzer = [a for a in libfuzzer if a not in inputs] + [str(corpus)] + inputs
-    defaults = {"-timeout": "10", "-rss_limit_mb": str(2 * budget // 2 ** 20 + 1024), "-max_len": str(4 << 20)}
+    defaults = {"-timeout": "10", "-rss_limit_mb": str(2 * budget // 2**20 + 1024), "-max_len": str(4 << 20)}
     given = {a.split("=", 1)[0] for a in libfuzzer}
     return [f"{k}={v}" for k, v in defaults.items() if k not in given] + libfuzzer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.fuzz.coverage_guided", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tools.fuzz.coverage_guided",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--kind", choices=sorted(SUFFIX), default="dicom")
     p.add_argument("--budget", default="512M", help="memory budget per read (default 512M)")
     p.add_argument("--corpus", type=Path, help="corpus folder (default results/fuzz_atheris/KIND)")

@@ -7,21 +7,60 @@ from dataclasses import dataclass
 
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 ITEM, ITEM_END, SEQ_END, UNDEFINED = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD, 0xFFFFFFFF
-TS_IMPLICIT, TS_EXPLICIT, TS_BIG, TS_DEFLATE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-                                                "1.2.840.10008.1.2.1.99")
-TAGS = {"TransferSyntaxUID": 0x00020010, "ImageType": 0x00080008, "SOPClassUID": 0x00080016, "Modality": 0x00080060,
-        "Manufacturer": 0x00080070, "SliceThickness": 0x00180050, "SpacingBetweenSlices": 0x00180088,
-        "ImagerPixelSpacing": 0x00181164, "ImagePositionPatient": 0x00200032,
-        "ImageOrientationPatient": 0x00200037, "SamplesPerPixel": 0x00280002,
-        "PhotometricInterpretation": 0x00280004, "PlanarConfiguration": 0x00280006, "NumberOfFrames": 0x00280008,
-        "Rows": 0x00280010, "Columns": 0x00280011, "PixelSpacing": 0x00280030, "BitsAllocated": 0x00280100,
-        "BitsStored": 0x00280101, "HighBit": 0x00280102, "PixelRepresentation": 0x00280103,
-        "WindowCenter": 0x00281050, "WindowWidth": 0x00281051, "RescaleIntercept": 0x00281052,
-        "RescaleSlope": 0x00281053, "ContentSequence": 0x0040A730, "PixelData": 0x7FE00010}
-VRS = {"TransferSyntaxUID": b"UI", "ImageType": b"CS", "SOPClassUID": b"UI", "Modality": b"CS", "Manufacturer": b"LO",
-       "SamplesPerPixel": b"US", "PhotometricInterpretation": b"CS", "PlanarConfiguration": b"US",
-       "NumberOfFrames": b"IS", "Rows": b"US", "Columns": b"US", "BitsAllocated": b"US", "BitsStored": b"US",
-       "HighBit": b"US", "PixelRepresentation": b"US", "ContentSequence": b"SQ", "PixelData": b"OB"}
+TS_IMPLICIT, TS_EXPLICIT, TS_BIG, TS_DEFLATE = (
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+)
+TAGS = {
+    "TransferSyntaxUID": 0x00020010,
+    "ImageType": 0x00080008,
+    "SOPClassUID": 0x00080016,
+    "Modality": 0x00080060,
+    "Manufacturer": 0x00080070,
+    "SliceThickness": 0x00180050,
+    "SpacingBetweenSlices": 0x00180088,
+    "ImagerPixelSpacing": 0x00181164,
+    "ImagePositionPatient": 0x00200032,
+    "ImageOrientationPatient": 0x00200037,
+    "SamplesPerPixel": 0x00280002,
+    "PhotometricInterpretation": 0x00280004,
+    "PlanarConfiguration": 0x00280006,
+    "NumberOfFrames": 0x00280008,
+    "Rows": 0x00280010,
+    "Columns": 0x00280011,
+    "PixelSpacing": 0x00280030,
+    "BitsAllocated": 0x00280100,
+    "BitsStored": 0x00280101,
+    "HighBit": 0x00280102,
+    "PixelRepresentation": 0x00280103,
+    "WindowCenter": 0x00281050,
+    "WindowWidth": 0x00281051,
+    "RescaleIntercept": 0x00281052,
+    "RescaleSlope": 0x00281053,
+    "ContentSequence": 0x0040A730,
+    "PixelData": 0x7FE00010,
+}
+VRS = {
+    "TransferSyntaxUID": b"UI",
+    "ImageType": b"CS",
+    "SOPClassUID": b"UI",
+    "Modality": b"CS",
+    "Manufacturer": b"LO",
+    "SamplesPerPixel": b"US",
+    "PhotometricInterpretation": b"CS",
+    "PlanarConfiguration": b"US",
+    "NumberOfFrames": b"IS",
+    "Rows": b"US",
+    "Columns": b"US",
+    "BitsAllocated": b"US",
+    "BitsStored": b"US",
+    "HighBit": b"US",
+    "PixelRepresentation": b"US",
+    "ContentSequence": b"SQ",
+    "PixelData": b"OB",
+}
 
 
 @dataclass
@@ -48,7 +87,7 @@ def read_elem(buf: bytes, pos: int, explicit: bool, little: bool, depth: int = 0
     if group == 0xFFFE or not explicit:
         vr, len_pos, size = None, pos + 4, 4
     else:
-        vr = bytes(buf[pos + 4:pos + 6])
+        vr = bytes(buf[pos + 4 : pos + 6])
         len_pos, size = (pos + 8, 4) if vr in LONG_VRS else (pos + 6, 2)
     length = struct.unpack_from(e + ("I" if size == 4 else "H"), buf, len_pos)[0]
     value = len_pos + size
@@ -102,8 +141,9 @@ def walk(buf: bytes, explicit: bool, little: bool, start: int = 0, group: int | 
     return out
 
 
-def encode(tag: int, vr: bytes | None, value: bytes, explicit: bool = True, little: bool = True,
-           length: int | None = None) -> bytes:
+def encode(
+    tag: int, vr: bytes | None, value: bytes, explicit: bool = True, little: bool = True, length: int | None = None
+) -> bytes:
     """One element's bytes; ``length`` overrides the written length (UNDEFINED for a delimited value)."""
     e = "<" if little else ">"
     if length is None and len(value) % 2:
@@ -134,7 +174,7 @@ def replace_meta_element(meta: bytes, tag: int, encoded: bytes) -> bytes:
     elems = walk(meta, True, True)
     el = next((x for x in elems if x.tag == tag), None)
     if el is not None:
-        return meta[:el.start] + encoded + meta[el.end:]
+        return meta[: el.start] + encoded + meta[el.end :]
     at = next((x.start for x in elems if x.tag > tag), len(meta))
     return meta[:at] + encoded + meta[at:]
 
@@ -160,7 +200,7 @@ class DicomFile:
         ts = ""
         for el in meta_elems:
             if el.tag == TAGS["TransferSyntaxUID"]:
-                ts = data[el.value:el.end].rstrip(b"\0 ").decode("latin-1")
+                ts = data[el.value : el.end].rstrip(b"\0 ").decode("latin-1")
         raw_body = data[meta_end:]
         if not ts:  # no file meta: guess the encoding as pydicom does, from the first element's VR
             ts = TS_EXPLICIT if raw_body[4:6].isalpha() and raw_body[4:6].isupper() else TS_IMPLICIT
@@ -182,7 +222,7 @@ class DicomFile:
         if el is None or el.end - el.value < 2:
             return default
         if el.vr in (b"IS", b"DS"):
-            return int(float(self.body[el.value:el.end].strip(b"\0 ")))
+            return int(float(self.body[el.value : el.end].strip(b"\0 ")))
         return struct.unpack_from("<H" if self.little else ">H", self.body, el.value)[0]
 
     def put(self, name: str, value, vr: bytes | None = None) -> None:
@@ -197,7 +237,7 @@ class DicomFile:
         elems = self.body_elems()
         el = next((x for x in elems if x.tag == tag), None)
         if el is not None:
-            self.body = self.body[:el.start] + encoded + self.body[el.end:]
+            self.body = self.body[: el.start] + encoded + self.body[el.end :]
             return
         at = next((x.start for x in elems if x.tag > tag), len(self.body))
         self.body = self.body[:at] + encoded + self.body[at:]
@@ -206,7 +246,7 @@ class DicomFile:
         el = self.find(name)
         if el is None:
             return False
-        self.body = self.body[:el.start] + self.body[el.end:]
+        self.body = self.body[: el.start] + self.body[el.end :]
         return True
 
     def set_meta(self, meta: bytes) -> None:

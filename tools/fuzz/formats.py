@@ -36,8 +36,29 @@ def zip_entries(entries: list[tuple[str, int, bytes, int, int]]) -> bytes:
     for name, method, stored, crc, size in entries:
         fname = name.encode()
         head = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0x5021, crc, len(stored), size, len(fname), 0)
-        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0x5021, crc, len(stored), size,
-                               len(fname), 0, 0, 0, 0, 0o644 << 16, len(out)) + fname
+        central += (
+            struct.pack(
+                "<4s6H3I5H2I",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                method,
+                0,
+                0x5021,
+                crc,
+                len(stored),
+                size,
+                len(fname),
+                0,
+                0,
+                0,
+                0,
+                0o644 << 16,
+                len(out),
+            )
+            + fname
+        )
         out += head + fname + stored
     eocd = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(central), len(out), 0)
     return bytes(out + central + eocd)

@@ -26,8 +26,7 @@ def plan(run_seed: int, index: int, seeds: list[Seed]) -> dict:
     if not options:
         options = [MUTATORS[n] for n in BYTE_MUTATORS]
     m = rng.choice(options)
-    return {"run_seed": run_seed, "index": index, "seed": seed.id, "kind": kind, "family": m.family,
-            "mutator": m.name}
+    return {"run_seed": run_seed, "index": index, "seed": seed.id, "kind": kind, "family": m.family, "mutator": m.name}
 
 
 def make_mutant(recipe: dict, seeds: dict[str, Seed]) -> tuple[bytes, dict, str]:

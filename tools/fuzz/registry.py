@@ -29,9 +29,11 @@ def _always(seed) -> bool:
 
 def mutator(family: str, kinds: tuple[str, ...], applies: Callable[[Any], bool] | None = None):
     """Register the decorated function as a mutator of ``family`` for seeds of ``kinds``."""
+
     def register(fn):
         MUTATORS[fn.__name__] = Mutator(fn.__name__, family, kinds, fn, applies or _always)
         return fn
+
     return register
 
 

@@ -28,8 +28,10 @@ def parse_budget(text: str | int) -> int:
 def _check_recipes(recipes: list[dict], by_id: dict[str, Seed]) -> None:
     missing = sorted({r["seed"] for r in recipes} - set(by_id))
     if missing:
-        raise SystemExit(f"recipes name seeds that this run does not have: {', '.join(missing[:5])} "
-                         "(give the same --seeds and --data as the run that recorded them)")
+        raise SystemExit(
+            f"recipes name seeds that this run does not have: {', '.join(missing[:5])} "
+            "(give the same --seeds and --data as the run that recorded them)"
+        )
 
 
 def _warm_files(folder: Path, seeds: list[Seed]) -> list[str]:
@@ -49,8 +51,17 @@ def _warm_files(folder: Path, seeds: list[Seed]) -> list[str]:
 class MutantQueue:
     """The recipes, shared by one thread per server: each makes the next mutant, reads it, records the row."""
 
-    def __init__(self, recipes: list[dict], by_id: dict[str, Seed], folder: Path, timeout: float, budget: int,
-                 failures: Path | None, progress: Callable | None, t_start: float):
+    def __init__(
+        self,
+        recipes: list[dict],
+        by_id: dict[str, Seed],
+        folder: Path,
+        timeout: float,
+        budget: int,
+        failures: Path | None,
+        progress: Callable | None,
+        t_start: float,
+    ):
         self.recipes, self.by_id, self.folder = recipes, by_id, folder
         self.timeout, self.budget, self.failures = timeout, budget, failures
         self.progress, self.t_start = progress, t_start
@@ -105,14 +116,29 @@ class MutantQueue:
             done, total = len(self.results), len(self.recipes)
             if self.progress and (done % self.step == 0 or done == total):
                 c = Counter(x["outcome"] for x in self.results)
-                self.progress(f"  {done}/{total} mutants: " + ", ".join(f"{c[o]} {o}" for o in OUTCOMES)
-                              + f" [{time.monotonic() - self.t_start:.0f} s]", flush=True)
+                self.progress(
+                    f"  {done}/{total} mutants: "
+                    + ", ".join(f"{c[o]} {o}" for o in OUTCOMES)
+                    + f" [{time.monotonic() - self.t_start:.0f} s]",
+                    flush=True,
+                )
 
 
-def run(n: int = 1000, seed: int = 0, jobs: int = 2, budget: str | int = "2G", timeout: float = 10.0,
-        seeds: str = "generated", data: Path | None = None, out: Path | None = None, keep_failures: bool = False,
-        reader: str = DEFAULT_READER, recipes: list[dict] | None = None, progress: Callable | None = print,
-        log: Path | None = None) -> dict:
+def run(
+    n: int = 1000,
+    seed: int = 0,
+    jobs: int = 2,
+    budget: str | int = "2G",
+    timeout: float = 10.0,
+    seeds: str = "generated",
+    data: Path | None = None,
+    out: Path | None = None,
+    keep_failures: bool = False,
+    reader: str = DEFAULT_READER,
+    recipes: list[dict] | None = None,
+    progress: Callable | None = print,
+    log: Path | None = None,
+) -> dict:
     """Make and read ``n`` mutants (or the given ``recipes``); return the report (see
     :func:`tools.fuzz.report.summarize`), also written to ``out`` when given."""
     budget_bytes = parse_budget(budget)
@@ -137,10 +163,21 @@ def run(n: int = 1000, seed: int = 0, jobs: int = 2, budget: str | int = "2G", t
         for s in servers:
             s.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report = summarize(results, budget_bytes, time.monotonic() - t_start,
-                       {"n": len(recipes), "seed": seed, "jobs": jobs, "timeout": timeout, "seeds": seeds,
-                        "data": str(data) if data else None, "reader": reader,
-                        "seed_files": dict(Counter(s.kind for s in seed_list))})
+    report = summarize(
+        results,
+        budget_bytes,
+        time.monotonic() - t_start,
+        {
+            "n": len(recipes),
+            "seed": seed,
+            "jobs": jobs,
+            "timeout": timeout,
+            "seeds": seeds,
+            "data": str(data) if data else None,
+            "reader": reader,
+            "seed_files": dict(Counter(s.kind for s in seed_list)),
+        },
+    )
     if out is not None:
         write_outputs(report, Path(out))
     return report

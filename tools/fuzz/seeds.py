@@ -111,8 +111,10 @@ def _test_pattern() -> tuple[np.ndarray, np.ndarray]:
 def _dicom_seeds(rng: np.random.Generator, rgb: np.ndarray) -> list[Seed]:
     """CT slices (with and without a suffix, and deflated), an RGB secondary capture and a multi-frame MR."""
     ct = _ct_dicom(rng, 32, 10, 0, 10)
-    seeds = [_generated("ct_slice.dcm", "dicom", ct), _generated("ct_slice_no_suffix", "dicom",
-                                                                 _ct_dicom(rng, 32, 11, 1, 11))]
+    seeds = [
+        _generated("ct_slice.dcm", "dicom", ct),
+        _generated("ct_slice_no_suffix", "dicom", _ct_dicom(rng, 32, 11, 1, 11)),
+    ]
     deflated = pydicom.dcmread(io.BytesIO(ct))
     deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     seeds.append(_generated("ct_deflated.dcm", "dicom", _dicom_bytes(deflated)))
@@ -138,8 +140,10 @@ def _nifti_seeds(rng: np.random.Generator) -> list[Seed]:
     ct_volume = nib.Nifti1Image(vol, np.diag([0.75, 0.75, 3.0, 1.0]))
     ct_volume.header.set_xyzt_units("mm")
     small = nib.Nifti1Image(np.arange(16 * 12 * 6, dtype=np.int16).reshape(16, 12, 6), np.diag([0.9, 0.8, 2.5, 1.0]))
-    return [_generated("ct_volume.nii.gz", "nifti", gzip.compress(ct_volume.to_bytes(), 6, mtime=0)),
-            _generated("small.nii", "nifti", small.to_bytes())]
+    return [
+        _generated("ct_volume.nii.gz", "nifti", gzip.compress(ct_volume.to_bytes(), 6, mtime=0)),
+        _generated("small.nii", "nifti", small.to_bytes()),
+    ]
 
 
 def _picture(array: np.ndarray, fmt: str, **kw) -> bytes:
@@ -151,13 +155,15 @@ def _picture(array: np.ndarray, fmt: str, **kw) -> bytes:
 def _picture_seeds(grey: np.ndarray, rgb: np.ndarray) -> list[Seed]:
     """Grey, RGB and 16-bit PNG, JPEG and TIFF pictures."""
     grey16 = grey.astype(np.uint16) * 257
-    return [_generated("grey.png", "picture", _picture(grey, "PNG")),
-            _generated("rgb.png", "picture", _picture(rgb, "PNG")),
-            _generated("grey16.png", "picture", _picture(grey16, "PNG")),
-            _generated("grey.jpg", "picture", _picture(grey, "JPEG", quality=90)),
-            _generated("rgb.jpg", "picture", _picture(rgb, "JPEG", quality=90)),
-            _generated("grey16.tif", "picture", _picture(grey16, "TIFF")),
-            _generated("rgb.tif", "picture", _picture(rgb, "TIFF"))]
+    return [
+        _generated("grey.png", "picture", _picture(grey, "PNG")),
+        _generated("rgb.png", "picture", _picture(rgb, "PNG")),
+        _generated("grey16.png", "picture", _picture(grey16, "PNG")),
+        _generated("grey.jpg", "picture", _picture(grey, "JPEG", quality=90)),
+        _generated("rgb.jpg", "picture", _picture(rgb, "JPEG", quality=90)),
+        _generated("grey16.tif", "picture", _picture(grey16, "TIFF")),
+        _generated("rgb.tif", "picture", _picture(rgb, "TIFF")),
+    ]
 
 
 def generated_seeds() -> list[Seed]:

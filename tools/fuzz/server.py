@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the worker runs here, so ``-m tool
 class Server:
     """One warm server process; :meth:`read` returns a child's outcome for one file."""
 
-    def __init__(self, reader: str, budget: int, warm: Sequence[str] = (), log: Path | None = None,
-                 scratch: Path | None = None):
+    def __init__(
+        self, reader: str, budget: int, warm: Sequence[str] = (), log: Path | None = None, scratch: Path | None = None
+    ):
         self.config = {"reader": reader, "budget": budget, "warm": list(warm)}
         self.log = log
         self.scratch = scratch  # TMPDIR of the server and its children (a killed child leaves its files there)
@@ -27,8 +28,13 @@ class Server:
         self.buf = b""
 
     def _env(self) -> dict:
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   MEDTL_MAX_INPUT_BYTES=str(self.config["budget"]))
+        env = dict(
+            os.environ,
+            OPENBLAS_NUM_THREADS="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            MEDTL_MAX_INPUT_BYTES=str(self.config["budget"]),
+        )
         if self.scratch is not None:
             self.scratch.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(self.scratch)
@@ -36,9 +42,15 @@ class Server:
 
     def start(self) -> None:
         with open(self.log, "ab") if self.log else contextlib.nullcontext(subprocess.DEVNULL) as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tools.fuzz.worker", json.dumps(self.config)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=self._env(),
-                                         cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tools.fuzz.worker", json.dumps(self.config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self._env(),
+                cwd=ROOT,
+                start_new_session=True,
+            )
         self.buf = b""
         line = self._readline(300)
         if line != "ready":
@@ -80,8 +92,12 @@ class Server:
             line = None
         if line is None:  # the server itself died or hung: start a new one for the next file
             self.stop()
-            return {"outcome": "killed", "error": "server lost", "message": "the fuzz server died or stopped answering",
-                    "seconds": round(time.monotonic() - t0, 4)}
+            return {
+                "outcome": "killed",
+                "error": "server lost",
+                "message": "the fuzz server died or stopped answering",
+                "seconds": round(time.monotonic() - t0, 4),
+            }
         return json.loads(line)
 
     def stop(self) -> None:

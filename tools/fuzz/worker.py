@@ -79,8 +79,11 @@ def child_read(path: str, reader, budget: int) -> dict:
     try:
         scan = reader(path)
         array = getattr(scan, "array", None)
-        result = {"outcome": "read", "shape": list(getattr(array, "shape", ())),
-                  "dtype": str(getattr(array, "dtype", ""))}
+        result = {
+            "outcome": "read",
+            "shape": list(getattr(array, "shape", ())),
+            "dtype": str(getattr(array, "dtype", "")),
+        }
     except MedtlInputError as e:
         cause = e.__cause__ or e.__context__
         result = {"outcome": "typed", "error": type(e).__name__, "message": first_line(e)}
@@ -88,8 +91,13 @@ def child_read(path: str, reader, budget: int) -> dict:
             result["cause"] = type_name(cause)
     except BaseException as e:  # an untyped error is what the fuzzer looks for
         location, where = locate(e)
-        result = {"outcome": "other", "error": type_name(e), "message": first_line(e), "location": location,
-                  "where": where}
+        result = {
+            "outcome": "other",
+            "error": type_name(e),
+            "message": first_line(e),
+            "location": location,
+            "where": where,
+        }
     result["seconds"] = round(time.perf_counter() - t0, 4)
     result["peak_kib"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -106,7 +114,7 @@ def _run_child(r: int, w: int, path: str, reader, budget: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         out = (json.dumps(child_read(path, reader, budget)) + "\n").encode()
         while out:
-            out = out[os.write(w, out):]
+            out = out[os.write(w, out) :]
     finally:
         os._exit(0)
 
@@ -144,8 +152,12 @@ def fork_read(path: str, timeout: float, reader, budget: int, state: dict) -> di
     state["child"] = None
     seconds = round(time.monotonic() - t0, 4)
     if timed_out:
-        return {"outcome": "timeout", "error": "Timeout", "message": f"no result after {timeout:g} s",
-                "seconds": seconds}
+        return {
+            "outcome": "timeout",
+            "error": "Timeout",
+            "message": f"no result after {timeout:g} s",
+            "seconds": seconds,
+        }
     if buf.endswith(b"\n"):
         return json.loads(buf)
     if os.WIFSIGNALED(status):

@@ -22,8 +22,11 @@ def zip_member(data, rng, seed):
     members = _files(data)
     k = rng.randrange(len(members))
     name, body = members[k]
-    families = [m for m in MUTATORS.values() if m.family == "dicom"] if rng.random() < 0.75 else \
-        [MUTATORS[n] for n in BYTE_MUTATORS]
+    families = (
+        [m for m in MUTATORS.values() if m.family == "dicom"]
+        if rng.random() < 0.75
+        else [MUTATORS[n] for n in BYTE_MUTATORS]
+    )
     inner = rng.choice(families)
     member_seed = Seed(f"{seed.id}!{name}", "dicom", name_suffix(name), body)
     new, details = inner.fn(body, rng, member_seed)
@@ -74,8 +77,20 @@ def zip_nested_dirs(data, rng, seed):
 @mutator("zip", ("zip",))
 def zip_bad_names(data, rng, seed):
     members = _files(data)
-    forms = ["../{}", "../../../tmp/{}", "/{}", "C:\\{}", "a/../../{}", "./{}", "..\\{}", "{}\x00.txt", "{}/",
-             "a//b///{}", " {}", "{}" + "x" * 300]
+    forms = [
+        "../{}",
+        "../../../tmp/{}",
+        "/{}",
+        "C:\\{}",
+        "a/../../{}",
+        "./{}",
+        "..\\{}",
+        "{}\x00.txt",
+        "{}/",
+        "a//b///{}",
+        " {}",
+        "{}" + "x" * 300,
+    ]
     renamed = {}
     for k in sorted(rng.sample(range(len(members)), rng.randint(1, len(members)))):
         form = rng.choice(forms)
@@ -98,9 +113,16 @@ def zip_duplicates(data, rng, seed):
 @mutator("zip", ("zip",))
 def zip_foreign_members(data, rng, seed):
     members = _files(data)
-    extras = {"notes.txt": b"not an image\n", "empty.dcm": b"", "DICOMDIR": rng.randbytes(200),
-              "__MACOSX/._IM0001": rng.randbytes(64), ".hidden.dcm": members[0][1],
-              "inner.zip": data, "image.png": png_chunk(b"IEND", b""), "huge_name" + "y" * 1000: b"x"}
+    extras = {
+        "notes.txt": b"not an image\n",
+        "empty.dcm": b"",
+        "DICOMDIR": rng.randbytes(200),
+        "__MACOSX/._IM0001": rng.randbytes(64),
+        ".hidden.dcm": members[0][1],
+        "inner.zip": data,
+        "image.png": png_chunk(b"IEND", b""),
+        "huge_name" + "y" * 1000: b"x",
+    }
     chosen = sorted(rng.sample(sorted(extras), rng.randint(1, 4)))
     if rng.random() < 0.3:  # only foreign members: no DICOM left
         members = []

@@ -16,17 +16,73 @@ from tools.fuzz.dicom_file import (
 )
 from tools.fuzz.registry import mutator
 
-TS_CHOICES = (TS_IMPLICIT, TS_EXPLICIT, TS_BIG, TS_DEFLATE, "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57",
-              "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-              "1.2.840.10008.1.2.5", "1.2.3.4.5.6", "abc", "", "1..2", "1.2.840.10008.1.2\\1.2.840.10008.1.2.1",
-              "1.2.840.10008.1.2.1.99.1", "\x00\x01\x02")
-GARBAGE_FIELDS = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope", "RescaleIntercept",
-                  "WindowCenter", "WindowWidth", "SliceThickness", "SpacingBetweenSlices", "ImagerPixelSpacing")
-GARBAGE_VALUES = ("abc", "1\\2\\3", "nan", "1e400", "-inf", "", "0", "0\\0", "1\\0\\0\\0\\0", "-1\\-1",
-                  "1\\2\\3\\4\\5\\6\\7", "1e308\\1e308", " \\ ", "nan\\nan\\nan\\nan\\nan\\nan", "0\\0\\0\\0\\0\\0")
-REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation", "SamplesPerPixel",
-            "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "PixelSpacing", "ImageOrientationPatient",
-            "ImagePositionPatient", "SOPClassUID", "Modality", "NumberOfFrames", "PixelData")
+TS_CHOICES = (
+    TS_IMPLICIT,
+    TS_EXPLICIT,
+    TS_BIG,
+    TS_DEFLATE,
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.5",
+    "1.2.3.4.5.6",
+    "abc",
+    "",
+    "1..2",
+    "1.2.840.10008.1.2\\1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99.1",
+    "\x00\x01\x02",
+)
+GARBAGE_FIELDS = (
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImagerPixelSpacing",
+)
+GARBAGE_VALUES = (
+    "abc",
+    "1\\2\\3",
+    "nan",
+    "1e400",
+    "-inf",
+    "",
+    "0",
+    "0\\0",
+    "1\\0\\0\\0\\0",
+    "-1\\-1",
+    "1\\2\\3\\4\\5\\6\\7",
+    "1e308\\1e308",
+    " \\ ",
+    "nan\\nan\\nan\\nan\\nan\\nan",
+    "0\\0\\0\\0\\0\\0",
+)
+REQUIRED = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SOPClassUID",
+    "Modality",
+    "NumberOfFrames",
+    "PixelData",
+)
 
 
 @mutator("dicom", ("dicom",))
@@ -59,10 +115,15 @@ def dcm_vr_swap(data, rng, seed):
     where = "body" if d.explicit and rng.random() < 0.85 else "meta"
     elems = [el for el in (d.body_elems() if where == "body" else d.meta_elems()) if el.vr]
     el = rng.choice(elems)
-    new = rng.choice([v for v in (b"ZZ", b"\0\0", b"SQ", b"OB", b"OW", b"UN", b"US", b"DS", b"UT", b"AT", b"FD",
-                                  b"UL", b"ox") if v != el.vr])
+    new = rng.choice(
+        [
+            v
+            for v in (b"ZZ", b"\0\0", b"SQ", b"OB", b"OW", b"UN", b"US", b"DS", b"UT", b"AT", b"FD", b"UL", b"ox")
+            if v != el.vr
+        ]
+    )
     buf = bytearray(d.body if where == "body" else d.meta)
-    buf[el.start + 4:el.start + 6] = new
+    buf[el.start + 4 : el.start + 6] = new
     if where == "body":
         d.body = bytes(buf)
     else:
@@ -88,8 +149,9 @@ def nested_sequence(depth: int, explicit: bool, little: bool, undefined: bool) -
     for _ in range(depth):
         if undefined:
             item = struct.pack(e + "HHI", 0xFFFE, 0xE000, UNDEFINED) + inner + struct.pack(e + "HHI", 0xFFFE, 0xE00D, 0)
-            inner = encode(tag, b"SQ", item + struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0), explicit, little,
-                           length=UNDEFINED)
+            inner = encode(
+                tag, b"SQ", item + struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0), explicit, little, length=UNDEFINED
+            )
         else:
             item = struct.pack(e + "HHI", 0xFFFE, 0xE000, len(inner)) + inner
             inner = encode(tag, b"SQ", item, explicit, little)
@@ -108,7 +170,7 @@ def dcm_nested_seq(data, rng, seed):
 def dcm_rows_cols(data, rng, seed):
     d = DicomFile.parse(data)
     which, value = rng.choice(["Rows", "Columns", "both"]), rng.choice([0, 1, 65535])
-    for name in (["Rows", "Columns"] if which == "both" else [which]):
+    for name in ["Rows", "Columns"] if which == "both" else [which]:
         d.put(name, value)
     return d.to_bytes(), {"field": which, "value": value}
 
@@ -157,15 +219,16 @@ def dcm_samples(data, rng, seed):
 @mutator("dicom", ("dicom",))
 def dcm_photometric(data, rng, seed):
     d = DicomFile.parse(data)
-    value = rng.choice(["PALETTE COLOR", "YBR_FULL_422", "YBR_FULL", "RGB", "MONOCHROME1", "YBR_ICT", "ABC", "",
-                        "MONOCHROME2\\RGB"])
+    value = rng.choice(
+        ["PALETTE COLOR", "YBR_FULL_422", "YBR_FULL", "RGB", "MONOCHROME1", "YBR_ICT", "ABC", "", "MONOCHROME2\\RGB"]
+    )
     d.put("PhotometricInterpretation", value)
     removed = []
     if value == "PALETTE COLOR":  # without its lookup tables
         for tag in (0x00281101, 0x00281102, 0x00281103, 0x00281201, 0x00281202, 0x00281203):
             el = next((x for x in d.body_elems() if x.tag == tag), None)
             if el is not None:
-                d.body = d.body[:el.start] + d.body[el.end:]
+                d.body = d.body[: el.start] + d.body[el.end :]
                 removed.append(f"{tag:08X}")
     return d.to_bytes(), {"PhotometricInterpretation": value, "removed": removed}
 
@@ -173,8 +236,11 @@ def dcm_photometric(data, rng, seed):
 @mutator("dicom", ("dicom",))
 def dcm_mosaic(data, rng, seed):
     d = DicomFile.parse(data)
-    csa = [el for el in d.body_elems() if el.tag >> 16 == 0x0029 and (el.tag & 0xFF) in (0x10, 0x20)
-           and el.end - el.value > 16]
+    csa = [
+        el
+        for el in d.body_elems()
+        if el.tag >> 16 == 0x0029 and (el.tag & 0xFF) in (0x10, 0x20) and el.end - el.value > 16
+    ]
     variant = rng.choice(["mark", "mark_siemens"] + (["csa_bytes", "csa_truncate"] if csa else []))
     if variant.startswith("mark"):
         d.put("ImageType", "ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC")
@@ -182,13 +248,13 @@ def dcm_mosaic(data, rng, seed):
             d.put("Manufacturer", "SIEMENS")
         return d.to_bytes(), {"variant": variant}
     el = rng.choice(csa)
-    value = bytearray(d.body[el.value:el.end])
+    value = bytearray(d.body[el.value : el.end])
     if variant == "csa_bytes":
         for _ in range(rng.randint(1, 16)):
             off = rng.randrange(len(value))
             value[off] = rng.choice([0x00, 0xFF, rng.randrange(256)])
     else:
-        value = value[:rng.randrange(8, len(value))]
+        value = value[: rng.randrange(8, len(value))]
     d.put_raw(el.tag, encode(el.tag, el.vr or b"OB", bytes(value), d.explicit, d.little))
     return d.to_bytes(), {"variant": variant, "tag": f"{el.tag:08X}"}
 
@@ -217,9 +283,9 @@ def _encapsulated_pixeldata(d: DicomFile, el, rng) -> dict:
         struct.pack_into("<I", buf, at + 4, rng.choice([0xFFFFFFF0, 0x7FFFFFFF, len(buf)]))
         d.body = bytes(buf)
     elif variant == "no_delimiter":
-        d.body = d.body[:el.end - 8] + d.body[el.end:]
+        d.body = d.body[: el.end - 8] + d.body[el.end :]
     else:
-        d.body = d.body[:rng.randrange(el.value, el.end)]
+        d.body = d.body[: rng.randrange(el.value, el.end)]
     return {"encapsulated": True, "variant": variant}
 
 
@@ -232,14 +298,14 @@ def dcm_pixeldata(data, rng, seed):
     if el.length == UNDEFINED:
         details = _encapsulated_pixeldata(d, el, rng)
         return d.to_bytes(), details
-    value = d.body[el.value:el.end]
+    value = d.body[el.value : el.end]
     variant = rng.choice(["empty", "shorter", "longer", "odd"])
     if variant == "empty":
         new = b""
     elif variant == "shorter":
-        new = value[:rng.randrange(max(1, len(value)))]
+        new = value[: rng.randrange(max(1, len(value)))]
     elif variant == "longer":
-        new = value + value[:rng.randint(1, max(1, len(value)))] + rng.randbytes(rng.choice([1, 2, 1000]))
+        new = value + value[: rng.randint(1, max(1, len(value)))] + rng.randbytes(rng.choice([1, 2, 1000]))
     else:
         new = value[:-1]
     tag = TAGS["PixelData"]
@@ -255,7 +321,7 @@ def dcm_remove(data, rng, seed):
         tag = TAGS["TransferSyntaxUID"]
         el = next((x for x in d.meta_elems() if x.tag == tag), None)
         if el is not None:
-            d.set_meta(d.meta[:el.start] + d.meta[el.end:])
+            d.set_meta(d.meta[: el.start] + d.meta[el.end :])
             return d.prefix + d.meta + d.raw_body, {"removed": "TransferSyntaxUID"}
     name = rng.choice(names)
     d.remove(name)

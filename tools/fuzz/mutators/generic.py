@@ -19,7 +19,7 @@ def bitflip(data, rng, seed):
 def byte_run(data, rng, seed):
     off, n, value = rng.randrange(len(data)), rng.choice([1, 4, 16, 64, 256, 4096]), rng.choice([0x00, 0xFF])
     buf = bytearray(data)
-    buf[off:off + n] = bytes([value]) * len(buf[off:off + n])
+    buf[off : off + n] = bytes([value]) * len(buf[off : off + n])
     return bytes(buf), {"offset": off, "length": n, "value": value}
 
 
@@ -40,14 +40,14 @@ def chunk_dup(data, rng, seed):
     a = rng.randrange(len(data))
     n = rng.randint(1, min(4096, len(data) - a))
     b = rng.randrange(len(data) + 1)
-    return data[:b] + data[a:a + n] + data[b:], {"from": a, "length": n, "to": b}
+    return data[:b] + data[a : a + n] + data[b:], {"from": a, "length": n, "to": b}
 
 
 @mutator("bytes", KINDS)
 def chunk_del(data, rng, seed):
     a = rng.randrange(len(data))
     n = rng.randint(1, min(4096, len(data) - a))
-    return data[:a] + data[a + n:], {"at": a, "length": n}
+    return data[:a] + data[a + n :], {"at": a, "length": n}
 
 
 @mutator("bytes", KINDS)

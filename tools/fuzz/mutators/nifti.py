@@ -9,8 +9,25 @@ from tools.fuzz.mutators.generic import BYTE_MUTATORS
 from tools.fuzz.registry import MUTATORS, mutator
 
 NAN, INF = float("nan"), float("inf")
-BITPIX = {1: 1, 2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
-          1536: 128, 1792: 128, 2048: 256, 2304: 32}
+BITPIX = {
+    1: 1,
+    2: 8,
+    4: 16,
+    8: 32,
+    16: 32,
+    32: 64,
+    64: 64,
+    128: 24,
+    256: 8,
+    512: 16,
+    768: 32,
+    1024: 64,
+    1280: 64,
+    1536: 128,
+    1792: 128,
+    2048: 256,
+    2304: 32,
+}
 
 
 def _gzipped(seed) -> bool:
@@ -35,6 +52,7 @@ def nii_dim(data, rng, seed):
         i, value = rng.randint(1, 7), rng.choice([0, -1, 32767, -32768, 2])
         struct.pack_into(e + "h", buf, 40 + 2 * i, value)
         return {f"dim[{i}]": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -44,6 +62,7 @@ def nii_pixdim(data, rng, seed):
         i, value = rng.randint(0, 7), rng.choice([0.0, -1.0, NAN, INF, -INF, 1e38, 1e-38])
         struct.pack_into(e + "f", buf, 76 + 4 * i, value)
         return {f"pixdim[{i}]": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -56,6 +75,7 @@ def nii_datatype(data, rng, seed):
         if matched and code in BITPIX:
             struct.pack_into(e + "h", buf, 72, BITPIX[code])
         return {"datatype": code, "bitpix_matched": matched and code in BITPIX}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -65,16 +85,19 @@ def nii_bitpix(data, rng, seed):
         value = rng.choice([0, 1, 7, 13, 128, -8, 32767])
         struct.pack_into(e + "h", buf, 72, value)
         return {"bitpix": value}
+
     return _nifti_edit(data, seed, edit)
 
 
 @mutator("nifti", ("nifti",))
 def nii_vox_offset(data, rng, seed):
     def edit(buf, e):
-        value = rng.choice([0.0, 348.0, 351.0, float(len(buf) + rng.randint(1, 1 << 20)), 1e20, -352.0, NAN, INF,
-                            352.5])
+        value = rng.choice(
+            [0.0, 348.0, 351.0, float(len(buf) + rng.randint(1, 1 << 20)), 1e20, -352.0, NAN, INF, 352.5]
+        )
         struct.pack_into(e + "f", buf, 108, value)
         return {"vox_offset": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -82,9 +105,10 @@ def nii_vox_offset(data, rng, seed):
 def nii_scaling(data, rng, seed):
     def edit(buf, e):
         field, value = rng.choice(["scl_slope", "scl_inter", "both"]), rng.choice([NAN, INF, -INF, 0.0, 1e38, -1e-38])
-        for name in (["scl_slope", "scl_inter"] if field == "both" else [field]):
+        for name in ["scl_slope", "scl_inter"] if field == "both" else [field]:
             struct.pack_into(e + "f", buf, 112 if name == "scl_slope" else 116, value)
         return {"field": field, "value": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -100,13 +124,17 @@ def nii_qsform(data, rng, seed):
             struct.pack_into(e + "h", buf, 254, 1)
             struct.pack_into(e + "12f", buf, 280, *([0.0] * 12))
             return {"sform_code": 1, "srow": "zeros"}
-        offset = {"quatern": 256 + 4 * rng.randrange(3), "qoffset": 268 + 4 * rng.randrange(3),
-                  "srow": 280 + 4 * rng.randrange(12)}[variant]
+        offset = {
+            "quatern": 256 + 4 * rng.randrange(3),
+            "qoffset": 268 + 4 * rng.randrange(3),
+            "srow": 280 + 4 * rng.randrange(12),
+        }[variant]
         value = rng.choice([NAN, INF, 2.0, -5.0, 1e38])
         struct.pack_into(e + "f", buf, offset, value)
         if rng.random() < 0.5:
             struct.pack_into(e + "hh", buf, 252, 1, 1 if variant == "srow" else 0)
         return {"field": variant, "offset": offset, "value": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -116,6 +144,7 @@ def nii_sizeof_hdr(data, rng, seed):
         value = rng.choice([0, 347, 540, 1 << 24, -348, 349])
         struct.pack_into(e + "i", buf, 0, value)
         return {"sizeof_hdr": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -125,6 +154,7 @@ def nii_magic(data, rng, seed):
         value = rng.choice([b"n+2\0", b"ni1\0", b"\0\0\0\0", b"n+1\r", b"ni2\0", b"abcd"])
         buf[344:348] = value
         return {"magic": value}
+
     return _nifti_edit(data, seed, edit)
 
 
@@ -146,8 +176,9 @@ def nii_inner_bytes(data, rng, seed):
 
 @mutator("nifti", ("nifti",), applies=_gzipped)
 def nii_gzip_stream(data, rng, seed):
-    variant = rng.choice(["flip_stream", "bad_crc", "bad_size", "cut_stream", "second_member", "bad_flags",
-                          "bad_method"])
+    variant = rng.choice(
+        ["flip_stream", "bad_crc", "bad_size", "cut_stream", "second_member", "bad_flags", "bad_method"]
+    )
     buf = bytearray(data)
     if variant == "flip_stream":
         for _ in range(rng.randint(1, 8)):
@@ -157,7 +188,7 @@ def nii_gzip_stream(data, rng, seed):
     elif variant == "bad_size":
         struct.pack_into("<I", buf, len(buf) - 4, rng.choice([0, 0xFFFFFFFF, 1 << 30]))
     elif variant == "cut_stream":
-        buf = buf[:rng.randrange(10, len(buf) - 8)]
+        buf = buf[: rng.randrange(10, len(buf) - 8)]
     elif variant == "second_member":
         buf += gzip.compress(rng.randbytes(rng.choice([1, 100, 5000])), 1, mtime=0)
     elif variant == "bad_flags":  # FEXTRA with a length running past the data

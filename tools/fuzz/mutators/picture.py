@@ -32,7 +32,7 @@ def _png_chunks(data: bytes) -> list[tuple[int, int, bytes]]:
 
 def _fix_crc(buf: bytearray, pos: int) -> None:
     n = struct.unpack_from(">I", buf, pos)[0]
-    struct.pack_into(">I", buf, pos + 8 + n, zlib.crc32(bytes(buf[pos + 4:pos + 8 + n])))
+    struct.pack_into(">I", buf, pos + 8 + n, zlib.crc32(bytes(buf[pos + 4 : pos + 8 + n])))
 
 
 @mutator("picture", ("picture",), applies=_is_png)
@@ -49,14 +49,30 @@ def png_ihdr(data, rng, seed):
     buf = bytearray(data)
     variant = rng.choice(["size", "size", "depth", "colour", "interlace", "compression", "filter"])
     if variant == "size":
-        w, h = rng.choice([(100000, 100000), (0, 10), (10, 0), (0x7FFFFFFF, 1), (1, 0x7FFFFFFF), (65535, 65535),
-                           (0xFFFFFFFF, 0xFFFFFFFF)])
+        w, h = rng.choice(
+            [
+                (100000, 100000),
+                (0, 10),
+                (10, 0),
+                (0x7FFFFFFF, 1),
+                (1, 0x7FFFFFFF),
+                (65535, 65535),
+                (0xFFFFFFFF, 0xFFFFFFFF),
+            ]
+        )
         struct.pack_into(">II", buf, 16, w, h)
         details = {"width": w, "height": h}
     else:
         offset = {"depth": 24, "colour": 25, "compression": 26, "filter": 27, "interlace": 28}[variant]
-        value = rng.choice({"depth": [0, 3, 7, 32, 16, 1], "colour": [1, 5, 7, 3, 4, 6],
-                            "compression": [1, 255], "filter": [1, 255], "interlace": [1, 2]}[variant])
+        value = rng.choice(
+            {
+                "depth": [0, 3, 7, 32, 16, 1],
+                "colour": [1, 5, 7, 3, 4, 6],
+                "compression": [1, 255],
+                "filter": [1, 255],
+                "interlace": [1, 2],
+            }[variant]
+        )
         buf[offset] = value
         details = {variant: value}
     _fix_crc(buf, 8)
@@ -75,7 +91,7 @@ def png_bad_crc(data, rng, seed):
 def png_idat(data, rng, seed):
     """IDAT content damaged, short or long, with its CRC recomputed (only the zlib stream is wrong)."""
     pos, n, _ = next(c for c in _png_chunks(data) if c[2] == b"IDAT")
-    body = data[pos + 8:pos + 8 + n]
+    body = data[pos + 8 : pos + 8 + n]
     variant = rng.choice(["flip", "short", "long", "not_zlib"])
     if variant == "flip":
         b = bytearray(body)
@@ -84,19 +100,19 @@ def png_idat(data, rng, seed):
         new = bytes(b)
     elif variant == "short":
         raw = zlib.decompress(body)
-        new = zlib.compress(raw[:rng.randrange(len(raw))])
+        new = zlib.compress(raw[: rng.randrange(len(raw))])
     elif variant == "long":
         raw = zlib.decompress(body)
         new = zlib.compress(raw + raw + rng.randbytes(100))
     else:
         new = rng.randbytes(len(body))
-    return data[:pos] + png_chunk(b"IDAT", new) + data[pos + 12 + n:], {"variant": variant}
+    return data[:pos] + png_chunk(b"IDAT", new) + data[pos + 12 + n :], {"variant": variant}
 
 
 @mutator("picture", ("picture",), applies=_is_png)
 def png_drop_chunk(data, rng, seed):
     pos, n, kind = rng.choice(_png_chunks(data))
-    return data[:pos] + data[pos + 12 + n:], {"dropped": kind}
+    return data[:pos] + data[pos + 12 + n :], {"dropped": kind}
 
 
 def _jpeg_segments(data: bytes) -> list[tuple[int, int, int | None]]:
@@ -126,8 +142,11 @@ def _jpeg_sof(buf: bytearray, pos: int, variant: str, rng) -> dict:
         h, w = rng.choice([(0, 16), (16, 0), (65535, 65535), (0, 0), (65535, 1)])
         struct.pack_into(">HH", buf, pos + 5, h, w)
         return {"variant": variant, "height": h, "width": w}
-    offset, value = (pos + 9, rng.choice([0, 255, 4, 2])) if variant == "sof_components" else \
-        (pos + 4, rng.choice([0, 12, 16, 255]))
+    offset, value = (
+        (pos + 9, rng.choice([0, 255, 4, 2]))
+        if variant == "sof_components"
+        else (pos + 4, rng.choice([0, 12, 16, 255]))
+    )
     buf[offset] = value
     return {"variant": variant, "value": value}
 
@@ -156,8 +175,9 @@ def jpeg_marker(data, rng, seed):
     segs = _jpeg_segments(data)
     buf = bytearray(data)
     sofs = [s for s in segs if s[1] in (0xC0, 0xC1, 0xC2)]
-    variant = rng.choice(["marker", "length", "sof_size", "sof_components", "sof_precision", "table", "no_eoi",
-                          "cut_scan", "double_soi"])
+    variant = rng.choice(
+        ["marker", "length", "sof_size", "sof_components", "sof_precision", "table", "no_eoi", "cut_scan", "double_soi"]
+    )
     if variant in ("sof_size", "sof_components", "sof_precision") and not sofs:
         variant = "marker"
     if variant in ("marker", "length", "table"):
@@ -170,7 +190,7 @@ def jpeg_marker(data, rng, seed):
         return data[:-2] if data.endswith(b"\xff\xd9") else data[:-1], {"variant": variant}
     if variant == "cut_scan":
         start = segs[-1][0] + 4
-        return data[:rng.randrange(start, len(data))], {"variant": variant}
+        return data[: rng.randrange(start, len(data))], {"variant": variant}
     return data[:2] + b"\xff\xd8" + data[2:], {"variant": variant}
 
 
@@ -185,9 +205,18 @@ def _tiff_ifd(data: bytes) -> tuple[str, int, list[tuple[int, int, int, int]]]:
 
 def _tiff_value(buf: bytearray, data: bytes, e: str, entries: list, rng) -> dict:
     """One entry's value (size, bits, compression, strips, ...) replaced."""
-    choices = {256: [0, 0xFFFF, 100000, 0xFFFFFFFF], 257: [0, 0xFFFF, 100000, 0xFFFFFFFF], 258: [0, 3, 64, 255],
-               259: [0, 7, 99, 65535, 5], 262: [99, 3, 5], 273: [len(data) + 10, 0xFFFFFFF0, 0],
-               277: [0, 1000, 4], 278: [0, 0xFFFFFFFF], 279: [0, 0xFFFFFFFF, len(data) * 10], 284: [2, 0, 9]}
+    choices = {
+        256: [0, 0xFFFF, 100000, 0xFFFFFFFF],
+        257: [0, 0xFFFF, 100000, 0xFFFFFFFF],
+        258: [0, 3, 64, 255],
+        259: [0, 7, 99, 65535, 5],
+        262: [99, 3, 5],
+        273: [len(data) + 10, 0xFFFFFFF0, 0],
+        277: [0, 1000, 4],
+        278: [0, 0xFFFFFFFF],
+        279: [0, 0xFFFFFFFF, len(data) * 10],
+        284: [2, 0, 9],
+    }
     editable = [en for en in entries if en[1] in choices]
     pos, tag, typ, count = rng.choice(editable)
     value = rng.choice(choices[tag])
@@ -227,8 +256,9 @@ def _tiff_structure(buf: bytearray, data: bytes, e: str, ifd: int, entries: list
 def tiff_ifd(data, rng, seed):
     e, ifd, entries = _tiff_ifd(data)
     buf = bytearray(data)
-    variant = rng.choice(["value", "value", "value", "entry_count", "ifd_loop", "ifd_offset", "entry_type",
-                          "entry_count_huge"])
+    variant = rng.choice(
+        ["value", "value", "value", "entry_count", "ifd_loop", "ifd_offset", "entry_type", "entry_count_huge"]
+    )
     if variant == "value":
         details = _tiff_value(buf, data, e, entries, rng)
     else:
