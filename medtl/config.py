@@ -56,19 +56,15 @@ class DataConfig:
 
     path: str | None = None  # manifest CSV, image folder (one sub-folder per class) or MedMNIST .npz
     modality: Modality = "auto"  # "auto" (from the file), "CT", "MR", "XR" or "other": overrides the file's modality
-    intensity: Intensity = (
-        "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype" (value / type max)
-    )
+    intensity: Intensity = "auto"  # "auto" (by modality), "ct_window", "file_window", "percentile" or "dtype"
+    #   (value / type max)
     ct_window: str = "soft_tissue"  # CT window name (see CT_WINDOWS), or "multi" to stack ct_multi_windows as channels
     ct_multi_windows: tuple[str, ...] = ("lung", "mediastinum", "bone")  # the 3 windows of ct_window "multi"
     percentiles: tuple[float, float] = (0.5, 99.5)  # "percentile" scaling: values at these percentiles map to 0 and 1
-    volume_mode: VolumeMode = (
-        "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices", "slices_2.5d";
-    )
-    #   or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
-    slice_aggregation: SliceAggregation = (
-        "mean"  # "slices" modes: study score from slice scores by "mean", "max" or "topk"
-    )
+    volume_mode: VolumeMode = "middle"  # 3D into 2D: "middle", "mip", "2.5d" (3 adjacent slices), "slices",
+    #   "slices_2.5d"; or "3d": the whole volume into a 3D encoder (resnet18_3d, ...)
+    slice_aggregation: SliceAggregation = "mean"  # "slices" modes: study score from slice scores by "mean", "max"
+    #   or "topk"
     top_k: int = 3  # slices averaged by slice_aggregation "topk"
     volume_index: int | None = None  # which volume of a 4D NIfTI (None: 4D files are refused)
     val_fraction: float = 0.2  # share of patients held out for validation (ignored when the data has its own split)
@@ -78,10 +74,8 @@ class DataConfig:
     cache_dir: str | None = None  # MONAI PersistentDataset folder for decoded inputs (None: kept in memory only)
     input_store: InputStore = "float16"  # how prepared model inputs are kept for training and evaluation: "float16"
     #   (half the memory; finer than bf16 compute) or "float32"; memory-mapped (in cache_dir) above 2 GiB
-    color: ColourMode = (
-        "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones repeated to
-    )
-    #   3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
+    color: ColourMode = "auto"  # "auto": colour sources (fundus, dermoscopy, pathology...) in RGB, grey ones
+    #   repeated to 3 channels; "rgb": the same, but grey sources are refused; "grey": everything as luminance
     color_jitter: float = 0.0  # colour augmentation strength (brightness, contrast, saturation, hue; 0 = off, ~0.1)
     classes: tuple[str, ...] | dict[str, str] | None = None  # the labels accepted, in class order (None: the
     #   data's own, checked to share one form: all indices 0, 1, ... or all names); rows with other labels are
@@ -109,10 +103,8 @@ class EncoderConfig:
 class TrainConfig:
     """How the encoder is fine-tuned."""
 
-    strategy: Strategy = (
-        "fine_tune"  # one of medtl.options.STRATEGIES; "auto" trains each of auto_candidates and keeps the best on
-    )
-    #   validation (their scores are saved with the run);
+    strategy: Strategy = "fine_tune"  # one of medtl.options.STRATEGIES; "auto" trains each of auto_candidates and
+    #   keeps the best on validation (their scores are saved with the run);
     #   "logreg" / "ncm": few-shot heads fitted in closed form on the frozen encoder's features; "bitfit" / "lora":
     #   parameter-efficient (biases and norms / low-rank updates of the encoder); "lp_ft": converged linear probe,
     #   then fine-tuning (medtl.train.stages.plan_stages)
@@ -146,9 +138,8 @@ class TrainConfig:
     ood_quantile: float = 0.99  # refusal threshold: this quantile of the validation studies' scores
     cache_features: bool = True  # head-only stages train on encoder features extracted once (no augmentation)
     patience: int = 6  # stop a stage after this many epochs without a better validation score
-    precision: Precision = (
-        "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP) or "fp32"
-    )
+    precision: Precision = "auto"  # "auto" (bf16 where the CPU/GPU runs it natively), "bf16", "fp16" (CUDA AMP)
+    #   or "fp32"
     channels_last: bool = True  # NHWC memory layout (about 2x faster convolutions on CPU)
     compile: bool = False  # torch.compile the model for stages that train the encoder
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)

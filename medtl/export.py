@@ -18,7 +18,7 @@ import torch
 
 from medtl.errors import RunError, look_up_option
 from medtl.predict.network import FORMATS, LogitsAndFeatures, load_network, max_probability_difference
-from medtl.run import RunDir, load_saved_run
+from medtl.run import RunDir, SavedRun, load_saved_run
 from medtl.version import __version__
 
 PARITY_LIMIT = 1e-4  # the largest difference of probabilities from PyTorch an export may have
@@ -40,6 +40,28 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
     example = torch.randn((2, pre.in_chans, *(pre.input_size,) * pre.spatial_dims), generator=gen)
     wrapper = LogitsAndFeatures(model).eval()
     target = out / FORMATS[fmt]
+    _write_network(wrapper, example, target, fmt)
+    for name in (RunDir.CONFIG, RunDir.MODEL, RunDir.OOD):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    check = torch.randn(example.shape, generator=gen) * 2
+    parity = max_probability_difference(load_network(out, fmt), wrapper, check)
+    if parity > PARITY_LIMIT:
+        shutil.rmtree(out)
+        raise RunError(
+            f"{source.path}: the {fmt} export differs from PyTorch by {parity:.2g} in probability "
+            f"(limit {PARITY_LIMIT:g}); nothing was written"
+        )
+    record = _export_record(fmt, saved, source.name, parity)
+    package.write_json(RunDir.EXPORT, record)
+    card = source.evaluation / RunDir.EVALUATION_CARD
+    (package / RunDir.CARD).write_text(card.read_text() if card.is_file() else _short_card(source, record))
+    package.write_checksums(p.name for p in out.iterdir() if p.is_file())
+    return out
+
+
+def _write_network(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path, fmt: str) -> None:
+    """Write ``wrapper`` to ``target`` as ``fmt``: ONNX with a free batch size, or TorchScript traced on ``example``."""
     with torch.no_grad():
         if fmt == "onnx":
             torch.onnx.export(
@@ -54,18 +76,13 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
             )
         else:
             torch.jit.trace(wrapper, (example,)).save(str(target))
-    for name in (RunDir.CONFIG, RunDir.MODEL, RunDir.OOD):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
-    check = torch.randn(example.shape, generator=gen) * 2
-    parity = max_probability_difference(load_network(out, fmt), wrapper, check)
-    if parity > PARITY_LIMIT:
-        shutil.rmtree(out)
-        raise RunError(
-            f"{source.path}: the {fmt} export differs from PyTorch by {parity:.2g} in probability "
-            f"(limit {PARITY_LIMIT:g}); nothing was written"
-        )
-    record = {
+
+
+def _export_record(fmt: str, saved: SavedRun, source_run: str, parity: float) -> dict:
+    """``export.json``'s content: the format and file, the input and outputs, what the model answers by, the
+    versions, the parity measured at export and the run it came from (``source_run``)."""
+    pre = saved.preprocessing
+    return {
         "format": fmt,
         "file": FORMATS[fmt],
         "opset": OPSET if fmt == "onnx" else None,
@@ -87,13 +104,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
         "medtl": __version__,
         "torch": torch.__version__,
         "parity_max_probability_difference": parity,
-        "source_run": source.name,
+        "source_run": source_run,
     }
-    package.write_json(RunDir.EXPORT, record)
-    card = source.evaluation / RunDir.EVALUATION_CARD
-    (package / RunDir.CARD).write_text(card.read_text() if card.is_file() else _short_card(source, record))
-    package.write_checksums(p.name for p in out.iterdir() if p.is_file())
-    return out
 
 
 def _short_card(run: RunDir, record: dict) -> str:

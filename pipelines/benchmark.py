@@ -249,8 +249,35 @@ def bench_train(
     raw = bench_raw(size, batch_size, steps, compile_best, repeats, device)
     plain = plain_loop(train, size, epochs, batch_size, device)
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
+    compiled_too = raw["best_raw_train_config"].endswith("compiled")
+    loops, precision, n_timed = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, compiled_too, device)
+    medtl = max(loops.values())
+    again = raw_config_speed(raw["best_raw_train_config"], size, batch_size, steps, repeats, device)
+    best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
+    return {
+        **raw,
+        "best_raw_train_img_per_s": best_raw,
+        "device": str(device),
+        "train_input_px": size,
+        "train_batch_size": batch_size,
+        "train_images": len(train),
+        "train_precision": precision,
+        "train_timed_epochs": n_timed,
+        **{f"train_{k}_img_per_s": v for k, v in loops.items()},
+        "plain_train_img_per_s": plain,
+        "train_img_per_s": medtl,
+        "speedup": medtl / plain,
+        "train_vs_best_raw": medtl / best_raw,
+    }
+
+
+def medtl_loop_speeds(
+    cfg, train, val, steps: int, epochs: int, batch_size: int, compiled_too: bool, device: torch.device
+) -> tuple[dict[str, float], str, int]:
+    """Images/s of medtl's loop (strategy full) on ``train``, eager and, with ``compiled_too``, compiled, each its
+    best timed epoch of ``steps`` steps; the precision the last one chose; how many epochs were timed."""
     loops = {}
-    for compiled in (False, True) if raw["best_raw_train_config"].endswith("compiled") else (False,):
+    for compiled in (False, True) if compiled_too else (False,):
         tc = dataclasses.replace(
             cfg.train,
             strategy="full",
@@ -263,9 +290,14 @@ def bench_train(
         _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2)  # (seeded with train.seed, 0)
         timed_epochs = result.history[1:]  # the first epoch is a warm-up (and fills the input cache)
         loops["compiled" if compiled else "eager"] = steps * batch_size / min(r["seconds"] for r in timed_epochs)
-    medtl = max(loops.values())
-    precision, layout = raw["best_raw_train_config"].split("_", 1)
-    again = raw_train_speed(
+    return loops, result.precision, len(timed_epochs)
+
+
+def raw_config_speed(config: str, size: int, batch_size: int, steps: int, repeats: int, device: torch.device) -> float:
+    """:func:`raw_train_speed` of a configuration named as :func:`bench_raw` names them (``bf16_channels_last``,
+    ``fp32_nchw_compiled``, ...)."""
+    precision, layout = config.split("_", 1)
+    return raw_train_speed(
         size,
         batch_size,
         precision,
@@ -275,22 +307,6 @@ def bench_train(
         repeats,
         device,
     )
-    best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
-    return {
-        **raw,
-        "best_raw_train_img_per_s": best_raw,
-        "device": str(device),
-        "train_input_px": size,
-        "train_batch_size": batch_size,
-        "train_images": len(train),
-        "train_precision": result.precision,
-        "train_timed_epochs": len(timed_epochs),
-        **{f"train_{k}_img_per_s": v for k, v in loops.items()},
-        "plain_train_img_per_s": plain,
-        "train_img_per_s": medtl,
-        "speedup": medtl / plain,
-        "train_vs_best_raw": medtl / best_raw,
-    }
 
 
 def bench_probe(work: Path, size: int, epochs: int) -> dict:

@@ -360,68 +360,81 @@ def summarise(rows: list[dict], out: Path) -> None:
 
     ks = sorted({int(r["k_per_class"]) for r in rows})
     lines = ["| shift | method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    # the table's and the legend's order: the zero-label methods, fine-tuning, any other, retraining last
+    methods = list(
+        dict.fromkeys((*ZERO_LABEL, "fine_tune", "adabn+fine_tune", *(r["method"] for r in rows), "retrain"))
+    )
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for shift in sorted({r["shift"] for r in rows}):
-        src = [float(r["source_auc"]) for r in rows if r["shift"] == shift and r["method"] == "source_only"]
-        if src:
-            ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
-            lines.append(
-                f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
-                + " — |" * (len(ks) - 1)
-            )
-        for method in dict.fromkeys(
-            (
-                "source_only",
-                "adabn",
-                "adabn_plain",
-                "tent",
-                "self_train",
-                "semi",
-                "adabn+semi",
-                "fine_tune",
-                "adabn+fine_tune",
-                *(r["method"] for r in rows),
-                "retrain",
-            )
-        ):
-            cells, xs, means, halfs = [], [], [], []
-            for k in ks:
-                v = np.array(
-                    [
-                        float(r["target_auc"])
-                        for r in rows
-                        if r["shift"] == shift
-                        and r["method"] == method
-                        and int(r["k_per_class"]) == k
-                        and r["target_auc"] not in ("", "None")
-                    ]
-                )
-                cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "—")
-                if len(v):
-                    mean, half = seed_mean_ci(v)
-                    xs.append(k)
-                    means.append(mean)
-                    halfs.append(half)
-            if not xs:
-                continue
-            lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
-            if method in ZERO_LABEL:  # no target labels: a level to beat, not a curve
-                ax.axhline(
-                    means[0],
-                    ls="--",
-                    color="black" if method == "source_only" else None,
-                    label=f"{method} on shifted test ({shift})",
-                )
-                continue
-            means, halfs = np.array(means), np.array(halfs)
-            ax.plot(xs, means, "o-", label=f"{method} ({shift})")
-            ax.fill_between(xs, means - halfs, means + halfs, alpha=0.2)
+        lines += summarise_shift(ax, rows, shift, ks, methods)
     ax.set(
         xlabel="labelled target examples per class",
         ylabel="target test AUC (95% CI over seeds)",
         title="Adaptation to a shift",
     )
     save_study(fig, ax, out / "adaptation.png", lines, out / "results.md")
+
+
+def summarise_shift(ax, rows: list[dict], shift: str, ks: list[int], methods: list[str]) -> list[str]:
+    """results.md's lines of one ``shift`` (the source model on the unshifted test, then each of ``methods`` with
+    results), each also drawn on ``ax``."""
+    lines = []
+    src = [float(r["source_auc"]) for r in rows if r["shift"] == shift and r["method"] == "source_only"]
+    if src:
+        ax.axhline(np.mean(src), ls=":", color="grey", label=f"source model on unshifted test ({shift})")
+        lines.append(
+            f"| {shift} | source model, unshifted test | {np.mean(src):.3f} ± {np.std(src):.3f} |"
+            + " — |" * (len(ks) - 1)
+        )
+    for method in methods:
+        cells, xs, means, halfs = method_results(rows, shift, method, ks)
+        if not xs:
+            continue
+        lines.append(f"| {shift} | {method} | " + " | ".join(cells) + " |")
+        draw_method(ax, method, shift, xs, means, halfs)
+    return lines
+
+
+def method_results(
+    rows: list[dict], shift: str, method: str, ks: list[int]
+) -> tuple[list[str], list[int], list[float], list[float]]:
+    """The target AUCs of ``method`` on ``shift``: a table cell per k (mean ± std over seeds, "—" where none),
+    and the ks that have results with their mean and 95% CI half-width over seeds."""
+    cells, xs, means, halfs = [], [], [], []
+    for k in ks:
+        v = np.array(
+            [
+                float(r["target_auc"])
+                for r in rows
+                if r["shift"] == shift
+                and r["method"] == method
+                and int(r["k_per_class"]) == k
+                and r["target_auc"] not in ("", "None")
+            ]
+        )
+        cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "—")
+        if len(v):
+            mean, half = seed_mean_ci(v)
+            xs.append(k)
+            means.append(mean)
+            halfs.append(half)
+    return cells, xs, means, halfs
+
+
+def draw_method(ax, method: str, shift: str, xs: list[int], means: list[float], halfs: list[float]) -> None:
+    """Draw ``method``'s results on ``shift``: a level to beat for a method without target labels (its first
+    mean), else its curve over k with the 95% CI band."""
+    if method in ZERO_LABEL:  # no target labels: a level to beat, not a curve
+        ax.axhline(
+            means[0],
+            ls="--",
+            color="black" if method == "source_only" else None,
+            label=f"{method} on shifted test ({shift})",
+        )
+        return
+    mean, half = np.array(means), np.array(halfs)
+    ax.plot(xs, mean, "o-", label=f"{method} ({shift})")
+    ax.fill_between(xs, mean - half, mean + half, alpha=0.2)
 
 
 if __name__ == "__main__":

@@ -236,14 +236,26 @@ def _components(ui: dict[str, Any], names: tuple[str, ...]):
     return ui[names[0]] if len(names) == 1 else [ui[n] for n in names]
 
 
+# an event of the page: (listener, handler, inputs, outputs, options), as _wire connects it
+Event = tuple[Callable, Callable[..., PageUpdate], tuple[str, ...], tuple[str, ...], dict[str, Any]]
+
+
 def _wire(ui: dict[str, Any], page: Page) -> None:
     """Every event of the page: (listener, handler, inputs, outputs, options), each output named as in
     :class:`~medtl_ui.handlers.PageUpdate`."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
     queued = {"concurrency_limit": 2}
-    view_changes = [ui[n].change for n in ("slice", "level", "width", "show_map", "alpha")]
-    events: list[tuple[Callable, Callable[..., PageUpdate], tuple[str, ...], tuple[str, ...], dict[str, Any]]] = [
+    events = _case_events(ui, page, queued) + _view_events(ui, page, queued)
+    for listen, handler, inputs, outputs, options in events:
+        listen(gradio_handler(handler, outputs), _components(ui, inputs), _components(ui, outputs), **options)
+    # a window dragged or typed on the page is no preset any more
+    gr.on([ui["level"].input, ui["width"].input], lambda: "custom", None, ui["preset"], api_name=False)
+
+
+def _case_events(ui: dict[str, Any], page: Page, queued: dict[str, Any]) -> list[Event]:
+    """The events that open a case or a model: an upload, its clearing, a series chosen, a model chosen."""
+    return [
         (
             ui["upload"].upload,
             page.on_upload,
@@ -272,6 +284,16 @@ def _wire(ui: dict[str, Any], page: Page) -> None:
             MODEL_OUTPUTS,
             {**queued, "api_name": "on_model"},
         ),
+    ]
+
+
+def _view_events(ui: dict[str, Any], page: Page, queued: dict[str, Any]) -> list[Event]:
+    """The events that change the view of the open case: the map's method and finding, the viewer's settings,
+    the window preset, the overlay's opacity, the jump to the judged slice and the report's export."""
+    import gradio as gr  # heavy optional dependency (see create_app)
+
+    view_changes = [ui[n].change for n in ("slice", "level", "width", "show_map", "alpha")]
+    return [
         (
             ui["method"].change,
             page.on_method,
@@ -310,10 +332,6 @@ def _wire(ui: dict[str, Any], page: Page) -> None:
         (ui["jump"].click, page.on_jump, ("case",), ("slice",), {"api_name": "jump"}),
         (ui["export"].click, page.on_export, ("model", "case", "alpha"), ("report",), {"api_name": "export"}),
     ]
-    for listen, handler, inputs, outputs, options in events:
-        listen(gradio_handler(handler, outputs), _components(ui, inputs), _components(ui, outputs), **options)
-    # a window dragged or typed on the page is no preset any more
-    gr.on([ui["level"].input, ui["width"].input], lambda: "custom", None, ui["preset"], api_name=False)
 
 
 def _examples() -> list[Path]:

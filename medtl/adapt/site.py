@@ -79,30 +79,13 @@ def adapt_run(
     generator = torch.Generator().manual_seed(seed)
 
     def batches():
-        for idx in torch.randperm(len(x), generator=generator).split(
-            64
-        ):  # large batches: moments closer to the whole set's
+        # large batches: moments closer to the whole set's
+        for idx in torch.randperm(len(x), generator=generator).split(64):
             yield x[idx].to(runtime.device)
 
     options = {"epochs": epochs} if method == "tent" else {}
     model = adapt(predictor.model, method, batches, source_stats, runtime, **options)
-    run = RunDir.create(out, force)
-    for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, run / name)
-    model.cpu()
-    model.to(memory_format=torch.contiguous_format)
-    save_model(
-        model,
-        run / RunDir.MODEL,
-        predictor.encoder,
-        predictor.class_names,
-        predictor.preprocessing,
-        predictor.decision.temperature,
-        predictor.decision.operating_point,
-        predictor.multi_label,
-    )
-    run.write_checksums()
+    run = write_adapted_run(run_dir, out, force, model, predictor)
     record = {
         "adapted_from": str(run_dir.resolve()),
         "source_weights_sha256": file_sha256(run_dir / RunDir.MODEL),
@@ -123,4 +106,29 @@ def adapt_run(
     return record
 
 
-__all__ = ["adapt_run", "target_inputs"]
+def write_adapted_run(
+    run_dir: Path, out: str | Path, force: bool, model: torch.nn.Module, predictor: Predictor
+) -> RunDir:
+    """The new run ``out``: the source run's :data:`RUN_FILES`, the adapted ``model``'s weights saved with the
+    source's classes, preprocessing and decision (``predictor``), and the checksums."""
+    run = RunDir.create(out, force)
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, run / name)
+    model.cpu()
+    model.to(memory_format=torch.contiguous_format)
+    save_model(
+        model,
+        run / RunDir.MODEL,
+        predictor.encoder,
+        predictor.class_names,
+        predictor.preprocessing,
+        predictor.decision.temperature,
+        predictor.decision.operating_point,
+        predictor.multi_label,
+    )
+    run.write_checksums()
+    return run
+
+
+__all__ = ["adapt_run", "target_inputs", "write_adapted_run"]

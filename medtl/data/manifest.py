@@ -127,52 +127,12 @@ def index_labels(
     another form than the majority's (``-1``, ``2.5``, ``yes`` among indices) are reported in
     ``problems`` with their row, and skipped. Skipped rows are logged.
     """
-    kept = []
-    for r in records:
-        value = str(r["label_value"]).strip()
-        if value.lower() in MISSING_LABELS:
-            problems.append(Problem(where(r), f"label missing ({value!r})"))
-            continue
-        r["label_value"] = str(int(float(value))) if _INDEX.match(value) else value
-        kept.append(r)
-    names = None
-    if isinstance(classes, dict):
-        classes, names = [_label_key(k) for k in classes], [str(v) for v in classes.values()]
-        if len(set(names)) != len(names):
-            raise ManifestError(
-                None, f"data.classes gives two labels one name ({', '.join(names)})", "a different name for each label"
-            )
+    kept = _present_labels(records, problems, where)
+    classes, names = _classes_and_names(classes)
     if classes is not None:
-        class_names = [_label_key(c) for c in classes]
-        allowed = set(class_names)
-        good = [r for r in kept if r["label_value"] in allowed]
-        for r in kept:
-            if r["label_value"] not in allowed:
-                problems.append(
-                    Problem(
-                        where(r),
-                        f"label {r['label_value'][:24]!r} is not one of data.classes ({', '.join(class_names)})",
-                    )
-                )
+        good, class_names = _listed_labels(kept, classes, problems, where)
     else:
-        forms = [_label_form(r["label_value"]) for r in kept]
-        n_index, n_name = forms.count("index"), forms.count("name")
-        form = "index" if n_index >= n_name else "name"
-        good = [r for r, f in zip(kept, forms) if f == form]
-        expected = (
-            "a class index (0, 1, 2, ...) like the other rows"
-            if form == "index"
-            else "a class name starting with a letter, like the other rows"
-        )
-        for r, f in zip(kept, forms):
-            if f != form:
-                problems.append(
-                    Problem(
-                        where(r),
-                        f"label {r['label_value'][:24]!r} is not {expected} (or list the labels in data.classes)",
-                    )
-                )
-        class_names = _class_order([r["label_value"] for r in good])
+        good, class_names = _majority_form_labels(kept, problems, where)
     index = {name: i for i, name in enumerate(class_names)}
     for r in good:
         r["label"] = index[r.pop("label_value")]
@@ -181,6 +141,67 @@ def index_labels(
     if names is None:
         names = _named(good, class_names)
     return good, names
+
+
+def _present_labels(records: list[dict], problems: list[Problem], where) -> list[dict]:
+    """The records with a ``label_value`` (a class index written as a whole number); the rest to ``problems``."""
+    kept = []
+    for r in records:
+        value = str(r["label_value"]).strip()
+        if value.lower() in MISSING_LABELS:
+            problems.append(Problem(where(r), f"label missing ({value!r})"))
+            continue
+        r["label_value"] = str(int(float(value))) if _INDEX.match(value) else value
+        kept.append(r)
+    return kept
+
+
+def _classes_and_names(classes) -> tuple[list[str] | tuple[str, ...] | None, list[str] | None]:
+    """(the labels of ``data.classes``, their names or None): a mapping {label: name} gives both."""
+    if not isinstance(classes, dict):
+        return classes, None
+    labels, names = [_label_key(k) for k in classes], [str(v) for v in classes.values()]
+    if len(set(names)) != len(names):
+        raise ManifestError(
+            None, f"data.classes gives two labels one name ({', '.join(names)})", "a different name for each label"
+        )
+    return labels, names
+
+
+def _listed_labels(kept: list[dict], classes, problems: list[Problem], where) -> tuple[list[dict], list[str]]:
+    """(the records labelled with one of ``classes``, the class names in that order); the rest to ``problems``."""
+    class_names = [_label_key(c) for c in classes]
+    allowed = set(class_names)
+    good = [r for r in kept if r["label_value"] in allowed]
+    for r in kept:
+        if r["label_value"] not in allowed:
+            problems.append(
+                Problem(
+                    where(r), f"label {r['label_value'][:24]!r} is not one of data.classes ({', '.join(class_names)})"
+                )
+            )
+    return good, class_names
+
+
+def _majority_form_labels(kept: list[dict], problems: list[Problem], where) -> tuple[list[dict], list[str]]:
+    """(the records whose label has the majority's form, index or name; their classes); the rest to ``problems``."""
+    forms = [_label_form(r["label_value"]) for r in kept]
+    n_index, n_name = forms.count("index"), forms.count("name")
+    form = "index" if n_index >= n_name else "name"
+    good = [r for r, f in zip(kept, forms) if f == form]
+    expected = (
+        "a class index (0, 1, 2, ...) like the other rows"
+        if form == "index"
+        else "a class name starting with a letter, like the other rows"
+    )
+    for r, f in zip(kept, forms):
+        if f != form:
+            problems.append(
+                Problem(
+                    where(r), f"label {r['label_value'][:24]!r} is not {expected} (or list the labels in data.classes)"
+                )
+            )
+    return good, _class_order([r["label_value"] for r in good])
 
 
 def _label_key(value) -> str:
@@ -342,6 +363,28 @@ def index_findings(
     that is not 0 or 1 (CheXpert's -1 "uncertain" is one: decide it before training) and a finding
     outside ``data.classes`` are reported in ``problems`` with their row, and skipped.
     """
+    kept = _read_findings(records, problems, where)
+    rename = None
+    if kept and "label" in kept[0]:  # 0/1 columns: the findings are the columns, named by data.classes' mapping
+        names = list(columns or ())
+        if isinstance(classes, dict):
+            names = [str(classes.get(c, c)) for c in names]
+        for p in problems:
+            log.warning("skipped %s", p)
+        return kept, names
+    if isinstance(classes, dict):
+        classes, rename = list(classes), [str(v) for v in classes.values()]
+    names = (
+        [str(c).strip() for c in classes] if classes is not None else sorted({f for r in kept for f in r["findings"]})
+    )
+    good = _allowed_findings(kept, names, problems, where)
+    for p in problems:
+        log.warning("skipped %s", p)
+    return good, rename or names
+
+
+def _read_findings(records: list[dict], problems: list[Problem], where) -> list[dict]:
+    """The records whose ``label_value`` reads as findings (a 0/1 ``label`` or ``findings``); the rest to problems."""
     kept = []
     for r in records:
         value = r.pop("label_value")
@@ -370,19 +413,11 @@ def index_findings(
             else sorted({f.strip() for f in value.split(FINDINGS_SEPARATOR) if f.strip()})
         )
         kept.append(r)
-    rename = None
-    if kept and "label" in kept[0]:  # 0/1 columns: the findings are the columns, named by data.classes' mapping
-        names = list(columns or ())
-        if isinstance(classes, dict):
-            names = [str(classes.get(c, c)) for c in names]
-        for p in problems:
-            log.warning("skipped %s", p)
-        return kept, names
-    if isinstance(classes, dict):
-        classes, rename = list(classes), [str(v) for v in classes.values()]
-    names = (
-        [str(c).strip() for c in classes] if classes is not None else sorted({f for r in kept for f in r["findings"]})
-    )
+    return kept
+
+
+def _allowed_findings(kept: list[dict], names: list[str], problems: list[Problem], where) -> list[dict]:
+    """The records whose findings are all among ``names``, each with its 0/1 ``label``; the rest to ``problems``."""
     allowed, good = set(names), []
     for r in kept:
         outside = [f for f in r["findings"] if f not in allowed]
@@ -394,6 +429,4 @@ def index_findings(
         present = set(r.pop("findings"))
         r["label"] = tuple(int(n in present) for n in names)
         good.append(r)
-    for p in problems:
-        log.warning("skipped %s", p)
-    return good, rename or names
+    return good

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
 from medtl.io import dicom_geometry as geometry
+from medtl.io.dicom_voi import FileVOI
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance
@@ -133,22 +134,12 @@ def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
     return ds
 
 
-def _int(ds, key: str, default: int, path: Path) -> int:
-    value = ds.get(key, default)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise CorruptImageError(path, f"{key} is not a whole number") from None
-
-
 def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
     """(stored pixel bytes, bytes needed to decode them to float32) from the header alone."""
-    rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
-    frames = _int(ds, "NumberOfFrames", 1, path) or 1
-    samples = _int(ds, "SamplesPerPixel", 1, path) or 1
-    bits_alloc = _int(ds, "BitsAllocated", 8, path) or 8
+    rows, cols = geometry.header_int(ds, "Rows", 0, path), geometry.header_int(ds, "Columns", 0, path)
+    frames = geometry.header_int(ds, "NumberOfFrames", 1, path) or 1
+    samples = geometry.header_int(ds, "SamplesPerPixel", 1, path) or 1
+    bits_alloc = geometry.header_int(ds, "BitsAllocated", 8, path) or 8
     if rows <= 0 or cols <= 0 or frames <= 0:
         raise CorruptImageError(path, f"invalid image size Rows={rows} Columns={cols} NumberOfFrames={frames}")
     if samples not in (1, 3):
@@ -165,19 +156,7 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
 
 def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     """Refuse objects medtl cannot turn into trustworthy pixels, before decoding anything."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = str(
-            ds.get("SOPClassUID", "")
-            or getattr(ds.get("file_meta"), "get", lambda k: "")("MediaStorageSOPClassUID")
-            or ""
-        )
-        if "Image Storage" in pydicom.uid.UID(sop).name or "Rows" in ds or not sop:
-            raise CorruptImageError(
-                path, "DICOM file ends before its pixel data (truncated or damaged)", "a complete DICOM image file"
-            )
-        raise UnsupportedFormatError(
-            path, "DICOM file has no pixel data (not an image object)", "an image object such as CT, MR, CR or DX"
-        )
+    _check_has_pixel_data(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper().strip()
     if photometric not in SUPPORTED_PHOTOMETRIC:
         shown = f" {photometric!r}" if re.fullmatch(r"[A-Z0-9_ ]{1,16}", photometric) else ""  # a code, not a name
@@ -190,10 +169,11 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
         raise UnsupportedFormatError(
             path, f"transfer syntax {shown} is not one medtl can decode", "a DICOM standard transfer syntax"
         )
-    bits_alloc, bits_stored = _int(ds, "BitsAllocated", 8, path), _int(ds, "BitsStored", 0, path)
+    bits_alloc = geometry.header_int(ds, "BitsAllocated", 8, path)
+    bits_stored = geometry.header_int(ds, "BitsStored", 0, path)
     if bits_stored and not 0 < bits_stored <= bits_alloc:
         raise CorruptImageError(path, f"BitsStored ({bits_stored}) not within BitsAllocated ({bits_alloc})")
-    samples = _int(ds, "SamplesPerPixel", 1, path)
+    samples = geometry.header_int(ds, "SamplesPerPixel", 1, path)
     if (samples == 1) != (photometric.startswith("MONOCHROME") or photometric == "PALETTE COLOR"):
         raise CorruptImageError(path, f"SamplesPerPixel {samples} does not fit PhotometricInterpretation {photometric}")
     if photometric == "PALETTE COLOR" and not all(
@@ -204,8 +184,8 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
     read_limits().check(
         path,
         needed,
-        f"decoding {_int(ds, 'Rows', 0, path)}x{_int(ds, 'Columns', 0, path)}"
-        f"x{_int(ds, 'NumberOfFrames', 1, path) or 1} pixels",
+        f"decoding {geometry.header_int(ds, 'Rows', 0, path)}x{geometry.header_int(ds, 'Columns', 0, path)}"
+        f"x{geometry.header_int(ds, 'NumberOfFrames', 1, path) or 1} pixels",
     )
     if "PixelData" in ds:
         length = _stored_length(ds, "PixelData")
@@ -222,6 +202,23 @@ def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
             path,
             "CT image without Rescale Intercept: values cannot be put in Hounsfield units",
             "a CT with RescaleSlope/RescaleIntercept",
+        )
+
+
+def _check_has_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
+    """Refuse a dataset without pixel data: a truncated image file, or an object that is no image."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop = str(
+            ds.get("SOPClassUID", "")
+            or getattr(ds.get("file_meta"), "get", lambda k: "")("MediaStorageSOPClassUID")
+            or ""
+        )
+        if "Image Storage" in pydicom.uid.UID(sop).name or "Rows" in ds or not sop:
+            raise CorruptImageError(
+                path, "DICOM file ends before its pixel data (truncated or damaged)", "a complete DICOM image file"
+            )
+        raise UnsupportedFormatError(
+            path, "DICOM file has no pixel data (not an image object)", "an image object such as CT, MR, CR or DX"
         )
 
 
@@ -267,18 +264,14 @@ def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
 
 
 def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
+    """Check and decode a dataset, then put its frames in order with their geometry (see :func:`read_dicom`)."""
     check_dataset(ds, path)
     modality = str(ds.get("Modality", "")).upper()
     notes: list[str] = []
     array, lo_hi, padding = decode_pixels(ds, path)
     frames = array.shape[0]
-    rgb = None
-    if array.ndim == 4:  # colour: (frames, rows, columns, 3), decoded to RGB once by pydicom
-        rgb, array = array, luminance(array)
-        rgb = rgb if is_colour(rgb) else None
-    header = {k: geometry.plain_value(ds.get(k)) for k in SAFE_FIELDS if k in ds}
-    if study_key(ds):
-        header["study_key"] = study_key(ds)
+    array, rgb = _split_colour(array)
+    header = _safe_header(ds)
     window = geometry.window(ds, 0, path)
     voi = FileVOI.from_dataset(ds, path)
     if padding is not None:
@@ -287,46 +280,20 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
             f"{CT_OUTSIDE_HU:g} HU) set to the background"
         )
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        lo, hi = lo_hi
-        array = (lo + hi) - array
-        window = None if window is None else (lo + hi - window[0], window[1])
-        if voi is not None:
-            voi.mirror = lo + hi
-        notes.append("MONOCHROME1 (white = low values) inverted to MONOCHROME2")
-        log.info("%s: MONOCHROME1 inverted to MONOCHROME2", path.name)
+        array, window = _invert_monochrome1(array, lo_hi, window, voi, path, notes)
     row_spacing, col_spacing = geometry.pixel_spacing(ds, 0, path)
     orientation_cosines = geometry.image_orientation(ds, 0, path)
-    positions: tuple[float, ...] = ()
     if geometry.is_mosaic(ds) and frames == 1:
-        array, spacing, orient = geometry.demosaic(ds, array[0], path)
-        return Scan(
-            array=array,
-            spacing=spacing,
-            modality=modality,
-            source="dicom",
-            path=path,
-            units="HU" if modality == "CT" else "",
-            header=header,
-            window=window,
-            orientation=orient,
-            notes=notes + [f"Siemens mosaic de-tiled into {array.shape[0]} slices (nibabel CSA reader)"],
-        )
+        return _mosaic_scan(ds, array[0], path, modality, header, window, notes)
+    positions: tuple[float, ...] = ()
+    spacing: tuple[float, ...]
     if frames > 1:
         order, positions, slice_spacing = geometry.frame_order(ds, frames, orientation_cosines, path, notes)
-        array = array[order]
-        padding = None if padding is None else padding[order]
-        rgb = None if rgb is None else rgb[order]
         spacing = (slice_spacing, row_spacing, col_spacing)
     else:
-        array = array[0]
-        padding = None if padding is None else padding[0]
-        rgb = None if rgb is None else rgb[0]
-        spacing = (row_spacing, col_spacing)
-    if (
-        "PixelSpacing" not in ds
-        and "ImagerPixelSpacing" not in ds
-        and not geometry.shared_item(ds, "PixelMeasuresSequence")
-    ):
+        order, spacing = 0, (row_spacing, col_spacing)
+    array, padding, rgb = _take_frames(order, array, padding, rgb)
+    if not _has_pixel_spacing(ds):
         notes.append("no PixelSpacing: 1 mm per pixel assumed for display only")
     if not np.all(np.isfinite(array)):
         raise CorruptImageError(path, "pixel values are not all finite (NaN or infinity)")
@@ -352,6 +319,78 @@ def _dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     )
 
 
+def _split_colour(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(grey values, RGB or None) of decoded pixels: a colour image's luminance, and its RGB unless it is grey."""
+    if array.ndim != 4:
+        return array, None
+    rgb = array  # colour: (frames, rows, columns, 3), decoded to RGB once by pydicom
+    return luminance(rgb), rgb if is_colour(rgb) else None
+
+
+def _safe_header(ds: pydicom.Dataset) -> dict:
+    """The :data:`SAFE_FIELDS` a dataset holds, and its :func:`study_key` when it names a study."""
+    header = {k: geometry.plain_value(ds.get(k)) for k in SAFE_FIELDS if k in ds}
+    if study_key(ds):
+        header["study_key"] = study_key(ds)
+    return header
+
+
+def _invert_monochrome1(
+    array: np.ndarray,
+    lo_hi: tuple[float, float],
+    window: tuple[float, float] | None,
+    voi: FileVOI | None,
+    path: Path,
+    notes: list[str],
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """(values, window) of a MONOCHROME1 image mirrored across its stored range, so that white = high values."""
+    lo, hi = lo_hi
+    array = (lo + hi) - array
+    window = None if window is None else (lo + hi - window[0], window[1])
+    if voi is not None:
+        voi.mirror = lo + hi
+    notes.append("MONOCHROME1 (white = low values) inverted to MONOCHROME2")
+    log.info("%s: MONOCHROME1 inverted to MONOCHROME2", path.name)
+    return array, window
+
+
+def _mosaic_scan(
+    ds: pydicom.Dataset,
+    tiled: np.ndarray,
+    path: Path,
+    modality: str,
+    header: dict,
+    window: tuple[float, float] | None,
+    notes: list[str],
+) -> Scan:
+    """The :class:`Scan` of a Siemens mosaic: its one tiled frame de-tiled into a volume (nibabel's CSA reader)."""
+    array, spacing, orient = geometry.demosaic(ds, tiled, path)
+    return Scan(
+        array=array,
+        spacing=spacing,
+        modality=modality,
+        source="dicom",
+        path=path,
+        units="HU" if modality == "CT" else "",
+        header=header,
+        window=window,
+        orientation=orient,
+        notes=notes + [f"Siemens mosaic de-tiled into {array.shape[0]} slices (nibabel CSA reader)"],
+    )
+
+
+def _take_frames(
+    index, array: np.ndarray, padding: np.ndarray | None, rgb: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The frames at ``index`` (one frame's number, or the order of all frames) of the values, padding and colour."""
+    return array[index], None if padding is None else padding[index], None if rgb is None else rgb[index]
+
+
+def _has_pixel_spacing(ds: pydicom.Dataset) -> bool:
+    """Whether the dataset gives its pixel spacing (PixelSpacing, ImagerPixelSpacing or a PixelMeasuresSequence)."""
+    return bool("PixelSpacing" in ds or "ImagerPixelSpacing" in ds or geometry.shared_item(ds, "PixelMeasuresSequence"))
+
+
 def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
     """(frames, rows, columns) float32 values after the modality LUT, the rescaled stored range, and
     the padding mask (True where PixelPaddingValue marks no image), or None.
@@ -363,10 +402,10 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
         pixels = ds.pixel_array
     except Exception as e:
         raise CorruptImageError(path, f"pixel data cannot be decoded ({safe_message(e)})") from None
-    frames = _int(ds, "NumberOfFrames", 1, path) or 1
-    rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
+    frames = geometry.header_int(ds, "NumberOfFrames", 1, path) or 1
+    rows, cols = geometry.header_int(ds, "Rows", 0, path), geometry.header_int(ds, "Columns", 0, path)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    samples = _int(ds, "SamplesPerPixel", 1, path)
+    samples = geometry.header_int(ds, "SamplesPerPixel", 1, path)
     expected = (frames, rows, cols, samples)
     if int(np.prod(pixels.shape)) != int(np.prod(expected)):
         raise CorruptImageError(
@@ -386,8 +425,8 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
             out[i] = apply_modality_lut(pixels[i], ds)  # a Modality LUT Sequence, or no rescale at all
         else:
             out[i] = pixels[i].astype(np.float64) * slope_intercept[0] + slope_intercept[1]
-    bits = _int(ds, "BitsStored", 16, path) or 16
-    signed = _int(ds, "PixelRepresentation", 0, path) == 1
+    bits = geometry.header_int(ds, "BitsStored", 16, path) or 16
+    signed = geometry.header_int(ds, "PixelRepresentation", 0, path) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     slope, intercept = geometry.rescale(ds, 0, path) or (1.0, 0.0)
     if str(ds.get("Modality", "")).upper() == "CT" and slope_intercept_all(ds, frames, path):
@@ -412,7 +451,7 @@ def _colour_max(ds, rgb: np.ndarray, path: Path) -> float:
         desc = ds.get("RedPaletteColorLookupTableDescriptor")
         bits = int(desc[2]) if desc is not None and len(desc) == 3 else 16
         return float(2 ** (8 if bits == 8 or float(rgb.max(initial=0)) < 256 else 16) - 1)
-    return float(2 ** (_int(ds, "BitsStored", 8, path) or 8) - 1)
+    return float(2 ** (geometry.header_int(ds, "BitsStored", 8, path) or 8) - 1)
 
 
 def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
@@ -423,7 +462,7 @@ def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
     def stored(key):
         value = ds[key].value
         if isinstance(value, bytes):  # ambiguous "US or SS" left undecoded
-            signed = _int(ds, "PixelRepresentation", 0, path) == 1
+            signed = geometry.header_int(ds, "PixelRepresentation", 0, path) == 1
             return int.from_bytes(value[:2], "little", signed=signed) if len(value) >= 2 else None
         try:
             return int(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
@@ -437,70 +476,3 @@ def _padding_mask(ds, pixels: np.ndarray, path: Path) -> np.ndarray | None:
     lo, hi = min(first, last if last is not None else first), max(first, last if last is not None else first)
     mask = (pixels >= lo) & (pixels <= hi)
     return mask if mask.any() else None
-
-
-class FileVOI:
-    """The file's own non-linear VOI transform (a VOI LUT table, or a SIGMOID / LINEAR_EXACT window),
-    applied with :func:`pydicom.pixels.apply_voi_lut` to values after the modality LUT.
-
-    Keeps only the VOI module and the fields that fix its output range (no identifiers).
-    ``mirror`` is set for MONOCHROME1 images, whose array medtl stores inverted.
-    """
-
-    _KEYS = (
-        "VOILUTSequence",
-        "WindowCenter",
-        "WindowWidth",
-        "VOILUTFunction",
-        "BitsStored",
-        "PixelRepresentation",
-        "RescaleSlope",
-        "RescaleIntercept",
-    )
-
-    def __init__(self, ds: pydicom.Dataset, y_range: tuple[float, float]):
-        self.dataset = ds
-        self.y_range = y_range
-        self.mirror: float | None = None
-
-    @classmethod
-    def from_dataset(cls, ds: pydicom.Dataset, path: Path) -> FileVOI | None:
-        lut = ds.get("VOILUTSequence")
-        has_lut = bool(lut) and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper().strip()
-        if not has_lut and not (function in ("SIGMOID", "LINEAR_EXACT") and geometry.window(ds, 0, path) is not None):
-            return None
-        small = pydicom.Dataset()
-        for key in cls._KEYS:
-            if key in ds:
-                small[key] = ds[key]
-        small.PhotometricInterpretation = "MONOCHROME2"
-        small.BitsStored = _int(ds, "BitsStored", 16, path) or 16
-        small.PixelRepresentation = _int(ds, "PixelRepresentation", 0, path)
-        if has_lut:
-            table = np.asarray(apply_voi_lut(np.arange(1, dtype=np.float64), small))  # validates the table
-            data = np.asarray(lut[0].LUTData, dtype=np.float64).ravel()
-            if data.size == 0 or table.size == 0:
-                raise CorruptImageError(path, "VOI LUT Sequence has an empty table")
-            y = (float(data.min()), float(data.max()))
-        else:
-            bits, signed = small.BitsStored, small.PixelRepresentation == 1
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-            slope_intercept = geometry.rescale(ds, 0, path)
-            if slope_intercept is not None:
-                slope, intercept = slope_intercept
-                small.RescaleSlope, small.RescaleIntercept = slope, intercept
-                lo, hi = lo * slope + intercept, hi * slope + intercept
-            y = (float(min(lo, hi)), float(max(lo, hi)))
-        return cls(small, y)
-
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (as stored on the Scan) → the file's VOI output scaled to [0, 1], white = high."""
-        original = values if self.mirror is None else self.mirror - values
-        out = np.asarray(apply_voi_lut(np.asarray(original, np.float64), self.dataset), np.float64)
-        lo, hi = self.y_range
-        out = np.clip((out - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
-        return (1.0 - out if self.mirror is not None else out).astype(np.float32)
-
-
-# -- functional groups: a value is looked up per frame, then in the shared groups, then top level --

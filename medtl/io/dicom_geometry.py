@@ -30,6 +30,17 @@ def shared_item(ds, sequence: str, frame: int = 0):
     return None
 
 
+def header_int(ds, key: str, default: int, path: Path) -> int:
+    """A header value as a whole number (``default`` when absent or empty), or a typed error naming the field."""
+    value = ds.get(key, default)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptImageError(path, f"{key} is not a whole number") from None
+
+
 def numbers(value, key: str, path: Path | None, count: int | None = None) -> list[float]:
     """A header value as finite floats (``count`` of them, when given), or a typed error naming the field."""
     items = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]

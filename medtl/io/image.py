@@ -37,27 +37,7 @@ def read_picture(path: str | Path) -> Scan:
         raise FileMissingError(path, "file not found" if not path.exists() else "not a regular file")
     with reading(path, "image"):
         try:
-            budget = read_limits().max_bytes
-            Image.MAX_IMAGE_PIXELS = budget // 20  # Pillow's own bomb check, from the same budget
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget check below decides
-                with Image.open(path) as im:
-                    width, height = im.size
-                    bands = len(im.getbands())
-                    # decoded bands + float32 RGB + float32 grey
-                    read_limits().check(path, width * height * (bands * 4 + 16), f"a {width}x{height} picture")
-                    if width < 1 or height < 1:
-                        raise CorruptImageError(path, f"picture of {width}x{height} pixels")
-                    im.load()
-                    rgb = None
-                    if im.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
-                        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-                        array = luminance(rgb)
-                        rgb = rgb if is_colour(rgb) else None  # a grey picture stored as RGB stays grey
-                    else:  # L, I;16, I, F
-                        array = np.asarray(im, dtype=np.float32)
-                    fmt = im.format or ""
-                    mode = im.mode
+            array, rgb, fmt, mode = _decode_picture(path)
         except MedtlInputError:
             raise
         except UnidentifiedImageError:
@@ -72,19 +52,46 @@ def read_picture(path: str | Path) -> Scan:
             raise CorruptImageError(path, f"image data is damaged ({safe_message(e)})") from None
     if array.ndim != 2 or array.size == 0 or not np.all(np.isfinite(array)):
         raise CorruptImageError(path, f"unexpected image shape {array.shape} or values that are not finite")
-    if mode.startswith("I;16") or (mode == "I" and array.min() >= 0 and array.max() <= 65535):
-        value_max = 65535.0
-    elif mode == "F" or mode == "I":
-        value_max = None
-    else:
-        value_max = 255.0
     return Scan(
         array=array,
         spacing=(1.0, 1.0),
         modality="",
         source="image",
         path=path,
-        value_max=value_max,
+        value_max=_full_scale(mode, array),
         header={"file_format": fmt},
         rgb=rgb,
     )
+
+
+def _decode_picture(path: Path) -> tuple[np.ndarray, np.ndarray | None, str, str]:
+    """(grey values, RGB or None, file format, Pillow mode) of a picture, decoded once its size fits the budget."""
+    budget = read_limits().max_bytes
+    Image.MAX_IMAGE_PIXELS = budget // 20  # Pillow's own bomb check, from the same budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget check below decides
+        with Image.open(path) as im:
+            width, height = im.size
+            bands = len(im.getbands())
+            # decoded bands + float32 RGB + float32 grey
+            read_limits().check(path, width * height * (bands * 4 + 16), f"a {width}x{height} picture")
+            if width < 1 or height < 1:
+                raise CorruptImageError(path, f"picture of {width}x{height} pixels")
+            im.load()
+            rgb = None
+            if im.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                array = luminance(rgb)
+                rgb = rgb if is_colour(rgb) else None  # a grey picture stored as RGB stays grey
+            else:  # L, I;16, I, F
+                array = np.asarray(im, dtype=np.float32)
+            return array, rgb, im.format or "", im.mode
+
+
+def _full_scale(mode: str, array: np.ndarray) -> float | None:
+    """A picture's full-scale value by its Pillow mode: 65535 (16-bit), None (float or wider ints) or 255."""
+    if mode.startswith("I;16") or (mode == "I" and array.min() >= 0 and array.max() <= 65535):
+        return 65535.0
+    if mode == "F" or mode == "I":
+        return None
+    return 255.0

@@ -30,34 +30,9 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
     if path.stat().st_size == 0:
         raise CorruptImageError(path, "file is empty", "a NIfTI-1 or NIfTI-2 volume")
     with reading(path, "NIfTI volume"):
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise UnsupportedFormatError(path, f"not a NIfTI image ({type(img).__name__})")
-        shape = tuple(int(v) for v in img.shape)
-        if not shape or min(shape) < 1:
-            raise CorruptImageError(path, f"NIfTI dimensions {shape} hold no voxels")
-        voxels = int(np.prod(shape, dtype=object))
-        declared = voxels * img.get_data_dtype().itemsize
-        _check_holds(path, declared + int(img.header.get("vox_offset", 0) or 0))
-        # stored values + float32 + the reoriented copy
-        read_limits().check(path, declared + voxels * 8, f"a {'x'.join(map(str, shape))} volume")
-        affine = img.affine
-        if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            raise CorruptImageError(path, "NIfTI affine is singular or not finite: geometry cannot be trusted")
-        img = nib.as_closest_canonical(img)
+        img = _load_canonical(path)
         data = np.asarray(img.dataobj, dtype=np.float32)
-    notes = []
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        if volume_index is None:
-            raise UnsupportedFormatError(
-                path, f"4D NIfTI with {data.shape[3]} volumes", "a 3D volume, or pass volume_index"
-            )
-        if not 0 <= volume_index < data.shape[3]:
-            raise UnsupportedFormatError(path, f"volume_index {volume_index} out of range 0..{data.shape[3] - 1}")
-        data = data[..., volume_index]
-        notes.append(f"volume {volume_index} of {img.shape[3]} used")
+    data, notes = _select_volume(data, volume_index, path)
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != 3 or min(data.shape) < 1:
@@ -78,6 +53,42 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
         header={"dimensions": list(data.shape)},
         notes=notes,
     )
+
+
+def _load_canonical(path: Path):
+    """The NIfTI image of ``path`` reoriented to RAS+, once its size, memory need and affine are checked."""
+    img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise UnsupportedFormatError(path, f"not a NIfTI image ({type(img).__name__})")
+    shape = tuple(int(v) for v in img.shape)
+    if not shape or min(shape) < 1:
+        raise CorruptImageError(path, f"NIfTI dimensions {shape} hold no voxels")
+    voxels = int(np.prod(shape, dtype=object))
+    declared = voxels * img.get_data_dtype().itemsize
+    _check_holds(path, declared + int(img.header.get("vox_offset", 0) or 0))
+    # stored values + float32 + the reoriented copy
+    read_limits().check(path, declared + voxels * 8, f"a {'x'.join(map(str, shape))} volume")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CorruptImageError(path, "NIfTI affine is singular or not finite: geometry cannot be trusted")
+    return nib.as_closest_canonical(img)
+
+
+def _select_volume(data: np.ndarray, volume_index: int | None, path: Path) -> tuple[np.ndarray, list[str]]:
+    """(the one volume of ``data`` to use, notes): a 4D image's ``volume_index``-th volume, else ``data`` itself."""
+    notes: list[str] = []
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        if volume_index is None:
+            raise UnsupportedFormatError(
+                path, f"4D NIfTI with {data.shape[3]} volumes", "a 3D volume, or pass volume_index"
+            )
+        if not 0 <= volume_index < data.shape[3]:
+            raise UnsupportedFormatError(path, f"volume_index {volume_index} out of range 0..{data.shape[3] - 1}")
+        notes.append(f"volume {volume_index} of {data.shape[3]} used")
+        data = data[..., volume_index]
+    return data, notes
 
 
 def _check_holds(path: Path, needed: int) -> None:

@@ -31,7 +31,7 @@ class Scan:
     value_max: float | None = None  # full-scale value of the stored type (255 for 8-bit pictures), for "dtype" scaling
     slice_positions: tuple[float, ...] = ()  # mm along the slice normal of each slice (volumes from DICOM)
     notes: list[str] = field(default_factory=list)  # what could not be trusted or was decided while reading
-    voi: object | None = None  # the file's non-linear VOI (medtl.io.dicom.FileVOI: a LUT table or SIGMOID), or None
+    voi: object | None = None  # the file's non-linear VOI (medtl.io.dicom_voi.FileVOI: a LUT table or SIGMOID), or None
     padding: np.ndarray | None = None  # True where the file marks no image (PixelPaddingValue), same shape as array
     rgb: np.ndarray | None = None  # float32 colour of a colour source, array's shape + (3,); ``array`` is its luminance
 

@@ -30,7 +30,7 @@ from medtl.errors import (
 from medtl.io.dicom import dataset_to_scan, declared_bytes, open_dicom, study_key
 from medtl.io.dicom_geometry import image_orientation, orientation_letters, sort_along_normal
 from medtl.io.guard import reading
-from medtl.io.limits import read_limits
+from medtl.io.limits import ReadLimits, read_limits
 from medtl.io.scan import Scan
 
 log = logging.getLogger("medtl.io")
@@ -101,38 +101,13 @@ def _iter_sources(path: Path):
     """
     limits = read_limits()
     if path.is_dir():
-        files = []
-        for p in path.rglob("*"):
-            if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR":
-                files.append(p)
-                if len(files) > limits.max_files:
-                    raise InputTooLargeError(
-                        path,
-                        f"folder holds more than {limits.max_files} files",
-                        "a folder of one study, or raise MEDTL_MAX_INPUT_FILES",
-                    )
-        for p in sorted(files):
+        for p in _folder_files(path, limits):
             yield str(p.relative_to(path)), p, None
         return
     with reading(path, "zip file"):
         z = zipfile.ZipFile(path)
     with z:
-        members = [
-            m
-            for m in z.infolist()
-            if not m.is_dir()
-            and not Path(m.filename).name.startswith(".")
-            and Path(m.filename).name.upper() != "DICOMDIR"
-            and not m.filename.startswith("__MACOSX")
-        ]
-        if len(members) > limits.max_files:
-            raise InputTooLargeError(
-                path,
-                f"zip holds {len(members)} files, more than the limit of {limits.max_files}",
-                "a zip of one study, or raise MEDTL_MAX_INPUT_FILES",
-            )
-        total = sum(m.file_size for m in members)
-        limits.check(path, total, f"unpacking {len(members)} zip members")
+        members = _zip_members(z, path, limits)
         # members are unpacked one at a time into a private folder (mode 0700, removed with the
         # listing): memory stays flat, and the pixels are read from disk only when decoded
         folder = tempfile.TemporaryDirectory(prefix="medtl-zip-")
@@ -158,6 +133,42 @@ def _iter_sources(path: Path):
                 yield m.filename, None, e.problem
                 continue
             yield m.filename, target, folder
+
+
+def _folder_files(path: Path, limits: ReadLimits) -> list[Path]:
+    """The files of a folder (recursive, sorted), without hidden files and DICOMDIR, up to ``limits.max_files``."""
+    files = []
+    for p in path.rglob("*"):
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR":
+            files.append(p)
+            if len(files) > limits.max_files:
+                raise InputTooLargeError(
+                    path,
+                    f"folder holds more than {limits.max_files} files",
+                    "a folder of one study, or raise MEDTL_MAX_INPUT_FILES",
+                )
+    return sorted(files)
+
+
+def _zip_members(z: zipfile.ZipFile, path: Path, limits: ReadLimits) -> list[zipfile.ZipInfo]:
+    """A zip's file members, without hidden files, DICOMDIR and __MACOSX, once their number and size fit ``limits``."""
+    members = [
+        m
+        for m in z.infolist()
+        if not m.is_dir()
+        and not Path(m.filename).name.startswith(".")
+        and Path(m.filename).name.upper() != "DICOMDIR"
+        and not m.filename.startswith("__MACOSX")
+    ]
+    if len(members) > limits.max_files:
+        raise InputTooLargeError(
+            path,
+            f"zip holds {len(members)} files, more than the limit of {limits.max_files}",
+            "a zip of one study, or raise MEDTL_MAX_INPUT_FILES",
+        )
+    total = sum(m.file_size for m in members)
+    limits.check(path, total, f"unpacking {len(members)} zip members")
+    return members
 
 
 def list_series(path: str | Path) -> StudyListing:

@@ -19,12 +19,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pydicom
 
 from medtl.errors import MedtlError
 from medtl.io.reader import sniff_format
-from medtl.predict.predictor import Predictor
+from medtl.predict.predictor import Prediction, Predictor
 
 log = logging.getLogger("medtl.predict.batch")
 
@@ -161,26 +162,8 @@ def predict_to_csv(
     With ``world`` > 1 (processes started by ``torchrun``), process ``rank`` takes every ``world``-th
     input not yet done and appends its rows to ``csv_path.part<rank>``; :func:`merge_parts` then moves
     them into ``csv_path``. Inputs in any part file count as done, so a killed sharded run resumes too."""
-    csv_path = Path(csv_path)
-    final = csv_path
-    done = done_keys(final) | {k for part in part_files(final) for k in done_keys(part)}
-    todo = [i for i in inputs if i.key not in done]
-    if world > 1:  # this process's shard (by key, the same in every process); its rows go to its own part
-        todo = sorted(todo, key=lambda i: i.key)[rank::world]
-        csv_path = final.with_name(f"{final.name}.part{rank}")
-    by_path = {str(i.path): i for i in todo}
-    classes = predictor.class_names
-    fields = [
-        "input",
-        *(["path"] if show_paths else []),
-        "study_key",
-        "status",
-        "label",
-        *[f"p_{c}" for c in classes],
-        "ood_score",
-        "decision",
-        "reason",
-    ]
+    todo, csv_path = _todo(inputs, Path(csv_path), rank, world)
+    fields = _columns(predictor.class_names, show_paths)
     counts: dict[str, int | float] = {
         "inputs": len(inputs),
         "skipped": len(inputs) - len(todo),
@@ -191,51 +174,94 @@ def predict_to_csv(
     new = not csv_path.is_file() or csv_path.stat().st_size == 0
     if new:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-    t0, last = time.perf_counter(), 0.0
+    t0 = time.perf_counter()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         elif _header(csv_path) != fields:
             raise MedtlError(f"{csv_path} was written for other classes or columns; choose another --csv")
-        paths = [i.path for i in todo]
-        for k, (path, result) in enumerate(predictor.predict_many(paths, check=check, batch_size=batch_size), 1):
-            item = by_path[str(path)]
-            row: dict[str, object] = {"input": item.key, "path": str(item.source)}
-            if isinstance(result, MedtlError):
-                counts["errors"] += 1
-                row.update(status="error", reason=_without_path(str(result), item))
-            else:
-                row.update(study_key=result.study_key, ood_score=result.ood_score)
-                if result.refused:
-                    counts["refused"] += 1
-                    row.update(status="refused", reason=result.refused)
-                else:
-                    counts["answered"] += 1
-                    row.update(
-                        status="answered",
-                        label=result.label,
-                        decision=result.decision,
-                        **{f"p_{c}": round(v, 6) for c, v in result.probabilities.items()},
-                    )
-            writer.writerow(row)
-            f.flush()
-            now = time.perf_counter() - t0
-            if now - last >= 5 or k == len(todo):
-                last = now
-                rate = k / now if now > 0 else 0.0
-                eta = (len(todo) - k) / rate if rate else 0.0
-                log.info(
-                    "%d/%d inputs (%d already done), %.1f inputs/s, ETA %d:%02d",
-                    k,
-                    len(todo),
-                    counts["skipped"],
-                    rate,
-                    eta // 60,
-                    eta % 60,
-                )
+        _write_rows(predictor, todo, (f, writer), counts, t0, check, batch_size)
     counts["seconds"] = round(time.perf_counter() - t0, 2)
     return counts
+
+
+def _todo(inputs: list[BatchInput], final: Path, rank: int, world: int) -> tuple[list[BatchInput], Path]:
+    """The inputs of ``inputs`` this process answers (those in no row of ``final`` or its parts yet; with
+    ``world`` > 1 its shard of them) and the file its rows go to."""
+    done = done_keys(final) | {k for part in part_files(final) for k in done_keys(part)}
+    todo = [i for i in inputs if i.key not in done]
+    if world > 1:  # this process's shard (by key, the same in every process); its rows go to its own part
+        return sorted(todo, key=lambda i: i.key)[rank::world], final.with_name(f"{final.name}.part{rank}")
+    return todo, final
+
+
+def _columns(classes: list[str], show_paths: bool) -> list[str]:
+    """The CSV's columns for a model of ``classes`` (``path`` with ``show_paths``)."""
+    return [
+        "input",
+        *(["path"] if show_paths else []),
+        "study_key",
+        "status",
+        "label",
+        *[f"p_{c}" for c in classes],
+        "ood_score",
+        "decision",
+        "reason",
+    ]
+
+
+def _write_rows(
+    predictor: Predictor,
+    todo: list[BatchInput],
+    out: tuple[IO[str], csv.DictWriter],
+    counts: dict[str, int | float],
+    t0: float,
+    check: bool,
+    batch_size: int,
+) -> None:
+    """Write and flush a row per input of ``todo`` as it is answered, logging progress every 5 seconds and at
+    the end (``t0``: when the run started). ``out``: the open CSV file and its writer."""
+    f, writer = out
+    by_path = {str(i.path): i for i in todo}
+    paths = [i.path for i in todo]
+    last = 0.0
+    for k, (path, result) in enumerate(predictor.predict_many(paths, check=check, batch_size=batch_size), 1):
+        writer.writerow(_row(by_path[str(path)], result, counts))
+        f.flush()
+        now = time.perf_counter() - t0
+        if now - last >= 5 or k == len(todo):
+            last = now
+            _log_progress(k, len(todo), int(counts["skipped"]), now)
+
+
+def _row(item: BatchInput, result: Prediction | MedtlError, counts: dict[str, int | float]) -> dict[str, object]:
+    """The CSV row of ``item``'s answer, refusal or error, counted in ``counts``."""
+    row: dict[str, object] = {"input": item.key, "path": str(item.source)}
+    if isinstance(result, MedtlError):
+        counts["errors"] += 1
+        row.update(status="error", reason=_without_path(str(result), item))
+        return row
+    row.update(study_key=result.study_key, ood_score=result.ood_score)
+    if result.refused:
+        counts["refused"] += 1
+        row.update(status="refused", reason=result.refused)
+    else:
+        counts["answered"] += 1
+        row.update(
+            status="answered",
+            label=result.label,
+            decision=result.decision,
+            **{f"p_{c}": round(v, 6) for c, v in result.probabilities.items()},
+        )
+    return row
+
+
+def _log_progress(k: int, n: int, skipped: int, seconds: float) -> None:
+    """Log ``k`` of ``n`` inputs answered after ``seconds``, the rate and the time left."""
+    rate = k / seconds if seconds > 0 else 0.0
+    eta = (n - k) / rate if rate else 0.0
+    log.info("%d/%d inputs (%d already done), %.1f inputs/s, ETA %d:%02d", k, n, skipped, rate, eta // 60, eta % 60)
 
 
 def part_files(csv_path: str | Path) -> list[Path]:

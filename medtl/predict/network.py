@@ -36,7 +36,7 @@ class ExportedNetwork:
             import onnxruntime as ort  # imported on use: only exported packages need it
 
             providers = ["CPUExecutionProvider"]
-            if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
             self.session = ort.InferenceSession(str(path), providers=providers)
         else:

@@ -128,12 +128,7 @@ def finish_run(
         **store_options(cfg.data),
     )
     detector = fit_ood(model, train_eval, cfg, val_ds, runtime, bs)
-    # the BatchNorm layers' input moments on the training images: what `medtl adapt` matches a new site to
-    bn_stats = (
-        bn_statistics(model, (b["image"] for b in iterate_batches(train_eval, bs, runtime.device)), runtime)
-        if batchnorms(model)
-        else None
-    )
+    bn_stats = training_bn_statistics(model, train_eval, runtime, bs)
     metrics = run_metrics(model, result, prepared, (val_logits, test_ds), runtime, bs, decision)
     if detector is not None:
         metrics["ood"] = detector.describe()
@@ -147,18 +142,7 @@ def finish_run(
             cfg,
             run / RunDir.OVERLAYS,
         )
-    model.cpu()
-    model.to(memory_format=torch.contiguous_format)
-    save_model(
-        model,
-        run / RunDir.MODEL,
-        cfg.encoder.name,
-        names,
-        pre,
-        decision.temperature,
-        decision.operating_point,
-        decision.multi_label,
-    )
+    save_final_model(run, model, cfg.encoder.name, names, pre, decision)
     if detector is not None:
         detector.save(run / RunDir.OOD)
     if bn_stats:
@@ -166,6 +150,33 @@ def finish_run(
     write_run_files(run, cfg, prepared, result, pre, model.pretrained_cfg["weights_source"])
     run.write_checksums()
     return metrics
+
+
+def training_bn_statistics(model: torch.nn.Module, train_eval, runtime: Runtime, batch_size: int) -> dict | None:
+    """The BatchNorm layers' input moments on the training images (``train_eval``: read without augmentation),
+    what ``medtl adapt`` matches a new site to; None for a model without BatchNorm."""
+    if not batchnorms(model):
+        return None
+    return bn_statistics(model, (b["image"] for b in iterate_batches(train_eval, batch_size, runtime.device)), runtime)
+
+
+def save_final_model(
+    run: RunDir, model: torch.nn.Module, encoder: str, names: list[str], pre: Preprocessing, decision: Decision
+) -> None:
+    """Save the trained ``model`` (moved to the CPU, in contiguous layout) to the run's ``model.safetensors`` with
+    the encoder's name, the class ``names``, the preprocessing record and the ``decision``."""
+    model.cpu()
+    model.to(memory_format=torch.contiguous_format)
+    save_model(
+        model,
+        run / RunDir.MODEL,
+        encoder,
+        names,
+        pre,
+        decision.temperature,
+        decision.operating_point,
+        decision.multi_label,
+    )
 
 
 def fit_ood(
@@ -372,6 +383,8 @@ def _fmt(v):
 __all__ = [
     "run_experiment",
     "finish_run",
+    "training_bn_statistics",
+    "save_final_model",
     "fit_ood",
     "run_metrics",
     "training_record",
