@@ -185,10 +185,10 @@ def test_predict_explain_and_evaluate_run_in_bf16(tiny_run, sample_dir, tmp_path
 
 
 def test_a_label_efficiency_cell_trains_in_bf16(npz, monkeypatch):
-    from tests.pipelines.test_pipelines import _load
+    from tests.pipelines import load_pipeline
 
     monkeypatch.delenv("MEDTL_PRECISION", raising=False)
-    mod = _load()
+    mod = load_pipeline("label_efficiency")
     cfg = load_config(
         data={"path": str(npz), "augment": True},
         encoder={"input_size": 32},

@@ -117,7 +117,7 @@ def test_colour_jitter_is_seeded_changes_colour_and_stays_in_range():
 
 def test_the_ui_refuses_colour_for_a_grey_model_and_accepts_it_for_a_colour_one(tmp_path):
     from medtl.predict.refusal import input_refusal
-    from ui.app import window_slice
+    from medtl_ui.view import window_slice
 
     images, _ = hue_only_images(1, size=64)
     vivid = images[0].copy()
