@@ -40,7 +40,6 @@ from medtl.config import SCHEMA_VERSION, ExperimentConfig, config_from_dict, to_
 from medtl.errors import RunError, RunExistsError
 from medtl.models.checkpoint import load_model
 from medtl.models.encoders import Preprocessing, file_sha256
-from medtl.options import DecisionSource
 
 
 def _v1_to_v2(raw: dict) -> dict:
@@ -55,7 +54,6 @@ def _v1_to_v2(raw: dict) -> dict:
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}  # version -> its config brought to the next
 
 
-@dataclass(frozen=True)
 class RunDir:
     """A run folder, and the name of every file in it."""
 
@@ -83,7 +81,10 @@ class RunDir:
     WEIGHT_FILES = (MODEL, OOD, BN_SOURCE)  # checksummed in SHA256SUMS
 
     def __init__(self, path: str | Path):
-        object.__setattr__(self, "path", Path(path))
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -122,7 +123,10 @@ class RunDir:
     def read_raw_config(self) -> dict:
         """``config.yaml`` as written, brought to the current schema (:data:`MIGRATIONS`)."""
         path = self / self.CONFIG
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise RunError(f"{path}: not readable YAML ({type(e).__name__})") from None
         if not isinstance(raw, dict):
             raise RunError(f"{path}: not a run configuration (a {type(raw).__name__}, not a mapping)")
         version = raw.get("schema_version", 1)
@@ -172,12 +176,10 @@ class RunDir:
         """``evaluation/``: what ``medtl evaluate`` writes."""
         return self / self.EVALUATION
 
-    def read_decision(self, source: DecisionSource) -> dict | None:
-        """A decision record (:meth:`medtl.predict.Decision.to_record`) chosen by ``source``; None where that
-        step has not chosen one. The training decision lives in the weights' metadata: read it with the model."""
-        if source == "evaluation":
-            return self.read_json(f"{self.EVALUATION}/{self.DECISION}")
-        raise RunError(f"{self.path}: the training decision is saved with the weights ({self.MODEL})")
+    def read_decision(self) -> dict | None:
+        """The decision record ``medtl evaluate`` chose (:meth:`medtl.predict.Decision.to_record`); None where the
+        run has not been evaluated. (Training's decision is saved with the weights: read it with the model.)"""
+        return self.read_json(f"{self.EVALUATION}/{self.DECISION}")
 
     def write_decision(self, record: dict) -> Path:
         """``evaluation/decision.json``: the decision ``medtl evaluate`` chose (the weights are not rewritten)."""

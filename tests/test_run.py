@@ -56,3 +56,12 @@ def test_a_version_1_run_is_migrated_when_read(tiny_run, tmp_path):
 def test_asking_for_the_evaluation_decision_of_an_unevaluated_run_says_what_to_do(tiny_run):
     with pytest.raises(RunError, match="medtl evaluate"):
         load_run(tiny_run, decision="evaluation")
+
+
+@pytest.mark.parametrize("text", [b"data: [unclosed\n", b"\xff\xfe not text", b"- a list\n"])
+def test_a_damaged_config_is_a_typed_error_naming_the_file(tiny_run, tmp_path, text):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / RunDir.CONFIG).write_bytes(text)
+    with pytest.raises(RunError, match="config.yaml"):
+        load_saved_run(run)

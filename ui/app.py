@@ -348,16 +348,18 @@ def launch(
     run: str | Path,
     host: str = "127.0.0.1",
     port: int = 7860,
-    auth: str | None = None,
+    auth: str | LoginThrottle | None = None,
     prevent_thread_lock: bool = False,
     max_file_size: str = MAX_FILE_SIZE,
     device: str = "auto",
     decision: DecisionSource = "training",
 ):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder
-    removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay)."""
-    throttle = None
-    if auth:  # checked before anything is set up
+    removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay).
+
+    ``auth`` is ``"USER:PASS"`` (default lock-out delays) or a configured :class:`LoginThrottle`."""
+    throttle = auth if isinstance(auth, LoginThrottle) else None
+    if isinstance(auth, str) and auth:  # checked before anything is set up
         user, sep, password = auth.partition(":")
         if not sep or not user or not password:
             raise MedtlError("--auth must be USER:PASS")

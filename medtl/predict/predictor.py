@@ -123,7 +123,7 @@ class Predictor:
     def _decision(self, saved, source: DecisionSource) -> Decision:
         """The decision the predictor answers by: training's (in the weights) or the evaluation's."""
         if source == "evaluation":
-            record = RunDir(self.run_dir).read_decision("evaluation")
+            record = RunDir(self.run_dir).read_decision()
             if record is None:
                 raise RunError(
                     f"{self.run_dir}: the run has not been evaluated (no {RunDir.EVALUATION}/"

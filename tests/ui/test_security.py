@@ -69,13 +69,20 @@ def test_auth_refuses_unauthenticated_requests(served):
 def test_failed_logins_are_locked_out_with_a_growing_delay(served):
     """50 wrong passwords in a row: after a few, the server stops checking them (locked), and even the right
     password is refused until the lock expires."""
-    base = served(auth="doctor:s3cret-pass")
+    from medtl_ui.safety import LoginThrottle
+
+    # A first lock of 60 s (the default is 1 s, doubling): the test does not depend on how fast this machine
+    # answers 51 requests, the wiring is what is checked here (the delays are in test_safety.py).
+    throttle = LoginThrottle("doctor", "s3cret-pass", base_delay=60.0, max_delay=600.0)
+    base = served(auth=throttle)
     codes = [
         httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}).status_code for i in range(50)
     ]
     assert all(c in (400, 401, 403) for c in codes)
+    assert throttle.checks == throttle.free_failures + 1  # after the lock, no password was compared
     right = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"})
     assert right.status_code != 200  # locked: the right password does not get through either
+    assert throttle.checks == throttle.free_failures + 1
 
 
 def test_server_binds_to_loopback_only(served):
