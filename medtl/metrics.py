@@ -12,14 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from medtl.errors import MedtlInputError
 
@@ -233,25 +226,41 @@ def best_balanced_accuracy(labels: npt.ArrayLike, scores: npt.ArrayLike) -> floa
     return float(np.max((tpr + 1 - fpr) / 2))
 
 
+def _ratio(a, b) -> float | None:
+    return float(a / b) if b else None
+
+
+def _counts(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float) -> tuple[int, int, int, int]:
+    """(tn, fp, fn, tp) of class-1 ``scores`` at ``threshold`` against 0/1 ``labels``."""
+    y = np.asarray(labels) == 1
+    pred = np.asarray(scores, dtype=np.float64) >= threshold
+    tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
+    return int(np.sum(~pred & ~y)), fp, int(np.sum(~pred & y)), tp
+
+
+def binary_rates(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float = 0.5) -> dict[str, float | None]:
+    """Sensitivity, specificity and balanced accuracy (the mean of those two that are defined, as scikit-learn's)
+    at ``threshold``; None where undefined. Counting only: cheap enough for thousands of bootstrap resamples."""
+    tn, fp, fn, tp = _counts(labels, scores, threshold)
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    defined = [v for v in (sensitivity, specificity) if v is not None]
+    balanced = float(np.mean(defined)) if defined else None
+    return {"sensitivity": sensitivity, "specificity": specificity, "balanced_accuracy": balanced}
+
+
 def compute_binary_metrics(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float = 0.5) -> dict:
     """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy at ``threshold`` on class-1 scores."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     pred = (scores >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
-
-    def ratio(a, b):
-        return float(a / b) if b else None
-
+    tn, fp, fn, tp = _counts(labels, scores, threshold)
     return {
         "threshold": float(threshold),
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp),
-        "npv": ratio(tn, tn + fn),
+        **binary_rates(labels, scores, threshold),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
         "f1": float(f1_score(labels, pred, zero_division=0)),
         "accuracy": float(accuracy_score(labels, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+        "confusion_matrix": [[tn, fp], [fn, tp]],
     }
 
 

@@ -19,22 +19,32 @@ Sections (all on generated sample data, so the script runs anywhere):
             (plain_train_img_per_s); the best raw configuration, compute only on synthetic tensors,
             each native precision and memory layout, and the best of those compiled
             (best_raw_train_img_per_s); medtl's own loop on decoded sample data with augmentation,
-            precision auto (train_img_per_s). Target: train_img_per_s >= 0.9 x best raw.
+            precision auto (train_img_per_s). Target: train_img_per_s >= 0.95 x best raw. Then medtl's loop
+            with fp32 and with bf16 forced against the raw channels-last step in the same precision
+            (train_vs_raw_fp32, train_vs_raw_bf16; bf16 emulated where the CPU has none), and medtl's loop
+            beside one competing CPU-bound process, its threads fitted to the free cores and fixed at
+            the usable cores (contended_slowdown, contended_slowdown_fixed_threads: times slower than alone)
   probe     head-only (linear-probe) training time with and without feature caching
   infer     prediction and Grad-CAM latency per image and per 100-slice volume; prediction of one image
             by the same run exported to ONNX (ONNX Runtime) against PyTorch, both on the CPU: the whole
             prediction (reading the file included) and the network's forward pass alone
+  evaluate  `medtl evaluate` on a run trained like `make demo`'s, with its defaults (evaluate_seconds;
+            target < 60 s on 2 cores) and with every check (all four saliency methods and the label
+            randomisation test, the defaults before: evaluate_all_checks_seconds)
 Peak memory (max RSS) is reported at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,16 +64,19 @@ from medtl.predict import Predictor, load_run
 from medtl.runtime import (
     Runtime,
     cpu_model,
+    fit_threads,
     measure_training_speed,
     native_bf16,
     precision_candidates,
     resolve_device,
     synchronize,
+    usable_cores,
 )
 from medtl.train import prepare_data, run_experiment, train_model
 from medtl.transforms import create_transforms
 
 CPU = torch.device("cpu")
+SECTIONS = ("io", "train", "probe", "infer", "evaluate")
 ENCODER = "efficientnet_lite0"  # every figure's network: the raw baselines build it by name, the loops from config
 
 
@@ -236,6 +249,7 @@ def bench_train(
     image_px: int = 128,
     repeats: int = 3,
     device: torch.device = CPU,
+    contend: bool = True,
 ) -> dict:
     """medtl's loop (precision auto; eager, and compiled too where a compiled raw configuration is the
     fastest) on decoded sample data with augmentation, between two measurements of the raw
@@ -254,6 +268,10 @@ def bench_train(
     medtl = max(loops.values())
     again = raw_config_speed(raw["best_raw_train_config"], size, batch_size, steps, repeats, device)
     best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
+    per_precision = precision_ratios(cfg, train, val, steps, epochs, batch_size, raw, size, repeats, device)
+    contended = {}
+    if contend:
+        contended = contended_speeds(cfg, train, val, steps, epochs, batch_size, device, loops["eager"])
     return {
         **raw,
         "best_raw_train_img_per_s": best_raw,
@@ -268,7 +286,78 @@ def bench_train(
         "train_img_per_s": medtl,
         "speedup": medtl / plain,
         "train_vs_best_raw": medtl / best_raw,
+        **per_precision,
+        **contended,
     }
+
+
+def precision_ratios(
+    cfg, train, val, steps: int, epochs: int, batch_size: int, raw: dict, size: int, repeats: int, device
+) -> dict:
+    """medtl's eager loop with each precision forced (``MEDTL_PRECISION``; bf16 emulated where the hardware has
+    none) against the raw channels-last step in the same precision: ``train_vs_raw_fp32``, ``train_vs_raw_bf16``."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        before = raw.get(f"raw_{precision}_channels_last_img_per_s")
+        if before is None:  # not a native precision here (so not among the best-raw candidates): measured apart
+            before = raw_train_speed(size, batch_size, precision, True, False, steps, repeats, device)
+            out[f"emulated_raw_{precision}_channels_last_img_per_s"] = before
+        with _env(MEDTL_PRECISION=precision):
+            loops, _, _ = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, False, device)
+        out[f"train_{precision}_img_per_s"] = loops["eager"]
+        after = raw_train_speed(size, batch_size, precision, True, False, steps, repeats, device)
+        out[f"train_vs_raw_{precision}"] = loops["eager"] / max(before, after)  # the raw figure least disturbed
+    return out
+
+
+@contextlib.contextmanager
+def competing_process():
+    """One CPU-bound process (a Python busy loop) on this process's cores, for as long as the block runs; the
+    compute threads are fitted again when it starts and when it ends."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, os.sched_getaffinity(0))
+        time.sleep(0.5)
+        fit_threads(now=True)
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+        fit_threads(now=True)
+
+
+def contended_speeds(
+    cfg, train, val, steps: int, epochs: int, batch_size: int, device: torch.device, alone: float
+) -> dict:
+    """medtl's loop beside one competing CPU-bound process, with its compute threads fitted to the free cores (the
+    default) and fixed at the usable cores (``MEDTL_THREADS``: what medtl did before it fitted them); each as a
+    slowdown against ``alone`` (medtl's loop measured alone in the same run). CPU only."""
+    if device.type != "cpu":
+        return {}
+    out = {}
+    for name, fixed in (("fitted", None), ("fixed_threads", str(usable_cores()))):
+        with competing_process(), _env(MEDTL_THREADS=fixed):
+            loops, _, _ = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, False, device)
+            out[f"contended_{name}_threads"] = torch.get_num_threads()
+        out[f"contended_{name}_img_per_s"] = loops["eager"]
+    out["contended_slowdown"] = alone / out["contended_fitted_img_per_s"]
+    out["contended_slowdown_fixed_threads"] = alone / out["contended_fixed_threads_img_per_s"]
+    return out
+
+
+@contextlib.contextmanager
+def _env(**values):
+    """Environment variables set (or, given None, left as they are) for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def medtl_loop_speeds(
@@ -372,6 +461,39 @@ def bench_infer(work: Path, size: int, repeat: int = 5) -> dict:
     return out
 
 
+def bench_evaluate(work: Path, quick: bool) -> dict:
+    """``medtl evaluate`` on a run trained as ``make demo`` trains it (the sample set and the default recipe;
+    ``--quick``: a smaller set, 64 px, one epoch per stage): with its defaults, and with every check (all four
+    saliency methods and the label randomisation test: the defaults before they were made opt-in)."""
+    sample = work / "demo_sample"
+    if quick:
+        create_sample_data(sample, n_patients=16, n_volumes=4, size=64, force=True)
+        cfg = load_config(
+            data={"path": str(sample / "manifest.csv")},
+            encoder={"input_size": 64},
+            train={"epochs": 1, "frozen_epochs": 1},
+        )
+    else:
+        create_sample_data(sample, force=True)  # what `medtl sample-data` writes
+        cfg = load_config(data={"path": str(sample / "manifest.csv")})  # what `medtl train --data` trains
+    run = run_experiment(cfg, work / "run_demo", force=True)
+
+    def command(*flags: str) -> None:  # the command as typed: its start-up (imports) counts
+        done = subprocess.run(
+            [sys.executable, "-m", "medtl.cli", "-q", "evaluate", str(run), *flags], text=True, capture_output=True
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"medtl evaluate failed:\n{done.stderr[-2000:]}")
+
+    default = timed(command)
+    everything = timed(lambda: command("--methods", "all", "--data-randomisation"))
+    return {
+        "evaluate_seconds": default,
+        "evaluate_all_checks_seconds": everything,
+        "evaluate_speedup": everything / default,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -385,7 +507,7 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="where the training figures are measured: auto (a GPU where one can be reached), cpu, cuda or cuda:N",
     )
-    p.add_argument("--sections", default="io,train,probe,infer", help="comma-separated subset to run")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (about 70 s)")
     p.add_argument(
         "--quick",
@@ -405,9 +527,9 @@ def main(argv=None) -> int:
     batch_size = args.batch_size or scale.batch_size
     compile_best = not (args.no_compile or args.quick)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"io", "train", "probe", "infer"})
+    unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        p.error(f"unknown section(s) {', '.join(unknown)}; choose from io, train, probe, infer")
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if epochs < 2:
         p.error("--epochs must be at least 2 (the first epoch is an untimed warm-up)")
     logging.basicConfig(level=logging.WARNING)
@@ -432,6 +554,7 @@ def main(argv=None) -> int:
             ),
             "probe": lambda: bench_probe(work, size, scale.probe_epochs),
             "infer": lambda: bench_infer(work, size, 5 if scale.repeat > 1 else 1),
+            "evaluate": lambda: bench_evaluate(work, args.quick),
         }
         for name in sections:
             t0 = time.perf_counter()

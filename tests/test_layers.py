@@ -15,6 +15,7 @@ LEVELS = {
     "medtl.version": 0,
     "medtl.errors": 0,
     "medtl.options": 0,  # names and words, no dependencies
+    "medtl.progress": 0,  # phases of a long job, logged with an estimate of the time left
     "medtl.config": 1,
     "medtl.runtime": 1,
     "medtl.metrics": 1,  # settings, the machine, pure metrics

@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
     s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
     s.add_argument(
-        "--methods", help=f"comma-separated saliency methods to check (default: all four, {','.join(SALIENCY_METHODS)})"
+        "--methods",
+        help="comma-separated saliency methods whose maps are checked, or 'all' "
+        f"({','.join(SALIENCY_METHODS)}); default: gradcam, gradcampp and the run's own method (occlusion and "
+        "integrated_gradients take about a minute each on 2 cores)",
     )
     s.add_argument(
         "--foreign",
@@ -31,9 +34,11 @@ def add_parser(sub) -> None:
         "out-of-distribution detector's AUROC against the test studies",
     )
     s.add_argument(
-        "--no-data-randomisation",
-        action="store_true",
-        help="skip training a shuffled-label model for the data randomisation test",
+        "--data-randomisation",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also retrain the model on shuffled labels for the saliency data randomisation test (minutes; "
+        "default: not run, and the report says so)",
     )
     add_device(s)
     s.set_defaults(fn=cmd_evaluate)
@@ -43,14 +48,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtl.eval.evaluate import evaluate_run
     from medtl.run import RunDir
 
-    methods = tuple(args.methods.split(",")) if args.methods else SALIENCY_METHODS
+    methods = None  # the default for the run (medtl.eval.evaluate.sanity_methods)
+    if args.methods:
+        names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = SALIENCY_METHODS if names == ("all",) else names
     result = evaluate_run(
         args.run,
         data=args.data,
         n_boot=args.boot,
         operating_point=args.operating_point,
         methods=methods,
-        data_randomisation=not args.no_data_randomisation,
+        data_randomisation=args.data_randomisation,
         device=args.device,
         foreign=args.foreign,
     )
@@ -64,6 +72,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     for s in result["saliency_sanity"]:
         print(f"  {s['method']:22s} {s['verdict']}")
+    scope = result.get("saliency_sanity_scope", {})
+    if scope.get("not_checked"):
+        print(f"  not checked: {', '.join(scope['not_checked'])} (medtl evaluate --methods all)")
+    if scope.get("data_randomisation", "run") != "run":
+        print(f"  data randomisation test {scope['data_randomisation']}")
     print(f"report: {RunDir(args.run).evaluation / RunDir.REPORT}")
     return 0
 

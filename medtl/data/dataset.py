@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from medtl.data.manifest import Problem
 from medtl.errors import ConfigError, find_input_error, look_up_option
-from medtl.runtime import usable_cores
+from medtl.runtime import fit_threads
 from medtl.transforms.chain import split_final
 from medtl.transforms.read import split_slices
 
@@ -95,12 +95,13 @@ def _as_is(item):
 
 
 def decode_workers(setting: int | str, n_files: int) -> int:
-    """Processes reading a data set's files (``train.workers``). "auto": one per core, up to 8, for 200
-    files or more (fewer are read faster than the processes start); none on a single core. Measured on
-    2 cores, 400 generated DICOM files: 296 files/s in 2 processes, 215 in the main process alone."""
+    """Processes reading a data set's files (``train.workers``). "auto": one per free core (the compute threads'
+    count, :func:`medtl.runtime.fit_threads`: the main process waits meanwhile), up to 8, for 200 files or more
+    (fewer are read faster than the processes start); none on a single core. Measured on 2 cores, 400 generated
+    DICOM files: 296 files/s in 2 processes, 215 in the main process alone."""
     if setting != "auto":
         return int(setting)
-    cores = usable_cores()
+    cores = fit_threads().threads
     return min(8, cores) if n_files >= 200 and cores > 1 else 0
 
 

@@ -41,6 +41,9 @@ def model_card(run: RunDir, result: dict, prepared, cfg, saved: SavedRun) -> dic
     for s in result.get("saliency_sanity", []):
         if not s["passed"]:
             limits.append(f"Saliency method {s['method']} failed its randomisation sanity check: do not rely on it.")
+    unchecked = result.get("saliency_sanity_scope", {}).get("not_checked")
+    if unchecked:
+        limits.append(f"Saliency maps not checked for this model: {', '.join(unchecked)}; read them with care.")
     counts = {name: label_counts([s["label"] for s in part], m.class_names) for name, part in prepared.sets.items()}
     return {
         "model": run.name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +20,19 @@ import numpy as np
 
 from medtl.data.dataset import study_index
 from medtl.data.manifest import label_text
-from medtl.errors import RunError
+from medtl.errors import RunError, look_up_option
 from medtl.eval.card import model_card, model_card_markdown, report_html
 from medtl.eval.figures import evaluation_figures
 from medtl.eval.sanity import run_sanity_checks
 from medtl.explain import METHODS, compute_saliency, explain_input
-from medtl.metrics import bootstrap_ci, compute_auc_ci, compute_binary_metrics, compute_ece, compute_nll
+from medtl.metrics import binary_rates, bootstrap_ci, compute_auc_ci, compute_binary_metrics, compute_ece, compute_nll
 from medtl.predict.forward import extract_features, predict_logits
 from medtl.predict.ood import foreign_check, study_scores
 from medtl.predict.post import Decision
 from medtl.predict.predictor import Predictor
+from medtl.progress import Phases
 from medtl.run import RunDir, SavedRun, load_saved_run
-from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.runtime import Runtime, fit_threads, inference_precision, resolve_device
 from medtl.train import create_seeded_model, prepare_data, read_data, train_model
 from medtl.transforms import display_image
 
@@ -52,6 +54,41 @@ class Evaluation:
     cases: list[dict] = field(default_factory=list)  # wrong and correct test cases with their Grad-CAM overlays
 
 
+# The saliency methods checked by default: the two gradient CAMs (about 0.2 s a map here) and the run's own method.
+# Occlusion and Integrated Gradients cost about 1.5 s a map (tens of maps: a minute each on 2 cores), so they are
+# checked when asked (``methods``, ``medtl evaluate --methods all``); the page says a map was not checked.
+DEFAULT_SANITY_METHODS = ("gradcam", "gradcampp")
+# Relative cost of each phase (measured on the demo run, 2 cores), for the estimate of the time left.
+PHASE_COSTS = {
+    "predictions": 2.0,
+    "intervals": 1.0,
+    "test cases": 1.0,
+    "shuffled-label model": 25.0,
+    "gradcam": 1.0,
+    "gradcampp": 1.0,
+    "occlusion": 12.0,
+    "integrated_gradients": 12.0,
+    "out-of-distribution check": 2.0,
+    "figures and report": 3.0,
+}
+DATA_RANDOMISATION_OFF = (
+    "not run: it retrains the model on shuffled labels (minutes); opt in with medtl evaluate --data-randomisation"
+)
+
+
+def sanity_methods(cfg) -> tuple[str, ...]:
+    """The saliency methods checked by default for a run: :data:`DEFAULT_SANITY_METHODS` and its own method."""
+    return tuple(dict.fromkeys((*DEFAULT_SANITY_METHODS, cfg.explain.method)))
+
+
+def evaluation_phases(methods: Sequence[str], data_randomisation: bool, ood: bool = True) -> Phases:
+    """The phases of an evaluation in the order they run, each with its expected relative cost."""
+    names = ["predictions", "intervals", "test cases"]
+    names += ["shuffled-label model"] if data_randomisation else []
+    names += [*methods, *(["out-of-distribution check", "figures and report"] if ood else [])]
+    return Phases([(n, PHASE_COSTS.get(n, 1.0)) for n in names], log, "evaluation")
+
+
 def compute_evaluation(
     saved: SavedRun,
     cfg,
@@ -59,27 +96,56 @@ def compute_evaluation(
     runtime: Runtime,
     n_boot: int = 1000,
     operating_point: str = "youden",
-    methods: tuple[str, ...] = METHODS,
+    methods: Sequence[str] | None = None,
     sanity_images: int = 3,
-    data_randomisation: bool = True,
+    data_randomisation: bool = False,
     seed: int = 0,
+    phases: Phases | None = None,
 ) -> Evaluation:
     """Measure a saved run on ``prepared``'s test split: every choice (temperature, operating point) is
-    made on the validation split; intervals resample patients."""
+    made on the validation split; intervals resample patients. ``methods``: the saliency methods to check
+    (default :func:`sanity_methods`); ``data_randomisation``: also train a model on shuffled labels for the
+    data randomisation test (minutes)."""
+    methods = sanity_methods(cfg) if methods is None else tuple(methods)
+    phases = phases or evaluation_phases(methods, data_randomisation, ood=False)
     model, pre, class_names = saved.model, saved.preprocessing, saved.class_names
     _, val_ds, test_ds = prepared.datasets(cfg.data, pre)
+    phases.start("predictions", f"{len(val_ds)} validation and {len(test_ds)} test inputs")
     val_logits, test_logits = (predict_logits(model, ds, runtime, 64) for ds in (val_ds, test_ds))
     decision = Decision.fit(val_logits, class_names, operating_point, source="evaluation")
     test_y, test_p_raw = test_logits.study_probs()
     _, test_p = test_logits.study_probs(decision.temperature or 1.0)
     patients = np.asarray([s["patient_id"] for s in prepared.sets["test"]])
+    phases.start("intervals", f"{n_boot} patient resamples")
+    result = _measured(saved, cfg, runtime, val_logits, decision, test_y, test_p_raw, test_p, patients, n_boot, seed)
+    result["subgroups"] = _subgroups(prepared.sets["test"], test_y, test_p, patients, n_boot, seed)
+    phases.start("test cases")
+    inputs, cases = _cases(
+        model, test_ds, prepared.sets["test"], test_y, test_p, decision.choose(test_p), class_names, runtime
+    )
+    shuffled = None
+    if data_randomisation:
+        phases.start("shuffled-label model")
+        shuffled = _train_on_shuffled_labels(cfg, prepared, len(class_names), seed, runtime)
+    checked = inputs[:sanity_images]
+    result["saliency_sanity"] = _saliency_checks(model, checked, methods, shuffled, seed, runtime, phases)
+    result["saliency_sanity_scope"] = {
+        "checked": list(methods),
+        "not_checked": [m for m in METHODS if m not in methods],
+        "data_randomisation": "run" if data_randomisation else DATA_RANDOMISATION_OFF,
+    }
+    return Evaluation(result, class_names, test_y, test_p_raw, test_p, patients, decision, cases)
+
+
+def _measured(saved, cfg, runtime, val_logits, decision, test_y, test_p_raw, test_p, patients, n_boot, seed) -> dict:
+    """The evaluation record's figures: AUC with its interval, calibration, the operating point's metrics."""
     result: dict = {
         "run": saved.run_dir.name,
         "date": datetime.date.today().isoformat(),
         "data": Path(cfg.data.path).name,
         "n_test_images": len(test_y),
         "n_test_patients": len(set(patients.tolist())),
-        "class_names": class_names,
+        "class_names": saved.class_names,
         "precision": runtime.precision,
         "device": str(runtime.device),
     }
@@ -93,25 +159,26 @@ def compute_evaluation(
             **decision.operating_point,
             **_binary_metrics_ci(test_y, test_p[:, 1], decision.threshold, patients, n_boot, seed),
         }
-    result["subgroups"] = _subgroups(prepared.sets["test"], test_y, test_p, patients, n_boot, seed)
-    inputs, cases = _cases(
-        model, test_ds, prepared.sets["test"], test_y, test_p, decision.choose(test_p), class_names, runtime
-    )
-    shuffled = _train_on_shuffled_labels(cfg, prepared, len(class_names), seed, runtime) if data_randomisation else None
-    result["saliency_sanity"] = []
+    return result
+
+
+def _saliency_checks(model, inputs, methods, shuffled, seed, runtime, phases: Phases) -> list[dict]:
+    """The randomisation checks of each method (:func:`medtl.eval.sanity.run_sanity_checks`), one phase each."""
+    out = []
     for method in methods:
+        phases.start(method, "saliency check")
         res = run_sanity_checks(
             model,
-            inputs[:sanity_images],
+            inputs,
             lambda m, x, c, meth=method: compute_saliency(m, x, c, meth, runtime=runtime),
             method,
             shuffled,
             seed,
             runtime=runtime,
         )
-        result["saliency_sanity"].append(res.to_dict())
+        out.append(res.to_dict())
         log.info("saliency %s: %s", method, res.verdict)
-    return Evaluation(result, class_names, test_y, test_p_raw, test_p, patients, decision, cases)
+    return out
 
 
 def _calibration(val_logits, decision: Decision, test_y, test_p_raw, test_p, patients, n_boot, seed) -> dict:
@@ -157,7 +224,7 @@ def _binary_metrics_ci(labels, scores, threshold, patients, n_boot, seed) -> dic
     at = compute_binary_metrics(labels, scores, threshold)
     for key in ("sensitivity", "specificity", "balanced_accuracy"):
         at[f"{key}_ci"] = bootstrap_ci(
-            lambda i, k=key: compute_binary_metrics(labels[i], scores[i], threshold)[k], patients, n_boot, seed
+            lambda i, k=key: binary_rates(labels[i], scores[i], threshold)[k], patients, n_boot, seed
         )
     return at
 
@@ -215,16 +282,20 @@ def evaluate_run(
     data: str | None = None,
     n_boot: int = 1000,
     operating_point: str = "youden",
-    methods: tuple[str, ...] = METHODS,
+    methods: Sequence[str] | None = None,
     sanity_images: int = 3,
-    data_randomisation: bool = True,
+    data_randomisation: bool = False,
     seed: int = 0,
     device: str = "auto",
     foreign: list[str | Path] | None = None,
 ) -> dict:
     """Evaluate a run on its test split (or on ``data``); write the report, figures, model card and the
-    decision it chose (see module doc) into ``RUN/evaluation/``. Models run on ``device``.
+    decision it chose (see module doc) into ``RUN/evaluation/``. Models run on ``device``. Each phase is
+    logged as it starts, with the time so far and an estimate of the time left.
 
+    ``methods``: the saliency methods whose maps are checked (default :func:`sanity_methods`: the gradient CAMs
+    and the run's own method; :data:`medtl.explain.METHODS` for all). ``data_randomisation``: also retrain the
+    model on shuffled labels for the data randomisation test (off by default: minutes).
     ``foreign``: files unlike the training data (other modalities, body parts, photographs): the report
     gives the out-of-distribution detector's AUROC against the test studies, and its refusal rates."""
     run = RunDir.open(run_dir)
@@ -232,22 +303,30 @@ def evaluate_run(
     cfg = saved.config
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+    methods = sanity_methods(cfg) if methods is None else tuple(dict.fromkeys(methods))
+    for m in methods:  # a misspelt method fails now, not after minutes of work
+        look_up_option(m, METHODS, "saliency method")
+    phases = evaluation_phases(methods, data_randomisation)
     runtime = Runtime(resolve_device(device), inference_precision(None), tta=cfg.train.tta)
+    fit_threads()
     runtime.prepare(saved.model)
     manifest = read_data(cfg.data)
     if manifest.class_names != saved.class_names:
         raise RunError(f"{cfg.data.path}: classes {manifest.class_names} differ from the model's {saved.class_names}")
     prepared = prepare_data(cfg.data, saved.preprocessing, cfg.train.seed, manifest)
     ev = compute_evaluation(
-        saved, cfg, prepared, runtime, n_boot, operating_point, methods, sanity_images, data_randomisation, seed
+        saved, cfg, prepared, runtime, n_boot, operating_point, methods, sanity_images, data_randomisation, seed, phases
     )
+    phases.start("out-of-distribution check")
     ev.result["ood"] = _ood_check(run, saved, cfg, prepared, foreign or [], device)
+    phases.start("figures and report")
     write_evaluation(
         run,
         ev,
         model_card(run, ev.result, prepared, cfg, saved),
         evaluation_figures(ev, run / RunDir.HISTORY, min(n_boot, 300), seed),
     )
+    ev.result["seconds"] = round(phases.finish(), 1)
     log.info("evaluation written to %s", run.evaluation)
     return ev.result
 
@@ -304,4 +383,11 @@ def _train_on_shuffled_labels(cfg, prepared, n_classes, seed, runtime: Runtime):
     return model
 
 
-__all__ = ["evaluate_run", "compute_evaluation", "write_evaluation", "Evaluation"]
+__all__ = [
+    "evaluate_run",
+    "compute_evaluation",
+    "write_evaluation",
+    "sanity_methods",
+    "Evaluation",
+    "DEFAULT_SANITY_METHODS",
+]

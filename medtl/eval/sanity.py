@@ -110,10 +110,13 @@ def run_sanity_checks(
     final = result.cascade[-1]["spearman"]
     worst = max([final] + ([result.data_randomisation] if result.data_randomisation is not None else []))
     result.passed = worst < PASS_THRESHOLD
+    tests = "model and label randomisation" if result.data_randomisation is not None else "model randomisation"
     result.verdict = (
-        f"passes: maps change when the model is randomised (rank correlation {worst:.2f} < {PASS_THRESHOLD})"
+        f"passes ({tests}): maps change when the model is randomised (rank correlation {worst:.2f} < {PASS_THRESHOLD})"
         if result.passed
         else f"UNTRUSTWORTHY for this model: maps barely change when the model is randomised "
         f"(rank correlation {worst:.2f} >= {PASS_THRESHOLD})"
     )
+    if result.data_randomisation is None:
+        result.verdict += "; the label randomisation test was not run"
     return result

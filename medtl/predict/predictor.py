@@ -22,7 +22,7 @@ from medtl.predict.ood import OODDetector, load_detector
 from medtl.predict.post import Decision, aggregate_slices
 from medtl.predict.refusal import UNLIKE_TRAINING, input_refusal
 from medtl.run import RunDir, load_saved_run, verify_package
-from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.runtime import Runtime, fit_threads, inference_precision, resolve_device
 from medtl.transforms.chain import create_transforms
 from medtl.transforms.read import display_image, prepare_inputs
 
@@ -104,6 +104,7 @@ class Predictor:
         self.run_dir, self.config, self.model = saved.run_dir, saved.config, saved.model
         self.input_record: dict = saved.input_record  # modalities and dimensions seen in training
         self.runtime = Runtime(resolve_device(device), inference_precision(precision), tta=self.config.train.tta)
+        fit_threads()
         self.runtime.prepare(self.model)
         self.class_names: list[str] = saved.class_names
         self.preprocessing = saved.preprocessing

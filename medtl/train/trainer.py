@@ -34,7 +34,15 @@ from medtl.models.peft import plain_state_dict
 from medtl.options import FEW_SHOT_HEADS
 from medtl.predict.forward import extract_features, predict_logits
 from medtl.predict.post import Logits
-from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
+from medtl.runtime import (
+    Runtime,
+    choose_precision,
+    distributed,
+    fit_threads,
+    inference_precision,
+    local_device,
+    resolve_device,
+)
 from medtl.train.batching import REFERENCE_BATCH, loader_workers, resolve_batch
 from medtl.train.heads import fit_head
 from medtl.train.loop import cycled, feature_batches, loss_sync_steps, prefetch, progress, train_epoch, use_prefetch
@@ -346,6 +354,7 @@ class Trainer:
         self.stale = 0
         for _ in range(stage.epochs):
             self.epoch += 1
+            fit_threads(measure=not self.cfg.deterministic)  # other processes may have started or ended
             t0 = time.perf_counter()
             train()
             losses = train_epoch(

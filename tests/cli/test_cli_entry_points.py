@@ -290,11 +290,13 @@ def test_evaluate_with_operating_point_and_data_randomisation(tiny_run, small_ma
                 "20",
                 "--methods",
                 "gradcam",
+                "--data-randomisation",
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
+    assert "not checked: gradcampp, occlusion, integrated_gradients" in out
     assert "test AUC" in out and "gradcam" in out
     assert f"report: {run / 'evaluation' / 'report.html'}" in out
     folder = run / "evaluation"

@@ -111,3 +111,42 @@ def test_a_subgroup_without_both_classes_renders_without_an_auc():
     }
     html = report_html(result, {"encoder": "e", "version": "0", "known_limits": []}, {})
     assert "<td>site</td><td>A</td><td>2</td><td>n/a</td>" in html and "<td>B</td><td>2</td><td>0.500</td>" in html
+
+
+def test_evaluate_by_default_checks_the_cheap_maps_and_reports_its_progress(tiny_run, tmp_path, caplog, capsys):
+    """Defaults: the gradient CAMs (and the run's own method) checked, no shuffled-label retraining, and each
+    phase logged with the time so far and, once a phase has finished, an estimate of the time left."""
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with caplog.at_level(logging.INFO, logger="medtl.eval"):
+        assert main(["evaluate", str(run), "--boot", "20"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    assert [s["method"] for s in result["saliency_sanity"]] == ["gradcam", "gradcampp"]
+    assert all(s["data_randomisation"] is None for s in result["saliency_sanity"])
+    scope = result["saliency_sanity_scope"]
+    assert scope["not_checked"] == ["occlusion", "integrated_gradients"] and "opt in" in scope["data_randomisation"]
+    assert "not checked: occlusion, integrated_gradients" in out and "data randomisation test not run" in out
+    html = (run / "evaluation" / "report.html").read_text()
+    assert "Not checked: occlusion, integrated_gradients" in html and "--data-randomisation" in html
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation [")]
+    steps = [re.match(r"evaluation \[(\d+)/(\d+)\] ([^(:]+)", line).groups() for line in lines]
+    assert [int(k) for k, _, _ in steps] == list(range(1, 8)) and {n for _, n, _ in steps} == {"7"}
+    assert [name.strip() for _, _, name in steps] == [
+        "predictions",
+        "intervals",
+        "test cases",
+        "gradcam",
+        "gradcampp",
+        "out-of-distribution check",
+        "figures and report",
+    ]
+    assert "left)" not in lines[0] and all("left)" in line for line in lines[1:])
+    assert any(r.getMessage().startswith("evaluation done in") for r in caplog.records)
+
+
+def test_evaluate_refuses_an_unknown_method_before_any_work(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run), "--methods", "gradcam,shap"]) == 2
+    assert "shap" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Metrics against scikit-learn and direct computations on fixed inputs."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,24 @@ def test_temperature_scaling_lowers_the_nll_of_an_overconfident_model():
     before = compute_nll(labels, torch.softmax(torch.tensor(logits), 1).numpy())
     after = compute_nll(labels, torch.softmax(torch.tensor(logits / t), 1).numpy())
     assert t > 2 and after < before
+
+
+def test_binary_rates_count_as_scikit_learn_does():
+    """The bootstrap's cheap counting gives scikit-learn's figures, one-class resamples included."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    from medtl.metrics import binary_rates
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 30):
+        for _ in range(40):
+            y = rng.integers(0, 2, n) if rng.random() < 0.7 else np.full(n, rng.integers(0, 2))
+            scores, t = rng.random(n), float(rng.random())
+            pred = (scores >= t).astype(int)
+            rates = binary_rates(y, scores, t)
+            tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+            assert rates["sensitivity"] == (tp / (tp + fn) if tp + fn else None)
+            assert rates["specificity"] == (tn / (tn + fp) if tn + fp else None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert rates["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))

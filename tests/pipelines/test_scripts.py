@@ -27,9 +27,15 @@ TRAIN = [
     "train_vs_best_raw",
     "train_precision",
     "train_images",
+    "train_vs_raw_fp32",
+    "train_vs_raw_bf16",
+    "contended_slowdown",
+    "contended_slowdown_fixed_threads",
 ]
 PROBE = ["probe_seconds_cached", "probe_seconds_uncached", "probe_speedup"]
+EVALUATE = ["evaluate_seconds", "evaluate_all_checks_seconds", "evaluate_speedup"]
 INFER = ["infer_image_predict_ms", "infer_image_explain_ms", "infer_volume100_predict_s", "infer_volume100_explain_s"]
+SECTIONS = {"io": IO, "train": TRAIN, "probe": PROBE, "infer": INFER, "evaluate": EVALUATE}
 
 
 def _printed(out: str) -> dict:
@@ -48,7 +54,7 @@ def _bench(tmp_path, capsys, sections: str) -> tuple[dict, dict, str]:
     assert figures["quick"] is True
     for section in sections.split(","):
         assert f"[{section}: " in out
-        for key in {"io": IO, "train": TRAIN, "probe": PROBE, "infer": INFER}[section] + ["peak_rss_mib"]:
+        for key in SECTIONS[section] + ["peak_rss_mib"]:
             assert key in figures, key
             assert key in printed, f"{key} not printed"
             if isinstance(figures[key], float):
@@ -86,6 +92,21 @@ def test_benchmark_quick_train_ratios(tmp_path, capsys):
     assert figures["best_raw_train_img_per_s"] >= max(raw.values()) * (1 - 1e-9)
     assert figures["train_input_px"] == 64 and figures["train_batch_size"] == 4
     assert figures["train_timed_epochs"] == 1
+    # beside a competing process: the fitted threads leave it a core (on more than one usable core)
+    assert figures["contended_slowdown"] == pytest.approx(
+        figures["train_eager_img_per_s"] / figures["contended_fitted_img_per_s"]
+    )
+    if figures["contended_fixed_threads_threads"] > 1:
+        assert figures["contended_fitted_threads"] < figures["contended_fixed_threads_threads"]
+
+
+@pytest.mark.slow  # trains a small run, then runs `medtl evaluate` twice (once with every check)
+@pytest.mark.timeout(600)
+def test_benchmark_quick_evaluate(tmp_path, capsys):
+    figures, _, _ = _bench(tmp_path, capsys, "evaluate")
+    assert figures["evaluate_speedup"] == pytest.approx(
+        figures["evaluate_all_checks_seconds"] / figures["evaluate_seconds"]
+    )
 
 
 def test_benchmark_rejects_what_it_cannot_measure(capsys):
