@@ -241,9 +241,9 @@ def cpu_quota(root: str | Path | None = None) -> float | None:
                 if limit != "max":
                     quotas.append(int(limit) / int(period))
             elif (d / "cpu.cfs_quota_us").is_file():
-                limit = int((d / "cpu.cfs_quota_us").read_text())
-                if limit > 0:
-                    quotas.append(limit / int((d / "cpu.cfs_period_us").read_text()))
+                quota_us = int((d / "cpu.cfs_quota_us").read_text())
+                if quota_us > 0:
+                    quotas.append(quota_us / int((d / "cpu.cfs_period_us").read_text()))
         except (OSError, ValueError, ZeroDivisionError):
             continue
     return min(quotas) if quotas else None
@@ -329,7 +329,11 @@ class ThreadFitter:
     def fit(self, measure: bool = True, now: bool = False) -> ThreadChoice:
         """Fit the threads (``measure=False``: to the usable cores, whatever else runs: a fixed, repeatable
         count for deterministic runs; ``now``: measure even if the last measurement is recent). ``MEDTL_THREADS``
-        and ``OMP_NUM_THREADS`` are read at every call."""
+        and ``OMP_NUM_THREADS`` are read at every call. A count the program set itself (torch.set_num_threads to
+        neither torch's start-up count nor the last one fitted) is left as it is."""
+        current = torch.get_num_threads()
+        if current not in (self.threads, INITIAL_THREADS):  # the program chose its own count: it stays
+            return ThreadChoice(current, "set by the program (torch.set_num_threads)")
         t = time.monotonic()
         if measure and (now or t - self.last >= self.every):
             self.busy, self.last = busy_elsewhere(), t
@@ -342,6 +346,7 @@ class ThreadFitter:
         return choice
 
 
+INITIAL_THREADS = torch.get_num_threads()  # torch's count when medtl was imported
 _FITTER = ThreadFitter()
 
 

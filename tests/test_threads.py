@@ -48,10 +48,11 @@ def test_a_simulated_quota_of_one_core_gives_one_thread(tmp_path, monkeypatch, n
     monkeypatch.setattr(runtime_mod, "CGROUP_ROOT", tmp_path)
     monkeypatch.setattr(runtime_mod, "_allowed_cpus", lambda: list(range(8)))  # an 8-core affinity mask
     assert usable_cores() == 1
-    choice = ThreadFitter().fit(measure=False)
+    fitter = ThreadFitter()
+    choice = fitter.fit(measure=False)
     assert choice.threads == 1 and torch.get_num_threads() == 1
     (tmp_path / "cpu.max").write_text("300000 100000\n")
-    assert ThreadFitter().fit(measure=False).threads == 3 and torch.get_num_threads() == 3
+    assert fitter.fit(measure=False).threads == 3 and torch.get_num_threads() == 3
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,15 @@ def test_training_fits_the_threads_each_epoch(monkeypatch, sample_dir, no_overri
     fit(model, train, val, cfg.train, 2)
     assert seen == [False, False, False]  # 3 epochs; a deterministic run keeps a fixed count (no measurement)
     assert torch.get_num_threads() == 1
+
+
+def test_a_count_the_program_set_itself_is_left_alone(monkeypatch, no_overrides):
+    monkeypatch.setattr(runtime_mod, "busy_elsewhere", lambda window=0.1: 0.0)
+    monkeypatch.setattr(runtime_mod, "INITIAL_THREADS", 4)  # torch's start-up count
+    monkeypatch.setattr(runtime_mod, "_allowed_cpus", lambda: [0, 1])
+    torch.set_num_threads(4)
+    fitter = ThreadFitter()
+    assert fitter.fit().threads == 2 and torch.get_num_threads() == 2  # the start-up count is fitted
+    torch.set_num_threads(3)  # the program's own choice
+    choice = fitter.fit()
+    assert choice.threads == 3 and "set by the program" in choice.reason and torch.get_num_threads() == 3
