@@ -65,14 +65,13 @@ from medtl.predict import Predictor, load_run
 from medtl.runtime import (
     Runtime,
     cpu_model,
-    fit_threads,
     measure_training_speed,
     native_bf16,
     precision_candidates,
     resolve_device,
     synchronize,
-    usable_cores,
 )
+from medtl.threads import fit_threads, usable_cores
 from medtl.train import prepare_data, run_experiment, train_model
 from medtl.transforms import create_transforms
 

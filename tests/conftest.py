@@ -39,7 +39,7 @@ def pytest_sessionfinish(session, exitstatus):
 def restore_global_state():
     """Every test leaves threads, environment, temporary folder, working directory and read limits as
     it found them (a test that changes one cannot change the next test's outcome)."""
-    import medtl.runtime as runtime_mod
+    import medtl.threads as threads_mod
     from medtl.io import limits
 
     threads, env, tmp, cwd, read = (
@@ -51,7 +51,7 @@ def restore_global_state():
     )
     yield
     torch.set_num_threads(threads)
-    runtime_mod._FITTER = runtime_mod.ThreadFitter()  # (what it fitted belongs to the test)
+    threads_mod._FITTER = threads_mod.ThreadFitter()  # (what it fitted belongs to the test)
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = tmp

@@ -18,6 +18,7 @@ LEVELS = {
     "medtl.progress": 0,  # phases of a long job, logged with an estimate of the time left
     "medtl.config": 1,
     "medtl.runtime": 1,
+    "medtl.threads": 1,  # compute threads fitted to the free cores
     "medtl.metrics": 1,  # settings, the machine, pure metrics
     "medtl.io": 2,  # reading scans
     "medtl.models": 3,  # encoders, their weights and preprocessing records

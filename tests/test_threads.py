@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import medtl.runtime as runtime_mod
+import medtl.threads as threads_mod
 from medtl.errors import ConfigError
-from medtl.runtime import ThreadFitter, busy_elsewhere, choose_threads, cpu_quota, usable_cores
+from medtl.threads import ThreadFitter, busy_elsewhere, choose_threads, cpu_quota, usable_cores
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -45,8 +45,8 @@ def test_cgroup_quotas_v2_and_v1_are_read(tmp_path, files, quota):
 
 def test_a_simulated_quota_of_one_core_gives_one_thread(tmp_path, monkeypatch, no_overrides):
     (tmp_path / "cpu.max").write_text("100000 100000\n")
-    monkeypatch.setattr(runtime_mod, "CGROUP_ROOT", tmp_path)
-    monkeypatch.setattr(runtime_mod, "_allowed_cpus", lambda: list(range(8)))  # an 8-core affinity mask
+    monkeypatch.setattr(threads_mod, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(threads_mod, "_allowed_cpus", lambda: list(range(8)))  # an 8-core affinity mask
     assert usable_cores() == 1
     fitter = ThreadFitter()
     choice = fitter.fit(measure=False)
@@ -81,8 +81,8 @@ def test_a_competing_process_is_measured_and_takes_a_thread(monkeypatch, no_over
         os.sched_setaffinity(hog.pid, os.sched_getaffinity(0))
         busy = busy_elsewhere(0.5)
         assert busy >= 0.6
-        monkeypatch.setattr(runtime_mod, "_allowed_cpus", lambda: [0, 1])
-        monkeypatch.setattr(runtime_mod, "busy_elsewhere", lambda window=0.1: busy)
+        monkeypatch.setattr(threads_mod, "_allowed_cpus", lambda: [0, 1])
+        monkeypatch.setattr(threads_mod, "busy_elsewhere", lambda window=0.1: busy)
         assert ThreadFitter().fit().threads == 1 and torch.get_num_threads() == 1
     finally:
         hog.kill()
@@ -91,7 +91,7 @@ def test_a_competing_process_is_measured_and_takes_a_thread(monkeypatch, no_over
 
 def test_the_fitter_measures_at_most_every_interval(monkeypatch, no_overrides):
     calls = []
-    monkeypatch.setattr(runtime_mod, "busy_elsewhere", lambda window=0.1: calls.append(1) or 0.0)
+    monkeypatch.setattr(threads_mod, "busy_elsewhere", lambda window=0.1: calls.append(1) or 0.0)
     fitter = ThreadFitter(every=3600)
     for _ in range(5):
         fitter.fit()
@@ -108,7 +108,7 @@ def test_training_fits_the_threads_each_epoch(monkeypatch, sample_dir, no_overri
     from medtl.train import fit, prepare_data
 
     seen = []
-    real = runtime_mod.fit_threads
+    real = threads_mod.fit_threads
     monkeypatch.setattr("medtl.train.trainer.fit_threads", lambda measure=True: seen.append(measure) or real(measure))
     monkeypatch.setenv("MEDTL_THREADS", "1")
     cfg = load_config(
@@ -125,9 +125,9 @@ def test_training_fits_the_threads_each_epoch(monkeypatch, sample_dir, no_overri
 
 
 def test_a_count_the_program_set_itself_is_left_alone(monkeypatch, no_overrides):
-    monkeypatch.setattr(runtime_mod, "busy_elsewhere", lambda window=0.1: 0.0)
-    monkeypatch.setattr(runtime_mod, "INITIAL_THREADS", 4)  # torch's start-up count
-    monkeypatch.setattr(runtime_mod, "_allowed_cpus", lambda: [0, 1])
+    monkeypatch.setattr(threads_mod, "busy_elsewhere", lambda window=0.1: 0.0)
+    monkeypatch.setattr(threads_mod, "INITIAL_THREADS", 4)  # torch's start-up count
+    monkeypatch.setattr(threads_mod, "_allowed_cpus", lambda: [0, 1])
     torch.set_num_threads(4)
     fitter = ThreadFitter()
     assert fitter.fit().threads == 2 and torch.get_num_threads() == 2  # the start-up count is fitted

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from medtl.data.manifest import Problem
 from medtl.errors import ConfigError, find_input_error, look_up_option
-from medtl.runtime import fit_threads
+from medtl.threads import fit_threads
 from medtl.transforms.chain import split_final
 from medtl.transforms.read import split_slices
 

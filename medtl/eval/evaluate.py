@@ -32,7 +32,8 @@ from medtl.predict.post import Decision
 from medtl.predict.predictor import Predictor
 from medtl.progress import Phases
 from medtl.run import RunDir, SavedRun, load_saved_run
-from medtl.runtime import Runtime, fit_threads, inference_precision, resolve_device
+from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.threads import fit_threads
 from medtl.train import create_seeded_model, prepare_data, read_data, train_model
 from medtl.transforms import display_image
 

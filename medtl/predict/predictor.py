@@ -22,7 +22,8 @@ from medtl.predict.ood import OODDetector, load_detector
 from medtl.predict.post import Decision, aggregate_slices
 from medtl.predict.refusal import UNLIKE_TRAINING, input_refusal
 from medtl.run import RunDir, load_saved_run, verify_package
-from medtl.runtime import Runtime, fit_threads, inference_precision, resolve_device
+from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.threads import fit_threads
 from medtl.transforms.chain import create_transforms
 from medtl.transforms.read import display_image, prepare_inputs
 

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 
 from medtl.config import TrainConfig
-from medtl.runtime import Runtime, measure_training_speed, usable_cores
+from medtl.runtime import Runtime, measure_training_speed
+from medtl.threads import usable_cores
 
 REFERENCE_BATCH = 8  # train.lr is the learning rate for batches of this size (the default batch_size)
 

@@ -34,15 +34,8 @@ from medtl.models.peft import plain_state_dict
 from medtl.options import FEW_SHOT_HEADS
 from medtl.predict.forward import extract_features, predict_logits
 from medtl.predict.post import Logits
-from medtl.runtime import (
-    Runtime,
-    choose_precision,
-    distributed,
-    fit_threads,
-    inference_precision,
-    local_device,
-    resolve_device,
-)
+from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
+from medtl.threads import fit_threads
 from medtl.train.batching import REFERENCE_BATCH, loader_workers, resolve_batch
 from medtl.train.heads import fit_head
 from medtl.train.loop import cycled, feature_batches, loss_sync_steps, prefetch, progress, train_epoch, use_prefetch
