@@ -96,7 +96,7 @@ def _as_is(item):
 
 def decode_workers(setting: int | str, n_files: int) -> int:
     """Processes reading a data set's files (``train.workers``). "auto": one per free core (the compute threads'
-    count, :func:`medtl.runtime.fit_threads`: the main process waits meanwhile), up to 8, for 200 files or more
+    count, :func:`medtl.threads.fit_threads`: the main process waits meanwhile), up to 8, for 200 files or more
     (fewer are read faster than the processes start); none on a single core. Measured on 2 cores, 400 generated
     DICOM files: 296 files/s in 2 processes, 215 in the main process alone."""
     if setting != "auto":

@@ -327,7 +327,7 @@ def evaluate_run(
         model_card(run, ev.result, prepared, cfg, saved),
         evaluation_figures(ev, run / RunDir.HISTORY, min(n_boot, 300), seed),
     )
-    ev.result["seconds"] = round(phases.finish(), 1)
+    phases.finish()
     log.info("evaluation written to %s", run.evaluation)
     return ev.result
 
