@@ -216,6 +216,13 @@ def raw_train_speed(
     )
 
 
+def progress(figures: dict) -> dict:
+    """``figures`` printed as soon as they are measured (a run stopped at a time limit keeps them), then returned."""
+    for k, v in figures.items():
+        print(f"  ({k} {v:.2f})" if isinstance(v, float) else f"  ({k} {v})", flush=True)
+    return figures
+
+
 def bench_raw(
     size: int, batch_size: int, steps: int, compile_best: bool = True, repeats: int = 3, device: torch.device = CPU
 ) -> dict:
@@ -260,15 +267,18 @@ def bench_train(
     steps = len(train) // batch_size
     if steps < 1:
         raise SystemExit(f"the training split has {len(train)} images, fewer than one batch of {batch_size}")
-    raw = bench_raw(size, batch_size, steps, compile_best, repeats, device)
-    plain = plain_loop(train, size, epochs, batch_size, device)
+    raw = progress(bench_raw(size, batch_size, steps, compile_best, repeats, device))
+    plain = progress({"plain_train_img_per_s": plain_loop(train, size, epochs, batch_size, device)})[
+        "plain_train_img_per_s"
+    ]
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
     compiled_too = raw["best_raw_train_config"].endswith("compiled")
     loops, precision, n_timed = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, compiled_too, device)
+    progress({f"train_{k}_img_per_s": v for k, v in loops.items()})
     medtl = max(loops.values())
     again = raw_config_speed(raw["best_raw_train_config"], size, batch_size, steps, repeats, device)
     best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
-    per_precision = precision_ratios(cfg, train, val, steps, epochs, batch_size, raw, size, repeats, device)
+    per_precision = progress(precision_ratios(cfg, train, val, steps, epochs, batch_size, raw, size, repeats, device))
     contended = {}
     if contend:
         contended = contended_speeds(cfg, train, val, steps, epochs, batch_size, device, loops["eager"])

@@ -104,15 +104,19 @@ def prefetch(batches: Iterable, depth: int = 2, device: torch.device | None = No
     """Iterate ``batches`` with the next ``depth`` ones prepared in a background thread, so reading and
     collating a batch overlaps the model's step on the previous one (torch and numpy release the GIL).
     An error raised while preparing a batch is raised here, in order. On a GPU ``device`` is made the
-    thread's current device (each process of a torchrun job has its own)."""
+    thread's current device (each process of a torchrun job has its own; a plain "cuda" means the caller's
+    current device: ``torch.cuda.set_device`` refuses a device without an index)."""
     done = object()
+    gpu = None
+    if device is not None and device.type == "cuda":
+        gpu = device.index if device.index is not None else torch.cuda.current_device()
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work():
         try:
-            if device is not None and device.type == "cuda":
-                torch.cuda.set_device(device)
+            if gpu is not None:
+                torch.cuda.set_device(gpu)
             for item in batches:
                 if stop.is_set():
                     return

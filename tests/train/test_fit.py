@@ -201,3 +201,22 @@ def test_prefetch_keeps_order_and_raises_a_batch_error_in_place():
     assert got == [1]
     for _ in prefetch(iter(range(100)), depth=1):  # leaving early ends the producer thread
         break
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", 3), ("cuda:1", 1)])
+def test_prefetch_thread_gets_a_device_index_for_a_plain_cuda(monkeypatch, device, expected):
+    """The GPU branch forced on any host: ``torch.cuda.set_device`` refuses "cuda" without an index (the first GPU
+    run failed every training so); the thread is given the caller's current device, or the one named."""
+    from medtl.train.loop import prefetch
+
+    seen = []
+
+    def set_device(d):
+        if not isinstance(d, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{d}")
+        seen.append(d)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert list(prefetch(iter(range(5)), device=torch.device(device))) == list(range(5))
+    assert seen == [expected]
