@@ -86,6 +86,9 @@ class DataConfig:
     #   training images); images that are also in the validation or test split are left out
     label_columns: tuple[str, ...] | None = None  # multi-label manifest with one 0/1 column per finding: those
     #   columns (a manifest with a "findings" column of names separated by "|" needs no setting)
+    positive_class: str | None = None  # two classes: the finding, the class a positive answer means (the decision
+    #   threshold is on its probability; sensitivity is stated for it). None: the source's own (MedMNIST: its
+    #   clinical finding, BreastMNIST "malignant"), else the second class
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from medtl_ui.words import (
     judged_text,
     modality_note,
     not_analysed_text,
+    quality_of,
     series_note,
     upload_name,
 )
@@ -38,6 +39,10 @@ def open_case(
     """Read, judge and explain one case; (case, message). The case is None when the file cannot be read."""
     files = files or [path.name]
     name = upload_name(files)
+    quality = quality_of(predictor)
+    if not quality.fit:  # below the quality floor: no answer at all, whatever the file
+        log.info("no answer: the model is below the quality floor")
+        return None, quality.not_fit_text() + " " + quality.sentence()
     try:
         scan, series, note = read_case(path, series_uid)
         pred = predictor.predict(scan)
@@ -72,6 +77,7 @@ def open_case(
     explain_case(predictor, case, method)
     case.judged = judged_text(predictor, case)
     case.message = " ".join(x for x in (decision_text(predictor, pred), case.judged, empty_map_text(case)) if x)
+    case.message += f"\n\nModel quality: {quality.summary()}"
     return case, case.message
 
 
@@ -79,11 +85,40 @@ def read_case(path: Path, series_uid: str | None = None) -> tuple[Scan, list[dic
     """(scan, the upload's series, which series is shown and why) of an upload, read in the bounded worker:
     a file, or a folder or zip of DICOM files (then ``series_uid`` picks a series; default: medtl's rules)."""
     series = []
+    if path.is_dir():
+        one_kind(path)
     if path.is_dir() or path.suffix.lower() == ".zip":
         # the series, from their headers (an unusable listing: the read below says why)
         series = describe_path_bounded(path, decode=False).get("series", [])
+        one_study(series)
     scan = read_image_bounded(path, series_uid=series_uid) if series_uid else read_image_bounded(path)
     return scan, series, series_note(series, scan, chosen=bool(series_uid))
+
+
+KINDS = {".nii": "NIfTI", ".gz": "NIfTI", ".png": "picture", ".jpg": "picture", ".jpeg": "picture", ".zip": "zip"}
+
+
+def one_kind(folder: Path) -> None:
+    """A several-file upload is one DICOM series or study: a NIfTI, a picture or a zip beside other files is
+    refused (rather than one of them dropped without a word)."""
+    kinds = sorted({KINDS.get(f.suffix.lower(), "DICOM") for f in folder.iterdir() if f.is_file()})
+    if len(kinds) > 1:
+        raise MedtlInputError(
+            None,
+            f"the upload mixes {' and '.join(kinds)} files, and a case is one study",
+            "one study per case: upload a NIfTI or a picture on its own, a DICOM study as its files or a zip",
+        )
+
+
+def one_study(series: list[dict]) -> None:
+    """An upload of several studies, or of several patients, gets no answer (which one was judged?)."""
+    patients = {s.get("patient_key") for s in series if s.get("patient_key")}
+    studies = {s.get("study_key") for s in series if s.get("study_key")}
+    if len(patients) > 1 or len(studies) > 1:
+        what = f"{len(patients)} patients" if len(patients) > 1 else f"{len(studies)} studies"
+        raise MedtlInputError(
+            None, f"the files come from {what}", "one study of one patient per case: upload one study at a time"
+        )
 
 
 def explain_case(predictor: Predictor, case: Case, method: str) -> None:

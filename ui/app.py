@@ -18,6 +18,7 @@ and this module: the page's layout, its wiring, and :func:`launch`.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,14 +28,18 @@ from typing import Any
 from medtl.errors import MedtlError
 from medtl.options import SALIENCY_METHODS, DecisionSource
 from medtl.predict.predictor import Predictor
+from medtl.predict.refusal import input_refusal
 from medtl.run import RunDir
 from medtl_ui.analysis import explain_case, open_case
+from medtl_ui.audit import USER, AuditLog
+from medtl_ui.case import Case
 from medtl_ui.handlers import KEEP, START, Change, Page, PageUpdate
 from medtl_ui.report import export_report
+from medtl_ui.retention import RETENTION_S, remove_upload, start_sweeper
 from medtl_ui.safety import LoginThrottle, client_middleware, install_cleanup
 from medtl_ui.view import MODEL_WINDOW, header_summary, run_case
 from medtl_ui.viewer import VIEWER_HEAD, VIEWER_HELP
-from medtl_ui.words import decision_text, model_summary, probability_label, trust_panel
+from medtl_ui.words import answer_bars, decision_text, method_name, model_summary, trust_panel
 
 # launch and create_app, and (for the scripts and tests that import them from here) a case's main calls
 __all__ = [
@@ -78,6 +83,7 @@ CASE_OUTPUTS = (
     "upload",
     "export",
     "finding",
+    "show_map",
 )
 MODEL_OUTPUTS = ("model_info", "model_card", *CASE_OUTPUTS)
 MAP_OUTPUTS = ("overlay", "case", "sanity", "viewer", "caption")
@@ -109,33 +115,52 @@ def gradio_outputs(update: PageUpdate, names: tuple[str, ...]):
 
 
 def gradio_handler(handler: Callable[..., PageUpdate], outputs: tuple[str, ...]) -> Callable:
-    """``handler`` as Gradio calls it: the same parameters (Gradio reads them), Gradio's outputs returned."""
+    """``handler`` as Gradio calls it: the same parameters (Gradio reads them) and Gradio's request (its signed-in
+    user is the audit log's, :data:`medtl_ui.audit.USER`), Gradio's outputs returned."""
+    import gradio as gr  # heavy optional dependency (see create_app)
 
-    @functools.wraps(handler)
-    def handle(*args):
-        return gradio_outputs(handler(*args), outputs)
+    def handle(*args, request: gr.Request | None = None):
+        token = USER.set(str(getattr(request, "username", None) or "-"))
+        try:
+            return gradio_outputs(handler(*args), outputs)
+        finally:
+            USER.reset(token)
 
+    sig = inspect.signature(handler)
+    request = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=gr.Request)
+    handle.__signature__ = sig.replace(parameters=[*sig.parameters.values(), request])  # type: ignore[attr-defined]
+    handle.__annotations__ = {"request": gr.Request}  # (a class, not a string: Gradio resolves it)
+    handle.__name__, handle.__doc__ = handler.__name__, handler.__doc__
     return handle
 
 
 def create_app(
-    run: str | Path, workdir: Path | None = None, device: str = "auto", decision: DecisionSource = "training"
+    run: str | Path,
+    workdir: Path | None = None,
+    device: str = "auto",
+    decision: DecisionSource = "training",
+    retention_s: float = RETENTION_S,
+    audit_dir: str | Path | None = None,
 ):
     """Build the Gradio Blocks app for a run folder (or a folder of runs); models run on ``device`` and answer by
-    the ``decision`` chosen in training (default) or by ``medtl evaluate``."""
+    the ``decision`` chosen in training (default) or by ``medtl evaluate``. A case's files are deleted when the
+    case ends, or after ``retention_s`` seconds (its session state is dropped then too). Each action on a case
+    is logged to ``audit.log`` in the run's folder, or in ``audit_dir``."""
     import gradio as gr  # heavy optional dependency: imported only when the page is built
 
     runs = find_runs(run)
-    page = Page(runs, workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-")), device, decision)
+    page = Page(runs, workdir or Path(tempfile.mkdtemp(prefix="medtl-ui-")), device, decision, AuditLog(audit_dir))
     first = page.predictor(runs[0].name)
     with gr.Blocks(title="medtl", analytics_enabled=False) as demo:
-        ui = _top(runs, first)  # the components by name, in the page's order, top to bottom
+        ui = _top(runs, first, page, retention_s)  # the components by name, in the page's order, top to bottom
         ui.update(_case_view(first))
         ui.update(_bottom(first))
         _wire(ui, page)
-        examples = _examples()
+        examples = _examples(first)
         if examples:
-            upload = gradio_handler(lambda files: page.on_upload(runs[0].name, files, "gradcam", 0.45), CASE_OUTPUTS)
+            upload = gradio_handler(
+                lambda files: page.on_upload(runs[0].name, None, files, "gradcam", 0.45), CASE_OUTPUTS
+            )
             gr.Examples(
                 [[[str(e)]] for e in examples],
                 inputs=[ui["upload"]],
@@ -148,12 +173,16 @@ def create_app(
     return demo
 
 
-def _top(runs: list[Path], first: Predictor) -> dict[str, Any]:
+def _top(runs: list[Path], first: Predictor, page: Page, retention_s: float) -> dict[str, Any]:
     """The title, the notice, the model's choice and summary, the upload, the map's settings, the case's
     heading, the series picker and the message (and the case's state)."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
-    ui: dict[str, Any] = {"case": gr.State(None)}
+    def ended(case: Case | None) -> None:  # the session closed, or the case outlived the retention time
+        if case is not None:
+            remove_upload(case.path, page.workdir)
+
+    ui: dict[str, Any] = {"case": gr.State(None, time_to_live=retention_s, delete_callback=ended)}
     gr.Markdown("# medtl — scan classification with saliency")
     gr.Markdown(NOTICE)
     with gr.Row():
@@ -169,10 +198,13 @@ def _top(runs: list[Path], first: Predictor) -> dict[str, Any]:
             elem_id="upload",
         )
         with gr.Column():
-            ui["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="gradcam", label="Saliency method")
+            ui["method"] = gr.Dropdown(
+                [(method_name(m), m) for m in SALIENCY_METHODS], value="gradcam", label="Saliency method"
+            )
             ui["finding"] = gr.Dropdown([], label="Saliency map of the finding", visible=False, elem_id="finding")
             ui["alpha"] = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Overlay opacity")
-            ui["show_map"] = gr.Checkbox(value=True, label="Show the saliency map on the viewer")
+            # off: the scan is read as it is; the map is beside it (and on the viewer when asked)
+            ui["show_map"] = gr.Checkbox(value=False, label="Show the saliency map on the viewer", elem_id="show-map")
     ui["case_info"] = gr.Markdown("", elem_id="case")
     ui["series"] = gr.Dropdown([], label="Series", visible=False, elem_id="series")
     ui["message"] = gr.Markdown(START, elem_id="message")
@@ -193,7 +225,7 @@ def _case_view(first: Predictor) -> dict[str, Any]:
             )
             ui["caption"] = gr.Markdown("", elem_id="view-caption")
             # the server checks values against the maximum it was built with, not the case's: a wide one
-            ui["slice"] = gr.Slider(0, 4096, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+            ui["slice"] = gr.Slider(1, 4096, value=1, step=1, label="Slice", visible=False, elem_id="slice")
             with gr.Row():
                 ui["preset"] = gr.Dropdown(
                     [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, label="Window", elem_id="preset"
@@ -201,7 +233,7 @@ def _case_view(first: Predictor) -> dict[str, Any]:
                 ui["level"] = gr.Number(value=40, label="Level", elem_id="level")
                 ui["width"] = gr.Number(value=400, label="Width", minimum=1e-6, elem_id="width")
         with gr.Column(scale=2):
-            ui["probabilities"] = gr.Label(label=probability_label(first), elem_id="probabilities", show_heading=False)
+            ui["probabilities"] = gr.HTML(answer_bars(first, None), elem_id="probabilities")
             ui["overlay"] = gr.Image(
                 label="Model's view with its saliency map",
                 type="numpy",
@@ -220,7 +252,7 @@ def _bottom(first: Predictor) -> dict[str, Any]:
     """The de-identified header, the report's export and the model card."""
     import gradio as gr  # heavy optional dependency (see create_app)
 
-    ui: dict[str, Any] = {"header": gr.JSON(label="Header (de-identified)")}
+    ui: dict[str, Any] = {"header": gr.JSON(label="Header (de-identified)", elem_id="header")}
     with gr.Row():
         ui["export"] = gr.Button("Export one-page report (PDF and PNG)", elem_id="export", interactive=False)
         ui["report"] = gr.File(
@@ -259,14 +291,14 @@ def _case_events(ui: dict[str, Any], page: Page, queued: dict[str, Any]) -> list
         (
             ui["upload"].upload,
             page.on_upload,
-            ("model", "upload", "method", "alpha"),
+            ("model", "case", "upload", "method", "alpha"),
             CASE_OUTPUTS,
             {**queued, "api_name": "on_upload"},
         ),
         (
             ui["upload"].clear,
             page.on_upload,
-            ("model", "upload", "method", "alpha"),
+            ("model", "case", "upload", "method", "alpha"),
             CASE_OUTPUTS,
             {"api_name": "on_clear"},
         ),
@@ -334,14 +366,23 @@ def _view_events(ui: dict[str, Any], page: Page, queued: dict[str, Any]) -> list
     ]
 
 
-def _examples() -> list[Path]:
-    """The sample files offered as examples, where ``sample_data/`` is beside the package."""
+def _examples(predictor: Predictor) -> list[Path]:
+    """The sample files offered as examples, where ``sample_data/`` is beside the package: those the model would
+    not refuse from their header (a CT example is not offered by an ultrasound model)."""
     root = Path(__file__).resolve().parents[1] / "sample_data"
-    return [
+    found = [
         p
         for p in (root / "dicom" / "img_0003.dcm", root / "dicom" / "img_0001.dcm", root / "nifti" / "vol_001.nii.gz")
         if p.is_file()
     ]
+    offered = []
+    for p in found:
+        try:
+            if input_refusal(predictor.input_record or {}, predictor.read(p)) is None:
+                offered.append(p)
+        except MedtlError:
+            continue
+    return offered
 
 
 def launch(
@@ -353,9 +394,12 @@ def launch(
     max_file_size: str = MAX_FILE_SIZE,
     device: str = "auto",
     decision: DecisionSource = "training",
+    retention_s: float = RETENTION_S,
+    audit_dir: str | Path | None = None,
 ):
     """Serve the app with safe defaults (loopback, no share link, bounded uploads, private upload folder
-    removed on exit and on SIGTERM/SIGINT, failed logins locked out with a growing delay).
+    removed on exit and on SIGTERM/SIGINT, each upload deleted when its case ends or after ``retention_s``
+    seconds, failed logins locked out with a growing delay).
 
     ``auth`` is ``"USER:PASS"`` (default lock-out delays) or a configured :class:`LoginThrottle`."""
     throttle = auth if isinstance(auth, LoginThrottle) else None
@@ -368,7 +412,8 @@ def launch(
     workdir = Path(tempfile.mkdtemp(prefix="medtl-ui-"))  # mode 0700: only this user reads the uploads
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)
     install_cleanup(workdir)
-    demo = create_app(run, workdir, device=device, decision=decision)
+    start_sweeper(workdir, retention_s, every_s=min(60.0, retention_s / 4))
+    demo = create_app(run, workdir, device=device, decision=decision, retention_s=retention_s, audit_dir=audit_dir)
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -381,5 +426,5 @@ def launch(
         ssr_mode=False,
         allowed_paths=[],
         head=VIEWER_HEAD,
-        app_kwargs={"middleware": client_middleware()},
+        app_kwargs={"middleware": client_middleware(throttle)},
     )

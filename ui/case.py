@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtl.clinical.deid import profile_keeps
 from medtl.io import Scan
 from medtl.models.encoders import file_sha256
 from medtl.predict.predictor import Predictor
@@ -71,12 +72,14 @@ def store_case_files(files, workdir: Path) -> tuple[Path | None, list[str], str]
 
 
 def shown_description(text) -> bool:
-    """Whether a SeriesDescription may be shown: free text that may name the patient is left out."""
-    return bool(text) and not looks_identifying(str(text))
+    """Whether a SeriesDescription may be shown: only where ``medtl deid``'s profile keeps it (PS3.15's Basic
+    Profile removes it: free text that may name the patient), and never text that looks identifying."""
+    return profile_keeps("SeriesDescription") and bool(text) and not looks_identifying(str(text))
 
 
 def series_options(series: list[dict]) -> list[tuple[str, str]]:
-    """(label, series UID) for the series picker: one entry per series UID."""
+    """(label, series UID) for the series picker: one entry per series UID; entries that would read alike (same
+    number, modality, slices and size) are told apart by their place in the upload."""
     seen, options = set(), []
     for s in series:
         if s["series_uid"] in seen:
@@ -90,7 +93,16 @@ def series_options(series: list[dict]) -> list[tuple[str, str]]:
                 s["series_uid"],
             )
         )
-    return options
+    labels = [label for label, _ in options]
+    return [
+        (
+            f"{label} · {labels[: i + 1].count(label)} of {labels.count(label)} alike"
+            if labels.count(label) > 1
+            else label,
+            uid,
+        )
+        for i, (label, uid) in enumerate(options)
+    ]
 
 
 def read_as(predictor: Predictor, scan: Scan) -> str:

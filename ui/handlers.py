@@ -11,8 +11,10 @@ from typing import Any
 from medtl.options import DecisionSource
 from medtl.predict.predictor import Prediction, Predictor, load_run
 from medtl_ui.analysis import explain_case, open_case
+from medtl_ui.audit import AuditLog, outcome
 from medtl_ui.case import Case, series_options, store_case_files
 from medtl_ui.report import export_report
+from medtl_ui.retention import remove_upload
 from medtl_ui.view import (
     MODEL_WINDOW,
     header_summary,
@@ -22,7 +24,7 @@ from medtl_ui.view import (
     slice_profile,
     window_presets,
 )
-from medtl_ui.words import case_heading, model_summary, probability_label, sanity_text, trust_panel
+from medtl_ui.words import answer_bars, case_heading, model_summary, sanity_text, trust_panel
 
 log = logging.getLogger("medtl.ui")
 
@@ -59,7 +61,7 @@ class PageUpdate:
     model_info: Any = KEEP  # the model's summary line
     model_card: Any = KEEP  # its model card (or what is known without one)
     viewer: Any = KEEP  # the windowed slice, with the map on it (#scan)
-    probabilities: Any = KEEP  # class (finding) -> probability (#probabilities)
+    probabilities: Any = KEEP  # the answer's bars, HTML (#probabilities; medtl_ui.words.answer_bars)
     overlay: Any = KEEP  # the model's view with its saliency map (#overlay)
     message: Any = KEEP  # the answer in words, or why there is none (#message)
     case: Any = KEEP  # the session's Case (state, not shown)
@@ -78,6 +80,7 @@ class PageUpdate:
     upload: Any = KEEP  # the upload box (#upload)
     export: Any = KEEP  # the export button (#export)
     finding: Any = KEEP  # multi-label: the finding whose map is shown (#finding)
+    show_map: Any = KEEP  # the saliency map drawn on the viewer (off for each new case: the scan as it is)
 
     def changed(self) -> set[str]:
         """The names of the components this update changes."""
@@ -89,16 +92,16 @@ def empty_page(predictor: Predictor, message: str) -> PageUpdate:
     none = change(choices=[], value=None, visible=False)
     return PageUpdate(
         viewer=None,
-        probabilities=change(value=None, label=probability_label(predictor)),
+        probabilities=answer_bars(predictor, None),
         overlay=None,
         message=message,
         case=None,
-        slice=change(visible=False, value=0),
+        slice=change(visible=False, value=1),
         header=None,
         profile=change(value=None, visible=False),
         jump=change(visible=False),
         sanity="",
-        preset=change(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True),
+        preset=change(choices=[MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=True, info=""),
         level=40,
         width=400,
         case_info="",
@@ -108,6 +111,7 @@ def empty_page(predictor: Predictor, message: str) -> PageUpdate:
         upload=change(value=None),
         export=change(interactive=False),
         finding=none,
+        show_map=False,
     )
 
 
@@ -119,27 +123,24 @@ def case_page(predictor: Predictor, case: Case, message: str, alpha: float, meth
     colour = case.scan.rgb is not None
     choices, why = window_presets(predictor, case.scan)
     level, width = (128.0, 256.0) if colour else preset_window(predictor, case.scan, MODEL_WINDOW)
-    view, caption = render_view(predictor, case, case.slice_index, level, width, True, alpha)
+    view, caption = render_view(predictor, case, case.slice_index, level, width, False, alpha)  # (show_map off)
     profile = None if refused else slice_profile(case)
     options = series_options(case.series)
-    answer = (
-        change(value=None, label="Class probabilities: none, the image was not analysed")
-        if refused
-        else change(value=case.prediction["probabilities"], label=probability_label(predictor))
-    )
+    answer = answer_bars(predictor, None if refused else case.prediction["probabilities"])
     return PageUpdate(
         viewer=view,
         probabilities=answer,
         overlay=overlay_view(case, alpha),
         message=message,
         case=case,
-        slice=change(visible=case.n_slices > 1, maximum=max(case.n_slices - 1, 1), value=case.slice_index),
+        # numbered from 1, as the caption and the viewer's corner count them (slice_index is 0-based)
+        slice=change(visible=case.n_slices > 1, minimum=1, maximum=max(case.n_slices, 2), value=case.slice_index + 1),
         header=header_summary(case.scan),
         profile=change(value=profile, visible=profile is not None),
         jump=change(visible=case.scan.is_volume and case.judged_slice and not refused),
         sanity=sanity_text(predictor, method) if mapped else "",
         preset=change(
-            choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour, info=why or None
+            choices=choices or [MODEL_WINDOW, "custom"], value=MODEL_WINDOW, interactive=not colour, info=why
         ),
         level=change(value=round(level, 2), interactive=not colour),
         width=change(value=round(width, 2), interactive=not colour),
@@ -150,6 +151,7 @@ def case_page(predictor: Predictor, case: Case, message: str, alpha: float, meth
         upload=change(value=None),
         export=change(interactive=mapped),
         finding=finding_menu(predictor, case),
+        show_map=False,
     )
 
 
@@ -164,8 +166,16 @@ class Page:
     """The page's handlers for the runs it serves (models loaded on first use, then kept); each handler
     takes the values of its inputs and returns a :class:`PageUpdate`."""
 
-    def __init__(self, runs: list[Path], workdir: Path, device: str = "auto", decision: DecisionSource = "training"):
+    def __init__(
+        self,
+        runs: list[Path],
+        workdir: Path,
+        device: str = "auto",
+        decision: DecisionSource = "training",
+        audit: AuditLog | None = None,
+    ):
         self.runs = runs  # run folders, chosen by name on the page
+        self.audit = audit or AuditLog()  # one line per action on a case (medtl_ui.audit)
         self.workdir = workdir  # the private folder of uploads and reports
         self.device = device
         self.decision = decision  # which decision the runs answer by: training's (default) or the evaluation's
@@ -178,8 +188,11 @@ class Page:
             self.loaded[run_name] = load_run(run, device=self.device, bounded=True, decision=self.decision)
         return self.loaded[run_name]
 
-    def on_upload(self, run_name: str, files, method: str, alpha: float) -> PageUpdate:
-        """A new upload (or the upload box cleared): a new case, or none."""
+    def on_upload(self, run_name: str, case: Case | None, files, method: str, alpha: float) -> PageUpdate:
+        """A new upload (or the upload box cleared): a new case, or none. The previous case has ended: its
+        files are deleted."""
+        if case is not None:
+            remove_upload(case.path, self.workdir)
         predictor = self.predictor(run_name)
         if not files:
             return empty_page(predictor, START)
@@ -191,6 +204,7 @@ class Page:
         if path is None:  # (a list of empty entries)
             return empty_page(predictor, START)
         case, message = open_case(predictor, path, method, files=names, key=key)
+        self.audit.write(predictor.run_dir, "upload", key, outcome(case, message))
         return self._show(predictor, case, message, alpha, method)
 
     def on_series(self, run_name: str, case: Case | None, uid: str | None, method: str, alpha: float) -> PageUpdate:
@@ -199,6 +213,7 @@ class Page:
             return PageUpdate()
         predictor = self.predictor(run_name)
         new, message = open_case(predictor, case.path, method, series_uid=uid, files=case.files, key=case.key)
+        self.audit.write(predictor.run_dir, "series", case.key, outcome(new, message))
         if new is None:  # that series cannot be used: keep the one shown, and say why
             return case_page(predictor, case, f"{message} The series shown before is kept.", alpha, method)
         new.series = case.series
@@ -218,6 +233,7 @@ class Page:
                 key=case.key,
                 series_uid=case.series_uid if case.series_chosen else None,
             )
+            self.audit.write(predictor.run_dir, "model", case.key, outcome(new, message))
             update = self._show(predictor, new, message, alpha, method)
         update.model_info, update.model_card = model_summary(predictor), trust_panel(predictor)
         return update
@@ -228,13 +244,14 @@ class Page:
         case: Case | None,
         method: str,
         alpha: float,
-        index: int,
+        number: int,
         level: float,
         width: float,
         show_map: bool,
         finding: str | None = None,
     ) -> PageUpdate:
-        """Another saliency method (or finding): only the map is recomputed, the prediction is kept."""
+        """Another saliency method (or finding): only the map is recomputed, the prediction is kept. ``number``:
+        the slider's slice, counted from 1."""
         predictor = self.predictor(run_name)
         if case is None or case.refused or case.image is None:
             return PageUpdate(overlay=None, case=case, sanity="", caption="")
@@ -243,7 +260,7 @@ class Page:
         explain_case(predictor, case, method)
         if case.image is None:
             return PageUpdate(overlay=None, case=case, sanity="", caption="")
-        view, caption = render_view(predictor, case, index, level, width, show_map, alpha)
+        view, caption = render_view(predictor, case, int(number) - 1, level, width, show_map, alpha)
         return PageUpdate(
             overlay=overlay_view(case, alpha),
             case=case,
@@ -259,19 +276,20 @@ class Page:
         finding: str,
         method: str,
         alpha: float,
-        index: int,
+        number: int,
         level: float,
         width: float,
         show_map: bool,
     ) -> PageUpdate:
         """Multi-label: the map of another finding (the prediction is kept)."""
-        return self.on_method(run_name, case, method, alpha, index, level, width, show_map, finding)
+        return self.on_method(run_name, case, method, alpha, number, level, width, show_map, finding)
 
     def on_view(
-        self, run_name: str, case: Case | None, index: int, level: float, width: float, show_map: bool, alpha: float
+        self, run_name: str, case: Case | None, number: int, level: float, width: float, show_map: bool, alpha: float
     ) -> PageUpdate:
-        """The viewer at another slice, window, opacity, or with the map shown or hidden."""
-        view, caption = render_view(self.predictor(run_name), case, index, level, width, show_map, alpha)
+        """The viewer at another slice (``number``, counted from 1), window, opacity, or with the map shown or
+        hidden."""
+        view, caption = render_view(self.predictor(run_name), case, int(number) - 1, level, width, show_map, alpha)
         return PageUpdate(viewer=view, caption=caption)
 
     def on_preset(self, run_name: str, case: Case | None, preset: str) -> PageUpdate:
@@ -288,11 +306,15 @@ class Page:
 
     def on_jump(self, case: Case | None) -> PageUpdate:
         """The slider back at the slice the model judged."""
-        return PageUpdate(slice=case.slice_index if case else 0)
+        return PageUpdate(slice=case.slice_index + 1 if case else 1)
 
     def on_export(self, run_name: str, case: Case | None, alpha: float) -> PageUpdate:
         """The case's one-page report (PDF and PNG); none without an answered case."""
-        return PageUpdate(report=export_report(self.predictor(run_name), case, self.workdir, alpha) or None)
+        predictor = self.predictor(run_name)
+        report = export_report(predictor, case, self.workdir, alpha) or None
+        if report:
+            self.audit.write(predictor.run_dir, "export", case.key, "report written")
+        return PageUpdate(report=report)
 
     @staticmethod
     def _show(predictor: Predictor, case: Case | None, message: str, alpha: float, method: str) -> PageUpdate:

@@ -15,7 +15,7 @@ from medtl.predict.predictor import Prediction, Predictor
 from medtl.run import RunDir
 from medtl.version import __version__
 from medtl_ui.case import Case
-from medtl_ui.words import decision_basis
+from medtl_ui.words import decision_basis, method_name, quality_of
 
 A4_PORTRAIT = (8.27, 11.69)  # inches
 FOOTER = (
@@ -35,20 +35,19 @@ def report_lines(predictor: Predictor, case: Case) -> list[tuple[str, str]]:
     pred = case.prediction
     scan = case.scan
     explained = f" of {case.target or predictor.default_target(Prediction(**pred))}" if predictor.multi_label else ""
+    kind = scan.modality or {"dicom": "DICOM", "nifti": "NIfTI"}.get(scan.source, "picture")  # never "IMAGE image"
+    shape = " x ".join(str(n) for n in scan.array.shape)
     return [
         ("Case", f"{case.key}  (a hash of the uploaded files; not a patient identifier)"),
         ("Date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("Model", model_version(predictor)),
-        (
-            "Input",
-            f"{len(case.files)} file(s): {scan.modality or scan.source.upper()} "
-            f"{'volume' if scan.is_volume else 'image'} of shape {list(scan.array.shape)}",
-        ),
+        ("Input", f"{len(case.files)} file(s): {kind} {'volume' if scan.is_volume else 'image'} of {shape} pixels"),
         ("Decision", str(pred["label"])),
-        ("Basis", decision_basis(predictor.decision, pred["probabilities"])),
+        ("Basis", decision_basis(predictor.decision, pred["probabilities"], digits=2)),
+        ("Model quality", quality_of(predictor).summary().replace("**", "")),
         ("Probabilities", "calibrated on validation data" if predictor.decision.calibrated else "not calibrated"),
         ("Judged", case.judged or "the whole 2D image"),
-        ("Saliency", f"{case.method}{explained}: where the model looked, not a finding"),
+        ("Saliency", f"{method_name(case.method)}{explained}: where the model looked, not a finding"),
     ]
 
 
@@ -95,28 +94,38 @@ def _draw_images(fig, case: Case, alpha: float, top: float) -> None:
     ax.set_axis_off()
     ax = fig.add_axes((0.52, top - 0.3, 0.42, 0.3))
     ax.imshow(create_overlay(case.image, case.saliency, alpha))
-    ax.set_title(f"Saliency ({case.method})", fontsize=9)
+    ax.set_title(f"Saliency ({method_name(case.method)})", fontsize=9)
     ax.set_axis_off()
 
 
 def _draw_probabilities(fig, predictor: Predictor, case: Case, top: float) -> None:
-    """A bar per class (finding), with the decision's threshold on each class it compared."""
+    """The page's bars (:func:`medtl_ui.words.answer_bars`): a binary model's finding against its threshold, each
+    finding of a multi-label model against its own, else a bar per class; whole percent."""
     probs = case.prediction["probabilities"]
-    names = list(probs)
+    compared = [j for j in predictor.decision.judgements(probs) if j.threshold is not None]
+    names = [j.name for j in compared] if compared and not predictor.multi_label else list(probs)
     ax = fig.add_axes((0.3, 0.1, 0.6, min(0.18, top - 0.45)))
     ax.barh(names, [probs[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
-        ax.text(0.98, i, f"{probs[n]:.3f}", va="center", ha="right", fontsize=9)
-    compared = [j for j in predictor.decision.judgements(probs) if j.threshold is not None]
+        ax.text(0.98, i, f"{probs[n]:.0%}", va="center", ha="right", fontsize=9)
     for k, j in enumerate(compared):
         i = names.index(j.name)
         label = (
             ("decision threshold" if predictor.multi_label else f"decision threshold on {j.name}") if not k else None
         )
         ax.vlines(j.threshold, i - 0.45, i + 0.45, color="tab:red", ls="--", lw=1.5, label=label)
+    title = (
+        "Probability of each finding"
+        if predictor.multi_label
+        else f"Probability of {compared[0].name}"
+        if compared
+        else "Probability of each class"
+    )
+    ax.set_title(title, fontsize=9, pad=18)  # (room for the legend between the title and the bars)
     if compared:
-        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.0, 1.02))
-    ax.set(xlim=(0, 1), title="Probability of each finding" if predictor.multi_label else "Class probabilities")
+        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.set(xlim=(0, 1))
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:.0%}")
 
 
 def _save(fig, case: Case, workdir: Path) -> list[str]:

@@ -20,11 +20,8 @@ from 127.0.0.1).
 from __future__ import annotations
 
 import atexit
-import contextvars
 import errno
-import hmac
 import logging
-import math
 import os
 import re
 import secrets
@@ -36,6 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from medtl_ui.login import ClientAddressMiddleware, LoginThrottle, client_middleware, current_client
 
 log = logging.getLogger("medtl.ui.safety")
 
@@ -64,13 +63,11 @@ _MOVED: dict[str, Path] = {}
 UPLOAD_WAIT_S = 2.0  # how long a stored upload may still be on its way into Gradio's folder
 _MOVES_LOCK = threading.Lock()
 
-_SHOWABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,79}")  # a name outside this is never shown
-
 
 @dataclass(frozen=True)
 class StoredFile:
     """An upload after :func:`store_upload`: ``path`` on disk (random name) and ``display``, the only
-    name the page may show (the original name, or e.g. ``"file 1 (.dcm)"`` when it may identify)."""
+    name the page may show: its place in the upload and its extension (``"file 1 (.dcm)"``), never its name."""
 
     path: Path
     display: str
@@ -150,8 +147,9 @@ def _store_one(i: int, src: Path, workdir: Path, folder: Path) -> StoredFile:
             raise ValueError(f"upload {i} is not a regular file")
         shutil.copyfile(src, dest)
         os.chmod(dest, 0o600)
-    showable = _SHOWABLE.fullmatch(name) is not None and not looks_identifying(name)
-    return StoredFile(dest, name if showable else f"file {i}" + (f" ({ext})" if ext else ""))
+    # never the file's own name: a lower-case "smith_john.png" cannot be told from "chest.png" (the case key and
+    # the file's place in the upload tell files apart)
+    return StoredFile(dest, f"file {i}" + (f" ({ext})" if ext else ""))
 
 
 def _take_gradio_upload(i: int, src: Path, dest: Path) -> None:
@@ -305,173 +303,3 @@ def install_cleanup(workdir: Path) -> None:
             if previous == signal.SIG_IGN:
                 continue
             signal.signal(signum, _chain(folder, signum, previous))
-
-
-# -- login throttling ------------------------------------------------------------------------------
-
-_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("medtl_ui_client", default=None)
-
-
-def current_client() -> str | None:
-    """The client address of the request being served, as recorded by :class:`ClientAddressMiddleware`
-    (None outside a request or without the middleware)."""
-    return _client.get()
-
-
-class ClientAddressMiddleware:
-    """Pure ASGI middleware: records ``scope["client"]`` host for the duration of each HTTP request, so
-    that an ``auth`` callable, which Gradio calls without the request, can see who is logging in.
-
-    The address is the one uvicorn reports: behind a reverse proxy on 127.0.0.1 it is the address in
-    ``X-Forwarded-For`` (uvicorn trusts that header from 127.0.0.1), which a local client can forge;
-    :class:`LoginThrottle`'s global backstop covers that.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") != "http":
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client")
-        token = _client.set(str(client[0]) if client else None)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _client.reset(token)
-
-
-def client_middleware() -> list[Any]:
-    """``[Middleware(ClientAddressMiddleware)]`` for ``demo.launch(app_kwargs={"middleware": ...})``."""
-    from starlette.middleware import Middleware  # the web server's (with gradio): imported only to serve
-
-    return [Middleware(ClientAddressMiddleware)]
-
-
-@dataclass
-class _Record:
-    failures: int = 0
-    locked_until: float = 0.0
-    seen: float = 0.0
-    logged: bool = False
-
-
-class LoginThrottle:
-    """A Gradio ``auth`` callable for one account that slows down password guessing.
-
-    ``throttle(username, password)`` is True only for the right user name and password (compared with
-    :func:`hmac.compare_digest`). The first ``free_failures`` failures cost nothing; each further one
-    locks logins for ``base_delay`` seconds, doubling each time up to ``max_delay`` (1, 2, 4, ... 60 s).
-    During a lock every attempt is refused at once, without checking the password and without
-    sleeping (the callable runs in the server's event loop). A success resets the count.
-
-    Who is locked: the client address when :func:`client_middleware` is installed (see
-    :func:`current_client`), otherwise the user name (every wrong user name shares one count, so
-    changing it does not help). In both cases a global count, with ``global_free_failures`` free
-    failures (None: no global count), locks everyone, so that an attacker changing address gains
-    little. ``clock`` (monotonic seconds) is injectable for tests. Only "login refused (locked for N s)"
-    is logged, never the user name or address.
-    """
-
-    def __init__(
-        self,
-        user: str,
-        password: str,
-        *,
-        free_failures: int = 3,
-        base_delay: float = 1.0,
-        max_delay: float = 60.0,
-        global_free_failures: int | None = 10,
-        clock: Callable[[], float] = time.monotonic,
-        max_clients: int = 10_000,
-    ) -> None:
-        if not user or not password:
-            raise ValueError("user and password must not be empty")
-        if free_failures < 0 or base_delay <= 0 or max_delay < base_delay:
-            raise ValueError("need free_failures >= 0 and 0 < base_delay <= max_delay")
-        self._user = user.encode("utf-8")
-        self._password = password.encode("utf-8")
-        self.free_failures = free_failures
-        self.base_delay = float(base_delay)
-        self.max_delay = float(max_delay)
-        self.global_free_failures = global_free_failures
-        self.clock = clock
-        self.max_clients = max_clients
-        self.checks = 0  #: how many attempts had their password actually compared
-        self._records: dict[tuple[str, str], _Record] = {}
-        self._global = _Record()
-        self._lock = threading.Lock()
-
-    # The key never holds a user name other than the configured one (memory stays bounded).
-    def _key(self, username: str, client: str | None) -> tuple[str, str]:
-        if client is not None:
-            return ("client", client)
-        known = hmac.compare_digest(username.encode("utf-8"), self._user)
-        return ("user", "known" if known else "other")
-
-    def _delay(self, failures: int, free: int) -> float:
-        over = failures - free
-        if over <= 0:
-            return 0.0
-        return min(self.max_delay, self.base_delay * 2.0 ** min(over - 1, 64))
-
-    def _records_for(self, key: tuple[str, str], now: float) -> list[tuple[_Record, int]]:
-        record = self._records.get(key)
-        if record is None:
-            if len(self._records) >= self.max_clients:
-                self._prune(now)
-            record = self._records[key] = _Record()
-        record.seen = now
-        pairs = [(record, self.free_failures)]
-        if self.global_free_failures is not None:
-            pairs.append((self._global, self.global_free_failures))
-        return pairs
-
-    def _prune(self, now: float) -> None:
-        for k in [k for k, r in self._records.items() if r.locked_until <= now]:
-            del self._records[k]
-        while len(self._records) >= self.max_clients:  # all locked: drop the least recently seen
-            del self._records[min(self._records, key=lambda k: self._records[k].seen)]
-
-    def lock_remaining(self, username: str = "", client: str | None = None) -> float:
-        """Seconds until ``username`` (or ``client``, if given) may try again (0.0 if not locked)."""
-        with self._lock:
-            now = self.clock()
-            record = self._records.get(self._key(username, client))
-            until = max(
-                record.locked_until if record else 0.0,
-                self._global.locked_until if self.global_free_failures is not None else 0.0,
-            )
-            return max(0.0, until - now)
-
-    def __call__(self, username: str, password: str) -> bool:
-        client = current_client()
-        with self._lock:
-            now = self.clock()
-            pairs = self._records_for(self._key(username, client), now)
-            until = max(r.locked_until for r, _ in pairs)
-            if until > now:
-                first = [r for r, _ in pairs if r.locked_until > now and not r.logged]
-                for r in first:
-                    r.logged = True
-                if first:  # once per lock, not once per attempt
-                    log.warning("login refused (locked for %d s)", math.ceil(until - now))
-                return False
-            self.checks += 1
-            ok_user = hmac.compare_digest(username.encode("utf-8"), self._user)
-            ok_password = hmac.compare_digest(password.encode("utf-8"), self._password)
-            if ok_user and ok_password:
-                for r, _ in pairs:
-                    r.failures, r.locked_until, r.logged = 0, 0.0, False
-                return True
-            longest = 0.0
-            for r, free in pairs:
-                r.failures += 1
-                delay = self._delay(r.failures, free)
-                if delay:
-                    r.locked_until, r.logged = max(r.locked_until, now + delay), True
-                    longest = max(longest, delay)
-            if longest:
-                log.warning("login refused (locked for %d s)", math.ceil(longest))
-            return False

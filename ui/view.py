@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medtl.clinical.deid import profile_keeps
 from medtl.config import CT_WINDOWS
 from medtl.errors import MedtlError
 from medtl.explain import create_overlay
@@ -17,7 +18,8 @@ from medtl.io import Scan
 from medtl.predict.predictor import Predictor
 from medtl.transforms.intensity import intensity_preset
 from medtl_ui.analysis import open_case, slice_map
-from medtl_ui.case import Case, read_as, store_case_files
+from medtl_ui.case import Case, read_as, shown_description, store_case_files
+from medtl_ui.words import method_name
 
 MODEL_WINDOW = "model's window"
 SHOWN_FIELDS = ("modality", "BodyPartExamined", "Manufacturer", "shape", "spacing_mm", "orientation", "units", "format")
@@ -144,9 +146,9 @@ def _map_on_slice(
     if sal.shape != view.shape[:2]:
         sal = np.asarray(Image.fromarray(sal.astype(np.float32)).resize(view.shape[1::-1], Image.Resampling.BILINEAR))
     said = (
-        f" {case.method} map on this slice."
+        f" {method_name(case.method)} map on this slice."
         if np.any(sal > 0.01)
-        else f" The {case.method} map is empty here (no region raised the score): try another method."
+        else f" The {method_name(case.method)} map is empty here (no region raised the score): try another method."
     )
     return create_overlay(view / 255.0, sal, alpha), said
 
@@ -154,9 +156,11 @@ def _map_on_slice(
 def header_summary(scan: Scan) -> dict:
     """The de-identified header fields the page shows."""
     s = scan.summary()
-    out = {k: s[k] for k in SHOWN_FIELDS if k in s}
+    out = {k: s[k] for k in SHOWN_FIELDS if k in s and profile_keeps(k)}  # what `medtl deid` would keep
     if "series" in s:
-        out["series"] = {k: s["series"][k] for k in ("series_number", "modality", "description", "slices")}
+        out["series"] = {k: s["series"][k] for k in ("series_number", "modality", "slices")}
+        if shown_description(s["series"].get("description")):
+            out["series"]["description"] = s["series"]["description"]
         out["series_choice"] = s.get("series_choice")
     return out
 

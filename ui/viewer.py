@@ -84,5 +84,9 @@ def read_static(name: str) -> str:
 
 
 #: Pass to ``demo.launch(head=VIEWER_HEAD)`` (Gradio 6; ``gr.Blocks(head=...)`` in Gradio 5): the viewer's
-#: stylesheet (``static/viewer.css``) and script (``static/viewer.js``), inline.
-VIEWER_HEAD = f"<style>\n{read_static('viewer.css')}</style>\n<script>\n{read_static('viewer.js')}</script>\n"
+#: stylesheet (``static/viewer.css``) and scripts (``static/viewer.js``; ``static/login.js``, the sign-in form's
+#: word for a locked-out client), inline.
+VIEWER_HEAD = (
+    f"<style>\n{read_static('viewer.css')}</style>\n<script>\n{read_static('viewer.js')}</script>\n"
+    f"<script>\n{read_static('login.js')}</script>\n"
+)

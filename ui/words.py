@@ -5,9 +5,12 @@ panels that describe the model. The decision's words come from its one owner, th
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 from medtl.errors import MedtlInputError
+from medtl.eval.quality import ModelQuality, model_quality
 from medtl.io import Scan
 from medtl.predict.post import Decision
 from medtl.predict.predictor import Prediction, Predictor
@@ -62,10 +65,32 @@ def decision_basis(decision: Decision, probabilities: dict[str, float], digits: 
     return decision.describe() + _source(decision) + (f": {compared}" if compared else "")
 
 
+METHOD_NAMES = {  # the saliency methods as a reader knows them (the options' values are for configurations)
+    "gradcam": "Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "occlusion": "occlusion",
+    "integrated_gradients": "integrated gradients",
+}
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def rule_words(rule: str) -> str:
+    """How a threshold was chosen, without the statistician's words ("Youden on the smoothed ROC; validation
+    sensitivity 0.73, specificity 0.70" -> "to balance sensitivity and specificity: 0.73 and 0.70 there")."""
+    if rule.lower().startswith("youden"):
+        rates = rule.split(";", 1)[1].strip() if ";" in rule else ""
+        return "to balance sensitivity and specificity" + (f"; {rates}" if rates else "")
+    return rule
+
+
 def _chosen(decision: Decision) -> str:
     """Where a binary model's threshold was chosen, and by which rule (the number itself is in the comparison:
     :meth:`~medtl.predict.post.Judgement.comparison` prints it with enough digits)."""
-    return "chosen on validation data" + (f" ({decision.rule})" if decision.rule else "") + _source(decision)
+    rule = rule_words(decision.rule)
+    return "chosen on validation data" + (f" ({rule})" if rule else "") + _source(decision)
 
 
 def _source(decision: Decision) -> str:
@@ -102,8 +127,70 @@ def empty_map_text(case: Case) -> str:
         return ""
     target = case.target or case.prediction["label"]
     return (
-        f"The {case.method} map is empty for this case (no region raised the score of {target}): "
+        f"The {method_name(case.method)} map is empty for this case (no region raised the score of {target}): "
         "try another saliency method."
+    )
+
+
+def quality_of(predictor: Predictor) -> ModelQuality:
+    """The model's test figures and badges (:func:`medtl.eval.quality.model_quality`), for its finding."""
+    d = predictor.decision
+    finding = d.finding if not d.multi_label and len(d.class_names) == 2 else None
+    return model_quality(predictor.run_dir, finding)
+
+
+def quality_text(predictor: Predictor) -> str:
+    """What the page says of the model's quality beside every answer."""
+    return f"Model quality: {quality_of(predictor).summary()}"
+
+
+def validation_size(predictor: Predictor) -> int | None:
+    """The validation studies the decision (calibration, threshold) was chosen on, where recorded."""
+    val = RunDir(predictor.run_dir).read_json(RunDir.METRICS, {}).get("val") or {}
+    return val.get("n_images")
+
+
+def answer_bars(predictor: Predictor, probabilities: dict[str, float] | None) -> str:
+    """The probabilities as bars that agree with the answer (HTML): a binary model with a decision threshold
+    shows one bar, the probability of its finding, with the threshold marked on the same scale; a multi-label
+    model one bar per finding with its threshold; otherwise a bar per class, the answer first. Whole percent:
+    the decision was chosen on a validation set too small for finer figures (said where under 100 studies)."""
+    if not probabilities:
+        return '<div class="medtl-bars medtl-none">Probabilities: none, the image was not analysed</div>'
+    d = predictor.decision
+    judged = {j.name: j for j in d.judgements(probabilities) if j.threshold is not None}
+    if judged and not d.multi_label:
+        names = [d.finding]
+        title = f"Probability of {d.finding}, against the decision threshold"
+    elif d.multi_label:
+        names = list(d.class_names)
+        title = "Probability of each finding, judged on its own, against its threshold"
+    else:
+        names = sorted(probabilities, key=lambda c: -probabilities[c])
+        title = "Probability of each class (the answer is the most probable)"
+    rows = []
+    for name in names:
+        p = float(probabilities[name])
+        j = judged.get(name)
+        marker, said = "", f"{p:.0%}"
+        if j is not None:
+            marker = f'<div class="medtl-threshold" style="left:{j.threshold:.2%}" title="decision threshold"></div>'
+            said += f" ({'at or above' if j.decided else 'below'} the threshold {j.threshold:.0%})"
+        attrs = f'data-name="{html.escape(name)}" data-probability="{p:.4f}"' + (
+            f' data-threshold="{j.threshold:.4f}"' if j is not None else ""
+        )
+        rows.append(
+            f'<div class="medtl-bar" {attrs}><div class="medtl-bar-name">{html.escape(name)}</div>'
+            f'<div class="medtl-bar-track"><div class="medtl-bar-fill" style="width:{p:.2%}"></div>{marker}</div>'
+            f'<div class="medtl-bar-value">{html.escape(said)}</div></div>'
+        )
+    calibrated = "calibrated" if d.calibrated else "not calibrated"
+    n = validation_size(predictor)
+    if d.calibrated and n is not None and n < 100:
+        calibrated += f" on {n} validation studies: read them as approximate (about ±{0.98 / n**0.5:.0%})"
+    return (
+        f'<div class="medtl-bars"><div class="medtl-bars-title">{html.escape(title)} ({html.escape(calibrated)})'
+        f"</div>{''.join(rows)}</div>"
     )
 
 
@@ -117,7 +204,8 @@ def upload_name(files: list[str]) -> str:
 
 def cannot_use_text(name: str, error: MedtlInputError) -> str:
     """Why a file cannot be read, in the reader's words (never a stack trace)."""
-    return f"**Cannot use this file** ({name}): {error.problem}" + (
+    what = "this upload" if name.endswith(" files") else "this file"
+    return f"**Cannot use {what}** ({name}): {error.problem}" + (
         f" — expected {error.expected}." if error.expected else "."
     )
 
@@ -138,7 +226,6 @@ def series_note(series: list[dict], scan: Scan, chosen: bool) -> str:
     if not series:
         return ""
     used = scan.header.get("series", {})
-    studies = {s.get("study_key") for s in series if s.get("study_key")}
     description = f", {used['description']}" if shown_description(used.get("description")) else ""
     note = (
         f"Series {used.get('series_number')} ({used.get('modality')}{description}, {used.get('slices')} "
@@ -147,12 +234,7 @@ def series_note(series: list[dict], scan: Scan, chosen: bool) -> str:
     n_series = len(series_options(series))
     if n_series > 1:
         note += f" The upload holds {n_series} series: pick another below."
-    if len(studies) > 1:
-        note += (
-            f" **These files come from {len(studies)} different studies**: only the series shown is "
-            "analysed. Upload one study at a time."
-        )
-    return note
+    return note  # (an upload of several studies or patients gets no answer: medtl_ui.analysis.one_study)
 
 
 def modality_note(predictor: Predictor, scan: Scan) -> str:
@@ -178,7 +260,8 @@ def model_summary(predictor: Predictor) -> str:
     """One line on the model: its classes, the images it was trained on, calibration, how it decides, and
     what it refuses."""
     rec = predictor.input_record or {}
-    trained = f"; trained on {', '.join(rec['modalities'])} images" if rec.get("modalities") else ""
+    known = [m for m in rec.get("modalities") or [] if m and m.upper() not in ("UNKNOWN", "OT", "")]
+    trained = f"; trained on {', '.join(known)} images" if known else ""  # (never "UNKNOWN images")
     calib = (
         "probabilities calibrated on validation data"
         if predictor.decision.calibrated
@@ -202,17 +285,15 @@ def model_summary(predictor: Predictor) -> str:
         if predictor.ood
         else "checks only modality, dimensions and colour of an image (no content check)"
     )
-    kind = "findings" if predictor.multi_label else "classes"
-    return (
-        f"Model **{predictor.run_dir.name}**: {kind} {', '.join(predictor.class_names)}{trained}; {calib}; "
-        f"{decision}; {refuses}."
-    )
-
-
-def probability_label(predictor: Predictor) -> str:
-    """The title of the probabilities panel: what the numbers are, and whether they are calibrated."""
-    what = "Probability of each finding, judged on its own" if predictor.multi_label else "Class probabilities"
-    return what + " (" + ("calibrated on validation data" if predictor.decision.calibrated else "not calibrated") + ")"
+    d = predictor.decision
+    if predictor.multi_label:
+        what = "findings " + "; ".join(f"*{c}*" for c in predictor.class_names)
+    elif len(d.class_names) == 2:
+        what = f"finding *{d.finding}* (against *{d.class_names[1 - d.positive]}*)"
+    else:
+        what = "classes " + "; ".join(f"*{c}*" for c in predictor.class_names)
+    badges = " ".join(f"**[{b}]**" for b in quality_of(predictor).badges())
+    return f"{badges} Model **{predictor.run_dir.name}**: {what}{trained}; {calib}; {decision}; {refuses}.".strip()
 
 
 def trust_panel(predictor: Predictor) -> str:
@@ -235,8 +316,8 @@ def sanity_text(predictor: Predictor, method: str) -> str:
     record = RunDir(predictor.run_dir).read_json(f"{RunDir.EVALUATION}/{RunDir.EVALUATION_RECORD}", {})
     verdicts = {s["method"]: s["verdict"] for s in record.get("saliency_sanity", [])}
     if method in verdicts:
-        return f"Check of the {method} map: {verdicts[method]}"
+        return f"Check of the {method_name(method)} map: {verdicts[method]}"
     return (
-        f"The {method} map has not been checked for this model (a check that the map depends on what the "
+        f"The {method_name(method)} map has not been checked for this model (a check that the map depends on what the "
         "model learnt): read it with care."
     )

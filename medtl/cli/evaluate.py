@@ -67,8 +67,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     op = result.get("operating_point")
     if op:
         print(
-            f"operating point ({op['rule']}): threshold {_number(op['threshold'])}, sensitivity "
-            f"{_number(op.get('sensitivity'))}, specificity {_number(op.get('specificity'))} on the test set"
+            f"operating point ({op['rule']}): threshold {_number(op['threshold'])} on the probability of "
+            f"{op.get('positive', 'the second class')}, sensitivity {_number(op.get('sensitivity'))}, specificity "
+            f"{_number(op.get('specificity'))} on the test set"
         )
     for s in result["saliency_sanity"]:
         print(f"  {s['method']:22s} {s['verdict']}")

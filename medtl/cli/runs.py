@@ -7,6 +7,7 @@ that ``medtl --help`` stays light: the command line's one exception to "imports 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,25 @@ def add_parser(sub) -> None:
     s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--auth", help="USER:PASS required to open the page")
+    s.add_argument(
+        "--auth-file",
+        type=Path,
+        help="a file holding USER:PASS required to open the page (or set MEDTL_AUTH=USER:PASS; both stay out of "
+        "the process list)",
+    )
+    s.add_argument("--auth", help="USER:PASS on the command line: visible to every user in the process list")
+    s.add_argument(
+        "--retention-minutes",
+        type=float,
+        default=60.0,
+        help="delete an upload this long after it arrived, even if its case is still open (default 60)",
+    )
+    s.add_argument("--audit-dir", type=Path, help="write audit.log here (default: in each run's folder)")
+    s.add_argument(
+        "--quality-floor",
+        type=float,
+        help="no answers from a model whose test AUC's 95%% CI reaches below this (default 0.6; 0 turns it off)",
+    )
     add_device(s)
     add_decision(s)
     s.set_defaults(fn=cmd_serve)
@@ -97,7 +116,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from medtl.eval.quality import FLOOR_ENV
     from medtl_ui.app import launch
 
-    launch(args.run, host=args.host, port=args.port, auth=args.auth, device=args.device, decision=args.decision)
+    if args.quality_floor is not None:  # (read by the page for each model: medtl.eval.quality.quality_floor)
+        os.environ[FLOOR_ENV] = str(args.quality_floor)
+    launch(
+        args.run,
+        host=args.host,
+        port=args.port,
+        auth=serve_auth(args),
+        device=args.device,
+        decision=args.decision,
+        retention_s=args.retention_minutes * 60,
+        audit_dir=args.audit_dir,
+    )
     return 0
+
+
+def serve_auth(args: argparse.Namespace) -> str | None:
+    """USER:PASS for ``serve``: from ``--auth-file``, else ``MEDTL_AUTH``, else ``--auth`` (said to be visible)."""
+    from medtl.errors import ConfigError
+
+    if args.auth_file is not None:
+        try:
+            return args.auth_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                args.auth_file, f"cannot be read ({type(e).__name__})", "a text file: USER:PASS"
+            ) from None
+    if os.environ.get("MEDTL_AUTH"):
+        return os.environ["MEDTL_AUTH"].strip()
+    if args.auth:
+        print("warning: --auth shows the password in the process list; use --auth-file or MEDTL_AUTH", file=sys.stderr)
+    return args.auth

@@ -110,6 +110,13 @@ def _action(tag: int) -> str | None:
     return None
 
 
+def profile_keeps(keyword: str) -> bool:
+    """Whether ``medtl deid``'s profile keeps a DICOM attribute's value as it is (no action, or K): what a page or
+    a log may show of a header. A name that is no DICOM keyword (a computed field: shape, spacing) is kept."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    return tag is None or _action(tag) in (None, "K")
+
+
 def profile_table() -> dict[int, str]:
     """The profile's action of each listed attribute (tag as an int): D, Z, X, U, ZD, XD or K (the U*
     sequences, kept with their UIDs remapped); repeating groups are not in it."""

@@ -32,6 +32,7 @@ from highdicom.sr import RelationshipTypeValues as Rel
 
 from medtl.clinical.deid import Deidentifier
 from medtl.errors import MedtlInputError
+from medtl.eval.quality import model_quality
 from medtl.io.reader import sniff_format
 from medtl.models.encoders import file_sha256
 from medtl.predict.predictor import Predictor
@@ -174,7 +175,7 @@ def write_dicom_results(
         sources = [deidentifier.dataset(ds, name=path) for ds in sources]
     out.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(predictor.run_dir / RunDir.MODEL)
-    items = _algorithm_items(predictor, sha) + _finding_items(predictor, pred)
+    items = _algorithm_items(predictor, sha) + _finding_items(predictor, pred) + [_quality_item(predictor)]
     items += [
         ImageContentItem(
             name=CodedConcept("121112", "DCM", "Source of Measurement"),
@@ -258,17 +259,37 @@ def _finding_items(predictor: Predictor, pred) -> list:
             ]
         return items
     k = predictor.class_names.index(pred.label)
+    d = predictor.decision
+    # the probability the threshold applies to: the finding's (a binary model's positive class), not the answer's
+    judged = d.finding if d.threshold is not None else pred.label
     items += [
         CodeContentItem(
             name=CodedConcept("121071", "DCM", "Finding"),
             value=CodedConcept(str(k), SCHEME, pred.label[:64]),
             relationship_type=Rel.CONTAINS,
         ),
-        _number("probability", "Probability of finding", pred.probabilities[pred.label]),
+        _number("probability", "Probability of finding", pred.probabilities[judged]),
     ]
-    if predictor.decision.threshold is not None:
-        items.append(_number("threshold", "Operating point threshold", predictor.decision.threshold))
+    if d.threshold is not None:
+        items.append(_number("threshold", "Operating point threshold", d.threshold))
+        items.append(
+            TextContentItem(
+                name=CodedConcept("121106", "DCM", "Comment"),
+                value=f"The probability and its threshold are of {judged}; the answer is {pred.label}."[:1024],
+                relationship_type=Rel.CONTAINS,
+            )
+        )
     return items
+
+
+def _quality_item(predictor: Predictor) -> TextContentItem:
+    """How good the model is (:func:`medtl.eval.quality.model_quality`), said beside its answer."""
+    d = predictor.decision
+    finding = d.finding if not d.multi_label and len(d.class_names) == 2 else None
+    quality = model_quality(predictor.run_dir, finding)
+    text = " ".join([*(f"[{b}]" for b in quality.badges()), quality.sentence()])
+    name = CodedConcept("model-quality", SCHEME, "Model quality")
+    return TextContentItem(name=name, value=text[:1024], relationship_type=Rel.CONTAINS)
 
 
 def _number(code: str, meaning: str, value: float) -> NumContentItem:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.errors import ManifestError
+from medtl.errors import ConfigError, ManifestError
 
 log = logging.getLogger("medtl.data")
 
@@ -53,6 +53,8 @@ class Manifest:
     splits: dict[str, list[int]] | None = None  # fixed train/val/test record indices (MedMNIST), else None
     kind: str = "manifest"  # "manifest", "folder" or "medmnist"
     multi_label: bool = False  # several findings per image (sigmoid outputs) rather than one class
+    positive: str | None = None  # two classes: the finding (the clinically positive class) where the source
+    #   names one (MedMNIST's tables: BreastMNIST's is "malignant", its first class); None: the second class
 
     def label_counts(self, indices=None) -> dict[str, int]:
         """Images per class (multi-label: images with each finding)."""
@@ -70,6 +72,28 @@ class Manifest:
             f"Manifest({self.path.name} [{self.kind}]: {len(self.records)} images, {patients} patients, "
             f"labels {self.label_counts()}, {len(self.problems)} skipped{split})"
         )
+
+
+def positive_class(data, manifest: Manifest) -> str | None:
+    """The finding of a two-class data set (the class a positive answer means): ``data.positive_class`` where
+    set (a class name, or its index), else the source's own (:attr:`Manifest.positive`), else None (the second
+    class). A ``positive_class`` that names no class, or is given for more classes, is a :class:`ConfigError`."""
+    wanted = getattr(data, "positive_class", None)
+    if wanted is None:
+        return manifest.positive
+    names = list(manifest.class_names)
+    if manifest.multi_label or len(names) != 2:
+        raise ConfigError(
+            None,
+            f"data.positive_class {wanted!r} is set, but the data has {len(names)} "
+            f"{'findings' if manifest.multi_label else 'classes'}",
+            "it only for two-class data (each finding of multi-label data is its own positive)",
+        )
+    if str(wanted) in names:
+        return str(wanted)
+    if str(wanted) in ("0", "1"):
+        return names[int(wanted)]
+    raise ConfigError(None, f"data.positive_class {wanted!r} is not one of the classes", " or ".join(map(repr, names)))
 
 
 def is_multi_label(label) -> bool:

@@ -126,9 +126,24 @@ MEDMNIST_LABELS = {
 }
 
 
+# The finding of each two-class MedMNIST set: the class a positive answer means (BreastMNIST lists it first)
+MEDMNIST_POSITIVE = {
+    "breastmnist": "malignant",
+    "pneumoniamnist": "pneumonia",
+    "adrenalmnist3d": "hyperplasia",
+    "nodulemnist3d": "malignant",
+    "vesselmnist3d": "aneurysm",
+}
+
+
+def _medmnist_set(path: Path) -> str:
+    """The MedMNIST set a file is of, by its name: ``breastmnist_128.npz`` -> ``breastmnist``."""
+    return path.name.split(".")[0].split("_")[0].lower()
+
+
 def medmnist_class_names(path: Path, n_classes: int) -> list[str]:
     """The classes' names of a MedMNIST file (``breastmnist_128.npz`` -> breastmnist's), or the indices."""
-    names = MEDMNIST_LABELS.get(path.name.split(".")[0].split("_")[0].lower())
+    names = MEDMNIST_LABELS.get(_medmnist_set(path))
     return list(names) if names and len(names) == n_classes else [str(c) for c in range(n_classes)]
 
 
@@ -185,7 +200,9 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
     names = medmnist_class_names(path, n_classes)
     if isinstance(classes, dict):  # data.classes {index: name} names them
         names = [classes.get(str(c), names[c]) for c in range(n_classes)]
-    return Manifest(path=path, records=records, class_names=names, splits=splits, kind="medmnist", multi_label=multi)
+    positive = MEDMNIST_POSITIVE.get(_medmnist_set(path))
+    positive = positive if positive in names else None
+    return Manifest(path, records, names, splits=splits, kind="medmnist", multi_label=multi, positive=positive)
 
 
 def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list[dict]:

@@ -113,7 +113,8 @@ def compute_evaluation(
     _, val_ds, test_ds = prepared.datasets(cfg.data, pre)
     phases.start("predictions", f"{len(val_ds)} validation and {len(test_ds)} test inputs")
     val_logits, test_logits = (predict_logits(model, ds, runtime, 64) for ds in (val_ds, test_ds))
-    decision = Decision.fit(val_logits, class_names, operating_point, source="evaluation")
+    positive = (saved.operating_point or {}).get("positive")  # training's finding (None: the second class)
+    decision = Decision.fit(val_logits, class_names, operating_point, source="evaluation", positive=positive)
     test_y, test_p_raw = test_logits.study_probs()
     _, test_p = test_logits.study_probs(decision.temperature or 1.0)
     patients = np.asarray([s["patient_id"] for s in prepared.sets["test"]])
@@ -158,7 +159,8 @@ def _measured(saved, cfg, runtime, val_logits, decision, test_y, test_p_raw, tes
     elif decision.threshold is not None:
         result["operating_point"] = {
             **decision.operating_point,
-            **_binary_metrics_ci(test_y, test_p[:, 1], decision.threshold, patients, n_boot, seed),
+            "positive": decision.finding,
+            **_binary_metrics_ci(*decision.positive_view(test_y, test_p), decision.threshold, patients, n_boot, seed),
         }
     return result
 

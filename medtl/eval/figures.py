@@ -171,10 +171,13 @@ def evaluation_figures(ev, history_path: Path, n_boot: int = 300, seed: int = 0)
         figures["roc"] = _roc_findings_figure(ev.test_labels, ev.test_probs, ev.class_names)
     elif ev.decision.threshold is not None:
         op = ev.result["operating_point"]
+        d = ev.decision
         figures["confusion"] = _confusion_figure(
-            op["confusion_matrix"], ev.class_names, f"At the operating point (p1 >= {op['threshold']:.2f})"
+            op["confusion_matrix"],
+            [ev.class_names[1 - d.positive], d.finding],  # (the matrix is of the positive class against the other)
+            f"At the operating point (p({d.finding}) >= {op['threshold']:.2f})",
         )
-        figures["roc"] = _roc_figure(ev.test_labels, ev.test_probs[:, 1], ev.patients, n_boot, seed)
+        figures["roc"] = _roc_figure(*d.positive_view(ev.test_labels, ev.test_probs), ev.patients, n_boot, seed)
     figures["reliability"] = _reliability_figure(
         ev.test_labels, ev.test_probs_raw, ev.test_probs, ev.decision.temperature or 1.0
     )

@@ -257,6 +257,13 @@ def study_key(ds) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:10] if uid else ""
 
 
+def patient_key(ds) -> str:
+    """A short key telling a file's patient apart from others (a hash of PatientID and PatientName, which it does
+    not reveal); "" when the file names neither."""
+    who = f"{ds.get('PatientID', '') or ''}\x00{ds.get('PatientName', '') or ''}"
+    return hashlib.sha256(who.encode()).hexdigest()[:10] if who != "\x00" else ""
+
+
 def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
     """Decode a parsed dataset into a :class:`Scan` (see :func:`read_dicom`)."""
     with reading(path, "DICOM image"):

@@ -82,7 +82,10 @@ def _select_volume(data: np.ndarray, volume_index: int | None, path: Path) -> tu
     if data.ndim == 4:
         if volume_index is None:
             raise UnsupportedFormatError(
-                path, f"4D NIfTI with {data.shape[3]} volumes", "a 3D volume, or pass volume_index"
+                path,
+                f"4D NIfTI with {data.shape[3]} volumes",
+                "a single 3D volume (one volume of a 4D file is read only where the configuration names it: "
+                "data.volume_index)",
             )
         if not 0 <= volume_index < data.shape[3]:
             raise UnsupportedFormatError(path, f"volume_index {volume_index} out of range 0..{data.shape[3] - 1}")

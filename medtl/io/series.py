@@ -27,7 +27,7 @@ from medtl.errors import (
     MedtlInputError,
     UnsupportedFormatError,
 )
-from medtl.io.dicom import dataset_to_scan, declared_bytes, open_dicom, study_key
+from medtl.io.dicom import dataset_to_scan, declared_bytes, open_dicom, patient_key, study_key
 from medtl.io.dicom_geometry import image_orientation, orientation_letters, sort_along_normal
 from medtl.io.guard import reading
 from medtl.io.limits import ReadLimits, read_limits
@@ -77,6 +77,7 @@ class Series:
             "series_number": self.number,
             "modality": self.modality,
             "study_key": study_key(ds),
+            "patient_key": patient_key(ds),
             "description": self.description,
             "image_type": self.image_type,
             "instances": len(self.instances),

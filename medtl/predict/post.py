@@ -95,8 +95,9 @@ class Decision:
     """How an answer is chosen from a model's logits: the one place a class is chosen.
 
     Logits are divided by ``temperature`` (calibration), then turned into probabilities (softmax; a sigmoid
-    per finding for a multi-label model). A binary model with an operating point decides its second class
-    when that class's probability is at or above ``threshold``; a model of more classes, or one without an
+    per finding for a multi-label model). A binary model with an operating point decides its positive class
+    (the finding it looks for: ``positive``, by default the second class) when that class's probability is at or
+    above ``threshold``, else the other; a model of more classes, or one without an
     operating point, answers the most probable class. A multi-label model decides each finding present when
     its probability is at or above its threshold (0.5 where none was chosen). Training chooses a decision on
     validation data (``source`` "training", saved with the weights); ``medtl evaluate`` chooses its own
@@ -106,11 +107,12 @@ class Decision:
     class_names: tuple[str, ...]  # the classes (multi-label: the findings), in the model's output order
     multi_label: bool = False  # a sigmoid per finding, each decided on its own
     temperature: float | None = None  # calibration of the logits (None: not calibrated, i.e. 1)
-    threshold: float | None = None  # binary models: the operating point on the second class's probability
+    threshold: float | None = None  # binary models: the operating point on the positive class's probability
     thresholds: tuple[float, ...] | None = None  # multi-label models: one threshold per finding
     rule: str = ""  # how the threshold(s) were chosen, in words
     rules: tuple[str, ...] = ()  # multi-label models: each finding's rule
     source: DecisionSource = "training"  # which step chose it (on validation data either way)
+    positive: int = 1  # binary models: the index of the positive class (the finding; sensitivity is stated for it)
 
     @property
     def basis(self) -> str:
@@ -123,6 +125,16 @@ class Decision:
     @property
     def calibrated(self) -> bool:
         return self.temperature is not None
+
+    @property
+    def finding(self) -> str:
+        """Binary models: the positive class's name (what a threshold, a sensitivity and the SR's finding are of)."""
+        return self.class_names[self.positive]
+
+    def positive_view(self, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Binary models: (1 where the label is the positive class else 0, the positive class's probability):
+        what binary metrics at this decision's operating point are computed on."""
+        return (np.asarray(labels) == self.positive).astype(int), np.asarray(probs)[:, self.positive]
 
     @property
     def finding_thresholds(self) -> tuple[float, ...]:
@@ -140,7 +152,7 @@ class Decision:
         if self.multi_label:
             return (probs >= np.asarray(self.finding_thresholds)[None, :]).astype(int)
         if self.threshold is not None:
-            return (probs[:, 1] >= self.threshold).astype(int)
+            return np.where(probs[:, self.positive] >= self.threshold, self.positive, 1 - self.positive)
         return probs.argmax(axis=1)
 
     def findings(self, p: np.ndarray) -> list[str]:
@@ -157,7 +169,7 @@ class Decision:
 
     def judgements(self, probabilities: dict[str, float]) -> list[Judgement]:
         """What the decision compared for one answer (``probabilities``: class name -> probability): each
-        finding against its threshold; the second class against the operating point; or the most probable
+        finding against its threshold; the positive class against the operating point; or the most probable
         class, with no threshold."""
         if self.multi_label:
             return [
@@ -165,9 +177,8 @@ class Decision:
                 for c, t in zip(self.class_names, self.finding_thresholds)
             ]
         if self.threshold is not None:
-            positive = self.class_names[1]
-            p1 = probabilities[positive]
-            return [Judgement(positive, p1, self.threshold, p1 >= self.threshold)]
+            p1 = probabilities[self.finding]
+            return [Judgement(self.finding, p1, self.threshold, p1 >= self.threshold)]
         best = max(probabilities, key=lambda c: probabilities[c])
         return [Judgement(best, probabilities[best], None, True)]
 
@@ -181,22 +192,24 @@ class Decision:
             )
         if self.threshold is not None:
             return (
-                f"the probability of {self.class_names[1]} against the decision threshold chosen on validation "
+                f"the probability of {self.finding} against the decision threshold chosen on validation "
                 f"data ({self.rule})"
             )  # (the number: Judgement.comparison, with the digits it needs)
         return "the most probable class (no decision threshold was chosen for this model)"
 
     @property
     def operating_point(self) -> dict | None:
-        """The operating point as saved with a model's weights: ``{"threshold", "rule"}`` (binary),
-        ``{"thresholds", "rules", "rule"}`` (multi-label), or None."""
+        """The operating point as saved with a model's weights: ``{"threshold", "rule", "positive"}`` (binary;
+        ``positive`` the positive class's name), ``{"thresholds", "rules", "rule"}`` (multi-label), or None."""
         if self.multi_label:
             return (
                 None
                 if self.thresholds is None
                 else {"thresholds": list(self.thresholds), "rules": list(self.rules), "rule": self.rule}
             )
-        return None if self.threshold is None else {"threshold": self.threshold, "rule": self.rule}
+        if self.threshold is None:
+            return None
+        return {"threshold": self.threshold, "rule": self.rule, "positive": self.finding}
 
     def to_record(self) -> dict:
         """A JSON-ready record (:meth:`from_record` reads it back)."""
@@ -212,7 +225,8 @@ class Decision:
         source: DecisionSource = "training",
     ) -> Decision:
         """The decision of a saved temperature and operating point (see :attr:`operating_point`). An operating
-        point is used only where it applies: a binary threshold for two classes, thresholds per finding."""
+        point is used only where it applies: a binary threshold for two classes, thresholds per finding. A binary
+        operating point saved without its positive class (before it was named) is on the second class."""
         op = operating_point or {}
         names = tuple(class_names)
         if multi_label:
@@ -237,12 +251,21 @@ class Decision:
             str(op.get("rule", "")),
             (),
             source,
+            positive_index(names, op.get("positive")),
         )
 
     @classmethod
-    def fit(cls, val: Logits, class_names, rule: str = "youden", source: DecisionSource = "training") -> Decision:
+    def fit(
+        cls,
+        val: Logits,
+        class_names,
+        rule: str = "youden",
+        source: DecisionSource = "training",
+        positive: str | int | None = None,
+    ) -> Decision:
         """The decision chosen on validation logits: the temperature that minimises the validation NLL, then
-        for a binary model the threshold on the calibrated second-class probability by ``rule``
+        for a binary model the threshold on the calibrated probability of the ``positive`` class (a name or an
+        index; default the second class) by ``rule``
         (:func:`medtl.metrics.choose_threshold`; none for more classes: the most probable class). Multi-label:
         one temperature for all findings, and a threshold per finding; a finding whose validation studies are
         all of one kind keeps 0.5 (said in its rule)."""
@@ -262,14 +285,28 @@ class Decision:
             return cls(names, True, temperature, None, tuple(thresholds), rule, tuple(rules), source)
         if len(names) != 2:
             return cls(names, False, temperature, source=source)
-        threshold, why = choose_threshold(y, p[:, 1], rule)
-        return cls(names, False, temperature, threshold, None, why, (), source)
+        pos = positive_index(names, positive)
+        threshold, why = choose_threshold((y == pos).astype(int), p[:, pos], rule)
+        return cls(names, False, temperature, threshold, None, why, (), source, pos)
 
     def replace(self, **changes) -> Decision:
         return dataclasses.replace(self, **changes)
 
 
+def positive_index(class_names, positive: str | int | None) -> int:
+    """The index of a binary model's positive class, named or given by index; None: the second class."""
+    names = tuple(class_names)
+    if positive is None:
+        return 1
+    if isinstance(positive, int) and not isinstance(positive, bool) and positive in (0, 1):
+        return positive
+    if positive in names:
+        return names.index(positive)
+    raise ValueError(f"positive class {positive!r} is not one of the classes {', '.join(map(repr, names))}")
+
+
 __all__ = [
+    "positive_index",
     "Decision",
     "DecisionSource",
     "Judgement",

@@ -23,6 +23,7 @@ from medtl.data import (
     split_by_patient,
 )
 from medtl.data.dataset import decode_workers, store_options
+from medtl.data.manifest import positive_class
 from medtl.errors import ConfigError, MedtlInputError
 from medtl.models import Preprocessing
 from medtl.transforms.chain import create_transforms
@@ -67,6 +68,7 @@ def prepare_data(
     read by ``workers`` processes (``train.workers``; see :func:`medtl.data.dataset.decode_workers`).
     """
     manifest = manifest or read_data(data)
+    positive_class(data, manifest)  # (a data.positive_class naming no class is refused before any decoding)
     deterministic, _ = create_transforms(data, pre, train=False)
     log.info("%r; decoding images", manifest)
     samples, problems = decode_records(

@@ -22,7 +22,7 @@ from medtl.adapt.batchnorm import batchnorms, bn_statistics, save_bn_statistics
 from medtl.config import ExperimentConfig, to_dict, validate_config
 from medtl.data import create_dataset, store_options
 from medtl.data.dataset import iterate_batches, study_index
-from medtl.data.manifest import FINDINGS_SEPARATOR, is_multi_label, label_counts, label_text
+from medtl.data.manifest import FINDINGS_SEPARATOR, is_multi_label, label_counts, label_text, positive_class
 from medtl.explain import explain_input
 from medtl.metrics import (
     best_balanced_accuracy,
@@ -120,7 +120,7 @@ def finish_run(
     runtime, bs = result.eval_runtime(), max(32, result.batch_size)
     _, val_ds, test_ds = datasets
     val_logits = predict_logits(model, val_ds, runtime, bs)
-    decision = Decision.fit(val_logits, names)
+    decision = Decision.fit(val_logits, names, positive=positive_class(cfg.data, prepared.manifest))
     train_eval = create_dataset(
         prepared.sets["train"],
         create_transforms(cfg.data, pre, train=False)[1],
@@ -236,11 +236,12 @@ def run_metrics(
                 "rules": dict(zip(names, decision.rules)),
             }
     elif decision.threshold is not None:
-        at_op = compute_binary_metrics(y, p[:, 1], decision.threshold)
+        yb, pb = decision.positive_view(y, p)
+        at_op = compute_binary_metrics(yb, pb, decision.threshold)
         metrics["test"]["decision"] = {
             **decision.operating_point,
             **{k: at_op[k] for k in ("sensitivity", "specificity", "balanced_accuracy")},
-            "best_balanced_accuracy": best_balanced_accuracy(y, p[:, 1]),
+            "best_balanced_accuracy": best_balanced_accuracy(yb, pb),
         }
     for name, part in prepared.sets.items():
         metrics.setdefault(name, {})

@@ -49,9 +49,12 @@ def test_an_answered_file_gets_a_valid_sr_and_secondary_capture(tiny_run, sample
     items = _items(sr)
     finding = items["Finding"].ConceptCodeSequence[0]
     assert finding.CodingSchemeDesignator == SCHEME and finding.CodeMeaning == pred.label
+    finding = predictor.decision.finding  # the threshold's class, whatever the answer (it was the answer's before)
     assert float(items["Probability of finding"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
-        pred.probabilities[pred.label], abs=1e-5
+        pred.probabilities[finding], abs=1e-5
     )
+    assert f"are of {finding}; the answer is {pred.label}" in items["Comment"].TextValue
+    assert "Test AUC" in items["Model quality"].TextValue and "NOT EVALUATED" in items["Model quality"].TextValue
     assert "weights sha256" in items["Algorithm Version"].TextValue
     assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     sc = pydicom.dcmread(files[1])

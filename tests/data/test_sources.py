@@ -65,3 +65,20 @@ def test_a_split_with_a_single_example_of_a_class_is_refused():
     labels = np.array([0, 0, 0, 1, 1, 1, 0])
     with pytest.raises(MedtlInputError, match="fewer than 2"):
         check_split_classes(labels, {"train": np.arange(5), "val": np.array([5, 6])}, 2)
+
+
+def test_a_medmnist_file_names_its_clinical_finding_and_positive_class_is_checked(tmp_path):
+    """BreastMNIST's first class is its finding (malignant): the finding is named, not taken from class 1."""
+    from medtl.config import DataConfig
+    from medtl.data.manifest import positive_class
+    from medtl.errors import ConfigError
+
+    breast = read_dataset(write_medmnist(tmp_path / "breastmnist_64.npz"))
+    assert breast.class_names == ["malignant", "normal, benign"] and breast.positive == "malignant"
+    assert positive_class(DataConfig(), breast) == "malignant"
+    assert positive_class(DataConfig(positive_class="normal, benign"), breast) == "normal, benign"
+    assert positive_class(DataConfig(positive_class="1"), breast) == "normal, benign"  # (an index, as YAML may)
+    other = read_dataset(write_medmnist(tmp_path / "b.npz"))
+    assert other.positive is None and positive_class(DataConfig(), other) is None  # the second class
+    with pytest.raises(ConfigError, match="'tumour' is not one of the classes"):
+        positive_class(DataConfig(positive_class="tumour"), breast)

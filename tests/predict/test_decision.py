@@ -63,3 +63,40 @@ def test_an_overlay_names_the_class_medtl_predict_answers(tiny_run, sample_dir):
     for k, overlay in enumerate(overlays):
         said = overlay.stem.split("_pred-", 1)[1]
         assert predictor.predict(test_images[k], check=False).label == said, overlay.name
+
+
+def test_a_positive_first_class_is_decided_and_judged_on_its_own_probability():
+    """BreastMNIST lists its finding (malignant) first: the threshold is on P(malignant), not on the other class."""
+    d = Decision(("malignant", "normal, benign"), threshold=0.3, positive=0)
+    probs = np.array([[0.35, 0.65], [0.25, 0.75]])
+    assert d.choose(probs).tolist() == [0, 1]  # 0.35 >= 0.3: malignant; 0.25 < 0.3: normal, benign
+    assert [d.label(p) for p in probs] == ["malignant", "normal, benign"]
+    j = d.judgements({"malignant": 0.35, "normal, benign": 0.65})[0]
+    assert (j.name, j.threshold, j.decided) == ("malignant", 0.3, True)
+    assert "probability of malignant" in d.describe() and d.finding == "malignant"
+    yb, pb = d.positive_view(np.array([0, 1]), probs)
+    assert yb.tolist() == [1, 0] and pb.tolist() == [0.35, 0.25]
+
+
+def test_the_positive_class_survives_the_record_and_an_old_record_means_the_second_class():
+    d = Decision(("malignant", "benign"), temperature=1.2, threshold=0.4, rule="youden", positive=0)
+    record = d.to_record()
+    assert record["operating_point"]["positive"] == "malignant"
+    again = Decision.from_record(("malignant", "benign"), False, 1.2, record["operating_point"])
+    assert again.positive == 0 and again.finding == "malignant"
+    old = Decision.from_record(("no lesion", "lesion"), False, 1.0, {"threshold": 0.4, "rule": "x"})
+    assert old.positive == 1 and old.finding == "lesion"
+
+
+def test_a_decision_fitted_for_the_first_class_is_the_mirror_of_the_second():
+    """Fitted with positive 0 on the same logits, the threshold is on P(class 0) and gives the same answers as
+    one fitted on class 1 wherever the two are not tied."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    logits = np.stack([np.zeros(300), (y * 2 - 1) + rng.normal(0, 1.2, 300)], axis=1).astype(np.float32)
+    first = Decision.fit(Logits(y, logits, np.arange(300)), ["a", "b"], positive="a")
+    second = Decision.fit(Logits(y, logits, np.arange(300)), ["a", "b"])
+    assert first.positive == 0 and first.operating_point["positive"] == "a"
+    p = first.probabilities(logits)
+    agree = (first.choose(p) == second.choose(p)).mean()
+    assert agree > 0.95  # (the smoothed ROC picks each side's point on its own)

@@ -39,7 +39,7 @@ def test_bad_upload_gets_a_message_not_a_trace(tiny_run, tmp_path):
     bad = tmp_path / "upload.dcm"
     bad.write_text("hello")
     image, probs, _overlay, message = analyse(predictor, str(bad), workdir=tmp_path / "w")
-    assert image is None and probs is None and "Cannot use this file" in message and "upload.dcm" in message
+    assert image is None and probs is None and "Cannot use this file" in message and "file 1 (.dcm)" in message
     assert "Traceback" not in message and str(tmp_path) not in message
     assert "Upload" in analyse(predictor, None)[3]
 
@@ -150,24 +150,36 @@ def test_several_files_of_a_series_and_a_zip_are_read_as_one_scan(tiny_run, tmp_
     assert not np.array_equal(profile, flat)  # the plot follows the scores
 
 
-def test_two_studies_uploaded_together_are_named_and_can_be_picked(tiny_run, tmp_path):
-    """Two patients' files uploaded at once are not merged into one case: the page says so and offers both."""
+def test_two_studies_uploaded_together_get_no_answer_and_mixed_formats_are_refused(tiny_run, sample_dir, tmp_path):
+    """Two patients' files uploaded at once are not answered (which one would be judged?); a DICOM series with a
+    NIfTI beside it is refused with the reason, not answered with the NIfTI dropped."""
     from medtl.data import create_sample_series
-    from medtl_ui.case import series_options
 
     a = create_sample_series(tmp_path / "a", n_slices=4, size=48, seed=1)
     b = create_sample_series(tmp_path / "b", n_slices=3, size=48, seed=2, lesion=False)
     files = [str(p) for p in sorted(a.iterdir())] + [str(p) for p in sorted(b.iterdir())]
     predictor = load_run(tiny_run)
     path, names, key = store_case_files(files, tmp_path / "w")
-    case, _message = open_case(predictor, path, files=names, key=key)
-    assert "2 different studies" in case.series_note and "pick another" in case.series_note
-    options = series_options(case.series)
-    assert len(options) == 2
-    other = next(uid for _, uid in options if uid != case.series_uid)
-    picked, _ = open_case(predictor, path, series_uid=other, files=names, key=key)
-    assert picked.series_uid == other and picked.scan.array.shape[0] != case.scan.array.shape[0]
-    assert "chosen by you" in picked.series_note
+    case, message = open_case(predictor, path, files=names, key=key)
+    assert case is None and message.startswith("**Cannot use this upload** (7 files): the files come from 2 ")
+    assert "one study of one patient per case" in message and "Predicted" not in message
+    one, _ = open_case(predictor, *store_case_files([str(p) for p in sorted(a.iterdir())], tmp_path / "w1")[:1])
+    assert one is not None and one.prediction  # one study alone is answered
+    mixed = [str(p) for p in sorted(a.iterdir())] + [str(sample_dir / "nifti" / "vol_001.nii.gz")]
+    path, names, key = store_case_files(mixed, tmp_path / "w2")
+    case, message = open_case(predictor, path, files=names, key=key)
+    assert case is None and "mixes DICOM and NIfTI files" in message and "one study per case" in message
+
+
+def test_series_that_read_alike_are_told_apart_and_no_description_is_shown():
+    from medtl_ui.case import series_options
+
+    same = {"series_number": 2, "modality": "CT", "slices": 40, "size": [512, 512], "description": "DOE JOHN head"}
+    options = series_options([{**same, "series_uid": "1.2.3"}, {**same, "series_uid": "1.2.4"}])
+    assert [label for label, _ in options] == [
+        "series 2 · CT · 40 slice(s) · 512×512 · 1 of 2 alike",
+        "series 2 · CT · 40 slice(s) · 512×512 · 2 of 2 alike",
+    ]  # (SeriesDescription is removed by medtl deid's profile: never shown, even when it looks harmless)
 
 
 def test_viewer_windows_follow_the_model_and_the_units(tiny_run, sample_dir, tmp_path):
@@ -252,4 +264,50 @@ def test_the_viewer_script_and_style_are_the_package_files():
     script, style = read_static("viewer.js"), read_static("viewer.css")
     assert "window.medtlViewer" in script and "#scan" in style
     head = VIEWER_HEAD
-    assert head == f"<style>\n{style}</style>\n<script>\n{script}</script>\n"  # inline, as read
+    login = read_static("login.js")
+    assert head == f"<style>\n{style}</style>\n<script>\n{script}</script>\n<script>\n{login}</script>\n"  # as read
+
+
+def _bars(panel: str) -> dict:
+    import html
+    import re
+
+    found = re.findall(r'data-name="([^"]*)" data-probability="([0-9.]+)"(?: data-threshold="([0-9.]+)")?', panel)
+    return {html.unescape(n): (float(p), float(t) if t else None) for n, p, t in found}
+
+
+def test_the_bars_show_the_finding_against_the_threshold_the_sentence_names(tmp_path):
+    """The defect: "Predicted class: lesion ... 0.42 >= 0.40" above a top bar "no lesion 58 %". Now one bar, the
+    finding's probability, with the threshold marked on the same scale; for a first-class finding too."""
+    from types import SimpleNamespace
+
+    from medtl.predict.post import Decision
+    from medtl_ui.words import answer_bars
+
+    for names, positive in ((("no lesion", "lesion"), 1), (("malignant", "normal, benign"), 0)):
+        finding, other = names[positive], names[1 - positive]
+        d = Decision(names, temperature=1.0, threshold=0.40, rule="youden", positive=positive)
+        model = SimpleNamespace(decision=d, run_dir=tmp_path, multi_label=False)
+        panel = answer_bars(model, {finding: 0.42, other: 0.58})
+        assert _bars(panel) == {finding: (0.42, 0.40)}  # no bar of the other class to read as the answer
+        assert "42% (at or above the threshold 40%)" in panel and 'class="medtl-threshold" style="left:40.00%"' in panel
+        assert d.label(np.array([0.58, 0.42] if positive else [0.42, 0.58])) == finding
+        below = answer_bars(model, {finding: 0.38, other: 0.62})
+        assert "38% (below the threshold 40%)" in below
+    argmax = SimpleNamespace(decision=Decision(("a", "b", "c")), run_dir=tmp_path, multi_label=False)
+    assert list(_bars(answer_bars(argmax, {"a": 0.2, "b": 0.5, "c": 0.3}))) == ["b", "c", "a"]  # the answer first
+    assert "not analysed" in answer_bars(argmax, None) and "data-probability" not in answer_bars(argmax, None)
+
+
+def test_below_the_quality_floor_no_answer_is_shown(tiny_run, sample_dir, tmp_path, monkeypatch):
+    predictor = load_run(tiny_run)
+    image, probs, overlay, message = analyse(predictor, str(sample_dir / "dicom" / "img_0001.dcm"), workdir=tmp_path)
+    assert "Predicted class" in message and "Model quality:" in message and "[NOT EVALUATED]" in message
+    monkeypatch.setenv("MEDTL_QUALITY_FLOOR", "1.01")  # (above any interval: the tiny run cannot reach it)
+    image, probs, overlay, message = analyse(predictor, str(sample_dir / "dicom" / "img_0001.dcm"), workdir=tmp_path)
+    assert image is None and probs is None and overlay is None
+    assert "not fit to show answers" in message and "Predicted class" not in message
+    from medtl_ui.words import model_summary
+
+    assert model_summary(predictor).startswith("**[NOT FIT TO SHOW ANSWERS]** **[NOT EVALUATED]**")
+    assert "finding *lesion* (against *no lesion*)" in model_summary(predictor)

@@ -7,7 +7,9 @@ through the same client.
 Images come back as lossy WebP files: comparisons use tolerances, not exact equality.
 """
 
+import html
 import os
+import re
 import socket
 
 import numpy as np
@@ -83,13 +85,16 @@ def _img(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.int16)
 
 
-def _answer(out: dict) -> dict:
-    """The Label's value (the page sends the probabilities with the panel's title as an update)."""
-    return out.get("value", out) if isinstance(out, dict) and out.get("__type__") == "update" else out
+BAR = re.compile(r'data-name="([^"]*)" data-probability="([0-9.]+)"(?: data-threshold="([0-9.]+)")?')
 
 
-def _probs(label: dict) -> dict:
-    return {c["label"]: c["confidence"] for c in _answer(label)["confidences"]}
+def _bars(panel: str) -> dict[str, tuple[float, float | None]]:
+    """The answer's bars (medtl_ui.words.answer_bars): name -> (probability, its decision threshold or None)."""
+    return {html.unescape(n): (float(p), float(t) if t else None) for n, p, t in BAR.findall(panel or "")}
+
+
+def _probs(panel: str) -> dict[str, float]:
+    return {n: p for n, (p, _) in _bars(panel).items()}
 
 
 def test_the_page_exposes_its_handlers(client):
@@ -106,10 +111,12 @@ def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run,
     classes = load_run(tiny_run).class_names
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm")
     assert "Predicted class" in out[MESSAGE] and "Cannot use" not in out[MESSAGE]
-    probs = _probs(out[PROBS])
-    assert set(probs) == {str(c) for c in classes} == {"no lesion", "lesion"}  # the classes' names, not 0/1
-    assert abs(sum(probs.values()) - 1) < 1e-4
-    assert f"Predicted class: {_answer(out[PROBS])['label']}" in out[MESSAGE]
+    assert {str(c) for c in classes} == {"no lesion", "lesion"}  # the classes' names, not 0/1
+    bars = _bars(out[PROBS])
+    assert list(bars) == ["lesion"]  # one bar: the finding's probability, its threshold marked on the same scale
+    p, threshold = bars["lesion"]
+    answer = "lesion" if p >= threshold else "no lesion"  # what the bar shows is what the sentence says
+    assert f"Predicted class: {answer}" in out[MESSAGE]
     assert "chosen on validation data" in out[MESSAGE]
     viewer, overlay = _img(out[VIEWER]), _img(out[OVERLAY])
     assert max(viewer.shape[:2]) >= 448 and max(overlay.shape[:2]) >= 448  # enlarged for the page
@@ -117,7 +124,7 @@ def test_dicom_upload_gives_probabilities_overlay_and_decision(client, tiny_run,
     assert out[SLIDER]["visible"] is False  # a 2D image has no slice slider
     assert out[HEADER]["modality"] == "CT" and out[HEADER]["units"] == "HU" and out[HEADER]["format"] == "dicom"
     assert "PatientName" not in out[HEADER] and "PatientID" not in out[HEADER]
-    assert out[CASE].startswith("**Case case-") and "img_0001.dcm" in out[CASE]
+    assert out[CASE].startswith("**Case case-") and "file 1 (.dcm)" in out[CASE] and "img_0001" not in out[CASE]
     assert out[UPLOAD]["value"] is None  # the upload box is cleared: the file's name leaves the page
     assert (out[LEVEL]["value"], out[WIDTH]["value"]) == (40.0, 400.0)  # the model's window (soft tissue)
 
@@ -131,8 +138,9 @@ def test_nifti_volume_shows_the_slice_slider_with_the_right_maximum(client, tiny
     n_slices = out[HEADER]["shape"][0]
     assert n_slices > 1 and n_slices in nib.load(path).shape  # the header states the volume's slices
     slider = out[SLIDER]
-    assert slider["visible"] is True and slider["maximum"] == n_slices - 1
-    assert 0 <= slider["value"] <= n_slices - 1
+    # numbered from 1, as the caption says "Slice k of n" (it was 0-based: off by one from the caption)
+    assert slider["visible"] is True and slider["minimum"] == 1 and slider["maximum"] == n_slices
+    assert 1 <= slider["value"] <= n_slices
 
 
 def test_view_handler_follows_window_and_slice(client, tiny_run, sample_dir):
@@ -142,19 +150,19 @@ def test_view_handler_follows_window_and_slice(client, tiny_run, sample_dir):
     assert out[HEADER]["units"] == "HU" and "lung" in [c[0] for c in out[PRESET]["choices"]]
     lung_w = client.predict(tiny_run.name, "lung", api_name="/on_preset")
     assert tuple(lung_w) == CT_WINDOWS["lung"]
-    lung = _img(_view(client, tiny_run, 0, *CT_WINDOWS["lung"])[0])
-    bone = _img(_view(client, tiny_run, 0, *CT_WINDOWS["bone"])[0])
-    lung_again = _img(_view(client, tiny_run, 0, *CT_WINDOWS["lung"])[0])
+    lung = _img(_view(client, tiny_run, 1, *CT_WINDOWS["lung"])[0])
+    bone = _img(_view(client, tiny_run, 1, *CT_WINDOWS["bone"])[0])
+    lung_again = _img(_view(client, tiny_run, 1, *CT_WINDOWS["lung"])[0])
     assert lung.shape == bone.shape
     assert np.abs(lung - bone).mean() > 10, "lung and bone windows gave the same picture"
     assert np.abs(lung - lung_again).mean() < 1  # the same view twice is the same picture
-    plain = _img(_view(client, tiny_run, 0, 40, 400, show_map=False)[0])
-    mapped, caption = _view(client, tiny_run, 0, 40, 400, show_map=True)
+    plain = _img(_view(client, tiny_run, 1, 40, 400, show_map=False)[0])
+    mapped, caption = _view(client, tiny_run, 1, 40, 400, show_map=True)
     assert "map on this slice" in caption and np.abs(_img(mapped) - plain).mean() > 1  # the map on the viewer
 
     out = _upload(client, tiny_run, sample_dir / "nifti" / "vol_001.nii.gz")
     last = out[SLIDER]["maximum"]
-    first_slice = _img(_view(client, tiny_run, 0, 40, 400)[0])
+    first_slice = _img(_view(client, tiny_run, 1, 40, 400)[0])
     last_slice = _img(_view(client, tiny_run, last, 40, 400)[0])
     assert first_slice.shape == last_slice.shape
     assert np.abs(first_slice - last_slice).mean() > 2, "changing the slice did not change the viewer"
@@ -182,7 +190,7 @@ def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sa
     out = _upload(client, tiny_run, sample_dir / "dicom" / "img_0001.dcm", method="gradcam")
     before = _img(out[OVERLAY])
     overlay, sanity, _view, caption = client.predict(
-        tiny_run.name, "occlusion", 0.45, 0, 40, 400, True, api_name="/on_method"
+        tiny_run.name, "occlusion", 0.45, 1, 40, 400, True, api_name="/on_method"
     )
     assert "occlusion" in sanity and "occlusion map on this slice" in caption
     assert np.abs(_img(overlay) - before).mean() > 1  # a new map
@@ -193,12 +201,12 @@ def test_switching_the_saliency_method_keeps_the_prediction(client, tiny_run, sa
 def test_jump_returns_the_cases_slice(client, tiny_run, sample_dir):
     from medtl.predict.predictor import load_run
 
-    assert client.predict(api_name="/jump") == 0  # no case yet
+    assert client.predict(api_name="/jump") == 1  # no case yet
     path = sample_dir / "nifti" / "vol_002.nii.gz"
     out = _upload(client, tiny_run, path)
-    expected = load_run(tiny_run).predict(path).slice_index or 0
+    expected = (load_run(tiny_run).predict(path).slice_index or 0) + 1  # the slider counts from 1
     assert out[SLIDER]["value"] == expected
-    _view(client, tiny_run, 0 if expected else out[SLIDER]["maximum"], 40, 400)  # look elsewhere
+    _view(client, tiny_run, 1 if expected > 1 else out[SLIDER]["maximum"], 40, 400)  # look elsewhere
     assert client.predict(api_name="/jump") == expected
 
 
@@ -229,14 +237,15 @@ def test_a_new_upload_clears_the_previous_cases_outputs(client, tiny_run, sample
     second = client.predict(tiny_run.name, 0.45, api_name="/export")
     assert os.path.basename(first[0]) != os.path.basename(second[0])  # a report of the new case, by its key
     out = client.predict(tiny_run.name, None, "gradcam", 0.45, api_name="/on_clear")
-    assert out[VIEWER] is None and not _answer(out[PROBS]) and out[OVERLAY] is None and out[REPORT] is None
+    assert out[VIEWER] is None and "data-probability" not in out[PROBS] and out[OVERLAY] is None and out[REPORT] is None
     assert client.predict(tiny_run.name, 0.45, api_name="/export") is None
 
 
 def test_model_choice_describes_the_run(client, tiny_run):
     out = client.predict(tiny_run.name, api_name="/on_model")
     info, card = out[0], out[1]
-    assert f"Model **{tiny_run.name}**" in info and "classes no lesion, lesion" in info
+    assert f"Model **{tiny_run.name}**" in info and "finding *lesion* (against *no lesion*)" in info
+    assert info.startswith("**[NOT EVALUATED]** **[SMALL TEST SET (")  # the model's quality, first
     assert "calibrated on validation data" in info and "refuses images unlike its training images" in info
     assert "medtl evaluate" not in card and "not been through a full evaluation" in card  # a clinician's words
 
@@ -246,7 +255,8 @@ def test_a_foreign_image_is_refused_with_its_reason(client, tiny_run, tmp_path):
     Image.fromarray((np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8)).save(noise)
     out = _upload(client, tiny_run, noise)
     assert out[MESSAGE].startswith("**Not analysed**") and "does not look like" in out[MESSAGE]
-    assert out[VIEWER] is not None and out[OVERLAY] is None and not _answer(out[PROBS])  # viewable, not answered
+    # viewable, not answered
+    assert out[VIEWER] is not None and out[OVERLAY] is None and "data-probability" not in out[PROBS]
     assert client.predict(tiny_run.name, 0.45, api_name="/export") is None  # no report of a refused case
 
 
@@ -282,8 +292,8 @@ def test_broken_upload_gets_a_typed_refusal(client, tiny_run, tmp_path, name, co
     bad.write_bytes(content)
     out = _upload(client, tiny_run, bad)
     message = out[MESSAGE]
-    assert message.startswith("**Cannot use this file**") and name in message, message
-    assert out[VIEWER] is None and out[OVERLAY] is None and not _answer(out[PROBS])
+    assert message.startswith("**Cannot use this file** (file 1 (") and name not in message, message
+    assert out[VIEWER] is None and out[OVERLAY] is None and "data-probability" not in out[PROBS]
     assert out[SLIDER]["visible"] is False
     assert "Traceback" not in message and 'File "' not in message and "Error:" not in message
     server_tmp = os.environ["GRADIO_TEMP_DIR"]  # the server's private upload folder
@@ -291,7 +301,7 @@ def test_broken_upload_gets_a_typed_refusal(client, tiny_run, tmp_path, name, co
         assert folder not in message, message
     # the page still works after a refusal
     assert "Predicted class" not in message
-    assert client.predict(api_name="/jump") == 0
+    assert client.predict(api_name="/jump") == 1  # (no case: the first slice, counted from 1)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +348,7 @@ def test_multilabel_page_lists_each_finding_and_draws_the_map_of_the_one_chosen(
     assert menu["visible"] is True and menu["value"] == max(probs, key=probs.get)  # the most probable finding's map
     other = next(c for c in ("calcification", "lesion") if c != menu["value"])
     overlay, _sanity, _view, _caption = client.predict(
-        run.name, other, "gradcam", 0.45, 0, 40, 400, True, api_name="/on_finding"
+        run.name, other, "gradcam", 0.45, 1, 40, 400, True, api_name="/on_finding"
     )
     assert np.abs(_img(overlay) - _img(out[OVERLAY])).mean() > 1  # the other finding's map
 
@@ -369,9 +379,13 @@ def test_every_case_output_is_reset_by_a_new_upload_or_none(tiny_run, sample_dir
     from medtl_ui.handlers import Page
 
     page = Page([tiny_run], tmp_path)
+    case = None
     for files in (None, [str(sample_dir / "dicom" / "img_0001.dcm")], [str(sample_dir / "nifti" / "vol_001.nii.gz")]):
-        update = page.on_upload(tiny_run.name, files, "gradcam", 0.45)
+        update = page.on_upload(tiny_run.name, case, files, "gradcam", 0.45)
         assert update.changed() == set(CASE_OUTPUTS), files  # nothing of the previous case survives
+        if case is not None:
+            assert not case.path.exists()  # the previous case ended: its upload is deleted
+        case = update.case
     assert update.case.n_slices > 1 and update.slice.settings["visible"] is True
-    assert page.on_jump(update.case).slice == update.case.slice_index
+    assert page.on_jump(update.case).slice == update.case.slice_index + 1  # (the slider counts from 1)
     assert page.on_series(tiny_run.name, update.case, None, "gradcam", 0.45).changed() == set()  # no series picked

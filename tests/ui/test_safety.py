@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medtl_ui import safety
+from medtl_ui import login, safety
 from medtl_ui.safety import LoginThrottle, looks_identifying, safe_extension, store_upload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +105,8 @@ def test_store_upload_moves_renames_and_hides(tmp_path):
     odd = _gradio_upload(workdir, "x<script>.PNG", b"png")
     stored = store_upload([str(secret), None, plain, odd], workdir)
 
-    assert [s.display for s in stored] == ["file 1 (.dcm)", "img_0003.dcm", "file 3 (.png)"]
+    # never the name itself, harmless-looking or not (a lower-case "smith_john.png" cannot be told apart)
+    assert [s.display for s in stored] == ["file 1 (.dcm)", "file 2 (.dcm)", "file 3 (.png)"]
     for src in (secret, plain, odd):
         # the original name is gone; Gradio's folder (named by a content hash) stays, empty, for another
         # session's upload of the same bytes that Gradio may be moving into it
@@ -126,7 +127,7 @@ def test_store_upload_single_path_none_and_extensions(tmp_path):
     workdir.mkdir()
     assert store_upload(None, workdir) == [] and store_upload([], workdir) == [] and store_upload([""], workdir) == []
     one = store_upload(str(_gradio_upload(workdir, "vol_001.NII.GZ", b"v")), workdir)
-    assert len(one) == 1 and one[0].path.name.endswith(".nii.gz") and one[0].display == "vol_001.NII.GZ"
+    assert len(one) == 1 and one[0].path.name.endswith(".nii.gz") and one[0].display == "file 1 (.nii.gz)"
     bare = store_upload(_gradio_upload(workdir, "Evil.exe", b"x"), workdir)
     assert re.fullmatch(r"[0-9a-f]{32}", bare[0].path.name) and bare[0].display == "file 1"
 
@@ -302,26 +303,26 @@ def test_throttle_wrong_user_names_share_one_count_and_need_both_right():
     assert t("doctor", "s3cret")  # the real account was not locked by the other names
 
 
-def test_throttle_per_client_and_global_backstop():
+def test_throttle_per_client_and_the_optional_global_backstop():
     clock = FakeClock()
     t = LoginThrottle("doctor", "s3cret", clock=clock, global_free_failures=10)
-    token = safety._client.set("10.0.0.1")
+    token = login._client.set("10.0.0.1")
     try:
         assert not any(t("doctor", "x") for _ in range(20))
         assert t.checks == 4
     finally:
-        safety._client.reset(token)
-    token = safety._client.set("10.0.0.2")
+        login._client.reset(token)
+    token = login._client.set("10.0.0.2")
     try:
         assert t("doctor", "s3cret")  # another client is not locked
         for i in range(30):  # an attacker that changes address each time meets the global lock
-            safety._client.set(f"10.1.0.{i}")
+            login._client.set(f"10.1.0.{i}")
             t("doctor", "x")
         assert t.checks <= 4 + 1 + 12
-        safety._client.set("10.9.9.9")
+        login._client.set("10.9.9.9")
         assert not t("doctor", "s3cret") and t.lock_remaining("doctor", "10.9.9.9") > 0
     finally:
-        safety._client.reset(token)
+        login._client.reset(token)
 
 
 # -- the real Gradio /login ------------------------------------------------------------------------

@@ -66,23 +66,29 @@ def test_auth_refuses_unauthenticated_requests(served):
     assert httpx.get(base + "/config", cookies=login.cookies).status_code == 200
 
 
-def test_failed_logins_are_locked_out_with_a_growing_delay(served):
-    """50 wrong passwords in a row: after a few, the server stops checking them (locked), and even the right
-    password is refused until the lock expires."""
+def test_failed_logins_are_locked_out_per_client_and_the_locked_client_is_told(served):
+    """50 wrong passwords in a row from one client: after a few, the server stops checking them (locked), that
+    client is told it is locked (429, with the seconds left), even for the right password; another client's
+    right password still gets in (the lock-out was global before: everyone got "Incorrect credentials")."""
     from medtl_ui.safety import LoginThrottle
 
     # A first lock of 60 s (the default is 1 s, doubling): the test does not depend on how fast this machine
     # answers 51 requests, the wiring is what is checked here (the delays are in test_safety.py).
     throttle = LoginThrottle("doctor", "s3cret-pass", base_delay=60.0, max_delay=600.0)
     base = served(auth=throttle)
+    a, b = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}  # (uvicorn trusts it from loopback)
     codes = [
-        httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}).status_code for i in range(50)
+        httpx.post(base + "/login", data={"username": "doctor", "password": f"guess{i}"}, headers=a).status_code
+        for i in range(50)
     ]
-    assert all(c in (400, 401, 403) for c in codes)
-    assert throttle.checks == throttle.free_failures + 1  # after the lock, no password was compared
-    right = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"})
-    assert right.status_code != 200  # locked: the right password does not get through either
+    assert codes[: throttle.free_failures + 1] == [400] * (throttle.free_failures + 1)
+    assert set(codes[throttle.free_failures + 1 :]) == {429}  # locked: said so, and no password compared
     assert throttle.checks == throttle.free_failures + 1
+    right = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"}, headers=a)
+    assert right.status_code == 429 and "try again in" in right.json()["detail"]
+    assert throttle.checks == throttle.free_failures + 1
+    other = httpx.post(base + "/login", data={"username": "doctor", "password": "s3cret-pass"}, headers=b)
+    assert other.status_code == 200  # another client is not locked out
 
 
 def test_server_binds_to_loopback_only(served):

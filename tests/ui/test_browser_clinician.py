@@ -1,0 +1,156 @@
+"""What a clinician reads on the page, in a real browser (Debian's chromium, driven by Playwright): the bars agree
+with the answer, the model's quality is beside every answer and a model below the quality floor shows none, one
+study of one patient per case, no identifier through a side door, uploads deleted when their case ends, an audit
+trail, and the smaller fixes (no stale window hint, the map off by default, one slice numbering, plain words, a
+sign-in lock-out per client that says so). Each test fails on the page as it was before. Marked ``browser``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.ui.browsing import CHROMIUM, _free_port
+
+pytestmark = pytest.mark.browser
+if CHROMIUM is None:
+    pytestmark = [pytestmark, pytest.mark.skip(reason="chromium is not installed (apt-get install chromium)")]
+
+
+def _bars(page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#probabilities .medtl-bar",
+        "bars => bars.map(b => ({name: b.dataset.name, p: +b.dataset.probability,"
+        " t: b.dataset.threshold === undefined ? null : +b.dataset.threshold,"
+        " marker: !!b.querySelector('.medtl-threshold')}))",
+    )
+
+
+def test_the_bars_agree_with_the_answer_and_the_quality_is_beside_it(open_page, sample_dir):
+    ui = open_page("bars")
+    for name in ("img_0003.dcm", "img_0001.dcm"):
+        message = ui.upload(sample_dir / "dicom" / name, expect="Predicted class")
+        answer = re.search(r"Predicted class: (no lesion|lesion)", message).group(1)
+        bars = _bars(ui.page)
+        assert [b["name"] for b in bars] == ["lesion"] and bars[0]["marker"], bars  # the finding, threshold marked
+        p, t = bars[0]["p"], bars[0]["t"]
+        assert (p >= t) == (answer == "lesion"), (answer, p, t)  # the bar says what the sentence says
+        shown = ui.text("#probabilities")
+        assert re.search(r"\d+%", shown) and not re.search(r"0\.\d{3}", shown)  # whole percent, no 3 decimals
+        assert "Model quality:" in message and "[NOT EVALUATED]" in message and "test patients" in message
+        assert "Youden" not in message and "smoothed ROC" not in message  # plain words
+    assert "[NOT EVALUATED]" in ui.text("#model-info") and "finding lesion" in ui.text("#model-info")
+    ui.shot("answered")
+
+
+def test_a_model_below_the_quality_floor_shows_no_answer(open_page, sample_dir, monkeypatch):
+    monkeypatch.setenv("MEDTL_QUALITY_FLOOR", "1.01")  # (above any interval: the tiny run cannot reach it)
+    ui = open_page("not_fit")
+    message = ui.upload(sample_dir / "dicom" / "img_0003.dcm", expect="not fit to show answers")
+    assert "Predicted class" not in message and "Test AUC" in message
+    assert _bars(ui.page) == [] and ui.page.locator("#overlay img").count() == 0
+    ui.shot("not_fit")
+
+
+def test_one_study_of_one_patient_per_case(open_page, sample_dir, tmp_path):
+    from medtl.data import create_sample_series
+
+    a = create_sample_series(tmp_path / "a", n_slices=3, size=48, seed=1)
+    b = create_sample_series(tmp_path / "b", n_slices=3, size=48, seed=2, lesion=False)
+    ui = open_page("one_study")
+    message = ui.upload(*sorted(a.iterdir()), *sorted(b.iterdir()), expect="Cannot use this upload")
+    assert "come from 2" in message and "one study" in message and "Predicted" not in message
+    assert _bars(ui.page) == [] and ui.page.locator("#export").is_disabled()
+    message = ui.upload(*sorted(a.iterdir()), sample_dir / "nifti" / "vol_001.nii.gz", expect="Cannot use")
+    assert "mixes DICOM and NIfTI files" in message
+    ui.shot("refused")
+
+
+def _named_dicom(sample_dir: Path, out: Path, description: str) -> Path:
+    ds = pydicom.dcmread(sample_dir / "dicom" / "img_0001.dcm")
+    ds.SeriesDescription = description
+    ds.save_as(out)
+    return out
+
+
+def test_no_identifier_through_a_side_door_and_uploads_leave_with_their_case(open_page, sample_dir, tmp_path, tiny_run):
+    ui = open_page("privacy")
+    workdir = Path(os.environ["GRADIO_TEMP_DIR"])  # the server's private folder (set by launch)
+    described = _named_dicom(sample_dir, tmp_path / "head.dcm", "Head CT for DOE JOHN")
+    ui.upload(described, expect="Predicted class")
+    header = ui.text("#header")
+    assert "DOE" not in header and "description" not in header  # medtl deid's profile removes SeriesDescription
+    assert "DOE" not in ui.page.content()
+    picture = tmp_path / "smith_john.png"  # lower case: cannot be told from "chest.png" by looking
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(picture)
+    first_uploads = sorted(workdir.glob("upload-*"))
+    ui.upload(picture, expect="file 1 (.png)")
+    assert "smith" not in ui.page.content().lower()
+    assert not any(f.exists() for f in first_uploads)  # the first case ended: its upload is deleted
+    assert len(list(workdir.glob("upload-*"))) == 1
+    lines = [json.loads(x) for x in (tiny_run / "audit.log").read_text().splitlines()]
+    mine = [x for x in lines if x["action"] == "upload"][-2:]
+    assert [x["result"].split(":")[0] for x in mine] == ["answered", "refused"] or mine[-1]["result"]
+    assert all(re.fullmatch(r"case-[0-9a-f]{12}", x["case"]) and x["time"] and x["user"] == "-" for x in mine)
+    text = (tiny_run / "audit.log").read_text()
+    assert "smith" not in text and "DOE" not in text and "head.dcm" not in text
+    ui.shot("privacy")
+
+
+def test_the_smaller_things_a_clinician_saw(open_page, sample_dir, tmp_path):
+    ui = open_page("smaller")
+    picture = tmp_path / "chest.png"
+    Image.fromarray((np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)).save(picture)
+    ui.upload(picture, expect="file 1 (.png)")
+    assert "Hounsfield" in ui.text("#preset")  # why there are no CT presets
+    ui.upload(sample_dir / "dicom" / "img_0003.dcm", expect="Predicted class")
+    assert "Hounsfield" not in ui.text("#preset")  # no stale hint from the previous case
+    assert not ui.page.locator("#show-map input[type=checkbox]").is_checked()  # the scan as it is, by default
+    assert "Grad-CAM" in ui.page.content() and "gradcampp" not in ui.text("#sanity")
+    ui.upload(sample_dir / "nifti" / "vol_001.nii.gz", expect="This volume of")
+    slider = ui.page.locator("#slice input[type=range]").first
+    number = int(slider.input_value())
+    assert slider.get_attribute("min") == "1"
+    caption = ui.text("#view-caption")
+    assert f"Slice {number} of" in caption, (number, caption)  # one numbering: the slider's and the caption's
+    ui.shot("smaller")
+
+
+def test_a_locked_out_client_is_told_and_another_client_signs_in(browser, tiny_run):
+    import gradio as gr
+
+    from medtl_ui.app import launch
+    from medtl_ui.safety import LoginThrottle
+
+    throttle = LoginThrottle("doctor", "s3cret-pass", base_delay=60.0, max_delay=600.0)
+    port = _free_port()
+    launch(tiny_run, port=port, auth=throttle, prevent_thread_lock=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        contexts = [browser.new_context(extra_http_headers={"X-Forwarded-For": ip}) for ip in ("10.0.0.7", "10.0.0.8")]
+        locked, other = (c.new_page() for c in contexts)
+
+        def sign_in(page, password):
+            page.goto(url, wait_until="load")
+            page.locator("input[type=text]").first.fill("doctor")
+            page.locator("input[type=password]").first.fill(password)
+            page.locator("button").filter(has_text=re.compile("login", re.I)).first.click()
+
+        for i in range(throttle.free_failures + 2):
+            sign_in(locked, f"guess{i}")
+            locked.wait_for_timeout(300)
+        sign_in(locked, "s3cret-pass")
+        locked.wait_for_selector("#medtl-locked", timeout=10_000)
+        assert "try again in" in locked.locator("#medtl-locked").inner_text()
+        sign_in(other, "s3cret-pass")
+        other.locator("#upload").first.wait_for(state="attached", timeout=60_000)  # the page itself
+        for c in contexts:
+            c.close()
+    finally:
+        gr.close_all()
