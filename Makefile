@@ -25,7 +25,7 @@ $(DEV_STAMP): $(STAMP) pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/medtl sample-data sample_data --force
-	$(BIN)/medtl train --data sample_data/manifest.csv --out $(RUN) --force
+	$(BIN)/medtl train --config configs/sample_ct.yaml --data sample_data/manifest.csv --out $(RUN) --force
 	@# exit status 3: the model refused a file unlike its training images (a valid answer, printed with its reason)
 	$(BIN)/medtl predict $(RUN) sample_data/dicom/img_0001.dcm sample_data/dicom/img_0003.dcm sample_data/nifti/vol_001.nii.gz \
 		|| [ $$? -eq 3 ]

@@ -491,7 +491,8 @@ def bench_evaluate(work: Path, quick: bool) -> dict:
         )
     else:
         create_sample_data(sample, force=True)  # what `medtl sample-data` writes
-        cfg = load_config(data={"path": str(sample / "manifest.csv")})  # what `medtl train --data` trains
+        demo = Path(__file__).resolve().parents[1] / "configs" / "sample_ct.yaml"  # make demo's recipe
+        cfg = load_config(demo, data={"path": str(sample / "manifest.csv")})
     run = run_experiment(cfg, work / "run_demo", force=True)
 
     def command(*flags: str) -> None:  # the command as typed: its start-up (imports) counts

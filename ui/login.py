@@ -73,7 +73,47 @@ class LockedOutMiddleware:
                 await send({"type": "http.response.start", "status": LOCKED_STATUS, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
+        if scope.get("type") == "http" and scope.get("method") == "GET":
+            await self.app(scope, receive, _with_login_script(send))
+            return
         await self.app(scope, receive, send)
+
+
+def _with_login_script(send: Any) -> Any:
+    """``send`` that adds ``static/login.js`` to an HTML page (the sign-in page gets no ``head`` from Gradio):
+    the page's body is held until complete, the script put before ``</head>`` and the length corrected."""
+    from medtl_ui.viewer import read_static  # (the package's files)
+
+    started: dict = {}
+    chunks: list[bytes] = []
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = {k.lower(): v for k, v in message.get("headers", [])}
+            html = headers.get(b"content-type", b"").startswith(b"text/html") and b"content-encoding" not in headers
+            if not html:
+                started["pass"] = True
+                await send(message)
+                return
+            started["message"] = message
+            return
+        if started.get("pass") or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        script = f"<script>\n{read_static('login.js')}</script>\n".encode()
+        if b"</head>" in body and b"__medtlLogin" not in body:
+            body = body.replace(b"</head>", script + b"</head>", 1)
+        start = started["message"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 def client_middleware(throttle: LoginThrottle | None = None) -> list[Any]:

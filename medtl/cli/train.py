@@ -42,7 +42,7 @@ CONFIG_FLAGS = {
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sample-data", help="write the synthetic labelled CT sample set")
     s.add_argument("out", type=Path)
-    s.add_argument("--patients", type=int, default=48, help="patients with 2D DICOM images (default 48)")
+    s.add_argument("--patients", type=int, default=200, help="patients with 2D DICOM images (default 200)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="write over an existing sample set")
     s.set_defaults(fn=cmd_sample_data)

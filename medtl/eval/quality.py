@@ -35,9 +35,12 @@ def quality_floor(value: float | None = None) -> float:
 
 def hanley_mcneil_ci(auc: float, n_pos: int, n_neg: int) -> tuple[float, float]:
     """An approximate 95 % interval of an AUC from its class counts (Hanley & McNeil 1982, normal approximation),
-    clipped to [0, 1]."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    clipped to [0, 1]. A perfect (or null) AUC is taken half a pair from the edge for the variance, so that a
+    perfect score on a handful of cases does not get an interval of zero width."""
+    edge = 0.5 / (n_pos * n_neg)
+    a = min(max(auc, edge), 1 - edge)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
     half = 1.96 * math.sqrt(max(var, 0.0))
     return max(0.0, auc - half), min(1.0, auc + half)
 
