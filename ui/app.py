@@ -366,10 +366,10 @@ def _view_events(ui: dict[str, Any], page: Page, queued: dict[str, Any]) -> list
     ]
 
 
-def _examples(predictor: Predictor) -> list[Path]:
-    """The sample files offered as examples, where ``sample_data/`` is beside the package: those the model would
-    not refuse from their header (a CT example is not offered by an ultrasound model)."""
-    root = Path(__file__).resolve().parents[1] / "sample_data"
+def _examples(predictor: Predictor, root: Path | None = None) -> list[Path]:
+    """The sample files offered as examples, where ``sample_data/`` (``root``) is beside the package: those the
+    model would not refuse from their header (a CT example is not offered by an ultrasound model)."""
+    root = root or Path(__file__).resolve().parents[1] / "sample_data"
     found = [
         p
         for p in (root / "dicom" / "img_0003.dcm", root / "dicom" / "img_0001.dcm", root / "nifti" / "vol_001.nii.gz")

@@ -311,3 +311,36 @@ def test_below_the_quality_floor_no_answer_is_shown(tiny_run, sample_dir, tmp_pa
 
     assert model_summary(predictor).startswith("**[NOT FIT TO SHOW ANSWERS]** **[NOT EVALUATED]**")
     assert "finding *lesion* (against *no lesion*)" in model_summary(predictor)
+
+
+def test_examples_are_those_the_model_would_not_refuse(tiny_run, sample_dir):
+    """A model of another modality is not offered the CT examples it would refuse (it was, as buttons)."""
+    from medtl_ui.app import _examples
+
+    predictor = load_run(tiny_run)
+    offered = _examples(predictor, sample_dir)
+    assert [p.name for p in offered] == ["img_0003.dcm", "img_0001.dcm", "vol_001.nii.gz"]
+    predictor.input_record = {**predictor.input_record, "modalities": ["US"]}  # an ultrasound model
+    # the CT DICOM files are not offered; the NIfTI (no modality in the file: read as the model's) still is
+    assert [p.name for p in _examples(predictor, sample_dir)] == ["vol_001.nii.gz"]
+
+
+def test_the_report_s_legend_does_not_cover_its_title(tiny_run, sample_dir, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medtl_ui.report import _draw_probabilities
+
+    predictor = load_run(tiny_run)
+    path, names, key = store_case_files([str(sample_dir / "dicom" / "img_0003.dcm")], tmp_path)
+    case, _ = open_case(predictor, path, files=names, key=key)
+    fig = plt.figure(figsize=(8.27, 11.69), dpi=100)
+    _draw_probabilities(fig, predictor, case, 0.6)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    title, legend = ax.title.get_window_extent(), ax.get_legend().get_window_extent()
+    assert not title.overlaps(legend), (title, legend)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["lesion"]  # the finding's bar only
+    plt.close(fig)

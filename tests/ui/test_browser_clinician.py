@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,39 @@ def test_a_model_below_the_quality_floor_shows_no_answer(open_page, sample_dir, 
     assert "Predicted class" not in message and "Test AUC" in message
     assert _bars(ui.page) == [] and ui.page.locator("#overlay img").count() == 0
     ui.shot("not_fit")
+
+
+def test_a_coin_flip_model_at_the_default_floor_is_not_fit(browser, tiny_run, sample_dir, tmp_path, monkeypatch):
+    """The walk-through of the issue: the old demo model (test AUC 0.645 on 11 patients, never evaluated), served
+    with the default quality floor (0.6), says it is not fit to show answers, on the page and beside the model."""
+    import gradio as gr
+
+    from medtl.run import RunDir
+    from medtl_ui.app import launch
+
+    monkeypatch.delenv("MEDTL_QUALITY_FLOOR", raising=False)  # the default floor, as `medtl serve` runs
+    run = tmp_path / "old_demo"
+    shutil.copytree(tiny_run, run)
+    metrics = json.loads((run / RunDir.METRICS).read_text())
+    metrics["test"].update(auc=0.645, n_patients=11, label_counts={"no lesion": 11, "lesion": 10})
+    (run / RunDir.METRICS).write_text(json.dumps(metrics))
+    port = _free_port()
+    launch(run, port=port, prevent_thread_lock=True)
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+        page.locator("#upload input[type=file]").first.set_input_files(str(sample_dir / "dicom" / "img_0003.dcm"))
+        page.wait_for_function(
+            "() => document.querySelector('#message').innerText.includes('not fit to show answers')", timeout=60_000
+        )
+        message = page.locator("#message").first.inner_text()
+        assert "Predicted class" not in message and "0.645" not in message and "Test AUC 0.65 (95 % CI 0.4" in message
+        assert "NOT FIT TO SHOW ANSWERS" in page.locator("#model-info").first.inner_text()
+        page.screenshot(path=str(tmp_path / "coin_flip.png"), full_page=True)
+        context.close()
+    finally:
+        gr.close_all()
 
 
 def test_one_study_of_one_patient_per_case(open_page, sample_dir, tmp_path):
