@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -149,6 +150,10 @@ def test_the_smaller_things_a_clinician_saw(open_page, sample_dir, tmp_path):
     assert "colour" not in ui.text("#preset")  # no stale hint from the previous case
     assert not ui.page.locator("#show-map input[type=checkbox]").is_checked()  # the scan as it is, by default
     assert "Grad-CAM" in ui.page.content() and "gradcampp" not in ui.text("#sanity")
+    four_d = tmp_path / "series4d.nii.gz"  # a 4D file: its refusal in words, not "pass volume_index"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4, 2), np.int16), np.eye(4)), four_d)
+    message = ui.upload(four_d, expect="Cannot use this file")
+    assert "4D NIfTI" in message and "pass volume_index" not in message and "a single 3D volume" in message
     ui.upload(sample_dir / "nifti" / "vol_001.nii.gz", expect="This volume of")
     slider = ui.page.locator("#slice input[type=range]").first
     number = int(slider.input_value())
