@@ -114,37 +114,30 @@ def model_quality(run_dir, finding: str | None = None, floor: float | None = Non
     """The quality of the run in ``run_dir`` (see the module's docstring); ``finding``: the positive class's
     name for a binary model (its sensitivity and specificity are shown)."""
     run = RunDir(run_dir)
-    floor = quality_floor(floor)
     record = run.read_json(f"{RunDir.EVALUATION}/{RunDir.EVALUATION_RECORD}", {})
-    if record.get("auc"):
-        auc = record["auc"]
-        op = record.get("operating_point") or {}
-        return ModelQuality(
-            auc=auc.get("auc"),
-            auc_ci=tuple(auc["auc_ci"]) if auc.get("auc_ci") else None,
-            ci_method=", patient bootstrap",
-            finding=op.get("positive", finding),
-            sensitivity=op.get("sensitivity"),
-            specificity=op.get("specificity"),
-            n_patients=record.get("n_test_patients"),
-            evaluated=True,
-            floor=floor,
-        )
-    test = run.read_json(RunDir.METRICS, {}).get("test") or {}
-    auc = test.get("auc")
-    counts = list((test.get("label_counts") or {}).values())
-    ci = None
-    if auc is not None and len(counts) == 2 and min(counts) > 0 and not isinstance(auc, dict):
-        ci = hanley_mcneil_ci(float(auc), counts[1], counts[0])
-    op = test.get("decision") or {}
+    evaluated = bool(record.get("auc"))
+    ci: tuple[float, float] | None = None
+    if evaluated:  # medtl evaluate's figures
+        auc = record["auc"].get("auc")
+        low_high = record["auc"].get("auc_ci")
+        ci = (float(low_high[0]), float(low_high[1])) if low_high else None
+        method, op, n = ", patient bootstrap", record.get("operating_point") or {}, record.get("n_test_patients")
+    else:  # the training run's own test split
+        test = run.read_json(RunDir.METRICS, {}).get("test") or {}
+        auc = test.get("auc") if isinstance(test.get("auc"), (int, float)) else None
+        counts = list((test.get("label_counts") or {}).values())
+        if auc is not None and len(counts) == 2 and min(counts) > 0:
+            ci = hanley_mcneil_ci(float(auc), counts[1], counts[0])
+        method = ", approximate: from the class counts" if ci else ""
+        op, n = test.get("decision") or {}, test.get("n_patients")
     return ModelQuality(
-        auc=auc if isinstance(auc, (int, float)) else None,
+        auc=auc,
         auc_ci=ci,
-        ci_method=", approximate: from the class counts" if ci else "",
+        ci_method=method,
         finding=op.get("positive", finding),
         sensitivity=op.get("sensitivity"),
         specificity=op.get("specificity"),
-        n_patients=test.get("n_patients"),
-        evaluated=False,
-        floor=floor,
+        n_patients=n,
+        evaluated=evaluated,
+        floor=quality_floor(floor),
     )
