@@ -260,8 +260,11 @@ def study_key(ds) -> str:
 def patient_key(ds) -> str:
     """A short key telling a file's patient apart from others (a hash of PatientID and PatientName, which it does
     not reveal); "" when the file names neither."""
-    who = f"{ds.get('PatientID', '') or ''}\x00{ds.get('PatientName', '') or ''}"
-    return hashlib.sha256(who.encode()).hexdigest()[:10] if who != "\x00" else ""
+    try:
+        who = f"{ds.get('PatientID', '') or ''}\x00{ds.get('PatientName', '') or ''}"
+    except Exception:  # a damaged element: no key (the file's reading says what is wrong, not this)
+        return ""
+    return hashlib.sha256(who.encode("utf-8", "replace")).hexdigest()[:10] if who != "\x00" else ""
 
 
 def dataset_to_scan(ds: pydicom.Dataset, path: Path) -> Scan:
