@@ -190,10 +190,12 @@ def _todo(inputs: list[BatchInput], final: Path, rank: int, world: int) -> tuple
     """The inputs of ``inputs`` this process answers (those in no row of ``final`` or its parts yet; with
     ``world`` > 1 its shard of them) and the file its rows go to."""
     done = done_keys(final) | {k for part in part_files(final) for k in done_keys(part)}
-    todo = [i for i in inputs if i.key not in done]
-    if world > 1:  # this process's shard (by key, the same in every process); its rows go to its own part
-        return sorted(todo, key=lambda i: i.key)[rank::world], final.with_name(f"{final.name}.part{rank}")
-    return todo, final
+    if world > 1:  # this process's shard of *all* the inputs (by key: the same in every process, whatever the
+        # others have written already; sharding what is left would shift as a faster process writes its part,
+        # and leave inputs to no one), less what is done; its rows go to its own part
+        shard = sorted(inputs, key=lambda i: i.key)[rank::world]
+        return [i for i in shard if i.key not in done], final.with_name(f"{final.name}.part{rank}")
+    return [i for i in inputs if i.key not in done], final
 
 
 def _columns(classes: list[str], show_paths: bool) -> list[str]:

@@ -163,3 +163,19 @@ def test_torchrun_shards_the_inputs_and_merges_one_row_each(tiny_run, sample_dir
         for c in x:
             if c.startswith("p_") and x[c]:
                 assert abs(float(x[c]) - float(y[c])) < 1e-4
+
+
+def test_a_shard_does_not_shift_when_another_process_has_written_rows_already(tmp_path):
+    """The race behind a flaky torchrun test: rank 0 wrote its first row before rank 1 listed what was left, so rank
+    1 sharded a shorter list and two inputs went to no process. Each rank's shard is now of all the inputs."""
+    from types import SimpleNamespace
+
+    from medtl.predict.batch import _todo
+
+    inputs = [SimpleNamespace(key=f"k{i}") for i in range(8)]
+    final = tmp_path / "out.csv"
+    before = [i.key for i in _todo(inputs, final, 1, 2)[0]]
+    (tmp_path / "out.csv.part0").write_text("input,status\nk0,answered\n")  # rank 0 is ahead
+    after, part = _todo(inputs, final, 1, 2)
+    assert [i.key for i in after] == before == ["k1", "k3", "k5", "k7"] and part.name == "out.csv.part1"
+    assert [i.key for i in _todo(inputs, final, 0, 2)[0]] == ["k2", "k4", "k6"]  # k0 done: resumed, not redone
