@@ -302,17 +302,56 @@ def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source:
     return cls(**kwargs)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few kilobytes; a larger file is refused unread
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with few aliases allowed: nested aliases ("billion laughs") make a value whose every
+    printing takes seconds and hundreds of megabytes."""
+
+    MAX_ALIASES = 16
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {self.MAX_ALIASES} aliases (*name): not a configuration")
+        return super().compose_node(parent, index)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: ``{}``), or a :class:`ConfigError` naming the file and
+    what is wrong, in a few hundred characters at most: missing, over :data:`MAX_CONFIG_BYTES`, not UTF-8, not
+    YAML, nested too deeply, or a list, number or string at the top."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(p, "config file not found")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(p, f"{p.stat().st_size} bytes: not a configuration", f"at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        values = yaml.load(p.read_bytes().decode("utf-8"), Loader=_ConfigLoader)  # (a SafeLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(p, f"not UTF-8 text (byte {e.start})", "a YAML file in UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(p, f"not valid YAML: {str(e)[:300]}") from None
+    except RecursionError:
+        raise ConfigError(p, "nested too deeply to be a configuration") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise ConfigError(p, f"a value cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(p, f"a YAML {type(values).__name__} at the top, not a configuration", "a mapping: data:, ...")
+    return values
+
+
 def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> ExperimentConfig:
     """Read an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(p, "config file not found")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(p, f"not valid YAML: {e}") from None
+    values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     cfg = config_from_dict(ExperimentConfig, _merge(values, overrides), "", path)
     validate_config(cfg, path)
     return cfg

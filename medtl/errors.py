@@ -58,7 +58,15 @@ class ManifestError(MedtlInputError):
 
 
 class ConfigError(MedtlInputError):
-    """An experiment configuration has an unknown key or an invalid value."""
+    """An experiment configuration has an unknown key or an invalid value. The problem is cut to
+    :data:`MAX_PROBLEM` characters: a value quoted in it may be a YAML bomb's expansion."""
+
+    MAX_PROBLEM = 400
+
+    def __init__(self, path, problem: str, expected: str | None = None):
+        if len(problem) > self.MAX_PROBLEM + 40:  # (+40: an error sent whole across a process is not cut twice)
+            problem = problem[: self.MAX_PROBLEM] + f"... ({len(problem)} characters)"
+        super().__init__(path, problem, expected)
 
 
 class RunExistsError(MedtlError, FileExistsError):

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from medtl.config import SCHEMA_VERSION, ExperimentConfig, config_from_dict, to_plain
-from medtl.errors import RunError, RunExistsError
+from medtl.config import SCHEMA_VERSION, ExperimentConfig, config_from_dict, read_yaml_mapping, to_plain
+from medtl.errors import ConfigError, RunError, RunExistsError
 from medtl.models.checkpoint import load_model
 from medtl.models.encoders import Preprocessing, file_sha256
 
@@ -124,11 +124,9 @@ class RunDir:
         """``config.yaml`` as written, brought to the current schema (:data:`MIGRATIONS`)."""
         path = self / self.CONFIG
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RunError(f"{path}: not readable YAML ({type(e).__name__})") from None
-        if not isinstance(raw, dict):
-            raise RunError(f"{path}: not a run configuration (a {type(raw).__name__}, not a mapping)")
+            raw = read_yaml_mapping(path)
+        except ConfigError as e:
+            raise RunError(f"{path}: not a run configuration: {e.problem}") from None
         version = raw.get("schema_version", 1)
         if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise RunError(f"{path}: schema_version {version!r} is not one this medtl reads (1 to {SCHEMA_VERSION})")

@@ -80,3 +80,37 @@ def test_a_gpu_index_is_a_device_and_a_typo_is_not():
     assert load_config(train={"device": "cuda:1"}).train.device == "cuda:1"
     with pytest.raises(ConfigError, match="unknown device 'gpu'; did you mean 'cpu'"):
         load_config(train={"device": "gpu"})
+
+
+def _laughs(depth: int = 6) -> str:
+    lines = ['data:\n  classes: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n', "train:\n"]
+    for k in range(1, depth):
+        lines.append(f"  x{k}: &l{k} [" + ",".join([f"*l{k - 1}"] * 9) + "]\n")
+    return "".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("list.yaml", b"- a\n- b\n", "a YAML list at the top"),
+        ("number.yaml", b"42\n", "a YAML int at the top"),
+        ("text.yaml", b"hello\n", "a YAML str at the top"),
+        ("latin1.yaml", b'data:\n  path: "caf\xe9"\n', "not UTF-8 text"),
+        ("deep.yaml", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+        ("digits.yaml", b"train:\n  epochs: " + b"9" * 4400 + b"\n", "a value cannot be read"),
+        ("laughs.yaml", _laughs().encode(), "more than 16 aliases"),
+        ("huge.yaml", b"# " + b"x" * (1 << 20) + b"\n", "not a configuration"),
+    ],
+)
+def test_any_yaml_shape_is_a_config_error_of_a_few_hundred_characters(tmp_path, name, content, said):
+    """Each of these raised an untyped error (or, the billion laughs, printed ~300 MB after 7.5 s) before."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=said) as e:
+        load_config(path)
+    assert str(path.name) in str(e.value) and len(str(e.value)) < 600
+
+
+def test_a_config_error_quoting_a_huge_value_is_cut():
+    e = ConfigError(None, "data.classes: " + repr(["lol"] * 100_000))
+    assert len(str(e)) < 500 and str(e).endswith("characters)")
