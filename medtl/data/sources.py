@@ -136,6 +136,33 @@ MEDMNIST_POSITIVE = {
 }
 
 
+MAX_CLASSES = 1000  # a label above this is a damaged file, not a class (it would name a billion classes)
+
+
+def _checked_labels(path: Path, split: str, labels: np.ndarray, multi: bool, train_shape: tuple) -> np.ndarray:
+    """A split's labels as integers, or a :class:`ManifestError` naming the split: multi-label 0/1 columns like
+    the training split's; single-label whole numbers from 0 to :data:`MAX_CLASSES` - 1 (NaN, fractions and
+    negatives refused)."""
+    if multi:
+        if labels.ndim != 2 or labels.shape[1] != train_shape[1] or not np.isin(labels, (0, 1)).all():
+            raise ManifestError(
+                path,
+                f"{split}: multi-label labels of shape {labels.shape}, not 0/1 columns like the training "
+                f"split's {train_shape[1]}",
+            )
+        return labels.astype(np.int64)
+    flat = labels.reshape(-1)
+    if flat.dtype.kind not in "iub" and not (flat.dtype.kind == "f" and np.isfinite(flat).all()):
+        raise ManifestError(path, f"{split}: labels of type {flat.dtype} (NaN or not numbers)", "whole numbers")
+    if flat.size and (np.any(flat != np.round(flat)) or flat.min() < 0 or flat.max() >= MAX_CLASSES):
+        raise ManifestError(
+            path,
+            f"{split}: labels from {flat.min()} to {flat.max()}",
+            f"whole numbers from 0 to {MAX_CLASSES - 1} (one per class)",
+        )
+    return flat.astype(np.int64)
+
+
 def _medmnist_set(path: Path) -> str:
     """The MedMNIST set a file is of, by its name: ``breastmnist_128.npz`` -> ``breastmnist``."""
     return path.name.split(".")[0].split("_")[0].lower()
@@ -169,20 +196,12 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
     records, splits = [], {}
     multi = arrays["train_labels"].ndim == 2 and arrays["train_labels"].shape[1] > 1
     for split in ("train", "val", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if multi:
-            if (
-                labels.ndim != 2
-                or labels.shape[1] != arrays["train_labels"].shape[1]
-                or not np.isin(labels, (0, 1)).all()
-            ):
-                raise ManifestError(
-                    path,
-                    f"{split}: multi-label labels of shape {labels.shape}, not 0/1 columns like "
-                    f"the training split's {arrays['train_labels'].shape[1]}",
-                )
-        else:
-            labels = labels.reshape(-1)
+        images = arrays[f"{split}_images"]
+        labels = _checked_labels(path, split, arrays[f"{split}_labels"], multi, arrays["train_labels"].shape)
+        if images.ndim not in (3, 4) or len(images) == 0:
+            raise ManifestError(
+                path, f"{split}: images of shape {images.shape}", "(N, H, W), (N, H, W, C) or (N, D, H, W), N >= 1"
+            )
         if len(images) != len(labels):
             raise ManifestError(path, f"{split}: {len(images)} images but {len(labels)} labels")
         start = len(records)

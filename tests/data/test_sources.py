@@ -82,3 +82,25 @@ def test_a_medmnist_file_names_its_clinical_finding_and_positive_class_is_checke
     assert other.positive is None and positive_class(DataConfig(), other) is None  # the second class
     with pytest.raises(ConfigError, match="'tumour' is not one of the classes"):
         positive_class(DataConfig(positive_class="tumour"), breast)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"train_labels": np.array([[np.nan]] * 20)}, "train: labels of type float64"),
+        ({"train_labels": np.array([[10**9]] + [[0]] * 19)}, "train: labels from 0 to 1000000000"),
+        ({"val_labels": np.array([[-3]] + [[0]] * 5)}, "val: labels from -3 to 0"),
+        ({"test_labels": np.array([[0.5]] + [[1]] * 7)}, "test: labels from 0.5 to 1.0"),
+        ({"val_images": np.zeros((0, 16, 16), np.uint8), "val_labels": np.zeros((0, 1))}, "val: images of shape"),
+        ({"train_images": np.zeros((20,), np.uint8)}, r"train: images of shape \(20,\)"),
+    ],
+)
+def test_a_damaged_medmnist_file_is_a_typed_error_naming_the_split(tmp_path, change, said):
+    """NaN labels, a label of 10^9 (a billion class names: out of memory), negative or fractional labels, an empty
+    split and 0-d images were untyped errors or silently wrong before."""
+    path = write_medmnist(tmp_path / "b.npz")
+    arrays = dict(np.load(path))
+    arrays.update(change)
+    np.savez(path, **arrays)
+    with pytest.raises(ManifestError, match=said):
+        read_dataset(path)
