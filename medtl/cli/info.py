@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
     s.add_argument("--series", help="SeriesInstanceUID to use instead of the automatic choice")
     s.add_argument("--modality", help="only consider series of this modality")
     s.add_argument("--volume-index", type=int, help="volume of a 4D NIfTI")
+    s.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="show the names of unusable files (a zip member's path may name the patient; by default each is a key)",
+    )
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("encoders", help="list the registered encoders")
@@ -30,8 +35,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     for p in args.paths:
         report = describe_path(p, series_uid=args.series, modality=args.modality, volume_index=args.volume_index)
         usable += report["usable"]
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(shown_report(report, args.show_paths), indent=2, default=str))
     return 0 if usable else 1
+
+
+def shown_report(report: dict, show_paths: bool = False) -> dict:
+    """What ``medtl info`` prints of :func:`medtl.io.describe_path`'s report: header fields only where ``medtl
+    deid``'s profile keeps them (no SeriesDescription), unusable files' names as keys unless ``show_paths``."""
+    from medtl.clinical.deid import profile_keeps
+    from medtl.io.series import name_key
+
+    for series in report.get("series", []):
+        if not profile_keeps("SeriesDescription"):
+            series.pop("description", None)
+    image = report.get("image") or {}
+    for field in [k for k in image if k[:1].isupper() and not profile_keeps(k)]:
+        image.pop(field)
+    if not show_paths:
+        for entry in report.get("unreadable_files", []):
+            entry["file"] = name_key(entry["file"])
+    return report
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:

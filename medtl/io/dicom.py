@@ -40,13 +40,13 @@ SUPPORTED_PHOTOMETRIC = (
     "YBR_ICT",
     "PALETTE COLOR",
 )
-# De-identified header fields that may be shown to a user.
+# De-identified header fields that may be shown to a user: those medtl deid's profile (PS3.15 Basic) keeps as they
+# are (SeriesDescription is not one: free text that may name the patient).
 SAFE_FIELDS = (
     "Modality",
     "BodyPartExamined",
     "Manufacturer",
     "PhotometricInterpretation",
-    "SeriesDescription",
     "ImageType",
     "Rows",
     "Columns",

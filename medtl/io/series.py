@@ -11,6 +11,7 @@ override them, and the reason for the choice is reported.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import zipfile
@@ -84,6 +85,12 @@ class Series:
             "slices": self.n_slices,
             "size": [int(ds.get("Rows", 0)), int(ds.get("Columns", 0))],
         }
+
+
+def name_key(name: str) -> str:
+    """A key for a file or zip member name in logs and reports (``DOE_JOHN_19700101/IM0001`` may name the
+    patient): ``file-`` and 10 hex of its sha256, the same for the same name."""
+    return "file-" + hashlib.sha256(str(name).encode("utf-8", "replace")).hexdigest()[:10]
 
 
 @dataclass
@@ -206,8 +213,8 @@ def list_series(path: str | Path) -> StudyListing:
             problems.append((name, e.problem))
             continue
         groups[key].instances.append(Instance(name, ds, src, extra))
-    for name, reason in problems:
-        log.warning("skipped %s: %s", name, reason)
+    for name, reason in problems:  # (a member's path may name the patient: the log has its key)
+        log.warning("skipped %s: %s", name_key(name), reason)
     series = sorted(groups.values(), key=lambda s: (s.number, s.uid))
     return StudyListing(path=path, series=series, problems=problems)
 

@@ -254,3 +254,33 @@ def test_the_commands_that_answer_with_a_run_take_decision(capsys):
         action = _option(parser, *path, "--decision")
         assert tuple(action.choices) == ("training", "evaluation") and action.default == "training"
         assert "`medtl evaluate` chose" in action.help
+
+
+def test_info_shows_no_identifier_from_a_zip_unless_asked(tmp_path, capsys, caplog):
+    """A zip whose member paths name the patient and whose SeriesDescription holds a name: `medtl info` printed
+    both (and the log the member path); now keys, and the description left out as `medtl deid` leaves it out."""
+    import io
+    import logging
+    import zipfile
+
+    import pydicom
+
+    from medtl.data import create_sample_series
+
+    series = create_sample_series(tmp_path / "s", n_slices=3, size=32)
+    study = tmp_path / "study.zip"
+    with zipfile.ZipFile(study, "w") as z:
+        for i, p in enumerate(sorted(series.iterdir())):
+            ds = pydicom.dcmread(p)
+            ds.SeriesDescription = "Head for DOE JOHN"
+            buf = io.BytesIO()
+            ds.save_as(buf)
+            z.writestr(f"DOE_JOHN_19700101/IM{i}", buf.getvalue())
+        z.writestr("DOE_JOHN_19700101/notes.txt", b"hello")
+    with caplog.at_level(logging.WARNING):
+        assert main(["info", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "DOE" not in out and "JOHN" not in out and "19700101" not in out and '"file": "file-' in out
+    assert "DOE" not in caplog.text and "skipped file-" in caplog.text
+    assert main(["info", str(study), "--show-paths"]) == 0
+    assert "DOE_JOHN_19700101/notes.txt" in capsys.readouterr().out  # asked for
