@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,6 +41,31 @@ def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float =
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing answered on port {port} within {timeout:.0f} s")
+
+
+@contextmanager
+def served(run, **options) -> Iterator[str]:
+    """The app of ``run`` served on a free port for the block: its URL. Only this app is closed at the end
+    (``gr.close_all()`` would also close the module's server that later tests use), and ``GRADIO_TEMP_DIR``, which
+    ``launch`` points at its upload folder, is given back its value from before."""
+    import gradio as gr
+
+    from medtl_ui.app import launch
+
+    before = set(map(id, gr.Blocks.get_instances()))
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    port = _free_port()
+    try:
+        launch(run, port=port, prevent_thread_lock=True, **options)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        for blocks in gr.Blocks.get_instances():
+            if id(blocks) not in before and blocks.is_running:
+                blocks.close()
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
 
 
 # -- fixtures -----------------------------------------------------------------------------------

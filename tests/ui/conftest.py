@@ -3,31 +3,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.ui.browsing import ARGS, CHROMIUM, Page, _free_port
+from tests.ui.browsing import ARGS, CHROMIUM, Page, served
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """The app served once for the module: its URL."""
-    import gradio as gr
-
-    from medtl_ui.app import launch
-
-    port = _free_port()
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    launch(tiny_run, port=port, prevent_thread_lock=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        gr.close_all()
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
+    with served(tiny_run) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

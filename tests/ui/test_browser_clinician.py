@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.ui.browsing import CHROMIUM, _free_port
+from tests.ui.browsing import CHROMIUM, served
 
 pytestmark = pytest.mark.browser
 if CHROMIUM is None:
@@ -63,10 +63,7 @@ def test_a_model_below_the_quality_floor_shows_no_answer(open_page, sample_dir, 
 def test_a_coin_flip_model_at_the_default_floor_is_not_fit(browser, tiny_run, sample_dir, tmp_path, monkeypatch):
     """The walk-through of the issue: the old demo model (test AUC 0.645 on 11 patients, never evaluated), served
     with the default quality floor (0.6), says it is not fit to show answers, on the page and beside the model."""
-    import gradio as gr
-
     from medtl.run import RunDir
-    from medtl_ui.app import launch
 
     monkeypatch.delenv("MEDTL_QUALITY_FLOOR", raising=False)  # the default floor, as `medtl serve` runs
     run = tmp_path / "old_demo"
@@ -74,12 +71,10 @@ def test_a_coin_flip_model_at_the_default_floor_is_not_fit(browser, tiny_run, sa
     metrics = json.loads((run / RunDir.METRICS).read_text())
     metrics["test"].update(auc=0.645, n_patients=11, label_counts={"no lesion": 11, "lesion": 10})
     (run / RunDir.METRICS).write_text(json.dumps(metrics))
-    port = _free_port()
-    launch(run, port=port, prevent_thread_lock=True)
-    try:
+    with served(run) as url:
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
         page = context.new_page()
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+        page.goto(url, wait_until="load")
         page.locator("#upload input[type=file]").first.set_input_files(str(sample_dir / "dicom" / "img_0003.dcm"))
         page.wait_for_function(
             "() => document.querySelector('#message').innerText.includes('not fit to show answers')", timeout=60_000
@@ -89,8 +84,6 @@ def test_a_coin_flip_model_at_the_default_floor_is_not_fit(browser, tiny_run, sa
         assert "NOT FIT TO SHOW ANSWERS" in page.locator("#model-info").first.inner_text()
         page.screenshot(path=str(tmp_path / "coin_flip.png"), full_page=True)
         context.close()
-    finally:
-        gr.close_all()
 
 
 def test_one_study_of_one_patient_per_case(open_page, sample_dir, tmp_path):
@@ -164,16 +157,10 @@ def test_the_smaller_things_a_clinician_saw(open_page, sample_dir, tmp_path):
 
 
 def test_a_locked_out_client_is_told_and_another_client_signs_in(browser, tiny_run):
-    import gradio as gr
-
-    from medtl_ui.app import launch
     from medtl_ui.safety import LoginThrottle
 
     throttle = LoginThrottle("doctor", "s3cret-pass", base_delay=60.0, max_delay=600.0)
-    port = _free_port()
-    launch(tiny_run, port=port, auth=throttle, prevent_thread_lock=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    with served(tiny_run, auth=throttle) as url:
         contexts = [browser.new_context(extra_http_headers={"X-Forwarded-For": ip}) for ip in ("10.0.0.7", "10.0.0.8")]
         locked, other = (c.new_page() for c in contexts)
 
@@ -193,5 +180,3 @@ def test_a_locked_out_client_is_told_and_another_client_signs_in(browser, tiny_r
         other.locator("#upload").first.wait_for(state="attached", timeout=60_000)  # the page itself
         for c in contexts:
             c.close()
-    finally:
-        gr.close_all()
