@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from medtl.errors import ConfigError, MedtlError, MedtlInputError
+from medtl.io.dicom import open_dicom
+from medtl.io.guard import reading
+from medtl.io.walk import walk_files
 from medtl.version import __version__
 
 log = logging.getLogger("medtl.clinical.deid")
@@ -223,6 +227,9 @@ class Deidentifier:
                     elem.value = self._shift(elem, days)
                 continue
             if action is None or action == "K":
+                if _swallowed(elem):  # kept by the table, but its value holds what follows it in the file
+                    log.warning("removed %s: its value is too long or holds encoded elements", elem.tag)
+                    del ds[elem.tag]
                 continue
             if action == "U":
                 elem.value = self._uids(elem.value)
@@ -265,6 +272,36 @@ class Deidentifier:
         return None
 
 
+# the most characters one value of a VR may have (PS3.5 6.2); PN: three component groups of 64
+MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 18, "DS": 16, "DT": 54, "IS": 12, "LO": 64, "PN": 194, "SH": 16}
+MAX_CHARS.update({"ST": 1024, "LT": 10240, "TM": 28, "UI": 64})
+# a patient module element's tag as it is encoded (little and big endian): found inside another element's
+# value, that element's length swallowed it
+_PATIENT_ELEMENTS = (0x0010, 0x0020, 0x0030, 0x1000, 0x1001, 0x1040)  # name, ID, birth date, other IDs/names, address
+_PATIENT_TAGS = tuple(
+    (0x0010).to_bytes(2, order) + e.to_bytes(2, order) for e in _PATIENT_ELEMENTS for order in ("little", "big")
+)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # not in any text VR (TAB, LF, FF, CR, ESC are)
+
+
+def _swallowed(elem) -> bool:
+    """Whether a kept element's value is damaged in a way that can carry other elements' values: text longer
+    than its VR allows or holding control characters (a wrong length took in the encoded elements after it,
+    whose tags and lengths are such bytes), or binary data holding the encoded tag of the patient's name, ID,
+    birth date, other IDs or address."""
+    if elem.tag == 0x7FE00010 or elem.value is None:
+        return False
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        return any(t in value for t in _PATIENT_TAGS)
+    values = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+    texts = [str(v) for v in values if isinstance(v, (str, pydicom.valuerep.PersonName))]
+    limit = MAX_CHARS.get(elem.VR)
+    return any(_CONTROL.search(t) or (limit is not None and len(t) > limit) for t in texts)
+
+
 def _code(value: str, meaning: str) -> Dataset:
     c = Dataset()
     c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, "DCM", meaning
@@ -303,20 +340,25 @@ def deidentify_files(
     overwritten (with the same key it is the same file)."""
     deid = deidentifier or Deidentifier()
     out, result = Path(out), DeidResult()
-    for f in files:
-        f = Path(f)
+    for f in map(Path, files):
         try:
-            try:
-                ds = pydicom.dcmread(f)
-            except Exception as e:  # any damage: the file is reported and skipped
-                raise MedtlInputError(f, f"not a readable DICOM file ({type(e).__name__})") from None
-            if "SOPInstanceUID" not in ds:
-                raise MedtlInputError(f, "no SOPInstanceUID: not a DICOM instance")
-            deid.dataset(ds, name=f)
-        except MedtlError as e:
+            target, written = _deidentify_file(f, out, deid)
+        except MedtlError as e:  # unreadable, damaged or refused: reported and skipped, the rest goes on
             log.warning("skipped: %s", e)
             result.errors.append(e)
             continue
+        (result.written if written else result.skipped).append(target)
+    return result
+
+
+def _deidentify_file(f: Path, out: Path, deid: Deidentifier) -> tuple[Path, bool]:
+    """De-identify one file into ``out``: (its output, whether it was written now). Any failure, in reading,
+    cleaning or writing, is a typed error naming the file, and leaves no partial output."""
+    ds = open_dicom(f, f, defer_pixels=True)  # deflated streams inflated within the budget; pixels read on save
+    with reading(f, "DICOM file"):
+        if "SOPInstanceUID" not in ds:
+            raise MedtlInputError(f, "no SOPInstanceUID: not a DICOM instance")
+        deid.dataset(ds, name=f)
         target = (
             out
             / f"study-{_short(ds.get('StudyInstanceUID', ''))}"
@@ -324,21 +366,22 @@ def deidentify_files(
             / f"{_short(ds.SOPInstanceUID)}.dcm"
         )
         if target.exists():
-            result.skipped.append(target)
-            continue
+            return target, False
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".part")
-        ds.save_as(partial, enforce_file_format=True)
-        partial.replace(target)  # whole files only: an interrupted run leaves no half-written output
-        result.written.append(target)
-    return result
+        try:
+            ds.save_as(partial, enforce_file_format=True)
+            partial.replace(target)  # whole files only: an interrupted run leaves no half-written output
+        finally:
+            partial.unlink(missing_ok=True)
+    return target, True
 
 
 def dicom_files(paths: Iterable[str | Path]) -> list[Path]:
     """The files under ``paths`` (files as given; folders searched recursively), sorted."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        files += sorted(walk_files(p)) if p.is_dir() else [p]
     return files
 
 

@@ -34,6 +34,7 @@ from medtl.clinical.deid import Deidentifier
 from medtl.errors import MedtlInputError
 from medtl.eval.quality import model_quality
 from medtl.io.reader import sniff_format
+from medtl.io.walk import walk_files
 from medtl.models.encoders import file_sha256
 from medtl.predict.predictor import Predictor
 from medtl.run import RunDir
@@ -62,7 +63,7 @@ TYPE2_INHERITED = (
 def source_instances(path: Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
     """The headers of the DICOM instances a prediction was made from: the file, or the files of the chosen
     series of a folder, in instance order."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(walk_files(path))
     out = []
     for f in files:
         try:

@@ -14,6 +14,7 @@ import numpy as np
 
 from medtl.data.manifest import Manifest, Problem, index_labels, inside, read_manifest
 from medtl.errors import FileMissingError, ManifestError, UnsupportedFormatError
+from medtl.io.walk import walk_files
 
 log = logging.getLogger("medtl.data")
 
@@ -64,9 +65,7 @@ def read_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
         )
     records, problems = [], []
     for name in classes:
-        for f in sorted(q for q in (root / name).rglob("*") if q.is_file()):
-            if f.name.startswith("."):
-                continue
+        for f in sorted(walk_files(root / name, lambda n: not n.startswith("."))):
             if not f.name.lower().endswith(IMAGE_SUFFIXES):
                 problems.append(Problem(str(f.relative_to(root)), "not an image file (by suffix)"))
                 continue
@@ -237,11 +236,7 @@ def read_unlabelled(path: str | Path, allow_outside_paths: bool = False) -> list
     if not path.exists():
         raise FileMissingError(path, "unlabelled data not found", "an image folder, a manifest .csv or a MedMNIST .npz")
     if path.is_dir():
-        files = sorted(
-            f
-            for f in path.rglob("*")
-            if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMAGE_SUFFIXES)
-        )
+        files = sorted(walk_files(path, lambda n: not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)))
         records = [
             {"image": str(f), "label": 0, "patient_id": f.relative_to(path).with_suffix("").as_posix()} for f in files
         ]

@@ -33,6 +33,7 @@ from medtl.io.dicom_geometry import image_orientation, orientation_letters, sort
 from medtl.io.guard import reading
 from medtl.io.limits import ReadLimits, read_limits
 from medtl.io.scan import Scan
+from medtl.io.walk import walk_files
 
 log = logging.getLogger("medtl.io")
 
@@ -145,17 +146,8 @@ def _iter_sources(path: Path):
 
 def _folder_files(path: Path, limits: ReadLimits) -> list[Path]:
     """The files of a folder (recursive, sorted), without hidden files and DICOMDIR, up to ``limits.max_files``."""
-    files = []
-    for p in path.rglob("*"):
-        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR":
-            files.append(p)
-            if len(files) > limits.max_files:
-                raise InputTooLargeError(
-                    path,
-                    f"folder holds more than {limits.max_files} files",
-                    "a folder of one study, or raise MEDTL_MAX_INPUT_FILES",
-                )
-    return sorted(files)
+    keep = lambda name: not name.startswith(".") and name.upper() != "DICOMDIR"  # noqa: E731
+    return sorted(walk_files(path, keep, max_files=limits.max_files))
 
 
 def _zip_members(z: zipfile.ZipFile, path: Path, limits: ReadLimits) -> list[zipfile.ZipInfo]:

@@ -25,6 +25,7 @@ import pydicom
 
 from medtl.errors import MedtlError
 from medtl.io.reader import sniff_format
+from medtl.io.walk import walk_files
 from medtl.predict.predictor import Prediction, Predictor
 
 log = logging.getLogger("medtl.predict.batch")
@@ -100,23 +101,18 @@ def find_inputs(paths: Iterable[str | Path], recursive: bool = False, group_stud
         if not recursive or not path.is_dir():
             out.append(BatchInput(input_key(path), path, path))
             continue
-        for folder, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                if name.startswith(".") or name.upper() == "DICOMDIR":
-                    continue
-                f = Path(folder) / name
-                try:
-                    kind = sniff_format(f)
-                except (MedtlError, OSError):
-                    continue  # not an image file (a text note, a CSV): not an input
-                if kind == "dicom" and not _looks_dicom(f):
-                    continue  # an unknown extension without DICOM's preamble (README.md, a CSV): not an input
-                uid = _study_uid(f) if kind == "dicom" and group_studies else ""
-                if uid:
-                    studies.setdefault(uid, []).append(f)
-                else:
-                    out.append(BatchInput(input_key(f), f, f))
+        for f in walk_files(path, lambda name: not name.startswith(".") and name.upper() != "DICOMDIR"):
+            try:
+                kind = sniff_format(f)
+            except (MedtlError, OSError):
+                continue  # not an image file (a text note, a CSV): not an input
+            if kind == "dicom" and not _looks_dicom(f):
+                continue  # an unknown extension without DICOM's preamble (README.md, a CSV): not an input
+            uid = _study_uid(f) if kind == "dicom" and group_studies else ""
+            if uid:
+                studies.setdefault(uid, []).append(f)
+            else:
+                out.append(BatchInput(input_key(f), f, f))
     holder = tempfile.TemporaryDirectory(prefix="medtl-studies-") if any(len(v) > 1 for v in studies.values()) else None
     for k, (uid, members) in enumerate(studies.items()):
         key = study_input_key(uid)
