@@ -23,6 +23,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, UnsupportedFormatError
 from medtl.io import dicom_geometry as geometry
+from medtl.io.codestream import check_codestreams
 from medtl.io.dicom_voi import FileVOI
 from medtl.io.guard import inflate_capped, reading, safe_message
 from medtl.io.limits import read_limits
@@ -408,14 +409,15 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, tuple[fl
     Colour is decoded once: pydicom returns RGB for every colour photometric interpretation
     (YBR_* included); a colour image comes back as (frames, rows, columns, 3) RGB.
     """
-    try:
-        pixels = ds.pixel_array
-    except Exception as e:
-        raise CorruptImageError(path, f"pixel data cannot be decoded ({safe_message(e)})") from None
     frames = geometry.header_int(ds, "NumberOfFrames", 1, path) or 1
     rows, cols = geometry.header_int(ds, "Rows", 0, path), geometry.header_int(ds, "Columns", 0, path)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = geometry.header_int(ds, "SamplesPerPixel", 1, path)
+    check_codestreams(ds, path, frames, rows, cols, samples)  # a decoder allocates what its codestream says
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise CorruptImageError(path, f"pixel data cannot be decoded ({safe_message(e)})") from None
     expected = (frames, rows, cols, samples)
     if int(np.prod(pixels.shape)) != int(np.prod(expected)):
         raise CorruptImageError(

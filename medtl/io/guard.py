@@ -54,8 +54,8 @@ def reading(path: str | Path | None, what: str):
     except MemoryError:
         raise InputTooLargeError(
             path,
-            f"{what} needs more memory than this machine can give it",
-            "a smaller input, or a lower MEDTL_MAX_INPUT_BYTES to refuse it early",
+            f"{what} needs more memory than one input may use; stopped",
+            "a smaller input, or raise MEDTL_MAX_INPUT_BYTES where the machine has the memory",
         ) from None
     except RecursionError:
         raise CorruptImageError(path, f"{what} is nested too deeply to be parsed") from None

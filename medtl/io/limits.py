@@ -3,8 +3,9 @@
 Every reader asks :func:`read_limits` before it allocates pixels, inflates a stream or reads a
 zip member, and refuses with :class:`medtl.errors.InputTooLargeError` when the input would need
 more. The defaults suit a workstation; set them per process with the environment variables
-``MEDTL_MAX_INPUT_BYTES`` (bytes, or with a ``K``/``M``/``G`` suffix) and ``MEDTL_MAX_INPUT_FILES``,
-or in code with :func:`set_read_limits` / :func:`using_read_limits`.
+``MEDTL_MAX_INPUT_BYTES`` (bytes, or with a ``K``/``M``/``G`` suffix), ``MEDTL_MAX_INPUT_FILES`` and
+``MEDTL_MAX_INPUT_CPU_S`` (seconds of processor time per read), or in code with :func:`set_read_limits` /
+:func:`using_read_limits`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from medtl.errors import ConfigError, InputTooLargeError
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB per input (a 512x512x1000 CT in float32 is 1 GiB)
 DEFAULT_MAX_FILES = 5000  # files in one folder or zip study
 DEFAULT_TIMEOUT_S = 120.0  # wall-clock limit of one bounded read (see medtl.io.bounded)
+DEFAULT_CPU_S = 30.0  # CPU time of one bounded read
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,15 @@ class ReadLimits:
 
     ``max_bytes`` bounds what reading one input may allocate: the declared pixels once decoded
     and converted to float32, the inflated size of a deflated DICOM or a gzip stream, the bytes
-    of a zip's members. ``max_files`` bounds the files of a folder or zip study. ``timeout_s``
-    bounds a read in the bounded worker.
+    of a zip's members. ``max_files`` bounds the files of a folder or zip study. ``timeout_s`` (wall
+    clock) and ``cpu_s`` (processor time) bound a read in the bounded worker, whose memory ``max_bytes``
+    also caps: it may not grow past its size before the read plus ``max_bytes``.
     """
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_files: int = DEFAULT_MAX_FILES
     timeout_s: float = DEFAULT_TIMEOUT_S
+    cpu_s: float = DEFAULT_CPU_S
 
     def check(self, path: str | Path | None, needed: int | float, what: str) -> None:
         """Raise InputTooLargeError when ``needed`` bytes exceed the budget."""
@@ -80,6 +84,14 @@ def _from_env() -> ReadLimits:
             limits = limits.replace(max_files=int(os.environ["MEDTL_MAX_INPUT_FILES"]))
         except ValueError:
             raise ConfigError(None, "MEDTL_MAX_INPUT_FILES is not a whole number") from None
+    if os.environ.get("MEDTL_MAX_INPUT_CPU_S"):
+        try:
+            cpu = float(os.environ["MEDTL_MAX_INPUT_CPU_S"])
+        except ValueError:
+            cpu = 0.0
+        if not cpu > 0:
+            raise ConfigError(None, "MEDTL_MAX_INPUT_CPU_S is not a positive number of seconds")
+        limits = limits.replace(cpu_s=cpu)
     return limits
 
 

@@ -31,7 +31,7 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
         raise CorruptImageError(path, "file is empty", "a NIfTI-1 or NIfTI-2 volume")
     with reading(path, "NIfTI volume"):
         img = _load_canonical(path)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = _voxels(img)
     data, notes = _select_volume(data, volume_index, path)
     if data.ndim == 2:
         data = data[:, :, None]
@@ -39,7 +39,7 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
         raise UnsupportedFormatError(path, f"NIfTI of shape {data.shape}", "a 2D, 3D or 4D image")
     if not np.all(np.isfinite(data)):
         raise CorruptImageError(path, "volume has NaN or infinite voxels")
-    zooms = img.header.get_zooms()[:3]
+    zooms = tuple(img.header.get_zooms()[:3]) + (1.0,) * 3  # a 2D image has two
     # (x: R, y: A, z: S) -> (slices, rows, columns) with anterior at the top, patient right on the left.
     array = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
@@ -53,6 +53,19 @@ def read_nifti(path: str | Path, volume_index: int | None = None) -> Scan:
         header={"dimensions": list(data.shape)},
         notes=notes,
     )
+
+
+def _voxels(img) -> np.ndarray:
+    """The voxels as float32, scaled by the header's slope and intercept in float32, in place (nibabel scales in
+    float64: twice the memory of the volume it returns)."""
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if not hasattr(proxy, "get_unscaled") or (slope == 1.0 and inter == 0.0):
+        return np.asarray(proxy, dtype=np.float32)
+    data = np.asarray(proxy.get_unscaled(), dtype=np.float32)
+    data *= np.float32(slope)
+    data += np.float32(inter)
+    return data
 
 
 def _load_canonical(path: Path):

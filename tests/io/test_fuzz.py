@@ -54,8 +54,10 @@ def fake_reader(path):
         os._exit(3)
     if what == "allocate_16g":  # past the child's address-space limit
         return SimpleNamespace(array=bytearray(16 << 30))
-    if what == "touch_96m":  # 96 MiB really used
+    if what == "touch_96m":  # 96 MiB really used: past the 64 MiB cap
         return SimpleNamespace(array=np.ones(96 << 20, np.uint8)[:4])
+    if what == "touch_40m":  # 40 MiB really used: within it
+        return SimpleNamespace(array=np.ones(40 << 20, np.uint8)[:4])
     return read_image(path)
 
 
@@ -144,7 +146,17 @@ def test_bombs_inflate_to_what_they_declare():
 
 @pytest.mark.timeout(60)
 def test_child_outcomes_are_classified(tmp_path):
-    cases = ["untyped", "untyped_in_medtl", "typed", "sleep", "segfault", "exit", "allocate_16g", "touch_96m"]
+    cases = [
+        "untyped",
+        "untyped_in_medtl",
+        "typed",
+        "sleep",
+        "segfault",
+        "exit",
+        "allocate_16g",
+        "touch_96m",
+        "touch_40m",
+    ]
     results = {}
     with Server(FAKE, budget=64 << 20) as server:
         for what in cases:
@@ -164,8 +176,10 @@ def test_child_outcomes_are_classified(tmp_path):
     assert (results["exit"]["outcome"], results["exit"]["error"]) == ("killed", "exit status 3")
     r = results["allocate_16g"]  # the address-space limit turned a runaway allocation into MemoryError
     assert (r["outcome"], r["error"]) == ("other", "MemoryError") and r["peak_kib"] < 64 << 10, r
-    r = results["touch_96m"]
-    assert r["outcome"] == "read" and 90 << 10 < r["peak_kib"] < 128 << 10, r
+    r = results["touch_96m"]  # the cap is the budget: 96 MiB really used is refused, the peak stays under it
+    assert r["outcome"] == "other" and r["error"].endswith("MemoryError") and r["peak_kib"] < 64 << 10, r
+    r = results["touch_40m"]  # memory really used within the budget is read and measured
+    assert r["outcome"] == "read" and 36 << 10 < r["peak_kib"] < 64 << 10, r
 
 
 @pytest.mark.timeout(60)

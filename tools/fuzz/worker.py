@@ -2,9 +2,10 @@
 
     python -m tools.fuzz.worker CONFIG_JSON    # started by tools.fuzz.server.Server, from the repository root
 
-The child reads with the budget as medtl's read limit and an address-space limit of its size plus twice the
-budget; the server kills it after the job's timeout and classifies how it ended (read, typed, other, timeout,
-killed). Jobs come as JSON lines on stdin, results go as JSON lines to stdout (what readers print goes nowhere).
+The child reads with the budget as medtl's read limit and the bounded reader's caps (address space of its
+size plus the budget, processor time); the server kills it after the job's timeout and classifies how it ended
+(read, typed, other, timeout, killed). Jobs come as JSON lines on stdin, results go as JSON lines to stdout
+(what readers print goes nowhere).
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import medtl
 from medtl.errors import MedtlInputError
-from medtl.io.bounded import vm_size
+from medtl.io.bounded import cap_this_process
 from medtl.io.limits import read_limits, set_read_limits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +62,11 @@ def first_line(e: BaseException) -> str:
 
 
 def _limit_memory(budget: int) -> None:
-    """The budget as medtl's read limit, and an address-space limit of this process's size plus twice it."""
-    set_read_limits(read_limits().replace(max_bytes=budget))
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm_size() + 2 * budget
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    """The budget as medtl's read limit, and the bounded reader's own caps: address space of this process's
+    size plus the budget, processor time (the server's timeout stays the wall-clock limit)."""
+    limits = read_limits().replace(max_bytes=budget)
+    set_read_limits(limits)
+    cap_this_process(limits)
 
 
 def child_read(path: str, reader, budget: int) -> dict:

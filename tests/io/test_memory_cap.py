@@ -1,0 +1,148 @@
+"""The bounded reader's budget is a cap (issue 33): files built like the held-out fuzz's worst (a small palette
+PNG, a scaled int16 NIfTI and a deflated CT whose decoded size passes the header check but whose real peak did
+not) are read or refused with a typed error, and the child's resident memory never grows by more than the
+budget; a codestream declaring another size than its DICOM header is refused before decoding; a file that
+takes too long in processor time is stopped with a typed error; a 2D NIfTI is read. The files are generated
+here, small, with budgets scaled to them."""
+
+import io
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
+
+from medtl.errors import CorruptImageError, InputTooLargeError
+from medtl.io import ReadLimits, read_image, read_image_bounded
+from medtl.io import bounded as bounded_module
+
+MiB = 1 << 20
+
+
+def _ct(rows: int, cols: int) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = rows, cols
+    return ds
+
+
+def _palette_png(path: Path, n: int) -> Path:
+    im = Image.new("P", (n, n))
+    im.putpalette(list(range(256)) * 3)
+    im.save(path, optimize=True)
+    return path
+
+
+def _scaled_nifti(path: Path, shape) -> Path:
+    img = nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4))
+    img.header.set_slope_inter(0.5, 3)
+    nib.save(img, path)
+    return path
+
+
+def _deflated_ct(path: Path, n: int) -> Path:
+    ds = _ct(n, n)
+    ds.PixelData = np.zeros((n, n), np.int16).tobytes()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# (file maker, budget): the decoded size passes the header check under the budget, the old reader's real peak
+# did not stay under it (palette: RGB and float copies; NIfTI: nibabel's float64 scaling; deflated: the inflated
+# stream held twice)
+CASES = {
+    "palette_png": (lambda d: _palette_png(d / "p.png", 3000), 200 * MiB),
+    "scaled_nifti": (lambda d: _scaled_nifti(d / "s.nii.gz", (300, 300, 240)), 200 * MiB),
+    "deflated_ct": (lambda d: _deflated_ct(d / "d.dcm", 3000), 150 * MiB),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_child_never_grows_past_its_budget(case, tmp_path):
+    make, budget = CASES[case]
+    path = make(tmp_path)
+    memory: dict = {}
+    try:
+        read_image_bounded(path, limits=ReadLimits(max_bytes=budget), memory=memory)
+    except InputTooLargeError as e:
+        assert str(path) in str(e)
+    grown = (memory["peak_kib"] - memory["baseline_kib"]) * 1024
+    assert 0 < grown <= budget, f"{case}: grew {grown / MiB:.0f} MiB under a {budget / MiB:.0f} MiB budget"
+
+
+def test_within_the_cap_a_large_legitimate_read_succeeds_and_comes_back_writable(tmp_path):
+    """The arrays come back out of band (no pickle copy in the child): a read near the budget still succeeds."""
+    path = _palette_png(tmp_path / "p.png", 2000)
+    memory: dict = {}
+    scan = read_image_bounded(path, limits=ReadLimits(max_bytes=160 * MiB), memory=memory)
+    assert scan.array.shape == (2000, 2000) and scan.array.flags.writeable
+    assert (memory["peak_kib"] - memory["baseline_kib"]) * 1024 <= 160 * MiB
+
+
+def _j2k_lie(path: Path, real: int, header: int) -> Path:
+    ds = _ct(real, real)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.compress(JPEG2000Lossless, np.zeros((real, real), np.uint16))
+    ds.Rows = ds.Columns = header
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _jpeg_lie(path: Path, real: int, header: int) -> Path:
+    buf = io.BytesIO()
+    Image.new("L", (real, real)).save(buf, format="JPEG")
+    ds = _ct(header, header)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("make", [_j2k_lie, _jpeg_lie], ids=["jpeg2000", "jpeg"])
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(make, tmp_path):
+    path = make(tmp_path / "lie.dcm", 3000, 64)
+    assert path.stat().st_size < 200_000  # a small file: the header says 64 x 64
+    with pytest.raises(CorruptImageError, match=r"compressed image is 3000 x 3000.*refused before decoding"):
+        read_image(path)
+    honest = make(tmp_path / "honest.dcm", 64, 64)
+    assert read_image(honest).array.shape == (64, 64)  # the check does not refuse a file that tells the truth
+
+
+def test_a_read_past_its_processor_time_is_stopped_with_a_typed_error(tmp_path):
+    ds = _ct(1, 1)
+    n = 200_000  # 1x1 frames: ~19 s of processor time here
+    ds.NumberOfFrames, ds.PixelData = n, np.zeros(n, np.int16).tobytes()
+    ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
+    with pytest.raises(InputTooLargeError, match="processor time"):
+        read_image_bounded(tmp_path / "frames.dcm", limits=ReadLimits(cpu_s=1))
+
+
+def test_a_2d_nifti_is_read(tmp_path):
+    img = nib.Nifti1Image(np.arange(12, dtype=np.int16).reshape(3, 4), np.eye(4))
+    img.header.set_slope_inter(0.5, 3)
+    nib.save(img, tmp_path / "flat.nii.gz")
+    scan = read_image(tmp_path / "flat.nii.gz")
+    assert scan.array.shape == (1, 4, 3) and scan.spacing == (1.0, 1.0, 1.0)
+    assert sorted(scan.array.ravel().tolist()) == sorted((np.arange(12) * 0.5 + 3).tolist())
+
+
+def test_the_scratch_folder_is_removed_when_the_child_cannot_start(tmp_path, monkeypatch):
+    class Refused(RuntimeError):
+        pass
+
+    def no_start(self):
+        raise Refused("no process")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bounded_module._ctx().Process, "start", no_start)
+    with pytest.raises(Refused):
+        read_image_bounded(_palette_png(tmp_path / "p.png", 8))
+    assert not list(tmp_path.glob("medtl-read-*"))
