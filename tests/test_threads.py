@@ -19,6 +19,9 @@ AFFINITY = len(os.sched_getaffinity(0))
 def no_overrides(monkeypatch):
     monkeypatch.delenv("MEDTL_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # torch's start-up count, as a fresh process has it: a session fixture that trained (tiny_run) may have left
+    # the count it fitted on a busy machine, which a new fitter would take for the program's own choice
+    torch.set_num_threads(threads_mod.INITIAL_THREADS)
 
 
 @pytest.mark.parametrize(
