@@ -29,11 +29,17 @@ def add_parser(sub) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from medtl.io import describe_path
+    from medtl.errors import MedtlInputError
+    from medtl.io import describe_path_bounded
 
     usable = 0
-    for p in args.paths:
-        report = describe_path(p, series_uid=args.series, modality=args.modality, volume_index=args.volume_index)
+    for p in args.paths:  # read in the bounded worker: the files are anyone's
+        try:
+            report = describe_path_bounded(
+                p, series_uid=args.series, modality=args.modality, volume_index=args.volume_index
+            )
+        except MedtlInputError as e:  # stopped for time or memory, or the reader died
+            report = {"path": str(p), "usable": False, "error": f"{type(e).__name__}: {e}"}
         usable += report["usable"]
         print(json.dumps(shown_report(report, args.show_paths), indent=2, default=str))
     return 0 if usable else 1

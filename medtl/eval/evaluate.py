@@ -348,7 +348,7 @@ def write_evaluation(run: RunDir, ev: Evaluation, card: dict, figures: dict[str,
 
 def _ood_check(run: RunDir, saved: SavedRun, cfg, prepared, foreign: list, device: str) -> dict:
     """The out-of-distribution detector against ``foreign`` files (see :func:`medtl.predict.ood.foreign_check`)."""
-    predictor = Predictor(run.path, device=device)
+    predictor = Predictor(run.path, device=device, bounded=True)  # foreign files: anyone's
     if predictor.ood is None:
         return {"measured": False, "why": "the run has no out-of-distribution detector"}
     if not foreign:

@@ -25,7 +25,7 @@ from medtl.errors import CorruptImageError, FileMissingError, MedtlInputError, U
 from medtl.io import dicom_geometry as geometry
 from medtl.io.codestream import check_codestreams
 from medtl.io.dicom_voi import FileVOI
-from medtl.io.guard import inflate_capped, reading, safe_message
+from medtl.io.guard import inflate_capped, inflate_head, reading, safe_message
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan, is_colour, luminance
 
@@ -100,6 +100,9 @@ def open_dicom(
                 raise CorruptImageError(path, f"DICOM header cannot be parsed ({safe_message(e)})") from None
 
 
+HEADER_BYTES = 16 << 20  # the most of a deflated file inflated for its header alone
+
+
 def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
     """A Deflated Explicit VR Little Endian dataset, inflated with a cap (pydicom would inflate it whole)."""
     limits = read_limits()
@@ -122,7 +125,10 @@ def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
         limits.check(path, needed, "decoded pixels")
         return len(head) + raw + (16 << 20)
 
-    body = inflate_capped(fp, limits.max_bytes, path, "deflated DICOM", on_first=declared_cap)
+    if header_only:  # the header only: what follows it is not inflated
+        body = inflate_head(fp, HEADER_BYTES)
+    else:
+        body = inflate_capped(fp, limits.max_bytes, path, "deflated DICOM", on_first=declared_cap)
     ds = pydicom.filereader.read_dataset(
         BytesIO(body),
         is_implicit_VR=False,

@@ -108,3 +108,16 @@ def inflate_capped(
     if len(out) > cap:
         raise InputTooLargeError(path, f"{what} inflates to more than {cap} bytes; refused")
     return bytes(out)
+
+
+def inflate_head(stream, size: int, wbits: int = -zlib.MAX_WBITS, chunk: int = 1 << 16) -> bytes:
+    """The first ``size`` bytes (or fewer, if the stream ends) a zlib/deflate ``stream`` inflates to: for a
+    header, without inflating what follows it."""
+    d = zlib.decompressobj(wbits)
+    out = bytearray()
+    while len(out) < size and not d.eof:
+        data = d.unconsumed_tail or stream.read(chunk)
+        if not data:
+            break
+        out += d.decompress(data, size - len(out))
+    return bytes(out)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import pydicom
-
 from medtl.errors import MedtlError
+from medtl.io.dicom import open_dicom
 from medtl.io.reader import sniff_format
 from medtl.io.walk import walk_files
 from medtl.predict.predictor import Prediction, Predictor
@@ -81,10 +80,9 @@ def _looks_dicom(path: Path) -> bool:
 def _study_uid(path: Path) -> str:
     """A DICOM file's StudyInstanceUID from its header ("" when it has none or cannot be read: the file
     is then an input of its own, and its reading error is reported with it)."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"], force=True)
-        return str(ds.get("StudyInstanceUID", "") or "")
-    except Exception:  # any damage: reported when the file is read for real
+    try:  # a deflated file's header is inflated alone, within a few MiB (pydicom would inflate it all)
+        return str(open_dicom(path, path, header_only=True).get("StudyInstanceUID", "") or "")
+    except Exception:  # any damage: reported when the file is read for real, in the bounded reader
         return ""
 
 
