@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from medtl.errors import ConfigError, MedtlError, MedtlInputError
+from medtl.errors import ConfigError, CorruptImageError, MedtlError, MedtlInputError
 from medtl.io.dicom import open_dicom
 from medtl.io.guard import reading
 from medtl.io.walk import walk_files
@@ -68,6 +68,7 @@ CATEGORIES = {
     "X_Z_U_STAR_TAGS": "K",
 }
 DUMMY_TEXT = "ANONYMIZED"
+MAX_NESTING = 32  # sequence levels cleaned; a deeper file is refused (a structured report nests a dozen)
 BIRTH_DATE = 0x00100030  # emptied (the profile's Z) even when other dates are shifted
 METHOD_CODES = (
     ("113100", "Basic Application Confidentiality Profile"),
@@ -184,7 +185,10 @@ class Deidentifier:
             )
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
         days = self.shift_days(patient)
-        self._clean(ds, days)
+        try:
+            self._clean(ds, days)
+        except CorruptImageError as e:
+            raise CorruptImageError(name, e.problem) from None
         ds.PatientID = self.pseudonym(patient)
         ds.PatientName = ds.PatientID + "^"  # a family name only (the caret says so)
         ds.PatientIdentityRemoved = "YES"
@@ -207,8 +211,13 @@ class Deidentifier:
         ds.file_meta = new_meta  # the source's (AE titles, private meta elements) is not kept
         return ds
 
-    def _clean(self, ds: Dataset, days: int) -> None:
-        ds.remove_private_tags()  # and their creators
+    def _clean(self, ds: Dataset, days: int, depth: int = 0) -> None:
+        if depth > MAX_NESTING:  # (pydicom formats the traceback at every level of a deeper one: minutes)
+            raise CorruptImageError(None, f"sequences nested more than {MAX_NESTING} deep")
+        # private elements and their creators, of this level only: remove_private_tags() walks every sequence at
+        # once, unbounded; the items below are cleaned in turn, to a bounded depth
+        for tag in [t for t in ds.keys() if t.is_private]:  # noqa: SIM118 -- iterating a Dataset gives elements
+            del ds[tag]
         for elem in list(ds):
             tag, vr = int(elem.tag), elem.VR
             action = _action(tag)
@@ -220,7 +229,7 @@ class Deidentifier:
                     elem.value = Sequence()
                     continue
                 for item in elem.value:  # D (Content Sequence), U*, or not listed: clean each item
-                    self._clean(item, days)
+                    self._clean(item, days, depth + 1)
                 continue
             if vr in DATE_VRS + ("TM",) and self.dates == "shift" and action not in ("X", "U") and tag != BIRTH_DATE:
                 if vr != "TM":  # dates moved back; times of day kept (the Modified Dates Option)

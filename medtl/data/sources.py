@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from medtl.data.manifest import Manifest, Problem, index_labels, inside, read_manifest
-from medtl.errors import FileMissingError, ManifestError, UnsupportedFormatError
+from medtl.errors import FileMissingError, InputTooLargeError, ManifestError, UnsupportedFormatError
+from medtl.io.limits import read_limits
 from medtl.io.walk import walk_files
 
 log = logging.getLogger("medtl.data")
@@ -173,6 +174,18 @@ def medmnist_class_names(path: Path, n_classes: int) -> list[str]:
     return list(names) if names and len(names) == n_classes else [str(c) for c in range(n_classes)]
 
 
+def _declared_bytes(npz) -> int:
+    """The bytes the MedMNIST arrays of an opened ``.npz`` declare in their .npy headers (shape and type)."""
+    total = 0
+    for key in MEDMNIST_KEYS:
+        with npz.zip.open(key + ".npy") as f:
+            npy = np.lib.format
+            version = npy.read_magic(f)
+            shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+        total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return total
+
+
 def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Manifest:
     """A MedMNIST ``.npz`` (2D or 3D) with its own train/val/test split, held in memory.
 
@@ -187,8 +200,9 @@ def read_medmnist(path: str | Path, classes: dict[str, str] | None = None) -> Ma
             raise UnsupportedFormatError(
                 path, f"not a MedMNIST file: missing {', '.join(missing)}", "keys " + ", ".join(MEDMNIST_KEYS)
             )
+        read_limits().check(path, _declared_bytes(npz), "the .npz's arrays")  # before any is decompressed
         arrays = {k: npz[k] for k in MEDMNIST_KEYS}
-    except (UnsupportedFormatError, FileMissingError):
+    except (UnsupportedFormatError, FileMissingError, InputTooLargeError):
         raise
     except Exception as e:
         raise UnsupportedFormatError(path, f"cannot be read as .npz ({type(e).__name__}: {str(e)[:120]})") from None

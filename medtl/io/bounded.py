@@ -30,7 +30,7 @@ from pathlib import Path
 
 from medtl.errors import CorruptImageError, InputTooLargeError, MedtlInputError
 from medtl.io.guard import safe_message
-from medtl.io.limits import ReadLimits, _size, read_limits, set_read_limits
+from medtl.io.limits import ReadLimits, read_limits, set_read_limits, size_text
 from medtl.io.scan import Scan
 
 _lock = threading.Lock()
@@ -98,7 +98,7 @@ def _child(conn, path: str, kwargs: dict, limits: ReadLimits, scratch: str, task
     except MedtlInputError as e:
         result = ("error", e.with_traceback(None), {})
     except MemoryError:
-        result = ("error", InputTooLargeError(path, _OVER_BUDGET.format(_size(limits.max_bytes))), {})
+        result = ("error", InputTooLargeError(path, _OVER_BUDGET.format(size_text(limits.max_bytes))), {})
     except BaseException as e:
         result = ("error", CorruptImageError(path, f"file cannot be read ({safe_message(e)})"), {})
     result[2].update(baseline_kib=baseline, peak_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -44,8 +44,8 @@ class ReadLimits:
         if needed > self.max_bytes:
             raise InputTooLargeError(
                 path,
-                f"{what} needs {_size(needed)}, over the memory budget of "
-                f"{_size(self.max_bytes)}; refused before allocating",
+                f"{what} needs {size_text(needed)}, over the memory budget of "
+                f"{size_text(self.max_bytes)}; refused before allocating",
                 "a smaller input, or raise MEDTL_MAX_INPUT_BYTES",
             )
 
@@ -53,7 +53,7 @@ class ReadLimits:
         return replace(self, **changes)
 
 
-def _size(n: int | float) -> str:
+def size_text(n: int | float) -> str:
     n = float(n)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

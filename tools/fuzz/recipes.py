@@ -9,8 +9,17 @@ from tools.fuzz.mutators.generic import BYTE_MUTATORS, bitflip
 from tools.fuzz.registry import plain
 from tools.fuzz.seeds import KINDS, Seed
 
-KIND_WEIGHTS = {"dicom": 0.4, "nifti": 0.2, "picture": 0.2, "zip": 0.2}
-FAMILY_WEIGHTS = (("bytes", 0.30), ("format", 0.67), ("bomb", 0.03))  # "format": the kind's own family
+KIND_WEIGHTS = {
+    "dicom": 0.36,
+    "nifti": 0.17,
+    "picture": 0.17,
+    "zip": 0.15,
+    "config": 0.05,
+    "npz": 0.05,
+    "manifest": 0.05,
+}
+# "format": the kind's own family
+FAMILY_WEIGHTS = (("bytes", 0.28), ("format", 0.63), ("bomb", 0.03), ("sizelie", 0.06))
 
 
 def plan(run_seed: int, index: int, seeds: list[Seed]) -> dict:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("bytes", "dicom", "nifti", "picture", "zip", "bomb")
+FAMILIES = ("bytes", "dicom", "nifti", "picture", "zip", "bomb", "sizelie", "config", "npz", "manifest")
 
 
 @dataclass(frozen=True)

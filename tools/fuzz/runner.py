@@ -14,7 +14,7 @@ from tools.fuzz.report import BAD, OUTCOMES, summarize, write_outputs
 from tools.fuzz.seeds import Seed, load_seeds
 from tools.fuzz.server import Server
 
-DEFAULT_READER = "medtl.io:read_image"
+DEFAULT_READER = "tools.fuzz.readers:read_input"
 RECIPE_KEYS = ("run_seed", "index", "seed", "kind", "family", "mutator")
 
 
