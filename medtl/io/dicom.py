@@ -149,6 +149,7 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
     bits_alloc = geometry.header_int(ds, "BitsAllocated", 8, path) or 8
     if rows <= 0 or cols <= 0 or frames <= 0:
         raise CorruptImageError(path, f"invalid image size Rows={rows} Columns={cols} NumberOfFrames={frames}")
+    read_limits().check_frames(path, frames)
     if samples not in (1, 3):
         raise CorruptImageError(path, f"SamplesPerPixel {samples}", "1 (grey) or 3 (colour)")
     if bits_alloc not in (1, 8, 16, 32, 64):

@@ -64,6 +64,20 @@ def read_picture(path: str | Path) -> Scan:
     )
 
 
+COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1")
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan decodes the whole picture again
+
+
+def _check_scans(path: Path) -> None:
+    """Refuse a JPEG of more scans than a progressive encoder writes (6,000 took Pillow 41 s)."""
+    with open(path, "rb") as f:
+        scans = f.read().count(b"\xff\xda")  # start of scan; in entropy-coded data 0xFF is followed by 0x00
+    if scans > MAX_JPEG_SCANS:
+        raise InputTooLargeError(
+            path, f"JPEG of {scans} scans, more than {MAX_JPEG_SCANS}; refused before decoding", "a usual JPEG"
+        )
+
+
 def _decode_picture(path: Path) -> tuple[np.ndarray, np.ndarray | None, str, str]:
     """(grey values, RGB or None, file format, Pillow mode) of a picture, decoded once its size fits the budget."""
     budget = read_limits().max_bytes
@@ -73,13 +87,17 @@ def _decode_picture(path: Path) -> tuple[np.ndarray, np.ndarray | None, str, str
         with Image.open(path) as im:
             width, height = im.size
             bands = len(im.getbands())
-            # decoded bands + float32 RGB + float32 grey
-            read_limits().check(path, width * height * (bands * 4 + 16), f"a {width}x{height} picture")
+            colour = im.mode in COLOUR_MODES
+            # decoded bands, then grey: + float32 grey (and slack); colour: + 8-bit RGB + float32 RGB + float32 grey
+            per_pixel = bands + 3 + 12 + 4 + 4 if colour else bands * 4 + 16
+            read_limits().check(path, width * height * per_pixel, f"a {width}x{height} picture")
             if width < 1 or height < 1:
                 raise CorruptImageError(path, f"picture of {width}x{height} pixels")
+            if im.format == "JPEG":
+                _check_scans(path)
             im.load()
             rgb = None
-            if im.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+            if colour:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
                 array = luminance(rgb)
                 rgb = rgb if is_colour(rgb) else None  # a grey picture stored as RGB stays grey

@@ -7,6 +7,7 @@ here, small, with budgets scaled to them."""
 
 import io
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -121,8 +122,38 @@ def test_a_read_past_its_processor_time_is_stopped_with_a_typed_error(tmp_path):
     n = 200_000  # 1x1 frames: ~19 s of processor time here
     ds.NumberOfFrames, ds.PixelData = n, np.zeros(n, np.int16).tobytes()
     ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
-    with pytest.raises(InputTooLargeError, match="processor time"):
-        read_image_bounded(tmp_path / "frames.dcm", limits=ReadLimits(cpu_s=1))
+    with pytest.raises(InputTooLargeError, match="processor time"):  # (the frame limit raised: the CPU one is hit)
+        read_image_bounded(tmp_path / "frames.dcm", limits=ReadLimits(cpu_s=1, max_frames=10**7))
+    t0 = time.monotonic()
+    with pytest.raises(InputTooLargeError, match="200000 frames, more than the 20000"):  # in-process, at once
+        read_image(tmp_path / "frames.dcm")
+    assert time.monotonic() - t0 < 5
+
+
+def _progressive_jpeg(path: Path, scans: int | None = None) -> Path:
+    """A progressive JPEG; with ``scans``, its first scan repeated until it has that many (the held-out fuzz's
+    6,000-scan file took Pillow 41 s)."""
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(
+        buf, format="JPEG", progressive=True
+    )
+    data = buf.getvalue()
+    if scans:
+        first = data.index(b"\xff\xda")
+        second = data.index(b"\xff\xda", first + 2)
+        scan = data[first:second]
+        data = data[:first] + scan * (scans - data.count(b"\xff\xda") + 1) + data[second:]
+    path.write_bytes(data)
+    return path
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    assert read_image(_progressive_jpeg(tmp_path / "ok.jpg")).array.shape == (64, 64)
+    flood = _progressive_jpeg(tmp_path / "flood.jpg", scans=3000)
+    t0 = time.monotonic()
+    with pytest.raises(InputTooLargeError, match="JPEG of 3000 scans"):
+        read_image(flood)
+    assert time.monotonic() - t0 < 2
 
 
 def test_a_2d_nifti_is_read(tmp_path):
