@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medtl.errors import CorruptImageError, FileMissingError, UnsupportedFormatError
+from medtl.errors import CorruptImageError, FileMissingError, InputTooLargeError, UnsupportedFormatError
 from medtl.io.guard import reading
 from medtl.io.limits import read_limits
 from medtl.io.scan import Scan
@@ -70,6 +70,7 @@ def _voxels(img) -> np.ndarray:
 
 def _load_canonical(path: Path):
     """The NIfTI image of ``path`` reoriented to RAS+, once its size, memory need and affine are checked."""
+    _check_extensions(path)
     img = nib.load(str(path))
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnsupportedFormatError(path, f"not a NIfTI image ({type(img).__name__})")
@@ -139,3 +140,45 @@ def _check_holds(path: Path, needed: int) -> None:
         raise CorruptImageError(
             path, f"header declares {needed} bytes of data but the file inflates to {held}; refused before allocating"
         )
+
+
+MAX_EXTENSIONS = 64  # header extensions (a file has a few at most; nibabel parses each in Python)
+_HEADER = {348: (108, "f"), 540: (168, "q")}  # NIfTI-1 / NIfTI-2: header size -> vox_offset's offset and type
+
+
+def _check_extensions(path: Path) -> None:
+    """Refuse a header whose extensions nibabel would spend seconds on or read past: more than
+    :data:`MAX_EXTENSIONS`, or a size that is not a multiple of 16 bytes (a size of 7 made it read the whole
+    stream). Read from the header's bytes before nibabel parses them; files that are not NIfTI pass."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(544)
+            order = next((o for o in "<>" if struct.unpack(o + "i", head[:4])[0] in _HEADER), None)
+            if order is None:
+                return
+            size = struct.unpack(order + "i", head[:4])[0]
+            where, kind = _HEADER[size]
+            (vox_offset,) = struct.unpack(order + kind, head[where : where + struct.calcsize(kind)])
+            if len(head) < size + 4 or head[size] == 0:
+                return  # no extension flag
+            at, count, end = size + 4, 0, int(vox_offset) if vox_offset > size + 4 else None
+            f.seek(at)
+            while end is None or at + 8 <= end:
+                block = f.read(8)
+                if len(block) < 8:
+                    break
+                esize, _ = struct.unpack(order + "ii", block)
+                if esize < 16 or esize % 16:
+                    raise CorruptImageError(path, f"NIfTI header extension of {esize} bytes", "a multiple of 16")
+                count += 1
+                if count > MAX_EXTENSIONS:
+                    raise InputTooLargeError(path, f"NIfTI header has more than {MAX_EXTENSIONS} extensions")
+                at += esize
+                f.seek(at)
+                if end is None:
+                    break  # no vox_offset to bound them: nibabel reads one
+    except (CorruptImageError, InputTooLargeError):
+        raise
+    except Exception:
+        return  # unreadable or truncated: nibabel reports it, typed, below

@@ -198,3 +198,21 @@ def test_the_header_scan_of_predict_recursive_does_not_inflate_a_deflated_bomb(t
     finally:
         tracemalloc.stop()
     assert len(found) == 1 and peak < 40 * MiB, peak / MiB
+
+
+def test_nifti_header_extensions_are_checked_before_nibabel_parses_them(tmp_path):
+    def save(name, extensions):
+        img = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4))
+        for content in extensions:
+            img.header.extensions.append(nib.nifti1.Nifti1Extension(4, content))
+        nib.save(img, tmp_path / name)
+        return tmp_path / name
+
+    assert read_image(save("one.nii.gz", [b"a comment"])).array.shape == (4, 8, 8)  # a usual extension reads
+    with pytest.raises(InputTooLargeError, match="more than 64 extensions"):
+        read_image(save("flood.nii.gz", [b"x"] * 5000))
+    data = bytearray(save("seven.nii", [b"a comment"]).read_bytes())
+    data[352:356] = (7).to_bytes(4, "little")  # an extension of 7 bytes: nibabel read the whole stream as one
+    (tmp_path / "seven.nii").write_bytes(bytes(data))
+    with pytest.raises(CorruptImageError, match="extension of 7 bytes"):
+        read_image(tmp_path / "seven.nii")
