@@ -128,7 +128,8 @@ def _read_deflated(fp, meta, path: Path, header_only: bool) -> pydicom.Dataset:
     if header_only:  # the header only: what follows it is not inflated
         body = inflate_head(fp, HEADER_BYTES)
     else:
-        body = inflate_capped(fp, limits.max_bytes, path, "deflated DICOM", on_first=declared_cap)
+        # a third of the budget: the stream is held, copied once into bytes, and its values copied out of it
+        body = inflate_capped(fp, limits.max_bytes // 3, path, "deflated DICOM", on_first=declared_cap)
     ds = pydicom.filereader.read_dataset(
         BytesIO(body),
         is_implicit_VR=False,
