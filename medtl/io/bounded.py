@@ -68,7 +68,7 @@ def cap_this_process(limits: ReadLimits) -> None:
     """The child's limits: address space of its size now plus the budget, processor time, no core file."""
     for which, value in (
         (resource.RLIMIT_AS, vm_size() + limits.max_bytes),
-        (resource.RLIMIT_CPU, max(1, math.ceil(limits.cpu_s))),
+        (resource.RLIMIT_CPU, max(1, math.ceil(limits.cpu_s)) + 2),  # (read_image's own timer first)
         (resource.RLIMIT_CORE, 0),
     ):
         try:

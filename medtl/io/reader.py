@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtl.errors import FileMissingError, UnsupportedFormatError
+from medtl.io.cpu import cpu_limited
 from medtl.io.dicom import read_dicom
 from medtl.io.guard import reading
 from medtl.io.image import read_picture
+from medtl.io.limits import read_limits
 from medtl.io.nifti import read_nifti
 from medtl.io.scan import Scan
 from medtl.io.series import read_series
@@ -45,12 +47,13 @@ def read_image(
     (``series_uid`` or ``modality`` override them). A 4D NIfTI needs ``volume_index``.
 
     Raises a subclass of :class:`medtl.errors.MedtlInputError` naming the file when it is
-    missing, of an unsupported kind, damaged, or over the memory budget (:mod:`medtl.io.limits`);
-    no other exception leaves it. For files from untrusted sources see
+    missing, of an unsupported kind, damaged, over the memory budget (:mod:`medtl.io.limits`) or past its
+    processor time (``ReadLimits.cpu_s``; in the main thread, :func:`medtl.io.cpu.cpu_limited`); no other
+    exception leaves it. For files from untrusted sources see
     :func:`medtl.io.bounded.read_image_bounded`.
     """
     path = Path(path)
-    with reading(path, "file"):
+    with cpu_limited(path, read_limits().cpu_s), reading(path, "file"):
         if path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
             return read_series(path, series_uid=series_uid, modality=modality)
         if not path.is_file():

@@ -124,6 +124,16 @@ def test_a_read_past_its_processor_time_is_stopped_with_a_typed_error(tmp_path):
     ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
     with pytest.raises(InputTooLargeError, match="processor time"):  # (the frame limit raised: the CPU one is hit)
         read_image_bounded(tmp_path / "frames.dcm", limits=ReadLimits(cpu_s=1, max_frames=10**7))
+    import signal
+
+    from medtl.io import using_read_limits
+
+    with using_read_limits(ReadLimits(cpu_s=1, max_frames=10**7)):  # in-process: the profiling timer stops it
+        t0 = time.process_time()
+        with pytest.raises(InputTooLargeError, match="1 s of processor time"):
+            read_image(tmp_path / "frames.dcm")
+        assert time.process_time() - t0 < 3
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0) and signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
     t0 = time.monotonic()
     with pytest.raises(InputTooLargeError, match="200000 frames, more than the 20000"):  # in-process, at once
         read_image(tmp_path / "frames.dcm")
