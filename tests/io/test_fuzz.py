@@ -83,9 +83,8 @@ def test_seeded_run_reads_or_refuses_every_mutant_in_budget(tmp_path):
     assert report["fallbacks"] == {}, message  # every mutator found what it edits in the generated seeds
     assert {r["rows"] for r in report["table"]} >= {"kind dicom", "kind nifti", "kind picture", "kind zip", "total"}
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert (
-        summary["outcomes"] == outcomes and (tmp_path / "summary.md").read_text().count("| kind ") == 7
-    )  # dicom, nifti, picture, zip, config, npz, manifest
+    kinds = (tmp_path / "summary.md").read_text().count("| kind ")  # dicom, nifti, picture, zip and the new four
+    assert summary["outcomes"] == outcomes and kinds == 8, kinds
     assert (tmp_path / "failures.jsonl").read_text() == ""
 
 

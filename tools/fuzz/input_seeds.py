@@ -1,6 +1,7 @@
 """Seeds of the inputs that are not images (issue 33): experiment configurations (the repository's own
-``configs/*.yaml``), a MedMNIST-layout ``.npz`` and a manifest ``.csv``; and compressed DICOM (JPEG 2000 and
-JPEG baseline), whose codestreams the size-lie mutators edit. The same bytes every run (fixed zip times)."""
+``configs/*.yaml``), a MedMNIST-layout ``.npz``, a manifest ``.csv`` and a study's folder tree; and compressed
+DICOM (JPEG 2000 and JPEG baseline), whose codestreams the size-lie mutators edit. The same bytes every run
+(fixed zip times)."""
 
 import io
 import zipfile
@@ -70,12 +71,24 @@ def _compressed_dicoms(base: bytes) -> list[Seed]:
     return [*seeds, _seed("grey_jpeg.dcm", "dicom", out.getvalue())]
 
 
-def input_seeds(ct_slice: bytes) -> list[Seed]:
-    """The configuration, ``.npz``, manifest and compressed DICOM seeds (``ct_slice``: a generated CT slice)."""
+def _folder(series: list[tuple[str, bytes]]) -> bytes:
+    """A study's folder tree (as a zip of its members, the ``.tree`` the fuzz reader unpacks): a series in
+    ``study/series-1/``, one of its files deeper down, and a note."""
+    from tools.fuzz.formats import zip_bytes
+
+    members = [(f"study/series-1/{'a/b/c/' if k == 0 else ''}{name}", data) for k, (name, data) in enumerate(series)]
+    members += [("study/notes.txt", b"hello\n")]
+    return zip_bytes(members)
+
+
+def input_seeds(ct_slice: bytes, series: list[tuple[str, bytes]]) -> list[Seed]:
+    """The configuration, ``.npz``, manifest, folder-tree and compressed DICOM seeds (``ct_slice``: a generated
+    CT slice; ``series``: the (name, bytes) of a generated series' files)."""
     configs = [_seed(f"config_{p.name}", "config", p.read_bytes()) for p in sorted((ROOT / "configs").glob("*.yaml"))]
     return [
         *configs,
         _seed("medmnist.npz", "npz", _medmnist(np.random.default_rng(7))),
         _seed("manifest.csv", "manifest", _manifest()),
+        _seed("study.tree", "folder", _folder(series)),
         *_compressed_dicoms(ct_slice),
     ]

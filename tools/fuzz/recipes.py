@@ -17,7 +17,9 @@ KIND_WEIGHTS = {
     "config": 0.05,
     "npz": 0.05,
     "manifest": 0.05,
+    "folder": 0.04,
 }
+FORMAT_FAMILY = {"folder": "zip"}  # a folder tree is made from a zip's members: the zip mutators edit it
 # "format": the kind's own family
 FAMILY_WEIGHTS = (("bytes", 0.28), ("format", 0.63), ("bomb", 0.03), ("sizelie", 0.06))
 
@@ -30,7 +32,7 @@ def plan(run_seed: int, index: int, seeds: list[Seed]) -> dict:
     kind = rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0]
     seed = rng.choice(by_kind[kind])
     family = rng.choices([f for f, _ in FAMILY_WEIGHTS], [w for _, w in FAMILY_WEIGHTS])[0]
-    family = kind if family == "format" else family
+    family = FORMAT_FAMILY.get(kind, kind) if family == "format" else family
     options = [m for m in MUTATORS.values() if m.family == family and kind in m.kinds and m.applies(seed)]
     if not options:
         options = [MUTATORS[n] for n in BYTE_MUTATORS]

@@ -26,7 +26,7 @@ from medtl.io.reader import sniff_format
 from tools.fuzz.formats import zip_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("dicom", "nifti", "picture", "zip", "config", "npz", "manifest")
+KINDS = ("dicom", "nifti", "picture", "zip", "config", "npz", "manifest", "folder")
 UID_ROOT = "1.2.826.0.1.3680043.10.1511.9"  # fixed UIDs: the seeds are the same bytes every run
 
 
@@ -35,7 +35,7 @@ class Seed:
     """A file mutants are made from."""
 
     id: str  # "gen:<name>" or "data:<path relative to the data folder>"
-    kind: str  # dicom, nifti, picture, zip; config (YAML), npz (MedMNIST layout), manifest (CSV)
+    kind: str  # dicom, nifti, picture, zip; config (YAML), npz (MedMNIST layout), manifest (CSV), folder (a tree)
     suffix: str  # its name's suffix, kept by its mutants (readers look at names too)
     data: bytes
 
@@ -174,7 +174,7 @@ def generated_seeds() -> list[Seed]:
     series = zip_bytes([(f"IM{k:04d}", _ct_dicom(rng, 32, 20 + k, k, 20)) for k in (2, 0, 3, 1)])
     from tools.fuzz.input_seeds import input_seeds  # (it builds on this module)
 
-    others = input_seeds(dicom[0].data)
+    others = input_seeds(dicom[0].data, [(f"IM{k:04d}", _ct_dicom(rng, 32, 40 + k, k, 40)) for k in range(3)])
     return [*dicom, *nifti, *_picture_seeds(grey, rgb), _generated("series.zip", "zip", series), *others]
 
 

@@ -16,11 +16,12 @@ def _files(data: bytes) -> list[tuple[str, bytes]]:
     return [m for m in zip_members(data) if not m[0].endswith("/")]
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_member(data, rng, seed):
     """One member mutated as a DICOM file (or by a generic byte mutator), the zip rebuilt."""
     members = _files(data)
-    k = rng.randrange(len(members))
+    dicom = [i for i, (_, body) in enumerate(members) if body[128:132] == b"DICM"]  # (a tree also holds a note)
+    k = rng.choice(dicom) if dicom else rng.randrange(len(members))
     name, body = members[k]
     families = (
         [m for m in MUTATORS.values() if m.family == "dicom"]
@@ -34,7 +35,7 @@ def zip_member(data, rng, seed):
     return zip_bytes(members), {"member": name, "inner": inner.name, **{f"inner_{a}": b for a, b in details.items()}}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_many_members(data, rng, seed):
     """Two of the series' files and thousands of tiny members."""
     count = rng.choice([20000, 6000])
@@ -43,7 +44,7 @@ def zip_many_members(data, rng, seed):
     return zip_entries([(name, 0, body, zlib.crc32(body), len(body)) for name, body in members]), {"members": count}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_huge_declared(data, rng, seed):
     """A member's sizes in the central directory (and its local header) rewritten."""
     buf = bytearray(data)
@@ -65,7 +66,7 @@ def zip_huge_declared(data, rng, seed):
     return bytes(buf), {"field": field, "value": value, "entry": entries.index(pos)}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_nested_dirs(data, rng, seed):
     depth = rng.choice([2, 10, 50, 200])
     prefix = "/".join(f"d{k}" for k in range(depth)) + "/"
@@ -74,7 +75,7 @@ def zip_nested_dirs(data, rng, seed):
     return zip_bytes([(d, b"") for d in dirs] + members), {"depth": depth, "dir_entries": bool(dirs)}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_bad_names(data, rng, seed):
     members = _files(data)
     forms = [
@@ -100,7 +101,7 @@ def zip_bad_names(data, rng, seed):
     return zip_bytes(members), {"renamed": renamed}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_duplicates(data, rng, seed):
     members = _files(data)
     k = rng.randrange(len(members))
@@ -110,7 +111,7 @@ def zip_duplicates(data, rng, seed):
     return zip_bytes(members), {"member": members[k][0], "same_name": same_name}
 
 
-@mutator("zip", ("zip",))
+@mutator("zip", ("zip", "folder"))
 def zip_foreign_members(data, rng, seed):
     members = _files(data)
     extras = {
