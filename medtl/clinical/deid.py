@@ -43,8 +43,10 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from medtl.errors import ConfigError, CorruptImageError, MedtlError, MedtlInputError
+from medtl.io.cpu import cpu_limited
 from medtl.io.dicom import open_dicom
 from medtl.io.guard import reading
+from medtl.io.limits import read_limits
 from medtl.io.walk import walk_files
 from medtl.version import __version__
 
@@ -351,7 +353,8 @@ def deidentify_files(
     out, result = Path(out), DeidResult()
     for f in map(Path, files):
         try:
-            target, written = _deidentify_file(f, out, deid)
+            with cpu_limited(f, read_limits().cpu_s):  # processor time per file, as read_image has
+                target, written = _deidentify_file(f, out, deid)
         except MedtlError as e:  # unreadable, damaged or refused: reported and skipped, the rest goes on
             log.warning("skipped: %s", e)
             result.errors.append(e)

@@ -164,3 +164,29 @@ def test_sequences_nested_1000_deep_are_refused_at_once(sample_dir, tmp_path, un
     shallow.put_raw(TAGS["ContentSequence"], nested_sequence(20, d.explicit, d.little, undefined))
     (tmp_path / "shallow.dcm").write_bytes(shallow.to_bytes())
     assert len(deidentify_files([tmp_path / "shallow.dcm"], tmp_path / "out2", Deidentifier(key=KEY)).written) == 1
+
+
+def test_a_file_past_its_processor_time_is_skipped_and_the_rest_goes_on(sample_dir, tmp_path, monkeypatch):
+    from medtl.clinical import deid as deid_module
+    from medtl.io import ReadLimits, using_read_limits
+
+    slow = tmp_path / "in" / "slow.dcm"
+    slow.parent.mkdir()
+    slow.write_bytes(_bytes(_good(sample_dir)))
+    ds = _good(sample_dir)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    (tmp_path / "in" / "fast.dcm").write_bytes(_bytes(ds))
+    real = deid_module.Deidentifier.dataset
+
+    def dataset(self, ds, name=None):  # a file whose cleaning spins (as pydicom did on a 1,000-deep one)
+        if Path(name).name == "slow.dcm":
+            while True:
+                pass
+        return real(self, ds, name)
+
+    monkeypatch.setattr(deid_module.Deidentifier, "dataset", dataset)
+    with using_read_limits(ReadLimits(cpu_s=1)):
+        result = deidentify_files(sorted((tmp_path / "in").iterdir()), tmp_path / "out", Deidentifier(key=KEY))
+    assert len(result.written) == 1 and len(result.errors) == 1
+    assert isinstance(result.errors[0], InputTooLargeError) and "processor time" in str(result.errors[0])
+    assert result.errors[0].path == slow and not list((tmp_path / "out").rglob("*.part"))
