@@ -159,8 +159,9 @@ def declared_bytes(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
     raw = (n + 7) // 8 if bits_alloc == 1 else n * (bits_alloc // 8)
     if str(ds.get("PhotometricInterpretation", "")).upper().strip() == "YBR_FULL_422":
         raw = raw * 2 // 3  # chroma subsampled: 2 bytes per pixel where 3 are decoded
-    # decoded array + float32 copy (+ the grey conversion of colour)
-    return raw, raw + max(n, 1) * 4 * (2 if samples > 1 else 1) + max(rows * cols, 1) * 8
+    # decoded array + float32 copy (+ the grey conversion of colour; a palette: its 16-bit RGB, float32 RGB, grey)
+    per_value = 22 if str(ds.get("PhotometricInterpretation", "")).upper().strip() == "PALETTE COLOR" else 4
+    return raw, raw + max(n, 1) * per_value * (2 if samples > 1 else 1) + max(rows * cols, 1) * 8
 
 
 def check_dataset(ds: pydicom.Dataset, path: Path) -> None:
