@@ -125,7 +125,11 @@ def _iter_sources(path: Path):
             target = Path(folder.name) / f"{i:06d}.dcm"  # never the member's own name (no ../ tricks)
             try:
                 with reading(path, f"zip member {m.filename}"), z.open(m) as f, open(target, "wb") as out:
+                    first = True
                     while piece := f.read(1 << 20):
+                        if first and not _dicom_head(piece):  # not inflated further: a bomb of zeros stops here
+                            raise MedtlInputError(path, f"zip member {m.filename} is not a DICOM file")
+                        first = False
                         written += len(piece)
                         if written > limits.max_bytes:
                             raise InputTooLargeError(
@@ -142,6 +146,12 @@ def _iter_sources(path: Path):
                 yield m.filename, None, e.problem
                 continue
             yield m.filename, target, folder
+
+
+def _dicom_head(head: bytes) -> bool:
+    """Whether a file's first bytes can begin DICOM: the DICM preamble, or (without one) an element of group
+    0000, 0002 or 0008, where a dataset written without its preamble starts."""
+    return head[128:132] == b"DICM" or head[:2] in (b"\x00\x00", b"\x02\x00", b"\x08\x00")
 
 
 def _folder_files(path: Path, limits: ReadLimits) -> list[Path]:
