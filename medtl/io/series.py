@@ -124,17 +124,18 @@ def _iter_sources(path: Path):
         for i, m in enumerate(members):
             target = Path(folder.name) / f"{i:06d}.dcm"  # never the member's own name (no ../ tricks)
             try:
-                with reading(path, f"zip member {m.filename}"), z.open(m) as f, open(target, "wb") as out:
+                # (messages do not name the member: its path may hold a patient's name; the listing keys it)
+                with reading(path, "a zip member"), z.open(m) as f, open(target, "wb") as out:
                     first = True
                     while piece := f.read(1 << 20):
                         if first and not _dicom_head(piece):  # not inflated further: a bomb of zeros stops here
-                            raise MedtlInputError(path, f"zip member {m.filename} is not a DICOM file")
+                            raise MedtlInputError(path, "not a DICOM file (no DICM preamble or valid dataset)")
                         first = False
                         written += len(piece)
                         if written > limits.max_bytes:
                             raise InputTooLargeError(
                                 path,
-                                f"zip member {m.filename} inflates past the memory "
+                                f"zip member {i + 1} inflates past the memory "
                                 f"budget ({limits.max_bytes} bytes for the whole study); refused",
                             )
                         out.write(piece)
