@@ -284,8 +284,8 @@ class Deidentifier:
 
 
 # the most characters one value of a VR may have (PS3.5 6.2); PN: three component groups of 64
-MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 18, "DS": 16, "DT": 54, "IS": 12, "LO": 64, "PN": 194, "SH": 16}
-MAX_CHARS.update({"ST": 1024, "LT": 10240, "TM": 28, "UI": 64})
+MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 18, "DS": 16, "DT": 54, "IS": 12, "LO": 64, "PN": 194, "SH": 16,
+             "ST": 1024, "LT": 10240, "TM": 28, "UI": 64}  # fmt: skip
 # a patient module element's tag as it is encoded (little and big endian): found inside another element's
 # value, that element's length swallowed it
 _PATIENT_ELEMENTS = (0x0010, 0x0020, 0x0030, 0x1000, 0x1001, 0x1040)  # name, ID, birth date, other IDs/names, address

@@ -7,7 +7,8 @@ the budget (``ReadLimits.max_bytes``): its resident memory cannot grow by more t
 whatever a decoder allocates, and a read that would is refused with a typed error. The child sends
 back the :class:`~medtl.io.scan.Scan` or the typed error; a child that runs past a time limit is
 killed, and one that dies (a crash in a native decoder, or killed for memory) becomes a typed
-error too. The web UI and ``medtl predict`` read through it.
+error too. The web UI, ``medtl predict``, ``explain``, ``info``, ``evaluate --foreign`` and the PACS
+commands read through it.
 Anything the child writes to disk (unpacked zip members) goes to a private folder that the parent
 removes after the read, however it ended.
 
