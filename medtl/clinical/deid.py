@@ -14,7 +14,11 @@ dates by a constant: here the actions reach every nested sequence item, and
   hash of the patient ID: the same for every file of a patient, so intervals survive. This is the
   profile's *Retain Longitudinal Temporal Information with Modified Dates Option* (times of day are
   kept). ``dates="remove"`` applies the basic profile's own actions to dates and times instead;
+- **person names and free text**: every PN, UT, LT, ST and UC value, at any depth (an SR's TextValue, an
+  EvaluatorName), is replaced by ``ANONYMIZED`` whether the table lists the attribute or not;
 - **private attributes** are all removed (no Retain Safe Private Option);
+- **damaged elements**: a kept, shifted or time value longer than its VR allows or holding control characters
+  (its length swallowed the elements after it, the patient's ID among them) is removed;
 - **burned-in annotation**: an image whose ``BurnedInAnnotation`` is ``YES`` is refused
   (:class:`BurnedInAnnotationError`) unless the caller accepts it: the text in its pixels is not
   removed.
@@ -70,6 +74,9 @@ CATEGORIES = {
     "X_Z_U_STAR_TAGS": "K",
 }
 DUMMY_TEXT = "ANONYMIZED"
+# person names and free text: replaced wherever they are, listed by the table or not (an SR's TextValue, an
+# EvaluatorName, a PN in a sequence item), since their values are whatever someone typed
+FREE_TEXT_VRS = ("PN", "UT", "LT", "ST", "UC")
 MAX_NESTING = 32  # sequence levels cleaned; a deeper file is refused (a structured report nests a dozen)
 BIRTH_DATE = 0x00100030  # emptied (the profile's Z) even when other dates are shifted
 METHOD_CODES = (
@@ -221,37 +228,45 @@ class Deidentifier:
         for tag in [t for t in ds.keys() if t.is_private]:  # noqa: SIM118 -- iterating a Dataset gives elements
             del ds[tag]
         for elem in list(ds):
-            tag, vr = int(elem.tag), elem.VR
-            action = _action(tag)
-            if vr == "SQ":
-                if action in ("X", "XD"):
-                    del ds[elem.tag]
-                    continue
-                if action == "Z":
-                    elem.value = Sequence()
-                    continue
-                for item in elem.value:  # D (Content Sequence), U*, or not listed: clean each item
-                    self._clean(item, days, depth + 1)
-                continue
-            if vr in DATE_VRS + ("TM",) and self.dates == "shift" and action not in ("X", "U") and tag != BIRTH_DATE:
-                if vr != "TM":  # dates moved back; times of day kept (the Modified Dates Option)
-                    elem.value = self._shift(elem, days)
-                continue
-            if action is None or action == "K":
-                if _swallowed(elem):  # kept by the table, but its value holds what follows it in the file
-                    log.warning("removed %s: its value is too long or holds encoded elements", elem.tag)
-                    del ds[elem.tag]
-                continue
-            if action == "U":
-                elem.value = self._uids(elem.value)
-            elif action in ("X", "XD"):
-                del ds[elem.tag]
-            elif action == "Z" or (action == "ZD" and vr != "UI"):
-                elem.value = None
-            elif vr in DATE_VRS + ("TM",):  # D with dates removed: a dummy
-                elem.value = {"DA": "19000101", "DT": "19000101000000", "TM": "000000"}[vr]
-            else:  # D (and Z/D of a UID)
-                elem.value = self._dummy(elem) if vr != "UI" else self._uids(elem.value)
+            if elem.VR == "SQ":
+                self._clean_sequence(ds, elem, days, depth)
+            else:
+                self._clean_element(ds, elem, days)
+
+    def _clean_sequence(self, ds: Dataset, elem, days: int, depth: int) -> None:
+        action = _action(int(elem.tag))
+        if action in ("X", "XD"):
+            del ds[elem.tag]
+        elif action == "Z":
+            elem.value = Sequence()
+        else:  # D (Content Sequence), U*, or not listed: clean each item
+            for item in elem.value:
+                self._clean(item, days, depth + 1)
+
+    def _clean_element(self, ds: Dataset, elem, days: int) -> None:
+        tag, vr = int(elem.tag), elem.VR
+        action = _action(tag)
+        shifted = vr in DATE_VRS + ("TM",) and self.dates == "shift" and action not in ("X", "U") and tag != BIRTH_DATE
+        if (shifted or action in (None, "K")) and _swallowed(elem):
+            # kept (or shifted) by the table, but its value holds what follows it in the file
+            log.warning("removed %s: its value is too long or holds encoded elements", elem.tag)
+            del ds[elem.tag]
+        elif shifted:
+            if vr != "TM":  # dates moved back; times of day kept (the Modified Dates Option)
+                elem.value = self._shift(elem, days)
+        elif action is None or action == "K":
+            if vr in FREE_TEXT_VRS and elem.value not in (None, ""):  # a name or free text the table does not list
+                elem.value = DUMMY_TEXT
+        elif action == "U":
+            elem.value = self._uids(elem.value)
+        elif action in ("X", "XD"):
+            del ds[elem.tag]
+        elif action == "Z" or (action == "ZD" and vr != "UI"):
+            elem.value = None
+        elif vr in DATE_VRS + ("TM",):  # D with dates removed: a dummy
+            elem.value = {"DA": "19000101", "DT": "19000101000000", "TM": "000000"}[vr]
+        else:  # D (and Z/D of a UID)
+            elem.value = self._dummy(elem) if vr != "UI" else self._uids(elem.value)
 
     def _uids(self, value):
         if isinstance(value, (list, pydicom.multival.MultiValue)):
@@ -319,6 +334,9 @@ def _code(value: str, meaning: str) -> Dataset:
     return c
 
 
+_DT_REST = re.compile(r"[0-9]{0,6}(\.[0-9]{0,6})?([+-][0-9]{4})?")  # a DT's time of day and offset
+
+
 def _shift_one(value: str, vr: str, days: int) -> str:
     """A DA (YYYYMMDD) or DT (YYYYMMDD...) value moved ``days`` back; a value that is not a date (a
     damaged or partial one) becomes a dummy date rather than being kept."""
@@ -327,7 +345,8 @@ def _shift_one(value: str, vr: str, days: int) -> str:
         shifted = (dt.datetime.strptime(date, "%Y%m%d") - dt.timedelta(days=days)).strftime("%Y%m%d")
     except ValueError:
         return "19000101"
-    return shifted + (value.strip()[8:] if vr == "DT" else "")
+    rest = value.strip()[8:] if vr == "DT" else ""
+    return shifted + (rest if _DT_REST.fullmatch(rest) else "")
 
 
 @dataclass
