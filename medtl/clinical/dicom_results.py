@@ -13,8 +13,10 @@ and name), since a run's classes are the user's own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -42,6 +44,7 @@ from medtl.version import __version__
 
 # highdicom logs the UIDs of the datasets it copies from at INFO: kept out of medtl's output (they can be traced)
 logging.getLogger("highdicom").setLevel(logging.WARNING)
+log = logging.getLogger("medtl.clinical.dicom_results")
 
 SCHEME = "99MEDTL"  # a private coding scheme for a run's own classes and medtl's quantities
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
@@ -151,6 +154,21 @@ def _mark_deidentified(result: pydicom.Dataset, source: pydicom.Dataset) -> None
             setattr(result, keyword, source.data_element(keyword).value)
 
 
+@contextlib.contextmanager
+def _names_unquoted():
+    """highdicom warns about a person name without a caret by quoting it ("The string "..." is unlikely to
+    represent the intended person name"): such warnings are caught and logged without the name; any other
+    warning is passed on as it was."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if "unlikely to represent the intended person name" in str(w.message):
+            log.debug("a person name of the source has a single component (kept as it is)")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def write_dicom_results(
     predictor: Predictor,
     path: str | Path,
@@ -190,16 +208,17 @@ def write_dicom_results(
     finding = "not assessed" if pred.refused else pred.label
     root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
     root.ContentSequence = items
-    sr = hd.sr.ComprehensiveSR(
-        evidence=sources,
-        content=root,
-        series_instance_uid=result_uid(sources, sha, "sr series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
-        instance_number=1,
-        manufacturer="medtl",
-        is_complete=True,
-    )
+    with _names_unquoted():
+        sr = hd.sr.ComprehensiveSR(
+            evidence=sources,
+            content=root,
+            series_instance_uid=result_uid(sources, sha, "sr series"),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
+            instance_number=1,
+            manufacturer="medtl",
+            is_complete=True,
+        )
     written = [out / "sr.dcm"]
     _mark_deidentified(sr, sources[0])
     sr.save_as(written[0])
@@ -308,20 +327,21 @@ def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -
     series), written to ``path``."""
     pred = expl.prediction
     ref = sources[min(len(sources) - 1, max(0, pred.slice_index or 0))] if len(sources) > 1 else sources[0]
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref,
-        pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        patient_orientation=_patient_orientation(ref),
-        series_instance_uid=result_uid(sources, sha, "sc series"),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
-        instance_number=1,
-        manufacturer="medtl",
-        series_description=f"medtl {expl.method} overlay"[:64],
-    )
+    with _names_unquoted():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ref,
+            pixel_array=np.ascontiguousarray(expl.overlay, dtype=np.uint8),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            patient_orientation=_patient_orientation(ref),
+            series_instance_uid=result_uid(sources, sha, "sc series"),
+            series_number=SC_SERIES_NUMBER,
+            sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
+            instance_number=1,
+            manufacturer="medtl",
+            series_description=f"medtl {expl.method} overlay"[:64],
+        )
     # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
     # (dciodvfy then warns that absent would do for an unpaired part, but reports absence as an error)
     sc.Laterality = ref.get("Laterality", "")

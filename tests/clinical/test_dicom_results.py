@@ -115,3 +115,23 @@ def test_deidentified_results_validate_and_reference_the_deidentified_sources(ti
     # the same input and model: the same result UIDs (a PACS store is recognised as a repeat)
     again = write_dicom_results(predictor, src, tmp_path / "again", check=False, deidentifier=deid)
     assert pydicom.dcmread(again[0]).SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_a_single_component_patient_name_reaches_no_warning_or_log(tiny_run, sample_dir, tmp_path, caplog):
+    """highdicom warns about a person name without a caret, quoting it ("The string "CQ500-CT-310" is unlikely
+    to represent the intended person name"): on stderr, for every study of such a PACS. Issue 32, item 3."""
+    import logging
+    import warnings
+
+    caplog.set_level(logging.DEBUG)
+    src = pydicom.dcmread(sorted((sample_dir / "dicom").glob("*.dcm"))[2])
+    src.PatientName, src.ReferringPhysicianName = "CANARYNAME-310", "CANARYDOC"
+    src.save_as(tmp_path / "src.dcm")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        files = write_dicom_results(
+            load_run(tiny_run, device="cpu"), tmp_path / "src.dcm", tmp_path / "out", check=False
+        )
+    assert len(files) == 2 and pydicom.dcmread(files[0]).PatientName == "CANARYNAME-310"  # identified: as it was
+    text = "\n".join(str(w.message) for w in said) + caplog.text
+    assert "CANARY" not in text, text
