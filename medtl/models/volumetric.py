@@ -13,16 +13,8 @@ import torch
 from monai.networks.nets import resnet
 from torch import nn
 
+from medtl.models.catalog import RESNET_3D_DEPTHS
 from medtl.models.classifier import ClassifierAdapter
-
-RESNET_3D_DEPTHS = {
-    "resnet10_3d": 10,
-    "resnet18_3d": 18,
-    "resnet34_3d": 34,
-    "resnet10_3d_gn": 10,
-    "resnet18_3d_gn": 18,
-    "resnet34_3d_gn": 34,
-}
 
 
 def _group_norm_layer(channels: int) -> nn.GroupNorm:
