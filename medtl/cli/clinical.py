@@ -7,9 +7,6 @@ The handlers import the DICOM and prediction code when they run, not at the top 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -108,7 +105,11 @@ def _add_pacs_commands(pacs) -> None:
     s.add_argument(
         "--credentials",
         type=Path,
-        help=f"the users' credentials file (default: a new random password, written to STORAGE/{CREDENTIALS})",
+        help=f"the users' credentials file (default: STORAGE/{CREDENTIALS}, a random password made at the first "
+        "start and kept across restarts)",
+    )
+    s.add_argument(
+        "--new-password", action="store_true", help=f"replace the password kept in STORAGE/{CREDENTIALS} by a new one"
     )
     s.set_defaults(fn=cmd_pacs_serve)
 
@@ -143,6 +144,13 @@ def _add_pacs_options(s: argparse.ArgumentParser) -> None:
         "user:password line (default: $MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD; never on the command line)",
     )
     s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
+    s.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="times a temporary failure (PACS unreachable, no answer in time, HTTP 5xx) is retried, after 2, 4, "
+        "8... s (default 3)",
+    )
     s.add_argument("--patient-id", help="studies of this patient")
     s.add_argument("--date", help="study date YYYYMMDD or range YYYYMMDD-YYYYMMDD")
     s.add_argument("--modality", help="studies with this modality (CT, MR, CR, ...)")
@@ -189,7 +197,7 @@ def cmd_dicom_results(args: argparse.Namespace) -> int:
 def _pacs(args: argparse.Namespace):
     from medtl.clinical.pacs import Credentials, Pacs
 
-    return Pacs(args.url, Credentials.load(args.credentials), timeout=args.timeout)
+    return Pacs(args.url, Credentials.load(args.credentials), timeout=args.timeout, retries=max(0, args.retries))
 
 
 def _pacs_filters(args: argparse.Namespace) -> dict:
@@ -211,7 +219,7 @@ def cmd_pacs_query(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_run(args: argparse.Namespace) -> int:
-    from medtl.clinical.pacs import run_studies
+    from medtl.clinical.pacs_run import run_studies
     from medtl.predict.predictor import load_run
 
     pacs = _pacs(args)
@@ -234,23 +242,27 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
     for o in outcomes:
         what = f"{o.label} {o.probability:.3f}" if o.status == "answered" else o.reason
         print(f"{o.key}\t{o.status.upper()}\t{what}\t{o.stored} stored, {o.already} already there")
-    return exit_status(sum(o.status == "error" for o in outcomes), sum(o.status == "refused" for o in outcomes))
+    failed = sum(o.status in ("error", "retry") for o in outcomes)  # retry: temporary, a rerun tries it again
+    return exit_status(failed, sum(o.status == "refused" for o in outcomes))
 
 
 def cmd_pacs_serve(args: argparse.Namespace) -> int:
-    from medtl.clinical.pacs import Credentials, OrthancServer
+    from medtl.clinical.orthanc import OrthancServer, OrthancStoppedError, load_or_create_credentials
+    from medtl.clinical.pacs import Credentials
 
-    credentials = Credentials.load(args.credentials)
-    server = OrthancServer(args.storage, port=args.port, credentials=credentials)
-    if credentials is None:  # a new password, kept in a file only its owner reads (never printed)
-        args.storage.mkdir(parents=True, exist_ok=True)
+    if args.credentials is not None:
+        credentials = Credentials.load(args.credentials)
+    else:  # the server's own password, kept in a file only its owner reads (never printed)
         path = args.storage / CREDENTIALS
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"user": server.credentials.user, "password": server.credentials.password}, f)
-        print(f"credentials (user {server.credentials.user}) in {path}: pass --credentials {path}")
+        credentials, new = load_or_create_credentials(path, renew=args.new_password)
+        said = "a new password" if new else "the password kept"
+        print(f"credentials (user {credentials.user}, {said}) in {path}: pass --credentials {path}")
+    server = OrthancServer(args.storage, port=args.port, credentials=credentials)
     with server:
         print(f"Orthanc DICOMweb on {server.url} (loopback only, authentication on); Ctrl-C to stop")
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        try:
+            server.wait()
+        except OrthancStoppedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0

@@ -14,7 +14,8 @@ import pydicom
 import pytest
 
 from medtl.cli import main
-from medtl.clinical.pacs import Credentials, OrthancServer, Pacs, PacsError, find_orthanc
+from medtl.clinical.orthanc import OrthancServer, find_orthanc
+from medtl.clinical.pacs import Credentials, Pacs, PacsError
 from tests.clinical.test_deid import Canaries
 from tests.clinical.test_dicom_results import _dciodvfy_errors
 

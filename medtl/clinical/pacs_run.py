@@ -1,0 +1,213 @@
+"""Running a model on a PACS's studies: retrieve each (WADO-RS), predict, answer it with a Structured Report and a
+Secondary Capture of the saliency overlay (:func:`medtl.clinical.dicom_results.write_dicom_results`) and store
+them in the study (STOW-RS).
+
+The results' UIDs derive from the source instances and the model's weights, and a result the PACS already
+holds is not sent again: re-running stores nothing twice. A study that cannot be retrieved, read or stored
+is reported with its key and the reason; the others go on. A temporary failure (the PACS unreachable, slow
+or answering HTTP 5xx, after the client's retries) is recorded as ``retry``: a rerun with the same CSV tries
+that study again, while one answered, refused or failed for good (HTTP 4xx, an unreadable study) is skipped.
+
+The retrieved images are the patient's: they live in a private temporary folder, removed after each study,
+and also when the run is stopped by SIGTERM (or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from medtl.clinical.dicom_results import write_dicom_results
+from medtl.clinical.pacs import Pacs, PacsError, study_key
+from medtl.errors import MedtlError
+from medtl.predict.batch import done_keys
+from medtl.predict.predictor import Predictor
+
+log = logging.getLogger("medtl.clinical.pacs")
+RETRY = "retry"  # the status of a study that failed for a temporary reason: not done, a rerun tries it again
+
+
+@dataclass
+class StudyOutcome:
+    key: str
+    status: str  # answered, refused, error (for good), retry (a temporary failure)
+    label: str = ""
+    probability: float | None = None
+    stored: int = 0
+    already: int = 0
+    reason: str = ""
+
+
+OUTCOME_FIELDS = ["study", "status", "label", "probability", "stored", "already_there", "reason"]
+
+
+def run_studies(
+    predictor: Predictor,
+    pacs: Pacs,
+    study_uids: Iterable[str],
+    cache: str | Path | None = None,
+    store: bool = True,
+    method: str | None = None,
+    check: bool = True,
+    csv_path: str | Path | None = None,
+) -> list[StudyOutcome]:
+    """Retrieve each study, predict, write its SR and Secondary Capture and store them back (unless
+    ``store`` is False). A study's files live in ``cache`` (a private temporary folder by default,
+    removed afterwards, and on SIGTERM). One outcome per study; a failure is an outcome, not an exception.
+    With ``csv_path``, a row per study is appended as it ends, and studies whose last row is final (not
+    ``retry``) are skipped (an interrupted run resumes, a temporary failure is tried again).
+    ``check=False`` answers studies unlike the training images too."""
+    study_uids = list(study_uids)
+    done = finished_keys(Path(csv_path)) if csv_path else set()
+    todo = [uid for uid in study_uids if study_key(uid) not in done]
+    if done:
+        log.info("%d of %d studies already in %s", len(study_uids) - len(todo), len(study_uids), csv_path)
+    outcomes = []
+    own = tempfile.TemporaryDirectory(prefix="medtl-pacs-") if cache is None else None
+    root = Path(own.name if own else cache)
+    writer = _OutcomeWriter(csv_path) if csv_path else None
+    t_start = time.perf_counter()
+    try:
+        with _terminated_as_exit():
+            for k, uid in enumerate(todo, 1):
+                outcome = _run_study(predictor, pacs, uid, root, store, method, check)
+                outcomes.append(outcome)
+                if writer:
+                    writer.write(outcome)
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / k * (len(todo) - k)
+                log.info("%d/%d studies, ETA %d:%02d", k, len(todo), eta // 60, eta % 60)
+    finally:
+        if writer:
+            writer.close()
+        if own is not None:
+            own.cleanup()
+    return outcomes
+
+
+def finished_keys(csv_path: Path) -> set[str]:
+    """The studies of ``csv_path`` (a ``--csv`` of earlier runs) whose last row is final: answered, refused,
+    or an error that a retry would not mend; not those whose last row is ``retry``."""
+    done_keys(csv_path, "study")  # (drops a last row cut off by an interruption)
+    if not csv_path.is_file():
+        return set()
+    last: dict[str, str] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("study"):
+                last[row["study"]] = row.get("status", "")
+    return {key for key, status in last.items() if status != RETRY}
+
+
+@contextlib.contextmanager
+def _terminated_as_exit():
+    """SIGTERM (a service stopped, a job cancelled) raises SystemExit while the studies run, so that the
+    ``finally`` blocks remove the retrieved images instead of the process dying with them on disk."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread can set handlers)
+        yield
+        return
+
+    def stop(signum, frame):
+        log.warning("stopped by signal %d: removing the retrieved studies", signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_study(
+    predictor: Predictor, pacs: Pacs, uid: str, root: Path, store: bool, method: str | None, check: bool
+) -> StudyOutcome:
+    key = study_key(uid)
+    t0 = time.perf_counter()
+    folder = root / key
+    try:
+        files = pacs.retrieve(uid, folder / "images")
+        results = write_dicom_results(predictor, folder / "images", folder / "results", method, check=check)
+        datasets = [pydicom.dcmread(f) for f in results]
+        sr, answered = datasets[0], len(datasets) > 1
+        stored, already = pacs.store(datasets) if store else (0, 0)
+        if answered:
+            outcome = StudyOutcome(
+                key,
+                "answered",
+                _content(sr, "Finding").ConceptCodeSequence[0].CodeMeaning,
+                float(_content(sr, "Probability of finding").MeasuredValueSequence[0].NumericValue),
+                stored,
+                already,
+            )
+        else:
+            outcome = StudyOutcome(
+                key, "refused", stored=stored, already=already, reason=str(_content(sr, "Comment").TextValue)
+            )
+        log.info(
+            "%s: %d images, %s%s, %d results stored, %d already there (%.1f s)",
+            key,
+            len(files),
+            outcome.status,
+            f" {outcome.label}" if answered else "",
+            stored,
+            already,
+            time.perf_counter() - t0,
+        )
+        return outcome
+    except MedtlError as e:
+        message = str(e).replace(str(folder / "images"), key).replace(str(folder), key).replace(uid, key)
+        temporary = isinstance(e, PacsError) and e.transient
+        if temporary:
+            message += " (a temporary failure: a rerun with the same --csv tries it again)"
+        log.warning("%s: %s", key, message)
+        return StudyOutcome(key, RETRY if temporary else "error", reason=message)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the study's images and results: not kept
+
+
+class _OutcomeWriter:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        new = not path.is_file() or path.stat().st_size == 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", newline="")  # noqa: SIM115 -- kept open for the run's rows; close() ends it
+        self.writer = csv.DictWriter(self.file, fieldnames=OUTCOME_FIELDS)
+        if new:
+            self.writer.writeheader()
+
+    def write(self, o: StudyOutcome) -> None:
+        self.writer.writerow(
+            {
+                "study": o.key,
+                "status": o.status,
+                "label": o.label,
+                "probability": "" if o.probability is None else round(o.probability, 6),
+                "stored": o.stored,
+                "already_there": o.already,
+                "reason": o.reason,
+            }
+        )
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _content(sr: pydicom.Dataset, meaning: str) -> pydicom.Dataset:
+    """The SR's content item named ``meaning`` (as :func:`medtl.clinical.dicom_results.write_dicom_results`
+    writes it)."""
+    return next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == meaning)
+
+
+__all__ = ["run_studies", "StudyOutcome", "finished_keys", "OUTCOME_FIELDS", "RETRY"]
