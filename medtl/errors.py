@@ -81,6 +81,18 @@ class WeightsError(MedtlError):
     """Pretrained weights are missing, or do not match the architecture or their checksum."""
 
 
+class MissingExtraError(MedtlError, ImportError):
+    """A command needs an optional part of medtl that is not installed (``pip install 'medtl[EXTRA]'``);
+    ``extra`` names it (:func:`medtl.extras.require`)."""
+
+    def __init__(self, message: str, extra: str):
+        self.extra = extra
+        super().__init__(message)
+
+    def __reduce__(self):  # pickled with its fields, like MedtlInputError
+        return type(self), (str(self), self.extra)
+
+
 class TrainingDivergedError(MedtlError, ArithmeticError):
     """The training loss or the model's outputs became NaN or infinite (learning rate too high)."""
 

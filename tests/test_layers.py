@@ -20,6 +20,7 @@ LEVELS = {
     "medtl.runtime": 1,
     "medtl.threads": 1,  # compute threads fitted to the free cores
     "medtl.metrics": 1,  # settings, the machine, pure metrics
+    "medtl.extras": 1,  # the optional parts (pip extras) and the error naming the one to install
     "medtl.io": 2,  # reading scans
     "medtl.models": 3,  # encoders, their weights and preprocessing records
     "medtl.run": 4,  # the run folder

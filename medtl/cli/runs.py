@@ -103,6 +103,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    if args.format == "onnx":  # a core install is told which extra to add, before torch is imported
+        require("export", "onnx", "medtl export --format onnx")
     from medtl.export import export_run
     from medtl.run import RunDir, verify_package
 
@@ -116,6 +120,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("ui", "gradio", "medtl serve")  # a core install is told which extra to add, before any work
     from medtl.eval.quality import FLOOR_ENV
     from medtl_ui.app import launch
 

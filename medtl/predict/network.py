@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtl.extras import require
 from medtl.run import RunDir
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -33,7 +34,7 @@ class ExportedNetwork:
     def __init__(self, path: Path, fmt: str, device: torch.device | None = None):
         self.format, self.device = fmt, device or torch.device("cpu")
         if fmt == "onnx":
-            import onnxruntime as ort  # imported on use: only exported packages need it
+            ort = require("export", "onnxruntime", "an ONNX package")  # imported on use: only ONNX packages need it
 
             providers = ["CPUExecutionProvider"]
             if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
