@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 
 from medtl.cli import clinical, evaluate, info, predict, runs, train
+from medtl.cli.common import CommandParser, HelpFormatter, add_global_flags
 from medtl.errors import FileMissingError, MedtlError
 from medtl.version import __version__
 
@@ -34,11 +35,13 @@ GROUPS = (train, predict, evaluate, clinical, runs, info)  # in the order --help
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``medtl`` parser: its global options, and each group's sub-commands."""
-    p = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
+    p = argparse.ArgumentParser(
+        prog="medtl", description="Transfer learning for medical images.", formatter_class=HelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"medtl {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = p.add_subparsers(dest="command", required=True)
+    add_global_flags(p)
+    # every sub-command's parser takes -v/-q too (after the sub-command) and shows its defaults
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for group in GROUPS:
         group.add_parser(sub)
     return p

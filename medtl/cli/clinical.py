@@ -32,8 +32,11 @@ def add_parser(sub) -> None:
         required=True,
         help="folder: out/study-KEY/series-KEY/KEY.dcm; existing files are never overwritten",
     )
-    s.add_argument(
+    add_choice(
+        s,
         "--dates",
+        ("shift", "remove"),
+        "dates action",
         default="shift",
         help="shift (default: back by a per-patient number of days, "
         "times kept) or remove (the basic profile's actions on dates and times)",

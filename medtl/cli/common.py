@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,6 +20,40 @@ DECISION_HELP = (
     "which decision the run answers by: the one chosen on validation data when it was trained "
     "(default), or the one `medtl evaluate` chose"
 )
+
+
+DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"  # what medtl.config.validate_config takes
+
+
+def add_global_flags(p: argparse.ArgumentParser, default: object = False) -> None:
+    """``-v``/``-q``: on the ``medtl`` parser (``default`` False) and on every sub-command's (``default``
+    ``argparse.SUPPRESS``: a flag given before the sub-command is not overwritten by the sub-parser's default)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default where it has one worth saying (not None, not False) and the
+    help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return action.help
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every sub-command (and theirs): the global flags are accepted after the sub-command too,
+    and the help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        add_global_flags(self, default=argparse.SUPPRESS)
 
 
 class OptionError(MedtlError):
@@ -46,9 +81,23 @@ def add_choice(s: argparse.ArgumentParser, flag: str, options: Iterable[str], wh
     s.add_argument(flag, type=one_of(options, what), choices=options, **kwargs)
 
 
+def device_name(value: str) -> str:
+    """An argparse ``type``: a device as the configuration takes it (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
+    checked before torch is imported; ``gpu``/``gpu:N`` are pointed to ``cuda``/``cuda:N``."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return value
+    alias = re.fullmatch(r"gpu(:\d+)?", value.strip().lower())
+    hint = f"; did you mean 'cuda{alias[1] or ''}'?" if alias else ""
+    raise OptionError(f"unknown device {value!r}{hint} (expected {DEVICE_FORMS})")
+
+
 def add_device(s: argparse.ArgumentParser) -> None:
     s.add_argument(
-        "--device", default="auto", help="auto (a GPU where one can be reached; default), cpu, cuda or cuda:N"
+        "--device",
+        type=device_name,
+        default="auto",
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="where the model runs: auto (a GPU where one can be reached), cpu, cuda or cuda:N",
     )
 
 

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from medtl.cli.common import one_of
+from medtl.cli.common import device_name, one_of
 from medtl.config import CT_WINDOWS, DataConfig, EncoderConfig, ExplainConfig, TrainConfig
 
 SECTIONS: dict[str, type] = {
@@ -33,6 +33,8 @@ SECTIONS: dict[str, type] = {
 }
 # fixed sets of options that are not a Literal type: field -> (the options, their name in an error message)
 OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {"data.ct_window": ((*CT_WINDOWS, "multi"), "CT window")}
+# fields of a fixed form that is not a set of options: field -> (the argparse type that checks it, its metavar)
+FORMS: dict[str, tuple[Callable[[str], typing.Any], str]] = {"train.device": (device_name, "{auto,cpu,cuda,cuda:N}")}
 
 
 @functools.cache
@@ -102,6 +104,8 @@ def field_argument(field: str, converter: Callable[[str], typing.Any] | None = N
         options = typing.get_args(hint)
     if options:
         kwargs.update(type=one_of(options, what), choices=options)
+    elif field in FORMS and converter is None:
+        kwargs["type"], kwargs["metavar"] = FORMS[field]
     else:
         kwargs["type"] = converter or _converter(hint)
     return kwargs

@@ -7,10 +7,13 @@ The handler imports the evaluation code (torch) when it runs, not at the top of 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from medtl.cli.common import add_device
+from medtl.cli.common import OptionError, add_device, one_of
 from medtl.options import SALIENCY_METHODS
+
+OPERATING_POINTS = "'youden', 'sensitivity:X' or 'specificity:X' with 0 < X <= 1"
 
 
 def add_parser(sub) -> None:
@@ -19,9 +22,16 @@ def add_parser(sub) -> None:
     s.add_argument("run", type=Path)
     s.add_argument("--data", help="evaluate on this data set instead of the run's own test split")
     s.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (patients) for the CIs")
-    s.add_argument("--operating-point", default="youden", help="youden, sensitivity:0.9 or specificity:0.9")
+    s.add_argument(
+        "--operating-point",
+        type=operating_point,
+        default="youden",
+        metavar="{youden,sensitivity:X,specificity:X}",
+        help="the decision threshold's rule on validation data, e.g. sensitivity:0.9",
+    )
     s.add_argument(
         "--methods",
+        type=saliency_methods,
         help="comma-separated saliency methods whose maps are checked, or 'all' "
         f"({','.join(SALIENCY_METHODS)}); default: gradcam, gradcampp and the run's own method (occlusion and "
         "integrated_gradients take about a minute each on 2 cores)",
@@ -44,20 +54,34 @@ def add_parser(sub) -> None:
     s.set_defaults(fn=cmd_evaluate)
 
 
+def operating_point(value: str) -> str:
+    """An argparse ``type``: an operating-point rule of :func:`medtl.metrics.choose_threshold`, checked before
+    torch is imported."""
+    m = re.fullmatch(r"(sensitivity|specificity):(\d*\.?\d+)", value)
+    if value == "youden" or (m and 0 < float(m[2]) <= 1):
+        return value
+    raise OptionError(f"unknown operating point {value!r} (expected {OPERATING_POINTS})")
+
+
+def saliency_methods(value: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated saliency methods, or ``all``; each checked as ``--method`` is."""
+    names = tuple(m.strip() for m in value.split(",") if m.strip())
+    if names == ("all",):
+        return SALIENCY_METHODS
+    check = one_of(SALIENCY_METHODS, "saliency method")
+    return tuple(dict.fromkeys(check(name) for name in names))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtl.eval.evaluate import evaluate_run
     from medtl.run import RunDir
 
-    methods = None  # the default for the run (medtl.eval.evaluate.sanity_methods)
-    if args.methods:
-        names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        methods = SALIENCY_METHODS if names == ("all",) else names
     result = evaluate_run(
         args.run,
         data=args.data,
         n_boot=args.boot,
         operating_point=args.operating_point,
-        methods=methods,
+        methods=args.methods or None,  # None: the default for the run (medtl.eval.evaluate.sanity_methods)
         data_randomisation=args.data_randomisation,
         device=args.device,
         foreign=args.foreign,

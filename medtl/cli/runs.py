@@ -14,6 +14,8 @@ from pathlib import Path
 from medtl.cli.common import add_choice, add_decision, add_device, exit_status
 from medtl.options import ADAPT_METHODS, EXPORT_FORMATS
 
+AUTH_ENV = "MEDTL_AUTH"  # `serve`: USER:PASS of the page's sign-in (or --auth-file; never on the command line)
+
 
 def add_parser(sub) -> None:
     """``adapt``, ``export`` and ``serve`` on ``sub`` (the ``medtl`` parser's sub-commands)."""
@@ -59,7 +61,7 @@ def add_parser(sub) -> None:
         help="a file holding USER:PASS required to open the page (or set MEDTL_AUTH=USER:PASS; both stay out of "
         "the process list)",
     )
-    s.add_argument("--auth", help="USER:PASS on the command line: visible to every user in the process list")
+    s.add_argument("--auth", nargs="?", action=RefuseSecret, help=argparse.SUPPRESS)
     s.add_argument(
         "--retention-minutes",
         type=float,
@@ -120,6 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    auth = serve_auth(args)  # checked before the web page's libraries are imported
     from medtl.extras import require
 
     require("ui", "gradio", "medtl serve")  # a core install is told which extra to add, before any work
@@ -132,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.run,
         host=args.host,
         port=args.port,
-        auth=serve_auth(args),
+        auth=auth,
         device=args.device,
         decision=args.decision,
         retention_s=args.retention_minutes * 60,
@@ -141,19 +144,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class RefuseSecret(argparse.Action):
+    """A flag that would put a secret on the command line (where every user sees it in the process list): a
+    usage error (exit 2) saying where the secret goes instead, without echoing it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            f"{option_string} would show the password in the process list: put USER:PASS in a file given by "
+            f"--auth-file, or in the environment variable {AUTH_ENV}"
+        )
+
+
 def serve_auth(args: argparse.Namespace) -> str | None:
-    """USER:PASS for ``serve``: from ``--auth-file``, else ``MEDTL_AUTH``, else ``--auth`` (said to be visible)."""
+    """USER:PASS for ``serve``, from ``--auth-file``, else ``$MEDTL_AUTH``, else None (no sign-in); refused
+    unless both parts are there (the password is never echoed)."""
     from medtl.errors import ConfigError
 
     if args.auth_file is not None:
         try:
-            return args.auth_file.read_text(encoding="utf-8").strip()
+            auth, source = args.auth_file.read_text(encoding="utf-8").strip(), args.auth_file
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(
                 args.auth_file, f"cannot be read ({type(e).__name__})", "a text file: USER:PASS"
             ) from None
-    if os.environ.get("MEDTL_AUTH"):
-        return os.environ["MEDTL_AUTH"].strip()
-    if args.auth:
-        print("warning: --auth shows the password in the process list; use --auth-file or MEDTL_AUTH", file=sys.stderr)
-    return args.auth
+    elif os.environ.get(AUTH_ENV):
+        auth, source = os.environ[AUTH_ENV].strip(), None
+    else:
+        return None
+    user, sep, password = auth.partition(":")
+    if not (sep and user and password):
+        where = "" if source is not None else f"${AUTH_ENV} "
+        raise ConfigError(source, f"{where}does not hold USER:PASS (a user, a colon, a password)")
+    return auth

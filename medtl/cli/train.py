@@ -70,14 +70,14 @@ def add_train_options(s: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment of ``--config`` with the flags given on top; an unknown encoder is refused here, before
     any data is read."""
-    from medtl.models import check_encoder
-
     overrides = config_overrides(args, CONFIG_FLAGS)
     if args.data is None and args.manifest:
         overrides.setdefault("data", {})["path"] = args.manifest
     if args.no_pretrained:
         overrides.setdefault("encoder", {})["pretrained"] = False
-    cfg = load_config(args.config, **overrides)
+    cfg = load_config(args.config, **overrides)  # a bad key or value fails here, before torch is imported
+    from medtl.models import check_encoder
+
     check_encoder(cfg.encoder)
     return cfg
 
@@ -91,10 +91,10 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = train_config(args)  # checked before the training code (torch) is imported
     from medtl.run import RunDir
     from medtl.train import run_experiment
 
-    cfg = train_config(args)
     run = RunDir(run_experiment(cfg, args.out, force=args.force))
     metrics = run.read_json(RunDir.METRICS)
     if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
@@ -110,9 +110,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = train_config(args)  # checked before the training code (torch) is imported
     from medtl.train import find_lr
 
-    found = find_lr(train_config(args))
+    found = find_lr(cfg)
     print(
         f"suggested head learning rate: {found.suggestion:.2g} (steepest loss descent over "
         f"{len(found.lrs)} steps from {found.lrs[0]:.1g} to {found.lrs[-1]:.1g})"

@@ -1,4 +1,4 @@
-"""The CLI entry points test_cli.py leaves out: lr-find, serve's --auth check, predict's text output,
+"""The CLI entry points test_cli.py leaves out: lr-find, serve's sign-in check, predict's text output,
 explain with several files and its options, info's series and volume choice, evaluate with the data
 randomisation test, and train's --config, --no-pretrained, --weights-file and --cache-dir."""
 
@@ -59,17 +59,24 @@ def test_lr_find_suggests_a_rate_and_plots_it(small_manifest, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("auth", ["nocolon", ":s3cret", "user:"])
-def test_serve_refuses_a_bad_auth_value_without_starting(auth, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("source", ["MEDTL_AUTH", "--auth-file"])
+def test_serve_refuses_a_bad_auth_value_without_starting(auth, source, tmp_path, monkeypatch, capsys):
     from medtl_ui import app
 
-    # launch() sets these before it checks --auth: keep the test process's environment as it was
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # (were anything started, the environment stays as it was)
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     started = []
-    monkeypatch.setattr(app, "create_app", lambda *a, **k: started.append(a) or pytest.fail("app built"))
-    assert main(["serve", str(tmp_path), "--auth", auth]) == 2
+    monkeypatch.setattr(app, "launch", lambda *a, **k: started.append(a) or pytest.fail("page launched"))
+    argv = ["serve", str(tmp_path)]
+    if source == "MEDTL_AUTH":
+        monkeypatch.setenv("MEDTL_AUTH", auth)
+    else:
+        monkeypatch.delenv("MEDTL_AUTH", raising=False)
+        (tmp_path / "auth").write_text(auth + "\n")
+        argv += ["--auth-file", str(tmp_path / "auth")]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--auth must be USER:PASS" in err
+    assert "does not hold USER:PASS" in err and (source == "--auth-file") == (str(tmp_path / "auth") in err)
     assert "Traceback" not in err and "s3cret" not in err  # one line, and the password is not echoed
     assert started == []
 
