@@ -24,7 +24,11 @@ def add_parser(sub) -> None:
     )
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("encoders", help="list the registered encoders")
+    s = sub.add_parser(
+        "encoders",
+        help="list the registered encoders, whether their weights are on this machine, and the open names "
+        "(timm:NAME, hf-hub:REPO, tv:NAME, xrv:WEIGHTS, open_clip:..., transformers:REPO)",
+    )
     s.set_defaults(fn=cmd_encoders)
 
 
@@ -64,8 +68,17 @@ def shown_report(report: dict, show_paths: bool = False) -> dict:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
-    from medtl.models import get_encoder_spec, list_encoders
+    from medtl.models import SOURCES, get_encoder_spec, list_encoders
+    from medtl.models.hub import library_installed, weights_status
 
+    print(f"{'encoder':18s} {'weights here':13s} description")
     for name in list_encoders():
-        print(f"{name:18s} {get_encoder_spec(name).description}")
+        spec = get_encoder_spec(name)
+        present, where = weights_status(spec)
+        state = "yes" if present else "no library" if not library_installed(spec.source) else "no"
+        state = "none needed" if spec.source == "monai" else state
+        print(f"{name:18s} {state:13s} {spec.description}" + ("" if present else f" [{where}]"))
+    print("\nAny other encoder by an open name, SOURCE:REF (weights from the local caches, or --weights-file):")
+    for source, what in SOURCES.items():
+        print(f"  {source + ':':14s} {what}")
     return 0

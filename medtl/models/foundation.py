@@ -245,6 +245,7 @@ class HFVisionEncoder(ClassifierAdapter):
 
         from medtl.models.hub import hf_folder
 
+        transformers.utils.logging.disable_progress_bar()  # one bar per load, in the user's terminal otherwise
         if architecture is not None:  # a saved run: the architecture alone, its weights come from the run
             config = transformers.AutoConfig.for_model(**architecture["config"])
             self.net, pre = transformers.AutoModel.from_config(config), architecture["preprocess"]

@@ -42,7 +42,8 @@ def downloads_allowed() -> bool:
 def _missing(what: str, fetch: str) -> WeightsError:
     return WeightsError(
         f"{what} are not on this machine. Fetch them once where there is a network: {fetch} "
-        "(or set MEDTL_DOWNLOAD=1 to let medtl download them), or pass a local file with --weights-file"
+        "(or set MEDTL_DOWNLOAD=1 to let medtl download them), or pass a local file: weights_file=PATH "
+        "(CLI: --weights-file)"
     )
 
 
@@ -105,11 +106,16 @@ def torchvision_file(filename: str) -> Path:
     )
 
 
+def xrv_path(url: str) -> Path:
+    """Where TorchXRayVision keeps the weight file of ``url`` (its ``utils.get_cache_dir()``)."""
+    return Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data"))) / url.rsplit("/", 1)[-1]
+
+
 def xrv_file(weights: str, url: str | None = None) -> Path:
     """TorchXRayVision's weight file for ``weights`` (its url from ``xrv.models.model_urls``) in its cache
     (``~/.torchxrayvision/models_data``), or a WeightsError naming the command."""
     url = url or XRV_URLS.get(weights, "")
-    path = Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data"))) / url.rsplit("/", 1)[-1]
+    path = xrv_path(url)
     if url and path.is_file():
         return path
     if url and downloads_allowed():
@@ -134,7 +140,7 @@ def weights_status(spec: EncoderSpec) -> tuple[bool, str]:
             path = torch_hub_dir() / TORCHVISION_FILES.get(spec.ref, "?")
             return path.is_file(), str(path)
         if spec.source == "xrv":
-            return xrv_file(spec.ref).is_file(), "~/.torchxrayvision"
+            return xrv_file(spec.ref).is_file(), str(xrv_path(XRV_URLS.get(spec.ref, "")))
         library = spec.source if spec.source in HF_WEIGHTS else "timm"
         needs = [spec.hub_id] if spec.hub_id else []
         ok = bool(needs) and any(hf_cached(spec.hub_id, f) is not None for f in HF_WEIGHTS[library])

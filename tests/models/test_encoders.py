@@ -47,9 +47,9 @@ def test_unknown_encoder_did_you_mean():
 
 
 def test_tampered_weights_refused(monkeypatch):
-    import medtl.models.encoders as enc
+    import medtl.models.catalog as catalog
 
-    monkeypatch.setitem(enc.KNOWN_SHA256, "efficientnet-lite0-57934424.pth", "0" * 64)
+    monkeypatch.setitem(catalog.KNOWN_SHA256, "efficientnet-lite0-57934424.pth", "0" * 64)
     with pytest.raises(WeightsError, match="sha256"):
         create_encoder("efficientnet_lite0", pretrained=True)
 
