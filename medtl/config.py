@@ -29,6 +29,7 @@ from medtl.options import (
     SaliencyMethod,
     SliceAggregation,
     Strategy,
+    Tracking,
     VolumeMode,
 )
 
@@ -148,6 +149,9 @@ class TrainConfig:
     seed: int = 0  # seed of every random generator (weights, sampling, augmentation, dropout)
     deterministic: bool = False  # torch deterministic algorithms (slower; bit-identical reruns on GPU too)
     device: str = "auto"  # "auto" (a GPU where one can be reached), "cpu", "cuda" or "cuda:N"
+    tracking: Tracking = "tensorboard"  # where the curves go: "tensorboard" (RUN/tensorboard), "mlflow", "both" or
+    #   "off" (RUN/train.log and history.csv are always written)
+    tracking_uri: str | None = None  # MLflow tracking URI; None: a local store in the run (sqlite:///RUN/mlflow.db)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ AdaptMethod = Literal["adabn", "adabn_plain", "tent"]  # medtl adapt --method
 ExportFormat = Literal["onnx", "torchscript"]  # medtl export --format
 Backend = Literal["torch", "onnx", "torchscript"]  # the network a Predictor runs
 DecisionSource = Literal["training", "evaluation"]  # which step chose a run's decision (both on validation data)
+Tracking = Literal["tensorboard", "mlflow", "both", "off"]  # train.tracking: where a run's curves are recorded
 
 MODALITIES: tuple[str, ...] = get_args(Modality)
 INTENSITIES: tuple[str, ...] = get_args(Intensity)
@@ -39,6 +40,7 @@ ADAPT_METHODS: tuple[str, ...] = get_args(AdaptMethod)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DECISION_SOURCES: tuple[str, ...] = get_args(DecisionSource)
+TRACKINGS: tuple[str, ...] = get_args(Tracking)
 FEW_SHOT_HEADS = ("logreg", "ncm")  # strategies that fit a single-label head in closed form on cached features
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "ExportFormat",
     "Backend",
     "DecisionSource",
+    "Tracking",
     "MODALITIES",
     "INTENSITIES",
     "VOLUME_MODES",
@@ -70,5 +73,6 @@ __all__ = [
     "EXPORT_FORMATS",
     "BACKENDS",
     "DECISION_SOURCES",
+    "TRACKINGS",
     "FEW_SHOT_HEADS",
 ]

@@ -1,19 +1,31 @@
-"""Progress of a long job made of named phases, with the time spent and an estimate of the time left.
+"""Following a long job: its phases and counted steps with the time left, and its log file.
 
 :class:`Phases` logs one line as each phase starts: ``[3/7] saliency sanity: occlusion (41 s so far, about
 25 s left)``. The estimate weighs each phase by its expected relative cost and scales those weights by the
 time the finished phases actually took, so it improves as the job goes on; before any phase has finished it
-says nothing. Used by ``medtl evaluate``; kept free of torch so any layer may use it.
+says nothing. :class:`Steps` follows a counted loop within a phase (``features: 120/400 inputs (12 s, about
+28 s left)``), a line every ``every`` seconds at most. :func:`log_to_file` copies a job's log lines, timestamped
+and with debug detail, to a file (``RUN/train.log``) and keeps third-party warnings out of the terminal (in the
+file) unless the terminal shows debug lines (``-v``). Used by ``medtl train`` and ``medtl evaluate``; kept free
+of torch so any layer may use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # train.log's lines
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))  # medtl's own files: its warnings are the user's to see
 
 
-def _seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """A duration in words: ``41 s``, ``2.5 min``, ``1.2 h``."""
     s = max(0.0, s)
     if s < 90:
         return f"{s:.0f} s"
@@ -61,7 +73,9 @@ class Phases:
         self._close(now)
         self.current, self.started = name, now
         left = self.remaining()
-        when = f"{_seconds(now - self.t0)} so far" + (f", about {_seconds(left)} left" if left is not None else "")
+        when = f"{format_seconds(now - self.t0)} so far" + (
+            f", about {format_seconds(left)} left" if left is not None else ""
+        )
         label = f"{name}: {detail}" if detail else name
         self.log.info(
             "%s[%d/%d] %s (%s)", f"{self.what} " if self.what else "", self.index(name), len(self.names), label, when
@@ -80,8 +94,92 @@ class Phases:
         """Close the last phase; the job's total seconds (also logged)."""
         now = self.clock()
         self._close(now)
-        self.log.info("%s done in %s", self.what or "job", _seconds(now - self.t0))
+        self.log.info("%s done in %s", self.what or "job", format_seconds(now - self.t0))
         return now - self.t0
 
 
-__all__ = ["Phases"]
+class Steps:
+    """A counted loop's progress: :meth:`advance` after each step logs ``what: done/total unit (spent, about left)``
+    when ``every`` seconds have passed since the last line (and at the end), the estimate from the mean step
+    time so far. ``clock`` is injectable for tests."""
+
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        log: logging.Logger,
+        unit: str = "",
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what, self.total, self.log, self.unit, self.every, self.clock = what, total, log, unit, every, clock
+        self.done = 0
+        self.t0 = self.last = clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        spent = now - self.t0
+        left = spent / self.done * (self.total - self.done) if self.done else None
+        when = format_seconds(spent) + (
+            f", about {format_seconds(left)} left" if left and self.done < self.total else ""
+        )
+        unit = f" {self.unit}" if self.unit else ""
+        self.log.info("%s: %d/%d%s (%s)", self.what, self.done, self.total, unit, when)
+
+    def wrap(self, items, size: Callable[[object], int] = lambda item: 1) -> Iterator:
+        """``items``, advancing by ``size(item)`` after each."""
+        for item in items:
+            yield item
+            self.advance(size(item))
+
+
+class _KeepWarningsOut(logging.Filter):
+    """Drops warnings raised outside medtl's own files (captured as ``py.warnings`` records) from a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "py.warnings" or record.getMessage().startswith(_PACKAGE)
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | Path, loggers: Sequence[str] = ("medtl",)) -> Iterator[Path]:
+    """While the block runs: every record of ``loggers`` (at debug level), of third-party libraries (at their
+    own level) and every warning go to ``path`` (appended, timestamped); the terminal's handlers show what they
+    showed before at their level, less third-party warnings unless they show debug lines (``medtl -v``).
+    Everything is put back as it was afterwards."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    terminal_level = root.getEffectiveLevel()
+    keep_out = _KeepWarningsOut()
+    shown = [h for h in root.handlers if h.level == logging.NOTSET]  # (they followed the root's level)
+    for h in shown:
+        h.setLevel(terminal_level)  # so the debug records sent to the file stay out of them
+    if terminal_level > logging.DEBUG:
+        for h in root.handlers:
+            h.addFilter(keep_out)
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # each distinct warning once per place, into the file
+            yield Path(path)
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        handler.close()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for h in root.handlers:
+            h.removeFilter(keep_out)
+        for h in shown:
+            h.setLevel(logging.NOTSET)
+
+
+__all__ = ["Phases", "Steps", "log_to_file", "format_seconds", "FILE_FORMAT"]

@@ -18,7 +18,16 @@ run through it. Each artefact is written once, by one step:
 ``evaluation/``          ``medtl evaluate``'s report, model card and its own decision (``decision.json``)
 ``adaptation.json``      ``medtl adapt``: where an adapted run came from
 ``export.json``          ``medtl export``: the exported network's record (a package: every file checksummed)
+``status.json``          where training stands: running, interrupted, failed or finished, at which epoch
+                         (written when the run starts, at every epoch and when it ends)
+``checkpoint.pt``        the state to resume training from (:mod:`medtl.train.checkpoint`), replaced
+                         atomically every epoch; removed when the run finishes
+``train.log``            the lines the terminal showed, timestamped, with debug detail and third-party warnings
+``tensorboard/``         TensorBoard event files (``tensorboard --logdir runs``); ``mlflow.db``: MLflow's store
 =======================  ==========================================================================
+
+A run whose ``status.json`` does not say ``finished`` is refused by :meth:`RunDir.open` with what happened and
+how to resume it (runs written before the status file are read as finished).
 
 Runs of an older schema are read through :data:`MIGRATIONS`.
 """
@@ -27,7 +36,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +90,12 @@ class RunDir:
     ADAPTATION = "adaptation.json"
     EXPORT = "export.json"
     CARD = "MODEL_CARD.md"  # an export package's model card
+    STATUS = "status.json"  # where training stands (running, interrupted, failed, finished)
+    CHECKPOINT = "checkpoint.pt"  # the state to resume training from; removed when the run finishes
+    TRAIN_LOG = "train.log"
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow.db"  # MLflow's local store (train.tracking: mlflow without train.tracking_uri)
+    STATES = ("running", "interrupted", "failed", "finished")
     WEIGHT_FILES = (MODEL, OOD, BN_SOURCE)  # checksummed in SHA256SUMS
 
     def __init__(self, path: str | Path):
@@ -112,11 +130,73 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        """An existing run folder (one that holds ``config.yaml``)."""
+        """An existing, finished run folder (one that holds ``config.yaml`` and its model); a run whose training
+        did not finish is refused, saying where it stopped and how to resume it."""
         run = cls(path)
+        unfinished = run.unfinished()
+        if unfinished:
+            raise RunError(unfinished)
         if not (run / cls.CONFIG).is_file():
             raise RunError(f"{run.path}: not a medtl run (no {cls.CONFIG})")
         return run
+
+    @classmethod
+    def for_resume(cls, path: str | Path) -> RunDir:
+        """A run folder whose training did not finish, to continue (``medtl train --resume``)."""
+        run = cls(path)
+        status = run.read_status()
+        if not (run / cls.CONFIG).is_file() or status is None:
+            raise RunError(f"{run.path}: not a medtl run that can be resumed (no {cls.CONFIG} or {cls.STATUS})")
+        if status["state"] == "finished":
+            raise RunError(f"{run.path}: training finished already; nothing to resume")
+        if status["state"] == "running" and _alive(status):
+            raise RunError(f"{run.path}: training is still running (process {status.get('pid')})")
+        return run
+
+    # -- where training stands -----------------------------------------------------------------------
+
+    def read_status(self) -> dict | None:
+        """``status.json``: ``state`` (one of :attr:`STATES`), ``epoch`` and ``epochs`` (done, planned), ``stage``,
+        ``pid``, ``host``, ``updated``, ``error`` (failed runs); None for a run written before it existed."""
+        path = self / self.STATUS
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise RunError(f"{path}: not a status record (damaged); resume the run or train it again") from None
+        if not isinstance(record, dict) or record.get("state") not in self.STATES:
+            raise RunError(f"{path}: not a status record (no state among {', '.join(self.STATES)})")
+        return record
+
+    def write_status(self, state: str, **fields: Any) -> dict:
+        """``status.json`` at ``state`` with ``fields`` (merged into what it held; a field given as None is
+        removed), written atomically."""
+        record = {**(self.read_status() or {}), **fields, "state": state}
+        record = {k: v for k, v in record.items() if v is not None}
+        record.update(pid=os.getpid(), host=socket.gethostname(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        path = self / self.STATUS
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(to_plain(record), indent=2))
+        os.replace(tmp, path)
+        return record
+
+    def unfinished(self) -> str | None:
+        """Why the run cannot be used yet (training running, interrupted or failed; no model), in words with
+        what to do; None for a finished run (or one written before ``status.json`` existed)."""
+        status, name = self.read_status(), str(self.path)
+        if status is None:
+            if (self / self.CONFIG).is_file() and not (self / self.MODEL).is_file():
+                return f"{name}: training did not finish (no {self.MODEL}); train it again"
+            return None
+        if status["state"] == "finished":
+            return None
+        at = _epoch_words(status)
+        if status["state"] == "running" and _alive(status):
+            return f"{name}: training is still running ({at}); wait for it to finish"
+        how = "failed" if status["state"] == "failed" else "interrupted"
+        error = f": {status['error']}" if status.get("error") else ""
+        return f"{name}: training did not finish ({how} {at}{error}); resume it with medtl train --resume {name}"
 
     # -- the configuration ---------------------------------------------------------------------------
 
@@ -220,6 +300,32 @@ class RunDir:
                 raise RunError(
                     f"{self.path}: {name} does not match its sha256 in {self.SUMS} (changed after it was written)"
                 )
+
+
+def _epoch_words(status: dict) -> str:
+    epoch, epochs = status.get("epoch") or 0, status.get("epochs")
+    if not epoch:
+        return "before its first epoch ended"
+    return f"at epoch {epoch} of {epochs}" if epochs else f"at epoch {epoch}"
+
+
+def _alive(status: dict) -> bool:
+    """Whether the process that wrote a "running" status is still alive (on this machine; another machine's
+    is taken as alive: it cannot be checked from here)."""
+    pid = status.get("pid")
+    if status.get("host") != socket.gethostname():
+        return status.get("host") is not None
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False  # (this process: the run is its own, left running by a previous step of it)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def verify_package(folder: str | Path) -> dict:

@@ -25,12 +25,12 @@ import logging
 import sys
 from collections.abc import Callable
 
-from medtl.cli import clinical, evaluate, info, predict, runs, train
+from medtl.cli import clinical, evaluate, history, info, predict, runs, train
 from medtl.cli.common import CommandParser, HelpFormatter, add_global_flags
 from medtl.errors import FileMissingError, MedtlError
 from medtl.version import __version__
 
-GROUPS = (train, predict, evaluate, clinical, runs, info)  # in the order --help lists their commands
+GROUPS = (train, predict, evaluate, clinical, runs, history, info)  # in the order --help lists their commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from medtl.cli.common import OptionError
 from medtl.cli.config_flags import add_config_flags, config_overrides, path_text
 from medtl.config import ExperimentConfig, load_config
 
@@ -48,8 +49,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_sample_data)
 
     s = sub.add_parser("train", help="fine-tune an ImageNet encoder on a data set and write a run folder")
-    s.add_argument("--out", type=Path, required=True, help="run folder to create")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="run folder to create")
+    where.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue RUN, whose training did not finish, from its last epoch with its own configuration "
+        "(the same weights as a run never stopped)",
+    )
     s.add_argument("--force", action="store_true", help="replace an existing run folder")
+    s.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="record the curves in MLflow as well as TensorBoard (train.tracking: both); URI: its tracking "
+        "server or store (default: sqlite:///RUN/mlflow.db)",
+    )
     add_train_options(s)
     s.set_defaults(fn=cmd_train)
 
@@ -75,6 +92,8 @@ def train_config(args: argparse.Namespace) -> ExperimentConfig:
         overrides.setdefault("data", {})["path"] = args.manifest
     if args.no_pretrained:
         overrides.setdefault("encoder", {})["pretrained"] = False
+    if getattr(args, "mlflow", None) is not None:  # (medtl train only)
+        overrides.setdefault("train", {}).update(tracking="both", tracking_uri=args.mlflow or None)
     cfg = load_config(args.config, **overrides)  # a bad key or value fails here, before torch is imported
     from medtl.models import check_encoder
 
@@ -91,11 +110,34 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return cmd_resume(args)
     cfg = train_config(args)  # checked before the training code (torch) is imported
     from medtl.run import RunDir
     from medtl.train import run_experiment
 
-    run = RunDir(run_experiment(cfg, args.out, force=args.force))
+    return print_result(RunDir(run_experiment(cfg, args.out, force=args.force)))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``medtl train --resume RUN``: no other setting may be given (the run keeps its own)."""
+    flags = {**{f: getattr(args, f.lstrip("-").replace("-", "_")) for f in CONFIG_FLAGS}, "--mlflow": args.mlflow}
+    given = [f for f, value in flags.items() if value is not None]
+    given += [
+        f for f in ("--config", "--manifest", "--force", "--no-pretrained") if getattr(args, f[2:].replace("-", "_"))
+    ]
+    if given:
+        raise OptionError(f"--resume continues RUN with its own configuration; leave out {', '.join(given)}")
+    from medtl.run import RunDir
+    from medtl.train import resume_experiment
+
+    return print_result(RunDir(resume_experiment(args.resume)))
+
+
+def print_result(run) -> int:
+    """The run's one-line summary (its test AUC and accuracy)."""
+    from medtl.run import RunDir
+
     metrics = run.read_json(RunDir.METRICS)
     if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
         return 0

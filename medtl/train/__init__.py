@@ -11,7 +11,7 @@ one :class:`~medtl.train.trainer.Trainer` running the :mod:`~medtl.train.stages`
 
 from medtl.models.groups import ALL
 from medtl.train.data import PreparedData, create_datasets, prepare_data, read_data
-from medtl.train.experiment import environment, run_experiment
+from medtl.train.experiment import environment, resume_experiment, run_experiment
 from medtl.train.fitting import fit
 from medtl.train.loop import prefetch, use_prefetch
 from medtl.train.lr_find import LRFindResult, find_lr, lr_sweep
@@ -22,6 +22,7 @@ from medtl.train.trainer import FitResult
 
 __all__ = [
     "run_experiment",
+    "resume_experiment",
     "train_model",
     "create_seeded_model",
     "create_datasets",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from medtl.runtime import Runtime, distributed
 from medtl.train.data import PreparedData, prepare_data, prepare_unlabelled, read_data
 from medtl.train.recipe import create_seeded_model, train_model
 from medtl.train.stages import from_scratch
+from medtl.train.tracking import RunMonitor, follow_run
 from medtl.train.trainer import FitResult
 from medtl.transforms import create_transforms, display_image, prepare_inputs
 from medtl.version import __version__
@@ -47,14 +47,15 @@ from medtl.version import __version__
 log = logging.getLogger("medtl.train")
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
+def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False, resume: bool = False) -> Path:
     """Fine-tune, evaluate on the held-out patients and explain; write everything to ``out``.
 
-    ``out`` receives ``config.yaml``, ``model.safetensors`` (written at every new best epoch, so
-    an interrupted run keeps its last good weights), ``metrics.json``, ``history.csv``,
-    ``splits.csv``, ``skipped.csv`` (files or rows that could not be used) and ``overlays/``
-    (:class:`medtl.run.RunDir` names them all). Under ``torchrun`` every process trains and only rank 0
-    writes.
+    ``out`` receives ``config.yaml`` and ``status.json`` at once, ``train.log``, ``tensorboard/`` and
+    ``checkpoint.pt`` (every epoch) as training goes, then ``model.safetensors``, ``metrics.json``,
+    ``history.csv``, ``splits.csv``, ``skipped.csv`` (files or rows that could not be used) and ``overlays/``
+    (:class:`medtl.run.RunDir` names them all; :mod:`medtl.train.tracking` follows the run). ``resume``: continue
+    the unfinished run in ``out`` from its checkpoint, with ``cfg`` read from its ``config.yaml``
+    (:func:`resume_experiment`). Under ``torchrun`` every process trains and only rank 0 writes.
     """
     validate_config(cfg)
     check_encoder(cfg.encoder)
@@ -63,9 +64,39 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         log.info(
             "random initialisation: every layer trains at train.lr and BatchNorm statistics are learnt (strategy full)"
         )
-    t_start = time.perf_counter()
     rank, _ = distributed()
-    run = RunDir.create(out, force) if rank == 0 else RunDir(out)
+    if rank != 0:
+        run = RunDir(out)
+    elif resume:
+        run = RunDir.for_resume(out)
+    else:
+        run = RunDir.create(out, force)
+        run.write_config(starting_config(cfg))
+    with follow_run(run, cfg, resume) as monitor:
+        train_run(run, cfg, monitor)
+    return run.path
+
+
+def resume_experiment(run_dir: str | Path) -> Path:
+    """Continue the unfinished run in ``run_dir`` (its configuration, its checkpoint): the same weights as a run
+    that was never stopped, on the same machine."""
+    cfg, _ = RunDir.for_resume(run_dir).read_config()
+    return run_experiment(cfg, run_dir, resume=True)
+
+
+def starting_config(cfg: ExperimentConfig) -> dict:
+    """``config.yaml`` as a run starts (what it resolves is added when it finishes): data and weight paths made
+    absolute, so the run can be resumed from any folder."""
+    record = to_dict(cfg)
+    record["data"]["path"] = str(Path(cfg.data.path).resolve())
+    if cfg.encoder.weights_file:
+        record["encoder"]["weights_file"] = str(Path(cfg.encoder.weights_file).resolve())
+    return record
+
+
+def train_run(run: RunDir, cfg: ExperimentConfig, monitor: RunMonitor) -> None:
+    """The data read and split, the model trained (``monitor`` follows it and holds the checkpoint it resumes
+    from), then on rank 0 everything that follows (:func:`finish_run`) and ``metrics.json``."""
     manifest = read_data(cfg.data)
     names, multi = manifest.class_names, manifest.multi_label
     model, pre = create_seeded_model(cfg, len(names))
@@ -77,30 +108,27 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, force: bool = False) 
         pre.input_size,
         prepared.split_source,
     )
-
-    def checkpoint(m, row):
-        save_model(m, run / RunDir.MODEL, cfg.encoder.name, names, pre, multi_label=multi)
-
     datasets = prepared.datasets(cfg.data, pre)
     unlabelled = prepare_unlabelled(cfg.data, pre, prepared, cfg.train.workers)
     model, result = train_model(
-        cfg, datasets[0], datasets[1], len(names), model=model, unlabelled=unlabelled, on_improve=checkpoint
+        cfg, datasets[0], datasets[1], len(names), model=model, unlabelled=unlabelled, monitor=monitor
     )
-    if rank == 0:
-        metrics = finish_run(run, cfg, model, pre, prepared, datasets, result)
-        metrics["seconds"] = round(time.perf_counter() - t_start, 1)
-        run.write_json(RunDir.METRICS, metrics)
-        test = metrics["test"]
-        log.info(
-            "test AUC %s, %s %.3f on %d images of %d patients; run written to %s",
-            _fmt(test["auc"]),
-            "every finding right" if multi else "accuracy",
-            test["accuracy"],
-            test["n_images"],
-            test["n_patients"],
-            run.path,
-        )
-    return run.path
+    if distributed()[0] != 0:
+        return
+    metrics = finish_run(run, cfg, model, pre, prepared, datasets, result)
+    metrics["seconds"] = round(monitor.seconds(), 1)
+    run.write_json(RunDir.METRICS, metrics)
+    monitor.summary(metrics)
+    test = metrics["test"]
+    log.info(
+        "test AUC %s, %s %.3f on %d images of %d patients; run written to %s",
+        _fmt(test["auc"]),
+        "every finding right" if multi else "accuracy",
+        test["accuracy"],
+        test["n_images"],
+        test["n_patients"],
+        run.path,
+    )
 
 
 def finish_run(

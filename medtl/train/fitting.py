@@ -20,6 +20,7 @@ from medtl.errors import ConfigError
 from medtl.models.groups import ALL, encoder_groups, set_trainable
 from medtl.models.peft import merge_lora
 from medtl.options import FEW_SHOT_HEADS
+from medtl.train.checkpoint import resume_boundary
 from medtl.train.search import fit_auto, fit_soup
 from medtl.train.stages import plan_stages
 from medtl.train.trainer import FitResult, Trainer
@@ -33,6 +34,7 @@ def fit(
     num_classes: int,
     on_improve: Callable | None = None,
     unlabelled_ds=None,
+    monitor=None,
 ) -> FitResult:
     """Train ``model`` through the stages of its strategy; keep the best validation epoch.
 
@@ -41,10 +43,15 @@ def fit(
     checkpoint, so an interrupted run keeps its last good weights). Every stage restarts AdamW
     with warm-up + cosine decay. ``unlabelled_ds`` (a data set of unlabelled inputs) adds FixMatch's
     consistency loss to the stages that train the encoder (:class:`medtl.train.objectives.FixMatch`).
+    ``monitor`` (:class:`medtl.train.tracking.RunMonitor`) follows the epochs (status, curves) and checkpoints each
+    one; the run resumes from its checkpoint where it holds one. (``auto`` and ``ensemble`` train several times:
+    their epochs are followed, not checkpointed; a resumed one trains again from the start.)
     """
 
     def train_one(c: TrainConfig) -> FitResult:
-        return fit(model, train_ds, val_ds, c, num_classes, unlabelled_ds=unlabelled_ds)
+        part = c.strategy if cfg.ensemble == 1 else f"seed{c.seed}"
+        follow = monitor.part(part) if monitor is not None else None
+        return fit(model, train_ds, val_ds, c, num_classes, unlabelled_ds=unlabelled_ds, monitor=follow)
 
     if cfg.ensemble > 1:
         return fit_soup(model, train_one, val_ds, cfg, on_improve)
@@ -55,7 +62,7 @@ def fit(
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
         train_ds.transform.set_random_state(seed=cfg.seed)
-    trainer = Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve, unlabelled_ds)
+    trainer = Trainer(model, train_ds, val_ds, cfg, num_classes, on_improve, unlabelled_ds, monitor)
     return run_strategy(trainer, cfg.strategy)
 
 
@@ -75,9 +82,14 @@ def run_strategy(trainer: Trainer, strategy: str) -> FitResult:
         s for s in plan_stages(trainer.cfg, len(encoder_groups(model)), strategy, trainer.multi_label) if s.epochs > 0
     ]
     trainer.total_epochs = sum(s.epochs for s in stages)
+    trainer.stages = stages
+    first = resume_boundary(trainer)  # (0 unless resuming)
     try:
-        for stage in stages:
-            trainer.run_stage(stage)
+        for i in range(first, len(stages)):
+            trainer.stage_index = i
+            trainer.run_stage(stages[i])
+            if trainer.monitor is not None:
+                trainer.monitor.save(trainer, (i + 1, 0))
     finally:
         merge_lora(model)  # the plain network again (the best state is kept in its form)
     model.load_state_dict(trainer.best_state)

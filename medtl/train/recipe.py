@@ -36,6 +36,7 @@ def train_model(
     model: torch.nn.Module | None = None,
     unlabelled=None,
     on_improve=None,
+    monitor=None,
 ) -> tuple[torch.nn.Module, FitResult]:
     """Train ``cfg``'s encoder on the ``train`` studies, choosing epochs on ``val``; return the model (the best
     validation epoch's weights, in eval mode) and what training recorded. ``train`` and ``val``: decoded
@@ -44,7 +45,8 @@ def train_model(
 
     ``model``: the network to train (default: :func:`create_seeded_model`); ``unlabelled``: a data set of
     unlabelled inputs for semi-supervised training; ``on_improve(model, row)``: called at each new best
-    epoch (to write a checkpoint)."""
+    epoch; ``monitor``: follows the epochs and checkpoints them (:class:`medtl.train.tracking.RunMonitor`), and
+    holds the checkpoint to resume from."""
     if model is None:
         model, pre = create_seeded_model(cfg, n_classes)
     else:
@@ -52,7 +54,14 @@ def train_model(
     train_ds = create_datasets(cfg.data, pre, train, train=True)[0] if isinstance(train, list) else train
     val_ds = create_datasets(cfg.data, pre, val)[0] if isinstance(val, list) else val
     result = fit(
-        model, train_ds, val_ds, cfg.train, num_classes=n_classes, on_improve=on_improve, unlabelled_ds=unlabelled
+        model,
+        train_ds,
+        val_ds,
+        cfg.train,
+        num_classes=n_classes,
+        on_improve=on_improve,
+        unlabelled_ds=unlabelled,
+        monitor=monitor,
     )
     return model.eval(), result
 

@@ -34,9 +34,11 @@ from medtl.models.peft import plain_state_dict
 from medtl.options import FEW_SHOT_HEADS
 from medtl.predict.forward import extract_features, predict_logits
 from medtl.predict.post import Logits
+from medtl.progress import format_seconds
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
 from medtl.threads import fit_threads
 from medtl.train.batching import REFERENCE_BATCH, loader_workers, resolve_batch
+from medtl.train.checkpoint import restore_model, resume_within_stage
 from medtl.train.heads import fit_head
 from medtl.train.loop import cycled, feature_batches, loss_sync_steps, prefetch, progress, train_epoch, use_prefetch
 from medtl.train.objectives import FixMatch, Mixup, create_objective
@@ -86,9 +88,18 @@ class FitResult:
 class Trainer:
     """State shared by the stages of one :func:`medtl.train.fit` call."""
 
-    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes: int, on_improve, unlabelled_ds=None):
+    def __init__(
+        self, model, train_ds, val_ds, cfg: TrainConfig, num_classes: int, on_improve, unlabelled_ds=None, monitor=None
+    ):
         self.model, self.train_ds, self.val_ds = model, train_ds, val_ds
         self.num_classes, self.on_improve = num_classes, on_improve
+        # monitor: follows the run (checkpoints, status, TensorBoard; medtl.train.tracking.RunMonitor) and holds the
+        # checkpoint to resume from
+        self.monitor = monitor
+        self.resume = monitor.resume if monitor is not None else None
+        self.resume_path = monitor.checkpoint_path if monitor is not None else None
+        self.stages: list[Stage] = []  # the strategy's stages (run_strategy), where the run stands in them,
+        self.stage_index, self.stage_epoch, self.optimizer = 0, 0, None  # and the running stage's optimiser
         self.rank, self.world = distributed()
         self.device = local_device(resolve_device(cfg.device), self.world)
         self.runtime = Runtime(self.device, "fp32", cfg.channels_last, cfg.tta)
@@ -231,6 +242,9 @@ class Trainer:
         cfg, model = self.cfg, self.model
         set_trainable(model, stage.trainable)
         select_parameters(model, stage, cfg.lora_rank)
+        if self.resume is not None and self.resume["stage"] == self.stage_index:  # within this stage: its weights
+            restore_model(model, self.resume, self.resume_path)  # (after its set-up, which may add LoRA adapters)
+        self.stage_epoch, self.optimizer = 0, None
         if stage.name in FEW_SHOT_HEADS:
             return self.fit_few_shot_head(stage)
         if stage.head_only and cfg.cache_features:
@@ -302,6 +316,7 @@ class Trainer:
         head = self.model.get_classifier()
         detail = fit_head(stage.name, head, xf, yf, self.num_classes, self.cfg.class_weighting)
         self.epoch += 1
+        self.stage_epoch = 1
         self.log("%s head: %s", stage.name, detail)
         self.end_epoch(stage, [], time.perf_counter() - t0, self.validate_head(head, vf, vy))
 
@@ -344,9 +359,11 @@ class Trainer:
         ``batches()`` with ``step`` (a batch to its loss), the divergence check, validation, early stopping
         and the best-epoch checkpoint. Encoder stages' throughput is recorded."""
         schedule = self.schedule(optimizer, steps_per_epoch, stage.epochs)
-        self.stale = 0
-        for _ in range(stage.epochs):
+        self.stale, self.optimizer = 0, optimizer
+        done = resume_within_stage(self, optimizer, schedule)  # (epochs done already, when resuming within it)
+        for k in range(done, stage.epochs):
             self.epoch += 1
+            self.stage_epoch = k + 1
             fit_threads(measure=not self.cfg.deterministic)  # other processes may have started or ended
             t0 = time.perf_counter()
             train()
@@ -365,6 +382,8 @@ class Trainer:
                 self.encoder_seconds += seconds
             if self.end_epoch(stage, losses, seconds, validate()):
                 break
+            if k + 1 < stage.epochs and self.monitor is not None:  # (a stage's end is saved by run_strategy)
+                self.monitor.save(self, (self.stage_index, k + 1), optimizer, schedule)
 
     def end_epoch(self, stage: Stage, losses, seconds, val: tuple[np.ndarray, np.ndarray]) -> bool:
         """Record the epoch and its validation (labels, probabilities); keep the weights if they are the best
@@ -397,7 +416,7 @@ class Trainer:
             if self.on_improve is not None and self.rank == 0:
                 self.on_improve(self.model, row)
         self.log(
-            "epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s",
+            "epoch %d/%d [%s] train loss %.4f  val loss %.4f  val AUC %s  %.1fs%s%s",
             self.epoch,
             self.total_epochs,
             stage.name,
@@ -405,13 +424,35 @@ class Trainer:
             val_loss,
             f"{val_auc:.3f}" if val_auc is not None else "n/a",
             seconds,
+            self.eta(stage),
             "  *" if improved else "",
         )
+        if self.monitor is not None and self.rank == 0:
+            self.monitor.epoch_end(self, row)
         self.stale = 0 if improved else self.stale + 1
         if self.stale >= self.cfg.patience:
             self.log("stage %s stopped early: no better validation score for %d epochs", stage.name, self.stale)
             return True
         return False
+
+    def epochs_left(self) -> int:
+        """Epochs left in the running stage and every later one (early stopping may end a stage sooner)."""
+        if not self.stages:
+            return 0
+        return (
+            self.stages[self.stage_index].epochs
+            - self.stage_epoch
+            + sum(s.epochs for s in self.stages[self.stage_index + 1 :])
+        )
+
+    def eta(self, stage: Stage) -> str:
+        """``, about N left`` for the whole run: the epochs left in all stages times the running stage's mean epoch
+        time so far (it improves as the run goes: a head-only stage's epochs are cheaper than later ones')."""
+        times = [row["seconds"] for row in self.result.history if row["stage"] == stage.name]
+        left = self.epochs_left()
+        if not left or not times:
+            return ""
+        return f", about {format_seconds(left * float(np.mean(times)))} left"
 
     def check_loss(self, stage: Stage, losses: list[float]) -> bool:
         """A NaN or infinite step loss stops training (TrainingDivergedError)."""
