@@ -96,7 +96,8 @@ class DataConfig:
 class EncoderConfig:
     """Which pretrained encoder is used and at what input size."""
 
-    name: str = "efficientnet_lite0"  # registered encoder name (medtl.models.list_encoders())
+    name: str = "efficientnet_lite0"  # a registered encoder (medtl encoders) or an open name SOURCE:REF:
+    #   timm:NAME, hf-hub:REPO, local-dir:PATH, tv:NAME, xrv:WEIGHTS, open_clip:..., transformers:REPO
     pretrained: bool = True  # load ImageNet weights (offline for the EfficientNet-Lite family)
     weights_file: str | None = None  # local weight file for encoders without offline weights
     input_size: int | None = None  # square input side in pixels; None = the weights' own (224)
