@@ -176,6 +176,9 @@ def cmd_deid(args: argparse.Namespace) -> int:
 
 
 def cmd_dicom_results(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("pacs", "highdicom", "medtl dicom-results")  # a core install is told which extra to add
     from medtl.clinical.deid import Deidentifier, read_key
     from medtl.clinical.dicom_results import write_dicom_results
     from medtl.predict.batch import input_key
@@ -198,6 +201,9 @@ def cmd_dicom_results(args: argparse.Namespace) -> int:
 
 
 def _pacs(args: argparse.Namespace):
+    from medtl.extras import require
+
+    require("pacs", "dicomweb_client", "medtl pacs")  # a core install is told which extra to add
     from medtl.clinical.pacs import Credentials, Pacs
 
     return Pacs(args.url, Credentials.load(args.credentials), timeout=args.timeout, retries=max(0, args.retries))
@@ -222,6 +228,9 @@ def cmd_pacs_query(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("pacs", "highdicom", "medtl pacs run")  # (its results are DICOM SR and SC)
     from medtl.clinical.pacs_run import run_studies
     from medtl.predict.predictor import load_run
 
@@ -250,6 +259,9 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_serve(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("pacs", "requests", "medtl pacs serve")  # (it talks to Orthanc over HTTP)
     from medtl.clinical.orthanc import OrthancServer, OrthancStoppedError, load_or_create_credentials
     from medtl.clinical.pacs import Credentials
 
