@@ -18,6 +18,9 @@ from medtl.data import create_sample_data
 # quality floor, so every page would withhold its answers. The suite turns the floor off (the subprocesses it
 # starts inherit this); tests/ui/test_quality.py checks the floor itself.
 os.environ.setdefault("MEDTL_QUALITY_FLOOR", "0")
+# The encoder feature cache (medtl.train.feature_cache) of this session only, never the user's ~/.cache: a test
+# must compute what it checks (tests/train/test_feature_cache.py points it at its own folder).
+os.environ["MEDTL_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="medtl-features-")
 
 SHARED = Path(os.environ.get("MEDTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

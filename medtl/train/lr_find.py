@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from medtl.config import ExperimentConfig
-from medtl.predict.forward import extract_features
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.train.batching import REFERENCE_BATCH
 from medtl.train.data import prepare_data, read_data
+from medtl.train.feature_cache import cached_features
 from medtl.train.loop import train_epoch
 from medtl.train.recipe import create_seeded_model
 
@@ -97,6 +97,6 @@ def find_lr(cfg: ExperimentConfig, steps: int = 100) -> LRFindResult:
         resolve_device(cfg.train.device), inference_precision(cfg.train.precision), cfg.train.channels_last
     )
     runtime.prepare(model)
-    features, labels = extract_features(model, train_ds, runtime)
+    features, labels = cached_features(model, train_ds, runtime)
     batch_size = cfg.train.batch_size if cfg.train.batch_size != "auto" else REFERENCE_BATCH
     return lr_sweep(features, labels, model.get_classifier(), steps=steps, batch_size=batch_size, seed=cfg.train.seed)
