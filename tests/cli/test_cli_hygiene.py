@@ -191,6 +191,7 @@ def test_usage_and_configuration_errors_exit_2_before_torch_is_imported(tmp_path
         ["train", "--out", out, "--nonsense"],
         ["train", "--out", out, "--epochs", "two"],
         ["train", "--out", out, "--strategy", "linear-probe"],
+        ["train", "--out", out, "--encoder", "resnet"],  # (the encoder registry imports no torch)
         ["predict", str(tmp_path), "x.dcm", "--device", "gpu"],
         ["evaluate", str(tmp_path), "--operating-point", "best"],
         ["serve", str(tmp_path), "--auth", "user:s3cret"],
@@ -205,5 +206,6 @@ def test_usage_and_configuration_errors_exit_2_before_torch_is_imported(tmp_path
     for argv, (code, heavy) in zip(cases, results, strict=True):
         assert code == 2 and heavy == [], (argv, code, heavy)
     assert "unknown config key 'data.bogus_key'" in run.stderr and "s3cret" not in run.stderr
+    assert "unknown encoder 'resnet'; did you mean" in run.stderr
     assert "does not hold USER:PASS" in run.stderr and "nocolon" not in run.stderr
     assert not (tmp_path / "run").exists()
