@@ -6,10 +6,15 @@ preprocessing record, temperature and operating point), ``ood.safetensors`` (the
 statistics), ``model.onnx`` or ``model.torchscript.pt`` (the network: an image batch in, logits and
 pooled features out), ``export.json`` (format, input and outputs, the parity measured at export),
 ``MODEL_CARD.md`` and ``SHA256SUMS`` (every other file's sha256, checked when the package is loaded).
+
+ONNX is written by ``torch.onnx.export(..., dynamo=True)`` (the graph captured by ``torch.export``); where that
+fails (or onnxscript is not installed) by the legacy TorchScript-based exporter, with a logged warning saying
+so. TorchScript packages are deprecated, as ``torch.jit`` is in torch: a fallback for networks ONNX cannot hold.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +27,14 @@ from medtl.run import RunDir, SavedRun, load_saved_run
 from medtl.version import __version__
 
 PARITY_LIMIT = 1e-4  # the largest difference of probabilities from PyTorch an export may have
-OPSET = 17
+OPSET = 18  # the ONNX opset written: the lowest torch.export's exporter writes (ONNX Runtime runs it since 1.14)
+EXPORTERS = {"dynamo": "torch.onnx.export(dynamo=True)", "legacy": "torch.onnx.export(dynamo=False)"}
+TORCHSCRIPT_DEPRECATED = (
+    "TorchScript is deprecated in torch (torch.jit.trace); the package is written for networks ONNX cannot hold, "
+    "but ONNX (--format onnx) is the supported format"
+)
+
+log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: bool = False) -> Path:
@@ -40,7 +52,13 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
     example = torch.randn((2, pre.in_chans, *(pre.input_size,) * pre.spatial_dims), generator=gen)
     wrapper = LogitsAndFeatures(model).eval()
     target = out / FORMATS[fmt]
-    _write_network(wrapper, example, target, fmt)
+    try:
+        exporter = _write_network(wrapper, example, target, fmt)
+    except Exception as e:  # (the exporters fail in many ways: unsupported operators, tracing, files)
+        shutil.rmtree(out)
+        raise RunError(
+            f"{source.path}: its network cannot be written as {fmt} ({_first_line(e)}); nothing was written"
+        ) from e
     for name in (RunDir.CONFIG, RunDir.MODEL, RunDir.OOD):
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
@@ -52,7 +70,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
             f"{source.path}: the {fmt} export differs from PyTorch by {parity:.2g} in probability "
             f"(limit {PARITY_LIMIT:g}); nothing was written"
         )
-    record = _export_record(fmt, saved, source.name, parity)
+    record = _export_record(fmt, saved, source.name, parity, exporter)
     package.write_json(RunDir.EXPORT, record)
     card = source.evaluation / RunDir.EVALUATION_CARD
     (package / RunDir.CARD).write_text(card.read_text() if card.is_file() else _short_card(source, record))
@@ -60,32 +78,65 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", force: b
     return out
 
 
-def _write_network(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path, fmt: str) -> None:
-    """Write ``wrapper`` to ``target`` as ``fmt``: ONNX with a free batch size, or TorchScript traced on ``example``."""
-    with torch.no_grad():
-        if fmt == "onnx":
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(target),
-                dynamo=False,
-                input_names=["image"],
-                output_names=["logits", "features"],
-                opset_version=OPSET,
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-            )
-        else:
+def _write_network(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path, fmt: str) -> str:
+    """Write ``wrapper`` to ``target`` as ``fmt`` with a free batch size, and return how it was written: ONNX by
+    ``torch.export`` (or, where that fails, the legacy exporter), or TorchScript traced on ``example``."""
+    if fmt == "torchscript":
+        log.warning(TORCHSCRIPT_DEPRECATED)
+        with torch.no_grad():
             torch.jit.trace(wrapper, (example,)).save(str(target))
+        return "torch.jit.trace"
+    try:
+        _write_onnx(wrapper, example, target, dynamo=True)
+        return EXPORTERS["dynamo"]
+    except Exception as e:  # (torch.export fails in many ways: operators, control flow, a missing onnxscript)
+        reason = "onnxscript is not installed (pip install 'medtl[export]')" if isinstance(e, ImportError) else None
+        log.warning(
+            "torch.export could not write this network as ONNX (%s); falling back to the deprecated "
+            "TorchScript-based ONNX exporter (its parity with PyTorch is checked all the same)",
+            reason or _first_line(e),
+        )
+    target.unlink(missing_ok=True)
+    _write_onnx(wrapper, example, target, dynamo=False)
+    return EXPORTERS["legacy"]
 
 
-def _export_record(fmt: str, saved: SavedRun, source_run: str, parity: float) -> dict:
-    """``export.json``'s content: the format and file, the input and outputs, what the model answers by, the
-    versions, the parity measured at export and the run it came from (``source_run``)."""
+def _write_onnx(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path, dynamo: bool) -> None:
+    """One ONNX file (weights inside it), input ``image`` and outputs ``logits`` and ``features``, batch free."""
+    batch = {"x": {0: torch.export.Dim("batch")}}  # torch.export: keyed by LogitsAndFeatures.forward's argument
+    batch_axes = {"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}  # the legacy exporter
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(target),
+            input_names=["image"],
+            output_names=["logits", "features"],
+            opset_version=OPSET,
+            dynamo=dynamo,
+            external_data=False,
+            dynamic_shapes=batch if dynamo else None,
+            dynamic_axes=None if dynamo else batch_axes,
+            verbose=False,
+        )
+
+
+def _first_line(e: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _export_record(fmt: str, saved: SavedRun, source_run: str, parity: float, exporter: str) -> dict:
+    """``export.json``'s content: the format, file and the ``exporter`` that wrote it, the input and outputs,
+    what the model answers by, the versions, the parity measured at export and the run it came from
+    (``source_run``)."""
     pre = saved.preprocessing
     return {
         "format": fmt,
         "file": FORMATS[fmt],
         "opset": OPSET if fmt == "onnx" else None,
+        "exporter": exporter,
         "input": {
             "name": "image",
             "shape": ["batch", pre.in_chans, *(pre.input_size,) * pre.spatial_dims],
@@ -125,4 +176,4 @@ def _short_card(run: RunDir, record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["export_run", "PARITY_LIMIT", "OPSET"]
+__all__ = ["export_run", "PARITY_LIMIT", "OPSET", "EXPORTERS", "TORCHSCRIPT_DEPRECATED"]

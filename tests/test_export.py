@@ -1,7 +1,9 @@
-"""medtl export: ONNX and TorchScript packages that give PyTorch's probabilities (within 1e-4) on real
-and generated files, are checked against their sha256 on load, and carry what a user needs."""
+"""medtl export: ONNX (written through torch.export, the legacy exporter only as a logged fallback) and
+TorchScript (deprecated) packages that give PyTorch's probabilities (within 1e-4) on real and generated files,
+are checked against their sha256 on load, and carry what a user needs."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 
 from medtl.cli import main
 from medtl.errors import RunError
-from medtl.export import PARITY_LIMIT, export_run
+from medtl.export import EXPORTERS, OPSET, PARITY_LIMIT, export_run
 from medtl.predict.network import FORMATS, load_network
 from medtl.predict.predictor import load_run
 from medtl.run import verify_package
@@ -43,6 +45,7 @@ def test_onnx_package_holds_everything_and_matches_pytorch(tiny_run, onnx_packag
     }
     record = verify_package(onnx_package)
     assert record["format"] == "onnx" and record["parity_max_probability_difference"] <= PARITY_LIMIT
+    assert record["exporter"] == EXPORTERS["dynamo"] and record["opset"] == OPSET  # torch.export, no fallback
     assert record["class_names"] == ["no lesion", "lesion"] and record["input"]["shape"][1:] == [3, 64, 64]
     files = sorted((sample_dir / "dicom").glob("*.dcm"))[:6] + sorted((sample_dir / "nifti").glob("*.nii.gz"))[:2]
     onnx = load_run(onnx_package, device="cpu", backend="onnx")
@@ -59,9 +62,56 @@ def test_onnx_parity_on_real_ct_files(tiny_run, onnx_package, shared_data):
     assert worst <= PARITY_LIMIT
 
 
-def test_torchscript_package_gives_the_same_outputs(tiny_run, tmp_path):
-    pkg = export_run(tiny_run, tmp_path / "ts", "torchscript")
-    assert (pkg / FORMATS["torchscript"]).is_file() and verify_package(pkg)["format"] == "torchscript"
+def _failing_dynamo(monkeypatch, error):
+    """torch.onnx.export whose torch.export path raises ``error`` (the legacy path runs for real)."""
+    real = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise error
+        return real(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (RuntimeError("Failed to export the model with torch.export.\nmore detail"), "RuntimeError: Failed to export"),
+        (ModuleNotFoundError("No module named 'onnxscript'"), "pip install 'medtl[export]'"),
+    ],
+)
+def test_onnx_falls_back_to_the_legacy_exporter_and_says_so(tiny_run, tmp_path, monkeypatch, caplog, error, said):
+    _failing_dynamo(monkeypatch, error)
+    with caplog.at_level(logging.WARNING, logger="medtl.export"):
+        pkg = export_run(tiny_run, tmp_path / "pkg", "onnx")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "falling back to the deprecated TorchScript-based ONNX exporter" in warning and said in warning
+    record = verify_package(pkg)
+    assert record["exporter"] == EXPORTERS["legacy"] and record["parity_max_probability_difference"] <= PARITY_LIMIT
+    x = torch.randn(3, 3, 64, 64)  # a batch size the export never saw
+    with torch.no_grad():
+        z = load_run(tiny_run, device="cpu").model(x)
+    np.testing.assert_allclose(load_network(pkg)(x)[0].softmax(1).numpy(), z.softmax(1).numpy(), atol=PARITY_LIMIT)
+
+
+def test_a_network_no_exporter_can_write_is_refused_and_nothing_is_left(tiny_run, tmp_path, monkeypatch):
+    def export(*args, **kwargs):
+        raise RuntimeError("unsupported operator aten::mystery")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(RunError, match=r"cannot be written as onnx \(RuntimeError: unsupported operator"):
+        export_run(tiny_run, tmp_path / "pkg", "onnx")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_torchscript_package_gives_the_same_outputs(tiny_run, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="medtl.export"):
+        pkg = export_run(tiny_run, tmp_path / "ts", "torchscript")
+    assert "TorchScript is deprecated" in caplog.text
+    record = verify_package(pkg)
+    assert (pkg / FORMATS["torchscript"]).is_file() and record["format"] == "torchscript"
+    assert record["exporter"] == "torch.jit.trace"
     x = torch.randn(3, 3, 64, 64)
     reference = load_run(tiny_run, device="cpu").model
     with torch.no_grad():
@@ -83,6 +133,12 @@ def test_a_changed_or_unlisted_file_is_refused(tiny_run, onnx_package, tmp_path)
         verify_package(pkg)
     with pytest.raises(RunError, match="not a medtl export package"):
         load_run(tiny_run, device="cpu", backend="onnx")  # a run, not a package
+
+
+def test_cli_export_help_states_torchscript_is_deprecated(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "torchscript (deprecated" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_export_and_predict_with_onnx(tiny_run, tmp_path, sample_dir, capsys):

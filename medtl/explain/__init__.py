@@ -10,6 +10,7 @@ from medtl.explain.saliency import (
     create_overlay,
     explain_input,
     integrated_gradients,
+    integrated_gradients_with_delta,
     normalize_map,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "compute_occlusion",
     "compute_integrated_gradients",
     "integrated_gradients",
+    "integrated_gradients_with_delta",
     "compute_saliency",
     "explain_input",
     "normalize_map",

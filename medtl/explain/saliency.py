@@ -2,14 +2,17 @@
 
 Every method returns an (H, W) map in [0, 1] at the model input's resolution, high = salient.
 Grad-CAM's target layer is the encoder's last feature map (``cam_layer_name``, from the
-encoder spec or timm's ``feature_info``). Integrated Gradients (Sundararajan et al. 2017) is
-computed here: Captum pins numpy < 2, which cannot be installed next to MONAI and torch.
+encoder spec or timm's ``feature_info``). Integrated Gradients (Sundararajan et al. 2017) is Captum's
+``IntegratedGradients``, run in float32 whatever the runtime's autocast.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+from captum.attr import IntegratedGradients
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from monai.visualize.utils import blend_images
 
@@ -19,6 +22,8 @@ from medtl.runtime import Runtime
 from medtl.transforms.chain import input_to_original
 
 METHODS = ("gradcam", "gradcampp", "occlusion", "integrated_gradients")
+
+log = logging.getLogger(__name__)
 
 
 def normalize_map(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +36,7 @@ def normalize_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_class(model: torch.nn.Module, class_idx: int | None) -> None:
-    n_classes = model.num_classes
+    n_classes: int = model.num_classes  # type: ignore[assignment]  # a timm attribute; torch types it Tensor | Module
     if class_idx is not None and not 0 <= class_idx < n_classes:
         raise MedtlInputError(None, f"target class {class_idx} does not exist", f"0..{n_classes - 1}")
 
@@ -77,23 +82,40 @@ def compute_integrated_gradients(
     if class_idx is None:
         with torch.no_grad():
             class_idx = int(model(x).argmax(dim=1)[0])
-    attribution = integrated_gradients(model, x, class_idx, steps, batch_size).sum(dim=1).abs()  # (1, H, W)
-    return normalize_map(attribution)[0].detach().cpu().numpy().astype(np.float32)
+    attribution, delta = integrated_gradients_with_delta(model, x, class_idx, steps, batch_size)
+    log.debug("integrated gradients: %d steps, convergence delta %.3g", steps, delta)
+    return normalize_map(attribution.sum(dim=1).abs())[0].cpu().numpy().astype(np.float32)  # (1, H, W) -> (H, W)
 
 
 def integrated_gradients(
     model: torch.nn.Module, x: torch.Tensor, class_idx: int, steps: int = 24, batch_size: int = 24
 ) -> torch.Tensor:
     """Signed IG attributions (1, C, H, W) of the class logit; they sum to logit(x) - logit(baseline)."""
-    baseline = torch.zeros_like(x)
-    alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps  # midpoint Riemann sum
-    grads = torch.zeros_like(x)
-    with torch.enable_grad():
-        for chunk in torch.split(alphas, batch_size):
-            path = (baseline + chunk.view(-1, 1, 1, 1) * (x - baseline)).requires_grad_(True)
-            out = model(path)[:, class_idx].float().sum()
-            grads += torch.autograd.grad(out, path)[0].sum(dim=0, keepdim=True)
-    return ((x - baseline) * grads / steps).detach()
+    return integrated_gradients_with_delta(model, x, class_idx, steps, batch_size)[0]
+
+
+def integrated_gradients_with_delta(
+    model: torch.nn.Module, x: torch.Tensor, class_idx: int, steps: int = 24, batch_size: int = 24
+) -> tuple[torch.Tensor, float]:
+    """Captum's IG of the class logit and its convergence delta: (attributions (1, C, H, W), their sum
+    minus (logit(x) - logit(baseline))).
+
+    The baseline is all zeros; the path integral is the midpoint Riemann sum over ``steps`` points,
+    ``batch_size`` points per forward pass. Autocast is switched off: under bf16 autocast the attributions
+    of an EfficientNet-Lite0 (64 px, CPU) differed from their float32 values by up to 18 % of the largest.
+    """
+    x = x.detach().float()
+    with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+        attribution, delta = IntegratedGradients(model).attribute(
+            x,
+            baselines=torch.zeros_like(x),
+            target=class_idx,
+            n_steps=steps,
+            method="riemann_middle",
+            internal_batch_size=batch_size,
+            return_convergence_delta=True,
+        )
+    return attribution.detach(), float(delta.sum())
 
 
 def compute_saliency(
@@ -168,6 +190,6 @@ def add_legend(overlay: np.ndarray, title: str = "") -> np.ndarray:
     bar.ax.set_yticklabels(["low", "high"], fontsize=8)
     fig.tight_layout()
     fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]  # the Agg canvas's
     plt.close(fig)
     return rgb
