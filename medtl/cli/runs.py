@@ -47,7 +47,15 @@ def add_parser(sub) -> None:
     s = sub.add_parser("export", help="write a run as a self-contained ONNX or TorchScript package")
     s.add_argument("run", type=Path)
     s.add_argument("--out", type=Path, required=True, help="the package folder (refused if it holds files)")
-    add_choice(s, "--format", EXPORT_FORMATS, "export format", default="onnx", help="onnx (default) or torchscript")
+    add_choice(
+        s,
+        "--format",
+        EXPORT_FORMATS,
+        "export format",
+        default="onnx",
+        help="onnx (default; written through torch.export) or torchscript (deprecated in torch: only for a network "
+        "ONNX cannot hold)",
+    )
     s.add_argument("--force", action="store_true", help="replace the package folder's content")
     s.set_defaults(fn=cmd_export)
 
@@ -115,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.out, args.format, force=args.force)
     record = verify_package(out)
     print(
-        f"{out}: {record['format']} ({record['file']}), probabilities within "
+        f"{out}: {record['format']} ({record['file']}, by {record['exporter']}), probabilities within "
         f"{record['parity_max_probability_difference']:.1e} of PyTorch; files listed in {RunDir(out) / RunDir.SUMS}"
     )
     return 0
