@@ -31,12 +31,13 @@ from medtl.metrics import (
 )
 from medtl.models import Preprocessing, check_encoder, is_volume_model
 from medtl.models.checkpoint import save_model
-from medtl.predict.forward import batched_logits, extract_features, predict_logits
+from medtl.predict.forward import batched_logits, predict_logits
 from medtl.predict.ood import OODDetector, study_scores
 from medtl.predict.post import Decision, Logits, aggregate_slices
 from medtl.run import RunDir
 from medtl.runtime import Runtime, distributed
 from medtl.train.data import PreparedData, prepare_data, prepare_unlabelled, read_data
+from medtl.train.feature_cache import cached_features
 from medtl.train.recipe import create_seeded_model, train_model
 from medtl.train.stages import from_scratch
 from medtl.train.tracking import RunMonitor, follow_run
@@ -215,11 +216,11 @@ def fit_ood(
     ``train.ood`` is off."""
     if cfg.train.ood == "off":
         return None
-    train_f, train_y = extract_features(model, train_eval, runtime, batch_size)
+    train_f, train_y = cached_features(model, train_eval, runtime, batch_size)
     if train_y.ndim == 2:  # multi-label: the features of all training images as one group
         train_y = torch.zeros(len(train_y), dtype=torch.long)
     detector = OODDetector.fit(train_f, train_y, cfg.train.ood, seed=cfg.train.seed)
-    val_f, _ = extract_features(model, val_ds, runtime, batch_size)
+    val_f, _ = cached_features(model, val_ds, runtime, batch_size)
     detector.calibrate(study_scores(detector.score(val_f), study_index(val_ds)), cfg.train.ood_quantile)
     log.info(
         "out-of-distribution refusal (%s): threshold %.4f, the %g quantile of %d validation studies",

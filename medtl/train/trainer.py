@@ -32,13 +32,14 @@ from medtl.metrics import compute_auc
 from medtl.models.groups import set_trainable
 from medtl.models.peft import plain_state_dict
 from medtl.options import FEW_SHOT_HEADS
-from medtl.predict.forward import extract_features, predict_logits
+from medtl.predict.forward import predict_logits
 from medtl.predict.post import Logits
 from medtl.progress import format_seconds
 from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
 from medtl.threads import fit_threads
 from medtl.train.batching import REFERENCE_BATCH, loader_workers, resolve_batch
 from medtl.train.checkpoint import restore_model, resume_within_stage
+from medtl.train.feature_cache import cached_features
 from medtl.train.heads import fit_head
 from medtl.train.loop import cycled, feature_batches, loss_sync_steps, prefetch, progress, train_epoch, use_prefetch
 from medtl.train.objectives import FixMatch, Mixup, create_objective
@@ -291,8 +292,8 @@ class Trainer:
             t0 = time.perf_counter()
             bs, rt = max(32, self.cfg.batch_size), self.runtime
             self._features = (
-                extract_features(self.model, self.train_ds, rt, bs),
-                extract_features(self.model, self.val_ds, rt, bs),
+                cached_features(self.model, self.train_ds, rt, bs),
+                cached_features(self.model, self.val_ds, rt, bs),
             )
             self.log(
                 "encoder features cached for %d + %d inputs in %.1fs",
