@@ -65,3 +65,52 @@ def test_a_damaged_config_is_a_typed_error_naming_the_file(tiny_run, tmp_path, t
     (run / RunDir.CONFIG).write_bytes(text)
     with pytest.raises(RunError, match="config.yaml"):
         load_saved_run(run)
+
+
+def status_run(tmp_path, tiny_run, **status):
+    """A copy of the tiny run whose status.json says ``status``."""
+    import json
+
+    run = RunDir(shutil.copytree(tiny_run, tmp_path / "r"))
+    (run / RunDir.STATUS).write_text(json.dumps(status))
+    return run
+
+
+@pytest.mark.parametrize(
+    "status, said",
+    [
+        ({"state": "interrupted", "epoch": 3, "epochs": 10}, "training did not finish (interrupted at epoch 3 of 10)"),
+        ({"state": "failed", "epoch": 0, "error": "MemoryError"}, "(failed before its first epoch ended: MemoryError)"),
+        # a process that is gone (killed without a word) left "running": interrupted
+        (
+            {"state": "running", "epoch": 2, "epochs": 4, "pid": 2**22 + 1},
+            "did not finish (interrupted at epoch 2 of 4)",
+        ),
+    ],
+)
+def test_an_unfinished_run_is_refused_saying_where_it_stopped_and_how_to_resume(tmp_path, tiny_run, status, said):
+    import socket
+
+    run = status_run(tmp_path, tiny_run, host=socket.gethostname(), **status)
+    with pytest.raises(RunError) as e:
+        load_run(run.path)
+    assert said in str(e.value) and str(e.value).endswith(f"resume it with medtl train --resume {run.path}")
+
+
+def test_a_run_still_training_is_refused_as_running(tmp_path, tiny_run):
+    import os
+    import socket
+
+    parent = os.getppid()  # (a live process other than this one)
+    run = status_run(tmp_path, tiny_run, state="running", epoch=1, epochs=5, pid=parent, host=socket.gethostname())
+    with pytest.raises(RunError, match="training is still running \\(at epoch 1 of 5\\)"):
+        RunDir.open(run.path)
+    with pytest.raises(RunError, match="still running"):
+        RunDir.for_resume(run.path)
+
+
+def test_a_damaged_status_file_is_a_typed_error_naming_it(tmp_path, tiny_run):
+    run = RunDir(shutil.copytree(tiny_run, tmp_path / "r"))
+    (run / RunDir.STATUS).write_text("{not json")
+    with pytest.raises(RunError, match="status.json: not a status record"):
+        RunDir.open(run.path)

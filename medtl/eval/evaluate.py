@@ -26,11 +26,12 @@ from medtl.eval.figures import evaluation_figures
 from medtl.eval.sanity import run_sanity_checks
 from medtl.explain import METHODS, compute_saliency, explain_input
 from medtl.metrics import binary_rates, bootstrap_ci, compute_auc_ci, compute_binary_metrics, compute_ece, compute_nll
+from medtl.models.groups import encoder_groups
 from medtl.predict.forward import extract_features, predict_logits
 from medtl.predict.ood import foreign_check, study_scores
 from medtl.predict.post import Decision
 from medtl.predict.predictor import Predictor
-from medtl.progress import Phases
+from medtl.progress import Phases, Steps
 from medtl.run import RunDir, SavedRun, load_saved_run
 from medtl.runtime import Runtime, inference_precision, resolve_device
 from medtl.threads import fit_threads
@@ -168,17 +169,17 @@ def _measured(saved, cfg, runtime, val_logits, decision, test_y, test_p_raw, tes
 def _saliency_checks(model, inputs, methods, shuffled, seed, runtime, phases: Phases) -> list[dict]:
     """The randomisation checks of each method (:func:`medtl.eval.sanity.run_sanity_checks`), one phase each."""
     out = []
+    maps = len(inputs) * (2 + len(encoder_groups(model)) + (shuffled is not None))  # (reference, head, each group)
     for method in methods:
         phases.start(method, "saliency check")
-        res = run_sanity_checks(
-            model,
-            inputs,
-            lambda m, x, c, meth=method: compute_saliency(m, x, c, meth, runtime=runtime),
-            method,
-            shuffled,
-            seed,
-            runtime=runtime,
-        )
+        steps = Steps(f"saliency check {method}", maps, log, "maps")
+
+        def saliency(m, x, c, meth=method, steps=steps):
+            smap = compute_saliency(m, x, c, meth, runtime=runtime)
+            steps.advance()
+            return smap
+
+        res = run_sanity_checks(model, inputs, saliency, method, shuffled, seed, runtime=runtime)
         out.append(res.to_dict())
         log.info("saliency %s: %s", method, res.verdict)
     return out
