@@ -58,7 +58,10 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--force", action="store_true", help="replace the package folder's content")
     s.set_defaults(fn=cmd_export)
+    add_serve_parser(sub)
 
+
+def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="start the web UI for a run")
     s.add_argument("run", type=Path, help="a run folder, or a folder of runs")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
