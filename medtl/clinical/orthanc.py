@@ -103,7 +103,7 @@ class OrthancServer:
             )
         self.program, self.plugin = found
         self._own = tempfile.TemporaryDirectory(prefix="medtl-orthanc-") if storage is None else None
-        self.storage = Path(self._own.name if self._own else storage)
+        self.storage = Path(self._own.name) if self._own is not None else Path(str(storage))
         self.port = port or _free_port()
         self.credentials = credentials or Credentials("medtl", secrets.token_urlsafe(18))
         self.process: subprocess.Popen | None = None
@@ -218,8 +218,9 @@ def load_or_create_credentials(path: Path, renew: bool = False) -> tuple[Credent
     """The credentials kept in ``path`` (the server's own file), or new ones (a random password for user
     ``medtl``) written there, readable by its owner only, when there is none or ``renew``; (credentials,
     whether they are new). Restarting a server keeps its password unless asked to change it."""
-    if path.is_file() and not renew:
-        return Credentials.load(path), False
+    kept = Credentials.load(path) if path.is_file() and not renew else None
+    if kept is not None:
+        return kept, False
     credentials = Credentials("medtl", secrets.token_urlsafe(18))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -245,7 +246,7 @@ class Pacs:
         )
         return bool(found)
 
-    def store(self, datasets: list[pydicom.Dataset]) -> tuple[int, int]:
+    def store(self, datasets: Sequence[pydicom.Dataset]) -> tuple[int, int]:
         """Store ``datasets`` (STOW-RS) except those the PACS already holds; (stored, already there)."""
         todo = [ds for ds in datasets if not self.has_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))]
         if todo:

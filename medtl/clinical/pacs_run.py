@@ -75,7 +75,7 @@ def run_studies(
         log.info("%d of %d studies already in %s", len(study_uids) - len(todo), len(study_uids), csv_path)
     outcomes = []
     own = tempfile.TemporaryDirectory(prefix="medtl-pacs-") if cache is None else None
-    root = Path(own.name if own else cache)
+    root = Path(own.name) if own is not None else Path(str(cache))
     writer = _OutcomeWriter(csv_path) if csv_path else None
     t_start = time.perf_counter()
     try:
