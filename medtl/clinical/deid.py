@@ -128,7 +128,11 @@ def profile_keeps(keyword: str) -> bool:
     """Whether ``medtl deid``'s profile keeps a DICOM attribute's value as it is (no action, or K): what a page or
     a log may show of a header. A name that is no DICOM keyword (a computed field: shape, spacing) is kept."""
     tag = pydicom.datadict.tag_for_keyword(keyword)
-    return tag is None or _action(tag) in (None, "K")
+    if tag is None:
+        return True
+    if pydicom.datadict.dictionary_VR(tag) in FREE_TEXT_VRS:  # names and free text: replaced wherever they are
+        return False
+    return _action(tag) in (None, "K")
 
 
 def profile_table() -> dict[int, str]:

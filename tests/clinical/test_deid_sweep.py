@@ -109,3 +109,12 @@ def test_a_date_or_time_that_swallowed_the_patient_id_is_not_kept(tmp_path, keyw
     assert len(result.written) == 1 and not result.errors
     out = result.written[0].read_bytes()
     assert b"SWALLOWEDMRN7" not in out and b"SWALLOW^NAME" not in out
+
+
+def test_what_the_profile_keeps_excludes_names_and_free_text():
+    """What a page or a log may show of a header (``profile_keeps``) follows the rule: no person name or free
+    text, listed by the table or not."""
+    from medtl.clinical.deid import profile_keeps
+
+    assert not profile_keeps("EvaluatorName") and not profile_keeps("TextValue")
+    assert not profile_keeps("PatientName") and profile_keeps("Modality") and profile_keeps("Rows")
