@@ -14,8 +14,10 @@ so. TorchScript packages are deprecated, as ``torch.jit`` is in torch: a fallbac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +35,8 @@ TORCHSCRIPT_DEPRECATED = (
     "TorchScript is deprecated in torch (torch.jit.trace); the package is written for networks ONNX cannot hold, "
     "but ONNX (--format onnx) is the supported format"
 )
+
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")  # their info lines: one per graph rewrite (hundreds)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def _write_onnx(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path,
     """One ONNX file (weights inside it), input ``image`` and outputs ``logits`` and ``features``, batch free."""
     batch = {"x": {0: torch.export.Dim("batch")}}  # torch.export: keyed by LogitsAndFeatures.forward's argument
     batch_axes = {"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}  # the legacy exporter
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporters():
         torch.onnx.export(
             wrapper,
             (example,),
@@ -119,6 +123,24 @@ def _write_onnx(wrapper: LogitsAndFeatures, example: torch.Tensor, target: Path,
             dynamic_axes=None if dynamo else batch_axes,
             verbose=False,
         )
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """While the block runs, the ONNX exporters' loggers show warnings only, unless debug lines are shown
+    (``medtl -v``); their levels are put back afterwards."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _first_line(e: Exception) -> str:
