@@ -130,3 +130,29 @@ def test_serve_supervises_orthanc_and_keeps_its_password(tmp_path):
     finally:
         serve.kill()
         serve.wait()
+
+
+def _own_address() -> str | None:
+    """This machine's address on its first non-loopback interface, if it has one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # no packet is sent: only the route is looked up
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_a_request_from_another_address_is_refused_even_with_the_password():
+    """Orthanc 1.10 cannot listen on loopback only (its port is open on every interface): remote access off
+    must refuse what does not come from 127.0.0.1, whatever the credentials."""
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to ask from")
+    with OrthancServer() as server:
+        auth = (server.credentials.user, server.credentials.password)
+        assert requests.get(f"{server.url}/studies", auth=auth, timeout=10).status_code == 200
+        remote = f"http://{address}:{server.port}/dicom-web/studies"
+        assert requests.get(remote, auth=auth, timeout=10).status_code in (401, 403)
