@@ -82,10 +82,10 @@ def predict_probs(
 
 
 def extract_features(
-    model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32
+    model: torch.nn.Module, dataset, runtime: Runtime | None = None, batch_size: int = 32, progress=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) on ``runtime.device``: the encoder's pooled output (what the head sees)
-    for every input, in eval mode, as fp32."""
+    for every input, in eval mode, as fp32. ``progress``: a :class:`medtl.progress.Steps` over the inputs."""
     runtime = Runtime.of(model, runtime)
     model.eval()
     feats, labels = [], []
@@ -93,6 +93,8 @@ def extract_features(
     for batch in iterate_batches(dataset, batch_size, runtime.device):
         feats.append(network(batch["image"])[1])
         labels.append(batch["label"])
+        if progress is not None:
+            progress.advance(len(batch["label"]))
     return torch.cat(feats), torch.cat(labels)
 
 

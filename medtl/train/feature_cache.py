@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from medtl.data.dataset import iterate_batches
 from medtl.predict.forward import extract_features
+from medtl.progress import Steps
 from medtl.runtime import Runtime
 
 log = logging.getLogger("medtl.train")
@@ -107,7 +108,8 @@ def cached_features(
             log.warning(
                 "feature cache entry %s unreadable (%s): computing the features again", path.name, type(e).__name__
             )
-    features, labels = extract_features(model, dataset, runtime, batch_size)
+    steps = Steps("encoder features", len(dataset), log, unit="inputs")  # a line every 10 s, with the time left
+    features, labels = extract_features(model, dataset, runtime, batch_size, progress=steps)
     _store(path, features, labels)
     return features, labels
 
