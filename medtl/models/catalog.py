@@ -32,8 +32,12 @@ TORCHVISION_FILES = {
     "convnext_tiny": "convnext_tiny-983f1562.pth",
     "vit_b_16": "vit_b_16-c867db91.pth",
 }
-# Full sha256 of the lite0 file, checked on every load (the others are checked by their prefix).
-KNOWN_SHA256 = {"efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
+# Full sha256 of the bundled files, checked on every load.
+KNOWN_SHA256 = {
+    "efficientnet-lite0-57934424.pth": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet-lite1-77cc7160.pth": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet-lite2-9656183e.pth": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
 
 
 def _lite_weights(n: int):
