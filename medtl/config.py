@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from medtl.errors import ConfigError, did_you_mean, look_up_option
+from medtl.errors import ConfigError, did_you_mean, did_you_mean_device, look_up_option
 from medtl.options import (
     STRATEGIES,
     ColourMode,
@@ -472,7 +472,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(
             None,
-            f"unknown device {device!r}{did_you_mean(device, ['auto', 'cpu', 'cuda'])}",
+            f"unknown device {device!r}{did_you_mean_device(device)}",
             "'auto', 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index)",
         )
     for name, v in [("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)]:

@@ -7,6 +7,7 @@ and, where it helps, what would be accepted. Catch :class:`MedtlInputError` to h
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -113,6 +114,12 @@ def did_you_mean(given: str, valid: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest valid option, or ``""``."""
     close = difflib.get_close_matches(str(given), [str(v) for v in valid], n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def did_you_mean_device(given: str) -> str:
+    """:func:`did_you_mean` for a device: ``gpu``/``gpu:N`` (a common spelling) are pointed to ``cuda``/``cuda:N``."""
+    alias = re.fullmatch(r"gpu(:\d+)?", str(given).strip().lower())
+    return f"; did you mean 'cuda{alias[1] or ''}'?" if alias else did_you_mean(given, ["auto", "cpu", "cuda"])
 
 
 _Option = TypeVar("_Option", bound=str)  # an option: a str, or one of a Literal's values

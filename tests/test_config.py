@@ -78,8 +78,12 @@ def test_a_bad_value_gives_one_line_and_exit_2_on_the_command_line(tmp_path, cap
 
 def test_a_gpu_index_is_a_device_and_a_typo_is_not():
     assert load_config(train={"device": "cuda:1"}).train.device == "cuda:1"
-    with pytest.raises(ConfigError, match="unknown device 'gpu'; did you mean 'cpu'"):
+    with pytest.raises(ConfigError, match="unknown device 'gpu'; did you mean 'cuda'"):
         load_config(train={"device": "gpu"})
+    with pytest.raises(ConfigError, match="unknown device 'gpu:1'; did you mean 'cuda:1'"):
+        load_config(train={"device": "gpu:1"})
+    with pytest.raises(ConfigError, match="unknown device 'cpy'; did you mean 'cpu'"):
+        load_config(train={"device": "cpy"})
 
 
 def _laughs(depth: int = 6) -> str:

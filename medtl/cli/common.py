@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from medtl.errors import ConfigError, MedtlError, look_up_option
+from medtl.errors import ConfigError, MedtlError, did_you_mean_device, look_up_option
 from medtl.options import DECISION_SOURCES
 
 EXIT_FAILED, EXIT_REFUSED = 1, 3  # a file could not be read; the model refused a file (unlike its training images)
@@ -86,9 +86,7 @@ def device_name(value: str) -> str:
     checked before torch is imported; ``gpu``/``gpu:N`` are pointed to ``cuda``/``cuda:N``."""
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         return value
-    alias = re.fullmatch(r"gpu(:\d+)?", value.strip().lower())
-    hint = f"; did you mean 'cuda{alias[1] or ''}'?" if alias else ""
-    raise OptionError(f"unknown device {value!r}{hint} (expected {DEVICE_FORMS})")
+    raise OptionError(f"unknown device {value!r}{did_you_mean_device(value)} (expected {DEVICE_FORMS})")
 
 
 def add_device(s: argparse.ArgumentParser) -> None:
