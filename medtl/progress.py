@@ -100,7 +100,8 @@ class Phases:
 
 class Steps:
     """A counted loop's progress: :meth:`advance` after each step logs ``what: done/total unit (spent, about left)``
-    when ``every`` seconds have passed since the last line (and at the end), the estimate from the mean step
+    when ``every`` seconds have passed since the last line (and at the end, unless the whole loop took less than
+    ``every``: a quick loop logs nothing), the estimate from the mean step
     time so far. ``clock`` is injectable for tests."""
 
     def __init__(
@@ -121,6 +122,8 @@ class Steps:
         now = self.clock()
         if now - self.last < self.every and self.done < self.total:
             return
+        if self.done >= self.total and self.last == self.t0 and now - self.t0 < self.every:
+            return  # a loop done within one interval needs no progress line
         self.last = now
         spent = now - self.t0
         left = spent / self.done * (self.total - self.done) if self.done else None

@@ -63,6 +63,13 @@ def test_steps_log_at_most_every_so_often_with_the_time_left(caplog):
         "features: 9/10 inputs (18 s, about 2 s left)",
         "features: 10/10 inputs (20 s)",
     ]
+    quick = Steps("decoding", 10, logging.getLogger("t"), "files", every=5.0, clock=clock)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="t"):
+        for _ in range(10):
+            clock.t += 0.4  # 4 s in all, under one interval: no line
+            quick.advance()
+    assert caplog.records == []
 
 
 def warning_from(text: str, filename: str) -> None:

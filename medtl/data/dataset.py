@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from medtl.data.manifest import Problem
 from medtl.errors import ConfigError, find_input_error, look_up_option
+from medtl.progress import Steps
 from medtl.threads import fit_threads
 from medtl.transforms.chain import split_final
 from medtl.transforms.read import split_slices
@@ -57,7 +58,7 @@ def decode_records(
             source, batch_size=None, shuffle=False, num_workers=min(workers, len(records)), collate_fn=_as_is
         )
     samples, problems = [], []
-    for out in source:
+    for out in Steps("decoding", len(records), log, unit="files").wrap(source):  # a line every 10 s, time left
         if isinstance(out, Problem):
             problems.append(out)
             log.warning("skipped %s", out)
