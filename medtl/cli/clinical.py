@@ -115,6 +115,47 @@ def _add_pacs_commands(pacs) -> None:
         "--new-password", action="store_true", help=f"replace the password kept in STORAGE/{CREDENTIALS} by a new one"
     )
     s.set_defaults(fn=cmd_pacs_serve)
+    _add_pacs_watch(pacs)
+
+
+def _add_pacs_watch(pacs) -> None:
+    s = pacs.add_parser(
+        "watch",
+        help="an unattended service: follow Orthanc's change feed and run each new stable study once (as pacs "
+        "run: SR + Secondary Capture stored); SIGTERM stops it",
+        epilog=EXIT_CODES,
+    )
+    s.add_argument("run", type=Path)
+    s.add_argument("url", help="the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web")
+    s.add_argument(
+        "--orthanc", help="Orthanc's REST root, whose /changes is followed (default: URL without its /dicom-web)"
+    )
+    s.add_argument(
+        "--credentials",
+        type=Path,
+        help="a file: JSON {\"user\": ..., \"password\": ...} or one user:password line (default: "
+        "$MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD)",
+    )
+    s.add_argument(
+        "--state",
+        type=Path,
+        required=True,
+        help="a private folder: the last change handled, studies.csv (a row per study; a final one is never "
+        "run again), audit.jsonl (a line per study)",
+    )
+    s.add_argument("--poll-seconds", type=float, default=10, help="seconds between readings of the feed (default 10)")
+    s.add_argument("--health-port", type=int, help="answer GET http://127.0.0.1:PORT/health (0: any free port)")
+    s.add_argument(
+        "--backlog", action="store_true", help="at the first start, also run the studies already in the PACS"
+    )
+    s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
+    s.add_argument("--retries", type=int, default=3, help="retries of a request within a study (default 3)")
+    s.add_argument("--no-store", action="store_true", help="do not store the results back")
+    _add_overlay_method(s)
+    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images too")
+    add_decision(s)
+    add_device(s)
+    s.set_defaults(fn=cmd_pacs_watch)
 
 
 def _add_overlay_method(s: argparse.ArgumentParser) -> None:
@@ -275,9 +316,38 @@ def cmd_pacs_serve(args: argparse.Namespace) -> int:
     server = OrthancServer(args.storage, port=args.port, credentials=credentials)
     with server:
         print(f"Orthanc DICOMweb on {server.url} (loopback only, authentication on); Ctrl-C to stop")
+        on_series = "its Orthanc Web Viewer button" if server.web_viewer else "a preview (no orthanc-webviewer)"
+        print(f"viewer: {server.explorer_url} (Orthanc Explorer; a series: {on_series})")
         try:
             server.wait()
         except OrthancStoppedError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0
+
+
+def cmd_pacs_watch(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("pacs", "highdicom", "medtl pacs watch")
+    from medtl.clinical.pacs import Credentials
+    from medtl.clinical.watch import OrthancChanges, WatchConfig, orthanc_rest_url, watch
+    from medtl.errors import ConfigError
+    from medtl.predict.predictor import load_run
+
+    rest = args.orthanc or orthanc_rest_url(args.url)
+    if rest is None:
+        raise ConfigError(None, f"no Orthanc REST root for {args.url!r}", "--orthanc URL (e.g. http://127.0.0.1:8042)")
+    pacs = _pacs(args)
+    predictor = load_run(args.run, device=args.device, bounded=True, decision=args.decision)
+    config = WatchConfig(
+        args.state,
+        poll_seconds=max(0.1, args.poll_seconds),
+        health_port=args.health_port,
+        backlog=args.backlog,
+        store=not args.no_store,
+        method=args.method,
+        check=not args.answer_unfamiliar,
+    )
+    changes = OrthancChanges(rest, Credentials.load(args.credentials), timeout=args.timeout)
+    return watch(predictor, pacs, changes, config)

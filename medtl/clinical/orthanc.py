@@ -11,6 +11,11 @@ What it holds is identified patient data, so:
 - **supervised**: Orthanc dies with the process that started it (``PR_SET_PDEATHSIG`` on Linux: a
   ``kill -9``'d ``medtl pacs serve`` leaves no Orthanc answering), and :meth:`OrthancServer.wait` notices
   Orthanc stopping on its own.
+
+With Debian's ``orthanc-webviewer`` installed, its plugin is loaded too: Orthanc Explorer
+(:attr:`OrthancServer.explorer_url`) then shows an "Orthanc Web Viewer" button on each series, which opens
+:meth:`OrthancServer.viewer_url` (the source images, and medtl's Secondary Capture in its own series); its image
+cache is kept inside the private storage folder.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from medtl.errors import MedtlError
 log = logging.getLogger("medtl.clinical.orthanc")
 ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins", "/usr/local/share/orthanc/plugins")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WEB_VIEWER_PLUGIN = "libOrthancWebViewer.so"  # Debian: orthanc-webviewer
 
 
 class OrthancStoppedError(MedtlError):
@@ -59,6 +65,13 @@ def find_orthanc() -> tuple[str, str] | None:
         None,
     )
     return (program, plugin) if program and plugin else None
+
+
+def find_web_viewer() -> str | None:
+    """Orthanc's web viewer plugin (Debian: ``orthanc-webviewer``) when installed, else None."""
+    return next(
+        (str(Path(d) / WEB_VIEWER_PLUGIN) for d in ORTHANC_PLUGIN_DIRS if (Path(d) / WEB_VIEWER_PLUGIN).is_file()), None
+    )
 
 
 def _free_port() -> int:
@@ -107,13 +120,25 @@ class OrthancServer:
         self.port = port or _free_port()
         self.credentials = credentials or Credentials("medtl", secrets.token_urlsafe(18))
         self.process: subprocess.Popen | None = None
+        self.web_viewer = find_web_viewer()  # its plugin, when installed
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
 
+    @property
+    def explorer_url(self) -> str:
+        """Orthanc Explorer, Orthanc's built-in web page (studies, series, previews; the web viewer's button)."""
+        return f"http://127.0.0.1:{self.port}/app/explorer.html"
+
+    def viewer_url(self, series_id: str) -> str:
+        """The web viewer on a series (``series_id``: Orthanc's identifier of the series); needs the plugin."""
+        if self.web_viewer is None:
+            raise MedtlError("Orthanc's web viewer is not installed (Debian: apt-get install orthanc-webviewer)")
+        return f"http://127.0.0.1:{self.port}/web-viewer/app/viewer.html?series={series_id}"
+
     def config(self) -> dict:
-        return {
+        config: dict[str, object] = {
             "Name": "medtl",
             "StorageDirectory": str(self.storage / "db"),
             "IndexDirectory": str(self.storage / "db"),
@@ -130,6 +155,10 @@ class OrthancServer:
             "HttpTimeout": 60,
             "StableAge": 1,
         }
+        if self.web_viewer is not None:  # its cache of decoded images: in the private storage
+            config["Plugins"] = [self.plugin, self.web_viewer]
+            config["WebViewer"] = {"CachePath": str(self.storage / "webviewer-cache")}
+        return config
 
     def start(self, timeout: float = 60) -> OrthancServer:
         import requests
@@ -230,4 +259,4 @@ def load_or_create_credentials(path: Path, renew: bool = False) -> tuple[Credent
     return credentials, True
 
 
-__all__ = ["OrthancServer", "OrthancStoppedError", "find_orthanc", "load_or_create_credentials"]
+__all__ = ["OrthancServer", "OrthancStoppedError", "find_orthanc", "find_web_viewer", "load_or_create_credentials"]
