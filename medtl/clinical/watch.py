@@ -214,9 +214,10 @@ class Watcher:
                 if stop.is_set():
                     return
                 uid = self.changes.study_uid(orthanc_id)
-                if uid is not None:
-                    self._run(uid)
-                self._handled(seq)
+                trouble = self._run(uid) if uid is not None else None
+                self._handled(seq)  # (a study that failed for now is in the state's list to try again)
+                if trouble is not None:  # the PACS is likely in trouble: back off
+                    raise PacsError(trouble, transient=True)
             self._handled(last)
             if done:
                 return
@@ -232,15 +233,17 @@ class Watcher:
         for uid in [uid for uid, when in self.due.items() if when <= now]:
             if stop.is_set():
                 return
-            self._run(uid)
+            trouble = self._run(uid)
+            if trouble is not None:
+                raise PacsError(trouble, transient=True)
 
-    def _run(self, uid: str) -> None:
-        """Run the study ``uid`` unless done; a temporary failure schedules it again and is raised (the feed
-        backs off: the PACS is likely in trouble)."""
+    def _run(self, uid: str) -> str | None:
+        """Run the study ``uid`` unless done. A temporary failure schedules it again (with a back-off) and
+        its reason is returned; else None."""
         key = study_key(uid)
         if key in self.done:  # answered before (its results' arrival made it stable again), or in the CSV
             self._forget(uid)
-            return
+            return None
         t0 = time.perf_counter()
         c = self.config
         outcomes = run_studies(
@@ -250,7 +253,7 @@ class Watcher:
         if not outcomes:  # already final in the CSV (written by another run)
             self.done.add(key)
             self._forget(uid)
-            return
+            return None
         outcome = outcomes[0]
         self._audit(key, outcome.status, seconds)
         if outcome.status == RETRY:
@@ -259,10 +262,11 @@ class Watcher:
             self.due[uid] = time.monotonic() + min(c.poll_seconds * 2**failures, MAX_BACKOFF)
             self.state.save()
             self.health["studies_to_retry"] = len(self.due)
-            raise PacsError(outcome.reason, transient=True)
+            return outcome.reason
         self.done.add(key)
         self.health["studies_failed" if outcome.status == "error" else "studies_done"] += 1
         self._forget(uid)
+        return None
 
     def _forget(self, uid: str) -> None:
         if self.state.pending.pop(uid, None) is not None:
