@@ -116,6 +116,7 @@ def _add_pacs_commands(pacs) -> None:
     )
     s.set_defaults(fn=cmd_pacs_serve)
     _add_pacs_watch(pacs)
+    _add_pacs_listen(pacs)
 
 
 def _add_pacs_watch(pacs) -> None:
@@ -158,6 +159,44 @@ def _add_pacs_watch(pacs) -> None:
     s.set_defaults(fn=cmd_pacs_watch)
 
 
+def _add_pacs_listen(pacs) -> None:
+    s = pacs.add_parser(
+        "listen",
+        help="a DICOM listener (C-STORE SCP) for modalities and routers: each study, once no instance of it has "
+        "come for --quiet-seconds, is answered (SR + Secondary Capture in OUT) and its images deleted",
+        epilog=EXIT_CODES,
+    )
+    s.add_argument("run", type=Path)
+    s.add_argument("--port", type=int, required=True, help="the DICOM port to listen on (e.g. 11112)")
+    s.add_argument("--host", default="", help="the address to listen on (default: every interface)")
+    s.add_argument("--ae-title", default="MEDTL", help="the listener's AE title (default MEDTL)")
+    s.add_argument("--allow", required=True, help="the AE titles that may send, comma-separated; others are rejected")
+    s.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="a private folder: OUT/study-KEY/sr.dcm, sc.dcm per study (identified: to be filed with the "
+        "images), OUT/studies.csv (a row per study)",
+    )
+    s.add_argument(
+        "--quiet-seconds", type=float, default=10, help="a study is complete after this long without a new instance"
+    )
+    s.add_argument(
+        "--spool", type=Path, help="the folder in which the private spool of received images is made (default: $TMPDIR)"
+    )
+    s.add_argument(
+        "--store", metavar="URL", help="also store the results in this PACS (DICOMweb or dimse://AE@host:port)"
+    )
+    s.add_argument(
+        "--credentials", type=Path, help="the --store PACS's credentials file (default: $MEDTL_PACS_USER/PASSWORD)"
+    )
+    _add_overlay_method(s)
+    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images too")
+    add_decision(s)
+    add_device(s)
+    s.set_defaults(fn=cmd_pacs_listen)
+
+
 def _add_overlay_method(s: argparse.ArgumentParser) -> None:
     add_choice(
         s, "--method", SALIENCY_METHODS, "saliency method", help="saliency method of the overlay (default: the run's)"
@@ -180,12 +219,23 @@ def _add_deid_options(s: argparse.ArgumentParser) -> None:
 
 
 def _add_pacs_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("url", help="the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web")
+    s.add_argument(
+        "url",
+        help="the DICOMweb service, e.g. http://127.0.0.1:8042/dicom-web, or a PACS's DICOM port: "
+        "dimse://AE@host:port (C-FIND, C-GET or C-MOVE, C-STORE)",
+    )
     s.add_argument(
         "--credentials",
         type=Path,
         help="a file: JSON {\"user\": ..., \"password\": ...} or one "
         "user:password line (default: $MEDTL_PACS_USER and $MEDTL_PACS_PASSWORD; never on the command line)",
+    )
+    s.add_argument("--ae-title", default="MEDTL", help="dimse://: medtl's AE title, known to the PACS (default MEDTL)")
+    s.add_argument(
+        "--move-port",
+        type=int,
+        help="dimse://: retrieve by C-MOVE to medtl's AE on this port (the PACS must know it at this host and port); "
+        "default: C-GET",
     )
     s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
     s.add_argument(
@@ -244,6 +294,17 @@ def cmd_dicom_results(args: argparse.Namespace) -> int:
 def _pacs(args: argparse.Namespace):
     from medtl.extras import require
 
+    if args.url.startswith("dimse:"):  # a PACS's DICOM port (DIMSE)
+        require("pacs", "pynetdicom", "medtl pacs with dimse://")
+        from medtl.clinical.dimse import DimsePacs
+
+        return DimsePacs(
+            args.url,
+            getattr(args, "ae_title", "MEDTL"),
+            timeout=args.timeout,
+            retries=max(0, args.retries),
+            move_port=getattr(args, "move_port", None),
+        )
     require("pacs", "dicomweb_client", "medtl pacs")  # a core install is told which extra to add
     from medtl.clinical.pacs import Credentials, Pacs
 
@@ -351,3 +412,36 @@ def cmd_pacs_watch(args: argparse.Namespace) -> int:
     )
     changes = OrthancChanges(rest, Credentials.load(args.credentials), timeout=args.timeout)
     return watch(predictor, pacs, changes, config)
+
+
+def cmd_pacs_listen(args: argparse.Namespace) -> int:
+    from medtl.extras import require
+
+    require("pacs", "pynetdicom", "medtl pacs listen")
+    require("pacs", "highdicom", "medtl pacs listen")  # (its results are DICOM SR and SC)
+    from medtl.clinical.dimse_listen import OUTCOMES_CSV, StudyListener, listen
+    from medtl.predict.predictor import load_run
+
+    allow = [a for a in args.allow.split(",") if a.strip()]
+    listener = StudyListener(args.port, allow, args.ae_title, host=args.host, spool_parent=args.spool)
+    store = None
+    if args.store:  # the --store PACS, with the options _pacs reads
+        store = _pacs(argparse.Namespace(url=args.store, credentials=args.credentials, timeout=30, retries=3))
+    predictor = load_run(args.run, device=args.device, bounded=True, decision=args.decision)
+    outcomes = listen(
+        predictor,
+        listener,
+        args.out,
+        quiet=max(0.0, args.quiet_seconds),
+        pacs=store,
+        method=args.method,
+        check=not args.answer_unfamiliar,
+        on_start=lambda lis: print(
+            f"listening as AE {lis.ae_title} on port {lis.port} for {', '.join(lis.allow)}; Ctrl-C or SIGTERM stops",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    failed = sum(o.status in ("error", "retry") for o in outcomes)
+    print(f"{len(outcomes)} studies answered or refused, {failed} failed: {args.out / OUTCOMES_CSV}", file=sys.stderr)
+    return 0

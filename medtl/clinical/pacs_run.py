@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
@@ -33,6 +34,9 @@ from medtl.clinical.pacs import Pacs, PacsError, study_key
 from medtl.errors import MedtlError
 from medtl.predict.batch import done_keys
 from medtl.predict.predictor import Predictor
+
+if TYPE_CHECKING:  # (pynetdicom is imported where a dimse:// PACS is used)
+    from medtl.clinical.dimse import DimsePacs
 
 log = logging.getLogger("medtl.clinical.pacs")
 RETRY = "retry"  # the status of a study that failed for a temporary reason: not done, a rerun tries it again
@@ -54,7 +58,7 @@ OUTCOME_FIELDS = ["study", "status", "label", "probability", "stored", "already_
 
 def run_studies(
     predictor: Predictor,
-    pacs: Pacs,
+    pacs: Pacs | DimsePacs,
     study_uids: Iterable[str],
     cache: str | Path | None = None,
     store: bool = True,
@@ -130,17 +134,41 @@ def _terminated_as_exit():
 
 
 def _run_study(
-    predictor: Predictor, pacs: Pacs, uid: str, root: Path, store: bool, method: str | None, check: bool
+    predictor: Predictor, pacs: Pacs | DimsePacs, uid: str, root: Path, store: bool, method: str | None, check: bool
 ) -> StudyOutcome:
     key = study_key(uid)
-    t0 = time.perf_counter()
     folder = root / key
     try:
-        files = pacs.retrieve(uid, folder / "images")
-        results = write_dicom_results(predictor, folder / "images", folder / "results", method, check=check)
-        datasets = [pydicom.dcmread(f) for f in results]
+        try:
+            pacs.retrieve(uid, folder / "images")
+        except MedtlError as e:
+            return failed_outcome(key, e, folder, uid)
+        store_to = pacs if store else None
+        return answer_study(predictor, folder / "images", folder / "results", key, store_to, method, check, uid)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the study's images and results: not kept
+
+
+def answer_study(
+    predictor: Predictor,
+    images: Path,
+    results: Path,
+    key: str,
+    pacs: Pacs | DimsePacs | None = None,
+    method: str | None = None,
+    check: bool = True,
+    uid: str = "",
+) -> StudyOutcome:
+    """Predict on the study whose instances are in ``images`` (retrieved by :func:`run_studies`, or received by
+    the DIMSE listener, :mod:`medtl.clinical.dimse_listen`), write its SR and Secondary Capture into ``results``
+    and, with ``pacs``, store them there. A failure is an outcome naming ``key`` (not the folders or ``uid``),
+    not an exception. The caller removes the folders."""
+    t0 = time.perf_counter()
+    try:
+        written = write_dicom_results(predictor, images, results, method, check=check)
+        datasets = [pydicom.dcmread(f) for f in written]
         sr, answered = datasets[0], len(datasets) > 1
-        stored, already = pacs.store(datasets) if store else (0, 0)
+        stored, already = pacs.store(datasets) if pacs is not None else (0, 0)
         if answered:
             outcome = StudyOutcome(
                 key,
@@ -157,7 +185,7 @@ def _run_study(
         log.info(
             "%s: %d images, %s%s, %d results stored, %d already there (%.1f s)",
             key,
-            len(files),
+            sum(1 for _ in images.iterdir()),
             outcome.status,
             f" {outcome.label}" if answered else "",
             stored,
@@ -166,14 +194,29 @@ def _run_study(
         )
         return outcome
     except MedtlError as e:
-        message = str(e).replace(str(folder / "images"), key).replace(str(folder), key).replace(uid, key)
-        temporary = isinstance(e, PacsError) and e.transient
-        if temporary:
-            message += " (a temporary failure: a rerun with the same --csv tries it again)"
-        log.warning("%s: %s", key, message)
-        return StudyOutcome(key, RETRY if temporary else "error", reason=message)
+        return failed_outcome(key, e, images, results, uid)
+
+
+def failed_outcome(key: str, error: MedtlError, *hidden: str | Path) -> StudyOutcome:
+    """The outcome of a study that failed with ``error``, logged; the ``hidden`` folders and UID named by ``key``
+    in its reason. A temporary failure (a :class:`PacsError` marked transient) is ``retry``."""
+    message = str(error)
+    for text in sorted((str(h) for h in hidden if str(h)), key=len, reverse=True):  # a folder before its parent
+        message = message.replace(text, key)
+    temporary = isinstance(error, PacsError) and error.transient
+    if temporary:
+        message += " (a temporary failure: a rerun with the same --csv tries it again)"
+    log.warning("%s: %s", key, message)
+    return StudyOutcome(key, RETRY if temporary else "error", reason=message)
+
+
+def append_outcome(csv_path: str | Path, outcome: StudyOutcome) -> None:
+    """One row for ``outcome`` appended to ``csv_path`` (the columns of ``pacs run --csv``)."""
+    writer = _OutcomeWriter(csv_path)
+    try:
+        writer.write(outcome)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the study's images and results: not kept
+        writer.close()
 
 
 class _OutcomeWriter:
@@ -210,4 +253,13 @@ def _content(sr: pydicom.Dataset, meaning: str) -> pydicom.Dataset:
     return next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == meaning)
 
 
-__all__ = ["run_studies", "StudyOutcome", "finished_keys", "OUTCOME_FIELDS", "RETRY"]
+__all__ = [
+    "run_studies",
+    "answer_study",
+    "failed_outcome",
+    "append_outcome",
+    "StudyOutcome",
+    "finished_keys",
+    "OUTCOME_FIELDS",
+    "RETRY",
+]
