@@ -179,6 +179,7 @@ CHILD = textwrap.dedent("""
     # as in an interactive start, whatever this test runner was started with
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (a runner started under nohup passes SIGHUP on ignored)
     {setup}
     work = Path(sys.argv[1])
     work.mkdir()
