@@ -12,6 +12,7 @@ from medtl.clinical.orthanc import OrthancServer, find_orthanc, find_web_viewer
 from medtl.clinical.pacs import Pacs
 from medtl.clinical.pacs_run import run_studies
 from medtl.predict.predictor import load_run
+from tests.clinical.test_orthanc_serve import _modes
 from tests.ui.browsing import ARGS, CHROMIUM
 
 pytestmark = [pytest.mark.pacs, pytest.mark.browser]
@@ -97,5 +98,7 @@ def test_the_web_viewer_draws_the_overlay_and_the_source(answered, page, modalit
     if modality == "OT":  # the overlay: a colour map over the image, and its name
         assert coloured > pixels // 4, (pixels, coloured)
         assert OVERLAY.search(page.inner_text("body"))
+        cache = server.storage / "webviewer-cache"  # the viewer's decoded images: in the private storage
+        assert any(p.is_file() for p in cache.rglob("*")) and _modes(server.storage) == {}
     else:  # the CT: grey
         assert coloured == 0, (pixels, coloured)
