@@ -102,6 +102,7 @@ GET_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.12.2",  # RF
 )
 SUCCESS, PENDING, WARNING_SUBOPS = 0x0000, (0xFF00, 0xFF01), 0xB000
+CANNOT_UNDERSTAND = 0xC211  # C-STORE: refused (an instance medtl did not ask for, or without its study)
 STORED = (SUCCESS, 0xB000, 0xB006, 0xB007)  # C-STORE: success, or a warning (coerced, elements discarded)
 
 
@@ -177,16 +178,19 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 class _Receiver:
-    """The C-STORE handler of a retrieval: each image instance into ``folder`` (medtl's own results of an earlier
-    run are acknowledged and dropped)."""
+    """The C-STORE handler of a retrieval: each image instance of ``study_uid`` into ``folder`` (medtl's own results
+    of an earlier run are acknowledged and dropped; an instance of another study is refused)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, study_uid: str):
+        self.folder, self.study_uid = folder, study_uid
         self.written: list[Path] = []
         self.lock = threading.Lock()
 
     def __call__(self, event) -> int:
         ds = event.dataset
+        if str(ds.get("StudyInstanceUID", "")) != self.study_uid:
+            log.warning("%s: an instance of another study was sent: refused", study_key(self.study_uid))
+            return CANNOT_UNDERSTAND
         if str(ds.get("Manufacturer", "")) == "medtl" or str(ds.get("Modality", "")) in NOT_IMAGES:
             return SUCCESS
         target = self.folder / instance_file_name(event.request.AffectedSOPInstanceUID)
@@ -337,7 +341,7 @@ class DimsePacs:
         ]
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        receiver = _Receiver(folder)
+        receiver = _Receiver(folder, study_uid)
         with self._move_destination(receiver) if self.move_port else contextlib.nullcontext():
             for uid in series:
                 request = Dataset()
@@ -371,9 +375,10 @@ class DimsePacs:
     @contextlib.contextmanager
     def _move_destination(self, receiver: _Receiver):
         """A storage SCP for medtl's AE on ``move_port`` while a C-MOVE retrieval runs (every image class, in
-        the transfer syntaxes the PACS proposes: as it holds them)."""
+        the transfer syntaxes the PACS proposes: as it holds them), accepting the PACS's AE title only."""
         scp = self._ae()
         scp.supported_contexts = image_contexts()
+        scp.require_calling_aet = [self.address.ae_title]  # the PACS's sub-operations, no one else's
         server = scp.start_server(
             ("", int(self.move_port or 0)), block=False, evt_handlers=[(evt.EVT_C_STORE, receiver)]
         )
@@ -421,6 +426,7 @@ class DimsePacs:
 __all__ = [
     "DimsePacs",
     "DimseAddress",
+    "CANNOT_UNDERSTAND",
     "DEFAULT_AE_TITLE",
     "IMAGE_STORAGE",
     "check_ae_title",

@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # (generated at import)
 
-from medtl.clinical.dimse import DEFAULT_AE_TITLE, check_ae_title, image_contexts, instance_file_name, write_private
+from medtl.clinical.dimse import (
+    CANNOT_UNDERSTAND,
+    DEFAULT_AE_TITLE,
+    check_ae_title,
+    image_contexts,
+    instance_file_name,
+    write_private,
+)
 from medtl.clinical.pacs import study_key
 from medtl.errors import ConfigError
 
@@ -47,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medtl.clinical.dimse")
 OUTCOMES_CSV = "studies.csv"  # in OUT: one row per study answered (the columns of ``pacs run --csv``)
-FAILED_PROCESSING = 0xC211  # C-STORE status "cannot understand": an instance without a StudyInstanceUID
 
 
 @dataclass
@@ -111,7 +117,7 @@ class StudyListener:
         uid = str(ds.get("StudyInstanceUID", ""))
         if not uid:
             log.warning("an instance without a StudyInstanceUID: refused")
-            return FAILED_PROCESSING
+            return CANNOT_UNDERSTAND
         key = study_key(uid)
         name = instance_file_name(event.request.AffectedSOPInstanceUID)
         data = event.encoded_dataset()
