@@ -63,6 +63,8 @@ def add_parser(sub) -> None:
         "profile, see medtl deid)",
     )
     _add_deid_options(s)
+    s.add_argument("--fhir", action="store_true", help="also write fhir.json (FHIR R4 DiagnosticReport, Observations)")
+    _add_fhir_options(s)
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_dicom_results)
@@ -98,6 +100,7 @@ def _add_pacs_commands(pacs) -> None:
         action="store_true",
         help="answer studies unlike the training images too (default: refused, with an SR that says so)",
     )
+    _add_fhir_options(s)
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_pacs_run)
@@ -203,6 +206,29 @@ def _add_overlay_method(s: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_fhir_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--fhir-url",
+        help="POST each study's FHIR R4 DiagnosticReport + Observations (a transaction Bundle) to this FHIR server's "
+        "base URL (bearer token: $MEDTL_FHIR_TOKEN)",
+    )
+    s.add_argument(
+        "--fhir-subject-system",
+        metavar="URI",
+        help="name the patient in FHIR results: a reference by identifier, the DICOM PatientID under this identifier "
+        "system (default: no subject; the study identifies the report)",
+    )
+
+
+def _fhir_options(args: argparse.Namespace, write: bool = False):
+    """The FHIR results asked for (None: none)."""
+    from medtl.clinical.fhir import FhirOptions
+
+    if not (write or args.fhir_url):
+        return None
+    return FhirOptions(url=args.fhir_url, subject_system=args.fhir_subject_system)
+
+
 def _add_deid_options(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--key-file",
@@ -271,7 +297,7 @@ def cmd_dicom_results(args: argparse.Namespace) -> int:
 
     require("pacs", "highdicom", "medtl dicom-results")  # a core install is told which extra to add
     from medtl.clinical.deid import Deidentifier, read_key
-    from medtl.clinical.dicom_results import write_dicom_results
+    from medtl.clinical.dicom_results import write_study_results
     from medtl.predict.batch import input_key
     from medtl.predict.predictor import load_run
 
@@ -279,12 +305,14 @@ def cmd_dicom_results(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # files written outside the PACS are de-identified unless asked otherwise (one key: one study stays one)
     deid = None if args.identified else Deidentifier(read_key(args.key_file), accept_burned_in=args.accept_burned_in)
+    fhir = _fhir_options(args, write=args.fhir)
 
     def one(path: Path) -> bool:
         target = out / input_key(Path(path))  # a key, not the file's name (it may hold a patient's name)
         if target.exists() and any(target.iterdir()) and not args.force:
             raise MedtlError(f"{target} exists; pass --force to replace it")
-        written = write_dicom_results(predictor, path, target, args.method, deidentifier=deid)
+        results = write_study_results(predictor, path, target, args.method, deidentifier=deid, fhir=fhir)
+        written = results.files + ([results.fhir] if results.fhir else [])
         print(f"{input_key(Path(path))}\t" + "  ".join(str(w) for w in written))
         return not (target / "sc.dcm").exists()  # refused: an SR saying so, no overlay
 
@@ -352,6 +380,7 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
         method=args.method,
         check=not args.answer_unfamiliar,
         csv_path=args.csv,
+        fhir=_fhir_options(args),
     )
     for o in outcomes:
         what = f"{o.label} {o.probability:.3f}" if o.status == "answered" else o.reason

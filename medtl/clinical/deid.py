@@ -70,7 +70,7 @@ CATEGORIES = {
     "Z_D_TAGS": "ZD",
     "X_Z_TAGS": "X",
     "X_D_TAGS": "XD",
-    "X_Z_D_TAGS": "XD",
+    "X_Z_D_TAGS": "XZD",  # (a sequence: emptied, Z, as a Type 2 one must stay; another element: X or D)
     "X_Z_U_STAR_TAGS": "K",
 }
 DUMMY_TEXT = "ANONYMIZED"
@@ -136,7 +136,7 @@ def profile_keeps(keyword: str) -> bool:
 
 
 def profile_table() -> dict[int, str]:
-    """The profile's action of each listed attribute (tag as an int): D, Z, X, U, ZD, XD or K (the U*
+    """The profile's action of each listed attribute (tag as an int): D, Z, X, U, ZD, XD, XZD or K (the U*
     sequences, kept with their UIDs remapped); repeating groups are not in it."""
     _action(0)
     return dict(_TABLE[0])
@@ -241,8 +241,8 @@ class Deidentifier:
         action = _action(int(elem.tag))
         if action in ("X", "XD"):
             del ds[elem.tag]
-        elif action == "Z":
-            elem.value = Sequence()
+        elif action in ("Z", "XZD"):  # X/Z/D: emptied, not removed (an SR's Referenced Performed Procedure Step
+            elem.value = Sequence()  # Sequence is Type 2), which leaves nothing of it
         else:  # D (Content Sequence), U*, or not listed: clean each item
             for item in elem.value:
                 self._clean(item, days, depth + 1)
@@ -263,7 +263,7 @@ class Deidentifier:
                 elem.value = DUMMY_TEXT
         elif action == "U":
             elem.value = self._uids(elem.value)
-        elif action in ("X", "XD"):
+        elif action in ("X", "XD", "XZD"):
             del ds[elem.tag]
         elif action == "Z" or (action == "ZD" and vr != "UI"):
             elem.value = None

@@ -1,38 +1,35 @@
-"""Results back as DICOM (highdicom): a Comprehensive SR with the finding, and a Secondary Capture with
+"""Results back as DICOM (highdicom): a Comprehensive SR with the findings, and a Secondary Capture with
 the saliency overlay, both in the source's study.
 
 ``write_dicom_results(predictor, path, out)`` reads a DICOM file or series folder, predicts and
-explains it, and writes ``sr.dcm``, a Comprehensive Structured Report (the finding as a coded concept,
-its calibrated probability, the operating point, the model's name, medtl's version and the weight
-file's sha256, the source instances referenced), and for an answered input ``sc.dcm``, a Secondary
-Capture of the overlay. Both carry the source's patient and study modules, so they can be stored to
+explains it, and writes ``sr.dcm``, a TID 1500 Measurement Report (:mod:`medtl.clinical.sr`: the model as a
+device observer, each finding coded (:mod:`medtl.clinical.findings`) with its own probability and the
+threshold it was compared to, in %, present or absent, the source images and the Secondary Capture
+referenced), and for an answered input ``sc.dcm``, a Secondary Capture of the overlay that references the
+image it was drawn on. Both carry the source's patient and study modules, so they can be stored to
 the PACS next to the images; each is in a new series, with new UIDs. A refused input gets an SR that
-says it was not assessed, and why. Classes are coded in the private scheme ``99MEDTL`` (their index
-and name), since a run's classes are the user's own.
+says its findings were not evaluated, and why. :func:`write_study_results` also writes the FHIR
+DiagnosticReport and Observations (:mod:`medtl.clinical.fhir`) where asked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom.sr import (
-    CodeContentItem,
-    CodedConcept,
-    ContainerContentItem,
-    ImageContentItem,
-    NumContentItem,
-    TextContentItem,
-)
-from highdicom.sr import RelationshipTypeValues as Rel
 
 from medtl.clinical.deid import Deidentifier
+from medtl.clinical.fhir import FhirOptions, create_fhir_bundle, post_fhir_bundle, write_fhir
+from medtl.clinical.findings import SCHEME, ResultRecord, create_result_record
+from medtl.clinical.sr import create_measurement_report
 from medtl.errors import MedtlInputError
 from medtl.eval.quality import model_quality
 from medtl.io.reader import sniff_format
@@ -46,8 +43,6 @@ from medtl.version import __version__
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 log = logging.getLogger("medtl.clinical.dicom_results")
 
-SCHEME = "99MEDTL"  # a private coding scheme for a run's own classes and medtl's quantities
-NO_UNITS = CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 # patient and study attributes the results inherit, required (Type 2: present, possibly empty) in them
 TYPE2_INHERITED = (
@@ -102,6 +97,13 @@ KEPT_FROM_SOURCE = (
     "ImageOrientationPatient",
     "Laterality",
     "FrameOfReferenceUID",
+    "Rows",  # (the geometry: what the SR's image library says of each source image)
+    "Columns",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "PatientOrientation",
     "PatientIdentityRemoved",
     "DeidentificationMethod",
     "DeidentificationMethodCodeSequence",
@@ -113,7 +115,7 @@ def _minimal(ds: pydicom.Dataset) -> pydicom.Dataset:
     out = pydicom.Dataset()
     for keyword in KEPT_FROM_SOURCE:
         if keyword in ds:
-            out.add(ds.data_element(keyword))
+            out.add(ds[keyword])
     return out
 
 
@@ -147,11 +149,19 @@ DEID_MARKS = (
 )
 
 
+UNSTATED_METHOD = "de-identified by the source's sender (method not stated)"
+
+
 def _mark_deidentified(result: pydicom.Dataset, source: pydicom.Dataset) -> None:
-    """A result built on a de-identified source says so, as the source does (highdicom does not copy it)."""
+    """A result built on a de-identified source says so, as the source does (highdicom does not copy it). A
+    source that says YES without a method (DeidentificationMethod, Type 1C) gets one that says so: the
+    result would otherwise be invalid (dciodvfy: an error)."""
     for keyword in DEID_MARKS:
         if keyword in source:
-            setattr(result, keyword, source.data_element(keyword).value)
+            setattr(result, keyword, source[keyword].value)
+    said = str(result.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+    if said and not result.get("DeidentificationMethod") and not result.get("DeidentificationMethodCodeSequence"):
+        result.DeidentificationMethod = UNSTATED_METHOD
 
 
 @contextlib.contextmanager
@@ -169,6 +179,15 @@ def _names_unquoted():
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+@dataclass(frozen=True)
+class StudyResults:
+    """What :func:`write_study_results` wrote, and what it stated."""
+
+    files: list[Path]  # sr.dcm, and sc.dcm for an answered input
+    record: ResultRecord  # the findings, their probabilities and thresholds, the answer
+    fhir: Path | None = None  # fhir.json (a FHIR R4 transaction Bundle) where asked for
+
+
 def write_dicom_results(
     predictor: Predictor,
     path: str | Path,
@@ -178,7 +197,22 @@ def write_dicom_results(
     deidentifier: Deidentifier | None = None,
 ) -> list[Path]:
     """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` (and ``sc.dcm`` for an
-    answered input) into ``out``; return the files written.
+    answered input) into ``out``; return the files written (:func:`write_study_results`, its DICOM files)."""
+    return write_study_results(predictor, path, out, method, check, deidentifier).files
+
+
+def write_study_results(
+    predictor: Predictor,
+    path: str | Path,
+    out: str | Path,
+    method: str | None = None,
+    check: bool = True,
+    deidentifier: Deidentifier | None = None,
+    fhir: FhirOptions | None = None,
+) -> StudyResults:
+    """Predict and explain the DICOM file or series folder ``path``; write ``sr.dcm`` and, for an answered input,
+    ``sc.dcm`` into ``out``; with ``fhir``, also ``fhir.json`` (:mod:`medtl.clinical.fhir`), POSTed to ``fhir.url``
+    where it is set (a failure there raises :class:`medtl.clinical.fhir.FhirError` after the files are written).
 
     With a ``deidentifier`` (:class:`medtl.clinical.deid.Deidentifier`), the results are built on the sources'
     de-identified headers: pseudonymised patient, shifted dates, remapped UIDs (the references between
@@ -194,137 +228,81 @@ def write_dicom_results(
         sources = [deidentifier.dataset(ds, name=path) for ds in sources]
     out.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(predictor.run_dir / RunDir.MODEL)
-    items = _algorithm_items(predictor, sha) + _finding_items(predictor, pred) + [_quality_item(predictor)]
-    items += [
-        ImageContentItem(
-            name=CodedConcept("121112", "DCM", "Source of Measurement"),
-            referenced_sop_class_uid=ds.SOPClassUID,
-            referenced_sop_instance_uid=ds.SOPInstanceUID,
-            relationship_type=Rel.CONTAINS,
-        )
-        for ds in sources
-    ]
+    record = create_result_record(predictor, pred, sha, f"medtl {__version__}; weights sha256 {sha[:16]}")
+    overlay = _create_overlay(expl, sources, sha, predictor.encoder) if expl.overlay is not None else None
+    sr = _create_sr(predictor, record, sources, overlay, sha)
+    written = [out / "sr.dcm"]
+    sr.save_as(written[0])
+    if overlay is not None:
+        written.append(out / "sc.dcm")
+        overlay.save_as(written[1])
+    fhir_path = None
+    if fhir is not None:  # the DiagnosticReport and Observations beside the SR; POSTed where asked
+        bundle = create_fhir_bundle(record, sr, fhir)
+        fhir_path = write_fhir(bundle, out / "fhir.json")
+        if fhir.url:
+            post_fhir_bundle(bundle, fhir.url, fhir.timeout)
+    return StudyResults(written, record, fhir_path)
+
+
+def _create_sr(
+    predictor: Predictor,
+    record: ResultRecord,
+    sources: list[pydicom.Dataset],
+    overlay: pydicom.Dataset | None,
+    sha: str,
+) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR (TID 1500, :mod:`medtl.clinical.sr`) of ``record``, in the sources' study."""
+    uids = {f.name: result_uid(sources, sha, f"tracking {f.name}") for f in record.findings}
+    quality = _quality_text(predictor)
+    try:
+        content = create_measurement_report(record, sources, overlay, uids, quality)
+    except (AttributeError, IndexError, TypeError, ValueError) as e:  # a source without its modality's geometry
+        log.debug("image library entries without geometry: %s", type(e).__name__)
+        undescribed = [copy.copy(ds) for ds in sources]
+        for ds in undescribed:  # (highdicom describes CT/MR/PT and projection images; "OT" only by the SOP class)
+            ds.Modality = "OT"
+        content = create_measurement_report(record, sources, overlay, uids, quality, library=undescribed)
     # the finding is part of the SR's identity: a study answered after being refused gets a new SR
-    finding = "not assessed" if pred.refused else pred.label
-    root = ContainerContentItem(name=CodedConcept("126000", "DCM", "Imaging Measurement Report"))
-    root.ContentSequence = items
     with _names_unquoted():
         sr = hd.sr.ComprehensiveSR(
-            evidence=sources,
-            content=root,
+            evidence=sources + ([overlay] if overlay is not None else []),
+            content=content[0],
             series_instance_uid=result_uid(sources, sha, "sr series"),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=result_uid(sources, sha, f"sr {finding}"),
+            sop_instance_uid=result_uid(sources, sha, f"sr tid1500 {record.answer}"),
             instance_number=1,
             manufacturer="medtl",
             is_complete=True,
         )
-    written = [out / "sr.dcm"]
+    _equipment(sr, record.model, sha)
     _mark_deidentified(sr, sources[0])
-    sr.save_as(written[0])
-    if expl.overlay is not None:
-        written.append(_write_overlay(expl, sources, sha, out / "sc.dcm"))
-    return written
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the texts ("–", a class's name) and the source's names alike
+    if any(f.code.scheme_designator == SCHEME for f in record.findings):  # a private scheme used is declared
+        private = pydicom.Dataset()  # (SOP Common, PS3.3 C.12.1)
+        private.CodingSchemeDesignator, private.CodingSchemeName = SCHEME, "medtl: a run's own classes"
+        private.CodingSchemeResponsibleOrganization = "medtl"
+        sr.CodingSchemeIdentificationSequence = [private]
+    return sr
 
 
-def _algorithm_items(predictor: Predictor, sha: str) -> list:
-    """The SR's observation context: the algorithm's name and version (with its weights' sha256)."""
-    return [
-        TextContentItem(
-            name=CodedConcept("111001", "DCM", "Algorithm Name"),
-            value=f"medtl {predictor.encoder}",
-            relationship_type=Rel.HAS_OBS_CONTEXT,
-        ),
-        TextContentItem(
-            name=CodedConcept("111003", "DCM", "Algorithm Version"),
-            value=f"medtl {__version__}; weights sha256 {sha[:16]}",
-            relationship_type=Rel.HAS_OBS_CONTEXT,
-        ),
-    ]
+def _equipment(ds: pydicom.Dataset, model: str, sha: str) -> None:
+    """General Equipment: the model, medtl's version and the weights (what made the result)."""
+    ds.ManufacturerModelName = model[:64]
+    ds.SoftwareVersions = [f"medtl {__version__}", f"weights {sha[:16]}"]
 
 
-def _finding_items(predictor: Predictor, pred) -> list:
-    """The SR's findings: "not assessed" with the reason for a refusal; one Finding per finding with its
-    probability, threshold and decision for a multi-label model; else the decided class, its probability and
-    the operating point's threshold (where the run has one)."""
-    if pred.refused:
-        return [
-            CodeContentItem(
-                name=CodedConcept("121071", "DCM", "Finding"),
-                value=CodedConcept("not-assessed", SCHEME, "Not assessed"),
-                relationship_type=Rel.CONTAINS,
-            ),
-            TextContentItem(
-                name=CodedConcept("121106", "DCM", "Comment"), value=pred.refused[:1024], relationship_type=Rel.CONTAINS
-            ),
-        ]
-    items = []
-    if predictor.multi_label:
-        for k, (name, t) in enumerate(zip(predictor.class_names, predictor.decision.finding_thresholds)):
-            present = name in (pred.findings or [])
-            items += [
-                CodeContentItem(
-                    name=CodedConcept("121071", "DCM", "Finding"),
-                    value=CodedConcept(str(k), SCHEME, name[:64]),
-                    relationship_type=Rel.CONTAINS,
-                ),
-                _number("probability", "Probability of finding", pred.probabilities[name]),
-                _number("threshold", "Operating point threshold", t),
-                TextContentItem(
-                    name=CodedConcept("121106", "DCM", "Comment"),
-                    value=f"{name}: {'present' if present else 'absent'} (probability "
-                    f"{'at or above' if present else 'below'} its threshold)"[:1024],
-                    relationship_type=Rel.CONTAINS,
-                ),
-            ]
-        return items
-    k = predictor.class_names.index(pred.label)
-    d = predictor.decision
-    # the probability the threshold applies to: the finding's (a binary model's positive class), not the answer's
-    judged = d.finding if d.threshold is not None else pred.label
-    items += [
-        CodeContentItem(
-            name=CodedConcept("121071", "DCM", "Finding"),
-            value=CodedConcept(str(k), SCHEME, pred.label[:64]),
-            relationship_type=Rel.CONTAINS,
-        ),
-        _number("probability", "Probability of finding", pred.probabilities[judged]),
-    ]
-    if d.threshold is not None:
-        items.append(_number("threshold", "Operating point threshold", d.threshold))
-        items.append(
-            TextContentItem(
-                name=CodedConcept("121106", "DCM", "Comment"),
-                value=f"The probability and its threshold are of {judged}; the answer is {pred.label}."[:1024],
-                relationship_type=Rel.CONTAINS,
-            )
-        )
-    return items
-
-
-def _quality_item(predictor: Predictor) -> TextContentItem:
+def _quality_text(predictor: Predictor) -> str:
     """How good the model is (:func:`medtl.eval.quality.model_quality`), said beside its answer."""
     d = predictor.decision
     finding = d.finding if not d.multi_label and len(d.class_names) == 2 else None
     quality = model_quality(predictor.run_dir, finding)
-    text = " ".join([*(f"[{b}]" for b in quality.badges()), quality.sentence()])
-    name = CodedConcept("model-quality", SCHEME, "Model quality")
-    return TextContentItem(name=name, value=text[:1024], relationship_type=Rel.CONTAINS)
+    return " ".join([*(f"[{b}]" for b in quality.badges()), quality.sentence()])
 
 
-def _number(code: str, meaning: str, value: float) -> NumContentItem:
-    """A unitless number of medtl's own coding scheme, rounded to 6 decimals."""
-    return NumContentItem(
-        name=CodedConcept(code, SCHEME, meaning),
-        value=round(float(value), 6),
-        unit=NO_UNITS,
-        relationship_type=Rel.CONTAINS,
-    )
-
-
-def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -> Path:
+def _create_overlay(expl, sources: list[pydicom.Dataset], sha: str, encoder: str) -> hd.sc.SCImage:
     """The saliency overlay as a Secondary Capture on the source's patient and study (the slice judged, for a
-    series), written to ``path``."""
+    series), referencing the image it was drawn on (SourceImageSequence)."""
     pred = expl.prediction
     ref = sources[min(len(sources) - 1, max(0, pred.slice_index or 0))] if len(sources) > 1 else sources[0]
     with _names_unquoted():
@@ -337,7 +315,7 @@ def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -
             patient_orientation=_patient_orientation(ref),
             series_instance_uid=result_uid(sources, sha, "sc series"),
             series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=result_uid(sources, sha, f"sc {expl.method}"),
+            sop_instance_uid=result_uid(sources, sha, f"sc with source {expl.method}"),
             instance_number=1,
             manufacturer="medtl",
             series_description=f"medtl {expl.method} overlay"[:64],
@@ -345,9 +323,18 @@ def _write_overlay(expl, sources: list[pydicom.Dataset], sha: str, path: Path) -
     # General Series' Laterality (Type 2C): as the source has it; empty (unknown to medtl) when it has none
     # (dciodvfy then warns that absent would do for an unpaired part, but reports absence as an error)
     sc.Laterality = ref.get("Laterality", "")
+    source = pydicom.Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = ref.SOPClassUID, ref.SOPInstanceUID
+    purpose = pydicom.Dataset()  # CID 7202: the image the overlay was computed from and drawn on
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    source.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [source]
+    sc.DerivationDescription = f"{expl.method} saliency of {pred.label} over the source image"[:1024]
+    sc.BurnedInAnnotation = "NO"  # (the overlay is colour, no text)
+    _equipment(sc, f"medtl {encoder}", sha)
     _mark_deidentified(sc, ref)
-    sc.save_as(path)
-    return path
+    return sc
 
 
-__all__ = ["write_dicom_results", "source_instances", "result_uid", "SCHEME"]
+__all__ = ["write_dicom_results", "write_study_results", "StudyResults", "source_instances", "result_uid", "SCHEME"]

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from medtl.clinical.dicom_results import write_dicom_results
+from medtl.clinical.dicom_results import write_study_results
+from medtl.clinical.fhir import FhirOptions
 from medtl.clinical.pacs import Pacs, PacsError, study_key
 from medtl.errors import MedtlError
 from medtl.predict.batch import done_keys
@@ -65,12 +66,14 @@ def run_studies(
     method: str | None = None,
     check: bool = True,
     csv_path: str | Path | None = None,
+    fhir: FhirOptions | None = None,
 ) -> list[StudyOutcome]:
     """Retrieve each study, predict, write its SR and Secondary Capture and store them back (unless
     ``store`` is False). A study's files live in ``cache`` (a private temporary folder by default,
     removed afterwards, and on SIGTERM). One outcome per study; a failure is an outcome, not an exception.
     With ``csv_path``, a row per study is appended as it ends, and studies whose last row is final (not
-    ``retry``) are skipped (an interrupted run resumes, a temporary failure is tried again).
+    ``retry``) are skipped (an interrupted run resumes, a temporary failure is tried again). With ``fhir``, each
+    study's FHIR DiagnosticReport and Observations go to ``fhir.url`` (:mod:`medtl.clinical.fhir`).
     ``check=False`` answers studies unlike the training images too."""
     study_uids = list(study_uids)
     done = finished_keys(Path(csv_path)) if csv_path else set()
@@ -85,7 +88,7 @@ def run_studies(
     try:
         with _terminated_as_exit():
             for k, uid in enumerate(todo, 1):
-                outcome = _run_study(predictor, pacs, uid, root, store, method, check)
+                outcome = _run_study(predictor, pacs, uid, root, store, method, check, fhir)
                 outcomes.append(outcome)
                 if writer:
                     writer.write(outcome)
@@ -134,7 +137,14 @@ def _terminated_as_exit():
 
 
 def _run_study(
-    predictor: Predictor, pacs: Pacs | DimsePacs, uid: str, root: Path, store: bool, method: str | None, check: bool
+    predictor: Predictor,
+    pacs: Pacs | DimsePacs,
+    uid: str,
+    root: Path,
+    store: bool,
+    method: str | None,
+    check: bool,
+    fhir: FhirOptions | None = None,
 ) -> StudyOutcome:
     key = study_key(uid)
     folder = root / key
@@ -144,7 +154,8 @@ def _run_study(
         except MedtlError as e:
             return failed_outcome(key, e, folder, uid)
         store_to = pacs if store else None
-        return answer_study(predictor, folder / "images", folder / "results", key, store_to, method, check, uid)
+        images, results = folder / "images", folder / "results"
+        return answer_study(predictor, images, results, key, store_to, method, check, uid, fhir)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the study's images and results: not kept
 
@@ -158,6 +169,7 @@ def answer_study(
     method: str | None = None,
     check: bool = True,
     uid: str = "",
+    fhir: FhirOptions | None = None,
 ) -> StudyOutcome:
     """Predict on the study whose instances are in ``images`` (retrieved by :func:`run_studies`, or received by
     the DIMSE listener, :mod:`medtl.clinical.dimse_listen`), write its SR and Secondary Capture into ``results``
@@ -165,23 +177,14 @@ def answer_study(
     not an exception. The caller removes the folders."""
     t0 = time.perf_counter()
     try:
-        written = write_dicom_results(predictor, images, results, method, check=check)
-        datasets = [pydicom.dcmread(f) for f in written]
-        sr, answered = datasets[0], len(datasets) > 1
+        written = write_study_results(predictor, images, results, method, check, fhir=fhir)  # (FHIR: POSTed there)
+        datasets = [pydicom.dcmread(f) for f in written.files]
+        record, answered = written.record, len(datasets) > 1
         stored, already = pacs.store(datasets) if pacs is not None else (0, 0)
-        if answered:
-            outcome = StudyOutcome(
-                key,
-                "answered",
-                _content(sr, "Finding").ConceptCodeSequence[0].CodeMeaning,
-                float(_content(sr, "Probability of finding").MeasuredValueSequence[0].NumericValue),
-                stored,
-                already,
-            )
+        if answered:  # the answer, and the probability of its finding (a binary model's positive class)
+            outcome = StudyOutcome(key, "answered", record.answer, record.probability, stored, already)
         else:
-            outcome = StudyOutcome(
-                key, "refused", stored=stored, already=already, reason=str(_content(sr, "Comment").TextValue)
-            )
+            outcome = StudyOutcome(key, "refused", stored=stored, already=already, reason=record.refused or "")
         log.info(
             "%s: %d images, %s%s, %d results stored, %d already there (%.1f s)",
             key,
@@ -245,12 +248,6 @@ class _OutcomeWriter:
 
     def close(self) -> None:
         self.file.close()
-
-
-def _content(sr: pydicom.Dataset, meaning: str) -> pydicom.Dataset:
-    """The SR's content item named ``meaning`` (as :func:`medtl.clinical.dicom_results.write_dicom_results`
-    writes it)."""
-    return next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == meaning)
 
 
 __all__ = [

@@ -1,6 +1,7 @@
-"""DICOM results: a Comprehensive SR and a Secondary Capture that David Clunie's dciodvfy passes without
-errors and dcmtk parses, in the source's study with new series and instances, carrying the finding,
-its probability, the operating point and the model; a refused input gets an SR saying so."""
+"""DICOM results: a Comprehensive SR (TID 1500) and a Secondary Capture that David Clunie's dciodvfy passes
+without errors and dcmtk parses, in the source's study with new series and instances, carrying the finding,
+its probability, the operating point and the model; a refused input gets an SR saying so. (The SR's template
+structure, codes, references and de-identified copies: test_sr_tid1500.py.)"""
 
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pydicom
 import pytest
 
 from medtl.cli import main
-from medtl.clinical.dicom_results import SCHEME, write_dicom_results
+from medtl.clinical.dicom_results import write_dicom_results
 from medtl.predict.predictor import load_run
 
 
@@ -23,8 +24,22 @@ def _dciodvfy_errors(path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def _items(sr):
-    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+def _items(node):
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in node.ContentSequence}
+
+
+def _groups(sr) -> list[dict]:
+    """The SR's measurement groups (TID 1501), each as {concept name: content item}."""
+    measurements = _items(sr)["Imaging Measurements"]
+    return [_items(group) for group in measurements.ContentSequence]
+
+
+def _comments(sr) -> list[str]:
+    return [item.TextValue for item in _items(sr)["Qualitative Evaluations"].ContentSequence]
+
+
+def _number(item) -> float:
+    return float(item.MeasuredValueSequence[0].NumericValue)
 
 
 def _check(files, source):
@@ -46,17 +61,20 @@ def test_an_answered_file_gets_a_valid_sr_and_secondary_capture(tiny_run, sample
     source = pydicom.dcmread(src)
     _check(files, source)
     sr = pydicom.dcmread(files[0])
-    items = _items(sr)
-    finding = items["Finding"].ConceptCodeSequence[0]
-    assert finding.CodingSchemeDesignator == SCHEME and finding.CodeMeaning == pred.label
-    finding = predictor.decision.finding  # the threshold's class, whatever the answer (it was the answer's before)
-    assert float(items["Probability of finding"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
-        pred.probabilities[finding], abs=1e-5
-    )
-    assert f"are of {finding}; the answer is {pred.label}" in items["Comment"].TextValue
-    assert "Test AUC" in items["Model quality"].TextValue and "NOT EVALUATED" in items["Model quality"].TextValue
-    assert "weights sha256" in items["Algorithm Version"].TextValue
-    assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    [group] = _groups(sr)  # a binary model: one finding, its positive class
+    finding = predictor.decision.finding  # the threshold's class, whatever the answer
+    code = group["Finding"].ConceptCodeSequence[0]
+    assert (code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning) == ("SCT", "52988006", "Lesion")
+    assert _number(group["Certainty of Finding"]) == pytest.approx(100 * pred.probabilities[finding], abs=1e-3)
+    assert group["Certainty of Finding"].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    assert _number(group["Threshold Value"]) == pytest.approx(100 * predictor.decision.threshold, abs=1e-3)
+    said = group["Lesion"].ConceptCodeSequence[0].CodeMeaning
+    assert said == ("Present" if pred.label == finding else "Absent")
+    assert f"Answer: {pred.label}." in _comments(sr)[0]
+    quality = _comments(sr)[1]
+    assert quality.startswith("Model quality:") and "Test AUC" in quality and "NOT EVALUATED" in quality
+    assert "weights sha256" in group["Algorithm Version"].TextValue
+    assert group["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     sc = pydicom.dcmread(files[1])
     assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape == (source.Rows, source.Columns, 3)
 
@@ -68,9 +86,11 @@ def test_a_refused_file_gets_an_sr_that_says_so(tiny_run, sample_dir, tmp_path, 
     files = write_dicom_results(predictor, src, tmp_path / "out")
     assert [f.name for f in files] == ["sr.dcm"]
     _check(files, pydicom.dcmread(src))
-    items = _items(pydicom.dcmread(files[0]))
-    assert items["Finding"].ConceptCodeSequence[0].CodeMeaning == "Not assessed"
-    assert "does not look like the images" in items["Comment"].TextValue
+    sr = pydicom.dcmread(files[0])
+    [group] = _groups(sr)
+    assert group["Lesion"].ConceptCodeSequence[0].CodeMeaning == "Not Evaluated"
+    assert "Certainty of Finding" not in group and "Best illustration of finding" not in group
+    assert _comments(sr)[0].startswith("Not assessed:") and "does not look like the images" in _comments(sr)[0]
 
 
 @pytest.mark.shared_data
@@ -110,7 +130,7 @@ def test_deidentified_results_validate_and_reference_the_deidentified_sources(ti
         assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == deid.pseudonym(source.PatientID)
         assert ds.StudyInstanceUID == deid.uid(source.StudyInstanceUID)
     sr = pydicom.dcmread(files[0])
-    ref = _items(sr)["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    ref = _groups(sr)[0]["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert ref == deid.uid(source.SOPInstanceUID)
     # the same input and model: the same result UIDs (a PACS store is recognised as a repeat)
     again = write_dicom_results(predictor, src, tmp_path / "again", check=False, deidentifier=deid)

@@ -17,7 +17,7 @@ from medtl.cli import main
 from medtl.clinical.orthanc import OrthancServer, find_orthanc
 from medtl.clinical.pacs import Credentials, Pacs, PacsError
 from tests.clinical.test_deid import Canaries
-from tests.clinical.test_dicom_results import _dciodvfy_errors
+from tests.clinical.test_dicom_results import _dciodvfy_errors, _groups
 
 pytestmark = pytest.mark.pacs
 
@@ -98,16 +98,13 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(
     assert main(args) == 0
     srs, sc = _instances(pacs, source.StudyInstanceUID, "SR"), _instances(pacs, source.StudyInstanceUID, "OT")
 
-    def finding(ds):
-        return next(
-            i.ConceptCodeSequence[0].CodeMeaning
-            for i in ds.ContentSequence
-            if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
-        )
+    def finding(ds):  # the finding's qualitative evaluation (TID 1500): Present, Absent or Not Evaluated
+        [group] = _groups(ds)
+        return group["Lesion"].ConceptCodeSequence[0].CodeMeaning
 
-    # refused first, then answered: a new SR; the "Not assessed" one does not stand in for the answer
+    # refused first, then answered: a new SR; the "Not Evaluated" one does not stand in for the answer
     assert len(srs) == (2 if first == 3 else 1) and len(sc) == 1
-    sr = [ds for ds in srs if finding(ds) != "Not assessed"]
+    sr = [ds for ds in srs if finding(ds) != "Not Evaluated"]
     assert len(sr) == 1
     for ds, name in [(sr[0], "sr.dcm"), (sc[0], "sc.dcm")] + [(d, f"sr{k}.dcm") for k, d in enumerate(srs)]:
         path = tmp_path / name

@@ -222,18 +222,19 @@ def test_multilabel_evaluation_reports_each_finding(multilabel_run):
 
 def test_multilabel_dicom_results_hold_every_finding(multilabel_run, multilabel_data, tmp_path):
     from medtl.clinical.dicom_results import write_dicom_results
+    from tests.clinical.test_dicom_results import _groups, _number
 
     predictor = load_run(multilabel_run)
     written = write_dicom_results(predictor, multilabel_data.parent / "dicom" / "img_0002.dcm", tmp_path, check=False)
     sr = pydicom.dcmread(written[0])
-    findings = [
-        i.ConceptCodeSequence[0].CodeMeaning
-        for i in sr.ContentSequence
-        if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
-    ]
-    comments = [i.TextValue for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
-    assert findings == ["calcification", "lesion"] and len(comments) == 2
-    assert all(("present" in c) != ("absent" in c) for c in comments)
+    groups = _groups(sr)  # a TID 1501 measurement group per finding: its code, probability, threshold, presence
+    assert [g["Finding"].ConceptCodeSequence[0].CodeMeaning for g in groups] == ["calcification", "Lesion"]
+    pred = predictor.predict(multilabel_data.parent / "dicom" / "img_0002.dcm", check=False)
+    for group, name, threshold in zip(groups, predictor.class_names, predictor.decision.finding_thresholds):
+        assert _number(group["Certainty of Finding"]) == pytest.approx(100 * pred.probabilities[name], abs=1e-3)
+        assert _number(group["Threshold Value"]) == pytest.approx(100 * threshold, abs=1e-3)
+        evaluation = next(v for k, v in group.items() if k.lower() == name).ConceptCodeSequence[0].CodeMeaning
+        assert evaluation == ("Present" if name in pred.findings else "Absent")
 
 
 def test_multilabel_page_shows_each_finding_and_its_map(multilabel_run, multilabel_data, tmp_path):
