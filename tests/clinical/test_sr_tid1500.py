@@ -161,3 +161,22 @@ def test_a_source_without_its_geometry_still_gets_an_image_library(tiny_run, sam
     assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
     assert _code(_items(entry)["Modality"]) == ("DCM", "CT")  # (from the SOP class)
     assert _dciodvfy_errors(files.files[0]) == []
+
+
+@pytest.mark.shared_data
+def test_real_ct_results_pass_dciodvfy_deidentified_and_through_medtl_deid(tiny_run, shared_data, tmp_path):
+    predictor = load_run(tiny_run, device="cpu")
+    deid = Deidentifier(key=b"0123456789abcdef")
+    for k, src in enumerate(
+        [
+            shared_data / "dicom" / "ct" / "CT_small.dcm",
+            shared_data / "dicom" / "series" / "pydicom_dicomdirtests" / "98892001" / "CT2N",
+        ]
+    ):
+        identified = write_study_results(predictor, src, tmp_path / f"{k}-identified", check=False).files
+        deidentified = write_study_results(predictor, src, tmp_path / f"{k}-deid", check=False, deidentifier=deid).files
+        assert main(["deid", str(tmp_path / f"{k}-identified"), "--out", str(tmp_path / f"{k}-again")]) == 0
+        again = sorted((tmp_path / f"{k}-again").rglob("*.dcm"))
+        assert len(again) == len(identified) == 2
+        for f in [*deidentified, *again]:
+            assert _dciodvfy_errors(f) == [], f
