@@ -203,7 +203,7 @@ def listen(
     on_start: Callable[[StudyListener], object] | None = None,
 ) -> list[StudyOutcome]:
     """Run ``listener`` and answer each study it completes (quiet for ``quiet`` seconds): results into
-    ``out/KEY`` (``out/KEY-2``... for later batches of a study; private: they carry the patient's identifiers,
+    ``out/KEY`` (``out/KEY-2``... for a later batch of a study; private: they carry the patient's identifiers,
     to be filed with the images), a row in ``out/studies.csv``, the results stored in ``pacs`` if given; the
     study's images deleted. Until SIGTERM or Ctrl-C (or ``max_studies`` answered); the outcomes. ``on_start`` is
     called with the listener once it listens."""
@@ -219,19 +219,28 @@ def listen(
                 on_start(listener)
             while max_studies is None or len(outcomes) < max_studies:
                 for key, folder in listener.complete(quiet):
+                    results = _new_folder(out, key)
                     try:
-                        outcome = answer_study(
-                            predictor, folder / "images", out / folder.name, key, pacs, method, check
-                        )
+                        outcome = answer_study(predictor, folder / "images", results, key, pacs, method, check)
                     finally:
                         shutil.rmtree(folder, ignore_errors=True)  # the images: not kept
-                    _private_files(out / folder.name)
+                    _private_files(results)
                     append_outcome(out / OUTCOMES_CSV, outcome)
                     outcomes.append(outcome)
                 time.sleep(poll)
     except KeyboardInterrupt:
         log.info("stopped: %d studies answered", len(outcomes))
     return outcomes
+
+
+def _new_folder(out: Path, key: str) -> Path:
+    """``out/KEY``, or ``out/KEY-2``, ``-3``... when a batch of the study was answered before (in this run or an
+    earlier one): results are never overwritten."""
+    n, target = 1, out / key
+    while target.exists():
+        n += 1
+        target = out / f"{key}-{n}"
+    return target
 
 
 def _private_files(folder: Path) -> None:

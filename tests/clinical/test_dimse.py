@@ -129,14 +129,14 @@ def test_listener_spools_privately_rejects_unknown_ae_titles_and_removes_everyth
 
 
 @pytest.mark.pacs
-def test_pacs_listen_answers_a_study_once_quiet_and_stops_on_sigterm(tiny_run, sample_dir, tmp_path):
+def test_pacs_listen_answers_a_study_once_quiet_and_stops_on_sigterm(orthanc, tiny_run, sample_dir, tmp_path):
     study_uid, files = _study(sample_dir, tmp_path / "study")
     key, port, out, spool = study_key(study_uid), _free_port(), tmp_path / "out", tmp_path / "spool"
     spool.mkdir()
     listen = subprocess.Popen(
         [sys.executable, "-u", "-c", CLI, "-v", "pacs", "listen", str(tiny_run), "--port", str(port)]
         + ["--host", "127.0.0.1", "--allow", "MODALITY,ROUTER", "--out", str(out), "--quiet-seconds", "1"]
-        + ["--spool", str(spool), "--answer-unfamiliar"],
+        + ["--spool", str(spool), "--answer-unfamiliar", "--store", orthanc.dimse_url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -159,13 +159,22 @@ def test_pacs_listen_answers_a_study_once_quiet_and_stops_on_sigterm(tiny_run, s
         assert pydicom.dcmread(out / key / "sr.dcm").StudyInstanceUID == study_uid  # filed with its study
         (folder,) = spool.glob("medtl-listen-*")
         assert not [p for p in folder.rglob("*") if p.is_file()]  # the received images: deleted
+        web = Pacs(orthanc.url, orthanc.credentials)  # and the results stored in the PACS by C-STORE
+        stored = [pydicom.Dataset.from_json(s).Modality for s in web.client.search_for_series(study_uid)]
+        assert sorted(stored) == ["OT", "SR"]
+        # a slice of the study sent again later: a new batch, answered on its own, the first results kept
+        assert _storescu(port, "MODALITY", files[:1]).returncode == 0
+        _poll(lambda: len((out / "studies.csv").read_text().splitlines()) == 3, "the second batch", listen)
+        assert sorted(p.name for p in (out / f"{key}-2").iterdir()) == ["sc.dcm", "sr.dcm"]
+        assert sorted(p.name for p in (out / key).iterdir()) == ["sc.dcm", "sr.dcm"]
+        assert not [p for p in folder.rglob("*") if p.is_file()]
         listen.send_signal(signal.SIGTERM)
         assert listen.wait(timeout=120) == 0
     finally:
         listen.kill()
         listen.wait()
     said = listen.stdout.read() + listen.stderr.read()
-    assert "1 studies answered" in said
+    assert "2 studies answered" in said
     assert not list(spool.iterdir())  # stopped: no spool left
     assert not any(c in said for c in CANARIES) and study_uid not in said
 
