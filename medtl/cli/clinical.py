@@ -455,7 +455,11 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
     listener = StudyListener(args.port, allow, args.ae_title, host=args.host, spool_parent=args.spool)
     store = None
     if args.store:  # the --store PACS, with the options _pacs reads
-        store = _pacs(argparse.Namespace(url=args.store, credentials=args.credentials, timeout=30, retries=3))
+        store = _pacs(
+            argparse.Namespace(
+                url=args.store, credentials=args.credentials, timeout=30, retries=3, ae_title=args.ae_title
+            )
+        )
     predictor = load_run(args.run, device=args.device, bounded=True, decision=args.decision)
     outcomes = listen(
         predictor,
