@@ -126,13 +126,11 @@ def test_a_real_ct_study_is_answered_and_its_results_stored_once_and_valid(
         assert tags.status_code == 200 and tags.json()["SOPInstanceUID"] == ds.SOPInstanceUID
     preview = requests.get(f"{rest}/instances/{found[0]['ID']}/preview", auth=auth, timeout=30)
     assert preview.status_code == 200 and preview.content[:4] == b"\x89PNG"
-    assert sr[0].ContentSequence  # and the SR references the source instance
-    refs = [
-        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for i in sr[0].ContentSequence
-        if "ReferencedSOPSequence" in i
-    ]
-    assert source.SOPInstanceUID in refs
+    [group] = _groups(sr[0])  # and the SR references the source instance and the Secondary Capture
+    assert group["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (
+        group["Best illustration of finding"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc[0].SOPInstanceUID
+    )
 
     # run again, without the CSV's resume: nothing is stored twice
     assert main(args[:-2]) == 0
