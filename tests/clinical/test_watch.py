@@ -70,13 +70,12 @@ def _start(tiny_run, url, state, tmp, port, *extra) -> subprocess.Popen:
         )
 
 
-def _stop(watcher: subprocess.Popen, tmp) -> None:
-    watcher.send_signal(signal.SIGTERM)
-    assert watcher.wait(timeout=120) in (0, 128 + signal.SIGTERM)
-    files = [p for p in tmp.rglob("*") if not p.is_dir()]
-    folders = [p.name for p in tmp.rglob("*") if p.is_dir()]
-    # (importing MONAI makes torch's empty compile-cache folder, torchinductor_USER: nobody's data)
-    assert files == [] and all(name.startswith("torchinductor_") for name in folders), (files, folders)
+def _stop(watcher: subprocess.Popen, tmp, code: int = 0, signalled: bool = False) -> None:
+    """SIGTERM (unless ``signalled`` already): exit status ``code``, and nothing left in the watcher's TMPDIR."""
+    if not signalled:
+        watcher.send_signal(signal.SIGTERM)
+    assert watcher.wait(timeout=120) == code
+    assert list(tmp.rglob("*")) == []  # the studies' images, results, folders: gone
 
 
 @pytest.mark.pacs
@@ -113,8 +112,18 @@ def test_watch_answers_each_study_once_through_an_outage_and_a_restart(sample_di
         assert health["last_change"] > 0
         _stop(watcher, tmp)
 
-        # stopped: a study arrives; the restarted watcher (no --backlog) goes on from the change it had reached
+        # stopped: a study arrives; the restarted watcher (no --backlog) goes on from the change it had reached,
+        # is stopped in the middle of that study (its images on disk), and answers it at the next start
         uids.append(_study(sample_dir, server, 15))
+        with PacsProxy(server.url) as proxy:
+            proxy.hold_posts = True
+            watcher = _start(tiny_run, proxy.url, state, tmp, port, "--orthanc", rest)
+            assert proxy.held.wait(600), "the sixth study's results were never sent"
+            assert list(tmp.rglob("*.dcm")), "no retrieved image on disk: the test would prove nothing"
+            watcher.send_signal(signal.SIGTERM)
+            proxy.release()
+            _stop(watcher, tmp, 128 + signal.SIGTERM, signalled=True)
+        assert study_key(uids[-1]) not in {key for key, _ in _rows(state / "studies.csv")}
         watcher = _start(tiny_run, server.url, state, tmp, port)
         _until("the sixth study answered", lambda: _health(port).get("studies_done") == 1, watcher)
         _stop(watcher, tmp)
