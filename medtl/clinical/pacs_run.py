@@ -78,7 +78,7 @@ def run_studies(
     study_uids = list(study_uids)
     done = finished_keys(Path(csv_path)) if csv_path else set()
     todo = [uid for uid in study_uids if study_key(uid) not in done]
-    if done:
+    if len(todo) < len(study_uids):
         log.info("%d of %d studies already in %s", len(study_uids) - len(todo), len(study_uids), csv_path)
     outcomes = []
     own = tempfile.TemporaryDirectory(prefix="medtl-pacs-") if cache is None else None
