@@ -40,9 +40,9 @@ def _dcmtk(program: str) -> str:
     return path
 
 
-def _study(sample_dir, folder, j2k: bool = True) -> tuple[str, list]:
-    """One patient's two CT slices as a new study (its UIDs new, canaries planted), the second compressed with
-    JPEG 2000 (lossless) as a modality may send it; (its StudyInstanceUID, its files)."""
+def _study(sample_dir, folder, accession: str = CANARIES[2] + "1") -> tuple[str, list]:
+    """One patient's two CT slices as a new study (its UIDs new, canaries planted: ``accession`` is one), the
+    second compressed with JPEG 2000 (lossless) as a modality may send it; (its StudyInstanceUID, its files)."""
     sources = sorted((sample_dir / "dicom").glob("*.dcm"))[:2]
     study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     folder.mkdir(parents=True)
@@ -51,8 +51,8 @@ def _study(sample_dir, folder, j2k: bool = True) -> tuple[str, list]:
         ds = pydicom.dcmread(source)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-        ds.PatientID, ds.PatientName, ds.AccessionNumber = CANARIES
-        if j2k and k == 1:
+        ds.PatientID, ds.PatientName, ds.AccessionNumber = CANARIES[0], CANARIES[1], accession
+        if k == 1:
             ds.compress(pydicom.uid.JPEG2000Lossless)
         files.append(folder / f"{k}.dcm")
         ds.save_as(files[-1], enforce_file_format=True)
@@ -224,12 +224,13 @@ def _findscu(orthanc, accession: str) -> str:
 @pytest.mark.pacs
 def test_query_and_run_over_dimse_against_orthanc(orthanc, tiny_run, sample_dir, tmp_path, capsys, caplog):
     caplog.set_level(logging.DEBUG)
-    study_uid, files = _study(sample_dir, tmp_path / "study")
+    accession = CANARIES[2] + "2"
+    study_uid, files = _study(sample_dir, tmp_path / "study", accession)
     assert orthanc.upload(files) == 2
     key, url = study_key(study_uid), orthanc.dimse_url
-    assert study_uid in _findscu(orthanc, CANARIES[2])  # dcmtk sees the study medtl's C-FIND finds
+    assert study_uid in _findscu(orthanc, accession)  # dcmtk sees the study medtl's C-FIND finds
 
-    assert main(["pacs", "query", url, "--accession", CANARIES[2]]) == 0
+    assert main(["pacs", "query", url, "--accession", accession]) == 0
     listed = capsys.readouterr().out.strip().splitlines()
     assert listed == [f"{key}\tCT\t2 instances"]
     # C-GET: the instances as Orthanc holds them (the JPEG 2000 one not transcoded)
@@ -237,7 +238,7 @@ def test_query_and_run_over_dimse_against_orthanc(orthanc, tiny_run, sample_dir,
     assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in got} >= {pydicom.uid.JPEG2000Lossless}
     assert all(_private(p) for p in [tmp_path / "got", *got])
 
-    args = ["pacs", "run", str(tiny_run), url, "--accession", CANARIES[2], "--answer-unfamiliar"]
+    args = ["pacs", "run", str(tiny_run), url, "--accession", accession, "--answer-unfamiliar"]
     assert main([*args, "--csv", str(tmp_path / "studies.csv")]) == 0
     assert f"{key}\tANSWERED" in capsys.readouterr().out
     web = Pacs(orthanc.url, orthanc.credentials)
