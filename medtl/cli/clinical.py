@@ -157,6 +157,7 @@ def _add_pacs_watch(pacs) -> None:
     s.add_argument("--no-store", action="store_true", help="do not store the results back")
     _add_overlay_method(s)
     s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images too")
+    _add_fhir_options(s)
     add_decision(s)
     add_device(s)
     s.set_defaults(fn=cmd_pacs_watch)
@@ -438,6 +439,7 @@ def cmd_pacs_watch(args: argparse.Namespace) -> int:
         store=not args.no_store,
         method=args.method,
         check=not args.answer_unfamiliar,
+        fhir=_fhir_options(args),
     )
     changes = OrthancChanges(rest, Credentials.load(args.credentials), timeout=args.timeout)
     return watch(predictor, pacs, changes, config)

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from medtl.clinical.fhir import FhirOptions
 from medtl.clinical.pacs import Credentials, Pacs, PacsError, study_key
 from medtl.clinical.pacs_run import RETRY, finished_keys, run_studies
 from medtl.errors import ConfigError, MedtlError
@@ -132,6 +133,7 @@ class WatchConfig:
     store: bool = True  # store the results in the study (False: predict only, as `pacs run --no-store`)
     method: str | None = None  # the overlay's saliency method (None: the run's)
     check: bool = True  # refuse studies unlike the training images (False: answer them too)
+    fhir: FhirOptions | None = None  # also POST each study's FHIR results (as `pacs run --fhir-url`)
 
 
 class _State:
@@ -247,7 +249,14 @@ class Watcher:
         t0 = time.perf_counter()
         c = self.config
         outcomes = run_studies(
-            self.predictor, self.pacs, [uid], store=c.store, method=c.method, check=c.check, csv_path=self.csv
+            self.predictor,
+            self.pacs,
+            [uid],
+            store=c.store,
+            method=c.method,
+            check=c.check,
+            csv_path=self.csv,
+            fhir=c.fhir,
         )
         seconds = time.perf_counter() - t0
         if not outcomes:  # already final in the CSV (written by another run)
