@@ -21,7 +21,8 @@ from medtl.errors import MissingExtraError
 # extra -> what it adds (the modules are imported through require() where they are used)
 EXTRAS = {
     "ui": "the web UI (medtl serve): gradio",
-    "pacs": "PACS and DICOM results (medtl pacs, medtl dicom-results): dicomweb-client, highdicom",
+    "pacs": "PACS, DICOM and FHIR results (medtl pacs, medtl dicom-results): dicomweb-client, pynetdicom, "
+    "highdicom, fhir.resources",
     "export": "ONNX export and ONNX Runtime prediction (medtl export --format onnx): onnx, onnxscript, onnxruntime",
     "foundation": "medical foundation encoders: open_clip (BiomedCLIP), transformers (RAD-DINO), torchxrayvision",
     "tracking": "runs logged to MLflow: mlflow",

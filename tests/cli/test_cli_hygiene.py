@@ -86,7 +86,10 @@ def test_the_help_shows_defaults_and_never_a_meaningless_one():
     [
         (["predict", "RUN", "x.dcm", "--device", "gpu"], "unknown device 'gpu'; did you mean 'cuda'?"),
         (["explain", "RUN", "x.dcm", "--device", "gpu:1"], "unknown device 'gpu:1'; did you mean 'cuda:1'?"),
-        (["evaluate", "RUN", "--device", "cuda:x"], "unknown device 'cuda:x' (expected 'auto', 'cpu', 'cuda'"),
+        (
+            ["evaluate", "RUN", "--device", "cuda:x"],
+            "unknown device 'cuda:x'; did you mean 'cuda'? (expected 'auto', 'cpu', 'cuda'",
+        ),
         (["train", "--out", "r", "--device", "gpu"], "unknown device 'gpu'; did you mean 'cuda'?"),
         (["evaluate", "RUN", "--operating-point", "sens:0.9"], "unknown operating point 'sens:0.9'"),
         (["evaluate", "RUN", "--operating-point", "specificity:1.5"], "unknown operating point 'specificity:1.5'"),
