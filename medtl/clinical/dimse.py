@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (generated a
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from medtl.clinical.pacs import NOT_IMAGES, PacsError, study_key
+from medtl.clinical.pacs import NOT_IMAGES, PacsError, instance_file_name, retried, study_key, study_record
 from medtl.errors import ConfigError, MedtlInputError
 
 log = logging.getLogger("medtl.clinical.dimse")
@@ -165,11 +163,6 @@ def check_ae_title(title: str, what: str = "AE title") -> str:
     return title
 
 
-def instance_file_name(sop_instance_uid: str) -> str:
-    """A received instance's file name: a hash of its SOPInstanceUID (as :meth:`Pacs.retrieve` names them)."""
-    return hashlib.sha256(str(sop_instance_uid).encode()).hexdigest()[:16] + ".dcm"
-
-
 def write_private(path: Path, data: bytes) -> None:
     """``data`` into ``path``, readable by its owner only (0600)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -247,16 +240,7 @@ class DimsePacs:
 
     def _retrying(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()``, retried with back-off while it fails temporarily (as :class:`Pacs` does)."""
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except PacsError as e:
-                if not e.transient or attempt == self.retries:
-                    raise
-                delay = self.backoff * 2**attempt
-                log.warning("%s; trying again in %.0f s (%d of %d)", e, delay, attempt + 1, self.retries)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return retried(fn, self.retries, self.backoff, log)
 
     def _responses(self, what: str, responses: Iterator) -> Iterator[Dataset]:
         """The identifiers of the pending responses; a failure status is a PacsError."""
@@ -308,21 +292,7 @@ class DimsePacs:
             ds.PatientID = patient_id
         if accession:
             ds.AccessionNumber = accession
-        studies = []
-        for found in self._find("study query", ds):
-            uid = str(found.get("StudyInstanceUID", ""))
-            if not uid:
-                continue
-            modalities = found.get("ModalitiesInStudy", [])
-            studies.append(
-                {
-                    "study_uid": uid,
-                    "key": study_key(uid),
-                    "date": str(found.get("StudyDate", "")),
-                    "modalities": "/".join([modalities] if isinstance(modalities, str) else modalities),
-                    "instances": int(found.get("NumberOfStudyRelatedInstances", 0) or 0),
-                }
-            )
+        studies = [r for r in map(study_record, self._find("study query", ds)) if r is not None]
         return studies[:limit] if limit else studies
 
     def retrieve(self, study_uid: str, folder: str | Path) -> list[Path]:

@@ -17,11 +17,9 @@ Logs name studies by key (:func:`medtl.clinical.pacs.study_key`), never by UID o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -42,6 +40,7 @@ from medtl.clinical.dimse import (
     write_private,
 )
 from medtl.clinical.pacs import study_key
+from medtl.clinical.signals import handling_signals
 from medtl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -173,21 +172,9 @@ class StudyListener:
         self.stop()
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm():
+def _interrupt(signum, frame):
     """SIGTERM (a service stopped) ends :func:`listen` as Ctrl-C does, so that the spool is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    raise KeyboardInterrupt
 
 
 def listen(
@@ -214,7 +201,7 @@ def listen(
     out.chmod(0o700)
     outcomes: list[StudyOutcome] = []
     try:
-        with _stop_on_sigterm(), listener:
+        with handling_signals(_interrupt), listener:
             if on_start is not None:
                 on_start(listener)
             while max_studies is None or len(outcomes) < max_studies:

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pydicom
@@ -30,6 +31,7 @@ import pydicom
 from medtl.errors import ConfigError, MedtlError, MedtlInputError
 
 log = logging.getLogger("medtl.clinical.pacs")
+T = TypeVar("T")
 # the HTTP libraries log URLs, which carry the query (a patient ID, an accession number): kept quiet
 for _name in ("dicomweb_client", "urllib3", "requests"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -63,6 +65,44 @@ def study_key(study_uid: str) -> str:
     """A key naming a DICOM study without its UID (which can be traced to the patient): ``study-`` and the first
     12 hex digits of the UID's sha256 (as :func:`medtl.predict.batch.study_input_key`, without its imports)."""
     return "study-" + hashlib.sha256(str(study_uid).encode()).hexdigest()[:12]
+
+
+def study_record(ds: pydicom.Dataset) -> dict | None:
+    """A study a query found (its StudyInstanceUID, StudyDate, ModalitiesInStudy and
+    NumberOfStudyRelatedInstances), as :meth:`Pacs.query` lists it: ``{"study_uid", "key", "date", "modalities",
+    "instances"}``; None without a StudyInstanceUID."""
+    uid = str(ds.get("StudyInstanceUID", ""))
+    if not uid:
+        return None
+    modalities = ds.get("ModalitiesInStudy", [])
+    return {
+        "study_uid": uid,
+        "key": study_key(uid),
+        "date": str(ds.get("StudyDate", "")),
+        "modalities": "/".join([modalities] if isinstance(modalities, str) else modalities),
+        "instances": int(ds.get("NumberOfStudyRelatedInstances", 0) or 0),
+    }
+
+
+def retried(fn: Callable[[], T], retries: int, backoff: float, logger: logging.Logger = log) -> T:
+    """``fn()``, tried again while it fails temporarily (a transient :class:`PacsError`): at most ``retries``
+    times, after ``backoff``, then 2x, 4x... seconds (each said to ``logger``); the last failure, or one not
+    temporary, is raised."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except PacsError as e:
+            if not e.transient or attempt == retries:
+                raise
+            delay = backoff * 2**attempt
+            logger.warning("%s; trying again in %.0f s (%d of %d)", e, delay, attempt + 1, retries)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def instance_file_name(sop_instance_uid: str) -> str:
+    """A retrieved instance's file name: a hash of its SOPInstanceUID (no patient data)."""
+    return hashlib.sha256(str(sop_instance_uid).encode()).hexdigest()[:16] + ".dcm"
 
 
 @dataclass(frozen=True)
@@ -137,16 +177,7 @@ class Pacs:
 
     def _call(self, what: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, retried with back-off while it fails temporarily; a failure is a PacsError."""
-        for attempt in range(self.retries + 1):
-            try:
-                return self._call_once(what, fn, *args, **kwargs)
-            except PacsError as e:
-                if not e.transient or attempt == self.retries:
-                    raise
-                delay = self.backoff * 2**attempt
-                log.warning("%s; trying again in %.0f s (%d of %d)", e, delay, attempt + 1, self.retries)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return retried(lambda: self._call_once(what, fn, *args, **kwargs), self.retries, self.backoff)
 
     def _call_once(self, what: str, fn, *args, **kwargs):
         import requests
@@ -194,23 +225,8 @@ class Pacs:
             fields=list(STUDY_FIELDS),
             limit=limit,
         )
-        studies = []
-        for item in found:
-            ds = pydicom.Dataset.from_json(item)
-            uid = str(ds.get("StudyInstanceUID", ""))
-            if not uid:
-                continue
-            modalities = ds.get("ModalitiesInStudy", [])
-            studies.append(
-                {
-                    "study_uid": uid,
-                    "key": study_key(uid),
-                    "date": str(ds.get("StudyDate", "")),
-                    "modalities": "/".join([modalities] if isinstance(modalities, str) else modalities),
-                    "instances": int(ds.get("NumberOfStudyRelatedInstances", 0) or 0),
-                }
-            )
-        return studies
+        records = (study_record(pydicom.Dataset.from_json(item)) for item in found)
+        return [r for r in records if r is not None]
 
     def retrieve(self, study_uid: str, folder: str | Path) -> list[Path]:
         """The study's image series (not its reports, presentation states or medtl's own results) written
@@ -230,7 +246,7 @@ class Pacs:
             ):
                 if str(inst.get("Manufacturer", "")) == "medtl":  # a result of an earlier run
                     continue
-                target = folder / (hashlib.sha256(str(inst.SOPInstanceUID).encode()).hexdigest()[:16] + ".dcm")
+                target = folder / instance_file_name(inst.SOPInstanceUID)
                 inst.save_as(target, enforce_file_format=False)
                 written.append(target)
         if not written:
@@ -258,4 +274,4 @@ class Pacs:
         return len(todo), len(datasets) - len(todo)
 
 
-__all__ = ["Pacs", "PacsError", "Credentials", "study_key"]
+__all__ = ["Pacs", "PacsError", "Credentials", "instance_file_name", "retried", "study_key", "study_record"]

@@ -14,13 +14,10 @@ and also when the run is stopped by SIGTERM (or Ctrl-C).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ import pydicom
 from medtl.clinical.dicom_results import write_study_results
 from medtl.clinical.fhir import FhirOptions
 from medtl.clinical.pacs import Pacs, PacsError, study_key
+from medtl.clinical.signals import handling_signals
 from medtl.errors import MedtlError
 from medtl.predict.batch import done_keys
 from medtl.predict.predictor import Predictor
@@ -86,7 +84,7 @@ def run_studies(
     writer = _OutcomeWriter(csv_path) if csv_path else None
     t_start = time.perf_counter()
     try:
-        with _terminated_as_exit():
+        with handling_signals(_exit_on_sigterm):
             for k, uid in enumerate(todo, 1):
                 outcome = _run_study(predictor, pacs, uid, root, store, method, check, fhir)
                 outcomes.append(outcome)
@@ -117,23 +115,11 @@ def finished_keys(csv_path: Path) -> set[str]:
     return {key for key, status in last.items() if status != RETRY}
 
 
-@contextlib.contextmanager
-def _terminated_as_exit():
+def _exit_on_sigterm(signum, frame):
     """SIGTERM (a service stopped, a job cancelled) raises SystemExit while the studies run, so that the
     ``finally`` blocks remove the retrieved images instead of the process dying with them on disk."""
-    if threading.current_thread() is not threading.main_thread():  # (only the main thread can set handlers)
-        yield
-        return
-
-    def stop(signum, frame):
-        log.warning("stopped by signal %d: removing the retrieved studies", signum)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    log.warning("stopped by signal %d: removing the retrieved studies", signum)
+    raise SystemExit(128 + signum)
 
 
 def _run_study(

@@ -40,6 +40,7 @@ from pathlib import Path
 from medtl.clinical.fhir import FhirOptions
 from medtl.clinical.pacs import Credentials, Pacs, PacsError, study_key
 from medtl.clinical.pacs_run import RETRY, finished_keys, run_studies
+from medtl.clinical.signals import handling_signals
 from medtl.errors import ConfigError, MedtlError
 from medtl.predict.predictor import Predictor
 
@@ -344,23 +345,14 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+def _stopped_by_signals(stop: threading.Event) -> contextlib.AbstractContextManager[None]:
     """SIGTERM and SIGINT set ``stop`` (between studies; during one, run_studies' own handler ends it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         log.warning("stopping (signal %d)", signum)
         stop.set()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return handling_signals(handler, (signal.SIGTERM, signal.SIGINT))
 
 
 def watch(
