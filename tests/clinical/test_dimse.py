@@ -19,7 +19,7 @@ import pytest
 
 from medtl.cli import main
 from medtl.clinical.dimse import DimseAddress, DimsePacs, check_ae_title
-from medtl.clinical.orthanc import OrthancServer, find_orthanc
+from medtl.clinical.orthanc import OrthancServer
 from medtl.clinical.pacs import Pacs, study_key
 from medtl.errors import ConfigError
 
@@ -202,11 +202,9 @@ class DicomOrthanc(OrthancServer):
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    if find_orthanc() is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    with DicomOrthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
+def orthanc_server_class() -> type[OrthancServer]:
+    """The ``orthanc`` fixture (tests/clinical/conftest.py) starts a :class:`DicomOrthanc`."""
+    return DicomOrthanc
 
 
 def _findscu(orthanc, accession: str) -> str:

@@ -14,7 +14,6 @@ import pydicom
 import pytest
 
 from medtl.cli import main
-from medtl.clinical.orthanc import OrthancServer, find_orthanc
 from medtl.clinical.pacs import Credentials, Pacs, PacsError
 from tests.clinical.test_deid import Canaries
 from tests.clinical.test_dicom_results import _dciodvfy_errors, _groups
@@ -34,21 +33,6 @@ FILED_WITH = (
     "AccessionNumber",
     "StudyInstanceUID",
 )
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    if find_orthanc() is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
-
-
-@pytest.fixture
-def env(orthanc, monkeypatch):
-    monkeypatch.setenv("MEDTL_PACS_USER", orthanc.credentials.user)
-    monkeypatch.setenv("MEDTL_PACS_PASSWORD", orthanc.credentials.password)
-    return orthanc
 
 
 def _instances(pacs: Pacs, study_uid: str, modality: str) -> list[pydicom.Dataset]:

@@ -21,21 +21,6 @@ from tests.clinical.pacs_proxy import PacsProxy
 pytestmark = pytest.mark.pacs
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    if find_orthanc() is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
-
-
-@pytest.fixture
-def env(orthanc, monkeypatch):
-    monkeypatch.setenv("MEDTL_PACS_USER", orthanc.credentials.user)
-    monkeypatch.setenv("MEDTL_PACS_PASSWORD", orthanc.credentials.password)
-    return orthanc
-
-
 def _study(sample_dir, server, k: int, syntax=None) -> str:
     """A new study in ``server`` from the k-th sample image (compressed to ``syntax`` if given); its UID."""
     ds = pydicom.dcmread(sorted((sample_dir / "dicom").glob("*.dcm"))[k])
