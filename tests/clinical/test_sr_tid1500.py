@@ -84,15 +84,20 @@ def test_the_probability_is_the_findings_even_when_the_answer_is_the_other_class
     assert results.record.answer == "no lesion" and results.record.probability == pred.probabilities["lesion"]
 
 
-def test_finding_codes_come_from_the_run_then_snomed_then_the_private_scheme(tiny_run, sample_dir, tmp_path):
+def _sr_with_codes(tiny_run, sample_dir, tmp_path, codes: str):
+    """The SR of a copy of ``tiny_run`` whose RUN/finding_codes.yaml says ``codes``; (the run, the SR's path)."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    (run / CODES_FILE).write_text("lesion: SCT:126851005:Neoplasm of lung\n")
+    (run / CODES_FILE).write_text(codes)
     results = write_study_results(load_run(run, device="cpu"), _source(sample_dir), tmp_path / "out", check=False)
-    sr = pydicom.dcmread(results.files[0])
-    [group] = _groups(sr)
+    return run, results.files[0]
+
+
+def test_finding_codes_come_from_the_run_then_snomed_then_the_private_scheme(tiny_run, sample_dir, tmp_path):
+    run, sr_path = _sr_with_codes(tiny_run, sample_dir, tmp_path, "lesion: SCT:126851005:Neoplasm of lung\n")
+    [group] = _groups(pydicom.dcmread(sr_path))
     assert _code(group["Finding"]) == ("SCT", "126851005") and "Neoplasm of lung" in group
-    assert _dciodvfy_errors(results.files[0]) == []
+    assert _dciodvfy_errors(sr_path) == []
     # a class no standard code is known for: the private scheme, declared in the SR
     assert finding_code("lesion", 1, {}).scheme_designator == "SCT"
     assert (finding_code("Grade 3 thing", 2, {}).scheme_designator, finding_code("x", 2, {}).value) == (SCHEME, "2")
@@ -103,13 +108,9 @@ def test_finding_codes_come_from_the_run_then_snomed_then_the_private_scheme(tin
 
 
 def test_a_private_code_is_declared_and_passes(tiny_run, sample_dir, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    (run / CODES_FILE).write_text("lesion: 99MEDTL:L1:Site lesion\n")
-    results = write_study_results(load_run(run, device="cpu"), _source(sample_dir), tmp_path / "out", check=False)
-    sr = pydicom.dcmread(results.files[0])
-    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == SCHEME
-    assert _dciodvfy_errors(results.files[0]) == []
+    _, sr_path = _sr_with_codes(tiny_run, sample_dir, tmp_path, "lesion: 99MEDTL:L1:Site lesion\n")
+    assert pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == SCHEME
+    assert _dciodvfy_errors(sr_path) == []
 
 
 def test_identity_removed_without_a_method_gets_one_and_validates(tiny_run, sample_dir, tmp_path):
