@@ -94,15 +94,7 @@ def _add_pacs_commands(pacs) -> None:
     s.add_argument("--study", action="append", help="a StudyInstanceUID (repeatable; with or instead of filters)")
     s.add_argument("--csv", type=Path, help="append one row per study; studies already in it are skipped")
     s.add_argument("--no-store", action="store_true", help="do not store the results back")
-    _add_overlay_method(s)
-    s.add_argument(
-        "--answer-unfamiliar",
-        action="store_true",
-        help="answer studies unlike the training images too (default: refused, with an SR that says so)",
-    )
-    _add_fhir_options(s)
-    add_decision(s)
-    add_device(s)
+    _add_answer_options(s)
     s.set_defaults(fn=cmd_pacs_run)
 
     s = pacs.add_parser("serve", help="start Orthanc with DICOMweb on loopback (Debian orthanc, orthanc-dicomweb)")
@@ -155,11 +147,7 @@ def _add_pacs_watch(pacs) -> None:
     s.add_argument("--timeout", type=float, default=30, help="seconds to wait for the PACS (default 30)")
     s.add_argument("--retries", type=int, default=3, help="retries of a request within a study (default 3)")
     s.add_argument("--no-store", action="store_true", help="do not store the results back")
-    _add_overlay_method(s)
-    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images too")
-    _add_fhir_options(s)
-    add_decision(s)
-    add_device(s)
+    _add_answer_options(s)
     s.set_defaults(fn=cmd_pacs_watch)
 
 
@@ -194,11 +182,23 @@ def _add_pacs_listen(pacs) -> None:
     s.add_argument(
         "--credentials", type=Path, help="the --store PACS's credentials file (default: $MEDTL_PACS_USER/PASSWORD)"
     )
+    _add_answer_options(s, fhir=False)
+    s.set_defaults(fn=cmd_pacs_listen)
+
+
+def _add_answer_options(s: argparse.ArgumentParser, fhir: bool = True) -> None:
+    """How the studies are answered (``pacs run``, ``watch``, ``listen``): the overlay's method, unfamiliar
+    studies, the FHIR results (with ``fhir``), the decision, the device."""
     _add_overlay_method(s)
-    s.add_argument("--answer-unfamiliar", action="store_true", help="answer studies unlike the training images too")
+    s.add_argument(
+        "--answer-unfamiliar",
+        action="store_true",
+        help="answer studies unlike the training images too (default: refused, with an SR that says so)",
+    )
+    if fhir:
+        _add_fhir_options(s)
     add_decision(s)
     add_device(s)
-    s.set_defaults(fn=cmd_pacs_listen)
 
 
 def _add_overlay_method(s: argparse.ArgumentParser) -> None:
