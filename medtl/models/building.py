@@ -7,6 +7,7 @@ line saying where its weights came from (kept in ``pretrained_cfg["weights_sourc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
@@ -107,8 +108,6 @@ def _build_timm(spec, pretrained, weights_file, drop_rate, input_size, architect
 
 
 def _timm_record(folder: Path) -> dict:
-    import json
-
     config = json.loads((folder / "config.json").read_text())
     return {"timm": {"name": config["architecture"], "kwargs": dict(config.get("model_args", {}))}}
 

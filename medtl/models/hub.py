@@ -83,6 +83,15 @@ def hf_weights_file(repo: str, library: str = "timm") -> Path:
     raise _missing(f"the weights of {repo}", f"`hf download {repo} {HF_WEIGHTS[library][0]}`")
 
 
+def _fetch(url: str, path: Path) -> Path:
+    """Download ``url`` to ``path`` (only when :func:`downloads_allowed`), torch's way."""
+    import torch.hub
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(path), progress=False)
+    return path
+
+
 def torch_hub_dir() -> Path:
     """torch's hub cache of weight files (``torch.hub.get_dir()/checkpoints``), found without importing torch."""
     xdg = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
@@ -96,11 +105,7 @@ def torchvision_file(filename: str) -> Path:
     if path.is_file():
         return path
     if downloads_allowed():
-        import torch.hub
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(TORCHVISION_URL + filename, str(path), progress=False)
-        return path
+        return _fetch(TORCHVISION_URL + filename, path)
     raise _missing(
         f"torchvision's weights {filename}", f"`curl -L --create-dirs -o {path} {TORCHVISION_URL}{filename}`"
     )
@@ -119,11 +124,7 @@ def xrv_file(weights: str, url: str | None = None) -> Path:
     if url and path.is_file():
         return path
     if url and downloads_allowed():
-        import torch.hub
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), progress=False)
-        return path
+        return _fetch(url, path)
     raise _missing(f"TorchXRayVision's weights {weights!r}", f"`curl -L --create-dirs -o {path} {url}`")
 
 
@@ -141,10 +142,11 @@ def weights_status(spec: EncoderSpec) -> tuple[bool, str]:
             return path.is_file(), str(path)
         if spec.source == "xrv":
             return xrv_file(spec.ref).is_file(), str(xrv_path(XRV_URLS.get(spec.ref, "")))
+        if not spec.hub_id:
+            return False, "resolved when built"
         library = spec.source if spec.source in HF_WEIGHTS else "timm"
-        needs = [spec.hub_id] if spec.hub_id else []
-        ok = bool(needs) and any(hf_cached(spec.hub_id, f) is not None for f in HF_WEIGHTS[library])
-        return ok, f"Hugging Face cache ({spec.hub_id})" if needs else "resolved when built"
+        ok = any(hf_cached(spec.hub_id, f) is not None for f in HF_WEIGHTS[library])
+        return ok, f"Hugging Face cache ({spec.hub_id})"
     except WeightsError:
         return False, "missing"
 
