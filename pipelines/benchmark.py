@@ -18,12 +18,19 @@ Sections (all on generated sample data, so the script runs anywhere):
   train     training throughput: the plain fp32 NCHW loop a user writes first
             (plain_train_img_per_s); the best raw configuration, compute only on synthetic tensors,
             each native precision and memory layout, and the best of those compiled
-            (best_raw_train_img_per_s); medtl's own loop on decoded sample data with augmentation,
-            precision auto (train_img_per_s). Target: train_img_per_s >= 0.95 x best raw. Then medtl's loop
-            with fp32 and with bf16 forced against the raw channels-last step in the same precision
-            (train_vs_raw_fp32, train_vs_raw_bf16; bf16 emulated where the CPU has none), and medtl's loop
-            beside one competing CPU-bound process, its threads fitted to the free cores and fixed at
-            the usable cores (contended_slowdown, contended_slowdown_fixed_threads: times slower than alone)
+            (best_raw_train_config, best_raw_train_img_per_s); medtl's own loop on decoded sample data
+            with augmentation, precision auto, with that raw step timed after each of its epochs, so
+            each timed epoch lies between two raw measurements seconds apart: train_vs_best_raw is the
+            median over the timed epochs of the epoch's images/s over the raw step's either side
+            (target >= 0.95; train_img_per_s and paired_best_raw_train_img_per_s are the two sides'
+            medians, train_vs_best_raw_epochs the per-epoch ratios, train_vs_best_raw_best_of the
+            earlier definition: best epoch over best raw figure). Where a step goes: milliseconds per
+            step of reading, augmenting and re-laying out a batch, timed alone (step_*_ms). Then the
+            same with fp32 and with bf16 forced against the raw channels-last step in the same
+            precision (train_vs_raw_fp32, train_vs_raw_bf16; bf16 emulated where the CPU has none), and
+            medtl's loop beside one competing CPU-bound process, its threads fitted to the free cores
+            and fixed at the usable cores (contended_slowdown, contended_slowdown_fixed_threads: times
+            slower than alone)
   probe     head-only (linear-probe) training time with and without feature caching
   infer     prediction and Grad-CAM latency per image and per 100-slice volume; prediction of one image
             by the same run exported to ONNX (ONNX Runtime) against PyTorch, both on the CPU: the whole
@@ -58,6 +65,7 @@ from torch.utils.data import DataLoader
 
 from medtl.config import load_config
 from medtl.data import create_sample_data, create_sample_series, read_dataset
+from medtl.data.dataset import iterate_batches
 from medtl.export import export_run
 from medtl.io import read_series
 from medtl.models import create_encoder, resolve_preprocessing
@@ -65,11 +73,11 @@ from medtl.predict import Predictor, load_run
 from medtl.runtime import (
     Runtime,
     cpu_model,
-    measure_training_speed,
     native_bf16,
     precision_candidates,
     resolve_device,
     synchronize,
+    training_step_timer,
 )
 from medtl.threads import fit_threads, usable_cores
 from medtl.train import prepare_data, run_experiment, train_model
@@ -189,38 +197,39 @@ def plain_loop(train_ds, size: int, epochs: int, batch_size: int, device: torch.
     return n / (time.perf_counter() - t0)
 
 
-def raw_train_speed(
-    size: int,
-    batch_size: int,
-    precision: str,
-    channels_last: bool,
-    compile_: bool,
-    steps: int = 6,
-    repeats: int = 3,
-    device: torch.device = CPU,
-) -> float:
-    """Images/s of the training computation alone (medtl.runtime.measure_training_speed): synthetic
-    tensors already in memory, the whole model trainable, BatchNorm statistics frozen (as medtl's
-    default ``freeze_bn``), AdamW; ``steps`` consecutive steps timed together, the best of ``repeats``."""
+def raw_timer(config: str, size: int, batch_size: int, device: torch.device):
+    """A function ``steps -> images/s`` timing the training computation alone (medtl.runtime.training_step_timer)
+    in a configuration named as :func:`bench_raw` names them (``fp32_nchw``, ``bf16_channels_last``,
+    ``fp32_channels_last_compiled``, ...): synthetic tensors already in memory, the whole model trainable,
+    BatchNorm statistics frozen (as medtl's default ``freeze_bn``), AdamW as medtl's loop makes it."""
+    precision, layout = config.split("_", 1)
     torch.manual_seed(0)
     model = create_encoder(ENCODER, num_classes=2)
-    return measure_training_speed(
-        model,
-        (3, size, size),
-        batch_size,
-        Runtime(device, precision=precision, channels_last=channels_last),
-        steps,
-        repeats,
-        frozen_bn=True,
-        compile_model=compile_,
+    runtime = Runtime(device, precision=precision, channels_last=layout.startswith("channels_last"))
+    return training_step_timer(
+        model, (3, size, size), batch_size, runtime, frozen_bn=True, compile_model=layout.endswith("compiled")
     )
+
+
+def raw_speed(config: str, size: int, batch_size: int, steps: int, repeats: int, device: torch.device) -> float:
+    """Images/s of the raw step in ``config``: ``steps`` consecutive steps timed together, the best of ``repeats``."""
+    timer = raw_timer(config, size, batch_size, device)
+    return max(timer(steps) for _ in range(repeats))
 
 
 def progress(figures: dict) -> dict:
     """``figures`` printed as soon as they are measured (a run stopped at a time limit keeps them), then returned."""
     for k, v in figures.items():
-        print(f"  ({k} {v:.2f})" if isinstance(v, float) else f"  ({k} {v})", flush=True)
+        print(f"  ({k} {_shown(v)})", flush=True)
     return figures
+
+
+def _shown(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, list):  # one figure per timed epoch: no spaces, so each printed line stays `name value`
+        return ",".join(f"{x:.2f}" for x in v)
+    return str(v)
 
 
 def bench_raw(
@@ -230,20 +239,85 @@ def bench_raw(
     native, emulated bf16 being far slower) in NCHW and channels-last, then the best of those compiled."""
     out, speeds = {}, {}
     for precision in precision_candidates(device):
-        for cl in (False, True):
-            key = f"{precision}_{'channels_last' if cl else 'nchw'}"
-            speeds[key] = raw_train_speed(size, batch_size, precision, cl, False, steps, repeats, device)
+        for layout in ("nchw", "channels_last"):
+            key = f"{precision}_{layout}"
+            speeds[key] = raw_speed(key, size, batch_size, steps, repeats, device)
             out[f"raw_{key}_img_per_s"] = speeds[key]
     best = max(speeds, key=speeds.get)
     if compile_best:
-        precision, layout = best.split("_", 1)
-        compiled = raw_train_speed(size, batch_size, precision, layout == "channels_last", True, steps, repeats, device)
+        compiled = raw_speed(f"{best}_compiled", size, batch_size, steps, repeats, device)
         out[f"raw_{best}_compiled_img_per_s"] = compiled
         if compiled > speeds[best]:
             speeds[f"{best}_compiled"] = compiled
             best = f"{best}_compiled"
     out.update(best_raw_train_config=best, best_raw_train_img_per_s=speeds[best])
     return out
+
+
+class RawBeside:
+    """Stands in for medtl's run monitor (:class:`medtl.train.tracking.RunMonitor`) in a benchmark's training run:
+    after each of medtl's epochs (and its validation) it times the raw step for as many steps as an epoch has, so
+    each epoch of the loop lies between two raw measurements taken seconds apart, and a quiet or a busy minute of
+    a shared machine falls on both sides of the comparison."""
+
+    resume = checkpoint_path = None  # (a fresh run: nothing to resume from)
+
+    def __init__(self, timer, steps: int):
+        self.timer, self.steps, self.speeds = timer, steps, []
+
+    def part(self, name: str) -> RawBeside:
+        return self
+
+    def epoch_end(self, trainer, row: dict) -> None:
+        self.speeds.append(self.timer(self.steps))
+
+    def save(self, *args, **kwargs) -> None:
+        pass
+
+
+class LoopRun(NamedTuple):  # (not a dataclass: the tests import this script without registering it in sys.modules)
+    """One run of medtl's loop: images/s of each timed epoch and, when measured beside it, of the raw step
+    after each epoch (``raw[0]`` after the untimed first epoch, so timed epoch ``i`` lies between ``raw[i]``
+    and ``raw[i + 1]``)."""
+
+    loop: list[float]
+    raw: list[float]
+    precision: str
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each timed epoch's images/s over the raw step's either side of it (their harmonic mean: the mean time)."""
+        return [v / statistics.harmonic_mean(self.raw[i : i + 2]) for i, v in enumerate(self.loop)]
+
+    def figures(self, loop_key: str, raw_key: str, ratio_key: str) -> dict:
+        """The medians (the per-epoch values under ``..._epochs``): loop images/s, raw images/s, their ratio."""
+        return {
+            loop_key: statistics.median(self.loop),
+            raw_key: statistics.median(self.raw),
+            ratio_key: statistics.median(self.ratios),
+            f"{ratio_key}_epochs": self.ratios,
+        }
+
+
+def medtl_loop(
+    cfg, train, val, steps: int, epochs: int, batch_size: int, device, compiled=False, raw: str | None = None, size=224
+) -> LoopRun:
+    """medtl's loop (strategy full) on ``train`` for ``epochs`` epochs, the first an untimed warm-up (it also fills
+    the input store); with ``raw`` (a configuration as :func:`bench_raw` names them) that raw step timed after
+    each epoch (:class:`RawBeside`)."""
+    tc = dataclasses.replace(
+        cfg.train,
+        strategy="full",
+        epochs=epochs,
+        batch_size=batch_size,
+        patience=epochs + 1,
+        compile=compiled,
+        device=str(device),
+    )
+    beside = RawBeside(raw_timer(raw, size, batch_size, device), steps) if raw else None
+    _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2, monitor=beside)
+    loop = [steps * batch_size / r["seconds"] for r in result.history[1:]]
+    return LoopRun(loop, beside.speeds if beside else [], result.precision)
 
 
 def bench_train(
@@ -258,9 +332,10 @@ def bench_train(
     device: torch.device = CPU,
     contend: bool = True,
 ) -> dict:
-    """medtl's loop (precision auto; eager, and compiled too where a compiled raw configuration is the
-    fastest) on decoded sample data with augmentation, between two measurements of the raw
-    computation; each side's figure is its best timed stretch of one epoch's steps."""
+    """The best raw configuration, the plain loop, then medtl's loop (precision auto; eager, and compiled too where
+    a compiled raw configuration is the fastest) on decoded sample data with augmentation, with the best raw step
+    timed between its epochs: ``train_vs_best_raw`` is the median over the timed epochs of each epoch's
+    images/s over the raw step's measured either side of it."""
     manifest = work / "train_sample" / "manifest.csv"
     create_sample_data(manifest.parent, n_patients=n_patients, n_volumes=0, size=image_px, force=True)
     cfg, _, (train, val, _) = _prepared(manifest, size, augment=True)
@@ -268,61 +343,73 @@ def bench_train(
     if steps < 1:
         raise SystemExit(f"the training split has {len(train)} images, fewer than one batch of {batch_size}")
     raw = progress(bench_raw(size, batch_size, steps, compile_best, repeats, device))
-    plain = progress({"plain_train_img_per_s": plain_loop(train, size, epochs, batch_size, device)})[
-        "plain_train_img_per_s"
-    ]
-    # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; its best counts
-    compiled_too = raw["best_raw_train_config"].endswith("compiled")
-    loops, precision, n_timed = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, compiled_too, device)
-    progress({f"train_{k}_img_per_s": v for k, v in loops.items()})
-    medtl = max(loops.values())
-    again = raw_config_speed(raw["best_raw_train_config"], size, batch_size, steps, repeats, device)
-    best_raw = max(raw["best_raw_train_img_per_s"], again)  # the raw figure least disturbed by the machine
-    per_precision = progress(precision_ratios(cfg, train, val, steps, epochs, batch_size, raw, size, repeats, device))
-    contended = {}
-    if contend:
-        contended = contended_speeds(cfg, train, val, steps, epochs, batch_size, device, loops["eager"])
-    return {
+    plain = progress({"plain_train_img_per_s": plain_loop(train, size, epochs, batch_size, device)})
+    best = raw["best_raw_train_config"]
+    # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; the better counts
+    runs = {"eager": medtl_loop(cfg, train, val, steps, epochs, batch_size, device, raw=best, size=size)}
+    if best.endswith("compiled"):
+        runs["compiled"] = medtl_loop(cfg, train, val, steps, epochs, batch_size, device, True, best, size)
+    loops = progress({f"train_{k}_img_per_s": statistics.median(r.loop) for k, r in runs.items()})
+    kind = max(runs, key=lambda k: statistics.median(runs[k].ratios))
+    run = runs[kind]
+    headline = progress(run.figures("train_img_per_s", "paired_best_raw_train_img_per_s", "train_vs_best_raw"))
+    out = {
         **raw,
-        "best_raw_train_img_per_s": best_raw,
         "device": str(device),
         "train_input_px": size,
         "train_batch_size": batch_size,
         "train_images": len(train),
-        "train_precision": precision,
-        "train_timed_epochs": n_timed,
-        **{f"train_{k}_img_per_s": v for k, v in loops.items()},
-        "plain_train_img_per_s": plain,
-        "train_img_per_s": medtl,
-        "speedup": medtl / plain,
-        "train_vs_best_raw": medtl / best_raw,
-        **per_precision,
-        **contended,
+        "train_precision": run.precision,
+        "train_timed_epochs": len(run.loop),
+        **loops,
+        **plain,
+        **headline,
+        "speedup": headline["train_img_per_s"] / plain["plain_train_img_per_s"],
+        # the definition before the raw step was timed between the epochs: the best epoch over the best raw figure
+        "train_vs_best_raw_best_of": max(run.loop) / max(raw["best_raw_train_img_per_s"], *run.raw),
     }
+    out.update(progress(step_parts(cfg, train, batch_size, steps, device, headline["train_img_per_s"])))
+    out.update(progress(precision_ratios(cfg, train, val, steps, epochs, batch_size, size, device)))
+    if contend:
+        out.update(contended_speeds(cfg, train, val, steps, epochs, batch_size, device, loops["train_eager_img_per_s"]))
+    return out
 
 
-def precision_ratios(
-    cfg, train, val, steps: int, epochs: int, batch_size: int, raw: dict, size: int, repeats: int, device
-) -> dict:
+def step_parts(cfg, train, batch_size: int, steps: int, device: torch.device, loop_img_per_s: float) -> dict:
+    """Where a step of medtl's loop goes: the parts other than the computation timed alone over one epoch of batches
+    (gathering a batch from the input store, the batched augmentation, the change of memory layout), in
+    milliseconds per step, against the loop's step (at ``loop_img_per_s``)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    augment, to_input = train.transform.batch_augment, Runtime(device).to_input
+    t0 = time.perf_counter()
+    batches = [b["image"] for b in iterate_batches(train, batch_size, device, order, drop_last=True)]
+    t1 = time.perf_counter()
+    augmented = [augment(x) for x in batches]
+    t2 = time.perf_counter()
+    for x in augmented:
+        to_input(x)
+    synchronize(device)
+    t3 = time.perf_counter()
+    parts = {"step_read_ms": t1 - t0, "step_augment_ms": t2 - t1, "step_layout_ms": t3 - t2}
+    out = {k: 1000 * v / steps for k, v in parts.items()}
+    out["step_ms"] = 1000 * batch_size / loop_img_per_s
+    out["step_outside_computation_share"] = sum(out[k] for k in parts) / out["step_ms"]
+    return out
+
+
+def precision_ratios(cfg, train, val, steps: int, epochs: int, batch_size: int, size: int, device) -> dict:
     """medtl's eager loop with each precision forced (``MEDTL_PRECISION``; bf16 emulated where the hardware has
-    none) against the raw channels-last step in the same precision, measured in alternation (raw, medtl, raw,
-    medtl, ...: ``repeats`` pairs where native, one where emulated, about 12x slower), so that a quiet or a busy
-    minute of a shared machine falls on both sides: ``train_vs_raw_{fp32,bf16}`` is the median of the pairs'
-    ratios. Each medtl measurement is a 2-epoch run whose second epoch is timed."""
+    none) with the raw channels-last step in the same precision timed between its epochs: ``train_vs_raw_{fp32,
+    bf16}`` is the median over the timed epochs of the epoch's images/s over the raw step's either side. Where bf16
+    is emulated (about 12x slower) one epoch is timed."""
     out = {}
     for precision in ("fp32", "bf16"):
-        native = f"raw_{precision}_channels_last_img_per_s" in raw
-        ratios, loop_speeds, raw_speeds = [], [], []
-        for _ in range(repeats if native else 1):
-            raw_speeds.append(raw_train_speed(size, batch_size, precision, True, False, steps, 1, device))
-            with _env(MEDTL_PRECISION=precision):
-                loops, _, _ = medtl_loop_speeds(cfg, train, val, steps, 2, batch_size, False, device)
-            loop_speeds.append(loops["eager"])
-            ratios.append(loop_speeds[-1] / raw_speeds[-1])
-        kind = "" if native else "emulated_"
-        out[f"paired_{kind}raw_{precision}_channels_last_img_per_s"] = statistics.median(raw_speeds)
-        out[f"train_{precision}_img_per_s"] = statistics.median(loop_speeds)
-        out[f"train_vs_raw_{precision}"] = statistics.median(ratios)
+        native = precision in precision_candidates(device)
+        key = f"{precision}_channels_last"
+        with _env(MEDTL_PRECISION=precision):
+            run = medtl_loop(cfg, train, val, steps, epochs if native else 2, batch_size, device, False, key, size)
+        loop, raw = f"train_{precision}_img_per_s", f"paired_{'' if native else 'emulated_'}raw_{key}_img_per_s"
+        out.update(run.figures(loop, raw, f"train_vs_raw_{precision}"))
     return out
 
 
@@ -347,15 +434,15 @@ def contended_speeds(
 ) -> dict:
     """medtl's loop beside one competing CPU-bound process, with its compute threads fitted to the free cores (the
     default) and fixed at the usable cores (``MEDTL_THREADS``: what medtl did before it fitted them); each as a
-    slowdown against ``alone`` (medtl's loop measured alone in the same run). CPU only."""
+    slowdown against ``alone`` (medtl's loop measured alone in the same run; medians of the timed epochs). CPU only."""
     if device.type != "cpu":
         return {}
     out = {}
     for name, fixed in (("fitted", None), ("fixed_threads", str(usable_cores()))):
         with competing_process(), _env(MEDTL_THREADS=fixed):
-            loops, _, _ = medtl_loop_speeds(cfg, train, val, steps, epochs, batch_size, False, device)
+            run = medtl_loop(cfg, train, val, steps, epochs, batch_size, device)
             out[f"contended_{name}_threads"] = torch.get_num_threads()
-        out[f"contended_{name}_img_per_s"] = loops["eager"]
+        out[f"contended_{name}_img_per_s"] = statistics.median(run.loop)
     out["contended_slowdown"] = alone / out["contended_fitted_img_per_s"]
     out["contended_slowdown_fixed_threads"] = alone / out["contended_fixed_threads_img_per_s"]
     return out
@@ -374,44 +461,6 @@ def _env(**values):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def medtl_loop_speeds(
-    cfg, train, val, steps: int, epochs: int, batch_size: int, compiled_too: bool, device: torch.device
-) -> tuple[dict[str, float], str, int]:
-    """Images/s of medtl's loop (strategy full) on ``train``, eager and, with ``compiled_too``, compiled, each its
-    best timed epoch of ``steps`` steps; the precision the last one chose; how many epochs were timed."""
-    loops = {}
-    for compiled in (False, True) if compiled_too else (False,):
-        tc = dataclasses.replace(
-            cfg.train,
-            strategy="full",
-            epochs=epochs,
-            batch_size=batch_size,
-            patience=epochs + 1,
-            compile=compiled,
-            device=str(device),
-        )
-        _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2)  # (seeded with train.seed, 0)
-        timed_epochs = result.history[1:]  # the first epoch is a warm-up (and fills the input cache)
-        loops["compiled" if compiled else "eager"] = steps * batch_size / min(r["seconds"] for r in timed_epochs)
-    return loops, result.precision, len(timed_epochs)
-
-
-def raw_config_speed(config: str, size: int, batch_size: int, steps: int, repeats: int, device: torch.device) -> float:
-    """:func:`raw_train_speed` of a configuration named as :func:`bench_raw` names them (``bf16_channels_last``,
-    ``fp32_nchw_compiled``, ...)."""
-    precision, layout = config.split("_", 1)
-    return raw_train_speed(
-        size,
-        batch_size,
-        precision,
-        layout.startswith("channels_last"),
-        layout.endswith("compiled"),
-        steps,
-        repeats,
-        device,
-    )
 
 
 def bench_probe(work: Path, size: int, epochs: int) -> dict:
@@ -516,7 +565,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--size", type=int, help="encoder input size in pixels (default 224; 64 with --quick)")
     p.add_argument(
-        "--epochs", type=int, help="training epochs per loop, the first untimed (default 4; 2 with --quick; at least 2)"
+        "--epochs", type=int, help="training epochs per loop, the first untimed (default 6; 2 with --quick; at least 2)"
     )
     p.add_argument("--batch-size", type=int, help="default 16 (64 on a GPU); 4 with --quick")
     p.add_argument(
@@ -540,7 +589,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     scale = QUICK if args.quick else GPU if device.type == "cuda" else FULL
     size = args.size or scale.size
-    epochs = args.epochs or (2 if args.quick else 4)
+    epochs = args.epochs or (2 if args.quick else 6)
     batch_size = args.batch_size or scale.batch_size
     compile_best = not (args.no_compile or args.quick)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -578,7 +627,7 @@ def main(argv=None) -> int:
             result = steps[name]()
             figures.update(result)
             for k, v in result.items():
-                print(f"{k:36s} {v:10.2f}" if isinstance(v, float) else f"{k:36s} {v!s:>10}", flush=True)
+                print(f"{k:36s} {_shown(v):>10}", flush=True)
             print(f"  [{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'peak_rss_mib':36s} {figures['peak_rss_mib']:10.0f}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from medtl.config import ExperimentConfig
-from medtl.runtime import Runtime, inference_precision, resolve_device
+from medtl.runtime import Runtime, adamw, inference_precision, resolve_device
 from medtl.train.batching import REFERENCE_BATCH
 from medtl.train.data import prepare_data, read_data
 from medtl.train.feature_cache import cached_features
@@ -61,7 +61,7 @@ def lr_sweep(
     :func:`medtl.train.loop.train_epoch` (one pass of ``steps`` random batches, an exponential schedule);
     stops when the smoothed loss diverges."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=start)
+    opt = adamw(head.parameters(), next(head.parameters()).device, lr=start)
     factor = (end / start) ** (1 / max(1, steps - 1))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor**s)
     lrs, smoothed, avg = [], [], [0.0]

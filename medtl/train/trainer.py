@@ -35,7 +35,15 @@ from medtl.options import FEW_SHOT_HEADS
 from medtl.predict.forward import predict_logits
 from medtl.predict.post import Logits
 from medtl.progress import format_seconds
-from medtl.runtime import Runtime, choose_precision, distributed, inference_precision, local_device, resolve_device
+from medtl.runtime import (
+    Runtime,
+    adamw,
+    choose_precision,
+    distributed,
+    inference_precision,
+    local_device,
+    resolve_device,
+)
 from medtl.threads import fit_threads
 from medtl.train.batching import REFERENCE_BATCH, loader_workers, resolve_batch
 from medtl.train.checkpoint import restore_model, resume_within_stage
@@ -255,7 +263,7 @@ class Trainer:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile and not stage.head_only:
             net = torch.compile(net)
-        optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=cfg.weight_decay)
+        optimizer = adamw(param_groups(model, stage), self.device, weight_decay=cfg.weight_decay)
         epoch_batches, steps = self.loader()
         if self.fixmatch is not None:  # an epoch sweeps the unlabelled pool once; the labelled set is cycled
             epoch_batches, steps = cycled(epoch_batches, steps, max(steps, len(self.fixmatch) // cfg.batch_size))
@@ -326,7 +334,7 @@ class Trainer:
         (xf, yf), (vf, vy) = self.cached_features()
         head = self.model.get_classifier()
         drop = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=stage.head_lr, weight_decay=self.cfg.weight_decay)
+        optimizer = adamw(head.parameters(), self.device, lr=stage.head_lr, weight_decay=self.cfg.weight_decay)
         n, bs = len(xf), self.cfg.batch_size
 
         def step(idx):

@@ -16,10 +16,11 @@ class BatchAugment:
     10 degrees in plane, zoom of each axis by up to 10 %, shift by up to 5 % of the side; zeros
     outside), with 0.3 a contrast gamma in [0.8, 1.25], with 0.3 Gaussian noise (sigma up to 0.02),
     and with 0.5 a left-right flip (``flip``). The batch arrives normalised by the encoder's mean and
-    std; it is augmented on the [0, 1] intensities (as MONAI's per-sample chain did) and normalised
-    again. 3D volumes rotate in the slice plane only. One batched call costs a fraction of the
-    per-sample chain, so it hides behind the training step. Random parameters come from the
-    object's own generator (``set_random_state``), so seeded runs repeat exactly.
+    std; each step is defined on the [0, 1] intensities (as MONAI's per-sample chain did), and run on
+    the normalised values where it commutes with the normalisation. 3D volumes rotate in the slice
+    plane only. One batched call costs a fraction of the per-sample chain, so it hides behind the
+    training step. Random parameters come from the object's own generator (``set_random_state``),
+    so seeded runs repeat exactly.
     """
 
     def __init__(
@@ -84,45 +85,51 @@ class BatchAugment:
         return torch.nonzero(torch.rand(n, generator=self.R) < p).flatten().to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The augmented batch (a new tensor: ``x`` itself is not changed). Each step touches only the samples
+        drawn for it, on the normalised values where it commutes with the per-channel normalisation (warp,
+        flip, noise and cut-out, with their constants normalised), in [0, 1] intensities where it does not
+        (contrast over a sample's own range, colour jitter): no pass over the whole batch converts it."""
         n, dims = x.shape[0], x.ndim - 2
         view = (1, -1) + (1,) * dims
         mean = torch.as_tensor(self.pre.mean, dtype=x.dtype, device=x.device).view(view)
         std = torch.as_tensor(self.pre.std, dtype=x.dtype, device=x.device).view(view)
-        x = x * std + mean  # back to [0, 1] intensities (a new tensor: the batch itself is not changed)
-        # each step touches only the samples it was drawn for
+        black = -mean / std  # intensity 0 (outside the warped image), normalised
+        x = x.clone()
         idx = self._chosen(n, 0.5, x.device)
-        if len(idx):
-            x[idx] = self.warp(x[idx].contiguous(), self.affines(len(idx), dims, x.shape[-1]).to(x.device))
+        if len(idx):  # warping x - black with zeros outside = warping the [0, 1] image, normalised
+            affine = self.affines(len(idx), dims, x.shape[-1]).to(x.device)
+            x[idx] = self.warp((x[idx] - black).contiguous(), affine) + black
         idx = self._chosen(n, 0.3, x.device)
         if len(idx):  # contrast: MONAI's RandAdjustContrast, per sample over its own range
-            part = x[idx]
+            part = x[idx] * std + mean
             flat = part.reshape(len(idx), -1)
             shape = (len(idx),) + (1,) * (dims + 1)
             lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
             span = hi - lo + 1e-7
             gamma = self._uniform(len(idx), low=self.gamma[0], high=self.gamma[1]).to(x.device).view(shape)
-            x[idx] = ((part - lo) / span).clamp_min(0) ** gamma * span + lo
+            x[idx] = (((part - lo) / span).clamp_min(0) ** gamma * span + lo - mean) / std
         idx = self._chosen(n, 0.3, x.device)
-        if len(idx):  # noise, the same in every channel (as on the single-channel image before the repeat)
+        if len(idx):  # noise, the same in every channel of the [0, 1] image (as on the one channel before the repeat)
             sigma = self._uniform(len(idx), low=0.0, high=self.noise).view((len(idx),) + (1,) * (dims + 1))
             noise = torch.randn((len(idx), 1) + x.shape[2:], generator=self._generator(x.device), device=x.device)
-            x[idx] += sigma.to(x.device) * noise
+            x[idx] += sigma.to(x.device) / std * noise
         if self.color_jitter > 0 and x.shape[1] == 3:
             idx = self._chosen(n, 0.8, x.device)
             if len(idx):
-                x[idx] = self.jitter(x[idx].clamp(0, 1))
+                x[idx] = (self.jitter((x[idx] * std + mean).clamp(0, 1)) - mean) / std
         if self.flip:
             idx = self._chosen(n, 0.5, x.device)
             if len(idx):
                 x[idx] = x[idx].flip(-1)
         if self.cutout > 0:  # one square per sample, mid-grey, side up to cutout * the image's side
             size = x.shape[-1]
+            grey = ((0.5 - mean) / std).view(-1, *(1,) * dims)
             for i in range(n):
                 side = max(1, int(float(self._uniform(1, low=0.0, high=self.cutout)) * size))
                 corner = [int(v) for v in torch.randint(0, size - side + 1, (dims,), generator=self.R)]
                 region = (i, slice(None)) + tuple(slice(c, c + side) for c in corner)
-                x[region] = 0.5
-        return (x - mean) / std
+                x[region] = grey
+        return x
 
     def jitter(self, x: torch.Tensor) -> torch.Tensor:
         """Colour and illumination jitter of RGB samples in [0, 1] (strength ``color_jitter`` = j):

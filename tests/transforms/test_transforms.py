@@ -153,6 +153,37 @@ def test_batch_augmentation_flips_left_right_and_turns_3d_volumes_in_plane_only(
     assert not torch.allclose(out, vol, atol=1e-3)
 
 
+def test_batch_augmentation_on_normalised_values_is_its_definition_on_intensities():
+    """The batch arrives normalised per channel (here ImageNet's mean and std, unequal channels); each step is
+    defined on the [0, 1] intensities: the warp fills with black (intensity 0), the noise is the same in every
+    channel, the cut-out is mid-grey. Steps run on the normalised values must give exactly that."""
+    pre = Preprocessing(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    intensities = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = (intensities - mean) / std
+
+    def only(step_p):  # the samples of every step drawn with probability step_p: all; of the others: none
+        return lambda n, p, device: torch.arange(n) if p == step_p else torch.arange(0)
+
+    warp = BatchAugment(pre, flip=False, rotate_deg=20, zoom=0.2, shift=0.1, seed=3)
+    warp._chosen = only(0.5)
+    twin = BatchAugment(pre, flip=False, rotate_deg=20, zoom=0.2, shift=0.1, seed=3)
+    expected = twin.warp(intensities, twin.affines(6, 2, 32))
+    assert (expected == 0).any()  # black came in from outside the image
+    torch.testing.assert_close(warp(x) * std + mean, expected, atol=1e-5, rtol=1e-5)
+
+    noisy = BatchAugment(pre, flip=False, gamma=(1.0, 1.0), noise=0.05, seed=4)  # (contrast with gamma 1: none)
+    noisy._chosen = only(0.3)
+    added = noisy(x) * std + mean - intensities
+    assert added.abs().max() > 1e-3
+    torch.testing.assert_close(added[:, 1:], added[:, :1].expand(-1, 2, -1, -1), atol=1e-5, rtol=0)
+
+    cut = BatchAugment(pre, flip=False, cutout=0.5, seed=5)
+    cut._chosen = only(None)
+    grey = (cut(x) * std + mean - 0.5).abs() < 1e-5
+    assert grey.all(1).any((1, 2)).all()  # every sample has a mid-grey square in all three channels
+
+
 def test_batch_augmentation_matches_the_per_sample_monai_chain_in_distribution():
     """BatchAugment replaced MONAI's per-sample chain (RandAffined p 0.5: 10 degrees, zoom 0.1 and shift 5 % per axis;
     RandAdjustContrastd p 0.3, gamma 0.8-1.25; RandGaussianNoised p 0.3, sigma up to 0.02; RandFlipd p 0.5).
