@@ -7,6 +7,10 @@ a few dozen images, a 20-slice series scaled to 100 slices, no torch.compile, on
 instead of the best of several): a check that the script and its baselines work, not a measurement
 to quote.
 
+On a CPU with native bf16, ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` in the environment measures the
+AVX2-only path (oneDNN and ATen kernels limited to AVX2, bf16 then emulated); ``cpu_capability`` and
+``onednn_max_cpu_isa`` in the JSON say which path a run measured.
+
 Training figures are measured on ``--device`` (default: a GPU where one can be reached, else the CPU),
 so the ratio of medtl's loop to the raw step reads the same on both. On a GPU the defaults grow to
 batches of 64 over 768 generated images (the issue's reference batch), on a CPU they stay at 16.
@@ -603,6 +607,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_bf16": native_bf16(CPU),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (ATEN_CPU_CAPABILITY=avx2 forces the AVX2 path)
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         "quick": args.quick,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
