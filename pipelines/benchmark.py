@@ -23,11 +23,14 @@ Sections (all on generated sample data, so the script runs anywhere):
             (plain_train_img_per_s); the best raw configuration, compute only on synthetic tensors,
             each native precision and memory layout, and the best of those compiled
             (best_raw_train_config, best_raw_train_img_per_s); medtl's own loop on decoded sample data
-            with augmentation, precision auto, with that raw step timed after each of its epochs, so
-            each timed epoch lies between two raw measurements seconds apart: train_vs_best_raw is the
-            median over the timed epochs of the epoch's images/s over the raw step's either side
-            (target >= 0.95; train_img_per_s and paired_best_raw_train_img_per_s are the two sides'
-            medians, train_vs_best_raw_epochs the per-epoch ratios, train_vs_best_raw_best_of the
+            with augmentation, precision auto, with the raw step timed after each of its epochs (in the
+            best configuration and channels-last in each native precision: two precisions that run
+            about as fast trade places from one minute to the next on a shared machine), so each timed
+            epoch lies between two raw measurements seconds apart: train_vs_best_raw is the median over
+            the timed epochs of the epoch's images/s over the fastest raw configuration either side
+            (target >= 0.95; train_vs_raw_same_precision: over the raw step in the loop's own precision;
+            train_img_per_s and paired_best_raw_train_img_per_s are the two sides' medians,
+            train_vs_best_raw_epochs the per-epoch ratios, train_vs_best_raw_best_of the
             earlier definition: best epoch over best raw figure). Where a step goes: milliseconds per
             step of reading, augmenting and re-laying out a batch, timed alone (step_*_ms). Then the
             same with fp32 and with bf16 forced against the raw channels-last step in the same
@@ -260,54 +263,66 @@ def bench_raw(
 
 class RawBeside:
     """Stands in for medtl's run monitor (:class:`medtl.train.tracking.RunMonitor`) in a benchmark's training run:
-    after each of medtl's epochs (and its validation) it times the raw step for as many steps as an epoch has, so
-    each epoch of the loop lies between two raw measurements taken seconds apart, and a quiet or a busy minute of
-    a shared machine falls on both sides of the comparison."""
+    after each of medtl's epochs (and its validation) it times the raw step of each configuration it holds for as
+    many steps as an epoch has, so each epoch of the loop lies between two raw measurements taken seconds apart,
+    and a quiet or a busy minute of a shared machine falls on both sides of the comparison."""
 
     resume = checkpoint_path = None  # (a fresh run: nothing to resume from)
 
-    def __init__(self, timer, steps: int):
-        self.timer, self.steps, self.speeds = timer, steps, []
+    def __init__(self, timers: dict, steps: int):
+        self.timers, self.steps = timers, steps
+        self.speeds: dict[str, list[float]] = {config: [] for config in timers}
 
     def part(self, name: str) -> RawBeside:
         return self
 
     def epoch_end(self, trainer, row: dict) -> None:
-        self.speeds.append(self.timer(self.steps))
+        for config, timer in self.timers.items():
+            self.speeds[config].append(timer(self.steps))
 
     def save(self, *args, **kwargs) -> None:
         pass
 
 
 class LoopRun(NamedTuple):  # (not a dataclass: the tests import this script without registering it in sys.modules)
-    """One run of medtl's loop: images/s of each timed epoch and, when measured beside it, of the raw step
-    after each epoch (``raw[0]`` after the untimed first epoch, so timed epoch ``i`` lies between ``raw[i]``
-    and ``raw[i + 1]``)."""
+    """One run of medtl's loop: images/s of each timed epoch and, when measured beside it, of each raw
+    configuration's step after each epoch (``raw[config][0]`` after the untimed first epoch, so timed epoch ``i``
+    lies between ``raw[config][i]`` and ``raw[config][i + 1]``)."""
 
     loop: list[float]
-    raw: list[float]
+    raw: dict[str, list[float]]
     precision: str
 
-    @property
-    def ratios(self) -> list[float]:
-        """Each timed epoch's images/s over the raw step's either side of it (their harmonic mean: the mean time)."""
-        return [v / statistics.harmonic_mean(self.raw[i : i + 2]) for i, v in enumerate(self.loop)]
+    def beside(self, config: str) -> list[float]:
+        """Per timed epoch, the raw step of ``config`` either side of it: their harmonic mean (the mean time)."""
+        speeds = self.raw[config]
+        return [statistics.harmonic_mean(speeds[i : i + 2]) for i in range(len(self.loop))]
+
+    def best_beside(self) -> list[float]:
+        """Per timed epoch, the fastest raw configuration at that moment (:meth:`beside`)."""
+        return [max(v) for v in zip(*(self.beside(c) for c in self.raw))]
+
+    def ratios(self, config: str | None = None) -> list[float]:
+        """Each timed epoch's images/s over the raw step beside it: of ``config``, or of the fastest configuration."""
+        raw = self.beside(config) if config else self.best_beside()
+        return [v / r for v, r in zip(self.loop, raw)]
 
     def figures(self, loop_key: str, raw_key: str, ratio_key: str) -> dict:
-        """The medians (the per-epoch values under ``..._epochs``): loop images/s, raw images/s, their ratio."""
+        """The medians (the per-epoch ratios under ``..._epochs``): loop images/s, the fastest raw configuration
+        beside it in images/s, their ratio."""
         return {
             loop_key: statistics.median(self.loop),
-            raw_key: statistics.median(self.raw),
-            ratio_key: statistics.median(self.ratios),
-            f"{ratio_key}_epochs": self.ratios,
+            raw_key: statistics.median(self.best_beside()),
+            ratio_key: statistics.median(self.ratios()),
+            f"{ratio_key}_epochs": self.ratios(),
         }
 
 
 def medtl_loop(
-    cfg, train, val, steps: int, epochs: int, batch_size: int, device, compiled=False, raw: str | None = None, size=224
+    cfg, train, val, steps: int, epochs: int, batch_size: int, device, compiled=False, raw=(), size=224
 ) -> LoopRun:
     """medtl's loop (strategy full) on ``train`` for ``epochs`` epochs, the first an untimed warm-up (it also fills
-    the input store); with ``raw`` (a configuration as :func:`bench_raw` names them) that raw step timed after
+    the input store); with ``raw`` (configurations as :func:`bench_raw` names them) those raw steps timed after
     each epoch (:class:`RawBeside`)."""
     tc = dataclasses.replace(
         cfg.train,
@@ -318,10 +333,10 @@ def medtl_loop(
         compile=compiled,
         device=str(device),
     )
-    beside = RawBeside(raw_timer(raw, size, batch_size, device), steps) if raw else None
-    _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2, monitor=beside)
+    beside = RawBeside({c: raw_timer(c, size, batch_size, device) for c in raw}, steps)
+    _, result = train_model(dataclasses.replace(cfg, train=tc), train, val, 2, monitor=beside if raw else None)
     loop = [steps * batch_size / r["seconds"] for r in result.history[1:]]
-    return LoopRun(loop, beside.speeds if beside else [], result.precision)
+    return LoopRun(loop, beside.speeds, result.precision)
 
 
 def bench_train(
@@ -337,9 +352,11 @@ def bench_train(
     contend: bool = True,
 ) -> dict:
     """The best raw configuration, the plain loop, then medtl's loop (precision auto; eager, and compiled too where
-    a compiled raw configuration is the fastest) on decoded sample data with augmentation, with the best raw step
-    timed between its epochs: ``train_vs_best_raw`` is the median over the timed epochs of each epoch's
-    images/s over the raw step's measured either side of it."""
+    a compiled raw configuration is the fastest) on decoded sample data with augmentation, with the raw step timed
+    between its epochs in the best configuration and channels-last in each native precision (two precisions
+    that run about as fast trade places from one minute to the next on a shared machine): ``train_vs_best_raw``
+    is the median over the timed epochs of each epoch's images/s over the fastest of them at that moment
+    (``train_vs_raw_same_precision``: over the raw step in the loop's own precision, the same epochs)."""
     manifest = work / "train_sample" / "manifest.csv"
     create_sample_data(manifest.parent, n_patients=n_patients, n_volumes=0, size=image_px, force=True)
     cfg, _, (train, val, _) = _prepared(manifest, size, augment=True)
@@ -349,14 +366,20 @@ def bench_train(
     raw = progress(bench_raw(size, batch_size, steps, compile_best, repeats, device))
     plain = progress({"plain_train_img_per_s": plain_loop(train, size, epochs, batch_size, device)})
     best = raw["best_raw_train_config"]
+    configs = list(dict.fromkeys([best] + [f"{p}_channels_last" for p in precision_candidates(device)]))
     # medtl's loop eager, and compiled too when a compiled raw configuration was the fastest; the better counts
-    runs = {"eager": medtl_loop(cfg, train, val, steps, epochs, batch_size, device, raw=best, size=size)}
+    runs = {"eager": medtl_loop(cfg, train, val, steps, epochs, batch_size, device, raw=configs, size=size)}
     if best.endswith("compiled"):
-        runs["compiled"] = medtl_loop(cfg, train, val, steps, epochs, batch_size, device, True, best, size)
+        runs["compiled"] = medtl_loop(cfg, train, val, steps, epochs, batch_size, device, True, configs, size)
     loops = progress({f"train_{k}_img_per_s": statistics.median(r.loop) for k, r in runs.items()})
-    kind = max(runs, key=lambda k: statistics.median(runs[k].ratios))
+    kind = max(runs, key=lambda k: statistics.median(runs[k].ratios()))
     run = runs[kind]
-    headline = progress(run.figures("train_img_per_s", "paired_best_raw_train_img_per_s", "train_vs_best_raw"))
+    headline = run.figures("train_img_per_s", "paired_best_raw_train_img_per_s", "train_vs_best_raw")
+    headline.update({f"beside_raw_{c}_img_per_s": statistics.median(run.beside(c)) for c in configs})
+    own = f"{run.precision}_channels_last"
+    if own in configs:
+        headline["train_vs_raw_same_precision"] = statistics.median(run.ratios(own))
+    progress(headline)
     out = {
         **raw,
         "device": str(device),
@@ -370,7 +393,7 @@ def bench_train(
         **headline,
         "speedup": headline["train_img_per_s"] / plain["plain_train_img_per_s"],
         # the definition before the raw step was timed between the epochs: the best epoch over the best raw figure
-        "train_vs_best_raw_best_of": max(run.loop) / max(raw["best_raw_train_img_per_s"], *run.raw),
+        "train_vs_best_raw_best_of": max(run.loop) / max(raw["best_raw_train_img_per_s"], *run.raw[best]),
     }
     out.update(progress(step_parts(cfg, train, batch_size, steps, device, headline["train_img_per_s"])))
     out.update(progress(precision_ratios(cfg, train, val, steps, epochs, batch_size, size, device)))
@@ -411,7 +434,7 @@ def precision_ratios(cfg, train, val, steps: int, epochs: int, batch_size: int, 
         native = precision in precision_candidates(device)
         key = f"{precision}_channels_last"
         with _env(MEDTL_PRECISION=precision):
-            run = medtl_loop(cfg, train, val, steps, epochs if native else 2, batch_size, device, False, key, size)
+            run = medtl_loop(cfg, train, val, steps, epochs if native else 2, batch_size, device, False, [key], size)
         loop, raw = f"train_{precision}_img_per_s", f"paired_{'' if native else 'emulated_'}raw_{key}_img_per_s"
         out.update(run.figures(loop, raw, f"train_vs_raw_{precision}"))
     return out

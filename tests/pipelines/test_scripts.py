@@ -92,6 +92,9 @@ def test_benchmark_quick_train_ratios(tmp_path, capsys):
     # the headline ratio: per timed epoch, medtl's loop over the raw step timed either side of it, the median
     assert figures["train_vs_best_raw"] == pytest.approx(statistics.median(figures["train_vs_best_raw_epochs"]))
     assert len(figures["train_vs_best_raw_epochs"]) == figures["train_timed_epochs"]
+    # the raw step beside the loop: the best configuration and channels-last in each native precision
+    assert f"beside_raw_{figures['best_raw_train_config']}_img_per_s" in figures
+    assert "beside_raw_fp32_channels_last_img_per_s" in figures and "train_vs_raw_same_precision" in figures
     for p in ("fp32", "bf16"):
         assert figures[f"train_vs_raw_{p}"] == pytest.approx(statistics.median(figures[f"train_vs_raw_{p}_epochs"]))
     # the best raw configuration is the fastest of those measured, and none was compiled (--quick)
@@ -118,13 +121,22 @@ def test_benchmark_quick_evaluate(tmp_path, capsys):
     )
 
 
-def test_loop_ratios_pair_each_epoch_with_the_raw_step_either_side():
-    """Timed epoch i lies between raw measurements i and i + 1; their mean time (harmonic mean) is its baseline."""
+def test_loop_ratios_pair_each_epoch_with_the_raw_steps_either_side():
+    """Timed epoch i lies between raw measurements i and i + 1; their mean time (harmonic mean) is its baseline,
+    and the headline's baseline is the fastest configuration at that moment."""
     mod = load_pipeline("benchmark")
-    run = mod.LoopRun(loop=[10.0, 20.0, 12.0], raw=[10.0, 10.0, 30.0, 12.0], precision="fp32")
-    assert run.ratios == pytest.approx([1.0, 20 / 15, 12 / (2 / (1 / 30 + 1 / 12))])
+    fp32, bf16 = [10.0, 10.0, 30.0, 12.0], [12.0, 12.0, 8.0, 24.0]
+    run = mod.LoopRun(
+        loop=[10.0, 20.0, 12.0], raw={"fp32_channels_last": fp32, "bf16_channels_last": bf16}, precision="fp32"
+    )
+    own = [10.0, 15.0, 2 / (1 / 30 + 1 / 12)]
+    assert run.beside("fp32_channels_last") == pytest.approx(own)
+    assert run.beside("bf16_channels_last") == pytest.approx([12.0, 2 / (1 / 12 + 1 / 8), 12.0])
+    assert run.ratios("fp32_channels_last") == pytest.approx([10 / 10, 20 / 15, 12 / own[2]])
+    assert run.ratios() == pytest.approx([10 / 12, 20 / 15, 12 / own[2]])  # the faster of the two at each epoch
     figures = run.figures("loop", "raw", "ratio")
-    assert figures["loop"] == 12.0 and figures["raw"] == pytest.approx(11.0) and figures["ratio"] == pytest.approx(1.0)
+    assert figures["loop"] == 12.0 and figures["raw"] == pytest.approx(15.0)  # the median of 12, 15 and 17.1
+    assert figures["ratio"] == pytest.approx(statistics.median(run.ratios()))
 
 
 def test_benchmark_rejects_what_it_cannot_measure(capsys):
