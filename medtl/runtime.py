@@ -281,11 +281,13 @@ def choose_precision(
     batch_size: int,
     runtime: Runtime,
     model_name: str = "",
+    frozen_bn: bool = False,
 ) -> PrecisionChoice:
     """The precision to train in: ``MEDTL_PRECISION`` if set, else ``configured`` unless it is
     ``"auto"``; for ``"auto"`` the fastest of :func:`precision_candidates` in a short training probe
-    of this model, input shape and batch size (cached per host). A 3D network on a CPU trains in
-    fp32 whatever is asked (see ``VOLUME_CPU_REASON``)."""
+    of this model, input shape and batch size, with BatchNorm as the loop runs it (``frozen_bn``:
+    statistics frozen, medtl's ``freeze_bn``), cached per host and BatchNorm mode. A 3D network on a
+    CPU trains in fp32 whatever is asked (see ``VOLUME_CPU_REASON``)."""
     forced = precision_override()
     asked = forced or configured
     if runtime.device.type == "cpu" and asked != "fp32" and has_conv3d(model):
@@ -300,7 +302,7 @@ def choose_precision(
     name = model_name or type(model).__name__
     digest = hashlib.sha1(
         f"{host_key(runtime.device)}|{runtime.device.type}|{name}|{tuple(input_shape)}|"
-        f"{batch_size}|{runtime.channels_last}|{candidates}".encode()
+        f"{batch_size}|{runtime.channels_last}|{candidates}|bn {'frozen' if frozen_bn else 'train'}".encode()
     ).hexdigest()[:16]
     cached = _read_cache().get(digest)
     if cached and cached.get("precision") in candidates:
@@ -308,7 +310,8 @@ def choose_precision(
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the probe's dropout must not move the run's random streams
         speeds = {
-            p: measure_training_speed(model, input_shape, batch_size, runtime.replace(precision=p)) for p in candidates
+            p: measure_training_speed(model, input_shape, batch_size, runtime.replace(precision=p), frozen_bn=frozen_bn)
+            for p in candidates
         }
     best = max(speeds, key=lambda p: speeds[p])
     choice = PrecisionChoice(best, "measured", speeds)

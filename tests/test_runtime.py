@@ -106,9 +106,9 @@ def test_auto_measures_on_native_bf16_hardware_and_caches_the_answer(npz, monkey
     calls = []
     real = runtime_mod.measure_training_speed
 
-    def measured(m, shape, batch, rt, steps=3):
+    def measured(m, shape, batch, rt, steps=3, frozen_bn=False):
         calls.append(rt.precision)
-        return real(m, shape, batch, rt, steps=1)
+        return real(m, shape, batch, rt, steps=1, frozen_bn=frozen_bn)
 
     monkeypatch.setattr(runtime_mod, "measure_training_speed", measured)
     first = choose_precision("auto", model, (3, 32, 32), 4, Runtime(), "efficientnet_lite0")
@@ -119,6 +119,11 @@ def test_auto_measures_on_native_bf16_hardware_and_caches_the_answer(npz, monkey
     other = choose_precision("auto", model, (3, 32, 32), 8, Runtime(), "efficientnet_lite0")  # another batch size
     assert len(calls) == 4 and other.reason == "measured"
     assert len(json.loads((tmp_path / "precision.json").read_text())) == 2
+    # BatchNorm frozen (medtl's freeze_bn, the loop's default) is another computation: measured as the loop runs it
+    frozen = []
+    monkeypatch.setattr(runtime_mod, "measure_training_speed", lambda *a, **k: frozen.append(k["frozen_bn"]) or 1.0)
+    choose_precision("auto", model, (3, 32, 32), 4, Runtime(), "efficientnet_lite0", frozen_bn=True)
+    assert frozen == [True, True]
 
 
 def test_auto_without_native_bf16_keeps_fp32_without_measuring(monkeypatch, tmp_path):

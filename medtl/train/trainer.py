@@ -157,6 +157,7 @@ class Trainer:
                 max(1, cfg.batch_size // self.world),
                 self.runtime,
                 self.model.pretrained_cfg.get("medtl_encoder", ""),
+                frozen_bn=cfg.freeze_bn,
             )
             if self.rank == 0
             else None
